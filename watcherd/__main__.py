@@ -1,0 +1,3 @@
+from watcherd.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,494 @@
+"""The configuration: one TOML file, every key overridable from the environment, strictly checked.
+
+Precedence, highest first: ``WATCHERD_<SECTION>_<KEY>`` environment variables, the TOML file
+(``--config``, else ``WATCHERD_CONFIG``, else ``/etc/watcherd/watcherd.toml``), the defaults below.
+Every value remembers where it came from so ``watcherd config check`` can say so, and every error
+names the key and the file or variable it came from.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from watcherd.errors import ConfigError
+from watcherd.units import format_duration, format_size, parse_duration, parse_size
+
+DEFAULT_PATH = Path("/etc/watcherd/watcherd.toml")
+DEFAULT_STORE_URL = "file:///var/lib/watcherd/store"
+
+_KEY_SEGMENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+_RESERVED_SEGMENTS = {"bundles", "conflicts", "manifest.json"}
+_BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+
+
+# -- value objects ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StoreURL:
+    """A parsed ``store.url``: ``file:///dir`` or ``s3://bucket/prefix``."""
+
+    scheme: str
+    path: Path | None = None  # file
+    bucket: str = ""  # s3
+    prefix: str = ""  # s3, without leading/trailing slash
+
+    def __str__(self) -> str:
+        if self.scheme == "file":
+            return f"file://{self.path}"
+        return f"s3://{self.bucket}/{self.prefix}" if self.prefix else f"s3://{self.bucket}"
+
+
+@dataclass(frozen=True)
+class WorkspaceConfig:
+    path: Path = Path("/app")
+    mode: str = "shadow"
+    author_name: str = "watcherd"
+    author_email: str = "watcherd@localhost"
+
+
+@dataclass(frozen=True)
+class WatchConfig:
+    quiet_period: float = 2.0
+    max_commit_delay: float = 30.0
+    idle_timeout: float = 60.0
+    max_upload_interval: float = 600.0
+    shutdown_timeout: float = 20.0
+
+
+@dataclass(frozen=True)
+class S3Config:
+    region: str = ""
+    endpoint_url: str = ""
+    force_path_style: bool = False
+    sse: str = ""
+    kms_key_id: str = ""
+    storage_class: str = ""
+    max_attempts: int = 8
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    url: StoreURL = field(default_factory=lambda: parse_store_url(DEFAULT_STORE_URL))
+    key: str = "default"
+    keep: int = 10
+    warn_bundle_size: int = 100 * 2**20
+    max_bundle_size: int = 500 * 2**20
+    s3: S3Config = field(default_factory=S3Config)
+
+
+@dataclass(frozen=True)
+class RestoreConfig:
+    on_missing: str = "empty"
+    template_url: str = ""
+    on_conflict: str = "move-aside"
+
+
+@dataclass(frozen=True)
+class ControlConfig:
+    listen: str = "127.0.0.1:7781"
+    token: str = ""
+
+    @property
+    def address(self) -> tuple[str, int] | None:
+        """(host, port) to bind or call, None when the endpoint is off."""
+        return _split_listen(self.listen) if self.listen else None
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    level: str = "info"
+    format: str = "auto"
+
+
+@dataclass(frozen=True)
+class Config:
+    workspace: WorkspaceConfig = field(default_factory=WorkspaceConfig)
+    watch: WatchConfig = field(default_factory=WatchConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+    restore: RestoreConfig = field(default_factory=RestoreConfig)
+    control: ControlConfig = field(default_factory=ControlConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    # "section.key" -> "default" | "file <path>" | "env WATCHERD_..."; what config check shows.
+    sources: Mapping[str, str] = field(default_factory=dict, compare=False)
+    file: Path | None = None
+
+
+# -- the schema -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Key:
+    section: str  # "store.s3"
+    name: str
+    parse: Callable[[Any], Any]  # raises ValueError with a human reason
+    show: Callable[[Any], str] = lambda v: _quoted(v)  # the value as TOML text
+    secret: bool = False
+
+    @property
+    def dotted(self) -> str:
+        return f"{self.section}.{self.name}"
+
+    @property
+    def env(self) -> str:
+        return "WATCHERD_" + f"{self.section}_{self.name}".replace(".", "_").upper()
+
+
+def _string(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"expected a string, got {_type(value)}")
+    return value
+
+
+def _choice(*allowed: str) -> Callable[[Any], str]:
+    def parse(value: Any) -> str:
+        s = _string(value)
+        if s not in allowed:
+            raise ValueError(f"{s!r} is not one of {', '.join(repr(a) for a in allowed)}")
+        return s
+
+    return parse
+
+
+def _duration(value: Any) -> float:
+    seconds = parse_duration(_string(value))
+    if seconds <= 0:
+        raise ValueError(f"{value!r} must be longer than zero")
+    return seconds
+
+
+def _size(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise ValueError(f"expected a size string like \"100MiB\", got {_type(value)}")
+    n = parse_size(value)
+    if n <= 0:
+        raise ValueError(f"{value!r} must be larger than zero")
+    return n
+
+
+def _positive_int(value: Any) -> int:
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        value = int(value)  # from the environment
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"expected a whole number, got {_type(value)}")
+    if value < 1:
+        raise ValueError(f"{value} must be 1 or more")
+    return value
+
+
+def _bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "1", "yes", "on"):
+        return True
+    if isinstance(value, str) and value.strip().lower() in ("false", "0", "no", "off", ""):
+        return False
+    raise ValueError(f"expected true or false, got {value!r}")
+
+
+def _path(value: Any) -> Path:
+    s = _string(value)
+    if not s:
+        raise ValueError("must not be empty")
+    p = Path(s)
+    if not p.is_absolute():
+        raise ValueError(f"{s!r} must be an absolute path")
+    return p
+
+
+def _listen(value: Any) -> str:
+    s = _string(value)
+    if s:
+        _split_listen(s)
+    return s
+
+
+def _endpoint(value: Any) -> str:
+    s = _string(value)
+    if s:
+        parts = urlsplit(s)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"{s!r} is not an http(s) URL like \"http://127.0.0.1:9000\"")
+    return s
+
+
+_SCHEMA: tuple[_Key, ...] = (
+    _Key("workspace", "path", _path),
+    _Key("workspace", "mode", _choice("shadow", "branch")),
+    _Key("workspace", "author_name", _string),
+    _Key("workspace", "author_email", _string),
+    _Key("watch", "quiet_period", _duration, lambda v: _quoted(format_duration(v))),
+    _Key("watch", "max_commit_delay", _duration, lambda v: _quoted(format_duration(v))),
+    _Key("watch", "idle_timeout", _duration, lambda v: _quoted(format_duration(v))),
+    _Key("watch", "max_upload_interval", _duration, lambda v: _quoted(format_duration(v))),
+    _Key("watch", "shutdown_timeout", _duration, lambda v: _quoted(format_duration(v))),
+    _Key("store", "url", lambda v: parse_store_url(_string(v))),
+    _Key("store", "key", lambda v: validate_store_key(_string(v))),
+    _Key("store", "keep", _positive_int, str),
+    _Key("store", "warn_bundle_size", _size, lambda v: _quoted(format_size(v))),
+    _Key("store", "max_bundle_size", _size, lambda v: _quoted(format_size(v))),
+    _Key("store.s3", "region", _string),
+    _Key("store.s3", "endpoint_url", _endpoint),
+    _Key("store.s3", "force_path_style", _bool, lambda v: str(v).lower()),
+    _Key("store.s3", "sse", _choice("", "AES256", "aws:kms")),
+    _Key("store.s3", "kms_key_id", _string),
+    _Key("store.s3", "storage_class", _string),
+    _Key("store.s3", "max_attempts", _positive_int, str),
+    _Key("restore", "on_missing", _choice("empty", "template", "fail")),
+    _Key("restore", "template_url", _string),
+    _Key("restore", "on_conflict", _choice("move-aside", "fail")),
+    _Key("control", "listen", _listen),
+    _Key("control", "token", _string, secret=True),
+    _Key("log", "level", _choice("debug", "info", "warning", "error")),
+    _Key("log", "format", _choice("auto", "json", "console")),
+)
+
+_SECTIONS = {"workspace", "watch", "store", "store.s3", "restore", "control", "log"}
+
+
+def schema() -> tuple[_Key, ...]:
+    return _SCHEMA
+
+
+# -- loading ----------------------------------------------------------------------------------------
+
+
+def config_path(cli_path: str | None, environ: Mapping[str, str]) -> tuple[Path, bool]:
+    """The file to read and whether it was asked for explicitly (then it must exist)."""
+    if cli_path:
+        return Path(cli_path), True
+    if environ.get("WATCHERD_CONFIG"):
+        return Path(environ["WATCHERD_CONFIG"]), True
+    return DEFAULT_PATH, False
+
+
+def load(cli_path: str | None = None, environ: Mapping[str, str] | None = None) -> Config:
+    """Read, merge and validate the configuration; raise :class:`ConfigError` naming the key."""
+    environ = os.environ if environ is None else environ
+    path, explicit = config_path(cli_path, environ)
+    raw: dict[str, Any] = {}
+    file_used: Path | None = None
+    if path.exists() or explicit:
+        raw = _read_toml(path)
+        file_used = path
+    return from_mapping(raw, environ, file_used)
+
+
+def from_mapping(raw: Mapping[str, Any], environ: Mapping[str, str], file: Path | None) -> Config:
+    """Validate ``raw`` (the parsed TOML) with the environment's overrides applied."""
+    where = f"file {file}" if file else "defaults"
+    flat = _flatten(raw, where)
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    known_env = {k.env: k for k in _SCHEMA}
+    _check_env_names(environ, known_env)
+    for key in _SCHEMA:
+        if key.env in environ:
+            raw_value, source = environ[key.env], f"env {key.env}"
+        elif key.dotted in flat:
+            raw_value, source = flat[key.dotted], f"file {file}"
+        else:
+            continue
+        try:
+            values[key.dotted] = key.parse(raw_value)
+        except ValueError as exc:
+            raise ConfigError(f"{key.dotted} ({source}): {exc}") from None
+        sources[key.dotted] = source
+    for key in _SCHEMA:
+        sources.setdefault(key.dotted, "default")
+    config = _build(values, sources, file)
+    _check_together(config)
+    return config
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist (set --config or WATCHERD_CONFIG)") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config file {path} is a directory, not a TOML file") from None
+    except PermissionError:
+        raise ConfigError(f"config file {path} is not readable (permission denied)") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path} is not UTF-8 text") from None
+
+
+def _flatten(raw: Mapping[str, Any], where: str) -> dict[str, Any]:
+    known = {k.dotted for k in _SCHEMA}
+    flat: dict[str, Any] = {}
+
+    def walk(table: Mapping[str, Any], section: str) -> None:
+        for name, value in table.items():
+            dotted = f"{section}.{name}" if section else name
+            if isinstance(value, dict):
+                if dotted not in _SECTIONS:
+                    raise ConfigError(f"{dotted} ({where}): unknown section [{dotted}]")
+                walk(value, dotted)
+            elif dotted in known:
+                flat[dotted] = value
+            elif not section:
+                raise ConfigError(f"{dotted} ({where}): keys belong in a section such as [store]")
+            else:
+                raise ConfigError(f"{dotted} ({where}): unknown key{_suggest(dotted, known)}")
+
+    walk(raw, "")
+    return flat
+
+
+def _check_env_names(environ: Mapping[str, str], known_env: Mapping[str, _Key]) -> None:
+    prefixes = tuple(
+        "WATCHERD_" + s.replace(".", "_").upper() + "_" for s in _SECTIONS
+    )
+    for name in environ:
+        if name.startswith(prefixes) and name not in known_env:
+            raise ConfigError(f"environment variable {name}: unknown setting"
+                              f"{_suggest(name, set(known_env))}")
+
+
+def _suggest(name: str, known: set[str]) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(name, sorted(known), n=1)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def _build(values: Mapping[str, Any], sources: Mapping[str, str], file: Path | None) -> Config:
+    def section(prefix: str) -> dict[str, Any]:
+        return {k.rpartition(".")[2]: v for k, v in values.items() if k.rpartition(".")[0] == prefix}
+
+    s3 = S3Config(**section("store.s3"))
+    return Config(
+        workspace=WorkspaceConfig(**section("workspace")),
+        watch=WatchConfig(**section("watch")),
+        store=StoreConfig(**section("store"), s3=s3),
+        restore=RestoreConfig(**section("restore")),
+        control=ControlConfig(**section("control")),
+        log=LogConfig(**section("log")),
+        sources=dict(sources),
+        file=file,
+    )
+
+
+def _check_together(c: Config) -> None:
+    """Rules that involve more than one key."""
+
+    def fail(key: str, message: str) -> None:
+        raise ConfigError(f"{key} ({c.sources[key]}): {message}")
+
+    if c.store.warn_bundle_size > c.store.max_bundle_size:
+        fail("store.warn_bundle_size", f"{format_size(c.store.warn_bundle_size)} is above "
+             f"store.max_bundle_size ({format_size(c.store.max_bundle_size)})")
+    if c.watch.max_commit_delay < c.watch.quiet_period:
+        fail("watch.max_commit_delay", "must not be shorter than watch.quiet_period")
+    if c.restore.on_missing == "template" and not c.restore.template_url:
+        fail("restore.template_url", 'must be set when restore.on_missing = "template"')
+    if c.store.s3.kms_key_id and c.store.s3.sse != "aws:kms":
+        fail("store.s3.kms_key_id", 'is only used with store.s3.sse = "aws:kms"')
+    address = c.control.address
+    if address and not _is_loopback(address[0]) and not c.control.token:
+        fail("control.token", f"is required when control.listen ({c.control.listen}) is not a "
+             "loopback address: anyone who reaches the port could trigger snapshots")
+
+
+# -- store URL and key ------------------------------------------------------------------------------
+
+
+def parse_store_url(text: str) -> StoreURL:
+    """``file:///abs/dir`` or ``s3://bucket[/prefix]``; ValueError with the reason otherwise."""
+    parts = urlsplit(text)
+    if parts.scheme == "file":
+        if parts.netloc not in ("", "localhost"):
+            raise ValueError(f"{text!r}: a file URL has three slashes, like \"file:///var/lib/watcherd/store\"")
+        if not parts.path.startswith("/") or parts.query or parts.fragment:
+            raise ValueError(f"{text!r}: use an absolute path, like \"file:///var/lib/watcherd/store\"")
+        return StoreURL("file", path=Path(parts.path))
+    if parts.scheme == "s3":
+        bucket = parts.netloc
+        if not _BUCKET.fullmatch(bucket or "") or ".." in bucket:
+            raise ValueError(f"{text!r}: {bucket!r} is not a valid S3 bucket name")
+        prefix = parts.path.strip("/")
+        if prefix and any(seg in ("", ".", "..") for seg in prefix.split("/")):
+            raise ValueError(f"{text!r}: the prefix must not contain empty, '.' or '..' parts")
+        if parts.query or parts.fragment or parts.username or parts.password:
+            raise ValueError(f"{text!r}: an s3 URL is only s3://bucket/prefix (credentials come "
+                             "from the AWS credential chain, never the URL)")
+        return StoreURL("s3", bucket=bucket, prefix=prefix)
+    if not parts.scheme:
+        raise ValueError(f"{text!r} has no scheme: use \"file:///dir\" or \"s3://bucket/prefix\"")
+    raise ValueError(f"{text!r}: unknown scheme {parts.scheme!r} (use \"file\" or \"s3\")")
+
+
+def validate_store_key(key: str) -> str:
+    """A workspace key like ``acme/vmcp-123/main``: safe segments, nothing that could escape."""
+    if not key:
+        raise ValueError("must not be empty")
+    if len(key) > 512:
+        raise ValueError("is longer than 512 characters")
+    if key.startswith("/"):
+        raise ValueError(f"{key!r} must be relative, not an absolute path")
+    for seg in key.split("/"):
+        if seg in ("", ".", ".."):
+            raise ValueError(f"{key!r} must not contain empty, '.' or '..' parts")
+        if not _KEY_SEGMENT.fullmatch(seg):
+            raise ValueError(f"{key!r}: part {seg!r} may only use letters, digits, '.', '_' and '-' "
+                             "and must start with a letter or digit")
+        if seg in _RESERVED_SEGMENTS:
+            raise ValueError(f"{key!r}: {seg!r} is reserved for the store's own layout")
+    return key
+
+
+def _split_listen(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{text!r} is not host:port (e.g. \"127.0.0.1:7781\")")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not host:
+        raise ValueError(f"{text!r} has no host (use 127.0.0.1 for loopback only)")
+    return host, int(port)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _type(value: Any) -> str:
+    return {bool: "a boolean", int: "a number", float: "a number", str: "a string",
+            list: "a list", dict: "a table"}.get(type(value), type(value).__name__)
+
+
+# -- showing ----------------------------------------------------------------------------------------
+
+
+def describe(config: Config) -> list[tuple[str, str, str]]:
+    """(key, value as TOML text, source) for every key; secrets masked."""
+    rows = []
+    for key in _SCHEMA:
+        section_obj: Any = config
+        for part in key.section.split("."):
+            section_obj = getattr(section_obj, part)
+        value = getattr(section_obj, key.name)
+        text = '"********"' if key.secret and value else key.show(value)
+        rows.append((key.dotted, text, config.sources.get(key.dotted, "default")))
+    return rows
+
+
+def _quoted(value: Any) -> str:
+    s = str(value)
+    return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'

@@ -1,0 +1,229 @@
+"""The only door to git.
+
+Every git call of watcherd goes through :class:`Git`: no shell, a fixed environment that keeps the
+user's global config, pager, prompts and hooks out of the way, ``-c`` options instead of writing the
+user's config, and an exit status that is always checked. Callers get text or typed values back.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from watcherd.errors import GitError
+
+# Options that make every call predictable whatever the user's config says: no pager, no prompts,
+# no hooks (a bundle or template must never run code through us), no automatic gc in the middle of a
+# snapshot, and stable quoting of paths in porcelain output.
+_BASE_OPTIONS = (
+    "-c", "core.hooksPath=/dev/null",
+    "-c", "core.quotePath=false",
+    "-c", "gc.auto=0",
+    "-c", "maintenance.auto=false",
+    "-c", "advice.detachedHead=false",
+    "-c", "init.defaultBranch=main",
+    "-c", "protocol.file.allow=always",
+)
+
+_ENV_DROP = ("GIT_DIR", "GIT_WORK_TREE", "GIT_INDEX_FILE", "GIT_OBJECT_DIRECTORY", "GIT_PREFIX",
+             "GIT_NAMESPACE", "GIT_CEILING_DIRECTORIES", "GIT_ALTERNATE_OBJECT_DIRECTORIES")
+
+
+def _base_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in _ENV_DROP}
+    env.update(
+        GIT_TERMINAL_PROMPT="0",
+        GIT_ASKPASS="/bin/true",
+        SSH_ASKPASS="/bin/true",
+        GIT_PAGER="cat",
+        PAGER="cat",
+        LC_ALL="C",
+        GIT_OPTIONAL_LOCKS="0",
+    )
+    return env
+
+
+@dataclass(frozen=True)
+class Result:
+    """What a finished git command produced."""
+
+    args: tuple[str, ...]
+    returncode: int
+    stdout: bytes
+    stderr: bytes
+
+    @property
+    def text(self) -> str:
+        return self.stdout.decode("utf-8", "surrogateescape").strip()
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Author and committer of the commits watcherd writes."""
+
+    name: str = "watcherd"
+    email: str = "watcherd@localhost"
+
+
+class Git:
+    """git bound to one work tree (or a bare repository when ``bare`` is true)."""
+
+    def __init__(self, path: Path, *, bare: bool = False, identity: Identity | None = None) -> None:
+        self.path = Path(path)
+        self.bare = bare
+        self.identity = identity or Identity()
+
+    def __repr__(self) -> str:
+        return f"Git({str(self.path)!r})"
+
+    # -- running ---------------------------------------------------------------------------------
+
+    def run(
+        self,
+        *args: str,
+        input: bytes | None = None,
+        env: Mapping[str, str] | None = None,
+        check: bool = True,
+        timeout: float | None = None,
+        ok: Sequence[int] = (0,),
+    ) -> Result:
+        """Run ``git <args>`` in this repository and return its output.
+
+        ``check`` raises :class:`GitError` unless the exit status is in ``ok``.
+        """
+        full_env = _base_env()
+        full_env.update(
+            GIT_AUTHOR_NAME=self.identity.name,
+            GIT_AUTHOR_EMAIL=self.identity.email,
+            GIT_COMMITTER_NAME=self.identity.name,
+            GIT_COMMITTER_EMAIL=self.identity.email,
+        )
+        if env:
+            full_env.update(env)
+        argv = ("git", *_BASE_OPTIONS, *args)
+        try:
+            proc = subprocess.run(
+                argv,
+                cwd=self.path,
+                input=input,
+                capture_output=True,
+                env=full_env,
+                timeout=timeout,
+                check=False,
+            )
+        except subprocess.TimeoutExpired as exc:
+            raise GitError(f"git {_show(args)} in {self.path} timed out after {timeout:g}s") from exc
+        except FileNotFoundError as exc:
+            if not self.path.is_dir():
+                raise GitError(f"{self.path} is not a directory") from exc
+            raise GitError("git is not installed (no 'git' on PATH)") from exc
+        result = Result(tuple(args), proc.returncode, proc.stdout, proc.stderr)
+        if check and proc.returncode not in ok:
+            raise GitError(_failure(self.path, args, proc.returncode, proc.stderr))
+        return result
+
+    def out(self, *args: str, **kwargs) -> str:
+        """Run and return stdout as stripped text."""
+        return self.run(*args, **kwargs).text
+
+    def popen(self, *args: str, env: Mapping[str, str] | None = None) -> subprocess.Popen:
+        """Start a long-lived git process with pipes (e.g. ``check-ignore --stdin``)."""
+        full_env = _base_env()
+        if env:
+            full_env.update(env)
+        return subprocess.Popen(
+            ("git", *_BASE_OPTIONS, *args),
+            cwd=self.path,
+            env=full_env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+
+    # -- typed questions -------------------------------------------------------------------------
+
+    def is_repo(self) -> bool:
+        """True when ``path`` is the top of a git work tree (not merely inside one)."""
+        r = self.run("rev-parse", "--show-toplevel", check=False)
+        if r.returncode != 0:
+            return False
+        return Path(r.text).resolve() == self.path.resolve()
+
+    def git_dir(self) -> Path:
+        return Path(self.out("rev-parse", "--absolute-git-dir"))
+
+    def rev(self, ref: str) -> str | None:
+        """The commit ``ref`` names, or None when it does not exist (e.g. HEAD of an empty repo)."""
+        r = self.run("rev-parse", "--verify", "--quiet", "--end-of-options", f"{ref}^{{commit}}",
+                     check=False)
+        return r.text if r.returncode == 0 and r.text else None
+
+    def has_commit(self, sha: str) -> bool:
+        r = self.run("cat-file", "-e", f"{sha}^{{commit}}", check=False)
+        return r.returncode == 0
+
+    def head_ref(self) -> str | None:
+        """The branch HEAD points at (``refs/heads/main``), or None when HEAD is detached."""
+        r = self.run("symbolic-ref", "--quiet", "HEAD", check=False)
+        return r.text if r.returncode == 0 else None
+
+    def is_ancestor(self, ancestor: str, descendant: str) -> bool:
+        """True when ``ancestor`` is reachable from ``descendant`` (equal counts)."""
+        r = self.run("merge-base", "--is-ancestor", ancestor, descendant, check=False, ok=(0, 1))
+        if r.returncode == 0:
+            return True
+        if r.returncode == 1:
+            return False
+        # 128: one of them is not a commit here, so it cannot be in this history.
+        return False
+
+    def is_shallow(self) -> bool:
+        return self.out("rev-parse", "--is-shallow-repository") == "true"
+
+    def object_format(self) -> str:
+        r = self.run("rev-parse", "--show-object-format", check=False)
+        return r.text if r.returncode == 0 and r.text else "sha1"
+
+    def update_ref(self, ref: str, new: str, old: str | None, message: str) -> None:
+        """Move ``ref`` to ``new`` only if it still points at ``old`` (None: must not exist)."""
+        zero = "0" * len(new)
+        self.run("update-ref", "-m", message, ref, new, old or zero)
+
+    def loose_object_count(self) -> int:
+        for line in self.out("count-objects", "-v").splitlines():
+            name, _, value = line.partition(":")
+            if name == "count":
+                return int(value)
+        return 0
+
+
+def retrying(call, *, attempts: int = 8, first_delay: float = 0.05, lock_hint: str = "index.lock"):
+    """Run ``call()`` again while git says another git process holds ``lock_hint``.
+
+    A user's own ``git commit`` and our snapshot can meet on a lock file; waiting a little is the
+    polite answer. Any other failure is raised at once.
+    """
+    delay = first_delay
+    for attempt in range(attempts):
+        try:
+            return call()
+        except GitError as exc:
+            if lock_hint not in str(exc) or attempt == attempts - 1:
+                raise
+            time.sleep(delay)
+            delay = min(delay * 2, 2.0)
+    raise AssertionError("unreachable")
+
+
+def _show(args: Sequence[str]) -> str:
+    return " ".join(args[:4]) + (" ..." if len(args) > 4 else "")
+
+
+def _failure(path: Path, args: Sequence[str], code: int, stderr: bytes) -> str:
+    words = stderr.decode("utf-8", "replace").strip().splitlines()
+    said = "; ".join(w.strip() for w in words[-3:]) or "no message"
+    return f"git {_show(args)} failed in {path} (exit {code}): {said}"

@@ -1,0 +1,215 @@
+"""The local-directory store (``file:///var/lib/watcherd/store``).
+
+Atomicity comes from the filesystem: an object is written to a temp file in the same directory,
+fsynced, then published with ``link`` (exclusive: fails if the name exists) or ``rename``
+(replace), and the directory is fsynced. Conditional replaces are serialised by an ``flock`` on a
+lock file beside the object, which the kernel releases if the holder dies.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from watcherd.errors import ObjectMissing, PreconditionFailed, StoreError
+from watcherd.store.base import Blob, ObjectInfo, check_name
+
+_TMP_PREFIX = ".tmp-"
+_LOCK_SUFFIX = ".lock"
+_CHUNK = 1 << 20
+
+
+class LocalStore:
+    """A :class:`~watcherd.store.base.Store` in a directory of the local filesystem."""
+
+    conditional_writes: bool | None = True
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.url = f"file://{self.root}"
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(f"store {self.url}: cannot create the directory: {exc.strerror}") from exc
+        if not os.access(self.root, os.W_OK | os.X_OK):
+            raise StoreError(f"store {self.url}: the directory is not writable by this user")
+
+    # -- Store -----------------------------------------------------------------------------------
+
+    def read(self, name: str) -> Blob | None:
+        path = self._path(name)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise self._error("read", name, exc) from exc
+        return Blob(data, _version(data))
+
+    def write(self, name: str, data: bytes, *, if_version: str | None) -> str:
+        path = self._path(name)
+        self._mkdirs(path.parent, name)
+        with self._locked(path, name):
+            try:
+                current = path.read_bytes()
+            except FileNotFoundError:
+                current = None
+            except OSError as exc:
+                raise self._error("read", name, exc) from exc
+            if if_version is None and current is not None:
+                raise PreconditionFailed(f"{self.url}/{name} already exists")
+            if if_version is not None and (current is None or _version(current) != if_version):
+                raise PreconditionFailed(f"{self.url}/{name} changed since it was read")
+            with self._temp(path.parent, name) as (tmp, f):
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+                os.replace(tmp, path)
+            _fsync_dir(path.parent)
+        return _version(data)
+
+    def upload(self, name: str, path: Path, *, size: int, sha256: str) -> None:
+        dest = self._path(name)
+        self._mkdirs(dest.parent, name)
+        if dest.exists():
+            raise PreconditionFailed(f"{self.url}/{name} already exists")
+        with self._temp(dest.parent, name) as (tmp, f):
+            digest = hashlib.sha256()
+            written = 0
+            try:
+                with open(path, "rb") as src:
+                    while chunk := src.read(_CHUNK):
+                        f.write(chunk)
+                        digest.update(chunk)
+                        written += len(chunk)
+                f.flush()
+                os.fsync(f.fileno())
+            except OSError as exc:
+                raise self._error("write", name, exc) from exc
+            if written != size or digest.hexdigest() != sha256:
+                raise StoreError(f"{self.url}/{name}: the source changed while uploading "
+                                 f"({written} bytes, expected {size}); nothing was published")
+            try:
+                os.link(tmp, dest)  # exclusive publish: never replaces
+            except FileExistsError:
+                raise PreconditionFailed(f"{self.url}/{name} already exists") from None
+            except OSError as exc:
+                raise self._error("write", name, exc) from exc
+        _fsync_dir(dest.parent)
+
+    def download(self, name: str, dest: Path) -> int:
+        path = self._path(name)
+        try:
+            with open(path, "rb") as src, open(dest, "wb") as out:
+                shutil.copyfileobj(src, out, _CHUNK)
+                return out.tell()
+        except FileNotFoundError:
+            if not path.exists():
+                raise ObjectMissing(f"{self.url}/{name} does not exist") from None
+            raise
+        except OSError as exc:
+            raise self._error("download", name, exc) from exc
+
+    def delete(self, name: str) -> None:
+        path = self._path(name)
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise self._error("delete", name, exc) from exc
+        _fsync_dir(path.parent)
+
+    def list(self, prefix: str) -> list[ObjectInfo]:
+        base = self._path(prefix.rstrip("/")) if prefix.strip("/") else self.root
+        found = []
+        for dirpath, dirnames, filenames in os.walk(base):
+            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+            for fn in filenames:
+                if fn.startswith(".") or fn.endswith(_LOCK_SUFFIX):
+                    continue
+                full = Path(dirpath, fn)
+                rel = full.relative_to(self.root).as_posix()
+                try:
+                    found.append(ObjectInfo(rel, full.stat().st_size))
+                except FileNotFoundError:
+                    continue  # deleted while listing
+        return sorted(found, key=lambda o: o.name)
+
+    def close(self) -> None:
+        pass
+
+    # -- helpers ---------------------------------------------------------------------------------
+
+    def _path(self, name: str) -> Path:
+        try:
+            check_name(name)
+        except ValueError as exc:
+            raise StoreError(f"{self.url}: {exc}") from None
+        return self.root / name
+
+    def _mkdirs(self, directory: Path, name: str) -> None:
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise self._error("create a directory for", name, exc) from exc
+
+    @contextmanager
+    def _locked(self, path: Path, name: str) -> Iterator[None]:
+        lock_path = path.with_name("." + path.name + _LOCK_SUFFIX)
+        try:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise self._error("lock", name, exc) from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    @contextmanager
+    def _temp(self, directory: Path, name: str) -> Iterator[tuple[str, object]]:
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, dir=directory)
+        except OSError as exc:
+            raise self._error("write", name, exc) from exc
+        try:
+            with os.fdopen(fd, "wb") as f:
+                try:
+                    yield tmp, f
+                except OSError as exc:
+                    raise self._error("write", name, exc) from exc
+        finally:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+
+    def _error(self, action: str, name: str, exc: OSError) -> StoreError:
+        reason = exc.strerror or str(exc)
+        hint = {
+            errno.ENOSPC: " (the store's disk is full: free space or lower store.keep)",
+            errno.EDQUOT: " (disk quota exceeded)",
+            errno.EACCES: " (permission denied: check the owner of the store directory)",
+            errno.EROFS: " (the store is on a read-only filesystem)",
+        }.get(exc.errno or 0, "")
+        return StoreError(f"cannot {action} {self.url}/{name}: {reason}{hint}")
+
+
+def _version(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
