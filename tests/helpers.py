@@ -1,0 +1,57 @@
+"""Small tools the tests share: run git as a user would, capture a tree, wait on a condition."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+T = TypeVar("T")
+
+
+def git(path: Path, *args: str, input: bytes | None = None) -> str:
+    """Run git in ``path`` as the user (or agent) would, and return stdout."""
+    proc = subprocess.run(["git", "-c", "init.defaultBranch=main", *args], cwd=path, input=input,
+                          capture_output=True, check=False)
+    if proc.returncode != 0:
+        raise AssertionError(f"git {' '.join(args)} failed: {proc.stderr.decode()}")
+    return proc.stdout.decode("utf-8", "surrogateescape").strip()
+
+
+def tree_state(root: Path) -> dict[str, tuple]:
+    """Every entry under ``root`` except ``.git``: (kind, mode, bytes or link target)."""
+    state: dict[str, tuple] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        if Path(dirpath) == root and ".git" in dirnames:
+            dirnames.remove(".git")
+        rel_dir = Path(dirpath).relative_to(root)
+        for name in dirnames + filenames:
+            full = Path(dirpath, name)
+            rel = (rel_dir / name).as_posix()
+            st = full.lstat()
+            if stat.S_ISLNK(st.st_mode):
+                state[rel] = ("link", os.readlink(full))
+            elif stat.S_ISDIR(st.st_mode):
+                if not os.listdir(full):
+                    continue  # git does not keep empty directories
+                state[rel] = ("dir",)
+            else:
+                state[rel] = ("file", stat.S_IMODE(st.st_mode) & 0o100, full.read_bytes())
+    return state
+
+
+def wait_for(condition: Callable[[], T], timeout: float = 10.0, interval: float = 0.02,
+             message: str = "condition") -> T:
+    """Poll ``condition`` until it returns something truthy, or fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {message}")
+        time.sleep(interval)

@@ -1,0 +1,55 @@
+"""``watcherd restore``: the startup hook. Exit 0 ready, 1 could not restore, 2 usage/config."""
+
+from __future__ import annotations
+
+import argparse
+from datetime import UTC, datetime, timedelta
+
+from watcherd import manifest as mf
+from watcherd.config import Config
+from watcherd.errors import UsageError
+from watcherd.generations import Generations, Limits
+from watcherd.restore import Request, restore
+from watcherd.store import open_store
+from watcherd.units import parse_duration
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("restore", help="restore the newest good generation into the workspace")
+    p.add_argument("--generation", type=int, metavar="N", help="restore generation N (time travel)")
+    p.add_argument("--before", metavar="TIME",
+                   help='restore the newest generation older than TIME (RFC 3339, or an age like "2h")')
+    p.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace, cfg: Config) -> int:
+    if args.generation is not None and args.before:
+        raise UsageError("use --generation or --before, not both")
+    if args.generation is not None and args.generation < 1:
+        raise UsageError("--generation must be 1 or more")
+    request = Request(args.generation, parse_before(args.before) if args.before else None)
+    store = open_store(cfg.store)
+    try:
+        outcome = restore(cfg, generations_for(cfg, store), request)
+    finally:
+        store.close()
+    where = f" generation {outcome.generation}" if outcome.generation else ""
+    aside = f"; the previous contents were moved to {outcome.moved_aside}" if outcome.moved_aside else ""
+    print(f"restore: {outcome.action}{where} into {cfg.workspace.path}{aside}")
+    return 0
+
+
+def generations_for(cfg: Config, store) -> Generations:
+    s = cfg.store
+    return Generations(store, s.key, Limits(s.keep, s.warn_bundle_size, s.max_bundle_size))
+
+
+def parse_before(text: str) -> datetime:
+    try:
+        return datetime.now(UTC) - timedelta(seconds=parse_duration(text))
+    except ValueError:
+        pass
+    try:
+        return mf.parse_time(text)
+    except ValueError:
+        raise UsageError(f"--before {text!r}: not a time (2026-11-26T10:00:00Z) or an age (\"2h\")") from None

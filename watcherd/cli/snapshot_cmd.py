@@ -1,0 +1,43 @@
+"""``watcherd snapshot``: snapshot and upload now.
+
+Through the running daemon when one answers (so two processes never race on one workspace),
+else standalone. Exit 0 saved or nothing new, 1 failed, 3 refused as a conflict.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from watcherd import snapshot
+from watcherd.cli.restore_cmd import generations_for
+from watcherd.config import Config
+from watcherd.git import Git, Identity
+from watcherd.store import open_store
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("snapshot", help="snapshot + upload now (through the daemon if one runs)")
+    p.add_argument("--standalone", action="store_true",
+                   help="do it in this process even if a daemon is running")
+    p.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace, cfg: Config) -> int:
+    ws = cfg.workspace
+    git = Git(ws.path, identity=Identity(ws.author_name, ws.author_email))
+    snapshot.ensure_workspace(ws.path, git)
+    snap = snapshot.take(git, ws.mode)
+    store = open_store(cfg.store)
+    try:
+        result = generations_for(cfg, store).save(git, ws.mode, git.git_dir() / "watcherd" / "spool")
+    finally:
+        store.close()
+    if result.status == "saved":
+        print(f"snapshot: saved generation {result.generation} ({result.bytes} bytes, "
+              f"snapshot {result.snapshot[:12]})")
+    elif result.generation:
+        print(f"snapshot: nothing new; generation {result.generation} already holds "
+              f"{'this change' if snap.commit else 'the workspace'}")
+    else:
+        print("snapshot: nothing to save (the workspace is empty)")
+    return 0

@@ -1,0 +1,219 @@
+"""A workspace's generations in the store: saving forward-only, fetching verified.
+
+Write order for a save: bundle (uploaded whole, size and checksum checked) → manifest swapped in
+with a conditional write on the version it replaces → bundles beyond ``keep`` pruned. A save whose
+history does not contain the stored snapshot is refused and kept under ``conflicts/``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from watcherd import bundle as bundles
+from watcherd import log
+from watcherd import manifest as mf
+from watcherd.errors import (
+    BundleTooLarge,
+    ConflictError,
+    IntegrityError,
+    ObjectMissing,
+    PreconditionFailed,
+)
+from watcherd.git import Git
+from watcherd.snapshot import snapshot_head
+from watcherd.store.base import Store
+from watcherd.units import format_size
+
+_log = log.get(__name__)
+_MANIFEST_RACE_ATTEMPTS = 5
+
+
+@dataclass(frozen=True)
+class SaveResult:
+    """What a save did: ``saved`` a new generation, or found the store ``unchanged``."""
+
+    status: str  # "saved" | "unchanged"
+    generation: int | None
+    snapshot: str | None
+    bytes: int = 0
+    bundle: str | None = None
+
+
+@dataclass(frozen=True)
+class Limits:
+    keep: int = 10
+    warn_bundle_size: int = 100 * 2**20
+    max_bundle_size: int = 500 * 2**20
+
+
+class Generations:
+    """The generations of one store key."""
+
+    def __init__(self, store: Store, key: str, limits: Limits | None = None) -> None:
+        self.store = store
+        self.key = key
+        self.limits = limits or Limits()
+
+    @property
+    def manifest_name(self) -> str:
+        return f"{self.key}/manifest.json"
+
+    def bundle_object(self, name: str) -> str:
+        return f"{self.key}/bundles/{name}"
+
+    def where(self, name: str) -> str:
+        return f"{self.store.url.rstrip('/')}/{name}"
+
+    # -- reading ---------------------------------------------------------------------------------
+
+    def read_manifest(self) -> tuple[mf.Manifest | None, str | None]:
+        """The stored manifest and its version; (None, None) when nothing was saved yet."""
+        blob = self.store.read(self.manifest_name)
+        if blob is None:
+            return None, None
+        return mf.parse(blob.data, self.where(self.manifest_name)), blob.version
+
+    def fetch(self, gen: mf.Generation, directory: Path) -> Path:
+        """Download ``gen``'s bundle into ``directory`` and check its size and sha256."""
+        name = self.bundle_object(gen.bundle)
+        fd, tmp = tempfile.mkstemp(prefix=f"gen{gen.generation}-", suffix=".bundle", dir=directory)
+        os.close(fd)
+        path = Path(tmp)
+        started = time.monotonic()
+        try:
+            self.store.download(name, path)
+        except ObjectMissing:
+            path.unlink(missing_ok=True)
+            raise IntegrityError(f"generation {gen.generation}: the manifest names "
+                                 f"{self.where(name)}, which does not exist") from None
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
+        size, sha = bundles.file_digest(path)
+        if size != gen.size or sha != gen.sha256:
+            path.unlink(missing_ok=True)
+            what = (f"{size} bytes where the manifest says {gen.size} (truncated?)"
+                    if size != gen.size else "its sha256 does not match the manifest (corrupt)")
+            raise IntegrityError(f"generation {gen.generation}: {self.where(name)} has {what}")
+        _log.info("bundle.downloaded", key=self.key, generation=gen.generation, bytes=size,
+                  duration_ms=round((time.monotonic() - started) * 1000, 1))
+        return path
+
+    # -- saving ----------------------------------------------------------------------------------
+
+    def save(self, git: Git, mode: str, spool: Path, *, try_unshallow: bool = True) -> SaveResult:
+        """Save the workspace's current snapshot history as the next generation.
+
+        Raises :class:`ConflictError` (after keeping the bundle under ``conflicts/``) when the
+        stored history is not part of ours, :class:`BundleTooLarge` above ``max_bundle_size``.
+        """
+        started = time.monotonic()
+        local = snapshot_head(git, mode)
+        if local is None:
+            return SaveResult("unchanged", None, None)
+        spool.mkdir(parents=True, exist_ok=True)
+        with bundles.BundleSource(git, spool, try_unshallow=try_unshallow) as source:
+            ours = source.map(local)
+            for _ in range(_MANIFEST_RACE_ATTEMPTS):
+                try:
+                    current, version = self.read_manifest()
+                except IntegrityError as exc:
+                    self._keep_conflict(source, spool, local, git, f"stored manifest unreadable: {exc}")
+                if current and current.current.snapshot == ours:
+                    return SaveResult("unchanged", current.current.generation, ours)
+                if current and not source.git.is_ancestor(current.current.snapshot, ours):
+                    self._keep_conflict(
+                        source, spool, local, git,
+                        f"the stored generation {current.current.generation} "
+                        f"(snapshot {current.current.snapshot[:12]}) is not part of this "
+                        "workspace's history",
+                    )
+                result = self._publish(source, spool, local, git, current, version)
+                if result is not None:
+                    _log.info("generation.saved", key=self.key, generation=result.generation,
+                              bundle=result.bundle, bytes=result.bytes, snapshot=ours,
+                              duration_ms=round((time.monotonic() - started) * 1000, 1))
+                    return result
+            raise PreconditionFailed(f"{self.where(self.manifest_name)} kept changing under us; "
+                                     "is another watcherd writing the same store.key?")
+
+    def _publish(self, source: bundles.BundleSource, spool: Path, local: str, git: Git,
+                 current: mf.Manifest | None, version: str | None) -> SaveResult | None:
+        """Upload a bundle and swap the manifest; None when another writer got there first."""
+        number = current.current.generation + 1 if current else 1
+        with tempfile.TemporaryDirectory(dir=spool) as tmp:
+            bf = self._write_bundle(source, Path(tmp), local, git)
+            name = mf.bundle_name(number, bf.snapshot)
+            obj = self.bundle_object(name)
+            try:
+                self.store.upload(obj, bf.path, size=bf.size, sha256=bf.sha256)
+            except PreconditionFailed:
+                return None  # a racing writer already used this generation number
+            new = mf.Generation(number, name, bf.size, bf.sha256, bf.snapshot, bf.head_ref, bf.head,
+                                mf.now_rfc3339(), mf.Writer(_host(), os.getpid()))
+            updated = current.advance(new, self.limits.keep) if current else mf.Manifest(new)
+            try:
+                self.store.write(self.manifest_name, updated.to_json(), if_version=version)
+            except PreconditionFailed:
+                self.store.delete(obj)  # never published: nothing points at it
+                _log.info("generation.raced", key=self.key, generation=number,
+                          note="another writer saved first; checking its history")
+                return None
+        self._prune(current, updated)
+        return SaveResult("saved", number, bf.snapshot, bf.size, name)
+
+    def _write_bundle(self, source: bundles.BundleSource, tmp: Path, local: str,
+                      git: Git) -> bundles.BundleFile:
+        bf = bundles.write(source, tmp / "snapshot.bundle", snapshot=local, head=git.rev("HEAD"),
+                           head_ref=git.head_ref())
+        if bf.size > self.limits.max_bundle_size:
+            raise BundleTooLarge(
+                f"the bundle is {format_size(bf.size)}, above store.max_bundle_size "
+                f"({format_size(self.limits.max_bundle_size)}); nothing was uploaded. Add large or "
+                "generated files to .gitignore, or raise store.max_bundle_size")
+        if bf.size > self.limits.warn_bundle_size:
+            _log.warning("bundle.large", key=self.key, bytes=bf.size,
+                         warn_bundle_size=self.limits.warn_bundle_size,
+                         hint="large files slow every save and restore; check .gitignore")
+        return bf
+
+    def _prune(self, before: mf.Manifest | None, after: mf.Manifest) -> None:
+        """Delete bundles no manifest names any more, and orphans of crashed saves."""
+        kept = {g.bundle for g in after.generations}
+        doomed = {g.bundle for g in (before.generations if before else ()) if g.bundle not in kept}
+        for info in self.store.list(f"{self.key}/bundles/"):
+            name = info.name.rsplit("/", 1)[-1]
+            number = mf.bundle_generation(name)
+            # An unnamed bundle at or below the current generation is an orphan: its writer died
+            # or lost a race. Higher numbers may be a racing writer's upload in flight.
+            if number is not None and name not in kept and number <= after.current.generation:
+                doomed.add(name)
+        for name in sorted(doomed):
+            self.store.delete(self.bundle_object(name))
+        if doomed:
+            _log.info("generation.pruned", key=self.key, bundles=sorted(doomed))
+
+    def _keep_conflict(self, source: bundles.BundleSource, spool: Path, local: str, git: Git,
+                       reason: str) -> None:
+        """Save the refused history under ``conflicts/`` and raise :class:`ConflictError`."""
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        name = f"{self.key}/conflicts/{stamp}-{_host()}-{os.getpid()}.bundle"
+        with tempfile.TemporaryDirectory(dir=spool) as tmp:
+            bf = self._write_bundle(source, Path(tmp), local, git)
+            self.store.upload(name, bf.path, size=bf.size, sha256=bf.sha256)
+        _log.error("generation.conflict", key=self.key, conflict=name, snapshot=bf.snapshot,
+                   reason=reason, bytes=bf.size,
+                   hint="the stored history was kept; this workspace's state is saved beside it")
+        raise ConflictError(f"refused to replace {self.where(self.manifest_name)}: {reason}. "
+                            f"This workspace was saved as {self.where(name)}", name)
+
+
+def _host() -> str:
+    """This host's name, reduced to characters that are safe in an object name."""
+    return re.sub(r"[^A-Za-z0-9.-]", "-", socket.gethostname())[:63].strip(".-") or "host"

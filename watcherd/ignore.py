@@ -1,0 +1,280 @@
+"""Would git leave this path out of a snapshot? Asked of git itself.
+
+The snapshot is ``git add -A``, so the only honest answer to "is this path part of the workspace?" is
+git's own: nested ``.gitignore`` files, ``.git/info/exclude``, ``core.excludesFile``, negations, and
+the index (a tracked file is never ignored, and neither is a directory that holds one). Re-implementing
+those rules would drift from git; spawning ``git check-ignore`` per question would cost a fork per
+event. So one long-lived ``git check-ignore --stdin -z -v -n`` answers every question, one record per
+path, and the answers are cached until something that changes them happens (an ignore file, the
+index) and the caller calls :meth:`IgnoreOracle.invalidate`.
+
+Protocol (``-z -v -n``): each path goes in NUL-terminated; each answer is four NUL-terminated fields,
+``source``, ``linenum``, ``pattern``, ``path``. An empty pattern means no rule matched; a pattern that
+starts with ``!`` is a negation that matched, i.e. the path is *not* ignored. ``GIT_FLUSH=1`` makes git
+answer each path as soon as it is read instead of when its stdout buffer fills.
+
+check-ignore dies (exit 128) on a path inside a submodule, beyond a symbolic link, outside the
+repository or with pathspec magic. The caller avoids those, but the tree changes under our feet, so a
+death is survived: the path that killed it counts as *not ignored* (watching or snapshotting a little
+too much is safe; missing an edit is not) and a fresh process answers the rest.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import subprocess
+from collections.abc import Iterable, Sequence
+
+import structlog
+
+from watcherd.errors import GitError
+from watcherd.git import Git
+
+log = structlog.get_logger(__name__)
+
+# Bounded so that a tool spraying uniquely named temp files into a watched directory cannot grow the
+# cache without limit; dropping it all is crude but the refill costs microseconds per path.
+_CACHE_LIMIT = 65_536
+# git answers in microseconds; this only guards against a wedged child.
+_ANSWER_TIMEOUT_S = 10.0
+# A process that dies this many times in a row without answering anything is not going to get better
+# by restarting it again (repository gone, git broken): say so instead of forking in a loop.
+_MAX_CONSECUTIVE_DEATHS = 3
+_CHUNK = 65_536
+
+
+class _Died(Exception):
+    """The check-ignore process stopped answering; ``answers`` holds what it did answer."""
+
+    def __init__(self, answers: list[bool], reason: str) -> None:
+        super().__init__(reason)
+        self.answers = answers
+        self.reason = reason
+
+
+class IgnoreOracle:
+    """git's answer to "would ``git add -A`` skip this path?", from one long-lived process.
+
+    Paths are relative to the work tree root (the :class:`Git` path), with ``/`` separators. Never
+    blocks for long: a question is a write and a read on a pipe to a process that is already running.
+    Not thread-safe; one owner (the watcher) asks.
+    """
+
+    def __init__(self, git: Git) -> None:
+        self._git = git
+        self._proc: subprocess.Popen | None = None
+        self._buf = bytearray()
+        self._stderr_tail = b""
+        self._cache: dict[str, bool] = {}
+        self._deaths = 0
+        self.restarts = 0
+        """How many times a check-ignore process was started (for tests and status)."""
+
+    # -- questions -------------------------------------------------------------------------------
+
+    def is_ignored(self, rel_path: str, is_dir: bool = False) -> bool:
+        """True when git would leave ``rel_path`` out of ``git add -A``."""
+        return self.ignored_many([(rel_path, is_dir)])[0]
+
+    def ignored_many(self, items: Iterable[tuple[str, bool]]) -> list[bool]:
+        """Answer many ``(rel_path, is_dir)`` questions with one pipelined exchange.
+
+        A directory walk asks about all entries of a directory at once; sending them together costs
+        one round trip instead of one per entry. Raises :class:`GitError` only when check-ignore
+        cannot be kept alive at all.
+        """
+        keys = [_key(path, is_dir) for path, is_dir in items]
+        known: dict[str, bool] = {}
+        missing: list[str] = []
+        for k in keys:
+            if k in known:
+                continue
+            cached = self._cache.get(k)
+            if cached is not None:
+                known[k] = cached
+            elif _inside_git_dir(k):
+                # `.git` and its insides are never part of a snapshot, and asking would kill git.
+                known[k] = True
+            else:
+                known[k] = False  # placeholder, answered below
+                missing.append(k)
+        if missing:
+            for k, ignored in zip(missing, self._exchange(missing)):
+                known[k] = ignored
+                self._remember(k, ignored)
+        return [known[k] for k in keys]
+
+    def invalidate(self) -> None:
+        """Forget every answer and restart git on the next question.
+
+        Needed after an ignore file or the index changed: the running process read them when it
+        started and would keep answering from the old rules.
+        """
+        self._cache.clear()
+        self._deaths = 0
+        self._stop()
+
+    def close(self) -> None:
+        self._cache.clear()
+        self._stop()
+
+    def __enter__(self) -> IgnoreOracle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- the process -----------------------------------------------------------------------------
+
+    def _remember(self, key: str, ignored: bool) -> None:
+        if len(self._cache) >= _CACHE_LIMIT:
+            self._cache.clear()
+        self._cache[key] = ignored
+
+    def _exchange(self, keys: Sequence[str]) -> list[bool]:
+        wire = [_wire(k) for k in keys]
+        answers: list[bool] = []
+        while len(answers) < len(wire):
+            if self._deaths >= _MAX_CONSECUTIVE_DEATHS:
+                tail = self._stderr_tail.decode("utf-8", "replace").strip() or "no message"
+                raise GitError(f"git check-ignore keeps failing in {self._git.path}: {tail}")
+            try:
+                answers.extend(self._ask(wire[len(answers):]))
+            except _Died as died:
+                answers.extend(died.answers)
+                self._stop()
+                if died.answers:
+                    self._deaths = 0
+                self._deaths += 1
+                if len(answers) < len(wire):
+                    # The next path is the one git choked on (or was being asked when it died).
+                    culprit = keys[len(answers)]
+                    log.warning("ignore.failed", path=culprit, reason=died.reason,
+                                stderr=self._stderr_tail.decode("utf-8", "replace").strip()[-300:])
+                    answers.append(False)
+            else:
+                self._deaths = 0
+        return answers
+
+    def _start(self) -> subprocess.Popen:
+        proc = self._git.popen("check-ignore", "--stdin", "-z", "-v", "-n",
+                               env={"GIT_FLUSH": "1"})
+        for pipe in (proc.stdin, proc.stdout, proc.stderr):
+            assert pipe is not None
+            os.set_blocking(pipe.fileno(), False)
+        self._proc = proc
+        self._buf.clear()
+        self._stderr_tail = b""
+        self.restarts += 1
+        return proc
+
+    def _stop(self) -> None:
+        proc, self._proc = self._proc, None
+        self._buf.clear()
+        if proc is None:
+            return
+        try:
+            assert proc.stdin is not None
+            proc.stdin.close()  # EOF: git finishes and exits on its own
+        except OSError:
+            pass
+        try:
+            proc.wait(timeout=1.0)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        for pipe in (proc.stdout, proc.stderr):
+            if pipe is not None:
+                pipe.close()
+
+    def _ask(self, paths: list[bytes]) -> list[bool]:
+        """Send ``paths`` and collect one answer per path.
+
+        Writing everything before reading could deadlock once both pipe buffers are full (git blocks
+        writing answers we are not reading while we block writing questions it is not reading), so
+        writes and reads are interleaved with poll(), both ends non-blocking.
+        """
+        proc = self._proc or self._start()
+        assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+        in_fd, out_fd, err_fd = proc.stdin.fileno(), proc.stdout.fileno(), proc.stderr.fileno()
+        payload = memoryview(b"".join(p + b"\0" for p in paths))
+        sent = 0
+        answers: list[bool] = []
+        poller = select.poll()
+        poller.register(in_fd, select.POLLOUT)
+        poller.register(out_fd, select.POLLIN)
+        poller.register(err_fd, select.POLLIN)
+        while len(answers) < len(paths):
+            ready = poller.poll(_ANSWER_TIMEOUT_S * 1000)
+            if not ready:
+                proc.kill()
+                raise _Died(answers, f"no answer within {_ANSWER_TIMEOUT_S:g}s")
+            for fd, ev in ready:
+                if fd == in_fd:
+                    if ev & (select.POLLERR | select.POLLHUP):
+                        raise _Died(answers, "check-ignore closed its input")
+                    try:
+                        sent += os.write(in_fd, payload[sent:sent + _CHUNK])
+                    except BlockingIOError:
+                        continue
+                    except BrokenPipeError as exc:
+                        raise _Died(answers, "check-ignore closed its input") from exc
+                    if sent >= len(payload):
+                        poller.unregister(in_fd)
+                elif fd == err_fd:
+                    data = _read(err_fd)
+                    if data:
+                        self._stderr_tail = (self._stderr_tail + data)[-4096:]
+                    elif data is not None:
+                        poller.unregister(err_fd)
+                else:
+                    data = _read(out_fd)
+                    if data is None:
+                        continue
+                    if not data:
+                        raise _Died(answers, f"check-ignore exited (status {proc.poll()})")
+                    self._buf += data
+                    self._parse(paths, answers)
+        return answers
+
+    def _parse(self, paths: list[bytes], answers: list[bool]) -> None:
+        while len(answers) < len(paths):
+            fields = self._buf.split(b"\0", 4)
+            if len(fields) < 5:
+                return  # the fourth field is not terminated yet
+            _source, _line, pattern, echoed, rest = fields
+            expected = paths[len(answers)]
+            if bytes(echoed) != expected:
+                raise _Died(answers, f"answer out of step: asked {expected!r}, got {bytes(echoed)!r}")
+            answers.append(bool(pattern) and not pattern.startswith(b"!"))
+            self._buf = bytearray(rest)
+
+
+def _read(fd: int) -> bytes | None:
+    """Read what is there: None when nothing is (yet), b"" at end of file."""
+    try:
+        return os.read(fd, _CHUNK)
+    except BlockingIOError:
+        return None
+
+
+def _key(rel_path: str, is_dir: bool) -> str:
+    path = rel_path.strip("/")
+    if not path:
+        raise ValueError("the work tree root is not a question for check-ignore")
+    if os.path.isabs(rel_path) or ".." in path.split("/"):
+        raise ValueError(f"{rel_path!r} is not a path inside the work tree")
+    # A trailing slash tells git it is a directory, so `dir/` patterns match even if it is gone.
+    return path + "/" if is_dir else path
+
+
+def _inside_git_dir(key: str) -> bool:
+    return ".git" in key.rstrip("/").split("/")
+
+
+def _wire(key: str) -> bytes:
+    raw = os.fsencode(key)
+    # A leading ':' is pathspec magic (":(glob)x" makes check-ignore die, ":x" means "x"); "./" makes
+    # it literal. Only the first character matters: later components are never parsed for magic.
+    return b"./" + raw if raw.startswith(b":") else raw

@@ -1,0 +1,152 @@
+"""``manifest.json``: the pointer to a workspace's current generation and its recent history.
+
+Pure data: parsing is strict because the manifest comes from a store that may hold anything; a
+manifest that does not parse, or names a bundle outside its key, is an :class:`IntegrityError`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from watcherd.errors import IntegrityError
+
+FORMAT = 1
+_BUNDLE_NAME = re.compile(r"[0-9]{1,12}-[0-9a-f]{7,64}\.bundle")
+_OID = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+@dataclass(frozen=True)
+class Writer:
+    host: str
+    pid: int
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One saved state of the workspace: an immutable bundle and what it holds."""
+
+    generation: int
+    bundle: str  # file name under <key>/bundles/
+    size: int
+    sha256: str
+    snapshot: str  # the snapshot history's head commit
+    head_ref: str | None  # the user's branch (refs/heads/main), None when detached
+    head: str | None  # the user's HEAD commit, None in an empty repository
+    created_at: str  # RFC 3339, UTC
+    writer: Writer
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Manifest:
+    current: Generation
+    history: tuple[Generation, ...] = ()  # older generations, newest first
+
+    @property
+    def generations(self) -> tuple[Generation, ...]:
+        """Every generation the store keeps, newest first."""
+        return (self.current, *self.history)
+
+    def advance(self, new: Generation, keep: int) -> Manifest:
+        """The manifest after ``new`` is saved, keeping ``keep`` generations in all."""
+        return Manifest(new, self.generations[: max(keep - 1, 0)])
+
+    def to_json(self) -> bytes:
+        doc = {"format": FORMAT, **self.current.to_dict(),
+               "history": [g.to_dict() for g in self.history]}
+        return (json.dumps(doc, indent=2, sort_keys=False) + "\n").encode()
+
+    def find(self, generation: int) -> Generation | None:
+        return next((g for g in self.generations if g.generation == generation), None)
+
+
+def bundle_name(generation: int, snapshot: str) -> str:
+    return f"{generation}-{snapshot[:12]}.bundle"
+
+
+def bundle_generation(name: str) -> int | None:
+    """The generation number in a bundle file name, None when the name is not ours."""
+    return int(name.split("-", 1)[0]) if _BUNDLE_NAME.fullmatch(name) else None
+
+
+def now_rfc3339() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def parse_time(text: str) -> datetime:
+    """An RFC 3339 / ISO 8601 time; naive times are taken as UTC."""
+    t = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    return t if t.tzinfo else t.replace(tzinfo=UTC)
+
+
+def parse(data: bytes, where: str) -> Manifest:
+    """Parse and check a stored manifest; ``where`` names it in errors."""
+    try:
+        doc = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise IntegrityError(f"{where} is not valid JSON ({exc}); the store may be corrupt") from None
+    if not isinstance(doc, dict):
+        raise IntegrityError(f"{where} is not a JSON object")
+    if doc.get("format") != FORMAT:
+        raise IntegrityError(f"{where}: unsupported format {doc.get('format')!r} (this watcherd "
+                             f"reads format {FORMAT}; upgrade watcherd)")
+    current = _generation(doc, where)
+    history_doc = doc.get("history", [])
+    if not isinstance(history_doc, list):
+        raise IntegrityError(f"{where}: history is not a list")
+    history = tuple(_generation(h, f"{where} history[{i}]") for i, h in enumerate(history_doc))
+    numbers = [g.generation for g in (current, *history)]
+    if any(a <= b for a, b in zip(numbers, numbers[1:])):
+        raise IntegrityError(f"{where}: generations are not in descending order: {numbers}")
+    return Manifest(current, history)
+
+
+def _generation(doc: Any, where: str) -> Generation:
+    if not isinstance(doc, dict):
+        raise IntegrityError(f"{where}: a generation entry is not a JSON object")
+
+    def field(name: str, kind: type, pattern: re.Pattern[str] | None = None, optional: bool = False):
+        value = doc.get(name)
+        if value is None and optional:
+            return None
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise IntegrityError(f"{where}: field {name!r} is missing or not a {kind.__name__}")
+        if pattern is not None and not pattern.fullmatch(value):
+            raise IntegrityError(f"{where}: field {name!r} has an unexpected value {value!r}")
+        return value
+
+    generation = field("generation", int)
+    size = field("size", int)
+    if generation < 1 or size < 0:
+        raise IntegrityError(f"{where}: generation and size must be positive")
+    # A hostile or broken manifest must not point at "../other-key/..." or an absolute path.
+    bundle = field("bundle", str, _BUNDLE_NAME)
+    head_ref = field("head_ref", str, optional=True)
+    if head_ref is not None and not head_ref.startswith("refs/heads/"):
+        raise IntegrityError(f"{where}: head_ref {head_ref!r} is not a branch")
+    created_at = field("created_at", str)
+    try:
+        parse_time(created_at)
+    except ValueError:
+        raise IntegrityError(f"{where}: created_at {created_at!r} is not an RFC 3339 time") from None
+    writer = doc.get("writer")
+    if not isinstance(writer, dict):
+        raise IntegrityError(f"{where}: field 'writer' is missing")
+    return Generation(
+        generation=generation,
+        bundle=bundle,
+        size=size,
+        sha256=field("sha256", str, _SHA256),
+        snapshot=field("snapshot", str, _OID),
+        head_ref=head_ref,
+        head=field("head", str, _OID, optional=True),
+        created_at=created_at,
+        writer=Writer(str(writer.get("host", "?")), int(writer.get("pid", 0) or 0)),
+    )

@@ -1,0 +1,371 @@
+"""``watcherd restore``: bring the newest good generation into the workspace before the app starts.
+
+Decisions, in order: the workspace already holds the stored history → nothing to do; a stored
+generation → download, verify, build the work tree in a staging directory, move it into place;
+a bad generation → the one before it, loudly; nothing stored → ``restore.on_missing``. A non-empty
+workspace that is not this history is moved aside, never deleted.
+
+Staging survives a crash: a tree built beside the workspace is renamed into place in one step; a
+tree built inside a workspace that is a mount point (a Kubernetes ``emptyDir``) is marked complete
+before its entries are moved up, so a rerun either discards an incomplete one or finishes the move.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+from watcherd import bundle as bundles
+from watcherd import log
+from watcherd import manifest as mf
+from watcherd.config import Config
+from watcherd.errors import (
+    GitError,
+    IntegrityError,
+    RestoreError,
+    StoreUnavailable,
+    UsageError,
+    WorkspaceError,
+)
+from watcherd.generations import Generations
+from watcherd.git import Git, Identity
+from watcherd.snapshot import snapshot_head
+
+_log = log.get(__name__)
+STAGING = ".watcherd-restore"
+_READY = "READY"
+_STORE_ATTEMPTS = 4
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What restore did: ``skipped``, ``restored``, ``empty``, ``template``."""
+
+    action: str
+    generation: int | None = None
+    moved_aside: Path | None = None
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class Request:
+    generation: int | None = None
+    before: datetime | None = None
+
+    @property
+    def explicit(self) -> bool:
+        return self.generation is not None or self.before is not None
+
+
+def restore(config: Config, generations: Generations, request: Request = Request()) -> Outcome:
+    """Run the restore decision for ``config.workspace.path``; raise on failure."""
+    started = time.monotonic()
+    ws = config.workspace.path
+    _check_parent(ws)
+    _recover_staging(ws)
+    manifest, why = _read_manifest(generations)
+    if manifest is None:
+        if request.explicit:
+            raise RestoreError(f"{generations.where(generations.key)}: {why}; "
+                               "no generation to travel to")
+        outcome = _on_missing(config, generations, why)
+    else:
+        outcome = _restore_stored(config, generations, manifest, request)
+    _log.info("restore.done", action=outcome.action, generation=outcome.generation,
+              key=generations.key, workspace=str(ws),
+              moved_aside=str(outcome.moved_aside) if outcome.moved_aside else None,
+              duration_ms=round((time.monotonic() - started) * 1000, 1))
+    return outcome
+
+
+# -- deciding ----------------------------------------------------------------------------------------
+
+
+def _read_manifest(generations: Generations) -> tuple[mf.Manifest | None, str]:
+    """The stored manifest (None when there is none or it is unreadable) and why it is None."""
+    delay = 1.0
+    for attempt in range(_STORE_ATTEMPTS):
+        try:
+            manifest, _ = generations.read_manifest()
+            return manifest, "nothing stored for this key"
+        except StoreUnavailable as exc:
+            if attempt == _STORE_ATTEMPTS - 1:
+                raise RestoreError(f"store unreachable after {_STORE_ATTEMPTS} attempts: {exc}") from None
+            _log.warning("restore.store_retry", attempt=attempt + 1, error=str(exc), wait_s=delay)
+            time.sleep(delay)
+            delay *= 2
+        except IntegrityError as exc:
+            # Unreadable is treated like "every generation is corrupt": on_missing decides.
+            _log.error("restore.manifest_bad", key=generations.key, error=str(exc))
+            return None, f"the manifest is unreadable: {exc}"
+    raise AssertionError("unreachable")
+
+
+def _candidates(manifest: mf.Manifest, request: Request) -> list[mf.Generation]:
+    gens = list(manifest.generations)
+    if request.generation is not None:
+        chosen = manifest.find(request.generation)
+        if chosen is None:
+            have = ", ".join(str(g.generation) for g in gens)
+            raise UsageError(f"--generation {request.generation}: not in the store (kept: {have})")
+        return [chosen]
+    if request.before is not None:
+        older = [g for g in gens if mf.parse_time(g.created_at) < request.before]
+        if not older:
+            raise UsageError(f"--before {request.before.isoformat()}: no generation is that old "
+                             f"(oldest kept: {gens[-1].created_at})")
+        return older
+    return gens
+
+
+def _restore_stored(config: Config, generations: Generations, manifest: mf.Manifest,
+                    request: Request) -> Outcome:
+    ws = config.workspace.path
+    candidates = _candidates(manifest, request)
+    if _already_holds(ws, config.workspace.mode, candidates[0], exact=request.explicit):
+        return Outcome("skipped", candidates[0].generation,
+                       detail="the workspace already holds this history")
+    failures = []
+    for gen in candidates:
+        with tempfile.TemporaryDirectory(prefix=".watcherd-download-", dir=_scratch_dir(ws)) as tmp:
+            try:
+                path = generations.fetch(gen, Path(tmp))
+                bundles.prove(path, Path(tmp))
+                aside = _install(ws, lambda staging, p=path, g=gen: build_tree(staging, p, g, config))
+            except IntegrityError as exc:
+                failures.append(f"generation {gen.generation}: {exc}")
+                _log.error("restore.generation_bad", key=generations.key,
+                           generation=gen.generation, error=str(exc),
+                           next="trying the generation before it" if gen is not candidates[-1]
+                           else "no older generation left")
+                continue
+        if gen is not candidates[0]:
+            _log.warning("restore.fell_back", key=generations.key, generation=gen.generation,
+                         newest=candidates[0].generation, failures=failures)
+        return Outcome("restored", gen.generation, aside)
+    if request.explicit:
+        raise RestoreError("the requested generation is corrupt: " + "; ".join(failures))
+    return _on_missing(config, generations, "every stored generation is corrupt: " + "; ".join(failures))
+
+
+def _already_holds(ws: Path, mode: str, gen: mf.Generation, *, exact: bool) -> bool:
+    if not ws.is_dir():
+        return False
+    git = Git(ws)
+    if not git.is_repo():
+        return False
+    local = snapshot_head(git, mode)
+    if local is None:
+        return False
+    if exact:
+        return local == gen.snapshot
+    return git.has_commit(gen.snapshot) and git.is_ancestor(gen.snapshot, local)
+
+
+def _on_missing(config: Config, generations: Generations, why: str) -> Outcome:
+    ws = config.workspace.path
+    policy = config.restore.on_missing
+    if policy == "fail":
+        raise RestoreError(f"{why} ({generations.where(generations.key)}) and "
+                           'restore.on_missing = "fail"')
+    _log.warning("restore.nothing_to_restore", key=generations.key, reason=why, on_missing=policy)
+    if ws.is_dir() and _entries(ws):
+        git = Git(ws)
+        if not git.is_repo():
+            git.run("init", "--quiet")
+        return Outcome(policy, detail="kept the workspace as it is (not empty)")
+    if policy == "empty":
+        ws.mkdir(exist_ok=True)
+        Git(ws).run("init", "--quiet")
+        return Outcome("empty")
+    _install(ws, lambda staging: _clone_template(staging, config.restore.template_url))
+    return Outcome("template", detail=config.restore.template_url)
+
+
+# -- building ----------------------------------------------------------------------------------------
+
+
+def build_tree(staging: Path, bundle: Path, gen: mf.Generation, config: Config) -> int:
+    """A work tree in ``staging`` equal to what ``gen`` recorded; returns its file count.
+
+    A bundle that fetched but cannot be checked out is as bad as a corrupt one.
+    """
+    try:
+        return _build(staging, bundle, gen, config)
+    except GitError as exc:
+        raise IntegrityError(f"generation {gen.generation} does not check out: {exc}") from None
+
+
+def _build(staging: Path, bundle: Path, gen: mf.Generation, config: Config) -> int:
+    git = Git(staging, identity=Identity(config.workspace.author_name, config.workspace.author_email))
+    git.run("init", "--quiet", f"--object-format={_bundle_object_format(bundle)}")
+    # Refs come across as they were (branches, tags, the snapshot history); a bundle carries no
+    # config or hooks, and hooks are off for every git call of ours anyway.
+    git.run("fetch", "--quiet", "--no-tags", "--update-head-ok", str(bundle), "refs/*:refs/*")
+    if gen.head_ref and git.rev(gen.head_ref):
+        git.run("symbolic-ref", "HEAD", gen.head_ref)
+    elif gen.head:
+        git.run("update-ref", "--no-deref", "HEAD", gen.head)
+    if git.rev("HEAD"):
+        git.run("reset", "--quiet", "--hard", "HEAD")
+    _lay_snapshot(git, gen.snapshot, git.rev("HEAD"))
+    return git.run("ls-tree", "-r", "--name-only", "-z", gen.snapshot).stdout.count(b"\0")
+
+
+def _lay_snapshot(git: Git, snapshot: str, head: str | None) -> None:
+    """Make the working tree equal to ``snapshot``'s tree, leaving HEAD and the index alone.
+
+    Files the snapshot has that HEAD lacks become untracked files again, files HEAD has that the
+    snapshot lacks are deleted: exactly the uncommitted state that was saved.
+    """
+    if head and git.out("rev-parse", f"{head}^{{tree}}") == git.out("rev-parse", f"{snapshot}^{{tree}}"):
+        return
+    state = git.git_dir() / "watcherd"
+    state.mkdir(exist_ok=True)
+    # The private index the daemon's snapshots use: filled here, its stat data matches the files
+    # just written, so the daemon's first snapshot finds nothing changed without rehashing.
+    env = {"GIT_INDEX_FILE": str(state / "index")}
+    git.run("read-tree", snapshot, env=env)
+    if head:
+        gone = git.run("diff-tree", "-r", "-z", "--no-renames", "--name-only", "--diff-filter=D",
+                       head, snapshot).stdout.split(b"\0")
+        root = git.path.resolve()
+        for raw in filter(None, gone):
+            target = (git.path / os.fsdecode(raw))
+            if root in target.resolve().parents and (target.is_file() or target.is_symlink()):
+                target.unlink()
+    git.run("checkout-index", "--all", "--force", env=env)
+    git.run("update-index", "--refresh", "-q", env=env, ok=(0, 1))
+
+
+def _bundle_object_format(bundle: Path) -> str:
+    with open(bundle, "rb") as f:
+        for _ in range(16):
+            line = f.readline()
+            if not line.strip() or not (line.startswith(b"#") or line.startswith(b"@")):
+                break
+            if line.strip() == b"@object-format=sha256":
+                return "sha256"
+    return "sha1"
+
+
+def _clone_template(staging: Path, url: str) -> None:
+    staging.rmdir()  # git clone wants to create it
+    try:
+        Git(staging.parent).run("clone", "--quiet", "--", url, str(staging), timeout=600)
+    except Exception as exc:
+        raise RestoreError(f"restore.template_url {url}: clone failed: {exc}") from None
+
+
+# -- placing -----------------------------------------------------------------------------------------
+
+
+def _install(ws: Path, build) -> Path | None:
+    """Build a tree with ``build(staging)`` and put it at ``ws``; returns where the old one went.
+
+    The new tree is complete before anything of the old one moves, so a failed build leaves the
+    workspace untouched.
+    """
+    if ws.exists() and not ws.is_dir():
+        raise WorkspaceError(f"workspace.path {ws} exists and is not a directory")
+    mount = ws.is_dir() and _is_mount_point(ws)
+    if mount:
+        staging = ws / STAGING
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
+    else:
+        staging = Path(tempfile.mkdtemp(prefix=f".{ws.name}{STAGING}-", dir=ws.parent))
+    mode = ws.stat().st_mode & 0o7777 if ws.is_dir() else 0o755
+    try:
+        build(staging)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    aside = _move_aside(ws, mount) if ws.is_dir() and _entries(ws) else None
+    if mount:
+        _write_marker(staging)  # only now: the old contents are out of the way
+        _finish_staged(ws)
+    else:
+        if ws.is_dir():
+            ws.rmdir()
+        staging.chmod(mode)
+        os.rename(staging, ws)
+    return aside
+
+
+def _move_aside(ws: Path, mount: bool) -> Path:
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    if not mount:
+        aside = ws.with_name(f"{ws.name}.watcherd-{stamp}")
+        os.rename(ws, aside)
+    else:
+        # A mount point cannot be renamed; its contents go into a folder inside it that the
+        # restored repository ignores.
+        aside = ws / f".watcherd-aside-{stamp}"
+        aside.mkdir()
+        for entry in _entries(ws):
+            os.rename(entry, aside / entry.name)
+    _log.warning("restore.moved_aside", workspace=str(ws), moved_to=str(aside),
+                 reason="the workspace held something that is not the stored history")
+    return aside
+
+
+def _write_marker(staging: Path) -> None:
+    marker = staging / ".git" / "watcherd" / _READY
+    marker.write_text("complete staging tree; entries are being moved up\n")
+    fd = os.open(marker, os.O_RDONLY)
+    os.fsync(fd)
+    os.close(fd)
+
+
+def _finish_staged(ws: Path) -> None:
+    """Move a complete staged tree's entries up into ``ws`` (idempotent, resumes after a crash)."""
+    staging = ws / STAGING
+    asides = [p.name for p in ws.iterdir() if p.name.startswith(".watcherd-aside-")]
+    for entry in sorted(staging.iterdir(), key=lambda p: p.name == ".git"):
+        os.rename(entry, ws / entry.name)  # .git last: until then the tree is not a repository
+    shutil.rmtree(staging)
+    (ws / ".git" / "watcherd" / _READY).unlink(missing_ok=True)
+    if asides:
+        with open(ws / ".git" / "info" / "exclude", "a") as f:
+            f.writelines(f"/{name}/\n" for name in asides)
+
+
+def _recover_staging(ws: Path) -> None:
+    """Finish or discard what a killed restore left behind."""
+    inside = ws / STAGING
+    if inside.is_dir():
+        if (inside / ".git" / "watcherd" / _READY).exists():
+            _log.warning("restore.resumed", workspace=str(ws), note="finishing an interrupted restore")
+            _finish_staged(ws)
+        else:
+            shutil.rmtree(inside)
+    if ws.parent.is_dir():
+        for leftover in ws.parent.glob(f".{ws.name}{STAGING}-*"):
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _entries(ws: Path) -> list[Path]:
+    """What is in ``ws``, not counting watcherd's own staging, download and aside folders."""
+    return [p for p in ws.iterdir() if not p.name.startswith(".watcherd-")]
+
+
+def _is_mount_point(path: Path) -> bool:
+    return os.path.ismount(path)
+
+
+def _scratch_dir(ws: Path) -> Path:
+    """Where downloads go: beside the workspace, so a huge bundle does not fill a tmpfs /tmp."""
+    return ws if ws.is_dir() and _is_mount_point(ws) else ws.parent
+
+
+def _check_parent(ws: Path) -> None:
+    if not ws.parent.is_dir():
+        raise WorkspaceError(f"workspace.path {ws}: the parent directory {ws.parent} does not exist")
+    if ws.exists() and not ws.is_dir():
+        raise WorkspaceError(f"workspace.path {ws} exists and is not a directory")
