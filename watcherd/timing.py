@@ -2,8 +2,8 @@
 
 Every decision about time lives here, in a :class:`Scheduler` that is told what happened and asked
 what to do. It never reads a clock, sleeps, starts a thread or touches git: each method takes
-``now`` (monotonic seconds, as floats) from the caller. That keeps the rules that bound data loss testable
-exhaustively, with a fake clock, in milliseconds; the daemon around it stays a thin loop.
+``now`` (monotonic seconds, as floats) from the caller. That keeps the rules that bound data loss
+testable exhaustively, with a fake clock, in milliseconds; the daemon around it stays a thin loop.
 
 The rules (``DESIGN.md``, "Timing" and invariants 5 and 6):
 
@@ -264,7 +264,7 @@ class Scheduler:
         self._last_activity_at = _latest(self._last_activity_at, now)
 
     def request_save(self, now: float) -> None:
-        """"Snapshot now" (``POST /snapshot``, the CLI): snapshot, then upload if anything is new.
+        """A "snapshot now" (``POST /snapshot``, the CLI): snapshot, then upload if anything new.
 
         Ignores the quiet period, the idle timer and any backoff; the snapshot is forced even with
         no change seen, since an event may have been lost. Repeated requests before the snapshot
@@ -313,7 +313,9 @@ class Scheduler:
             self._last_snapshot_at = now
             # No change seen (a forced snapshot that found something inotify missed): its age is
             # only known to be at least this old.
-            oldest = _earliest(self._covered_since, None) or self._snapshot_started_at
+            oldest = self._covered_since
+            if oldest is None:
+                oldest = self._snapshot_started_at
             if self._uploading:
                 self._later_history_since = _earliest(self._later_history_since, oldest)
             else:
@@ -321,7 +323,7 @@ class Scheduler:
         self._after_snapshot(now)
 
     def snapshot_failed(self, now: float) -> None:
-        """The snapshot failed (git error, lock): its changes are pending again, retried on backoff."""
+        """The snapshot failed (git error, lock): its changes are pending again, retried later."""
         self._end_snapshot("snapshot_failed")
         self._pending_since = _earliest(self._pending_since, self._covered_since)
         self._pending_last = _latest(self._pending_last, self._covered_last)
