@@ -1,17 +1,18 @@
 """Would git leave this path out of a snapshot? Asked of git itself.
 
 The snapshot is ``git add -A``, so the only honest answer to "is this path part of the workspace?" is
-git's own: nested ``.gitignore`` files, ``.git/info/exclude``, ``core.excludesFile``, negations, and
-the index (a tracked file is never ignored, and neither is a directory that holds one). Re-implementing
-those rules would drift from git; spawning ``git check-ignore`` per question would cost a fork per
-event. So one long-lived ``git check-ignore --stdin -z -v -n`` answers every question, one record per
-path, and the answers are cached until something that changes them happens (an ignore file, the
-index) and the caller calls :meth:`IgnoreOracle.invalidate`.
+git's own: nested ``.gitignore`` files, ``.git/info/exclude``, ``core.excludesFile``, negations,
+and the index (a tracked file is never ignored, and neither is a directory that holds one).
+Re-implementing those rules would drift from git; spawning ``git check-ignore`` per question would
+cost a fork per event. So one long-lived ``git check-ignore --stdin -z -v -n`` answers every
+question, one record per path, and the answers are cached until something that changes them
+happens (an ignore file, the index) and the caller calls :meth:`IgnoreOracle.invalidate`.
 
-Protocol (``-z -v -n``): each path goes in NUL-terminated; each answer is four NUL-terminated fields,
-``source``, ``linenum``, ``pattern``, ``path``. An empty pattern means no rule matched; a pattern that
-starts with ``!`` is a negation that matched, i.e. the path is *not* ignored. ``GIT_FLUSH=1`` makes git
-answer each path as soon as it is read instead of when its stdout buffer fills.
+Protocol (``-z -v -n``): each path goes in NUL-terminated; each answer is four NUL-terminated
+fields, ``source``, ``linenum``, ``pattern``, ``path``. An empty pattern means no rule matched; a
+pattern that starts with ``!`` is a negation that matched, i.e. the path is *not* ignored.
+``GIT_FLUSH=1`` makes git answer each path as soon as it is read instead of when its stdout buffer
+fills.
 
 check-ignore dies (exit 128) on a path inside a submodule, beyond a symbolic link, outside the
 repository or with pathspec magic. The caller avoids those, but the tree changes under our feet, so a
@@ -136,9 +137,7 @@ class IgnoreOracle:
         wire = [_wire(k) for k in keys]
         answers: list[bool] = []
         while len(answers) < len(wire):
-            if self._deaths >= _MAX_CONSECUTIVE_DEATHS:
-                tail = self._stderr_tail.decode("utf-8", "replace").strip() or "no message"
-                raise GitError(f"git check-ignore keeps failing in {self._git.path}: {tail}")
+            self._check_alive()
             try:
                 answers.extend(self._ask(wire[len(answers):]))
             except _Died as died:
@@ -147,6 +146,7 @@ class IgnoreOracle:
                 if died.answers:
                     self._deaths = 0
                 self._deaths += 1
+                self._check_alive()
                 if len(answers) < len(wire):
                     # The next path is the one git choked on (or was being asked when it died).
                     culprit = keys[len(answers)]
@@ -156,6 +156,11 @@ class IgnoreOracle:
             else:
                 self._deaths = 0
         return answers
+
+    def _check_alive(self) -> None:
+        if self._deaths >= _MAX_CONSECUTIVE_DEATHS:
+            tail = self._stderr_tail.decode("utf-8", "replace").strip() or "no message"
+            raise GitError(f"git check-ignore keeps failing in {self._git.path}: {tail}")
 
     def _start(self) -> subprocess.Popen:
         proc = self._git.popen("check-ignore", "--stdin", "-z", "-v", "-n",
@@ -184,6 +189,9 @@ class IgnoreOracle:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+        assert proc.stderr is not None
+        while tail := _read(proc.stderr.fileno()):  # git's last words, for the log
+            self._stderr_tail = (self._stderr_tail + tail)[-4096:]
         for pipe in (proc.stdout, proc.stderr):
             if pipe is not None:
                 pipe.close()
@@ -246,7 +254,8 @@ class IgnoreOracle:
             _source, _line, pattern, echoed, rest = fields
             expected = paths[len(answers)]
             if bytes(echoed) != expected:
-                raise _Died(answers, f"answer out of step: asked {expected!r}, got {bytes(echoed)!r}")
+                raise _Died(answers, f"answer out of step: asked {expected!r}, "
+                                     f"got {bytes(echoed)!r}")
             answers.append(bool(pattern) and not pattern.startswith(b"!"))
             self._buf = bytearray(rest)
 

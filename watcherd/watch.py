@@ -15,8 +15,8 @@ What the kernel does not say, and how it is covered:
 * Files created in a new directory before its watch exists are never reported, so every new (or
   renamed-in) directory is walked: watched, and its files reported as changed.
 * A queue overflow, the watch limit (ENOSPC), or a watch the kernel dropped on its own lose events.
-  They come back as :attr:`Batch.rescan` reasons ("something may be missed: snapshot with a full scan")
-  and, while the condition lasts, as :attr:`Watcher.degraded`.
+  They come back as :attr:`Batch.rescan` reasons ("something may be missed: snapshot with a full
+  scan") and, while the condition lasts, as :attr:`Watcher.degraded`.
 
 Inside ``.git`` only the refs matter (a user's commit, a branch switch): ``HEAD``, ``packed-refs``,
 ``refs/heads/**`` and ``refs/tags/**``. Objects, the index, logs, lock files and watcherd's own
@@ -131,7 +131,8 @@ class Watcher:
         root = Path(root)
         if not root.is_dir():
             raise WorkspaceError(f"workspace {root} is not a directory; check workspace.path")
-        self.root = root.resolve()  # watches are added with DONT_FOLLOW: a symlinked root must be resolved
+        # Watches are added with DONT_FOLLOW, so a symlinked root must be resolved first.
+        self.root = root.resolve()
         self._git = git
         self._max_watches = max_watches
         self._oracle = IgnoreOracle(git)
@@ -162,11 +163,12 @@ class Watcher:
                     "fs.inotify.max_user_instances (sysctl -w fs.inotify.max_user_instances=512)"
                 ) from exc
             raise WorkspaceError(f"cannot create an inotify instance: {exc}") from exc
-        try:
-            self._resync_all(_Found(), events_driven=False)
-        except GitError as exc:
+        self._resync_all(_Found())
+        if "ignore" in self._degraded:
+            # Without git's answers the choice is watching node_modules or missing edits: refuse.
+            message = self._degraded["ignore"]
             self.close()
-            raise WorkspaceError(f"cannot tell which files git ignores in {self.root}: {exc}") from exc
+            raise WorkspaceError(f"cannot tell which files git ignores in {self.root}: {message}")
         if _Watch("work", "") not in self._wd_of and not self._limit_hits:
             self.close()
             raise WorkspaceError(f"cannot watch workspace {self.root}: it vanished or is unreadable")
@@ -191,9 +193,9 @@ class Watcher:
         if found.rules_changed:
             self._oracle.invalidate()
         if found.resync:
-            self._resync_all(found, events_driven=True)
+            self._resync_all(found)
         elif self._limit_hits > hits:
-            self._note_limit(found)  # a new directory could not be watched
+            self._note_limit(found, rescan=True)  # a new directory could not be watched
         return found.batch()
 
     def resync(self) -> Batch:
@@ -206,7 +208,7 @@ class Watcher:
         found = _Found()
         self._oracle.invalidate()
         found.resync["requested"] = None
-        self._resync_all(found, events_driven=False)
+        self._resync_all(found)
         return found.batch()
 
     @property
@@ -279,6 +281,7 @@ class Watcher:
                 log.warning("watch.overflow", watches=self.watch_count)
             found.rescan[reason] = None
             found.resync[reason] = None
+            found.rules_changed = True  # a lost event may have been a .gitignore edit
             return
         w = self._by_wd.get(ev.wd)
         if w is None:
@@ -304,7 +307,8 @@ class Watcher:
         deleted = wd in self._deleted
         self._deleted.discard(wd)
         self._forget(wd)
-        if w == _Watch("work", "") or (w.kind == "git" and w.path in (self._git_dir, self._common_dir)):
+        tops = (_Watch("work", ""), _Watch("git", self._git_dir), _Watch("git", self._common_dir))
+        if w in tops:
             what = "workspace" if w.kind == "work" else "git directory"
             where = self.root if w.kind == "work" else w.path
             self._degraded["root"] = f"{what} {where} was removed; restart watcherd to watch again"
@@ -334,9 +338,9 @@ class Watcher:
             found.resync["ignore rules changed"] = None
         if is_dir:
             if ev.mask & _GONE:
-                was_watched = _Watch("work", rel) in self._wd_of or rel in self._unwatched
                 self._drop_work(rel, include_self=True)
-                if was_watched:
+                # Its own IN_IGNORED may come first, so ask git rather than the watch table.
+                if not self._ignored(rel, True, found):
                     found.path(rel)
             if ev.mask & _CAME and not self._ignored(rel, True, found):
                 # Anything created inside before the watch existed was never reported: walk it.
@@ -358,7 +362,7 @@ class Watcher:
     def _oracle_failed(self, exc: GitError, found: _Found) -> None:
         reason = "cannot evaluate ignore rules"
         if reason not in found.rescan:
-            log.warning("watch.rescan", reason=reason, error=str(exc))
+            log.warning("watch.ignore_failed", error=str(exc))
         found.rescan[reason] = None
         self._degraded["ignore"] = f"{reason} (new directories are not watched): {exc}"
 
@@ -378,7 +382,7 @@ class Watcher:
         if d == common:
             if name == "packed-refs" and not is_dir and mask & _REF_WRITTEN:
                 found.refs["packed-refs"] = None
-            elif name in ("info", "refs") and is_dir:
+            elif name in ("info", "refs") and is_dir and mask & _CAME:
                 found.resync[f"{name}/ appeared"] = None
         elif d == os.path.join(common, "info"):
             if name == "exclude":
@@ -388,19 +392,20 @@ class Watcher:
         elif d == os.path.join(common, "refs"):
             if name in ("heads", "tags") and is_dir and mask & _CAME:
                 self._walk_refs(os.path.join(d, name), found)
-        elif _under(d, os.path.join(common, "refs", "heads")) or _under(d, os.path.join(common, "refs", "tags")):
+        elif any(_under(d, os.path.join(common, "refs", ns)) for ns in ("heads", "tags")):
             path = os.path.join(d, name)
             if is_dir:
                 if mask & _GONE:
                     self._drop_git_tree(path)
                 elif mask & _CAME:
-                    self._walk_refs(path, found)  # a new `feature/` namespace: refs may be in it already
+                    # A new `feature/` namespace: refs may be in it before its watch is.
+                    self._walk_refs(path, found)
             elif mask & _REF_WRITTEN:
                 found.refs[os.path.relpath(path, common)] = None
 
     # -- walking ---------------------------------------------------------------------------------
 
-    def _resync_all(self, found: _Found, *, events_driven: bool) -> None:
+    def _resync_all(self, found: _Found) -> None:
         """Walk the whole tree again, keep what is still wanted, add what is missing, drop the rest.
 
         Cheap by construction (ignored trees are never entered), so it is the answer to every "the
@@ -409,20 +414,25 @@ class Watcher:
         t0 = time.perf_counter()
         seen: set[_Watch] = set()
         hits = self._limit_hits
-        self._unwatched.clear()
+        unwatched_before, self._unwatched = self._unwatched, set()
         self._degraded.pop("ignore", None)
-        # The few git directories first: if the limit bites, losing a user's commit is the worse miss.
+        # The few git directories first: if the limit bites, missing a user's commit is worse.
         self._walk_git(found, seen)
         self._walk_work("", found, collect=False, seen=seen)
         for w in [w for w in self._wd_of if w not in seen]:
             self._unwatch(w)
         if self._limit_hits > hits:
-            self._note_limit(found)
+            # Only a directory that newly went unwatched may hide an edit; the same misses as
+            # before are the degraded state, already reported, not a new reason to snapshot.
+            self._note_limit(found, rescan=bool(self._unwatched - unwatched_before)
+                             or "limit" not in self._degraded)
         elif self._degraded.pop("limit", None) is not None:
             log.info("watch.recovered", watches=self.watch_count)
-        if events_driven or found.resync:
-            log.info("watch.rescan", reason=", ".join(found.resync) or "start",
-                     watches=self.watch_count, duration_ms=_ms(t0))
+        if found.resync:  # empty at start: watch.ready says it
+            # The user's `git status`/`git add` rewrite the index often; that re-walk is routine.
+            emit = log.debug if set(found.resync) == {"index changed"} else log.info
+            emit("watch.rescan", reason=", ".join(found.resync), watches=self.watch_count,
+                 duration_ms=_ms(t0))
 
     def _walk_work(self, start: str, found: _Found, *, collect: bool,
                    seen: set[_Watch] | None = None) -> None:
@@ -538,7 +548,8 @@ class Watcher:
                 self._limit_hits += 1
                 if w.kind == "work":
                     self._unwatched.add(w.path)
-                return w.kind == "work"  # keep walking: the files still get reported, the count is known
+                # Keep walking the work tree: its files still get reported, and counted.
+                return w.kind == "work"
             if exc.errno in (errno.ENOENT, errno.ENOTDIR):
                 # Gone or replaced by a file/symlink since it was listed: its parent's watch reports
                 # that, so nothing is lost.
@@ -603,7 +614,7 @@ class Watcher:
             if w.kind == kind and (w.path.startswith(prefix) or (include_self and w.path == path)):
                 yield w
 
-    def _note_limit(self, found: _Found) -> None:
+    def _note_limit(self, found: _Found, *, rescan: bool) -> None:
         """Some directory could not be watched: say so once in the log, always in the status."""
         limit = self._max_watches if self._max_watches is not None else _kernel_watch_limit()
         message = (f"watch limit reached: {self.watch_count} watches placed, "
@@ -614,7 +625,8 @@ class Watcher:
             log.warning("watch.limit_reached", watches=self.watch_count,
                         unwatched=len(self._unwatched), limit=limit)
         self._degraded["limit"] = message
-        found.rescan["watch limit reached"] = None
+        if rescan:
+            found.rescan["watch limit reached"] = None
 
 def _join(parent: str, name: str) -> str:
     return f"{parent}/{name}" if parent else name

@@ -1,0 +1,387 @@
+"""Watcher: real inotify on real git repositories, no fixed sleeps.
+
+A negative ("this was not reported") is proven with a barrier: after the write under test, a tracked
+marker file is edited and the test reads until the marker shows up. inotify delivers events in order,
+so by then every earlier event has been read and judged.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import select
+import shutil
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import anyio
+import pytest
+import structlog
+
+from watcherd.errors import WorkspaceError
+from watcherd.git import Git
+from watcherd.watch import Batch, Watcher
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="inotify is Linux-only")
+
+
+# -- helpers ---------------------------------------------------------------------------------------
+
+def read_until(w: Watcher, done: Callable[[list[Batch]], bool], timeout: float = 5.0) -> list[Batch]:
+    """Read batches as the daemon would (wait for readable, read) until ``done`` says so."""
+    batches: list[Batch] = []
+    poller = select.poll()
+    poller.register(w.fileno(), select.POLLIN)
+    deadline = time.monotonic() + timeout
+    while True:
+        batch = w.read()
+        if batch != Batch():
+            batches.append(batch)
+        if done(batches):
+            return batches
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise AssertionError(f"not seen within {timeout}s; got {batches}")
+        poller.poll(left * 1000)
+
+
+def paths(batches: list[Batch]) -> set[str]:
+    return {p for b in batches for p in b.paths}
+
+
+def reported(w: Watcher, *expected: str) -> list[Batch]:
+    return read_until(w, lambda bs: set(expected) <= paths(bs))
+
+
+def barrier(w: Watcher, root: Path) -> list[Batch]:
+    """Everything up to now, read and judged (see the module docstring)."""
+    marker = root / "marker.txt"
+    marker.write_text(str(time.monotonic_ns()))
+    return reported(w, "marker.txt")
+
+
+def kernel_watched_inodes(w: Watcher) -> list[int]:
+    """The inodes the kernel holds watches on, from /proc/self/fdinfo of the inotify fd."""
+    text = Path(f"/proc/self/fdinfo/{w.fileno()}").read_text()
+    return [int(m, 16) for m in re.findall(r"^inotify wd:\S+ ino:([0-9a-f]+)", text, re.M)]
+
+
+def write(path: Path, text: str = "x") -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    root = tmp_path / "ws"
+    root.mkdir()
+    git = Git(root)
+    git.run("init")
+    write(root / ".gitignore", "node_modules/\n*.log\n")
+    write(root / "src" / "app.js", "app")
+    write(root / "src" / "lib" / "util.js", "util")
+    write(root / "marker.txt", "0")
+    for i in range(30):
+        (root / "node_modules" / f"pkg{i}" / "dist").mkdir(parents=True)
+    git.run("add", "-A")
+    git.run("commit", "-m", "template")
+    return root
+
+
+@pytest.fixture
+def watcher(root: Path) -> Iterator[Watcher]:
+    w = Watcher(root, Git(root))
+    w.start()
+    yield w
+    w.close()
+
+
+# -- the work tree ---------------------------------------------------------------------------------
+
+def test_edit_to_a_tracked_file_is_reported(root: Path, watcher: Watcher) -> None:
+    write(root / "src" / "app.js", "changed")
+    batches = reported(watcher, "src/app.js")
+    assert all(b.relevant and not b.rescan and not b.refs_changed for b in batches)
+
+
+def test_an_idle_watcher_has_nothing_to_read(root: Path, watcher: Watcher) -> None:
+    barrier(watcher, root)
+    assert select.select([watcher.fileno()], [], [], 0)[0] == []
+    assert watcher.read() == Batch()
+    assert not Batch().relevant
+
+
+def test_ignored_tree_gets_no_watch_and_its_writes_are_not_reported(root: Path,
+                                                                   watcher: Watcher) -> None:
+    inodes = kernel_watched_inodes(watcher)
+    assert len(inodes) == watcher.watch_count
+    assert (root / "node_modules").stat().st_ino not in inodes
+    assert (root / "node_modules" / "pkg0").stat().st_ino not in inodes
+    assert (root / "src" / "lib").stat().st_ino in inodes
+    # root, src, src/lib + .git, .git/info, .git/refs, refs/heads, refs/tags
+    assert watcher.watch_count == 8
+
+    write(root / "node_modules" / "pkg0" / "dist" / "index.js")
+    write(root / "src" / "debug.log")
+    got = barrier(watcher, root)
+    assert paths(got) == {"marker.txt"}
+
+
+def test_nested_gitignore_is_respected(root: Path, watcher: Watcher) -> None:
+    write(root / "src" / ".gitignore", ".cache/\n*.tmp\n")
+    reported(watcher, "src/.gitignore")
+    (root / "src" / ".cache").mkdir()
+    write(root / "src" / ".cache" / "blob")
+    write(root / "src" / "x.tmp")
+    write(root / "x.tmp")  # the nested rule does not apply above its directory
+    assert paths(barrier(watcher, root)) - {"src/.gitignore"} == {"x.tmp", "marker.txt"}
+    assert (root / "src" / ".cache").stat().st_ino not in kernel_watched_inodes(watcher)
+
+
+def test_info_exclude_is_respected(root: Path) -> None:
+    write(root / ".git" / "info" / "exclude", "scratch/\n")
+    (root / "scratch").mkdir()
+    with Watcher(root, Git(root)) as w:
+        assert (root / "scratch").stat().st_ino not in kernel_watched_inodes(w)
+        write(root / "scratch" / "notes.txt")
+        assert paths(barrier(w, root)) == {"marker.txt"}
+
+
+def test_a_new_directory_is_walked_and_its_early_files_reported(root: Path,
+                                                               watcher: Watcher) -> None:
+    # Created in one go, long before the watcher reads the event for `feature`: inotify never
+    # reports these files, only the walk of the new directory can.
+    write(root / "feature" / "deep" / "er" / "early.js")
+    write(root / "feature" / "top.js")
+    (root / "feature" / "empty").mkdir()
+    reported(watcher, "feature/deep/er/early.js", "feature/top.js")
+    assert (root / "feature" / "deep" / "er").stat().st_ino in kernel_watched_inodes(watcher)
+
+    write(root / "feature" / "deep" / "er" / "later.js")
+    reported(watcher, "feature/deep/er/later.js")
+
+
+def test_an_ignored_new_directory_is_neither_watched_nor_reported(root: Path,
+                                                                 watcher: Watcher) -> None:
+    write(root / "app" / "node_modules" / "x" / "index.js")
+    write(root / "app" / "main.js")
+    got = barrier(watcher, root)
+    assert paths(got) == {"app/main.js", "marker.txt"}
+    assert (root / "app" / "node_modules").stat().st_ino not in kernel_watched_inodes(watcher)
+
+
+def test_directory_renamed_in_out_and_within(root: Path, watcher: Watcher, tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    write(outside / "sub" / "a.js")
+    count = watcher.watch_count
+
+    os.rename(outside, root / "incoming")
+    reported(watcher, "incoming/sub/a.js")
+    assert watcher.watch_count == count + 2
+
+    os.rename(root / "incoming", root / "src" / "moved")
+    reported(watcher, "incoming", "src/moved/sub/a.js")
+    write(root / "src" / "moved" / "sub" / "b.js")
+    batches = reported(watcher, "src/moved/sub/b.js")
+    assert not any(p.startswith("incoming") for p in paths(batches))  # no stale path names
+
+    os.rename(root / "src" / "moved", tmp_path / "gone")
+    reported(watcher, "src/moved")
+    assert watcher.watch_count == count
+    assert len(kernel_watched_inodes(watcher)) == count
+    write(tmp_path / "gone" / "sub" / "c.js")
+    assert paths(barrier(watcher, root)) == {"marker.txt"}
+
+
+def test_deleted_directory_is_reported_and_unwatched(root: Path, watcher: Watcher) -> None:
+    count = watcher.watch_count
+    shutil.rmtree(root / "src" / "lib")
+    reported(watcher, "src/lib/util.js", "src/lib")
+    barrier(watcher, root)
+    assert watcher.watch_count == count - 1
+    assert len(kernel_watched_inodes(watcher)) == count - 1
+    assert not any(b.rescan for b in barrier(watcher, root))
+
+
+def test_symlinked_directory_is_a_file_and_is_not_followed(root: Path, watcher: Watcher,
+                                                          tmp_path: Path) -> None:
+    target = tmp_path / "elsewhere"
+    write(target / "big" / "file.txt")
+    os.symlink(target, root / "link")
+    reported(watcher, "link")
+    assert target.stat().st_ino not in kernel_watched_inodes(watcher)
+    write(target / "big" / "other.txt")
+    assert paths(barrier(watcher, root)) == {"marker.txt"}
+
+
+def test_nested_repository_is_not_entered(root: Path, watcher: Watcher) -> None:
+    nested = root / "vendor" / "lib"
+    nested.mkdir(parents=True)
+    Git(nested).run("init")
+    barrier(watcher, root)
+    assert nested.stat().st_ino not in kernel_watched_inodes(watcher)
+    write(nested / "inner.c")
+    assert "vendor/lib/inner.c" not in paths(barrier(watcher, root))
+
+
+def test_changed_gitignore_takes_effect(root: Path, watcher: Watcher) -> None:
+    write(root / "build" / "out" / "a.o")
+    reported(watcher, "build/out/a.o")
+    build_ino = (root / "build").stat().st_ino
+    assert build_ino in kernel_watched_inodes(watcher)
+
+    with open(root / ".gitignore", "a") as f:
+        f.write("build/\n")
+    reported(watcher, ".gitignore")
+    write(root / "build" / "out" / "b.o")
+    assert paths(barrier(watcher, root)) == {"marker.txt"}
+    assert build_ino not in kernel_watched_inodes(watcher)
+
+    (root / ".gitignore").write_text("node_modules/\n*.log\n")
+    reported(watcher, ".gitignore")
+    write(root / "build" / "out" / "c.o")
+    reported(watcher, "build/out/c.o")
+
+
+# -- .git ------------------------------------------------------------------------------------------
+
+def test_user_commit_changes_refs(root: Path, watcher: Watcher) -> None:
+    git = Git(root)
+    write(root / "src" / "app.js", "v2")
+    git.run("commit", "-am", "by the user")
+    batches = read_until(watcher, lambda bs: any(b.refs_changed for b in bs))
+    assert "refs/heads/main" in {r for b in batches for r in b.refs}
+
+    git.run("branch", "feature/login")  # a new directory under refs/heads
+    batches = read_until(watcher, lambda bs: any("refs/heads/feature/login" in b.refs for b in bs))
+    git.run("tag", "v1")
+    read_until(watcher, lambda bs: any("refs/tags/v1" in b.refs for b in bs))
+    git.run("checkout", "-q", "feature/login")
+    read_until(watcher, lambda bs: any("HEAD" in b.refs for b in bs))
+    git.run("branch", "feature/signup")  # the namespace is watched by now
+    read_until(watcher, lambda bs: any("refs/heads/feature/signup" in b.refs for b in bs))
+
+
+def test_git_internals_and_watcherd_refs_are_not_relevant(root: Path, watcher: Watcher) -> None:
+    git = Git(root)
+    head = git.rev("HEAD")
+    assert head
+    git.run("update-ref", "refs/watcherd/snapshots", head)
+    git.run("update-ref", "refs/watcherd/snapshots", head, head)
+    blob = git.out("hash-object", "-w", "--stdin", input=b"new object")
+    git.run("update-index", "--add", "--cacheinfo", f"100644,{blob},notes.txt")  # .git/index
+    write(root / ".git" / "FETCH_HEAD", f"{head}\n")
+    write(root / ".git" / "ORIG_HEAD", f"{head}\n")
+    write(root / ".git" / "refs" / "heads" / "main.lock", "junk")
+    os.unlink(root / ".git" / "refs" / "heads" / "main.lock")
+    got = barrier(watcher, root)
+    assert [b for b in got if b.refs_changed or b.rescan] == []
+    assert paths(got) == {"marker.txt"}
+
+
+def test_workspace_whose_git_is_a_file(root: Path, tmp_path: Path) -> None:
+    linked = tmp_path / "linked"
+    Git(root).run("worktree", "add", "-q", "-b", "side", str(linked))
+    assert (linked / ".git").is_file()
+    with Watcher(linked, Git(linked)) as w:
+        write(linked / "src" / "app.js", "in the worktree")
+        assert paths(reported(w, "src/app.js")) == {"src/app.js"}
+        Git(linked).run("commit", "-qam", "worktree commit")
+        batches = read_until(w, lambda bs: any("refs/heads/side" in b.refs for b in bs))
+        assert not any(".git" in p for p in paths(batches))
+
+
+# -- losing events, loudly -------------------------------------------------------------------------
+
+def test_queue_overflow_reports_a_rescan(root: Path, watcher: Watcher) -> None:
+    limit = int(Path("/proc/sys/fs/inotify/max_queued_events").read_text())
+    if limit > 200_000:
+        pytest.skip(f"max_queued_events is {limit}; overflowing it would be slow")
+    # One ATTRIB event per call; alternating names so the kernel cannot merge them.
+    files = [root / "src" / "app.js", root / "src" / "lib" / "util.js"]
+    for i in range(limit + 100):
+        os.utime(files[i % 2])
+    (root / "src" / "after").mkdir()  # lost in the overflow; the rescan must find and watch it
+    with structlog.testing.capture_logs() as logs:
+        batches = read_until(watcher, lambda bs: any("queue overflow" in b.rescan for b in bs))
+    assert all(b.relevant for b in batches)
+    assert "watch.overflow" in [e["event"] for e in logs]
+    assert (root / "src" / "after").stat().st_ino in kernel_watched_inodes(watcher)
+    write(root / "src" / "app.js", "after the storm")
+    reported(watcher, "src/app.js")
+
+
+def test_watch_limit_degrades_loudly_and_never_silently(root: Path) -> None:
+    with Watcher(root, Git(root)) as full:
+        needed = full.watch_count
+    with structlog.testing.capture_logs() as logs, \
+            Watcher(root, Git(root), max_watches=needed - 1) as w:
+        assert w.watch_count == needed - 1
+        assert len(w.degraded) == 1
+        assert "fs.inotify.max_user_watches" in w.degraded[0]
+        assert "1 directories unwatched" in w.degraded[0]
+
+        # A new directory cannot be watched either: its files are still reported, and the batch
+        # says that more may be missed.
+        write(root / "more" / "a.js")
+        write(root / "more2" / "b.js")
+        batches = reported(w, "more/a.js", "more2/b.js")
+        assert any("watch limit reached" in b.rescan for b in batches)
+        assert [e["event"] for e in logs].count("watch.limit_reached") == 1
+
+        # Routine re-walks (the user's `git add` rewrites the index) are not activity, degraded or not.
+        Git(root).run("add", "more")
+        got = barrier(w, root)
+        assert not any(b.rescan for b in got) and paths(got) == {"marker.txt"}
+
+        shutil.rmtree(root / "more")
+        shutil.rmtree(root / "more2")
+        shutil.rmtree(root / "src" / "lib")
+        barrier(w, root)
+        w.resync()  # what the daemon's degraded-mode timer does
+        assert w.degraded == ()
+        assert "watch.recovered" in [e["event"] for e in logs]
+
+
+def test_watch_count_matches_the_kernel_after_churn(root: Path, watcher: Watcher) -> None:
+    for i in range(5):
+        write(root / f"d{i}" / "x" / "f.js")
+    reported(watcher, *(f"d{i}/x/f.js" for i in range(5)))
+    for i in range(0, 5, 2):
+        shutil.rmtree(root / f"d{i}")
+    os.rename(root / "d1", root / "src" / "d1")
+    barrier(watcher, root)
+    assert watcher.watch_count == len(kernel_watched_inodes(watcher)) == 8 + 2 * 2
+
+
+# -- the daemon's way of waiting -------------------------------------------------------------------
+
+def test_anyio_wait_readable_wakes_on_an_edit(root: Path, watcher: Watcher) -> None:
+    barrier(watcher, root)
+
+    async def main() -> Batch:
+        with anyio.fail_after(5):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(anyio.to_thread.run_sync, write, root / "src" / "app.js", "async")
+                while True:
+                    await anyio.wait_readable(watcher.fileno())
+                    batch = watcher.read()
+                    if batch.relevant:
+                        return batch
+
+    assert anyio.run(main).paths == ("src/app.js",)
+
+
+# -- setup errors ----------------------------------------------------------------------------------
+
+def test_non_linux_is_refused_clearly(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys, "platform", "darwin")
+    with pytest.raises(WorkspaceError, match="inotify"):
+        Watcher(root, Git(root))
+
+
+def test_a_directory_that_is_not_a_repository_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(WorkspaceError, match="not a git work tree"):
+        Watcher(tmp_path, Git(tmp_path)).start()
