@@ -17,10 +17,12 @@ from pathlib import Path
 from watcherd.errors import GitError
 
 # Options that make every call predictable whatever the user's config says: no pager, no prompts,
-# no hooks (a bundle or template must never run code through us), no automatic gc in the middle of a
-# snapshot, and stable quoting of paths in porcelain output.
+# no hooks or fsmonitor command (a bundle, a template or the agent's .git/config must never run code
+# through us), no automatic gc in the middle of a snapshot, stable quoting of paths in porcelain
+# output.
 _BASE_OPTIONS = (
     "-c", "core.hooksPath=/dev/null",
+    "-c", "core.fsmonitor=false",
     "-c", "core.quotePath=false",
     "-c", "gc.auto=0",
     "-c", "maintenance.auto=false",
@@ -104,7 +106,7 @@ class Git:
         )
         if env:
             full_env.update(env)
-        argv = ("git", *_BASE_OPTIONS, *args)
+        argv = ("git", *_BASE_OPTIONS, *self._trust(), *args)
         try:
             proc = subprocess.run(
                 argv,
@@ -136,13 +138,18 @@ class Git:
         if env:
             full_env.update(env)
         return subprocess.Popen(
-            ("git", *_BASE_OPTIONS, *args),
+            ("git", *_BASE_OPTIONS, *self._trust(), *args),
             cwd=self.path,
             env=full_env,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
         )
+
+    def _trust(self) -> tuple[str, ...]:
+        # The workspace is often a volume owned by another uid (a Kubernetes emptyDir is root's);
+        # git would refuse it as "dubious ownership". We were told to work on exactly this path.
+        return ("-c", f"safe.directory={self.path.absolute()}")
 
     # -- typed questions -------------------------------------------------------------------------
 

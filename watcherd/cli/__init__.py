@@ -15,12 +15,14 @@ from watcherd.cli import (
     config_cmd,
     list_cmd,
     restore_cmd,
+    run_cmd,
     snapshot_cmd,
+    status_cmd,
     verify_cmd,
 )
 from watcherd.errors import WatcherdError
 
-_COMMANDS = (restore_cmd, snapshot_cmd, list_cmd, verify_cmd, config_cmd)
+_COMMANDS = (run_cmd, restore_cmd, snapshot_cmd, status_cmd, list_cmd, verify_cmd, config_cmd)
 
 
 def parser() -> argparse.ArgumentParser:

@@ -1,0 +1,66 @@
+"""``watcherd status``: the running daemon's state. Exit 0, or 1 when no daemon answers."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from watcherd.config import Config
+from watcherd.control import ControlClient
+from watcherd.units import format_size
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("status", help="show the running daemon's state")
+    p.add_argument("--json", action="store_true", help="the raw /status document")
+    p.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace, cfg: Config) -> int:
+    status = ControlClient(cfg.control).status()
+    if args.json:
+        print(json.dumps(status, indent=2))
+    else:
+        print(render(status))
+    return 0
+
+
+def render(s: dict[str, Any]) -> str:
+    """The status for people: the facts that answer "is my work safe?" first."""
+    up = s.get("last_upload") or {}
+    snap = s.get("last_snapshot") or {}
+    retries = s.get("pending_retries") or {}
+    unsaved = s.get("oldest_unsaved_change_age_ms")
+    lines = [
+        f"watcherd {s.get('version')} (pid {s.get('pid')}) watching {s.get('workspace')} "
+        f"[{s.get('mode')}], {s.get('watches')} directories",
+        f"state:          {s.get('state')}{' (idle)' if s.get('idle') else ''}",
+        f"unsaved:        {'nothing' if unsaved is None else f'oldest change {_age(unsaved)} ago'}",
+        f"last snapshot:  {snap.get('at', 'none this run')}"
+        + (f" {snap['commit'][:12]} ({snap.get('files')} files)" if snap.get("commit") else ""),
+        f"last upload:    "
+        + (f"generation {up['generation']} at {up['at']} ({format_size(up['bytes'])})"
+           if up else "none"),
+        f"store:          {(s.get('store') or {}).get('url')} key {(s.get('store') or {}).get('key')}",
+    ]
+    if retries.get("upload"):
+        lines.append(f"upload retries: {retries['upload']} failed, next at {retries.get('next_upload_retry_at')}")
+    if s.get("last_error"):
+        e = s["last_error"]
+        lines.append(f"last error:     {e.get('op')} at {e.get('at')}: {e.get('error')}")
+    if s.get("conflict"):
+        c = s["conflict"]
+        lines.append(f"CONFLICT:       {c.get('reason')}")
+    for reason in s.get("degraded") or []:
+        lines.append(f"DEGRADED:       {reason}")
+    return "\n".join(lines)
+
+
+def _age(ms: int) -> str:
+    seconds = ms / 1000
+    if seconds < 120:
+        return f"{seconds:.0f}s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}m"
+    return f"{seconds / 3600:.1f}h"

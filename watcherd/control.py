@@ -1,0 +1,254 @@
+"""The control endpoint: a small HTTP server beside the daemon, and the client the CLI uses.
+
+``GET /healthz``, ``GET /status`` (JSON), ``POST /snapshot``, ``POST /activity``, ``GET /metrics``
+(Prometheus text). The server runs in its own threads and reaches the daemon's event loop only
+through an anyio blocking portal, so a slow scrape never stalls the watcher.
+
+Loopback by default; any other address requires ``control.token``, sent as
+``Authorization: Bearer <token>`` on everything but ``/healthz``.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import socket
+import threading
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Protocol
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from watcherd import log
+from watcherd.config import ControlConfig
+from watcherd.errors import WatcherdError
+
+_log = log.get(__name__)
+
+
+class DaemonAPI(Protocol):
+    """What the endpoint needs from the daemon; each call is made on the daemon's loop."""
+
+    def healthy(self) -> tuple[bool, str]: ...
+
+    def status(self) -> dict[str, Any]: ...
+
+    def activity(self) -> None: ...
+
+    async def snapshot_now(self) -> dict[str, Any]: ...
+
+
+class DaemonNotRunning(WatcherdError):
+    """No daemon answers on ``control.listen``."""
+
+
+# -- server ------------------------------------------------------------------------------------------
+
+
+class ControlServer:
+    """The HTTP endpoint. ``call(fn, *args)`` runs ``fn`` on the daemon's event loop."""
+
+    def __init__(self, config: ControlConfig, api: DaemonAPI, call: Callable[..., Any]) -> None:
+        assert config.address is not None
+        self.api = api
+        self.call = call
+        self.token = config.token
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.registry.register(_Metrics(lambda: self.call(self.api.status)))
+        self.httpd = _Server(config.address, _handler(self))
+        self.port = self.httpd.server_address[1]
+        self._thread = threading.Thread(target=self.httpd.serve_forever, name="control",
+                                        kwargs={"poll_interval": 3600}, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+        _log.info("control.listening", address=f"{self.httpd.server_address[0]}:{self.port}",
+                  auth=bool(self.token))
+
+    def close(self) -> None:
+        # serve_forever only notices shutdown() when its select wakes; a connection wakes it
+        # without giving the server a polling interval (an idle daemon makes no wakeups).
+        stopper = threading.Thread(target=self.httpd.shutdown, daemon=True)
+        stopper.start()
+        try:
+            with socket.create_connection(self.httpd.server_address[:2], timeout=1):
+                pass
+        except OSError:
+            pass
+        stopper.join(timeout=5)
+        self.httpd.server_close()
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler]) -> None:
+        if ":" in address[0]:
+            self.address_family = socket.AF_INET6
+        try:
+            super().__init__(address, handler)
+        except OSError as exc:
+            raise WatcherdError(f"control.listen {address[0]}:{address[1]}: cannot listen "
+                                f"({exc.strerror}); is another watcherd running? Set "
+                                'control.listen to another port, or "" to turn it off') from None
+
+
+def _handler(server: ControlServer) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+        server_version = "watcherd"
+
+        def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+            if self.path == "/healthz":
+                ok, why = server.call(server.api.healthy)
+                return self._send(200 if ok else 503, (why + "\n").encode(), "text/plain")
+            if not self._authorised():
+                return None
+            if self.path == "/status":
+                return self._json(200, server.call(server.api.status))
+            if self.path == "/metrics":
+                return self._send(200, generate_latest(server.registry), CONTENT_TYPE_LATEST)
+            return self._json(404, {"error": f"no such endpoint: GET {self.path}"})
+
+        def do_POST(self) -> None:  # noqa: N802
+            self._drain()
+            if not self._authorised():
+                return None
+            if self.path == "/activity":
+                server.call(server.api.activity)
+                return self._send(204, b"", "text/plain")
+            if self.path == "/snapshot":
+                result = server.call(server.api.snapshot_now)
+                code = {"saved": 200, "unchanged": 200, "conflict": 409,
+                        "shutting_down": 503}.get(result.get("status"), 500)
+                return self._json(code, result)
+            return self._json(404, {"error": f"no such endpoint: POST {self.path}"})
+
+        def _authorised(self) -> bool:
+            if not server.token:
+                return True
+            sent = self.headers.get("Authorization", "")
+            if hmac.compare_digest(sent.encode(), f"Bearer {server.token}".encode()):
+                return True
+            self._json(401, {"error": "missing or wrong bearer token (control.token)"})
+            return False
+
+        def _drain(self) -> None:
+            length = int(self.headers.get("Content-Length") or 0)
+            if 0 < length <= 1 << 16:
+                self.rfile.read(length)
+
+        def _json(self, code: int, doc: Any) -> None:
+            self._send(code, (json.dumps(doc, indent=2) + "\n").encode(), "application/json")
+
+        def _send(self, code: int, body: bytes, content_type: str) -> None:
+            self.send_response(code)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+            _log.debug("control.request", request=format % args)
+
+    return Handler
+
+
+class _Metrics:
+    """Prometheus metrics computed from the daemon's status at scrape time (one source of truth)."""
+
+    def __init__(self, status: Callable[[], dict[str, Any]]) -> None:
+        self.status = status
+
+    def describe(self) -> Iterable[Any]:
+        return []
+
+    def collect(self) -> Iterable[Any]:
+        s = self.status()
+        m = s["counters"]
+
+        def gauge(name: str, doc: str, value: float | None) -> GaugeMetricFamily:
+            g = GaugeMetricFamily(f"watcherd_{name}", doc)
+            if value is not None:
+                g.add_metric([], value)
+            return g
+
+        def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+            return CounterMetricFamily(f"watcherd_{name}", doc, value=value)
+
+        yield counter("snapshots", "Snapshot commits recorded.", m["snapshots"])
+        yield counter("snapshot_failures", "Snapshots that failed.", m["snapshot_failures"])
+        yield counter("uploads", "Generations saved to the store.", m["uploads"])
+        yield counter("upload_failures", "Uploads that failed (retried with backoff).",
+                      m["upload_failures"])
+        yield counter("conflicts", "Saves refused as non-fast-forward, kept under conflicts/.",
+                      m["conflicts"])
+        yield counter("uploaded_bytes", "Bundle bytes uploaded.", m["uploaded_bytes"])
+        yield counter("rescans", "Full rescans after an inotify overflow or a lost watch.",
+                      m["rescans"])
+        yield gauge("watches", "inotify watches in place.", s["watches"])
+        yield gauge("idle", "1 when the workspace is idle.", 1 if s["idle"] else 0)
+        yield gauge("degraded", "1 when watching is degraded (see /status).",
+                    1 if s["degraded"] else 0)
+        yield gauge("unsaved_change_age_seconds",
+                    "Age of the oldest change not yet in the store (0 when all is saved).",
+                    (s["oldest_unsaved_change_age_ms"] or 0) / 1000)
+        yield gauge("last_upload_age_seconds", "Seconds since the last successful upload.",
+                    m["last_upload_age_s"])
+        yield gauge("last_upload_timestamp_seconds", "Unix time of the last successful upload.",
+                    m["last_upload_unix"])
+        yield gauge("last_snapshot_timestamp_seconds", "Unix time of the last snapshot commit.",
+                    m["last_snapshot_unix"])
+        yield gauge("generation", "The newest generation this daemon saved or started from.",
+                    (s["last_upload"] or {}).get("generation"))
+        yield gauge("pending_upload_retries", "Consecutive failed uploads.",
+                    s["pending_retries"]["upload"])
+
+
+# -- client ------------------------------------------------------------------------------------------
+
+
+class ControlClient:
+    """The CLI's side: ``watcherd status`` and ``watcherd snapshot`` talk to the daemon through it."""
+
+    def __init__(self, config: ControlConfig, timeout: float = 5.0) -> None:
+        self.config = config
+        self.timeout = timeout
+        address = config.address
+        if address is None:
+            self.base = None
+        else:
+            host = address[0] if address[0] not in ("0.0.0.0", "::", "") else "127.0.0.1"
+            host = f"[{host}]" if ":" in host else host
+            self.base = f"http://{host}:{address[1]}"
+
+    def status(self) -> dict[str, Any]:
+        return self._request("GET", "/status")[1]
+
+    def snapshot(self, timeout: float) -> tuple[int, dict[str, Any]]:
+        return self._request("POST", "/snapshot", timeout=timeout)
+
+    def _request(self, method: str, path: str, timeout: float | None = None) -> tuple[int, Any]:
+        if self.base is None:
+            raise DaemonNotRunning('the control endpoint is off (control.listen = "")')
+        req = urllib.request.Request(self.base + path, method=method,
+                                     data=b"" if method == "POST" else None)
+        if self.config.token:
+            req.add_header("Authorization", f"Bearer {self.config.token}")
+        try:
+            with urllib.request.urlopen(req, timeout=timeout or self.timeout) as resp:
+                return resp.status, json.loads(resp.read() or b"null")
+        except urllib.error.HTTPError as exc:
+            try:
+                return exc.code, json.loads(exc.read() or b"null")
+            except ValueError:
+                raise WatcherdError(f"{self.base}{path}: HTTP {exc.code}") from None
+        except (urllib.error.URLError, ConnectionError, TimeoutError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise DaemonNotRunning(f"no watcherd answers on {self.base} ({reason})") from None

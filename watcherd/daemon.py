@@ -1,0 +1,455 @@
+"""``watcherd run``: the sidecar that turns edits into snapshots and snapshots into generations.
+
+The imperative shell around :class:`watcherd.timing.Scheduler`: inotify batches, the control
+endpoint and signals become scheduler events; the scheduler says when to snapshot and upload; git
+and the store run in worker threads so the event loop stays responsive. Nothing wakes an idle
+daemon but an event, except the systemd watchdog ping when systemd asks for one and a slow safety
+rescan while watching is degraded.
+
+Failures of git or the store are retried with backoff, forever; anything else is a bug and ends
+the process with a non-zero status so systemd or Kubernetes restarts it, never a half-alive daemon.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import anyio
+import anyio.from_thread
+import anyio.to_thread
+
+from watcherd import __version__, log, snapshot
+from watcherd.config import Config
+from watcherd.control import ControlServer
+from watcherd.errors import BundleTooLarge, ConflictError, StoreError, WatcherdError
+from watcherd.generations import Generations, Limits
+from watcherd.git import Git, Identity
+from watcherd.notify import Notifier
+from watcherd.store import Store, open_store
+from watcherd.timing import Action, Scheduler, Timing
+from watcherd.watch import Batch, Watcher
+
+_log = log.get(__name__)
+# While watching is degraded (watch limit, lost watches) events may be missing: snapshot this often
+# anyway. A full `git add -A` finds what inotify did not say.
+DEGRADED_RESCAN_INTERVAL = 60.0
+
+
+@dataclass
+class _Counters:
+    snapshots: int = 0
+    snapshot_failures: int = 0
+    uploads: int = 0
+    upload_failures: int = 0
+    conflicts: int = 0
+    uploaded_bytes: int = 0
+    rescans: int = 0
+
+
+class Daemon:
+    """One workspace, one store key, one event loop."""
+
+    def __init__(self, config: Config, *, notifier: Notifier | None = None) -> None:
+        self.cfg = config
+        ws = config.workspace
+        self.git = Git(ws.path, identity=Identity(ws.author_name, ws.author_email))
+        self.mode = ws.mode
+        self.notifier = notifier or Notifier()
+        w = config.watch
+        self.timing = Timing(w.quiet_period, w.max_commit_delay, w.idle_timeout,
+                             w.max_upload_interval)
+        self.counters = _Counters()
+        self.started_wall = time.time()
+        self.watcher: Watcher | None = None
+        self.store: Store | None = None
+        self.generations: Generations | None = None
+        self.sched: Scheduler | None = None
+        self.last_snapshot: dict[str, Any] | None = None
+        self.last_upload: dict[str, Any] | None = None
+        self.last_error: dict[str, Any] | None = None
+        self.conflict: dict[str, Any] | None = None
+        self.too_large: str | None = None
+        self.rescan_reasons: list[str] = []
+        self._last_result: dict[str, Any] = {}
+        self._try_unshallow = True
+        self._signals = 0
+        self._shutdown_deadline: float | None = None
+        self._busy_since: dict[str, float] = {}
+        self._save_waiters: list[anyio.Event] = []
+
+    # -- life ------------------------------------------------------------------------------------
+
+    async def run(self) -> int:
+        """Run until a signal; 0 after a clean shutdown with everything saved."""
+        self._wake = anyio.Event()
+        self._watch_scope = anyio.CancelScope()
+        self._watch_lock = anyio.Lock()
+        await anyio.to_thread.run_sync(self._setup)
+        try:
+            async with anyio.from_thread.BlockingPortal() as portal:
+                control = self._start_control(portal)
+                try:
+                    return await self._main()
+                finally:
+                    if control:
+                        control.close()
+        finally:
+            if self.watcher:
+                self.watcher.close()
+            if self.store:
+                self.store.close()
+            self.notifier.close()
+
+    def _setup(self) -> None:
+        ws = self.cfg.workspace.path
+        snapshot.ensure_workspace(ws, self.git)
+        s = self.cfg.store
+        self.store = open_store(s)
+        self.generations = Generations(self.store, s.key,
+                                       Limits(s.keep, s.warn_bundle_size, s.max_bundle_size))
+        unsaved = self._unsaved_at_start()
+        self.watcher = Watcher(ws, self.git)
+        self.watcher.start()
+        now = time.monotonic()
+        self.sched = Scheduler(self.timing, now, unsaved_history=unsaved)
+        # Edits made while no daemon watched (a crash, a restart) are found by one snapshot.
+        self.sched.change(now)
+
+    def _unsaved_at_start(self) -> bool:
+        """Whether local snapshots are ahead of the store (a crash before the last upload)."""
+        local = snapshot.snapshot_head(self.git, self.mode)
+        if local is None:
+            return False
+        try:
+            manifest, _ = self.generations.read_manifest()
+        except WatcherdError as exc:
+            _log.warning("daemon.store_unreadable_at_start", error=str(exc),
+                         note="will upload when the store answers")
+            return True
+        if manifest is None:
+            return True
+        stored = manifest.current
+        self.last_upload = {"at": stored.created_at, "generation": stored.generation,
+                            "bytes": stored.size, "snapshot": stored.snapshot, "by": "store"}
+        return stored.snapshot != local
+
+    def _start_control(self, portal: anyio.from_thread.BlockingPortal) -> ControlServer | None:
+        if not self.cfg.control.listen:
+            return None
+        server = ControlServer(self.cfg.control, self, portal.call)
+        server.start()
+        return server
+
+    async def _main(self) -> int:
+        assert self.watcher and self.sched
+        self.notifier.ready(f"watching {self.watcher.watch_count} directories")
+        _log.info("daemon.ready", workspace=str(self.cfg.workspace.path), mode=self.mode,
+                  key=self.cfg.store.key, store=self.store.url, watches=self.watcher.watch_count,
+                  pid=os.getpid(), version=__version__)
+        try:
+            async with anyio.create_task_group() as tg:
+                self._tg = tg
+                tg.start_soon(self._watch_loop)
+                tg.start_soon(self._signal_loop)
+                if self.notifier.watchdog_interval:
+                    tg.start_soon(self._watchdog_loop, self.notifier.watchdog_interval)
+                code = await self._schedule_loop(tg)
+                tg.cancel_scope.cancel()
+            return code
+        except BaseExceptionGroup as group:
+            for exc in _leaves(group):
+                _log.error("daemon.crashed", error=f"{type(exc).__name__}: {exc}",
+                           exc_info=exc)
+            return 1
+
+    # -- scheduling ------------------------------------------------------------------------------
+
+    async def _schedule_loop(self, tg: anyio.abc.TaskGroup) -> int:
+        sched = self.sched
+        safety_at = 0.0
+        while True:
+            now = time.monotonic()
+            stopping = self._shutdown_deadline is not None
+            watch_degraded = bool(self.watcher.degraded) and not stopping
+            if watch_degraded and now >= safety_at:
+                tg.start_soon(self._safety_rescan)
+                safety_at = now + DEGRADED_RESCAN_INTERVAL
+            while (action := sched.due(now)) is not None:
+                if action is Action.SNAPSHOT:
+                    sched.snapshot_started(now)
+                    self._busy_since["snapshot"] = now
+                    tg.start_soon(self._snapshot)
+                else:
+                    sched.upload_started(now)
+                    self._busy_since["upload"] = now
+                    tg.start_soon(self._upload)
+            if stopping and sched.shutdown_complete:
+                _log.info("daemon.stopped", saved=True,
+                          generation=(self.last_upload or {}).get("generation"))
+                return 0
+            if stopping and now >= self._shutdown_deadline:
+                self._report_unsaved("shutdown_timeout elapsed before the final save finished")
+                return 1
+            wake_at = [t for t in (sched.next_deadline(now), safety_at if watch_degraded else None,
+                                   self._shutdown_deadline) if t is not None]
+            with anyio.move_on_after(max(min(wake_at) - now, 0) if wake_at else math.inf):
+                await self._wake.wait()
+            self._wake = anyio.Event()
+
+    def _kick(self) -> None:
+        self._wake.set()
+        if self._save_waiters and not self.sched.save_pending:
+            for waiter in self._save_waiters:
+                waiter.set()
+            self._save_waiters.clear()
+
+    async def _snapshot(self) -> None:
+        started = time.monotonic()
+        try:
+            snap = await anyio.to_thread.run_sync(snapshot.take, self.git, self.mode,
+                                                  abandon_on_cancel=True)
+        except WatcherdError as exc:
+            self.counters.snapshot_failures += 1
+            self._record_error("snapshot", exc)
+            self.sched.snapshot_failed(time.monotonic())
+            self._last_result = {"status": "failed", "error": log.redact(str(exc))}
+        else:
+            self.sched.snapshot_done(time.monotonic(), committed=bool(snap.commit))
+            if snap.commit:
+                self.counters.snapshots += 1
+                self.last_snapshot = {"at": _iso(time.time()), "commit": snap.commit,
+                                      "files": snap.files, "head": snap.head,
+                                      "duration_ms": round((time.monotonic() - started) * 1000, 1)}
+                self._last_result = {"status": "snapshotted", "commit": snap.commit}
+            else:
+                self._last_result = {"status": "unchanged",
+                                     "generation": (self.last_upload or {}).get("generation")}
+        finally:
+            self._busy_since.pop("snapshot", None)
+            self._kick()
+
+    async def _upload(self) -> None:
+        try:
+            result = await anyio.to_thread.run_sync(self._save, abandon_on_cancel=True)
+        except ConflictError as exc:
+            # The workspace's state is safe under conflicts/; retrying would only add copies.
+            self.counters.conflicts += 1
+            self.conflict = {"at": _iso(time.time()), "saved_as": exc.conflict_name,
+                             "reason": log.redact(str(exc))}
+            self.sched.upload_succeeded(time.monotonic())
+            self._last_result = {"status": "conflict", "saved_as": exc.conflict_name,
+                                 "error": log.redact(str(exc))}
+        except BundleTooLarge as exc:
+            self.too_large = str(exc)
+            self._upload_failed(exc)
+        except WatcherdError as exc:
+            self._upload_failed(exc)
+        else:
+            self.sched.upload_succeeded(time.monotonic())
+            self.too_large = None
+            self.last_error = None
+            if result.status == "saved":
+                self.counters.uploads += 1
+                self.counters.uploaded_bytes += result.bytes
+                self.last_upload = {"at": _iso(time.time()), "generation": result.generation,
+                                    "bytes": result.bytes, "snapshot": result.snapshot,
+                                    "by": "this daemon"}
+            self._last_result = {"status": result.status, "generation": result.generation,
+                                 "bytes": result.bytes, "snapshot": result.snapshot}
+        finally:
+            self._busy_since.pop("upload", None)
+            self._kick()
+
+    def _save(self):
+        try_unshallow, self._try_unshallow = self._try_unshallow, False  # ask the origin once
+        spool = self.git.git_dir() / "watcherd" / "spool"
+        return self.generations.save(self.git, self.mode, spool, try_unshallow=try_unshallow)
+
+    def _upload_failed(self, exc: WatcherdError) -> None:
+        self.counters.upload_failures += 1
+        now = time.monotonic()
+        self.sched.upload_failed(now)
+        status = self.sched.status(now)
+        retry_in = (status.next_upload_retry_at - now) if status.next_upload_retry_at else None
+        self._record_error("upload", exc, attempt=status.upload_failures,
+                           retry_in_s=round(retry_in, 1) if retry_in is not None else None)
+        self._last_result = {"status": "failed", "error": log.redact(str(exc))}
+
+    def _record_error(self, op: str, exc: WatcherdError, **facts: Any) -> None:
+        transient = isinstance(exc, StoreError)
+        self.last_error = {"at": _iso(time.time()), "op": op, "error": log.redact(str(exc)), **facts}
+        _log.warning(f"{op}.failed", error=str(exc), kind=type(exc).__name__,
+                     transient=transient, key=self.cfg.store.key, **facts)
+
+    # -- event sources ---------------------------------------------------------------------------
+
+    async def _watch_loop(self) -> None:
+        watcher = self.watcher
+        with self._watch_scope:
+            await self._watch(watcher)
+
+    async def _watch(self, watcher: Watcher) -> None:
+        while True:
+            await anyio.wait_readable(watcher.fileno())
+            async with self._watch_lock:
+                batch = await anyio.to_thread.run_sync(watcher.read)
+            self._on_batch(batch)
+
+    async def _safety_rescan(self) -> None:
+        """While degraded: re-walk (the limit may have been raised) and snapshot whatever changed."""
+        async with self._watch_lock:
+            batch = await anyio.to_thread.run_sync(self.watcher.resync)
+        self._on_batch(batch)
+        self.sched.change(time.monotonic())  # events may be missing: a full snapshot finds them
+        self._kick()
+
+    def _on_batch(self, batch: Batch) -> None:
+        if batch.rescan:
+            self.counters.rescans += 1
+            self.rescan_reasons = list(batch.rescan)
+        if batch.relevant:
+            self.sched.change(time.monotonic())
+            _log.debug("watch.change", paths=list(batch.paths[:10]), files=len(batch.paths),
+                       refs=list(batch.refs), rescan=list(batch.rescan))
+            self._kick()
+
+    async def _signal_loop(self) -> None:
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                self._signals += 1
+                name = signal.Signals(signum).name
+                if self._signals > 1:
+                    self._report_unsaved(f"second {name}: exiting at once")
+                    os._exit(1)
+                timeout = self.cfg.watch.shutdown_timeout
+                _log.info("daemon.stopping", signal=name, shutdown_timeout_s=timeout)
+                self.notifier.stopping("final save")
+                self.notifier.extend_timeout(timeout + 5)
+                self._shutdown_deadline = time.monotonic() + timeout
+                self._watch_scope.cancel()  # the final snapshot sees everything up to now
+                self.sched.shutdown(time.monotonic())
+                self._kick()
+
+    async def _watchdog_loop(self, interval: float) -> None:
+        while True:
+            ok, _ = self.healthy()
+            if ok:
+                self.notifier.watchdog()
+            await anyio.sleep(interval)
+
+    # -- what the control endpoint calls (on the event loop) --------------------------------------
+
+    def healthy(self) -> tuple[bool, str]:
+        now = time.monotonic()
+        for op, since in self._busy_since.items():
+            if now - since > 3600:
+                return False, f"{op} running for {round(now - since)}s"
+        if self._signals:
+            return True, "stopping"
+        return True, "ok"
+
+    def activity(self) -> None:
+        self.sched.activity(time.monotonic())
+        self._kick()
+
+    async def snapshot_now(self) -> dict[str, Any]:
+        if self._signals:
+            return {"status": "shutting_down"}
+        done = anyio.Event()
+        self._save_waiters.append(done)
+        self.sched.request_save(time.monotonic())
+        self._kick()
+        await done.wait()
+        return dict(self._last_result)
+
+    def status(self) -> dict[str, Any]:
+        now_m, now_w = time.monotonic(), time.time()
+        s = self.sched.status(now_m)
+
+        def wall(t: float | None) -> str | None:
+            return None if t is None else _iso(now_w - (now_m - t))
+
+        def age_ms(t: float | None) -> int | None:
+            return None if t is None else round((now_m - t) * 1000)
+
+        last_up_unix = _unix(self.last_upload["at"]) if self.last_upload else None
+        last_snap_unix = _unix(self.last_snapshot["at"]) if self.last_snapshot else None
+        return {
+            "state": "stopping" if s.shutting_down else str(s.state),
+            "idle": s.idle,
+            "idle_ms": age_ms(s.last_activity_at),
+            "last_activity_at": wall(s.last_activity_at),
+            "dirty_since": wall(s.dirty_since),
+            "oldest_unsaved_change_age_ms": age_ms(s.dirty_since),
+            "snapshotting": s.snapshotting,
+            "uploading": s.uploading,
+            "last_snapshot": self.last_snapshot,
+            "last_upload": self.last_upload,
+            "pending_retries": {"upload": s.upload_failures, "snapshot": s.snapshot_failures,
+                                "next_upload_retry_at": wall(s.next_upload_retry_at),
+                                "next_snapshot_retry_at": wall(s.next_snapshot_retry_at)},
+            "last_error": self.last_error,
+            "conflict": self.conflict,
+            "watches": self.watcher.watch_count if self.watcher else 0,
+            "degraded": self._degraded(),
+            "last_rescan_reasons": self.rescan_reasons,
+            "workspace": str(self.cfg.workspace.path),
+            "mode": self.mode,
+            "store": {"url": self.store.url, "key": self.cfg.store.key,
+                      "conditional_writes": self.store.conditional_writes},
+            "pid": os.getpid(),
+            "version": __version__,
+            "started_at": _iso(self.started_wall),
+            "counters": {**self.counters.__dict__,
+                        "last_upload_unix": last_up_unix,
+                        "last_upload_age_s": None if last_up_unix is None else now_w - last_up_unix,
+                        "last_snapshot_unix": last_snap_unix},
+        }
+
+    def _degraded(self) -> list[str]:
+        reasons = list(self.watcher.degraded) if self.watcher else []
+        if self.too_large:
+            reasons.append(self.too_large)
+        if self.store is not None and self.store.conditional_writes is False:
+            reasons.append("the store ignores conditional writes: split-brain protection is "
+                           "best-effort")
+        return reasons
+
+    def _report_unsaved(self, why: str) -> None:
+        """Say exactly what did not reach the store."""
+        s = self.sched.status(time.monotonic())
+        local = None
+        try:
+            local = snapshot.snapshot_head(self.git, self.mode)
+        except WatcherdError:
+            pass
+        stored = (self.last_upload or {}).get("snapshot")
+        _log.error("shutdown.incomplete", reason=why, state=str(s.state),
+                   unsaved_since=_iso(time.time() - (time.monotonic() - s.dirty_since))
+                   if s.dirty_since is not None else None,
+                   local_snapshot=local, stored_snapshot=stored,
+                   stored_generation=(self.last_upload or {}).get("generation"),
+                   snapshotting=s.snapshotting, uploading=s.uploading,
+                   hint="the local repository still has every snapshot commit; the next "
+                        "watcherd run uploads them")
+
+
+def _leaves(group: BaseExceptionGroup) -> list[BaseException]:
+    out: list[BaseException] = []
+    for exc in group.exceptions:
+        out.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    return out
+
+
+def _iso(unix: float) -> str:
+    return datetime.fromtimestamp(unix, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _unix(iso: str) -> float:
+    return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
