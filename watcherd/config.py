@@ -9,6 +9,7 @@ names the key and the file or variable it came from.
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import re
 import tomllib
@@ -19,6 +20,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from watcherd.errors import ConfigError
+from watcherd.log import mask_url_credentials
 from watcherd.units import format_duration, format_size, parse_duration, parse_size
 
 DEFAULT_PATH = Path("/etc/watcherd/watcherd.toml")
@@ -27,6 +29,10 @@ DEFAULT_STORE_URL = "file:///var/lib/watcherd/store"
 _KEY_SEGMENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _RESERVED_SEGMENTS = {"bundles", "conflicts", "manifest.json"}
 _BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+# The token travels in an HTTP header and must not be guessable; short values also could not be
+# masked in the logs without masking every other occurrence of the same few characters.
+_TOKEN = re.compile(r"[!-~]{16,}")
+_MIN_TOKEN = 16
 
 
 # -- value objects ----------------------------------------------------------------------------------
@@ -132,6 +138,9 @@ class _Key:
     parse: Callable[[Any], Any]  # raises ValueError with a human reason
     show: Callable[[Any], str] = lambda v: _quoted(v)  # the value as TOML text
     secret: bool = False
+    # Environment values are always strings: this turns one into what TOML would have held, so
+    # ``parse`` can stay strict about types in the file (``keep = "10"`` is a mistake there).
+    from_env: Callable[[str], Any] = lambda s: s
 
     @property
     def dotted(self) -> str:
@@ -159,14 +168,16 @@ def _choice(*allowed: str) -> Callable[[Any], str]:
 
 
 def _duration(value: Any) -> float:
-    seconds = parse_duration(_string(value))
+    if not isinstance(value, str):
+        raise ValueError(f"expected a duration string like \"2s\" or \"5m\", got {_type(value)}")
+    seconds = parse_duration(value)
     if seconds <= 0:
         raise ValueError(f"{value!r} must be longer than zero")
     return seconds
 
 
 def _size(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, (str, int)):
+    if not isinstance(value, str):
         raise ValueError(f"expected a size string like \"100MiB\", got {_type(value)}")
     n = parse_size(value)
     if n <= 0:
@@ -175,8 +186,6 @@ def _size(value: Any) -> int:
 
 
 def _positive_int(value: Any) -> int:
-    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
-        value = int(value)  # from the environment
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f"expected a whole number, got {_type(value)}")
     if value < 1:
@@ -185,13 +194,43 @@ def _positive_int(value: Any) -> int:
 
 
 def _bool(value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.strip().lower() in ("true", "1", "yes", "on"):
+    if not isinstance(value, bool):
+        raise ValueError(f"expected true or false, got {_type(value)}")
+    return value
+
+
+def _env_int(text: str) -> Any:
+    if re.fullmatch(r"\s*-?\d+\s*", text):
+        return int(text)
+    raise ValueError(f"expected a whole number, got {text!r}")
+
+
+def _env_bool(text: str) -> bool:
+    word = text.strip().lower()
+    if word in ("true", "1", "yes", "on"):
         return True
-    if isinstance(value, str) and value.strip().lower() in ("false", "0", "no", "off", ""):
+    if word in ("false", "0", "no", "off"):
         return False
-    raise ValueError(f"expected true or false, got {value!r}")
+    raise ValueError(f"expected true or false (or 1 or 0), got {text!r}")
+
+
+def _line(value: Any) -> str:
+    """A non-empty single-line string: what git accepts as an author name or email."""
+    s = _string(value)
+    if not s.strip():
+        raise ValueError("must not be empty")
+    if any(c in s for c in "<>\n\r\0"):
+        raise ValueError(f"{s!r} must not contain '<', '>' or line breaks")
+    return s
+
+
+def _token(value: Any) -> str:
+    # Never put the value in the message: the CLI prints it, and it is not yet known as a secret.
+    s = _string(value)
+    if s and not _TOKEN.fullmatch(s):
+        raise ValueError(f"must be at least {_MIN_TOKEN} printable ASCII characters without spaces "
+                         f"(got {len(s)} characters); e.g. the output of `openssl rand -hex 16`")
+    return s
 
 
 def _path(value: Any) -> Path:
@@ -215,6 +254,9 @@ def _endpoint(value: Any) -> str:
     s = _string(value)
     if s:
         parts = urlsplit(s)
+        if parts.username is not None or parts.password is not None:
+            raise ValueError(f"{mask_url_credentials(s)!r}: credentials come from the AWS credential chain, "
+                             "never the URL")
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"{s!r} is not an http(s) URL like \"http://127.0.0.1:9000\"")
     return s
@@ -223,8 +265,8 @@ def _endpoint(value: Any) -> str:
 _SCHEMA: tuple[_Key, ...] = (
     _Key("workspace", "path", _path),
     _Key("workspace", "mode", _choice("shadow", "branch")),
-    _Key("workspace", "author_name", _string),
-    _Key("workspace", "author_email", _string),
+    _Key("workspace", "author_name", _line),
+    _Key("workspace", "author_email", _line),
     _Key("watch", "quiet_period", _duration, lambda v: _quoted(format_duration(v))),
     _Key("watch", "max_commit_delay", _duration, lambda v: _quoted(format_duration(v))),
     _Key("watch", "idle_timeout", _duration, lambda v: _quoted(format_duration(v))),
@@ -232,21 +274,21 @@ _SCHEMA: tuple[_Key, ...] = (
     _Key("watch", "shutdown_timeout", _duration, lambda v: _quoted(format_duration(v))),
     _Key("store", "url", lambda v: parse_store_url(_string(v))),
     _Key("store", "key", lambda v: validate_store_key(_string(v))),
-    _Key("store", "keep", _positive_int, str),
-    _Key("store", "warn_bundle_size", _size, lambda v: _quoted(format_size(v))),
-    _Key("store", "max_bundle_size", _size, lambda v: _quoted(format_size(v))),
+    _Key("store", "keep", _positive_int, str, from_env=_env_int),
+    _Key("store", "warn_bundle_size", _size, lambda v: _quoted(format_size(v, exact=True))),
+    _Key("store", "max_bundle_size", _size, lambda v: _quoted(format_size(v, exact=True))),
     _Key("store.s3", "region", _string),
     _Key("store.s3", "endpoint_url", _endpoint),
-    _Key("store.s3", "force_path_style", _bool, lambda v: str(v).lower()),
+    _Key("store.s3", "force_path_style", _bool, lambda v: str(v).lower(), from_env=_env_bool),
     _Key("store.s3", "sse", _choice("", "AES256", "aws:kms")),
     _Key("store.s3", "kms_key_id", _string),
     _Key("store.s3", "storage_class", _string),
-    _Key("store.s3", "max_attempts", _positive_int, str),
+    _Key("store.s3", "max_attempts", _positive_int, str, from_env=_env_int),
     _Key("restore", "on_missing", _choice("empty", "template", "fail")),
     _Key("restore", "template_url", _string),
     _Key("restore", "on_conflict", _choice("move-aside", "fail")),
     _Key("control", "listen", _listen),
-    _Key("control", "token", _string, secret=True),
+    _Key("control", "token", _token, secret=True),
     _Key("log", "level", _choice("debug", "info", "warning", "error")),
     _Key("log", "format", _choice("auto", "json", "console")),
 )
@@ -276,29 +318,35 @@ def load(cli_path: str | None = None, environ: Mapping[str, str] | None = None) 
     path, explicit = config_path(cli_path, environ)
     raw: dict[str, Any] = {}
     file_used: Path | None = None
-    if path.exists() or explicit:
-        raw = _read_toml(path)
+    try:
+        present = path.exists()
+    except OSError:  # a parent we may not search: let the read below say what is wrong
+        present = True
+    if present or explicit:
+        given_by = "--config" if cli_path else "WATCHERD_CONFIG" if explicit else "the default path"
+        raw = _read_toml(path, given_by)
         file_used = path
     return from_mapping(raw, environ, file_used)
 
 
 def from_mapping(raw: Mapping[str, Any], environ: Mapping[str, str], file: Path | None) -> Config:
     """Validate ``raw`` (the parsed TOML) with the environment's overrides applied."""
-    where = f"file {file}" if file else "defaults"
+    where = f"file {file}" if file else "config"
     flat = _flatten(raw, where)
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
     known_env = {k.env: k for k in _SCHEMA}
     _check_env_names(environ, known_env)
     for key in _SCHEMA:
-        if key.env in environ:
-            raw_value, source = environ[key.env], f"env {key.env}"
-        elif key.dotted in flat:
-            raw_value, source = flat[key.dotted], f"file {file}"
-        else:
-            continue
         try:
-            values[key.dotted] = key.parse(raw_value)
+            if key.env in environ:
+                source = f"env {key.env}"
+                values[key.dotted] = key.parse(key.from_env(environ[key.env]))
+            elif key.dotted in flat:
+                source = where
+                values[key.dotted] = key.parse(flat[key.dotted])
+            else:
+                continue
         except ValueError as exc:
             raise ConfigError(f"{key.dotted} ({source}): {exc}") from None
         sources[key.dotted] = source
@@ -309,12 +357,12 @@ def from_mapping(raw: Mapping[str, Any], environ: Mapping[str, str], file: Path 
     return config
 
 
-def _read_toml(path: Path) -> dict[str, Any]:
+def _read_toml(path: Path, given_by: str) -> dict[str, Any]:
     try:
         with path.open("rb") as f:
             return tomllib.load(f)
     except FileNotFoundError:
-        raise ConfigError(f"config file {path} does not exist (set --config or WATCHERD_CONFIG)") from None
+        raise ConfigError(f"config file {path} (from {given_by}) does not exist") from None
     except IsADirectoryError:
         raise ConfigError(f"config file {path} is a directory, not a TOML file") from None
     except PermissionError:
@@ -323,6 +371,8 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
     except UnicodeDecodeError:
         raise ConfigError(f"config file {path} is not UTF-8 text") from None
+    except OSError as exc:
+        raise ConfigError(f"config file {path} cannot be read: {exc.strerror or exc}") from None
 
 
 def _flatten(raw: Mapping[str, Any], where: str) -> dict[str, Any]:
@@ -332,9 +382,13 @@ def _flatten(raw: Mapping[str, Any], where: str) -> dict[str, Any]:
     def walk(table: Mapping[str, Any], section: str) -> None:
         for name, value in table.items():
             dotted = f"{section}.{name}" if section else name
+            if dotted in _SECTIONS and not isinstance(value, dict):
+                raise ConfigError(f"{dotted} ({where}): must be a table, written [{dotted}]")
             if isinstance(value, dict):
                 if dotted not in _SECTIONS:
-                    raise ConfigError(f"{dotted} ({where}): unknown section [{dotted}]")
+                    what = "a key, not a table" if dotted in known else "an unknown section"
+                    raise ConfigError(f"{dotted} ({where}): [{dotted}] is {what}"
+                                      f"{_suggest(dotted, _SECTIONS) if dotted not in known else ''}")
                 walk(value, dotted)
             elif dotted in known:
                 flat[dotted] = value
@@ -384,22 +438,32 @@ def _build(values: Mapping[str, Any], sources: Mapping[str, str], file: Path | N
 def _check_together(c: Config) -> None:
     """Rules that involve more than one key."""
 
-    def fail(key: str, message: str) -> None:
+    def fail(key: str, message: str, *, other: str | None = None) -> None:
+        # Blame the key the user actually set: a default is rarely what needs changing.
+        if other and c.sources[key] == "default" and c.sources[other] != "default":
+            key = other
         raise ConfigError(f"{key} ({c.sources[key]}): {message}")
 
     if c.store.warn_bundle_size > c.store.max_bundle_size:
-        fail("store.warn_bundle_size", f"{format_size(c.store.warn_bundle_size)} is above "
-             f"store.max_bundle_size ({format_size(c.store.max_bundle_size)})")
+        warn = format_size(c.store.warn_bundle_size, exact=True)
+        most = format_size(c.store.max_bundle_size, exact=True)
+        fail("store.warn_bundle_size", f"store.warn_bundle_size ({warn}) is above "
+             f"store.max_bundle_size ({most})", other="store.max_bundle_size")
     if c.watch.max_commit_delay < c.watch.quiet_period:
-        fail("watch.max_commit_delay", "must not be shorter than watch.quiet_period")
+        delay, quiet = (format_duration(t) for t in (c.watch.max_commit_delay, c.watch.quiet_period))
+        fail("watch.max_commit_delay", f"watch.max_commit_delay ({delay}) must not be shorter than "
+             f"watch.quiet_period ({quiet})", other="watch.quiet_period")
     if c.restore.on_missing == "template" and not c.restore.template_url:
-        fail("restore.template_url", 'must be set when restore.on_missing = "template"')
+        fail("restore.template_url", 'restore.template_url must be set when restore.on_missing = "template"',
+             other="restore.on_missing")
     if c.store.s3.kms_key_id and c.store.s3.sse != "aws:kms":
-        fail("store.s3.kms_key_id", 'is only used with store.s3.sse = "aws:kms"')
+        fail("store.s3.kms_key_id", 'store.s3.kms_key_id is only used with store.s3.sse = "aws:kms"',
+             other="store.s3.sse")
     address = c.control.address
     if address and not _is_loopback(address[0]) and not c.control.token:
-        fail("control.token", f"is required when control.listen ({c.control.listen}) is not a "
-             "loopback address: anyone who reaches the port could trigger snapshots")
+        fail("control.token", f"control.token is required when control.listen ({c.control.listen}) is not a "
+             "loopback address: anyone who reaches the port could trigger snapshots",
+             other="control.listen")
 
 
 # -- store URL and key ------------------------------------------------------------------------------
@@ -408,26 +472,35 @@ def _check_together(c: Config) -> None:
 def parse_store_url(text: str) -> StoreURL:
     """``file:///abs/dir`` or ``s3://bucket[/prefix]``; ValueError with the reason otherwise."""
     parts = urlsplit(text)
+    shown = mask_url_credentials(text)  # messages are printed and logged: never with a password in them
+    if parts.username is not None or parts.password is not None:
+        raise ValueError(f"{shown!r}: a store URL holds no credentials (S3 credentials come from "
+                         "the AWS credential chain: environment, web identity, instance role)")
     if parts.scheme == "file":
         if parts.netloc not in ("", "localhost"):
-            raise ValueError(f"{text!r}: a file URL has three slashes, like \"file:///var/lib/watcherd/store\"")
+            raise ValueError(f"{shown!r}: a file URL has three slashes, "
+                             "like \"file:///var/lib/watcherd/store\"")
         if not parts.path.startswith("/") or parts.query or parts.fragment:
-            raise ValueError(f"{text!r}: use an absolute path, like \"file:///var/lib/watcherd/store\"")
+            raise ValueError(f"{shown!r}: use an absolute path, like \"file:///var/lib/watcherd/store\"")
         return StoreURL("file", path=Path(parts.path))
     if parts.scheme == "s3":
         bucket = parts.netloc
         if not _BUCKET.fullmatch(bucket or "") or ".." in bucket:
-            raise ValueError(f"{text!r}: {bucket!r} is not a valid S3 bucket name")
+            raise ValueError(f"{shown!r}: {bucket!r} is not a valid S3 bucket name (3 to 63 "
+                             "lowercase letters, digits, '.' and '-')")
         prefix = parts.path.strip("/")
-        if prefix and any(seg in ("", ".", "..") for seg in prefix.split("/")):
-            raise ValueError(f"{text!r}: the prefix must not contain empty, '.' or '..' parts")
-        if parts.query or parts.fragment or parts.username or parts.password:
-            raise ValueError(f"{text!r}: an s3 URL is only s3://bucket/prefix (credentials come "
-                             "from the AWS credential chain, never the URL)")
+        for seg in prefix.split("/") if prefix else ():
+            if seg in ("", ".", ".."):
+                raise ValueError(f"{shown!r}: the prefix must not contain empty, '.' or '..' parts")
+            if not _KEY_SEGMENT.fullmatch(seg):
+                raise ValueError(f"{shown!r}: prefix part {seg!r} may only use letters, digits, "
+                                 "'.', '_' and '-' and must start with a letter or digit")
+        if parts.query or parts.fragment:
+            raise ValueError(f"{shown!r}: an s3 URL is only s3://bucket/prefix")
         return StoreURL("s3", bucket=bucket, prefix=prefix)
     if not parts.scheme:
-        raise ValueError(f"{text!r} has no scheme: use \"file:///dir\" or \"s3://bucket/prefix\"")
-    raise ValueError(f"{text!r}: unknown scheme {parts.scheme!r} (use \"file\" or \"s3\")")
+        raise ValueError(f"{shown!r} has no scheme: use \"file:///dir\" or \"s3://bucket/prefix\"")
+    raise ValueError(f"{shown!r}: unknown scheme {parts.scheme!r} (use \"file\" or \"s3\")")
 
 
 def validate_store_key(key: str) -> str:
@@ -484,11 +557,11 @@ def describe(config: Config) -> list[tuple[str, str, str]]:
         for part in key.section.split("."):
             section_obj = getattr(section_obj, part)
         value = getattr(section_obj, key.name)
-        text = '"********"' if key.secret and value else key.show(value)
+        text = '"********"' if key.secret and value else mask_url_credentials(key.show(value))
         rows.append((key.dotted, text, config.sources.get(key.dotted, "default")))
     return rows
 
 
 def _quoted(value: Any) -> str:
-    s = str(value)
-    return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    # A JSON string is a valid TOML basic string, control characters and all.
+    return json.dumps(str(value), ensure_ascii=False)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 import threading
 from collections.abc import Iterable
@@ -23,6 +24,10 @@ _SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
            "error": logging.ERROR}
 
+# "scheme://user:password@host": the password goes, the user stays (it says which account).
+# The password runs to the last "@" before the path: people do paste passwords holding a raw "@".
+_URL_CREDENTIALS = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://[^/@:\s]*):[^/\s]*@")
+
 _secrets: set[str] = set()
 _secrets_lock = threading.Lock()
 
@@ -34,23 +39,45 @@ def add_secret(value: str | None) -> None:
             _secrets.add(value)
 
 
+def mask_url_credentials(text: str) -> str:
+    """``text`` with the password of every ``scheme://user:password@`` in it masked."""
+    return _URL_CREDENTIALS.sub(rf"\1:{_MASK}@", text)
+
+
 def redact(text: str) -> str:
-    """``text`` with every registered secret masked; also for error messages and status output."""
-    for secret in sorted(_secrets, key=len, reverse=True):
+    """``text`` with every known secret masked; also for error messages and status output.
+
+    The secrets from the environment are looked up here too, not only in :func:`configure`: the
+    CLI prints a configuration error before logging is configured.
+    """
+    with _secrets_lock:
+        known = set(_secrets)
+    known.update(v for v in (os.environ.get(name) for name in _SECRET_ENV) if v and len(v) >= 4)
+    for secret in sorted(known, key=len, reverse=True):
         if secret in text:
             text = text.replace(secret, _MASK)
-    return text
+    return mask_url_credentials(text)
 
 
 def _redact_value(value: Any) -> Any:
     if isinstance(value, str):
         return redact(value)
+    if value is None or isinstance(value, (bool, int, float)):
+        return value
     if isinstance(value, dict):
         return {k: _MASK if _is_secret_name(k) and v else _redact_value(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_redact_value(v) for v in value)
+    if isinstance(value, list):
+        return [_redact_value(v) for v in value]
+    if isinstance(value, tuple):
+        items = [_redact_value(v) for v in value]
+        return value._make(items) if hasattr(value, "_make") else tuple(items)  # namedtuples
     if isinstance(value, BaseException):
         return redact(str(value))
+    # Anything else is rendered later through str() (JSON) or repr() (console), after this
+    # processor has run: check both spellings now and keep the object only when both are clean.
+    for text in (str(value), repr(value)):
+        if redact(text) != text:
+            return redact(str(value))
     return value
 
 
@@ -84,7 +111,10 @@ def configure(level: str = "info", fmt: str = "auto", stream: TextIO | None = No
     if fmt == "json":
         renderer = structlog.processors.JSONRenderer(default=str)
     else:
-        renderer = structlog.dev.ConsoleRenderer(colors=stream.isatty())
+        # plain_traceback, never rich's: a rich traceback would show local variables, and only
+        # the already redacted "exception" string may reach the renderer.
+        renderer = structlog.dev.ConsoleRenderer(colors=stream.isatty(),
+                                                 exception_formatter=structlog.dev.plain_traceback)
     structlog.configure(
         processors=[*shared, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),

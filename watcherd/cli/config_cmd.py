@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from watcherd import config
+from watcherd import config, log
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -26,5 +26,7 @@ def run(args: argparse.Namespace, cfg: config.Config) -> int:
             print(f"\n[{sec}]")
             section = sec
         line = f"{name} = {value}"
-        print(f"{line:<{width}}  # {source}")
+        # describe() masks the token and URL passwords; redact() also catches a known secret
+        # pasted into some other key.
+        print(log.redact(f"{line:<{width}}  # {source}"))
     return 0
