@@ -108,7 +108,8 @@ def prove(bundle: Path, scratch: Path) -> None:
     repo = scratch / "prove.git"
     git = Git(repo, bare=True)
     repo.mkdir(parents=True)
-    git.run("init", "--bare", "--quiet")
+    # A sha256 bundle fetched into a sha1 repository fails as "pack is corrupted".
+    git.run("init", "--bare", "--quiet", f"--object-format={object_format(bundle)}")
     try:
         git.run("bundle", "verify", "--quiet", str(bundle))
         git.run("fetch", "--quiet", "--no-tags", str(bundle), "refs/*:refs/*")
@@ -116,6 +117,18 @@ def prove(bundle: Path, scratch: Path) -> None:
         raise IntegrityError(f"bundle does not restore: {exc}") from None
     finally:
         shutil.rmtree(repo, ignore_errors=True)
+
+
+def object_format(bundle: Path) -> str:
+    """The object format (``sha1`` or ``sha256``) a bundle's header declares."""
+    with open(bundle, "rb") as f:
+        for _ in range(16):
+            line = f.readline()
+            if not line.strip() or not (line.startswith(b"#") or line.startswith(b"@")):
+                break
+            if line.strip() == b"@object-format=sha256":
+                return "sha256"
+    return "sha1"
 
 
 # -- shallow histories ---------------------------------------------------------------------------

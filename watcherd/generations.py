@@ -99,7 +99,7 @@ class Generations:
         if size != gen.size or sha != gen.sha256:
             path.unlink(missing_ok=True)
             what = (f"{size} bytes where the manifest says {gen.size} (truncated?)"
-                    if size != gen.size else "its sha256 does not match the manifest (corrupt)")
+                    if size != gen.size else "a sha256 that does not match the manifest (corrupt)")
             raise IntegrityError(f"generation {gen.generation}: {self.where(name)} has {what}")
         _log.info("bundle.downloaded", key=self.key, generation=gen.generation, bytes=size,
                   duration_ms=round((time.monotonic() - started) * 1000, 1))
@@ -146,15 +146,23 @@ class Generations:
     def _publish(self, source: bundles.BundleSource, spool: Path, local: str, git: Git,
                  current: mf.Manifest | None, version: str | None) -> SaveResult | None:
         """Upload a bundle and swap the manifest; None when another writer got there first."""
-        number = current.current.generation + 1 if current else 1
+        first = current.current.generation + 1 if current else 1
         with tempfile.TemporaryDirectory(dir=spool) as tmp:
             bf = self._write_bundle(source, Path(tmp), local, git)
-            name = mf.bundle_name(number, bf.snapshot)
-            obj = self.bundle_object(name)
-            try:
-                self.store.upload(obj, bf.path, size=bf.size, sha256=bf.sha256)
-            except PreconditionFailed:
-                return None  # a racing writer already used this generation number
+            for number in range(first, first + _MANIFEST_RACE_ATTEMPTS):
+                name = mf.bundle_name(number, bf.snapshot)
+                obj = self.bundle_object(name)
+                try:
+                    self.store.upload(obj, bf.path, size=bf.size, sha256=bf.sha256)
+                    break
+                except PreconditionFailed:
+                    # The name is taken: by a racing writer's upload, or by a save of this same
+                    # snapshot that died before its manifest. Neither is ours to delete; the next
+                    # number is free, the conditional manifest write below settles any race, and
+                    # pruning removes the orphan once a later generation is published.
+                    continue
+            else:
+                return None
             new = mf.Generation(number, name, bf.size, bf.sha256, bf.snapshot, bf.head_ref, bf.head,
                                 mf.now_rfc3339(), mf.Writer(_host(), os.getpid()))
             updated = current.advance(new, self.limits.keep) if current else mf.Manifest(new)
@@ -203,10 +211,18 @@ class Generations:
                        reason: str) -> None:
         """Save the refused history under ``conflicts/`` and raise :class:`ConflictError`."""
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-        name = f"{self.key}/conflicts/{stamp}-{_host()}-{os.getpid()}.bundle"
+        base = f"{self.key}/conflicts/{stamp}-{_host()}-{os.getpid()}"
         with tempfile.TemporaryDirectory(dir=spool) as tmp:
             bf = self._write_bundle(source, Path(tmp), local, git)
-            self.store.upload(name, bf.path, size=bf.size, sha256=bf.sha256)
+            # Two refusals within one second from one process must both be kept.
+            for n in range(_MANIFEST_RACE_ATTEMPTS):
+                name = f"{base}-{n}.bundle" if n else f"{base}.bundle"
+                try:
+                    self.store.upload(name, bf.path, size=bf.size, sha256=bf.sha256)
+                    break
+                except PreconditionFailed:
+                    if n == _MANIFEST_RACE_ATTEMPTS - 1:
+                        raise
         _log.error("generation.conflict", key=self.key, conflict=name, snapshot=bf.snapshot,
                    reason=reason, bytes=bf.size,
                    hint="the stored history was kept; this workspace's state is saved beside it")

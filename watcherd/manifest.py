@@ -139,6 +139,9 @@ def _generation(doc: Any, where: str) -> Generation:
     writer = doc.get("writer")
     if not isinstance(writer, dict):
         raise IntegrityError(f"{where}: field 'writer' is missing")
+    pid = writer.get("pid") or 0
+    if not isinstance(pid, int) or isinstance(pid, bool):
+        raise IntegrityError(f"{where}: field 'writer' has a pid that is not a number: {pid!r}")
     return Generation(
         generation=generation,
         bundle=bundle,
@@ -148,5 +151,5 @@ def _generation(doc: Any, where: str) -> Generation:
         head_ref=head_ref,
         head=field("head", str, _OID, optional=True),
         created_at=created_at,
-        writer=Writer(str(writer.get("host", "?")), int(writer.get("pid", 0) or 0)),
+        writer=Writer(str(writer.get("host", "?")), pid),
     )

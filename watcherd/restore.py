@@ -38,6 +38,7 @@ from watcherd.snapshot import snapshot_head
 
 _log = log.get(__name__)
 STAGING = ".watcherd-restore"
+DOWNLOAD = ".watcherd-download"
 _READY = "READY"
 _STORE_ATTEMPTS = 4
 
@@ -130,9 +131,16 @@ def _restore_stored(config: Config, generations: Generations, manifest: mf.Manif
     if _already_holds(ws, config.workspace.mode, candidates[0], exact=request.explicit):
         return Outcome("skipped", candidates[0].generation,
                        detail="the workspace already holds this history")
+    if config.restore.on_conflict == "fail" and ws.is_dir() and _entries(ws):
+        raise RestoreError(f"workspace.path {ws} holds something that is not the history stored at "
+                           f"{generations.where(generations.key)}, and restore.on_conflict = "
+                           '"fail": nothing was moved. Move it away, or set restore.on_conflict = '
+                           '"move-aside"')
     failures = []
     for gen in candidates:
-        with tempfile.TemporaryDirectory(prefix=".watcherd-download-", dir=_scratch_dir(ws)) as tmp:
+        scratch = _scratch_dir(ws)
+        prefix = f"{DOWNLOAD}-" if scratch == ws else f".{ws.name}{DOWNLOAD}-"
+        with tempfile.TemporaryDirectory(prefix=prefix, dir=scratch) as tmp:
             try:
                 path = generations.fetch(gen, Path(tmp))
                 bundles.prove(path, Path(tmp))
@@ -203,7 +211,7 @@ def build_tree(staging: Path, bundle: Path, gen: mf.Generation, config: Config) 
 
 def _build(staging: Path, bundle: Path, gen: mf.Generation, config: Config) -> int:
     git = Git(staging, identity=Identity(config.workspace.author_name, config.workspace.author_email))
-    git.run("init", "--quiet", f"--object-format={_bundle_object_format(bundle)}")
+    git.run("init", "--quiet", f"--object-format={bundles.object_format(bundle)}")
     # Refs come across as they were (branches, tags, the snapshot history); a bundle carries no
     # config or hooks, and hooks are off for every git call of ours anyway.
     git.run("fetch", "--quiet", "--no-tags", "--update-head-ok", str(bundle), "refs/*:refs/*")
@@ -211,6 +219,8 @@ def _build(staging: Path, bundle: Path, gen: mf.Generation, config: Config) -> i
         git.run("symbolic-ref", "HEAD", gen.head_ref)
     elif gen.head:
         git.run("update-ref", "--no-deref", "HEAD", gen.head)
+    elif gen.head_ref:
+        git.run("symbolic-ref", "HEAD", gen.head_ref)  # a branch with no commit yet, as saved
     if git.rev("HEAD"):
         git.run("reset", "--quiet", "--hard", "HEAD")
     _lay_snapshot(git, gen.snapshot, git.rev("HEAD"))
@@ -237,21 +247,13 @@ def _lay_snapshot(git: Git, snapshot: str, head: str | None) -> None:
         root = git.path.resolve()
         for raw in filter(None, gone):
             target = (git.path / os.fsdecode(raw))
-            if root in target.resolve().parents and (target.is_file() or target.is_symlink()):
+            # Check where the entry lives, not where it points: a symlink may point anywhere.
+            parent = target.parent.resolve()
+            inside = parent == root or root in parent.parents
+            if inside and (target.is_file() or target.is_symlink()):
                 target.unlink()
     git.run("checkout-index", "--all", "--force", env=env)
     git.run("update-index", "--refresh", "-q", env=env, ok=(0, 1))
-
-
-def _bundle_object_format(bundle: Path) -> str:
-    with open(bundle, "rb") as f:
-        for _ in range(16):
-            line = f.readline()
-            if not line.strip() or not (line.startswith(b"#") or line.startswith(b"@")):
-                break
-            if line.strip() == b"@object-format=sha256":
-                return "sha256"
-    return "sha1"
 
 
 def _clone_template(staging: Path, url: str) -> None:
@@ -286,7 +288,10 @@ def _install(ws: Path, build) -> Path | None:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    aside = _move_aside(ws, mount) if ws.is_dir() and _entries(ws) else None
+    # Beside a mount point watcherd's own folders stay; anywhere else the directory itself moves,
+    # so anything at all in it (even a stray ".watcherd-..." name) goes aside with it.
+    occupied = ws.is_dir() and (_entries(ws) if mount else any(ws.iterdir()))
+    aside = _move_aside(ws, mount) if occupied else None
     if mount:
         _write_marker(staging)  # only now: the old contents are out of the way
         _finish_staged(ws)
@@ -300,19 +305,29 @@ def _install(ws: Path, build) -> Path | None:
 
 def _move_aside(ws: Path, mount: bool) -> Path:
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    # A free name: an earlier move-aside in the same second must not be replaced or refused.
     if not mount:
-        aside = ws.with_name(f"{ws.name}.watcherd-{stamp}")
+        aside = _free_name(ws.with_name(f"{ws.name}.watcherd-{stamp}"))
         os.rename(ws, aside)
     else:
         # A mount point cannot be renamed; its contents go into a folder inside it that the
         # restored repository ignores.
-        aside = ws / f".watcherd-aside-{stamp}"
+        aside = _free_name(ws / f".watcherd-aside-{stamp}")
         aside.mkdir()
         for entry in _entries(ws):
             os.rename(entry, aside / entry.name)
     _log.warning("restore.moved_aside", workspace=str(ws), moved_to=str(aside),
                  reason="the workspace held something that is not the stored history")
     return aside
+
+
+def _free_name(path: Path) -> Path:
+    n = 1
+    candidate = path
+    while candidate.exists() or candidate.is_symlink():
+        n += 1
+        candidate = path.with_name(f"{path.name}-{n}")
+    return candidate
 
 
 def _write_marker(staging: Path) -> None:
@@ -345,9 +360,13 @@ def _recover_staging(ws: Path) -> None:
             _finish_staged(ws)
         else:
             shutil.rmtree(inside)
-    if ws.parent.is_dir():
-        for leftover in ws.parent.glob(f".{ws.name}{STAGING}-*"):
+    if ws.is_dir():
+        for leftover in ws.glob(f"{DOWNLOAD}-*"):  # partial downloads inside a mount point
             shutil.rmtree(leftover, ignore_errors=True)
+    if ws.parent.is_dir():
+        for pattern in (f".{ws.name}{STAGING}-*", f".{ws.name}{DOWNLOAD}-*"):
+            for leftover in ws.parent.glob(pattern):
+                shutil.rmtree(leftover, ignore_errors=True)
 
 
 def _entries(ws: Path) -> list[Path]:

@@ -108,7 +108,7 @@ def _take_shadow(git: Git) -> Snapshot:
     tree = git.out("write-tree", env=env)
 
     prev_tree = git.out("rev-parse", f"{prev}^{{tree}}") if prev else None
-    prev_head = _second_parent(git, prev) if prev else None
+    prev_head = _recorded_head(git, prev, head) if prev else None
     if prev and tree == prev_tree and head == prev_head:
         return Snapshot(None, prev, head, head_ref)
     if not prev and not head and tree == _empty_tree(git):
@@ -137,9 +137,14 @@ def _add_all(git: Git, env: dict[str, str]) -> None:
                      hint="files git could not read are left out of this snapshot")
 
 
-def _second_parent(git: Git, commit: str) -> str | None:
+def _recorded_head(git: Git, commit: str, head: str | None) -> str | None:
+    """The HEAD that snapshot ``commit`` recorded: its second parent, or its only parent when it
+    was the first snapshot (no previous one) and that parent is ``head``."""
     parents = git.out("rev-list", "--parents", "-n", "1", commit).split()[1:]
-    return parents[1] if len(parents) > 1 else None
+    if len(parents) > 1:
+        return parents[1]
+    # A single parent is either HEAD (first snapshot) or the previous snapshot (empty repository).
+    return head if parents == [head] else None
 
 
 def _empty_tree(git: Git) -> str:
@@ -172,17 +177,32 @@ def _take_branch(git: Git) -> Snapshot:
 
     def attempt() -> Snapshot:
         remove_stale_lock(lock)
-        git.run("add", "--all", "--ignore-errors", "--", ".", ok=(0, 1))
+        _run_on_index(git, "add", "--all", "--ignore-errors", "--", ".", ok=(0, 1))
         staged = _staged(git)
         head_ref = git.head_ref()
         if not staged:
             head = git.rev("HEAD")
             return Snapshot(None, head, head, head_ref)
-        git.run("commit", "--quiet", "--no-verify", "--no-gpg-sign", "-m", _message(staged, None))
+        _run_on_index(git, "commit", "--quiet", "--no-verify", "--no-gpg-sign", "-m",
+                      _message(staged, None))
         head = git.rev("HEAD")
         return Snapshot(head, head, head, head_ref, len(staged), tuple(staged))
 
     return retrying(attempt)
+
+
+def _run_on_index(git: Git, *args: str, ok: tuple[int, ...] = (0,)) -> None:
+    """Run a git command that takes ``index.lock``, keeping git's first line in the error.
+
+    git explains a held lock over several lines and names the lock only in the first; the error
+    must keep it, or :func:`~watcherd.git.retrying` would not see that waiting can help.
+    """
+    r = git.run(*args, check=False)
+    if r.returncode in ok:
+        return
+    said = r.stderr.decode("utf-8", "replace").strip().splitlines() or ["no message"]
+    held = " (another git process holds the lock)" if "index.lock" in said[0] else ""
+    raise GitError(f"git {args[0]} failed in {git.path} (exit {r.returncode}): {said[0]}{held}")
 
 
 def _staged(git: Git) -> list[str]:

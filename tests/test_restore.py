@@ -1,0 +1,634 @@
+"""``restore`` end to end: real repositories saved to a real local store and restored, every rule of
+DESIGN's "Restore" section, bad stored data, leftovers of a killed restore and a mount point."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from structlog.testing import capture_logs
+
+from helpers import git, tree_state
+from watcherd import manifest as mf
+from watcherd import snapshot
+from watcherd.bundle import file_digest
+from watcherd.config import Config, RestoreConfig, StoreConfig, WorkspaceConfig, parse_store_url
+from watcherd.errors import RestoreError, UsageError, WorkspaceError
+from watcherd.generations import Generations
+from watcherd.git import Git
+from watcherd.restore import Request, restore
+from watcherd.store.local import LocalStore
+
+KEY = "acme/sandbox-7/main"
+
+
+# -- helpers -------------------------------------------------------------------------------------------
+
+
+def make_repo(path: Path, text: str = "hello\n") -> Path:
+    path.mkdir()
+    git(path, "init", "-q")
+    (path / "readme.md").write_text(text)
+    git(path, "add", "-A")
+    git(path, "commit", "-q", "-m", "initial")
+    return path
+
+
+def config_for(ws: Path, store_dir: Path, mode: str = "shadow", **restore_options) -> Config:
+    return Config(workspace=WorkspaceConfig(path=ws, mode=mode),
+                  store=StoreConfig(url=parse_store_url(f"file://{store_dir}"), key=KEY),
+                  restore=RestoreConfig(**restore_options))
+
+
+def gens_for(store_dir: Path) -> Generations:
+    return Generations(LocalStore(store_dir), KEY)
+
+
+def save(ws: Path, store_dir: Path, mode: str = "shadow"):
+    g = Git(ws)
+    snapshot.take(g, mode)
+    return gens_for(store_dir).save(g, mode, ws / ".git" / "watcherd" / "spool")
+
+
+def edit_and_save(ws: Path, store_dir: Path, text: str):
+    (ws / "readme.md").write_text(text)
+    return save(ws, store_dir)
+
+
+def store_files(store_dir: Path) -> dict[str, bytes]:
+    return {p.relative_to(store_dir).as_posix(): p.read_bytes()
+            for p in sorted(store_dir.rglob("*")) if p.is_file() and not p.name.startswith(".")}
+
+
+def status(path: Path) -> set[str]:
+    # Not helpers.git: its strip() would eat the leading space of " M file".
+    out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], cwd=path,
+                         capture_output=True, text=True, check=True).stdout
+    return set(out.splitlines())
+
+
+def asides(ws: Path) -> list[Path]:
+    return sorted(ws.parent.glob(f"{ws.name}.watcherd-*"))
+
+
+def manifest(store_dir: Path) -> mf.Manifest:
+    return mf.parse((store_dir / KEY / "manifest.json").read_bytes(), "manifest")
+
+
+def bundle_path(store_dir: Path, gen: mf.Generation) -> Path:
+    return store_dir / KEY / "bundles" / gen.bundle
+
+
+def events(logs: list[dict], name: str) -> list[dict]:
+    return [e for e in logs if e["event"] == name]
+
+
+@pytest.fixture
+def ws(tmp_path) -> Path:
+    return make_repo(tmp_path / "ws")
+
+
+@pytest.fixture
+def store_dir(tmp_path) -> Path:
+    return tmp_path / "store"
+
+
+@pytest.fixture
+def target(tmp_path) -> Path:
+    """Where the restored workspace goes: a fresh path beside the saved one."""
+    return tmp_path / "restored"
+
+
+# -- round trips ---------------------------------------------------------------------------------------
+
+
+def test_restore_reproduces_the_saved_tree_branch_head_and_status_exactly(tmp_path, ws, store_dir, target):
+    (ws / "tool.py").write_text("print('tool')\n")
+    (ws / "gone.txt").write_text("will be deleted\n")
+    (ws / ".gitignore").write_text("node_modules/\n")
+    git(ws, "add", "-A")
+    git(ws, "commit", "-q", "-m", "more")
+    git(ws, "checkout", "-q", "-b", "feature/x")
+    (ws / "readme.md").write_text("committed on the feature branch\n")
+    git(ws, "commit", "-q", "-am", "feature work")
+    # Uncommitted state of every kind.
+    (ws / "readme.md").write_text("modified, not committed\n")
+    (ws / "gone.txt").unlink()
+    (ws / "tool.py").chmod(0o755)
+    (ws / "café ünï.txt").write_text("unicode name\n")
+    (ws / "dir with space").mkdir()
+    (ws / "dir with space" / "file name.txt").write_text("spaces\n")
+    (ws / "empty.txt").write_bytes(b"")
+    (ws / "big.bin").write_bytes(os.urandom(10 * 2**20))
+    os.symlink("does/not/exist", ws / "dangling")
+    outside = tmp_path / "outside-secret.txt"
+    outside.write_text("never copied into the bundle\n")
+    os.symlink(str(outside), ws / "outside")
+    (ws / "node_modules").mkdir()
+    (ws / "node_modules" / "dep.js").write_text("ignored\n")
+    head = git(ws, "rev-parse", "HEAD")
+    status_before = status(ws)
+
+    result = save(ws, store_dir)
+    outside.unlink()  # a restore must not need (or recreate) what a link points at
+    outcome = restore(config_for(target, store_dir), gens_for(store_dir))
+
+    assert outcome.action == "restored" and outcome.generation == result.generation == 1
+    expected = {k: v for k, v in tree_state(ws).items() if not k.startswith("node_modules")}
+    assert tree_state(target) == expected
+    assert tree_state(target)["outside"] == ("link", str(outside))
+    assert tree_state(target)["tool.py"][1] == 0o100
+    assert not outside.exists()
+    assert git(target, "symbolic-ref", "HEAD") == "refs/heads/feature/x"
+    assert git(target, "rev-parse", "HEAD") == head
+    assert status(target) == status_before
+    assert {" M readme.md", " D gone.txt", " M tool.py", "?? big.bin"} <= status_before
+
+
+def test_a_restored_workspace_needs_no_new_snapshot_or_upload(ws, store_dir, target):
+    (ws / "readme.md").write_text("edited\n")
+    (ws / "new.txt").write_text("new\n")
+    saved = save(ws, store_dir)
+    restore(config_for(target, store_dir), gens_for(store_dir))
+
+    g = Git(target)
+    assert snapshot.take(g).commit is None
+    assert git(target, "rev-parse", snapshot.SNAPSHOT_REF) == saved.snapshot
+    again = gens_for(store_dir).save(g, "shadow", target / ".git" / "watcherd" / "spool")
+    assert again.status == "unchanged" and again.generation == 1
+
+
+def test_restore_keeps_a_deleted_symlink_deleted_even_when_it_pointed_outside(tmp_path, ws, store_dir, target):
+    secret = tmp_path / "elsewhere.txt"
+    secret.write_text("outside the workspace\n")
+    os.symlink(str(secret), ws / "outlink")
+    os.symlink("../elsewhere.txt", ws / "relative-outlink")
+    git(ws, "add", "-A")
+    git(ws, "commit", "-q", "-m", "links")
+    (ws / "outlink").unlink()
+    (ws / "relative-outlink").unlink()
+
+    save(ws, store_dir)
+    restore(config_for(target, store_dir), gens_for(store_dir))
+
+    assert not (target / "outlink").is_symlink()
+    assert not (target / "relative-outlink").is_symlink()
+    assert secret.read_text() == "outside the workspace\n"
+    assert status(target) == {" D outlink", " D relative-outlink"}
+
+
+def test_restore_of_a_detached_head_keeps_it_detached(ws, store_dir, target):
+    (ws / "readme.md").write_text("two\n")
+    git(ws, "commit", "-q", "-am", "two")
+    git(ws, "checkout", "-q", "--detach", "HEAD~1")
+    (ws / "loose.txt").write_text("work on a detached head\n")
+    save(ws, store_dir)
+
+    restore(config_for(target, store_dir), gens_for(store_dir))
+
+    assert subprocess.run(["git", "symbolic-ref", "-q", "HEAD"], cwd=target).returncode != 0
+    assert git(target, "rev-parse", "HEAD") == git(ws, "rev-parse", "HEAD")
+    assert tree_state(target) == tree_state(ws)
+
+
+def test_restore_of_a_repository_without_commits_keeps_its_unborn_branch(tmp_path, store_dir, target):
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    git(ws, "init", "-q", "-b", "trunk")
+    (ws / "draft.txt").write_text("nothing committed yet\n")
+    save(ws, store_dir)
+
+    restore(config_for(target, store_dir), gens_for(store_dir))
+
+    assert tree_state(target) == tree_state(ws)
+    assert git(target, "symbolic-ref", "HEAD") == "refs/heads/trunk"
+    assert status(target) == {"?? draft.txt"}
+
+
+def test_restore_of_a_branch_mode_generation_checks_out_the_branch_clean(ws, store_dir, target):
+    (ws / "readme.md").write_text("committed by watcherd\n")
+    (ws / "new.txt").write_text("new\n")
+    save(ws, store_dir, mode="branch")
+
+    outcome = restore(config_for(target, store_dir, mode="branch"), gens_for(store_dir))
+
+    assert outcome.action == "restored"
+    assert git(target, "rev-parse", "HEAD") == git(ws, "rev-parse", "HEAD")
+    assert git(target, "status", "--porcelain") == ""
+    assert tree_state(target) == tree_state(ws)
+
+
+def test_restore_of_a_sha256_repository(tmp_path, store_dir, target):
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    git(ws, "init", "-q", "--object-format=sha256")
+    (ws / "a.txt").write_text("a\n")
+    git(ws, "add", "-A")
+    git(ws, "commit", "-q", "-m", "sha256")
+    (ws / "a.txt").write_text("edited\n")
+    save(ws, store_dir)
+
+    assert restore(config_for(target, store_dir), gens_for(store_dir)).action == "restored"
+    assert tree_state(target) == tree_state(ws)
+    assert git(target, "rev-parse", "--show-object-format") == "sha256"
+
+
+def test_restore_into_an_existing_empty_directory_keeps_its_permissions(ws, store_dir, target):
+    save(ws, store_dir)
+    target.mkdir()
+    target.chmod(0o750)
+    assert restore(config_for(target, store_dir), gens_for(store_dir)).action == "restored"
+    assert tree_state(target) == tree_state(ws)
+    assert target.stat().st_mode & 0o777 == 0o750
+    assert asides(target) == []
+
+
+# -- skip ----------------------------------------------------------------------------------------------
+
+
+def test_restore_skips_when_workspace_already_has_history(ws, store_dir):
+    edit_and_save(ws, store_dir, "saved\n")
+    before = tree_state(ws)
+    outcome = restore(config_for(ws, store_dir), gens_for(store_dir))
+    assert outcome.action == "skipped" and outcome.generation == 1
+    assert tree_state(ws) == before and asides(ws) == []
+
+
+def test_restore_skips_when_workspace_has_newer_local_snapshots_on_top(ws, store_dir):
+    edit_and_save(ws, store_dir, "saved\n")
+    (ws / "readme.md").write_text("newer, not uploaded yet\n")
+    snapshot.take(Git(ws))
+    before = tree_state(ws)
+    outcome = restore(config_for(ws, store_dir), gens_for(store_dir))
+    assert outcome.action == "skipped"
+    assert tree_state(ws) == before and asides(ws) == []
+
+
+# -- a workspace that holds something else ---------------------------------------------------------------
+
+
+def test_restore_moves_a_foreign_workspace_aside_and_never_deletes_it(tmp_path, ws, store_dir, target):
+    edit_and_save(ws, store_dir, "the stored history\n")
+    make_repo(target, "started from the template, not the stored history\n")
+    (target / "notes.txt").write_text("precious\n")
+    foreign = tree_state(target)
+
+    outcome = restore(config_for(target, store_dir), gens_for(store_dir))
+
+    assert outcome.action == "restored"
+    assert outcome.moved_aside is not None and outcome.moved_aside.parent == target.parent
+    assert outcome.moved_aside.name.startswith(f"{target.name}.watcherd-")
+    assert tree_state(outcome.moved_aside) == foreign
+    assert tree_state(target) == tree_state(ws)
+
+
+def test_restore_with_on_conflict_fail_refuses_and_moves_nothing(ws, store_dir, target):
+    edit_and_save(ws, store_dir, "the stored history\n")
+    target.mkdir()
+    (target / "notes.txt").write_text("precious\n")
+    before = tree_state(target)
+
+    with pytest.raises(RestoreError, match="restore.on_conflict") as info:
+        restore(config_for(target, store_dir, on_conflict="fail"), gens_for(store_dir))
+
+    assert str(target) in str(info.value)
+    assert tree_state(target) == before and asides(target) == []
+    assert [p.name for p in target.parent.iterdir() if p.name.startswith(".")] == []
+
+
+def test_restore_with_on_conflict_fail_still_skips_or_fills_an_empty_workspace(ws, store_dir, target):
+    edit_and_save(ws, store_dir, "the stored history\n")
+    cfg = config_for(target, store_dir, on_conflict="fail")
+    assert restore(cfg, gens_for(store_dir)).action == "restored"
+    assert restore(cfg, gens_for(store_dir)).action == "skipped"
+
+
+def test_two_move_asides_within_one_second_keep_both_old_workspaces(ws, store_dir, target):
+    edit_and_save(ws, store_dir, "the stored history\n")
+    # The names a move-aside in the next few seconds would pick are taken already.
+    now = time.time()
+    for s in range(-1, 5):
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now + s))
+        taken = target.parent / f"{target.name}.watcherd-{stamp}"
+        taken.mkdir()
+        (taken / "older.txt").write_text(stamp)
+    target.mkdir()
+    (target / "notes.txt").write_text("precious\n")
+
+    outcome = restore(config_for(target, store_dir), gens_for(store_dir))
+
+    assert (outcome.moved_aside / "notes.txt").read_text() == "precious\n"
+    assert len(asides(target)) == 7
+    assert all(len(list(p.iterdir())) == 1 for p in asides(target))
+
+
+# -- choosing a generation ----------------------------------------------------------------------------
+
+
+def test_restore_falls_back_to_the_previous_generation_when_the_newest_is_corrupt(ws, store_dir, target):
+    edit_and_save(ws, store_dir, "generation one\n")
+    edit_and_save(ws, store_dir, "generation two\n")
+    newest = bundle_path(store_dir, manifest(store_dir).current)
+    data = bytearray(newest.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    newest.write_bytes(bytes(data))
+    before = store_files(store_dir)
+
+    with capture_logs() as logs:
+        outcome = restore(config_for(target, store_dir), gens_for(store_dir))
+
+    assert outcome.action == "restored" and outcome.generation == 1
+    assert (target / "readme.md").read_text() == "generation one\n"
+    bad = events(logs, "restore.generation_bad")
+    assert [e["generation"] for e in bad] == [2]
+    fell = events(logs, "restore.fell_back")
+    assert fell and fell[0]["generation"] == 1 and fell[0]["newest"] == 2
+    assert store_files(store_dir) == before
+
+
+def test_restore_generation_n_restores_exactly_that_one_even_over_a_newer_workspace(ws, store_dir):
+    edit_and_save(ws, store_dir, "generation one\n")
+    edit_and_save(ws, store_dir, "generation two\n")
+    newer = tree_state(ws)
+
+    outcome = restore(config_for(ws, store_dir), gens_for(store_dir), Request(generation=1))
+
+    assert outcome.action == "restored" and outcome.generation == 1
+    assert (ws / "readme.md").read_text() == "generation one\n"
+    assert git(ws, "rev-parse", snapshot.SNAPSHOT_REF) == manifest(store_dir).history[0].snapshot
+    assert tree_state(outcome.moved_aside) == newer  # time travel never loses the present
+    again = restore(config_for(ws, store_dir), gens_for(store_dir), Request(generation=1))
+    assert again.action == "skipped"
+
+
+def test_restore_before_a_time_picks_the_newest_generation_older_than_it(ws, store_dir, target):
+    edit_and_save(ws, store_dir, "generation one\n")
+    edit_and_save(ws, store_dir, "generation two\n")
+    edit_and_save(ws, store_dir, "generation three\n")
+    third = mf.parse_time(manifest(store_dir).current.created_at)
+
+    outcome = restore(config_for(target, store_dir), gens_for(store_dir), Request(before=third))
+
+    assert outcome.generation == 2
+    assert (target / "readme.md").read_text() == "generation two\n"
+
+
+def test_restore_of_a_generation_not_in_the_store_is_a_usage_error_listing_what_is(ws, store_dir, target):
+    edit_and_save(ws, store_dir, "one\n")
+    edit_and_save(ws, store_dir, "two\n")
+    with pytest.raises(UsageError, match=r"--generation 7: not in the store \(kept: 2, 1\)"):
+        restore(config_for(target, store_dir), gens_for(store_dir), Request(generation=7))
+    assert not target.exists()
+
+
+def test_restore_before_a_time_older_than_every_generation_is_a_usage_error(ws, store_dir, target):
+    edit_and_save(ws, store_dir, "one\n")
+    first = mf.parse_time(manifest(store_dir).current.created_at)
+    with pytest.raises(UsageError, match="no generation is that old"):
+        restore(config_for(target, store_dir), gens_for(store_dir), Request(before=first))
+    assert not target.exists()
+
+
+def test_time_travel_with_nothing_stored_fails(store_dir, target):
+    with pytest.raises(RestoreError, match="no generation to travel to"):
+        restore(config_for(target, store_dir), gens_for(store_dir), Request(generation=1))
+    assert not target.exists()
+
+
+# -- nothing stored: on_missing ------------------------------------------------------------------------
+
+
+def test_nothing_stored_with_on_missing_empty_initialises_an_empty_repository(store_dir, target):
+    outcome = restore(config_for(target, store_dir), gens_for(store_dir))
+    assert outcome.action == "empty"
+    assert Git(target).is_repo() and Git(target).rev("HEAD") is None
+    assert tree_state(target) == {}
+
+
+def test_nothing_stored_keeps_a_non_empty_workspace_as_it_is(store_dir, target):
+    target.mkdir()
+    (target / "app.py").write_text("print('already here')\n")
+    before = tree_state(target)
+    outcome = restore(config_for(target, store_dir), gens_for(store_dir))
+    assert outcome.action == "empty"
+    assert tree_state(target) == before and asides(target) == []
+    assert Git(target).is_repo()
+
+
+def test_nothing_stored_with_on_missing_template_clones_the_template(tmp_path, store_dir, target):
+    source = make_repo(tmp_path / "template-src", "from the template\n")
+    template = tmp_path / "template.git"
+    git(tmp_path, "clone", "-q", "--bare", str(source), str(template))
+
+    outcome = restore(config_for(target, store_dir, on_missing="template", template_url=str(template)),
+                      gens_for(store_dir))
+
+    assert outcome.action == "template"
+    assert (target / "readme.md").read_text() == "from the template\n"
+    assert git(target, "rev-parse", "HEAD") == git(source, "rev-parse", "HEAD")
+    assert git(target, "status", "--porcelain") == ""
+
+
+def test_a_template_that_does_not_clone_fails_and_leaves_nothing_behind(tmp_path, store_dir, target):
+    cfg = config_for(target, store_dir, on_missing="template", template_url=str(tmp_path / "nope.git"))
+    with pytest.raises(RestoreError, match="restore.template_url .*nope.git"):
+        restore(cfg, gens_for(store_dir))
+    assert not target.exists()
+    assert list(tmp_path.glob(".*")) == []  # no staging directory left beside it
+
+
+def test_nothing_stored_with_on_missing_fail_is_an_error_naming_the_key(store_dir, target):
+    with pytest.raises(RestoreError, match=f'{KEY}.*restore.on_missing = "fail"'):
+        restore(config_for(target, store_dir, on_missing="fail"), gens_for(store_dir))
+    assert not target.exists()
+
+
+# -- bad stored data -----------------------------------------------------------------------------------
+
+
+def _flip(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:-200])
+
+
+def _truncate_and_fix_manifest(path: Path) -> None:
+    """A truncated bundle whose manifest agrees with it: only the proof can tell."""
+    _truncate(path)
+    mpath = path.parent.parent / "manifest.json"
+    doc = json.loads(mpath.read_bytes())
+    doc["size"], doc["sha256"] = file_digest(path)
+    mpath.write_text(json.dumps(doc))
+
+
+@pytest.mark.parametrize("damage", [
+    pytest.param(lambda p: p.unlink(), id="missing-bundle"),
+    pytest.param(_flip, id="wrong-checksum"),
+    pytest.param(_truncate, id="truncated"),
+    pytest.param(_truncate_and_fix_manifest, id="truncated-checksum-matches"),
+])
+def test_a_bad_newest_bundle_falls_back_and_changes_nothing_in_the_store(ws, store_dir, target, damage):
+    edit_and_save(ws, store_dir, "generation one\n")
+    edit_and_save(ws, store_dir, "generation two\n")
+    damage(bundle_path(store_dir, manifest(store_dir).current))
+    before = store_files(store_dir)
+    target.mkdir()
+    (target / "foreign.txt").write_text("kept\n")
+
+    with capture_logs() as logs:
+        outcome = restore(config_for(target, store_dir), gens_for(store_dir))
+
+    assert outcome.generation == 1
+    assert (target / "readme.md").read_text() == "generation one\n"
+    assert (outcome.moved_aside / "foreign.txt").read_text() == "kept\n"
+    assert events(logs, "restore.generation_bad") and events(logs, "restore.fell_back")
+    assert store_files(store_dir) == before
+
+
+@pytest.mark.parametrize("manifest_bytes", [
+    pytest.param(b"{not json", id="not-json"),
+    pytest.param(None, id="bundle-outside-its-key"),
+])
+def test_an_unreadable_manifest_leads_to_on_missing_and_leaves_the_workspace(ws, store_dir, target,
+                                                                             manifest_bytes):
+    edit_and_save(ws, store_dir, "generation one\n")
+    mpath = store_dir / KEY / "manifest.json"
+    if manifest_bytes is None:
+        doc = json.loads(mpath.read_bytes())
+        doc["bundle"] = "../other/1-abcdef012345.bundle"
+        manifest_bytes = json.dumps(doc).encode()
+    mpath.write_bytes(manifest_bytes)
+    before = store_files(store_dir)
+    target.mkdir()
+    (target / "work.txt").write_text("kept\n")
+
+    with capture_logs() as logs:
+        outcome = restore(config_for(target, store_dir), gens_for(store_dir))
+
+    assert outcome.action == "empty"
+    assert (target / "work.txt").read_text() == "kept\n" and asides(target) == []
+    assert events(logs, "restore.manifest_bad")
+    assert store_files(store_dir) == before
+    with pytest.raises(RestoreError, match="manifest"):
+        restore(config_for(target, store_dir, on_missing="fail"), gens_for(store_dir))
+    assert (target / "work.txt").read_text() == "kept\n" and asides(target) == []
+
+
+def test_every_generation_corrupt_with_on_missing_fail_fails_and_touches_nothing(ws, store_dir, target):
+    edit_and_save(ws, store_dir, "generation one\n")
+    edit_and_save(ws, store_dir, "generation two\n")
+    for gen in manifest(store_dir).generations:
+        _flip(bundle_path(store_dir, gen))
+    before = store_files(store_dir)
+    target.mkdir()
+    (target / "work.txt").write_text("kept\n")
+
+    with pytest.raises(RestoreError, match="every stored generation is corrupt"):
+        restore(config_for(target, store_dir, on_missing="fail"), gens_for(store_dir))
+
+    assert tree_state(target) == {"work.txt": ("file", 0, b"kept\n")}
+    assert asides(target) == []
+    assert store_files(store_dir) == before
+
+
+def test_a_workspace_path_that_is_a_file_is_refused(tmp_path, store_dir):
+    path = tmp_path / "file"
+    path.write_text("not a directory\n")
+    with pytest.raises(WorkspaceError, match=str(path)):
+        restore(config_for(path, store_dir), gens_for(store_dir))
+    assert path.read_text() == "not a directory\n"
+
+
+# -- leftovers of a killed restore -----------------------------------------------------------------------
+
+
+def test_leftovers_of_a_killed_restore_are_cleaned_up_and_a_rerun_succeeds(ws, store_dir, target):
+    edit_and_save(ws, store_dir, "stored\n")
+    beside = target.parent / f".{target.name}.watcherd-restore-abc123"
+    (beside / ".git").mkdir(parents=True)
+    (beside / "half.txt").write_text("half-built tree\n")
+    download = target.parent / f".{target.name}.watcherd-download-xyz"
+    download.mkdir()
+    (download / "gen1-partial.bundle").write_bytes(b"# v2 git bundle\n")
+    target.mkdir()
+    inside = target / ".watcherd-restore"
+    (inside / ".git" / "watcherd").mkdir(parents=True)  # no READY marker: incomplete
+    (inside / "half.txt").write_text("half\n")
+    inside_download = target / ".watcherd-download-xyz"
+    inside_download.mkdir()
+    (inside_download / "gen1-partial.bundle").write_bytes(b"# v2 git bundle\n")
+
+    outcome = restore(config_for(target, store_dir), gens_for(store_dir))
+
+    assert outcome.action == "restored" and outcome.moved_aside is None
+    assert tree_state(target) == tree_state(ws)
+    assert not beside.exists() and not download.exists()
+    assert [p.name for p in target.parent.iterdir() if p.name.startswith(".")] == []
+
+
+def test_a_complete_staged_tree_of_a_killed_restore_is_moved_into_place(tmp_path, ws, store_dir, target):
+    edit_and_save(ws, store_dir, "stored\n")
+    built = tmp_path / "built"
+    restore(config_for(built, store_dir), gens_for(store_dir))
+    # Killed after marking the staged tree complete, with some entries already moved up.
+    target.mkdir()
+    shutil.move(built, target / ".watcherd-restore")
+    (target / ".watcherd-restore" / ".git" / "watcherd" / "READY").write_text("complete\n")
+    shutil.move(target / ".watcherd-restore" / "readme.md", target / "readme.md")
+
+    with capture_logs() as logs:
+        outcome = restore(config_for(target, store_dir), gens_for(store_dir))
+
+    assert events(logs, "restore.resumed")
+    assert outcome.action == "skipped"
+    assert tree_state(target) == tree_state(ws)
+    assert not (target / ".git" / "watcherd" / "READY").exists()
+
+
+# -- a workspace that is a mount point ------------------------------------------------------------------
+
+
+@pytest.fixture
+def mounted(tmp_path):
+    path = tmp_path / "mnt"
+    path.mkdir()
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("needs root to mount a tmpfs (the workspace-is-a-mount-point path)")
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(path)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"mounting a tmpfs is not permitted here: {proc.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def test_restore_into_a_mount_point_keeps_the_mount_and_moves_the_old_contents_inside(ws, store_dir,
+                                                                                      mounted):
+    (ws / "readme.md").write_text("stored\n")
+    (ws / "untracked.txt").write_text("untracked\n")
+    save(ws, store_dir)
+    (mounted / "foreign.txt").write_text("what the pod started with\n")
+
+    outcome = restore(config_for(mounted, store_dir), gens_for(store_dir))
+
+    assert os.path.ismount(mounted)
+    assert outcome.action == "restored"
+    assert outcome.moved_aside.parent == mounted
+    assert (outcome.moved_aside / "foreign.txt").read_text() == "what the pod started with\n"
+    restored = {k: v for k, v in tree_state(mounted).items() if not k.startswith(".watcherd-aside-")}
+    assert restored == tree_state(ws)
+    assert status(mounted) == status(ws)  # the aside folder is ignored by the restored repository
+    assert not (mounted / ".watcherd-restore").exists()
+    assert [p.name for p in mounted.iterdir() if p.name.startswith(".watcherd-download")] == []
+    assert snapshot.take(Git(mounted)).commit is None
