@@ -322,3 +322,36 @@ def test_branch_mode_gives_up_with_a_clear_error_when_the_lock_is_never_released
     assert time.monotonic() - started < 30
     assert lock.exists()  # a lock someone holds is never taken away from them
     assert git(ws, "rev-parse", "HEAD") == head
+
+
+# -- the workspace's config must not run code through watcherd ---------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["shadow", "branch"])
+def test_a_filter_driver_from_the_workspace_config_is_never_run_and_bytes_are_kept(tmp_path, mode):
+    ws = make_repo(tmp_path / "ws")
+    marker = tmp_path / "filter-ran"
+    git(ws, "config", "filter.evil.clean", f"touch {marker}; tr a-z A-Z")
+    git(ws, "config", "filter.evil.required", "true")
+    (ws / ".gitattributes").write_text("*.txt filter=evil\n")
+    (ws / "notes.txt").write_text("lower case stays lower case\n")
+
+    snap = snapshot.take(Git(ws), mode)
+
+    assert not marker.exists()
+    assert git(ws, "show", f"{snap.commit}:notes.txt") == "lower case stays lower case"
+
+
+def test_signing_config_in_the_workspace_does_not_run_a_gpg_program(tmp_path):
+    ws = make_repo(tmp_path / "ws")
+    marker = tmp_path / "gpg-ran"
+    fake_gpg = tmp_path / "gpg"
+    fake_gpg.write_text(f"#!/bin/sh\ntouch {marker}\nexit 1\n")
+    fake_gpg.chmod(0o755)
+    git(ws, "config", "commit.gpgSign", "true")
+    git(ws, "config", "gpg.program", str(fake_gpg))
+    (ws / "new.txt").write_text("x\n")
+
+    snap = snapshot.take(Git(ws), "shadow")
+
+    assert snap.commit and not marker.exists()

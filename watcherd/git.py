@@ -23,6 +23,9 @@ from watcherd.errors import GitError
 _BASE_OPTIONS = (
     "-c", "core.hooksPath=/dev/null",
     "-c", "core.fsmonitor=false",
+    "-c", "commit.gpgSign=false",
+    "-c", "tag.gpgSign=false",
+    "-c", "protocol.ext.allow=never",
     "-c", "core.quotePath=false",
     "-c", "gc.auto=0",
     "-c", "maintenance.auto=false",
@@ -78,6 +81,7 @@ class Git:
         self.path = Path(path)
         self.bare = bare
         self.identity = identity or Identity()
+        self._filters: tuple[tuple[int, int] | None, tuple[str, ...]] = (None, ())
 
     def __repr__(self) -> str:
         return f"Git({str(self.path)!r})"
@@ -106,7 +110,7 @@ class Git:
         )
         if env:
             full_env.update(env)
-        argv = ("git", *_BASE_OPTIONS, *self._trust(), *args)
+        argv = ("git", *self._options(), *args)
         try:
             proc = subprocess.run(
                 argv,
@@ -138,7 +142,7 @@ class Git:
         if env:
             full_env.update(env)
         return subprocess.Popen(
-            ("git", *_BASE_OPTIONS, *self._trust(), *args),
+            ("git", *self._options(), *args),
             cwd=self.path,
             env=full_env,
             stdin=subprocess.PIPE,
@@ -146,10 +150,41 @@ class Git:
             stderr=subprocess.PIPE,
         )
 
-    def _trust(self) -> tuple[str, ...]:
+    def _options(self) -> tuple[str, ...]:
         # The workspace is often a volume owned by another uid (a Kubernetes emptyDir is root's);
         # git would refuse it as "dubious ownership". We were told to work on exactly this path.
-        return ("-c", f"safe.directory={self.path.absolute()}")
+        return (*_BASE_OPTIONS, "-c", f"safe.directory={self.path.absolute()}", *self._no_filters())
+
+    def _no_filters(self) -> tuple[str, ...]:
+        """``-c`` options that turn off every filter driver the repository's config defines.
+
+        Any git command that reads file contents through the index (``add``, and ``write-tree``
+        re-checking a racily clean entry) runs the ``clean`` command of a driver that
+        ``.gitattributes`` names, and both are writable by whoever edits the workspace (an agent).
+        watcherd holds store credentials, so it must never run their commands; storing the bytes
+        as they are is also the faithful choice (an LFS pointer is not the file). Cached on the
+        config file's stat, so it costs one ``git config`` call per change of the config.
+        """
+        if self.bare:
+            return ()
+        try:
+            st = (self.path / ".git" / "config").stat()
+        except OSError:
+            return ()  # not a repository yet, or .git is a link file: no config of its own here
+        key = (st.st_mtime_ns, st.st_size)
+        if self._filters[0] != key:
+            proc = subprocess.run(
+                ("git", *_BASE_OPTIONS, "-c", f"safe.directory={self.path.absolute()}", "config",
+                 "--name-only", "--get-regexp", r"^filter\."),
+                cwd=self.path, env=_base_env(), capture_output=True, check=False)
+            names = proc.stdout.decode("utf-8", "replace").split()
+            drivers = sorted({n.rsplit(".", 1)[0] for n in names if n.count(".") >= 2})
+            options = [opt for d in drivers
+                       for setting in (f"{d}.clean=", f"{d}.smudge=", f"{d}.process=",
+                                       f"{d}.required=false")
+                       for opt in ("-c", setting)]
+            self._filters = (key, tuple(options))
+        return self._filters[1]
 
     # -- typed questions -------------------------------------------------------------------------
 
@@ -231,6 +266,9 @@ def _show(args: Sequence[str]) -> str:
 
 
 def _failure(path: Path, args: Sequence[str], code: int, stderr: bytes) -> str:
-    words = stderr.decode("utf-8", "replace").strip().splitlines()
-    said = "; ".join(w.strip() for w in words[-3:]) or "no message"
+    lines = [w.strip() for w in stderr.decode("utf-8", "replace").splitlines() if w.strip()]
+    # git puts the reason on its "fatal:"/"error:" lines and explains below them ("Another git
+    # process seems to be running..."): keep the reasons first, then the explanation, briefly.
+    reasons = [w for w in lines if w.startswith(("fatal:", "error:"))]
+    said = "; ".join((reasons + [w for w in lines if w not in reasons])[:3]) or "no message"
     return f"git {_show(args)} failed in {path} (exit {code}): {said}"

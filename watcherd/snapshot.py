@@ -177,32 +177,17 @@ def _take_branch(git: Git) -> Snapshot:
 
     def attempt() -> Snapshot:
         remove_stale_lock(lock)
-        _run_on_index(git, "add", "--all", "--ignore-errors", "--", ".", ok=(0, 1))
+        git.run("add", "--all", "--ignore-errors", "--", ".", ok=(0, 1))
         staged = _staged(git)
         head_ref = git.head_ref()
         if not staged:
             head = git.rev("HEAD")
             return Snapshot(None, head, head, head_ref)
-        _run_on_index(git, "commit", "--quiet", "--no-verify", "--no-gpg-sign", "-m",
-                      _message(staged, None))
+        git.run("commit", "--quiet", "--no-verify", "--no-gpg-sign", "-m", _message(staged, None))
         head = git.rev("HEAD")
         return Snapshot(head, head, head, head_ref, len(staged), tuple(staged))
 
     return retrying(attempt)
-
-
-def _run_on_index(git: Git, *args: str, ok: tuple[int, ...] = (0,)) -> None:
-    """Run a git command that takes ``index.lock``, keeping git's first line in the error.
-
-    git explains a held lock over several lines and names the lock only in the first; the error
-    must keep it, or :func:`~watcherd.git.retrying` would not see that waiting can help.
-    """
-    r = git.run(*args, check=False)
-    if r.returncode in ok:
-        return
-    said = r.stderr.decode("utf-8", "replace").strip().splitlines() or ["no message"]
-    held = " (another git process holds the lock)" if "index.lock" in said[0] else ""
-    raise GitError(f"git {args[0]} failed in {git.path} (exit {r.returncode}): {said[0]}{held}")
 
 
 def _staged(git: Git) -> list[str]:
