@@ -1,7 +1,9 @@
 """The S3 store (``s3://bucket/prefix``), for AWS and S3-compatible servers (MinIO, R2, rclone).
 
-This is the only module that imports botocore; :func:`watcherd.store.open_store` imports it only
-when the URL is an S3 one, so a local-store daemon never loads the AWS SDK.
+This is the only module that imports boto3 (and botocore under it); :func:`watcherd.store.open_store`
+imports it only when the URL is an S3 one, so a local-store daemon never loads the AWS SDK. The
+client comes from a boto3 session: boto3's default credential chain (environment keys, shared
+config, IRSA web identity refreshed by botocore, instance roles).
 
 How the :class:`~watcherd.store.base.Store` promises are kept here:
 
@@ -28,12 +30,13 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
-import botocore.session
+import boto3.session
+import urllib3.exceptions
 from botocore.config import Config as BotoConfig
 from botocore.exceptions import (
     BotoCoreError,
@@ -81,6 +84,8 @@ _EXPIRED = frozenset({"ExpiredToken", "ExpiredTokenException", "TokenRefreshRequ
                       "RequestExpired", "RequestTimeTooSkewed"})
 _PRECONDITION = frozenset({"PreconditionFailed", "412", "ConditionalRequestConflict"})
 _NOT_IMPLEMENTED = frozenset({"NotImplemented", "501"})
+_WRONG_REGION = frozenset({"PermanentRedirect", "AuthorizationHeaderMalformed",
+                           "IllegalLocationConstraintException"})
 #: The IAM action each client call needs, for "access denied" messages.
 _ACTIONS = {
     "get_object": "s3:GetObject", "head_object": "s3:GetObject", "put_object": "s3:PutObject",
@@ -89,8 +94,8 @@ _ACTIONS = {
     "delete_object": "s3:DeleteObject", "list_objects_v2": "s3:ListBucket",
 }
 #: Errors while streaming a response body; botocore retries requests, not bodies.
-_STREAM_ERRORS = (ResponseStreamingError, IncompleteReadError, ReadTimeoutError,
-                  ConnectionClosedError, HTTPClientError, OSError)
+_STREAM_ERRORS = (ResponseStreamingError, IncompleteReadError, HTTPClientError,
+                  urllib3.exceptions.HTTPError, OSError)
 
 
 class S3Store:
@@ -98,10 +103,13 @@ class S3Store:
 
     ``connect_timeout``, ``read_timeout``, ``part_size``, ``multipart_threshold`` and
     ``max_concurrency`` are deliberately not config keys: the defaults suit S3 and the
-    S3-compatibles, and tests and benchmarks need to change them.
+    S3-compatibles, and tests and benchmarks need to change them. ``environ`` (default
+    ``os.environ``) is where the region comes from when the config has none. Nothing here touches
+    the network: credentials are resolved, and the conditional-write probe runs, on first use.
     """
 
     conditional_writes: bool | None = None
+    _list_page_size = 1000  # S3's maximum; tests lower it to see pagination
 
     def __init__(self, url: StoreURL, cfg: S3Config, *, connect_timeout: float = 10.0,
                  read_timeout: float = 60.0, part_size: int = 8 * MiB,
@@ -121,12 +129,13 @@ class S3Store:
         self._threshold = max(multipart_threshold, 1)
         self._concurrency = max(1, max_concurrency)
         self._max_attempts = cfg.max_attempts
+        self._connect_timeout, self._read_timeout = connect_timeout, read_timeout
         self._probe_lock = threading.Lock()
         self._creds_logged = False
         environ = os.environ if environ is None else environ
         self._endpoint = cfg.endpoint_url or None
 
-        self._session = botocore.session.Session()
+        self._session = boto3.session.Session()
         region, region_source = _region(cfg, environ, self._session)
         if environ.get("AWS_DEFAULT_REGION") and environ.get("AWS_REGION") and \
                 environ["AWS_DEFAULT_REGION"] != environ["AWS_REGION"] and not cfg.region:
@@ -136,7 +145,9 @@ class S3Store:
         self.region = region
         boto_config = BotoConfig(
             region_name=region,
-            retries={"mode": "standard", "max_attempts": cfg.max_attempts},
+            # total_max_attempts counts the first try, as AWS_MAX_ATTEMPTS does; the Config
+            # key "max_attempts" would count retries only (8 would mean 9 requests).
+            retries={"mode": "standard", "total_max_attempts": cfg.max_attempts},
             connect_timeout=connect_timeout,
             read_timeout=read_timeout,
             max_pool_connections=max(10, 2 * self._concurrency + 2),
@@ -148,8 +159,8 @@ class S3Store:
             user_agent_extra="watcherd",
         )
         try:
-            self._client = self._session.create_client("s3", endpoint_url=self._endpoint,
-                                                       config=boto_config)
+            self._client = self._session.client("s3", endpoint_url=self._endpoint,
+                                                config=boto_config)
         except BotoCoreError as exc:
             raise StoreError(f"{self.url}: cannot set up the S3 client: "
                              f"{_one_line(str(exc))}") from None
@@ -173,10 +184,10 @@ class S3Store:
 
     def write(self, name: str, data: bytes, *, if_version: str | None) -> str:
         key = self._key(name)
-        self._ensure_probed()
+        self._ensure_probed(name)
         token = uuid.uuid4().hex
         args = self._put_args(token, bundle=False)
-        if not self.conditional_writes:
+        if self.conditional_writes is False:
             self._check_then_write(key, if_version)
         if self._send_conditions:
             if if_version is None:
@@ -198,7 +209,7 @@ class S3Store:
 
     def upload(self, name: str, path: Path, *, size: int, sha256: str) -> None:
         key = self._key(name)
-        self._ensure_probed()
+        self._ensure_probed(name)
         token = uuid.uuid4().hex
         started = time.monotonic()
         try:
@@ -219,24 +230,30 @@ class S3Store:
     def download(self, name: str, dest: Path) -> int:
         key = self._key(name)
         head = self._call("head_object", key, Bucket=self.bucket, Key=key)
-        size, etag = head["ContentLength"], head["ETag"]
-        with open(dest, "wb") as out:
+        size, etag = int(head["ContentLength"]), str(head["ETag"])
+        ranges = [(a, min(a + self._part_size, size)) for a in range(0, size, self._part_size)]
+        try:
+            out = open(dest, "wb")
+        except OSError as exc:
+            raise StoreError(f"cannot download {self._where(key)} to {dest}: "
+                             f"{exc.strerror or exc}") from None
+        with out:
             fd = out.fileno()
-            if size <= self._part_size or self._concurrency == 1:
-                self._fetch_range(fd, key, etag, 0, size)
+            if len(ranges) <= 1 or self._concurrency == 1:
+                for a, b in ranges:
+                    self._fetch_range(fd, key, etag, a, b)
             else:
-                ranges = [(start, min(start + self._part_size, size))
-                          for start in range(0, size, self._part_size)]
+                # Ranged GETs in parallel, each pinned to the ETag seen by the HEAD, written
+                # in place: the same shape as boto3's download_file, with our errors.
                 with ThreadPoolExecutor(self._concurrency, thread_name_prefix="s3-get") as pool:
                     futures = [pool.submit(self._fetch_range, fd, key, etag, a, b)
                                for a, b in ranges]
-                    done, pending = wait(futures, return_when=FIRST_EXCEPTION)
-                    for f in pending:
+                    wait(futures, return_when=FIRST_EXCEPTION)
+                    for f in futures:
                         f.cancel()
                     for f in futures:
-                        if f.done() and not f.cancelled() and f.exception() is not None:
+                        if not f.cancelled() and f.exception() is not None:
                             raise f.exception()  # type: ignore[misc]
-            out.truncate(size)
         return size
 
     def delete(self, name: str) -> None:
@@ -253,7 +270,8 @@ class S3Store:
         found: list[ObjectInfo] = []
         token: str | None = None
         while True:
-            kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": key_prefix}
+            kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": key_prefix,
+                                      "MaxKeys": self._list_page_size}
             if token:
                 kwargs["ContinuationToken"] = token
             resp = self._call("list_objects_v2", key_prefix, **kwargs)
@@ -274,15 +292,22 @@ class S3Store:
 
     # -- conditional-write probe -----------------------------------------------------------------
 
-    def probe_conditional_writes(self) -> bool:
+    def probe_conditional_writes(self, near: str | None = None) -> bool:
         """Find out (again) whether the server honours ``If-None-Match``/``If-Match`` on PUT.
 
-        Writes a probe object under the prefix twice with ``If-None-Match: *`` (the second must be
-        refused), then once with ``If-Match`` on a wrong ETag (must be refused), and deletes it.
-        The result is kept in :attr:`conditional_writes`; it runs by itself before the store's
-        first write, so read-only users (``restore``) never pay for it.
+        Writes a probe object twice with ``If-None-Match: *`` (the second must be refused), then
+        once with ``If-Match`` on a wrong ETag (must be refused), and deletes it. The probe sits
+        beside the object ``near`` (e.g. ``acme/app/manifest.json`` -> ``<prefix>/acme/app/
+        .watcherd-probe-<host>-<random>``), so an IAM policy scoped to one workspace key allows
+        it; without ``near`` it sits at the top of the prefix. The result is kept in
+        :attr:`conditional_writes`. It runs by itself before the store's first write, so
+        read-only users (``restore``) never pay for it; StoreError if the probe cannot be written.
         """
-        key = self._raw_key(f"{_PROBE_PREFIX}{_safe_host()}-{uuid.uuid4().hex[:12]}")
+        probe = f"{_PROBE_PREFIX}{_safe_host()}-{uuid.uuid4().hex[:12]}"
+        folder = near.rpartition("/")[0] if near else ""
+        if folder:
+            self._key(folder)
+        key = self._raw_key(f"{folder}/{probe}" if folder else probe)
         args = self._put_args(uuid.uuid4().hex, bundle=False)
         honoured = True
         reason = ""
@@ -294,6 +319,9 @@ class S3Store:
             except StoreError as exc:
                 if not _not_implemented(exc):
                     raise
+                # Conclusive only if the same PUT without the header works (else it is
+                # something else, e.g. an SSE setting the server refuses: let that surface).
+                self._call("put_object", key, Bucket=self.bucket, Key=key, Body=b"probe 1", **args)
                 honoured, reason = False, "the server rejects conditional headers"
                 self._send_conditions = False
             if honoured:
@@ -322,11 +350,16 @@ class S3Store:
                               "each other")
         return honoured
 
-    def _ensure_probed(self) -> None:
+    def _ensure_probed(self, name: str) -> None:
         if self.conditional_writes is None:
             with self._probe_lock:
                 if self.conditional_writes is None:
-                    self.probe_conditional_writes()
+                    try:
+                        self.probe_conditional_writes(near=name)
+                    except StoreError as exc:
+                        # The write itself will say what is wrong, naming its own key; the
+                        # headers are still sent, and the probe runs again next time.
+                        _log.warning("s3.probe_failed", bucket=self.bucket, error=str(exc))
 
     def _check_then_write(self, key: str, if_version: str | None) -> None:
         """Best-effort preconditions for servers that ignore the headers (racy, but narrow)."""
@@ -349,7 +382,7 @@ class S3Store:
                              f"{exc.strerror or exc}") from None
         _check_source(self._where(key), len(data), hashlib.sha256(data).hexdigest(), size, sha256)
         args = self._put_args(token, bundle=True, sha256=sha256)
-        if not self.conditional_writes:
+        if self.conditional_writes is False:
             self._check_then_write(key, None)
         if self._send_conditions:
             args["IfNoneMatch"] = "*"
@@ -380,7 +413,7 @@ class S3Store:
         try:
             parts = self._send_parts(key, upload_id, src, size, sha256, part_size)
             complete: dict[str, Any] = {}
-            if not self.conditional_writes:
+            if self.conditional_writes is False:
                 self._check_then_write(key, None)
             if self._send_conditions:
                 complete["IfNoneMatch"] = "*"
@@ -406,6 +439,7 @@ class S3Store:
         digest = hashlib.sha256()
         read = 0
         slots = threading.BoundedSemaphore(self._concurrency)
+        failed = threading.Event()
         futures: list[Future[dict[str, Any]]] = []
 
         def send(number: int, data: bytes) -> dict[str, Any]:
@@ -415,42 +449,40 @@ class S3Store:
                                   UploadId=upload_id, PartNumber=number, Body=data,
                                   ContentLength=len(data), ChecksumSHA256=checksum)
                 return {"PartNumber": number, "ETag": resp["ETag"], "ChecksumSHA256": checksum}
+            except BaseException:
+                failed.set()
+                raise
             finally:
                 slots.release()
 
         with ThreadPoolExecutor(self._concurrency, thread_name_prefix="s3-put") as pool:
             try:
-                number = 0
-                while True:
-                    slots.acquire()
-                    if any(f.done() and f.exception() for f in futures):
-                        slots.release()
-                        break
+                while not failed.is_set():
+                    slots.acquire()  # bounds the parts held in memory
                     try:
                         data = src.read(part_size)
                     except OSError as exc:
-                        slots.release()
                         raise StoreError(f"cannot read the file to upload to "
                                          f"{self._where(key)}: {exc.strerror or exc}") from None
-                    if not data or read + len(data) > size:
+                    finally:
                         slots.release()
-                        read += len(data)
-                        digest.update(data)
-                        break
                     digest.update(data)
                     read += len(data)
-                    number += 1
-                    futures.append(pool.submit(send, number, data))
+                    if not data or read > size:
+                        break  # the end, or a file longer than promised (refused below)
+                    slots.acquire()
+                    futures.append(pool.submit(send, len(futures) + 1, data))
                     del data
+            except BaseException:
+                failed.set()
+                raise
             finally:
-                for f in futures:
-                    f.cancel()  # not-yet-started parts; running ones finish
+                if failed.is_set():
+                    for f in futures:
+                        f.cancel()  # parts not started yet; running ones finish
         for f in futures:
             if not f.cancelled() and f.exception() is not None:
                 raise f.exception()  # type: ignore[misc]
-        if read < size:
-            # the loop stopped early because a part failed, or the file is short
-            pass
         _check_source(self._where(key), read, digest.hexdigest(), size, sha256)
         return [f.result() for f in futures]
 
@@ -464,18 +496,23 @@ class S3Store:
                               "lifecycle rule removes them")
 
     def _check_uploaded(self, key: str, size: int, token: str) -> None:
+        """HEAD after the upload: the size S3 stored is the size sent. A wrong one (a broken
+        S3-compatible) is deleted when it is ours, so the next attempt can use the name."""
         head = self._call("head_object", key, Bucket=self.bucket, Key=key)
-        if head["ContentLength"] != size:
-            mine = head.get("Metadata", {}).get(_TOKEN_META) == token
-            raise StoreError(f"{self._where(key)}: the stored object has {head['ContentLength']} "
-                             f"bytes, expected {size}" + (" (the upload was ours)" if mine else ""))
+        if head["ContentLength"] == size:
+            return
+        mine = head.get("Metadata", {}).get(_TOKEN_META) == token
+        if mine:
+            self._call("delete_object", key, Bucket=self.bucket, Key=key)
+        raise StoreError(f"{self._where(key)}: the server stored {head['ContentLength']} bytes, "
+                         f"{size} were sent" + ("; the object was deleted" if mine else ""))
 
     def _ours(self, key: str, token: str) -> str | None:
         """The object's ETag if ``key`` holds the write with ``token`` (a retry met itself)."""
         try:
             head = self._call("head_object", key, Bucket=self.bucket, Key=key)
-        except ObjectMissing:
-            return None
+        except StoreError:
+            return None  # gone, or not readable with these credentials: the write lost
         if head.get("Metadata", {}).get(_TOKEN_META) == token:
             _log.info("s3.retry_met_own_write", key=key)
             return str(head["ETag"])
@@ -501,22 +538,29 @@ class S3Store:
         stream where it stopped (botocore retries requests, not response bodies)."""
         pos = start
         failures = 0
-        while pos < end or (start == end == 0 and failures == 0 and pos == 0):
-            kwargs: dict[str, Any] = {"Bucket": self.bucket, "Key": key, "IfMatch": etag}
-            if end > 0:
-                kwargs["Range"] = f"bytes={pos}-{end - 1}"
+        while pos < end:
             try:
-                resp = self._call("get_object", key, **kwargs)
+                resp = self._call("get_object", key, Bucket=self.bucket, Key=key, IfMatch=etag,
+                                  Range=f"bytes={pos}-{end - 1}")
             except PreconditionFailed:
                 raise StoreUnavailable(f"{self._where(key)} changed while it was downloaded; "
                                        "try again") from None
             body = resp["Body"]
+            chunks = body.iter_chunks(_CHUNK)
             try:
-                for chunk in body.iter_chunks(_CHUNK):
+                while True:
+                    try:
+                        chunk = next(chunks)
+                    except StopIteration:
+                        break
                     if pos + len(chunk) > end:
                         raise StoreError(f"{self._where(key)}: the server sent more bytes than "
                                          "asked for")
-                    os.pwrite(fd, chunk, pos)
+                    try:
+                        os.pwrite(fd, chunk, pos)
+                    except OSError as exc:
+                        raise StoreError(f"cannot write the download of {self._where(key)}: "
+                                         f"{exc.strerror or exc}") from None
                     pos += len(chunk)
             except _STREAM_ERRORS as exc:
                 failures += 1
@@ -525,14 +569,9 @@ class S3Store:
                                            f"broke {failures} times ({_one_line(str(exc))})") from None
                 _log.warning("s3.download_resume", key=key, offset=pos, attempt=failures,
                              error=_one_line(str(exc)))
-                time.sleep(min(0.1 * 2**failures, 5))
+                time.sleep(min(0.05 * 2**failures, 2.0))
             finally:
                 body.close()
-            if end == 0:
-                break
-        if pos != end:
-            raise StoreUnavailable(f"cannot download {self._where(key)}: got {pos - start} bytes "
-                                   f"of {end - start}")
 
     def _read_body(self, resp: Mapping[str, Any], key: str) -> bytes:
         try:
@@ -588,8 +627,7 @@ class S3Store:
                 hint = "check the IAM policy of these credentials and the bucket policy"
                 if op in ("get_object", "head_object"):
                     hint += "; reading a missing object also needs s3:ListBucket on the bucket"
-                if "kms" in message.lower() or (self.cfg.sse == "aws:kms" and op != "list_objects_v2"
-                                                and "KMS" in message):
+                if "kms" in message.lower():
                     hint = "the KMS key policy must allow kms:GenerateDataKey and kms:Decrypt"
                 return StoreError(f"access denied: {action} on {where} ({hint})")
             if code == "InvalidAccessKeyId":
@@ -604,13 +642,13 @@ class S3Store:
                 return StoreError(f"{where}: the AWS credentials have expired or the clock is "
                                   f"off ({code}): refresh them (IRSA and instance roles refresh "
                                   "by themselves; static session tokens do not)")
-            if code in ("PermanentRedirect", "AuthorizationHeaderMalformed", "IllegalLocationConstraintException"):
+            if code in _WRONG_REGION:
                 region = exc.response.get("Error", {}).get("Region") or \
                     meta.get("HTTPHeaders", {}).get("x-amz-bucket-region", "")
                 return StoreError(f"{self.url}: the bucket is in another region"
                                   + (f" ({region})" if region else "")
                                   + f" than {self.region}: set store.s3.region")
-            if code in _THROTTLING or status in (429, 503) and code not in _TRANSIENT:
+            if code in _THROTTLING or status == 429:
                 return StoreUnavailable(f"{where}: S3 is throttling requests ({code}){after}; "
                                         "retry later")
             if code in _TRANSIENT or status >= 500:
@@ -634,11 +672,13 @@ class S3Store:
                                     f"{self._max_attempts} attempts: check store.s3.endpoint_url "
                                     "and the network")
         if isinstance(exc, ConnectTimeoutError):
-            return StoreUnavailable(f"{where}: connecting to {endpoint} timed out after "
-                                    f"{self._max_attempts} attempts")
+            return StoreUnavailable(f"{where}: connecting to {endpoint} timed out "
+                                    f"({self._connect_timeout:g}s) after {self._max_attempts} "
+                                    "attempts: check store.s3.endpoint_url and the network")
         if isinstance(exc, ReadTimeoutError):
-            return StoreUnavailable(f"{where}: {endpoint} did not answer in time (read timeout) "
-                                    f"after {self._max_attempts} attempts")
+            return StoreUnavailable(f"{where}: {endpoint} did not answer within "
+                                    f"{self._read_timeout:g}s (read timeout) after "
+                                    f"{self._max_attempts} attempts")
         if isinstance(exc, (ConnectionClosedError, HTTPClientError)):
             return StoreUnavailable(f"{where}: the connection to {endpoint} broke "
                                     f"({_one_line(str(exc))}) after {self._max_attempts} attempts")
@@ -668,7 +708,7 @@ def _region(cfg: S3Config, environ: Mapping[str, str], session: Any) -> tuple[st
         if environ.get(var):
             return environ[var], var
     try:
-        profile_region = session.get_config_variable("region")
+        profile_region = session.region_name
     except BotoCoreError:
         profile_region = None
     if profile_region:
@@ -718,5 +758,3 @@ def _safe_host() -> str:
 
 
 __all__ = ["S3Store"]
-
-_unused: Callable[..., Any] | None = None
