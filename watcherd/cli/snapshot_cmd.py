@@ -7,10 +7,13 @@ else standalone. Exit 0 saved or nothing new, 1 failed, 3 refused as a conflict.
 from __future__ import annotations
 
 import argparse
+import sys
 
 from watcherd import snapshot
 from watcherd.cli.restore_cmd import generations_for
 from watcherd.config import Config
+from watcherd.control import ControlClient, DaemonNotRunning
+from watcherd.errors import ConflictError
 from watcherd.git import Git, Identity
 from watcherd.store import open_store
 
@@ -22,7 +25,40 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=run)
 
 
+# A save through the daemon may wait for a running upload and then bundle a large history.
+DAEMON_SAVE_TIMEOUT = 900.0
+
+
 def run(args: argparse.Namespace, cfg: Config) -> int:
+    if not args.standalone:
+        try:
+            code, result = ControlClient(cfg.control).snapshot(timeout=DAEMON_SAVE_TIMEOUT)
+        except DaemonNotRunning:
+            pass  # nobody to ask: do it here
+        else:
+            return _report_daemon(code, result)
+    return _standalone(cfg)
+
+
+def _report_daemon(code: int, result: dict) -> int:
+    status = (result or {}).get("status")
+    if status == "saved":
+        print(f"snapshot: the daemon saved generation {result.get('generation')} "
+              f"({result.get('bytes')} bytes, snapshot {(result.get('snapshot') or '')[:12]})")
+        return 0
+    if status == "unchanged":
+        print(f"snapshot: nothing new; generation {result.get('generation')} already holds the "
+              "workspace")
+        return 0
+    if status == "conflict":
+        print(f"watcherd: {result.get('error')}", file=sys.stderr)
+        return ConflictError.exit_status
+    print(f"watcherd: the daemon could not save (HTTP {code}): "
+          f"{(result or {}).get('error') or status}", file=sys.stderr)
+    return 1
+
+
+def _standalone(cfg: Config) -> int:
     ws = cfg.workspace
     git = Git(ws.path, identity=Identity(ws.author_name, ws.author_email))
     snapshot.ensure_workspace(ws.path, git)
