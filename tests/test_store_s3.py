@@ -617,3 +617,36 @@ def test_log_lines_of_a_failing_store_carry_no_secret(make_store, proxy, monkeyp
         structlog.reset_defaults()
     assert "s3.client" in stream.getvalue()
     assert FAKE_SECRET not in stream.getvalue()
+
+
+# -- config check reports whether split-brain protection holds ------------------------------------
+
+
+def _config_check(tmp_path: Path, endpoint: str, bucket: str, capsys) -> str:
+    from watcherd.cli import main
+
+    cfg = tmp_path / "watcherd.toml"
+    cfg.write_text(f'[store]\nurl = "s3://{bucket}/{PREFIX}"\nkey = "acme/app"\n'
+                   f'[store.s3]\nendpoint_url = "{endpoint}"\nforce_path_style = true\n'
+                   'region = "us-east-1"\nmax_attempts = 2\n')
+    assert main(["--config", str(cfg), "config", "check"]) == 0
+    return capsys.readouterr().out
+
+
+def test_config_check_says_the_store_enforces_conditional_writes(tmp_path, fake_aws, moto, bucket,
+                                                                 capsys):
+    out = _config_check(tmp_path, moto.endpoint, bucket, capsys)
+    assert "# store: conditional writes are enforced" in out
+
+
+def test_config_check_warns_when_the_server_ignores_conditional_writes(tmp_path, fake_aws, moto,
+                                                                      bucket, proxy, capsys):
+    proxy.fail(strip_conditions(), times=1000)
+    out = _config_check(tmp_path, proxy.url, bucket, capsys)
+    assert "conditional writes are IGNORED" in out
+
+
+def test_config_check_still_succeeds_when_the_store_does_not_answer(tmp_path, fake_aws, bucket,
+                                                                   capsys):
+    out = _config_check(tmp_path, "http://127.0.0.1:9", bucket, capsys)
+    assert "# store: not checked, the store did not answer" in out

@@ -5,12 +5,15 @@ from __future__ import annotations
 import argparse
 
 from watcherd import config, log
+from watcherd.errors import WatcherdError
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("config", help="inspect the configuration")
     actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     check = actions.add_parser("check", help="print the effective config and each value's source")
+    check.add_argument("--no-store", action="store_true",
+                       help="do not contact an S3 store to check its conditional writes")
     check.set_defaults(handler=run)
 
 
@@ -29,4 +32,24 @@ def run(args: argparse.Namespace, cfg: config.Config) -> int:
         # describe() masks the token and URL passwords; redact() also catches a known secret
         # pasted into some other key.
         print(log.redact(f"{line:<{width}}  # {source}"))
+    if cfg.store.url.scheme == "s3" and not args.no_store:
+        print(log.redact(f"\n# store: {_probe(cfg)}"))
     return 0
+
+
+def _probe(cfg: config.Config) -> str:
+    """Whether the S3 store enforces conditional writes, which split-brain protection rests on."""
+    from watcherd.store import open_store
+
+    try:
+        store = open_store(cfg.store)
+        try:
+            honoured = store.probe_conditional_writes(near=f"{cfg.store.key}/manifest.json")
+        finally:
+            store.close()
+    except WatcherdError as exc:
+        return f"not checked, the store did not answer: {exc}"
+    if honoured:
+        return "conditional writes are enforced (split-brain protection holds)"
+    return ("conditional writes are IGNORED by this server: split-brain protection is "
+            "best-effort (two writers of one key could both win)")
