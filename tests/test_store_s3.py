@@ -629,7 +629,10 @@ def _config_check(tmp_path: Path, endpoint: str, bucket: str, capsys) -> str:
     cfg.write_text(f'[store]\nurl = "s3://{bucket}/{PREFIX}"\nkey = "acme/app"\n'
                    f'[store.s3]\nendpoint_url = "{endpoint}"\nforce_path_style = true\n'
                    'region = "us-east-1"\nmax_attempts = 2\n')
-    assert main(["--config", str(cfg), "config", "check"]) == 0
+    try:
+        assert main(["--config", str(cfg), "config", "check"]) == 0
+    finally:
+        structlog.reset_defaults()  # main() pointed logging at pytest's captured stdout
     return capsys.readouterr().out
 
 

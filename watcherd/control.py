@@ -229,7 +229,13 @@ class ControlClient:
             self.base = f"http://{host}:{address[1]}"
 
     def status(self) -> dict[str, Any]:
-        return self._request("GET", "/status")[1]
+        code, doc = self._request("GET", "/status")
+        if code != 200:
+            # A 401 is a daemon that answers but not to us: say why, never render its error page.
+            said = doc.get("error") if isinstance(doc, dict) else None
+            raise WatcherdError(f"{self.base}/status answered HTTP {code}"
+                                + (f": {said}" if said else ""))
+        return doc
 
     def snapshot(self, timeout: float) -> tuple[int, dict[str, Any]]:
         return self._request("POST", "/snapshot", timeout=timeout)
@@ -241,14 +247,25 @@ class ControlClient:
                                      data=b"" if method == "POST" else None)
         if self.config.token:
             req.add_header("Authorization", f"Bearer {self.config.token}")
+        timeout = timeout or self.timeout
         try:
-            with urllib.request.urlopen(req, timeout=timeout or self.timeout) as resp:
-                return resp.status, json.loads(resp.read() or b"null")
+            with urllib.request.urlopen(req, timeout=timeout) as resp:
+                try:
+                    return resp.status, json.loads(resp.read() or b"null")
+                except ValueError:
+                    raise WatcherdError(f"{self.base}{path} answered, but not in JSON: is "
+                                        "control.listen the address of a watcherd?") from None
         except urllib.error.HTTPError as exc:
             try:
                 return exc.code, json.loads(exc.read() or b"null")
             except ValueError:
                 raise WatcherdError(f"{self.base}{path}: HTTP {exc.code}") from None
-        except (urllib.error.URLError, ConnectionError, TimeoutError) as exc:
-            reason = getattr(exc, "reason", exc)
-            raise DaemonNotRunning(f"no watcherd answers on {self.base} ({reason})") from None
+        except urllib.error.URLError as exc:  # could not connect (or send): nobody listens
+            raise DaemonNotRunning(f"no watcherd answers on {self.base} ({exc.reason})") from None
+        except TimeoutError:
+            # Connected, then no answer: a daemon is there, only busy or stuck. Not "none runs":
+            # `watcherd snapshot` must not go standalone beside it.
+            raise WatcherdError(f"{self.base}{path}: the daemon took the request but did not "
+                                f"answer within {timeout:g}s") from None
+        except ConnectionError as exc:
+            raise DaemonNotRunning(f"no watcherd answers on {self.base} ({exc})") from None

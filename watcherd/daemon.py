@@ -6,8 +6,9 @@ and the store run in worker threads so the event loop stays responsive. Nothing 
 daemon but an event, except the systemd watchdog ping when systemd asks for one and a slow safety
 rescan while watching is degraded.
 
-Failures of git or the store are retried with backoff, forever; anything else is a bug and ends
-the process with a non-zero status so systemd or Kubernetes restarts it, never a half-alive daemon.
+Failures of git or the store are retried with backoff, forever; a workspace (or ``.git``) that
+vanished, or anything else (a bug), ends the process with a non-zero status so systemd or
+Kubernetes restarts it, never a half-alive daemon.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import signal
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -27,7 +29,13 @@ import anyio.to_thread
 from watcherd import __version__, log, snapshot
 from watcherd.config import Config
 from watcherd.control import ControlServer
-from watcherd.errors import BundleTooLarge, ConflictError, StoreError, WatcherdError
+from watcherd.errors import (
+    BundleTooLarge,
+    ConflictError,
+    StoreError,
+    WatcherdError,
+    WorkspaceError,
+)
 from watcherd.generations import Generations, Limits
 from watcherd.git import Git, Identity
 from watcherd.notify import Notifier
@@ -81,7 +89,10 @@ class Daemon:
         self._signals = 0
         self._shutdown_deadline: float | None = None
         self._busy_since: dict[str, float] = {}
-        self._save_waiters: list[anyio.Event] = []
+        # Each POST /snapshot waiting for its save: the event, and the outcome it will be given.
+        self._save_waiters: list[tuple[anyio.Event, dict[str, Any]]] = []
+        self._over = False  # the loop has ended: no new save can be waited for
+        self._git_dir: Path | None = None
 
     # -- life ------------------------------------------------------------------------------------
 
@@ -114,6 +125,7 @@ class Daemon:
         self.generations = Generations(self.store, s.key,
                                        Limits(s.keep, s.warn_bundle_size, s.max_bundle_size))
         unsaved = self._unsaved_at_start()
+        self._git_dir = self.git.git_dir()
         self.watcher = Watcher(ws, self.git)
         self.watcher.start()
         now = time.monotonic()
@@ -164,9 +176,19 @@ class Daemon:
             return code
         except BaseExceptionGroup as group:
             for exc in _leaves(group):
-                _log.error("daemon.crashed", error=f"{type(exc).__name__}: {exc}",
-                           exc_info=exc)
+                if isinstance(exc, WatcherdError):
+                    # A condition the daemon cannot get out of (the workspace is gone): say it in
+                    # one line; the supervisor restarts us, or the operator reads why.
+                    _log.error("daemon.failed", error=str(exc), kind=type(exc).__name__)
+                else:
+                    _log.error("daemon.crashed", error=f"{type(exc).__name__}: {exc}",
+                               exc_info=exc)
             return 1
+        finally:
+            self._over = True
+            # A POST /snapshot still waiting would keep the portal, and so the process, alive.
+            self._release_waiters({"status": "shutting_down",
+                                   "error": "watcherd stopped before this save finished"})
 
     # -- scheduling ------------------------------------------------------------------------------
 
@@ -205,9 +227,14 @@ class Daemon:
     def _kick(self) -> None:
         self._wake.set()
         if self._save_waiters and not self.sched.save_pending:
-            for waiter in self._save_waiters:
-                waiter.set()
-            self._save_waiters.clear()
+            self._release_waiters(self._last_result)
+
+    def _release_waiters(self, outcome: dict[str, Any]) -> None:
+        # The outcome is copied now: by the time a waiter runs, another operation may have ended.
+        for done, result in self._save_waiters:
+            result.update(outcome)
+            done.set()
+        self._save_waiters.clear()
 
     async def _snapshot(self) -> None:
         started = time.monotonic()
@@ -298,8 +325,26 @@ class Daemon:
         while True:
             await anyio.wait_readable(watcher.fileno())
             async with self._watch_lock:
-                batch = await anyio.to_thread.run_sync(watcher.read)
+                try:
+                    batch = await anyio.to_thread.run_sync(watcher.read)
+                except OSError:
+                    self._check_workspace()  # a vanished workspace explains it in one line
+                    raise
             self._on_batch(batch)
+            self._check_workspace()
+
+    def _check_workspace(self) -> None:
+        """End the daemon when the workspace or its git directory is gone.
+
+        Nothing is left to watch or snapshot (the snapshot history went with ``.git``): retrying
+        for ever would be a daemon that looks alive and protects nothing. Exiting non-zero lets
+        systemd or Kubernetes restart it, after a restore, with a workspace to protect.
+        """
+        for what, path in (("workspace", self.watcher.root), ("git directory", self._git_dir)):
+            if path is not None and not path.is_dir():
+                raise WorkspaceError(f"the {what} {path} was removed while watcherd ran; nothing "
+                                     "is left to watch or snapshot. Restore the workspace "
+                                     "(watcherd restore) and start watcherd again")
 
     async def _safety_rescan(self) -> None:
         """While degraded: re-walk (the limit may have been raised) and snapshot whatever changed."""
@@ -359,14 +404,14 @@ class Daemon:
         self._kick()
 
     async def snapshot_now(self) -> dict[str, Any]:
-        if self._signals:
+        if self._signals or self._over:
             return {"status": "shutting_down"}
-        done = anyio.Event()
-        self._save_waiters.append(done)
+        done, result = anyio.Event(), {}
+        self._save_waiters.append((done, result))
         self.sched.request_save(time.monotonic())
         self._kick()
         await done.wait()
-        return dict(self._last_result)
+        return result
 
     def status(self) -> dict[str, Any]:
         now_m, now_w = time.monotonic(), time.time()

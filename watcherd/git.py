@@ -141,14 +141,19 @@ class Git:
         full_env = _base_env()
         if env:
             full_env.update(env)
-        return subprocess.Popen(
-            ("git", *self._options(), *args),
-            cwd=self.path,
-            env=full_env,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-        )
+        try:
+            return subprocess.Popen(
+                ("git", *self._options(), *args),
+                cwd=self.path,
+                env=full_env,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+            )
+        except FileNotFoundError as exc:
+            if not self.path.is_dir():
+                raise GitError(f"{self.path} is not a directory") from exc
+            raise GitError("git is not installed (no 'git' on PATH)") from exc
 
     def _options(self) -> tuple[str, ...]:
         # The workspace is often a volume owned by another uid (a Kubernetes emptyDir is root's);

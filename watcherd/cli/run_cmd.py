@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import os
+import sys
+import threading
+import time
 
 import anyio
 
@@ -10,6 +14,9 @@ from watcherd import log
 from watcherd.config import Config
 from watcherd.daemon import Daemon
 from watcherd.errors import WatcherdError
+
+# Idle worker threads are told to stop when the event loop ends; give them this long to go.
+_THREAD_GRACE = 1.0
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -19,16 +26,39 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace, cfg: Config) -> int:
     try:
-        return anyio.run(Daemon(cfg).run)
+        code = anyio.run(Daemon(cfg).run)
     except BaseExceptionGroup as group:
         # A task group wraps what went wrong; a lone user-facing error keeps its one-line message.
         mistakes = group.subgroup(lambda e: isinstance(e, WatcherdError))
         if mistakes and len(mistakes.exceptions) == len(group.exceptions) == 1:
             raise mistakes.exceptions[0] from None
         log.get(__name__).error("daemon.crashed", error=str(group), exc_info=group)
-        return 1
+        code = 1
     except WatcherdError:
         raise
     except Exception as exc:
         log.get(__name__).error("daemon.crashed", error=f"{type(exc).__name__}: {exc}", exc_info=exc)
-        return 1
+        code = 1
+    _exit_past_abandoned_threads(code)
+    return code
+
+
+def _exit_past_abandoned_threads(code: int) -> None:
+    """Exit now if a worker thread is still busy: a git or store call that never returned.
+
+    The daemon abandons such calls when shutdown_timeout runs out (or when it crashes), but the
+    interpreter would wait for their threads before exiting, for ever if the store hangs: the
+    exit the shutdown_timeout promised would never come.
+    """
+    deadline = time.monotonic() + _THREAD_GRACE
+    for thread in threading.enumerate():
+        if thread is not threading.current_thread() and not thread.daemon:
+            thread.join(max(deadline - time.monotonic(), 0))
+    stuck = [t.name for t in threading.enumerate()
+             if t is not threading.current_thread() and not t.daemon and t.is_alive()]
+    if stuck:
+        log.get(__name__).warning("daemon.abandoned_threads", threads=stuck, exit_status=code,
+                                  note="a git or store call did not return; not waiting for it")
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)

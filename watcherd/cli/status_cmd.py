@@ -35,7 +35,9 @@ def render(s: dict[str, Any]) -> str:
     lines = [
         f"watcherd {s.get('version')} (pid {s.get('pid')}) watching {s.get('workspace')} "
         f"[{s.get('mode')}], {s.get('watches')} directories",
-        f"state:          {s.get('state')}{' (idle)' if s.get('idle') else ''}",
+        # "(idle)" adds news only to another state: "dirty (idle)" is an upload still owed.
+        f"state:          {s.get('state')}"
+        + (" (idle)" if s.get("idle") and s.get("state") != "idle" else ""),
         f"unsaved:        {'nothing' if unsaved is None else f'oldest change {_age(unsaved)} ago'}",
         f"last snapshot:  {snap.get('at', 'none this run')}"
         + (f" {snap['commit'][:12]} ({snap.get('files')} files)" if snap.get("commit") else ""),
