@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 from daemon_fixture import inotify_watches, watcherd  # noqa: F401 (fixture)
-from helpers import wait_for
+from helpers import git, wait_for
 from structlog.testing import capture_logs
 
 from watcherd.notify import Notifier
@@ -165,3 +165,23 @@ def test_daemon_notifies_an_abstract_socket(watcherd, abstract_systemd_socket) -
     assert d.stop() == 0
     assert "STOPPING=1" in fake.fields()
     assert not d.log.events("notify.failed")
+
+
+def test_sigterm_the_moment_ready_arrives_still_gets_the_final_save(watcherd, tmp_path) -> None:
+    # Edits made while no daemon ran are only saved by the startup snapshot; a stop right after
+    # READY (a pod deleted just after a restart) must not skip it.
+    fake_address = str(tmp_path / "notify.sock")
+    fake = FakeSystemd(fake_address)
+    try:
+        d = watcherd()
+        (d.workspace / "made-while-down.txt").write_text("not yet saved\n")
+        d.start(env={"NOTIFY_SOCKET": fake_address}, wait_ready=False)
+        fake.pid = d.pid
+        wait_for(lambda: fake.with_field("READY=1"), timeout=20, message="READY=1")
+        d.signal(signal.SIGTERM)
+        assert d.wait_exit(timeout=15) == 0
+    finally:
+        fake.close()
+    assert d.log.events("daemon.stopping")
+    assert d.show("made-while-down.txt") == "not yet saved"
+    assert d.manifest()["snapshot"] == git(d.workspace, "rev-parse", "refs/watcherd/snapshots")
