@@ -250,7 +250,7 @@ def test_store_down_is_retried_until_it_returns_and_the_daemon_keeps_running(wat
     mark = d.log.mark()
     (d.workspace / "src" / "app.py").write_text("print('while the store is down')\n")
     failed = d.log.wait("upload.failed", after=mark, timeout=10)
-    assert failed["attempt"] == 1 and failed["retry_in_s"] > 0 and failed["transient"] is True
+    assert failed["attempt"] == 1 and failed["retry_in_s"] > 0 and failed["kind"] == "StoreError"
     s = d.status()
     assert s["pending_retries"]["upload"] >= 1 and s["pending_retries"]["next_upload_retry_at"]
     assert s["last_error"]["op"] == "upload" and s["state"] == "dirty"

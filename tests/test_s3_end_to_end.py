@@ -75,8 +75,10 @@ def test_edits_reach_the_bucket_when_idle_and_a_new_pod_restores_them_exactly(tm
 
         def saved_with_everything() -> dict | None:
             m = _manifest(moto, bucket)
-            local = git(ws, "rev-parse", "-q", "--verify", "refs/watcherd/snapshots")
-            if m and m["snapshot"] == local and "data.bin" in git(ws, "ls-tree", "-r", "--name-only", local):
+            local = subprocess.run(["git", "rev-parse", "-q", "--verify", "refs/watcherd/snapshots"],
+                                   cwd=ws, capture_output=True, text=True).stdout.strip()
+            if m and local and m["snapshot"] == local and \
+                    "data.bin" in git(ws, "ls-tree", "-r", "--name-only", local):
                 return m
             return None
 

@@ -245,8 +245,9 @@ def test_branch_mode_commits_everything_on_the_current_branch(tmp_path):
     assert git(ws, "status", "--porcelain") == ""
     assert git(ws, "log", "-1", "--format=%s").startswith("watcherd: snapshot (3 files)")
     assert snapshot.take(Git(ws), "branch").commit is None
-    # branch mode writes no shadow history
-    assert subprocess.run(["git", "rev-parse", "--verify", "-q", REF], cwd=ws).returncode != 0
+    # branch mode records each HEAD on the snapshot ref too, so the store can move forward
+    # after the user's reset or rebase
+    assert parents(ws, git(ws, "rev-parse", REF)) == [snap.commit]
 
 
 def _hold_lock(ws: Path):

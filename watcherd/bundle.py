@@ -26,6 +26,18 @@ _log = log.get(__name__)
 # Above this many loose objects a full bundle gets slow (hundreds of ms); a repack keeps it ~20 ms.
 REPACK_LOOSE_OBJECTS = 256
 UNSHALLOW_TIMEOUT = 120.0
+# The one network call watcherd makes in the workspace reads the workspace's config, which the
+# agent writes, while watcherd holds the store's credentials. Every setting there that names a
+# command is pinned for this call (hooks, fsmonitor and protocol.ext=never hold for every call).
+_FETCH_PINNED = (
+    "-c", "credential.helper=",  # empty resets the list, URL-specific helpers included
+    "-c", "core.sshCommand=ssh -o BatchMode=yes",
+    "-c", "core.alternateRefsCommand=true",  # run by the shell: the builtin, lists nothing
+)
+_FETCH_ENV = {
+    "GIT_PROXY_COMMAND": "",  # set (even empty) it wins over core.gitProxy
+    "GIT_PROTOCOL_FROM_USER": "0",  # helpers git does not know (remote.<name>.vcs, foo::) refused
+}
 
 
 @dataclass(frozen=True)
@@ -80,7 +92,9 @@ def write(source: BundleSource, dest: Path, *, snapshot: str, head: str | None,
     git = source.git
     started = time.monotonic()
     if source.git is source.workspace and git.loose_object_count() > REPACK_LOOSE_OBJECTS:
-        git.run("repack", "-d", "-q")
+        r = git.run("repack", "-d", "-q", check=False)
+        if r.returncode != 0:  # slower without it, not wrong (e.g. a read-only .git)
+            _log.warning("bundle.repack_failed", error=r.stderr.decode("utf-8", "replace").strip()[:300])
     git.run("bundle", "create", "--quiet", str(dest), "--all")
     size, sha = file_digest(dest)
     _log.debug("bundle.written", bytes=size, duration_ms=round((time.monotonic() - started) * 1000, 1))
@@ -141,7 +155,9 @@ def _unshallow(git: Git) -> bool:
         _log.warning("history.shallow", reason="no origin remote to fetch the missing history from")
         return False
     try:
-        git.run("fetch", "--quiet", "--unshallow", "origin", timeout=UNSHALLOW_TIMEOUT)
+        git.run(*_FETCH_PINNED, "fetch", "--quiet", "--unshallow",
+                "--upload-pack=git-upload-pack", "origin", env=_FETCH_ENV,
+                timeout=UNSHALLOW_TIMEOUT)
     except GitError as exc:
         _log.warning("history.shallow", reason="origin did not answer", error=str(exc))
         return False

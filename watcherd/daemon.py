@@ -32,7 +32,7 @@ from watcherd.control import ControlServer
 from watcherd.errors import (
     BundleTooLarge,
     ConflictError,
-    StoreError,
+    StoreUnavailable,
     WatcherdError,
     WorkspaceError,
 )
@@ -101,21 +101,25 @@ class Daemon:
         self._wake = anyio.Event()
         self._watch_scope = anyio.CancelScope()
         self._watch_lock = anyio.Lock()
-        await anyio.to_thread.run_sync(self._setup)
-        try:
-            async with anyio.from_thread.BlockingPortal() as portal:
-                control = self._start_control(portal)
-                try:
-                    return await self._main()
-                finally:
-                    if control:
-                        control.close()
-        finally:
-            if self.watcher:
-                self.watcher.close()
-            if self.store:
-                self.store.close()
-            self.notifier.close()
+        # Handlers first: a SIGTERM during the setup or right after READY is queued here and
+        # answered with the final save, not with the default action (death, nothing saved).
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            self._signal_source = signals
+            try:
+                await anyio.to_thread.run_sync(self._setup)
+                async with anyio.from_thread.BlockingPortal() as portal:
+                    control = self._start_control(portal)
+                    try:
+                        return await self._main()
+                    finally:
+                        if control:
+                            control.close()
+            finally:
+                if self.watcher:
+                    self.watcher.close()
+                if self.store:
+                    self.store.close()
+                self.notifier.close()
 
     def _setup(self) -> None:
         ws = self.cfg.workspace.path
@@ -147,8 +151,11 @@ class Daemon:
         if manifest is None:
             return True
         stored = manifest.current
-        self.last_upload = {"at": stored.created_at, "generation": stored.generation,
-                            "bytes": stored.size, "snapshot": stored.snapshot, "by": "store"}
+        # Only a workspace that carries the stored history was saved by it: one that came up from
+        # the template (a restore that failed or never ran) must not say it is.
+        if self.git.has_commit(stored.snapshot) and self.git.is_ancestor(stored.snapshot, local):
+            self.last_upload = {"at": stored.created_at, "generation": stored.generation,
+                                "bytes": stored.size, "snapshot": stored.snapshot, "by": "store"}
         return stored.snapshot != local
 
     def _start_control(self, portal: anyio.from_thread.BlockingPortal) -> ControlServer | None:
@@ -241,7 +248,7 @@ class Daemon:
         try:
             snap = await anyio.to_thread.run_sync(snapshot.take, self.git, self.mode,
                                                   abandon_on_cancel=True)
-        except WatcherdError as exc:
+        except (WatcherdError, OSError) as exc:  # OSError: a full or read-only disk, retried
             self.counters.snapshot_failures += 1
             self._record_error("snapshot", exc)
             self.sched.snapshot_failed(time.monotonic())
@@ -275,7 +282,7 @@ class Daemon:
         except BundleTooLarge as exc:
             self.too_large = str(exc)
             self._upload_failed(exc)
-        except WatcherdError as exc:
+        except (WatcherdError, OSError) as exc:
             self._upload_failed(exc)
         else:
             self.sched.upload_succeeded(time.monotonic())
@@ -287,6 +294,15 @@ class Daemon:
                 self.last_upload = {"at": _iso(time.time()), "generation": result.generation,
                                     "bytes": result.bytes, "snapshot": result.snapshot,
                                     "by": "this daemon"}
+            elif result.generation is not None and \
+                    (self.last_upload or {}).get("snapshot") != result.snapshot:
+                # The store already has this history: an earlier attempt's write landed but its
+                # answer was lost. Without this, status and metrics would say the last upload is
+                # older than it is (and alert on it) until the next edit.
+                _log.info("generation.already_saved", key=self.cfg.store.key,
+                          generation=result.generation, snapshot=result.snapshot)
+                self.last_upload = {"at": _iso(time.time()), "generation": result.generation,
+                                    "bytes": None, "snapshot": result.snapshot, "by": "store"}
             self._last_result = {"status": result.status, "generation": result.generation,
                                  "bytes": result.bytes, "snapshot": result.snapshot}
         finally:
@@ -298,7 +314,7 @@ class Daemon:
         spool = self.git.git_dir() / "watcherd" / "spool"
         return self.generations.save(self.git, self.mode, spool, try_unshallow=try_unshallow)
 
-    def _upload_failed(self, exc: WatcherdError) -> None:
+    def _upload_failed(self, exc: WatcherdError | OSError) -> None:
         self.counters.upload_failures += 1
         now = time.monotonic()
         self.sched.upload_failed(now)
@@ -308,8 +324,8 @@ class Daemon:
                            retry_in_s=round(retry_in, 1) if retry_in is not None else None)
         self._last_result = {"status": "failed", "error": log.redact(str(exc))}
 
-    def _record_error(self, op: str, exc: WatcherdError, **facts: Any) -> None:
-        transient = isinstance(exc, StoreError)
+    def _record_error(self, op: str, exc: WatcherdError | OSError, **facts: Any) -> None:
+        transient = isinstance(exc, StoreUnavailable)  # the store said "later"; others need a fix
         self.last_error = {"at": _iso(time.time()), "op": op, "error": log.redact(str(exc)), **facts}
         _log.warning(f"{op}.failed", error=str(exc), kind=type(exc).__name__,
                      transient=transient, key=self.cfg.store.key, **facts)
@@ -365,21 +381,20 @@ class Daemon:
             self._kick()
 
     async def _signal_loop(self) -> None:
-        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-            async for signum in signals:
-                self._signals += 1
-                name = signal.Signals(signum).name
-                if self._signals > 1:
-                    self._report_unsaved(f"second {name}: exiting at once")
-                    os._exit(1)
-                timeout = self.cfg.watch.shutdown_timeout
-                _log.info("daemon.stopping", signal=name, shutdown_timeout_s=timeout)
-                self.notifier.stopping("final save")
-                self.notifier.extend_timeout(timeout + 5)
-                self._shutdown_deadline = time.monotonic() + timeout
-                self._watch_scope.cancel()  # the final snapshot sees everything up to now
-                self.sched.shutdown(time.monotonic())
-                self._kick()
+        async for signum in self._signal_source:
+            self._signals += 1
+            name = signal.Signals(signum).name
+            if self._signals > 1:
+                self._report_unsaved(f"second {name}: exiting at once")
+                os._exit(1)
+            timeout = self.cfg.watch.shutdown_timeout
+            _log.info("daemon.stopping", signal=name, shutdown_timeout_s=timeout)
+            self.notifier.stopping("final save")
+            self.notifier.extend_timeout(timeout + 5)
+            self._shutdown_deadline = time.monotonic() + timeout
+            self._watch_scope.cancel()  # the final snapshot sees everything up to now
+            self.sched.shutdown(time.monotonic())
+            self._kick()
 
     async def _watchdog_loop(self, interval: float) -> None:
         while True:

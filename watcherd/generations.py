@@ -7,17 +7,22 @@ history does not contain the stored snapshot is refused and kept under ``conflic
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
+import shutil
 import socket
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from watcherd import bundle as bundles
 from watcherd import log
 from watcherd import manifest as mf
+from watcherd import snapshot
 from watcherd.errors import (
     BundleTooLarge,
     ConflictError,
@@ -117,8 +122,11 @@ class Generations:
         local = snapshot_head(git, mode)
         if local is None:
             return SaveResult("unchanged", None, None)
-        spool.mkdir(parents=True, exist_ok=True)
-        with bundles.BundleSource(git, spool, try_unshallow=try_unshallow) as source:
+        # Debug traces of each step (saving, bundle.written, bundle.uploaded, manifest.swapped):
+        # after a crash, the last one says where the save was.
+        _log.debug("generation.saving", key=self.key, snapshot=local)
+        with _usable_spool(spool) as spool, _spool_held(spool), \
+                bundles.BundleSource(git, spool, try_unshallow=try_unshallow) as source:
             ours = source.map(local)
             for _ in range(_MANIFEST_RACE_ATTEMPTS):
                 try:
@@ -134,7 +142,14 @@ class Generations:
                         f"(snapshot {current.current.snapshot[:12]}) is not part of this "
                         "workspace's history",
                     )
-                result = self._publish(source, spool, local, git, current, version)
+                try:
+                    result = self._publish(source, spool, local, git, current, version)
+                except BundleTooLarge:
+                    squashed = _squash_unsaved(source, git, mode, local, current)
+                    if squashed is None:
+                        raise
+                    local = ours = squashed
+                    result = self._publish(source, spool, local, git, current, version)
                 if result is not None:
                     _log.info("generation.saved", key=self.key, generation=result.generation,
                               bundle=result.bundle, bytes=result.bytes, snapshot=ours,
@@ -163,6 +178,7 @@ class Generations:
                     continue
             else:
                 return None
+            _log.debug("bundle.uploaded", key=self.key, bundle=name, bytes=bf.size)
             new = mf.Generation(number, name, bf.size, bf.sha256, bf.snapshot, bf.head_ref, bf.head,
                                 mf.now_rfc3339(), mf.Writer(_host(), os.getpid()))
             updated = current.advance(new, self.limits.keep) if current else mf.Manifest(new)
@@ -173,6 +189,7 @@ class Generations:
                 _log.info("generation.raced", key=self.key, generation=number,
                           note="another writer saved first; checking its history")
                 return None
+            _log.debug("manifest.swapped", key=self.key, generation=number)
         self._prune(current, updated)
         return SaveResult("saved", number, bf.snapshot, bf.size, name)
 
@@ -228,6 +245,92 @@ class Generations:
                    hint="the stored history was kept; this workspace's state is saved beside it")
         raise ConflictError(f"refused to replace {self.where(self.manifest_name)}: {reason}. "
                             f"This workspace was saved as {self.where(name)}", name)
+
+
+def _squash_unsaved(source: bundles.BundleSource, git: Git, mode: str, local: str,
+                    current: mf.Manifest | None) -> str | None:
+    """Replace the snapshots the store has not seen by one commit of the newest tree; its new id.
+
+    A file above ``max_bundle_size`` that was snapshotted and then deleted or ignored stays in an
+    unsaved snapshot commit, and every later bundle would carry it: no save would ever succeed
+    again. Those commits never reached the store, so only their in-between states are given up;
+    the newest state, the stored history and the user's own commits are all kept. None when there
+    is nothing to squash (shadow mode only: branch mode commits are the user's branch).
+    """
+    if mode != "shadow" or source.git is not source.workspace:
+        return None
+    stored = current.current.snapshot if current else None
+    with snapshot.workspace_lock(git):
+        if git.rev(snapshot.SNAPSHOT_REF) != local:
+            return None  # a snapshot landed meanwhile: the next save tries again
+        # The snapshot commits since the stored one (the user's branches hold the rest).
+        unsaved = git.out("rev-list", "--first-parent", local, "--not", "--branches", "--tags",
+                          *([stored] if stored else [])).split()
+        if len(unsaved) < 2:
+            return None  # one commit: the large file is in the newest tree itself
+        parents = git.out("rev-list", "--parents", "-n", "1", local).split()[1:]
+        # [previous snapshot, HEAD], or [HEAD] alone, or [previous snapshot] in an empty repo.
+        head = next((c for c in parents[1:] or parents if c not in unsaved), None)
+        args = ["commit-tree", f"{local}^{{tree}}", "-m",
+                f"watcherd: snapshot (squashed {len(unsaved)} unsaved snapshots)\n\nTogether "
+                "they were above store.max_bundle_size: the newest state is kept, the states in "
+                "between are dropped.\n"]
+        for parent in (stored, head):
+            if parent:
+                args += ["-p", parent]
+        squashed = git.out(*args)
+        git.update_ref(snapshot.SNAPSHOT_REF, squashed, local, "watcherd: squash unsaved snapshots")
+    _log.warning("history.squashed", snapshots=len(unsaved), old=local, new=squashed,
+                 stored=stored, reason="the unsaved snapshots were above store.max_bundle_size; "
+                 "their newest state is kept as one snapshot, the states in between are dropped")
+    return squashed
+
+
+@contextmanager
+def _usable_spool(spool: Path) -> Iterator[Path]:
+    """``spool``, or a private temporary directory while it cannot be written (a read-only disk):
+    snapshots that are already committed must still reach the store."""
+    try:
+        spool.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=spool).close()
+    except OSError as exc:
+        tmp = Path(tempfile.mkdtemp(prefix="watcherd-spool-"))
+        _log.warning("spool.fallback", spool=str(spool), error=exc.strerror, using=str(tmp))
+        try:
+            yield tmp
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        yield spool
+
+
+@contextmanager
+def _spool_held(spool: Path) -> Iterator[None]:
+    """Use ``spool`` for one save; the only saver clears what killed saves left in it.
+
+    A save killed while writing a bundle leaves its temp directory (megabytes) behind, and nothing
+    else would ever remove it. Every save holds a shared lock on the spool directory itself; one
+    that can take it exclusively knows no other process (a daemon, a ``watcherd snapshot``) is
+    using the spool.
+    """
+    spool.mkdir(parents=True, exist_ok=True)
+    fd = os.open(spool, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pass  # another save is running: its files are not ours to judge
+        else:
+            left = list(spool.iterdir())
+            for p in left:
+                shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+            if left:
+                _log.warning("spool.cleared", spool=str(spool), entries=len(left),
+                             reason="left by a save that was killed")
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        yield
+    finally:
+        os.close(fd)
 
 
 def _host() -> str:

@@ -110,7 +110,7 @@ class Git:
         )
         if env:
             full_env.update(env)
-        argv = ("git", *self._options(), *args)
+        argv = ("git", *self._options(), *self._work_tree(args), *args)
         try:
             proc = subprocess.run(
                 argv,
@@ -143,7 +143,7 @@ class Git:
             full_env.update(env)
         try:
             return subprocess.Popen(
-                ("git", *self._options(), *args),
+                ("git", *self._options(), *self._work_tree(args), *args),
                 cwd=self.path,
                 env=full_env,
                 stdin=subprocess.PIPE,
@@ -154,6 +154,19 @@ class Git:
             if not self.path.is_dir():
                 raise GitError(f"{self.path} is not a directory") from exc
             raise GitError("git is not installed (no 'git' on PATH)") from exc
+
+    def _work_tree(self, args: Sequence[str]) -> tuple[str, ...]:
+        """``--work-tree`` for commands in an existing work tree.
+
+        The workspace's config is the agent's to write: ``core.worktree`` pointed at another
+        directory would have our ``git add --all`` snapshot it (the sidecar's own files, its service
+        account token) into a bundle, and ``core.bare`` would stop every snapshot. ``init`` and
+        ``clone`` refuse the option, and need no protection.
+        """
+        if self.bare or (args[:1] and args[0] in ("init", "clone")) \
+                or not (self.path / ".git").exists():
+            return ()
+        return (f"--work-tree={self.path.absolute()}",)
 
     def _options(self) -> tuple[str, ...]:
         # The workspace is often a volume owned by another uid (a Kubernetes emptyDir is root's);

@@ -27,6 +27,9 @@ _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARN
 # "scheme://user:password@host": the password goes, the user stays (it says which account).
 # The password runs to the last "@" before the path: people do paste passwords holding a raw "@".
 _URL_CREDENTIALS = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://[^/@:\s]*):[^/\s]*@")
+# "https://<token>@github.com/...": over HTTP a user name alone is how tokens are passed (GitHub,
+# Azure DevOps); it goes whole. ssh://git@host keeps its (conventional, harmless) user.
+_URL_TOKEN_USER = re.compile(r"((?<![A-Za-z0-9+.-])(?:https?|ftps?)://)[^/@:\s]+@", re.IGNORECASE)
 
 _secrets: set[str] = set()
 _secrets_lock = threading.Lock()
@@ -40,8 +43,9 @@ def add_secret(value: str | None) -> None:
 
 
 def mask_url_credentials(text: str) -> str:
-    """``text`` with the password of every ``scheme://user:password@`` in it masked."""
-    return _URL_CREDENTIALS.sub(rf"\1:{_MASK}@", text)
+    """``text`` with the password of every ``scheme://user:password@`` in it masked, and the
+    user of ``http(s)://user@``, where a lone user name is usually a token."""
+    return _URL_TOKEN_USER.sub(rf"\1{_MASK}@", _URL_CREDENTIALS.sub(rf"\1:{_MASK}@", text))
 
 
 def redact(text: str) -> str:

@@ -5,13 +5,17 @@ generation → download, verify, build the work tree in a staging directory, mov
 a bad generation → the one before it, loudly; nothing stored → ``restore.on_missing``. A non-empty
 workspace that is not this history is moved aside, never deleted.
 
-Staging survives a crash: a tree built beside the workspace is renamed into place in one step; a
-tree built inside a workspace that is a mount point (a Kubernetes ``emptyDir``) is marked complete
-before its entries are moved up, so a rerun either discards an incomplete one or finishes the move.
+Staging survives a crash: a tree built beside the workspace is renamed into place in one step (an
+occupied workspace is swapped with it in one step, and a note in the new tree says where the old one
+is until it has its aside name); a tree built inside a workspace that is a mount point (a Kubernetes
+``emptyDir``) is marked complete, with the folder the old entries go to, before anything moves, so a
+rerun either discards an incomplete one or finishes both moves.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import os
 import shutil
 import tempfile
@@ -39,7 +43,9 @@ from watcherd.snapshot import snapshot_head
 _log = log.get(__name__)
 STAGING = ".watcherd-restore"
 DOWNLOAD = ".watcherd-download"
-_READY = "READY"
+_READY = "READY"  # in a staged tree: complete; names the aside folder for the old entries
+_MOVING = "MOVING"  # in a staged tree: the old entries are aside, the new ones are moving up
+_SWAPPED = "SWAPPED"  # in a workspace swapped into place: where the old one is, and its aside name
 _STORE_ATTEMPTS = 4
 
 
@@ -68,15 +74,20 @@ def restore(config: Config, generations: Generations, request: Request = Request
     started = time.monotonic()
     ws = config.workspace.path
     _check_parent(ws)
-    _recover_staging(ws)
-    manifest, why = _read_manifest(generations)
-    if manifest is None:
-        if request.explicit:
-            raise RestoreError(f"{generations.where(generations.key)}: {why}; "
-                               "no generation to travel to")
-        outcome = _on_missing(config, generations, why)
-    else:
-        outcome = _restore_stored(config, generations, manifest, request)
+    try:
+        _recover_staging(ws)
+        manifest, why = _read_manifest(generations)
+        if manifest is None:
+            if request.explicit:
+                raise RestoreError(f"{generations.where(generations.key)}: {why}; "
+                                   "no generation to travel to")
+            outcome = _on_missing(config, generations, why)
+        else:
+            outcome = _restore_stored(config, generations, manifest, request)
+    except OSError as exc:
+        # A read-only or full disk is the usual cause: one line that names it, not a traceback.
+        raise RestoreError(f"workspace.path {ws}: restore could not write "
+                           f"{exc.filename or ws}: {exc.strerror}") from None
     _log.info("restore.done", action=outcome.action, generation=outcome.generation,
               key=generations.key, workspace=str(ws),
               moved_aside=str(outcome.moved_aside) if outcome.moved_aside else None,
@@ -288,37 +299,49 @@ def _install(ws: Path, build) -> Path | None:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    _log.debug("restore.placing", workspace=str(ws), staging=str(staging), mount=mount)
     # Beside a mount point watcherd's own folders stay; anywhere else the directory itself moves,
     # so anything at all in it (even a stray ".watcherd-..." name) goes aside with it.
-    occupied = ws.is_dir() and (_entries(ws) if mount else any(ws.iterdir()))
-    aside = _move_aside(ws, mount) if occupied else None
-    if mount:
-        _write_marker(staging)  # only now: the old contents are out of the way
-        _finish_staged(ws)
-    else:
-        if ws.is_dir():
-            ws.rmdir()
-        staging.chmod(mode)
-        os.rename(staging, ws)
-    return aside
-
-
-def _move_aside(ws: Path, mount: bool) -> Path:
+    occupied = ws.is_dir() and bool(_entries(ws) if mount else any(ws.iterdir()))
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     # A free name: an earlier move-aside in the same second must not be replaced or refused.
-    if not mount:
-        aside = _free_name(ws.with_name(f"{ws.name}.watcherd-{stamp}"))
-        os.rename(ws, aside)
-    else:
+    if mount:
         # A mount point cannot be renamed; its contents go into a folder inside it that the
-        # restored repository ignores.
-        aside = _free_name(ws / f".watcherd-aside-{stamp}")
-        aside.mkdir()
-        for entry in _entries(ws):
-            os.rename(entry, aside / entry.name)
+        # restored repository ignores. The marker names that folder before anything moves, so a
+        # rerun after a crash finishes both moves instead of splitting the old entries in two.
+        aside = _free_name(ws / f".watcherd-aside-{stamp}") if occupied else None
+        _write_marker(staging / ".git" / "watcherd" / _READY, aside.name if aside else "")
+        _finish_staged(ws)
+        return aside
+    staging.chmod(mode)
+    if not occupied:
+        os.rename(staging, ws)  # replaces an empty directory in the same step
+        return None
+    aside = _free_name(ws.with_name(f"{ws.name}.watcherd-{stamp}"))
+    _write_marker(staging / ".git" / "watcherd" / _SWAPPED, f"{staging}\n{aside}")
+    if _exchange(staging, ws):
+        os.rename(staging, aside)  # the old workspace, now at the staging path
+    else:  # no renameat2 here: for a moment there is no workspace; a rerun restores again
+        os.rename(ws, aside)
+        os.rename(staging, ws)
+    (ws / ".git" / "watcherd" / _SWAPPED).unlink()
     _log.warning("restore.moved_aside", workspace=str(ws), moved_to=str(aside),
                  reason="the workspace held something that is not the stored history")
     return aside
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two directories in one step (``renameat2(RENAME_EXCHANGE)``); False where unsupported."""
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
 
 
 def _free_name(path: Path) -> Path:
@@ -330,25 +353,47 @@ def _free_name(path: Path) -> Path:
     return candidate
 
 
-def _write_marker(staging: Path) -> None:
-    marker = staging / ".git" / "watcherd" / _READY
-    marker.write_text("complete staging tree; entries are being moved up\n")
-    fd = os.open(marker, os.O_RDONLY)
-    os.fsync(fd)
-    os.close(fd)
+def _write_marker(marker: Path, text: str) -> None:
+    """Write a marker whole or not at all: a rerun acts on what it says."""
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    tmp = marker.with_name(f"{marker.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, marker)
 
 
 def _finish_staged(ws: Path) -> None:
-    """Move a complete staged tree's entries up into ``ws`` (idempotent, resumes after a crash)."""
+    """Put a complete staged tree in place in ``ws`` (idempotent, resumes after a crash).
+
+    First the workspace's old entries go into the aside folder the marker names; then, once
+    ``MOVING`` says so, the staged entries move up, ``.git`` last.
+    """
     staging = ws / STAGING
+    state = staging / ".git" / "watcherd"
+    if not (state / _MOVING).exists():
+        name = (state / _READY).read_text().strip()
+        if name.startswith(".watcherd-aside-") and "/" not in name:
+            aside = ws / name
+            aside.mkdir(exist_ok=True)
+            for entry in _entries(ws):
+                os.rename(entry, aside / entry.name)
+            _log.warning("restore.moved_aside", workspace=str(ws), moved_to=str(aside),
+                         reason="the workspace held something that is not the stored history")
+        _write_marker(state / _MOVING, "")
     asides = [p.name for p in ws.iterdir() if p.name.startswith(".watcherd-aside-")]
+    if asides:  # ignored before the tree is a repository, so no snapshot ever takes them in
+        exclude = staging / ".git" / "info" / "exclude"
+        exclude.parent.mkdir(exist_ok=True)
+        have = exclude.read_text().splitlines() if exclude.exists() else []
+        with open(exclude, "a") as f:
+            f.writelines(f"/{name}/\n" for name in asides if f"/{name}/" not in have)
     for entry in sorted(staging.iterdir(), key=lambda p: p.name == ".git"):
         os.rename(entry, ws / entry.name)  # .git last: until then the tree is not a repository
+    for marker in (_MOVING, _READY):
+        (ws / ".git" / "watcherd" / marker).unlink(missing_ok=True)
     shutil.rmtree(staging)
-    (ws / ".git" / "watcherd" / _READY).unlink(missing_ok=True)
-    if asides:
-        with open(ws / ".git" / "info" / "exclude", "a") as f:
-            f.writelines(f"/{name}/\n" for name in asides)
 
 
 def _recover_staging(ws: Path) -> None:
@@ -360,6 +405,19 @@ def _recover_staging(ws: Path) -> None:
             _finish_staged(ws)
         else:
             shutil.rmtree(inside)
+    for marker in (_MOVING, _READY):  # a restore killed just after moving .git up
+        if (ws / ".git" / "watcherd" / marker).exists():  # (no unlink at all on a read-only disk)
+            (ws / ".git" / "watcherd" / marker).unlink()
+    swapped = ws / ".git" / "watcherd" / _SWAPPED
+    if swapped.is_file():
+        # Killed between swapping the new tree in and naming the old one: the old workspace is
+        # still at the staging path, which the clean-up below would delete.
+        old, aside = (Path(line) for line in swapped.read_text().splitlines()[:2])
+        if old.is_dir() and old.parent == ws.parent and aside.parent == ws.parent:
+            os.rename(old, _free_name(aside))
+            _log.warning("restore.resumed", workspace=str(ws), moved_to=str(aside),
+                         note="gave the previous workspace its aside name")
+        swapped.unlink()
     if ws.is_dir():
         for leftover in ws.glob(f"{DOWNLOAD}-*"):  # partial downloads inside a mount point
             shutil.rmtree(leftover, ignore_errors=True)

@@ -1,8 +1,9 @@
 """The local-directory store (``file:///var/lib/watcherd/store``).
 
-Atomicity comes from the filesystem: an object is written to a temp file in the same directory,
-fsynced, then published with ``link`` (exclusive: fails if the name exists) or ``rename``
-(replace), and the directory is fsynced. Conditional replaces are serialised by an ``flock`` on a
+Atomicity comes from the filesystem: an object is written to a temp file in the same directory
+(for uploads an unnamed one, ``O_TMPFILE``, so a killed upload leaves nothing behind), fsynced,
+then published with ``link`` (exclusive: fails if the name exists) or ``rename`` (replace), and the
+directory is fsynced. Conditional replaces are serialised by an ``flock`` on a
 lock file beside the object, which the kernel releases if the holder dies.
 """
 
@@ -67,7 +68,11 @@ class LocalStore:
                 raise PreconditionFailed(f"{self.url}/{name} already exists")
             if if_version is not None and (current is None or _version(current) != if_version):
                 raise PreconditionFailed(f"{self.url}/{name} changed since it was read")
-            with self._temp(path.parent, name) as (tmp, f):
+            # Under the lock, a temp file of this object is one a killed writer left behind.
+            prefix = f"{_TMP_PREFIX}{path.name}-"
+            for dead in path.parent.glob(f"{prefix}*"):
+                dead.unlink(missing_ok=True)
+            with self._temp(path.parent, name, prefix=prefix) as (tmp, f):
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
@@ -80,7 +85,7 @@ class LocalStore:
         self._mkdirs(dest.parent, name)
         if dest.exists():
             raise PreconditionFailed(f"{self.url}/{name} already exists")
-        with self._temp(dest.parent, name) as (tmp, f):
+        with self._temp(dest.parent, name, anonymous=True) as (tmp, f):
             digest = hashlib.sha256()
             written = 0
             try:
@@ -97,7 +102,7 @@ class LocalStore:
                 raise StoreError(f"{self.url}/{name}: the source changed while uploading "
                                  f"({written} bytes, expected {size}); nothing was published")
             try:
-                os.link(tmp, dest)  # exclusive publish: never replaces
+                _link(tmp, dest)  # exclusive publish: never replaces
             except FileExistsError:
                 raise PreconditionFailed(f"{self.url}/{name} already exists") from None
             except OSError as exc:
@@ -175,11 +180,21 @@ class LocalStore:
             os.close(fd)
 
     @contextmanager
-    def _temp(self, directory: Path, name: str) -> Iterator[tuple[str, object]]:
-        try:
-            fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, dir=directory)
-        except OSError as exc:
-            raise self._error("write", name, exc) from exc
+    def _temp(self, directory: Path, name: str, *, prefix: str = _TMP_PREFIX,
+              anonymous: bool = False) -> Iterator[tuple[str, object]]:
+        """A temp file in ``directory``; ``anonymous``: one with no name until it is linked.
+
+        A bundle upload killed half way must not leave megabytes under a temp name that nothing
+        removes: with ``O_TMPFILE`` the kernel frees the file when its writer dies.
+        """
+        fd = _anonymous_file(directory) if anonymous else None
+        if fd is not None:
+            tmp = f"/proc/self/fd/{fd}"  # _link(tmp, dest) gives it its one and only name
+        else:
+            try:
+                fd, tmp = tempfile.mkstemp(prefix=prefix, dir=directory)
+            except OSError as exc:
+                raise self._error("write", name, exc) from exc
         try:
             with os.fdopen(fd, "wb") as f:
                 try:
@@ -188,7 +203,8 @@ class LocalStore:
                     raise self._error("write", name, exc) from exc
         finally:
             try:
-                os.unlink(tmp)
+                if not tmp.startswith("/proc/"):
+                    os.unlink(tmp)
             except FileNotFoundError:
                 pass
 
@@ -205,6 +221,30 @@ class LocalStore:
 
 def _version(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def _link(src: str, dest: Path) -> None:
+    """``link(2)`` that also names an ``O_TMPFILE`` file given as ``/proc/self/fd/N``."""
+    if not src.startswith("/proc/"):
+        os.link(src, dest)
+        return
+    # os.link calls link(2), which links the /proc symlink itself (EXDEV) unless a directory fd
+    # makes it use linkat(2) with AT_SYMLINK_FOLLOW: that links the open file.
+    dirfd = os.open(dest.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.link(src, dest.name, dst_dir_fd=dirfd, follow_symlinks=True)
+    finally:
+        os.close(dirfd)
+
+
+def _anonymous_file(directory: Path) -> int | None:
+    """An unnamed file in ``directory`` (``O_TMPFILE``); None where the filesystem has none."""
+    if not hasattr(os, "O_TMPFILE") or not os.path.isdir("/proc/self/fd"):
+        return None
+    try:
+        return os.open(directory, os.O_TMPFILE | os.O_WRONLY, 0o600)
+    except OSError:
+        return None  # not supported here: a named temp file, as everywhere else
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -1,0 +1,1006 @@
+"""Crash consistency: SIGKILL at random points of a save or a restore, then check what is left.
+
+Each run kills a real process — ``watcherd run``, ``watcherd snapshot``, ``watcherd restore`` — at a
+random point, together with the git processes it started (the whole process group, as a container
+runtime or systemd's ``KillMode=mixed`` does), while a writer keeps editing the workspace. The point
+is a random delay (after start-up, or after the process logged that a save or a snapshot began), or
+just before a random one of watcherd's own file operations (renames, links, unlinks: the short steps
+that publish, swap, prune and place, which a timer almost never hits). After each kill, and after
+the rerun that follows it:
+
+- the store's manifest parses and names complete bundles whose size and sha256 match;
+- the stored generation moved only forward, to a commit of ``refs/watcherd/snapshots``;
+- a restore into an empty directory gives exactly that snapshot commit's tree (never a mix);
+- every edit a generation held is still in every later generation (the writer only appends, so a
+  file in a later generation must extend the same file in an earlier one), and after the last
+  restart every edit reaches the store;
+- the workspace's repository passes ``git fsck --no-dangling``; no lock left by the killed process
+  makes a later snapshot or save fail;
+- a killed restore left the workspace untouched, fully restored, or (in a mount point) marked
+  complete and resumable, and a rerun finishes the job without losing what was there before.
+
+The default run kills a few times per scenario. The long runs (``make test-long``, marker
+``slow``) kill ``WATCHERD_CRASH_RUNS`` times per scenario (default 300) and print a table: kills,
+where they landed (the last step the process logged before it died), edits lost, generations
+corrupted, unexpected daemon exits. ``WATCHERD_CRASH_REPORT=path`` also appends each table as JSON.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from daemon_fixture import WATCHERD, LogLines
+from helpers import git, tree_state, wait_for
+from structlog.testing import capture_logs
+
+from watcherd import manifest as mf
+from watcherd.bundle import file_digest
+from watcherd.config import Config, RestoreConfig, StoreConfig, WorkspaceConfig, parse_store_url
+from watcherd.generations import Generations
+from watcherd.restore import Request, restore
+from watcherd.store.local import LocalStore
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="inotify is Linux-only")
+
+# Read at import: the autouse fixture in conftest.py clears WATCHERD_* from the environment.
+CRASH_RUNS = int(os.environ.get("WATCHERD_CRASH_RUNS", "300"))
+REPORT = os.environ.get("WATCHERD_CRASH_REPORT", "")
+QUICK_RUNS = 8
+KEY = "acme/crash/main"
+SNAPSHOT_REF = "refs/watcherd/snapshots"
+# Incompressible files in the template: every bundle carries them, so writing, checksumming and
+# uploading a bundle takes tens of milliseconds, long enough for a kill to land inside each step.
+ASSETS = 4
+ASSET_SIZE = 1 << 20
+# Saves happen constantly: a snapshot 100 ms after an edit, an upload 300 ms after the last one.
+TIMINGS = {"quiet_period": "100ms", "max_commit_delay": "500ms", "idle_timeout": "300ms",
+           "max_upload_interval": "2s", "shutdown_timeout": "10s"}
+# Kill the daemon this long after it said ready, at most: about a save cycle.
+DAEMON_KILL_WINDOW = 1.2
+
+
+def runs_param(test_id: str, per_run_s: float):
+    """The quick count in the default run; ``CRASH_RUNS`` under ``-m slow``."""
+    return [pytest.param(QUICK_RUNS, id=f"{test_id}-quick"),
+            pytest.param(CRASH_RUNS, id=f"{test_id}-{CRASH_RUNS}",
+                         marks=[pytest.mark.slow,
+                                pytest.mark.timeout(int(CRASH_RUNS * per_run_s) + 300)])]
+
+
+# -- the workload --------------------------------------------------------------------------------------
+
+
+def make_workspace(path: Path) -> Path:
+    """A template clone with a few MiB of incompressible assets and an ignored build directory."""
+    path.mkdir()
+    (path / ".gitignore").write_text("node_modules/\n*.log\n")
+    (path / "README.md").write_text("# app\n")
+    (path / "assets").mkdir()
+    for i in range(ASSETS):
+        (path / "assets" / f"blob{i}.bin").write_bytes(os.urandom(ASSET_SIZE))
+    git(path, "init", "--quiet")
+    git(path, "add", "-A")
+    git(path, "commit", "--quiet", "-m", "template")
+    return path
+
+
+class Writer(threading.Thread):
+    """An agent editing the workspace: bursts of appends and new files, then pauses.
+
+    Every edit is identifiable: ``counters/c<k>.txt`` only ever grow by one line ``<n>\\n`` (n counts
+    every edit), and ``notes/n<n>.txt`` are written once and never change. So any stored version of
+    a counter file must be a prefix of what the writer wrote, and a later generation's version must
+    be at least as long as an earlier one's: anything shorter is a lost edit.
+    """
+
+    COUNTERS = 4
+
+    def __init__(self, ws: Path, seed: int) -> None:
+        super().__init__(daemon=True)
+        self.ws = ws
+        self.rng = random.Random(seed)
+        self.content: dict[str, bytes] = {}
+        self.edits = 0
+        self._halt = threading.Event()
+        self.error: BaseException | None = None
+        (ws / "counters").mkdir(exist_ok=True)
+        (ws / "notes").mkdir(exist_ok=True)
+        (ws / "build.log").write_text("ignored\n")
+
+    def run(self) -> None:
+        try:
+            while not self._halt.is_set():
+                for _ in range(self.rng.randint(1, 15)):
+                    self.edit()
+                    # Pacing of the workload, not synchronisation.
+                    self._halt.wait(self.rng.uniform(0.005, 0.03))
+                self._halt.wait(self.rng.uniform(0.0, 0.6))
+        except BaseException as exc:  # noqa: BLE001 - reported by stop()
+            self.error = exc
+
+    def edit(self) -> None:
+        # ``content`` is updated first: what is on disk is always a prefix of it.
+        n = self.edits
+        if n % 10 == 9:
+            rel, data = f"notes/n{n:06}.txt", f"note {n}\n".encode()
+            self.content[rel] = data
+            (self.ws / rel).write_bytes(data)
+        else:
+            rel = f"counters/c{n % self.COUNTERS}.txt"
+            line = f"{n}\n".encode()
+            self.content[rel] = self.content.get(rel, b"") + line
+            with open(self.ws / rel, "ab") as f:
+                f.write(line)
+        with open(self.ws / "build.log", "a") as f:  # an ignored write: no snapshot, no activity
+            f.write(f"{n}\n")
+        self.edits += 1
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join(10)
+        if self.error:
+            raise self.error
+
+
+def lost_edits(writer: Writer, earlier: dict[str, tuple] | None, later: dict[str, tuple]) -> list[str]:
+    """What ``later`` (a stored tree) lacks or garbles of the writer's edits, or of ``earlier``."""
+    problems = []
+    for rel, entry in later.items():
+        # A snapshot may catch a file half written, never anything the writer did not write.
+        if rel.startswith(("counters/", "notes/")) and entry[0] == "file":
+            if not writer.content.get(rel, b"").startswith(entry[2]):
+                problems.append(f"{rel} holds {entry[2][-40:]!r}, not what the writer wrote")
+    for rel, entry in (earlier or {}).items():
+        if rel.startswith(("counters/", "notes/")) and entry[0] == "file":
+            now = later.get(rel)
+            if now is None or len(now[2]) < len(entry[2]):
+                problems.append(f"{rel}: {len(entry[2])} bytes in an earlier generation, "
+                                f"{'gone' if now is None else len(now[2])} in a later one")
+    return problems
+
+
+# -- processes and their logs ------------------------------------------------------------------------
+
+
+# Runs watcherd with every file operation of its own code logged and counted (renames, links,
+# unlinks, mkdir, rmdir, chmod: the steps that place, publish and prune); at the N-th the whole
+# process group is killed, just before the operation. A kill at a random time mostly lands in git
+# or in Python's start-up; this one lands on the boundaries between watcherd's own steps. N = 0
+# only counts.
+_KILL_AT_OP = r"""
+import json, os, signal, sys
+n, count = int(sys.argv[1]), 0
+def counted(name):
+    real = getattr(os, name)
+    def op(*args, **kwargs):
+        global count
+        count += 1
+        print(json.dumps({"event": "test.op", "n": count, "op": name, "path": str(args[0])}),
+              flush=True)
+        if count == n:
+            os.killpg(0, signal.SIGKILL)
+        return real(*args, **kwargs)
+    setattr(os, name, op)
+for name in ("rename", "replace", "link", "unlink", "remove", "mkdir", "rmdir", "chmod"):
+    counted(name)
+from watcherd.cli import main
+sys.argv[1:] = sys.argv[2:]
+sys.exit(main())
+"""
+
+
+class Proc:
+    """A watcherd command in its own process group, its JSON log lines collected by a thread."""
+
+    def __init__(self, config: Path, *args: str, kill_at_op: int | None = None) -> None:
+        env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC")}
+        env["PYTHONUNBUFFERED"] = "1"
+        command = [WATCHERD, "--config", str(config), *args]
+        if kill_at_op is not None:
+            command = [sys.executable, "-c", _KILL_AT_OP, str(kill_at_op), *command[1:]]
+        self.started = time.monotonic()
+        self.proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     text=True, env=env, start_new_session=True)
+        self.log = LogLines(self.proc.stdout)
+
+    def file_operations(self, after: str | None = None) -> range:
+        """The numbers of the file operations a run with ``kill_at_op=0`` made, all of them or
+        those after it logged the event ``after``."""
+        ops = [line for line in self.log.lines if line.get("event") == "test.op"]
+        first = 1
+        if after is not None:
+            at = next((i for i, line in enumerate(self.log.lines) if line.get("event") == after),
+                      None)
+            if at is None:
+                return range(0)
+            first = 1 + sum(1 for line in self.log.lines[:at] if line.get("event") == "test.op")
+        return range(first, len(ops) + 1)
+
+    def kill(self) -> bool:
+        """SIGKILL the process and every git it started; True if that is how it ended (by this
+        kill or by its own injected one), False if it had exited by itself."""
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.proc.wait(10)
+        self.log.join()
+        return self.proc.returncode == -signal.SIGKILL
+
+    def wait(self, timeout: float) -> int:
+        code = self.proc.wait(timeout)
+        self.log.join()
+        return code
+
+    def last_op(self) -> str:
+        """`` (rename)`` for a run killed at a file operation: the one it was about to make."""
+        ops = [line["op"] for line in self.log.lines if line.get("event") == "test.op"]
+        return f" ({ops[-1]})" if ops and self.proc.returncode == -signal.SIGKILL else ""
+
+    def last_step(self, steps: dict[str, str], before: str) -> str:
+        """The step the last logged event in ``steps`` says the process was in."""
+        for line in reversed(self.log.lines):
+            if line.get("event") in steps:
+                return steps[line["event"]]
+        return before
+
+    def failures(self) -> list[dict]:
+        bad = ("snapshot.failed", "upload.failed", "daemon.failed", "daemon.crashed",
+               "generation.conflict")
+        return [line for line in self.log.lines if line.get("event") in bad
+                or line.get("text", "").startswith(("Traceback", "watcherd:"))]
+
+    def text(self, last: int = 40) -> str:
+        return "\n".join(json.dumps({k: v for k, v in line.items() if k != "_t"})
+                         for line in self.log.lines[-last:])
+
+
+# Where a save was when it died: the last of these events it logged (DEBUG level).
+SAVE_STEPS = {
+    "daemon.ready": "waiting",
+    "snapshot.started": "snapshot commit",
+    "snapshot.committed": "waiting",
+    "snapshot.unchanged": "waiting",
+    "generation.saving": "bundle write",
+    "bundle.written": "upload",
+    "bundle.uploaded": "manifest swap",
+    "manifest.swapped": "prune",
+    "generation.pruned": "prune",
+    "generation.saved": "waiting",
+}
+RESTORE_STEPS = {
+    "bundle.downloaded": "verify + build",
+    "restore.placing": "move into place",
+    "restore.moved_aside": "move into place",
+    "restore.resumed": "resume",
+    "restore.done": "finished",
+}
+
+
+def write_config(path: Path, ws: Path, store: Path, *, keep: int = 3) -> Path:
+    lines = ["[workspace]", f'path = "{ws}"', "", "[watch]",
+             *(f'{k} = "{v}"' for k, v in TIMINGS.items()), "",
+             "[store]", f'url = "file://{store}"', f'key = "{KEY}"', f"keep = {keep}", "",
+             "[control]", 'listen = ""', "", "[log]", 'level = "debug"', 'format = "json"', ""]
+    path.write_text("\n".join(lines))
+    return path
+
+
+def lib_config(ws: Path, store: Path) -> Config:
+    return Config(workspace=WorkspaceConfig(path=ws),
+                  store=StoreConfig(url=parse_store_url(f"file://{store}"), key=KEY),
+                  restore=RestoreConfig())
+
+
+def lib_restore(ws: Path, store: Path):
+    """``watcherd restore`` in this process (quicker than a new one): outcome and its log events."""
+    with capture_logs() as logs:
+        outcome = restore(lib_config(ws, store), Generations(LocalStore(store), KEY), Request())
+    return outcome, logs
+
+
+# -- what is in a commit, the store, the repository ------------------------------------------------
+
+
+_BLOBS: dict[str, bytes] = {}  # blob id -> content; the megabytes of assets are read once
+
+
+def commit_state(repo: Path, commit: str) -> dict[str, tuple]:
+    """What :func:`helpers.tree_state` gives for a checkout of ``commit``."""
+    out = subprocess.run(["git", "ls-tree", "-r", "-z", "--full-tree", commit], cwd=repo,
+                         capture_output=True, check=True).stdout
+    entries = []
+    for record in filter(None, out.split(b"\0")):
+        meta, path = record.split(b"\t", 1)
+        mode, _, oid = meta.split()
+        entries.append((mode, oid.decode(), os.fsdecode(path)))
+    missing = sorted({oid for _, oid, _ in entries if oid not in _BLOBS})
+    batch = subprocess.run(["git", "cat-file", "--batch"], cwd=repo, check=True, capture_output=True,
+                           input="".join(f"{oid}\n" for oid in missing).encode()).stdout
+    pos = 0
+    for oid in missing:
+        nl = batch.index(b"\n", pos)
+        size = int(batch[pos:nl].split()[2])
+        _BLOBS[oid] = batch[nl + 1:nl + 1 + size]
+        pos = nl + 1 + size + 1
+    state: dict[str, tuple] = {}
+    for mode, oid, path in entries:
+        data = _BLOBS[oid]
+        parts = path.split("/")
+        for i in range(1, len(parts)):
+            state["/".join(parts[:i])] = ("dir",)
+        state[path] = (("link", os.fsdecode(data)) if mode == b"120000"
+                       else ("file", 0o100 if mode == b"100755" else 0, data))
+    return state
+
+
+def fsck(repo: Path) -> tuple[list[str], list[str]]:
+    """What ``git fsck --no-dangling`` says is wrong, and the garbage it only warns about.
+
+    A killed git can leave temporary object files (``tmp_obj_*``, ``tmp_pack_*``): fsck warns
+    "garbage found", git ignores them and ``git gc`` removes them after two weeks. They are
+    counted, not failed on; anything else fsck says, or a non-zero exit, is corruption.
+    """
+    r = subprocess.run(["git", "fsck", "--no-dangling", "--no-progress"], cwd=repo,
+                       capture_output=True, text=True)
+    lines = (r.stdout + r.stderr).splitlines()
+    garbage = [line for line in lines if line.startswith("warning: garbage found:")]
+    errors = [line for line in lines if line not in garbage]
+    if r.returncode != 0 and not errors:
+        errors = [f"git fsck exited {r.returncode}"]
+    return errors, garbage
+
+
+def lock_files(repo: Path) -> list[str]:
+    return sorted(p.relative_to(repo).as_posix() for p in (repo / ".git").rglob("*.lock"))
+
+
+def snapshot_chain(repo: Path) -> list[str]:
+    r = subprocess.run(["git", "rev-list", "--first-parent", SNAPSHOT_REF], cwd=repo,
+                       capture_output=True, text=True)
+    return r.stdout.split() if r.returncode == 0 else []
+
+
+@dataclass
+class Tally:
+    """The figures of one scenario (docs/reliability.md)."""
+
+    scenario: str
+    command: str
+    runs: int = 0
+    kills: int = 0
+    finished_before_kill: int = 0
+    steps: collections.Counter = field(default_factory=collections.Counter)
+    how: collections.Counter = field(default_factory=collections.Counter)  # timer / file op
+    left: collections.Counter = field(default_factory=collections.Counter)  # restore: state left
+    edits_lost: int = 0
+    generations_corrupted: int = 0
+    unexpected_exits: int = 0
+    leaks: int = 0
+    generations: int = 0
+    edits: int = 0
+    locks_left: int = 0  # kills after which a git lock file was there for the next run to handle
+    fsck_garbage: int = 0  # kills after which fsck warned of a killed git's temporary files
+    restore: bool = False
+    problems: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    _counted: set = field(default_factory=set, repr=False)
+
+    def problem(self, kind: str, text: str) -> None:
+        """Record a finding; each count is of runs (kills) with at least one of that kind."""
+        self.problems.append(f"run {self.runs}: {text}")
+        if (self.runs, kind) in self._counted:
+            return
+        self._counted.add((self.runs, kind))
+        if kind == "lost":
+            self.edits_lost += 1
+        elif kind == "corrupt":
+            self.generations_corrupted += 1
+        elif kind == "exit":
+            self.unexpected_exits += 1
+        elif kind == "leak":
+            self.leaks += 1
+
+    def report(self) -> str:
+        def listed(counter: collections.Counter) -> str:
+            return ", ".join(f"{k} {v}" for k, v in counter.most_common())
+
+        text = (f"\n{self.scenario}: {self.runs} runs, {self.kills} kills "
+                f"({listed(self.how)}; {self.finished_before_kill} runs finished first), "
+                f"{self.edits} edits, {self.generations} generations, {self.seconds:.0f} s\n"
+                f"  kills landed in: {listed(self.steps)}\n"
+                + (f"  the workspace right after a kill: {listed(self.left)}\n" if self.left else "")
+                + (f"  old workspace contents lost: {self.edits_lost}, workspaces left broken or "
+                   f"not finished by the rerun: {self.generations_corrupted}"
+                   if self.restore else
+                   f"  edits lost: {self.edits_lost}, generations corrupted: "
+                   f"{self.generations_corrupted}, lock files left for the next run: "
+                   f"{self.locks_left}, fsck garbage warnings: {self.fsck_garbage}")
+                + f", unexpected exits: {self.unexpected_exits}, leftovers: {self.leaks}\n"
+                f"  reproduce: {self.command}")
+        if REPORT:
+            with open(REPORT, "a") as f:
+                f.write(json.dumps({k: v for k, v in self.__dict__.items()
+                                    if k not in ("problems", "_counted")}
+                                   | {"problems": len(self.problems)}) + "\n")
+        return text
+
+    def verdict(self) -> None:
+        print(self.report())
+        assert not self.problems, "\n".join(self.problems[:10])
+
+
+class StoreChecker:
+    """Checks the store, the workspace's repository and a restore after each kill of a saver."""
+
+    def __init__(self, ws: Path, store: Path, scratch: Path, writer: Writer, tally: Tally) -> None:
+        self.ws, self.store, self.scratch, self.writer, self.tally = ws, store, scratch, writer, tally
+        self.seen: mf.Generation | None = None
+        self.seen_state: dict[str, tuple] | None = None
+        self.gens: set[int] = set()
+
+    def check(self, context: str) -> None:
+        t = self.tally
+        errors, garbage = fsck(self.ws)
+        if errors:
+            t.problem("corrupt", f"{context}: git fsck of the workspace: {errors[:5]}")
+        t.fsck_garbage += bool(garbage)
+        t.locks_left += any("/spool/" not in lock for lock in lock_files(self.ws))
+        blob = self.store / KEY / "manifest.json"
+        if not blob.exists():
+            if self.seen is not None:
+                t.problem("lost", f"{context}: the manifest is gone")
+            return
+        try:
+            manifest = mf.parse(blob.read_bytes(), "manifest.json")
+        except Exception as exc:  # noqa: BLE001 - what matters is that it happened
+            t.problem("corrupt", f"{context}: the manifest does not parse: {exc}")
+            return
+        for gen in manifest.generations:
+            path = self.store / KEY / "bundles" / gen.bundle
+            if not path.is_file():
+                t.problem("corrupt", f"{context}: generation {gen.generation} names "
+                                     f"{gen.bundle}, which is missing")
+            elif file_digest(path) != (gen.size, gen.sha256):
+                t.problem("corrupt", f"{context}: generation {gen.generation}'s bundle does not "
+                                     "match the manifest's size and sha256")
+        current = manifest.current
+        chain = snapshot_chain(self.ws)
+        if self.seen is not None:
+            if current.generation < self.seen.generation:
+                t.problem("lost", f"{context}: generation went back from "
+                                  f"{self.seen.generation} to {current.generation}")
+            elif current.generation == self.seen.generation and current != self.seen:
+                t.problem("corrupt", f"{context}: generation {current.generation} changed")
+            if current == self.seen:
+                return  # already checked and restored; its bundle is immutable (checked above)
+        # Every generation saved since the last check, oldest first: each one a snapshot that was
+        # really taken, each one holding every edit the one before it held.
+        for gen in sorted(manifest.generations, key=lambda g: g.generation):
+            if self.seen is not None and gen.generation <= self.seen.generation:
+                continue
+            if gen.snapshot not in chain:
+                t.problem("corrupt", f"{context}: generation {gen.generation}'s snapshot "
+                                     f"{gen.snapshot[:12]} is not a commit of the workspace's "
+                                     "refs/watcherd/snapshots")
+                return
+            self.gens.add(gen.generation)
+            state = commit_state(self.ws, gen.snapshot)
+            for p in lost_edits(self.writer, self.seen_state, state):
+                t.problem("lost", f"{context}: generation {gen.generation}: {p}")
+            self.seen, self.seen_state = gen, state
+        t.generations = len(self.gens)
+        self.check_restore(current, self.seen_state, context)
+
+    def check_restore(self, gen: mf.Generation, state: dict[str, tuple], context: str) -> None:
+        target = self.scratch / f"restored-{gen.generation}"
+        try:
+            outcome, logs = lib_restore(target, self.store)
+        except Exception as exc:  # noqa: BLE001
+            self.tally.problem("corrupt", f"{context}: restore of generation {gen.generation} "
+                                          f"failed: {exc}")
+            return
+        if outcome.generation != gen.generation:
+            bad = [e for e in logs if e["event"] == "restore.generation_bad"]
+            self.tally.problem("corrupt", f"{context}: restore gave generation "
+                                          f"{outcome.generation}, not {gen.generation}: {bad}")
+        elif tree_state(target) != state:
+            self.tally.problem("corrupt", f"{context}: restored tree of generation "
+                                          f"{gen.generation} differs from its snapshot commit")
+        elif git(target, "rev-parse", SNAPSHOT_REF) != gen.snapshot:
+            self.tally.problem("corrupt", f"{context}: restored snapshot ref is not {gen.snapshot}")
+        shutil.rmtree(target)
+
+
+# -- killing savers ----------------------------------------------------------------------------------
+
+
+def settle_and_check_everything_saved(ws: Path, store: Path, writer: Writer, checker: StoreChecker,
+                                      tally: Tally) -> None:
+    """With the writer stopped, the newest generation must hold every edit it made, and killed
+    saves must have left nothing behind that a clean one does not remove."""
+    final = dict(writer.content)
+
+    def saved() -> bool:
+        blob = store / KEY / "manifest.json"
+        if not blob.exists():
+            return False
+        state = commit_state(ws, mf.parse(blob.read_bytes(), "manifest").current.snapshot)
+        return all(state.get(rel, (None,))[-1] == data for rel, data in final.items())
+
+    try:
+        wait_for(saved, timeout=30, interval=0.1, message="every edit to reach the store")
+    except AssertionError:
+        tally.problem("lost", "after the last restart, not every edit reached the store")
+    checker.check("final")
+    tracked = {k: v for k, v in tree_state(ws).items() if k != "build.log"}  # build.log: ignored
+    if checker.seen_state != tracked:
+        tally.problem("lost", "the last generation's tree is not the workspace's tree")
+
+
+def check_nothing_left_behind(ws: Path, store: Path, tally: Tally) -> None:
+    left = [p.relative_to(store).as_posix() for p in store.rglob(".tmp-*")]
+    left += [p.relative_to(ws).as_posix() for p in (ws / ".git" / "watcherd" / "spool").glob("*")
+             if not p.name.startswith(".")]
+    if left:
+        tally.problem("leak", f"killed saves left files that nothing removes: {left}")
+    if lock_files(ws):
+        tally.problem("leak", f"lock files left after a clean run: {lock_files(ws)}")
+
+
+def saver_setup(tmp_path: Path, seed: int, tally: Tally):
+    ws = make_workspace(tmp_path / "ws")
+    store = tmp_path / "store"
+    config = write_config(tmp_path / "watcherd.toml", ws, store)
+    (tmp_path / "scratch").mkdir()
+    writer = Writer(ws, seed)
+    return ws, store, config, writer, StoreChecker(ws, store, tmp_path / "scratch", writer, tally)
+
+
+def typical_seconds(logs: list[dict], event: str, default: float) -> float:
+    """The median duration_ms of ``event`` in ``logs``, in seconds."""
+    took = sorted(line["duration_ms"] for line in logs if line.get("event") == event)
+    return took[len(took) // 2] / 1000 if took else default
+
+
+def kill_daemon_repeatedly(tmp_path: Path, runs: int, seed: int) -> Tally:
+    """Kill ``watcherd run`` at a random moment: a quarter of the kills at any time after it is
+    ready, a quarter inside a save (after it logged ``generation.saving``), a quarter inside a
+    snapshot, each at a random delay; the last quarter just before a random one of its own file
+    operations in its next save cycles (publishing, swapping the manifest, pruning)."""
+    rng = random.Random(seed)
+    tally = Tally("kill -9 watcherd run", f"WATCHERD_CRASH_RUNS={runs} make test-long "
+                  "(or: .venv/bin/python -m pytest -m slow tests/test_crash.py -k daemon)")
+    ws, store, config, writer, checker = saver_setup(tmp_path, seed, tally)
+    logs: list[dict] = []
+    startup_ops, cycle_ops = 0, 10
+    started = time.monotonic()
+    writer.start()
+    try:
+        for n in range(runs):
+            tally.runs += 1
+            aim = ("anywhere", "save", "snapshot", "file operation")[n % 4]
+            kill_at = None
+            if aim == "file operation":
+                kill_at = startup_ops + rng.randint(1, 2 * cycle_ops)
+            elif n == 0:
+                kill_at = 0  # only counts: how many file operations a start and a save make
+            d = Proc(config, "run", kill_at_op=kill_at)
+            d.log.wait("daemon.ready", timeout=20)
+            if aim == "file operation":
+                try:
+                    d.proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    aim = "anywhere"  # fewer operations than expected: a kill now will do
+            elif aim == "anywhere":
+                time.sleep(rng.uniform(0, DAEMON_KILL_WINDOW))  # the random point
+            else:
+                try:
+                    d.log.wait("generation.saving" if aim == "save" else "snapshot.started",
+                               after=1, timeout=15)
+                except AssertionError:
+                    pass  # it exited: reported below
+                event = "generation.saved" if aim == "save" else "snapshot.committed"
+                time.sleep(rng.uniform(0, 1.2 * typical_seconds(logs, event, 0.3)))
+            if not d.kill():
+                tally.problem("exit", f"the daemon exited by itself:\n{d.text()}")
+            if n == 0:
+                startup_ops = len(d.file_operations(after="daemon.ready"))
+                startup_ops = len(d.file_operations()) - startup_ops
+                cycle_ops = max(cycle_ops, _ops_per_save(d.log.lines))
+            tally.kills += 1
+            tally.how[aim if aim == "file operation" else f"timer ({aim})"] += 1
+            tally.steps[d.last_step(SAVE_STEPS, "waiting") + d.last_op()] += 1
+            logs += d.log.lines
+            for line in d.failures():
+                tally.problem("exit" if line["event"].startswith("daemon.") else "corrupt",
+                              f"kill {n}: {line}")
+            checker.check(f"after kill {n}")
+        d = Proc(config, "run")
+        d.log.wait("daemon.ready", timeout=20)
+        writer.stop()
+        settle_and_check_everything_saved(ws, store, writer, checker, tally)
+        d.proc.send_signal(signal.SIGTERM)
+        if d.wait(30) != 0 or d.failures():
+            tally.problem("exit", f"the last daemon did not stop cleanly:\n{d.text()}")
+        check_nothing_left_behind(ws, store, tally)
+    finally:
+        writer.stop()
+        tally.edits = writer.edits
+        tally.seconds = time.monotonic() - started
+    return tally
+
+
+def _ops_per_save(lines: list[dict]) -> int:
+    """The file operations of the first whole save in a log of a counting run."""
+    count, inside = 0, False
+    for line in lines:
+        if line.get("event") == "generation.saving":
+            count, inside = 0, True
+        elif line.get("event") == "test.op" and inside:
+            count += 1
+        elif line.get("event") == "generation.saved" and inside:
+            return count
+    return 0
+
+
+def kill_snapshot_command_repeatedly(tmp_path: Path, runs: int, seed: int) -> Tally:
+    """Kill ``watcherd snapshot --standalone``: every other run at a random time, the others just
+    before a random one of its own file operations."""
+    rng = random.Random(seed)
+    tally = Tally("kill -9 watcherd snapshot", f"WATCHERD_CRASH_RUNS={runs} make test-long "
+                  "(or: .venv/bin/python -m pytest -m slow tests/test_crash.py -k snapshot_command)")
+    ws, store, config, writer, checker = saver_setup(tmp_path, seed, tally)
+    started = time.monotonic()
+    writer.start()
+    try:
+        # Python's start-up is not what this is about: timed kills start a little before the first
+        # step and end a little after a whole run, so some runs finish and prove that what the
+        # killed ones left blocks nothing.
+        firsts, durations, ops = [], [], []
+        for _ in range(3):
+            p = Proc(config, "snapshot", "--standalone", kill_at_op=0)
+            assert p.wait(60) == 0, p.text()
+            firsts.append(p.log.lines[0]["_t"] - p.started)
+            durations.append(time.monotonic() - p.started)
+            # Half the file-operation kills among all of them, half among the short last steps.
+            ops.append((p.file_operations(), p.file_operations(after="bundle.written")))
+        window = (0.8 * min(firsts), 1.05 * sorted(durations)[1])
+        for n in range(runs):
+            tally.runs += 1
+            if n % 2:
+                every, last_steps = max(ops, key=lambda o: len(o[1]))
+                at = rng.choice(every if n % 4 == 1 or not last_steps else last_steps)
+                p = Proc(config, "snapshot", "--standalone", kill_at_op=at)
+                p.proc.wait(60)
+                how = "file operation"
+            else:
+                p = Proc(config, "snapshot", "--standalone")
+                time.sleep(rng.uniform(*window))  # the random point: the test's purpose
+                how = "timer"
+            if p.kill():
+                tally.kills += 1
+                tally.how[how] += 1
+                tally.steps[p.last_step(SAVE_STEPS, "start-up") + p.last_op()] += 1
+            else:
+                tally.finished_before_kill += 1
+                if p.proc.returncode != 0:
+                    tally.problem("exit", f"an uninterrupted snapshot failed after run {n - 1}:"
+                                          f"\n{p.text()}")
+            for line in p.failures():
+                tally.problem("corrupt", f"run {n}: {line}")
+            checker.check(f"after run {n}")
+        writer.stop()
+        p = Proc(config, "snapshot", "--standalone")
+        if p.wait(60) != 0:
+            tally.problem("exit", f"the last snapshot failed:\n{p.text()}")
+        settle_and_check_everything_saved(ws, store, writer, checker, tally)
+        check_nothing_left_behind(ws, store, tally)
+    finally:
+        writer.stop()
+        tally.edits = writer.edits
+        tally.seconds = time.monotonic() - started
+    return tally
+
+
+@pytest.mark.parametrize("runs", runs_param("daemon", 2.5))
+def test_a_daemon_killed_at_random_points_never_loses_a_saved_edit_or_leaves_a_bad_store(
+        fast_tmp, runs) -> None:
+    kill_daemon_repeatedly(fast_tmp, runs, seed=runs).verdict()
+
+
+@pytest.mark.parametrize("runs", runs_param("snapshot_command", 2.0))
+def test_a_snapshot_command_killed_at_random_points_never_loses_a_saved_edit_or_leaves_a_bad_store(
+        fast_tmp, runs) -> None:
+    kill_snapshot_command_repeatedly(fast_tmp, runs, seed=runs).verdict()
+
+
+# -- killing restores --------------------------------------------------------------------------------
+
+
+def full_state(root: Path, skip=lambda name: False) -> dict[str, tuple] | None:
+    """Every entry under ``root``, ``.git`` included, but the top-level names ``skip`` says;
+    None if ``root`` does not exist."""
+    if not root.is_dir():
+        return None
+    state: dict[str, tuple] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        if Path(dirpath) == root:
+            dirnames[:] = [d for d in dirnames if not skip(d)]
+            filenames = [f for f in filenames if not skip(f)]
+        rel_dir = Path(dirpath).relative_to(root)
+        for name in dirnames + filenames:
+            full = Path(dirpath, name)
+            rel = (rel_dir / name).as_posix()
+            state[rel] = (("link", os.readlink(full)) if full.is_symlink()
+                          else ("dir",) if full.is_dir()
+                          else ("file", full.lstat().st_mode & 0o777, full.read_bytes()))
+    return state
+
+
+def make_stored_workspace(path: Path, store: Path) -> mf.Generation:
+    """A workspace with enough files that checking it out takes a while, saved as generation 1;
+    with an uncommitted edit, an untracked file and a deleted file, as a real snapshot has."""
+    from watcherd import snapshot
+    from watcherd.git import Git
+
+    make_workspace(path)
+    for d in range(10):
+        (path / "src" / f"pkg{d:02}").mkdir(parents=True)
+        for f in range(40):
+            (path / "src" / f"pkg{d:02}" / f"m{f:02}.py").write_text(f"# module {d}.{f}\n" * 20)
+    git(path, "add", "-A")
+    git(path, "commit", "--quiet", "-m", "sources")
+    (path / "README.md").write_text("# app, edited\n")
+    (path / "untracked.txt").write_text("not committed yet\n")
+    (path / "src" / "pkg00" / "m00.py").unlink()
+    with capture_logs():
+        snapshot.take(Git(path))
+        Generations(LocalStore(store), KEY).save(Git(path), "shadow",
+                                                 path / ".git" / "watcherd" / "spool")
+    return mf.parse((store / KEY / "manifest.json").read_bytes(), "manifest").current
+
+
+def make_foreign(path: Path, entries: int) -> None:
+    """What a pod may start with instead: another repository, with many top-level entries."""
+    path.mkdir(exist_ok=True)
+    for i in range(entries):
+        (path / f"foreign{i:03}.txt").write_text(f"foreign {i}\n")
+    git(path, "init", "--quiet")
+    git(path, "add", "-A")
+    git(path, "commit", "--quiet", "-m", "something else")
+
+
+class RestoreChecker:
+    """What a killed ``watcherd restore`` may leave in a workspace, and what its rerun must give."""
+
+    def __init__(self, target: Path, store: Path, gen: mf.Generation, expected: dict, mount: bool,
+                 tally: Tally) -> None:
+        self.target, self.store, self.gen, self.expected = target, store, gen, expected
+        self.mount, self.tally = mount, tally
+
+    def scratch(self, name: str) -> bool:
+        """Names a killed restore may leave inside a mount point until its rerun."""
+        return self.mount and name.startswith((".watcherd-restore", ".watcherd-download-"))
+
+    def not_the_workspace(self, name: str) -> bool:
+        return self.scratch(name) or (self.mount and name.startswith(".watcherd-aside-"))
+
+    def asides(self) -> list[Path]:
+        if self.mount:
+            return sorted(self.target.glob(".watcherd-aside-*"))
+        return sorted(self.target.parent.glob(f"{self.target.name}.watcherd-*"))
+
+    def restored(self, *, markers_cleared: bool = True) -> bool:
+        """The stored tree, HEAD and snapshot history are in place; ``markers_cleared``: and the
+        restore finished (right after a kill, the markers of a mount point's move may remain
+        for the rerun to clear)."""
+        t = self.target
+        if not (t / ".git").is_dir():
+            return False
+        if markers_cleared and any((t / ".git" / "watcherd" / m).exists()
+                                   for m in ("READY", "MOVING", "SWAPPED")):
+            return False
+        now = {k: v for k, v in tree_state(t).items()
+               if not self.not_the_workspace(k.split("/")[0])}
+        return (now == self.expected and git(t, "rev-parse", "HEAD") == self.gen.head
+                and git(t, "rev-parse", SNAPSHOT_REF) == self.gen.snapshot)
+
+    def old_contents_kept(self, before: dict | None, context: str, *, killed: bool = False) -> None:
+        """The workspace's old contents are whole in one place: still there, or in an aside (or,
+        right after a kill, where the swap put them until the rerun gives them their aside name)."""
+        if not before:
+            return
+        places = [full_state(self.target, self.not_the_workspace)]
+        places += [full_state(a) for a in self.asides()]
+        if killed and not self.mount:
+            places += [full_state(p) for p in
+                       self.target.parent.glob(f".{self.target.name}.watcherd-restore-*")]
+        if before not in places:
+            self.tally.problem("lost", f"{context}: the workspace's old contents are not whole "
+                                       f"anywhere (asides: {[a.name for a in self.asides()]})")
+
+    def after_kill(self, before: dict | None, context: str) -> None:
+        """Untouched, restored, or (mount point) marked complete for the rerun to finish."""
+        now = full_state(self.target, self.not_the_workspace)
+        if now == before:
+            verdict = "untouched"
+        elif self.restored(markers_cleared=False):
+            verdict = "restored"
+        elif self.mount and (self.target / STAGING_READY).exists():
+            verdict = "resumable"
+        else:
+            verdict = "neither"
+            what = "missing" if now is None else f"{len(now)} entries"
+            self.tally.problem("corrupt", f"{context}: the workspace is neither untouched nor "
+                                          f"restored nor resumable ({what})")
+        self.tally.left[verdict] += 1
+        if verdict != "resumable":
+            self.old_contents_kept(before, context, killed=True)
+
+    def after_rerun(self, before: dict | None, context: str) -> None:
+        try:
+            outcome, _ = lib_restore(self.target, self.store)
+        except Exception as exc:  # noqa: BLE001 - counted and reported
+            self.tally.problem("corrupt", f"{context}: the rerun failed: {exc}")
+            return
+        if outcome.generation != self.gen.generation or not self.restored():
+            self.tally.problem("corrupt", f"{context}: the rerun did not restore the workspace "
+                                          f"({outcome})")
+        self.old_contents_kept(before, context)
+        if before and len(self.asides()) != 1:
+            self.tally.problem("corrupt", f"{context}: the old contents are split over "
+                                          f"{[a.name for a in self.asides()]}")
+        for aside in self.asides() if self.mount else ():
+            ignored = subprocess.run(["git", "check-ignore", "-q", f"{aside.name}/"],
+                                     cwd=self.target).returncode == 0
+            if not ignored:
+                self.tally.problem("corrupt", f"{context}: {aside.name} is not ignored: the next "
+                                              "snapshot would take the old contents in")
+        if self.mount:
+            left = [p.name for p in self.target.iterdir() if self.scratch(p.name)]
+        else:
+            left = [p.name for p in self.target.parent.iterdir()
+                    if p.name.startswith(f".{self.target.name}.watcherd-")]
+        if left:
+            self.tally.problem("leak", f"{context}: the rerun left {left}")
+
+    def reset(self, variant: str) -> dict | None:
+        """Put the workspace in ``variant``'s state; what it holds then."""
+        t = self.target
+        for aside in self.asides():
+            shutil.rmtree(aside)
+        if self.mount:
+            for p in t.iterdir():
+                shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+        elif t.exists():
+            shutil.rmtree(t)
+        if variant == "empty":
+            t.mkdir(exist_ok=True)
+        elif variant == "foreign":
+            make_foreign(t, 200)
+        return full_state(t)
+
+
+STAGING_READY = Path(".watcherd-restore") / ".git" / "watcherd" / "READY"
+
+
+def kill_restore_repeatedly(tmp_path: Path, target: Path, runs: int, seed: int,
+                            mount: bool) -> Tally:
+    """Kill ``watcherd restore`` into a workspace that is absent, empty, or holds another
+    repository: every other run at a random time, the others just before a random one of its own
+    file operations (the steps that place the tree and move the old one aside)."""
+    rng = random.Random(seed)
+    where = "a mount point" if mount else "beside the workspace"
+    tally = Tally(f"kill -9 watcherd restore ({where})",
+                  f"WATCHERD_CRASH_RUNS={runs} make test-long (or: .venv/bin/python -m pytest -m "
+                  f"slow tests/test_crash.py -k restore_{'mount' if mount else 'beside'})",
+                  restore=True)
+    store = tmp_path / "store"
+    gen = make_stored_workspace(tmp_path / "source", store)
+    config = write_config(tmp_path / "restore.toml", target, store)
+    checker = RestoreChecker(target, store, gen, commit_state(tmp_path / "source", gen.snapshot),
+                             mount, tally)
+    variants = ["empty", "foreign"] if mount else ["absent", "empty", "foreign"]
+    started = time.monotonic()
+    # Timed kills spread from a little before the first step (a restore of a workspace that
+    # already holds the history does nothing else) to a little after a whole restore.
+    durations, ops = [], {}
+    for variant in variants:
+        checker.reset(variant)
+        p = Proc(config, "restore", kill_at_op=0)
+        assert p.wait(60) == 0, p.text()
+        durations.append(time.monotonic() - p.started)
+        # Half the file-operation kills among all of them, half among those that place the tree.
+        ops[variant] = (p.file_operations(), p.file_operations(after="restore.placing"))
+    p = Proc(config, "restore")
+    assert p.wait(60) == 0, p.text()
+    window = (0.8 * (time.monotonic() - p.started), 1.1 * max(durations))
+    for n in range(runs):
+        tally.runs += 1
+        variant = variants[n % len(variants)]
+        before = checker.reset(variant)
+        if (n // len(variants)) % 2:
+            every, placing = ops[variant]
+            p = Proc(config, "restore", kill_at_op=rng.choice(every if rng.random() < 0.5 else placing))
+            p.proc.wait(60)
+            how = "file operation"
+        else:
+            p = Proc(config, "restore")
+            time.sleep(rng.uniform(*window))  # the random point: the test's purpose
+            how = "timer"
+        context = f"kill {n} ({variant}, {how})"
+        if p.kill():
+            tally.kills += 1
+            tally.how[how] += 1
+            tally.steps[p.last_step(RESTORE_STEPS, "read + download") + p.last_op()] += 1
+        else:
+            tally.finished_before_kill += 1
+            if p.proc.returncode != 0:
+                tally.problem("exit", f"{context}: an uninterrupted restore failed:\n{p.text()}")
+        checker.after_kill(before, context)
+        checker.after_rerun(before, context)
+    tally.seconds = time.monotonic() - started
+    return tally
+
+
+def mount_tmpfs(path: Path) -> str | None:
+    """Mount a tmpfs at ``path``; why not, when it cannot be done here."""
+    path.mkdir(exist_ok=True)
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        return "needs root to mount a tmpfs"
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1g", "tmpfs", str(path)],
+                          capture_output=True, text=True)
+    return None if proc.returncode == 0 else f"mounting a tmpfs is not permitted here: {proc.stderr.strip()}"
+
+
+@pytest.fixture
+def fast_tmp(tmp_path):
+    """A tmpfs to run in, where that is allowed: hundreds of checkouts take a third of the time.
+    The crash behaviour under test (renames, links, fsync) is the same on any local filesystem."""
+    path = tmp_path / "tmpfs"
+    if mount_tmpfs(path) is not None:
+        yield tmp_path
+        return
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+@pytest.fixture
+def mount_point(fast_tmp):
+    """A tmpfs mounted at the workspace, as a Kubernetes emptyDir is a mount point."""
+    path = fast_tmp / "mnt"
+    why = mount_tmpfs(path)
+    if why is not None:
+        pytest.skip(f"{why} (the workspace-is-a-mount-point path)")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+@pytest.mark.parametrize("runs", runs_param("restore_beside", 2.0))
+def test_a_killed_restore_leaves_the_workspace_untouched_or_restored_and_a_rerun_finishes(
+        fast_tmp, runs) -> None:
+    kill_restore_repeatedly(fast_tmp, fast_tmp / "app", runs, seed=runs, mount=False).verdict()
+
+
+@pytest.mark.parametrize("runs", runs_param("restore_mount", 2.0))
+def test_a_killed_restore_into_a_mount_point_is_untouched_restored_or_resumed_by_a_rerun(
+        fast_tmp, mount_point, runs) -> None:
+    kill_restore_repeatedly(fast_tmp, mount_point, runs, seed=runs, mount=True).verdict()
