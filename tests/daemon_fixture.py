@@ -305,6 +305,12 @@ class Daemon:
     def show(self, path: str, commit: str = SNAPSHOT_REF) -> str:
         return git(self.workspace, "show", f"{commit}:{path}")
 
+    def shown(self, path: str, commit: str = SNAPSHOT_REF) -> str | None:
+        """Like :meth:`show`, but None while the path (or the ref) is not there yet."""
+        r = subprocess.run(["git", "show", f"{commit}:{path}"], cwd=self.workspace,
+                           capture_output=True, text=True)
+        return r.stdout.strip() if r.returncode == 0 else None
+
     def restore_into(self, target: Path, *extra: str) -> subprocess.CompletedProcess:
         """``watcherd restore`` into ``target`` with a second config on the same store and key."""
         config = write_config(target.parent / f"{target.name}-restore.toml", workspace=target,

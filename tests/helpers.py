@@ -22,6 +22,16 @@ def git(path: Path, *args: str, input: bytes | None = None) -> str:
     return proc.stdout.decode("utf-8", "surrogateescape").strip()
 
 
+def make_repo(path: Path, text: str = "hello\n") -> Path:
+    """A repository with one commit of ``readme.md``, as a user's project starts."""
+    path.mkdir(parents=True)
+    git(path, "init", "-q")
+    (path / "readme.md").write_text(text)
+    git(path, "add", "-A")
+    git(path, "commit", "-q", "-m", "initial")
+    return path
+
+
 def tree_state(root: Path) -> dict[str, tuple]:
     """Every entry under ``root`` except ``.git``: (kind, mode, bytes or link target)."""
     state: dict[str, tuple] = {}

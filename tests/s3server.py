@@ -499,8 +499,8 @@ def _read_body(conn: _Conn, headers: dict[str, str]) -> bytes:
                 raise _Close
             size = int(size_line.split(b";")[0].strip(), 16)
             if size == 0:
-                while (trailer := conn.read_until(b"\r\n")) not in (b"\r\n", None):
-                    pass
+                while conn.read_until(b"\r\n") not in (b"\r\n", None):
+                    pass  # trailer lines
                 return bytes(out)
             out += conn.read_exact(size)
             conn.read_exact(2)

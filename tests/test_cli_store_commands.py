@@ -12,20 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from helpers import git, tree_state
+from helpers import make_repo, tree_state
 from watcherd.units import format_size
 
 KEY = "acme/cli-1/main"
 WATCHERD = Path(sys.executable).parent / "watcherd"
 
-
-def make_repo(path: Path, text: str = "hello\n") -> Path:
-    path.mkdir()
-    git(path, "init", "-q")
-    (path / "readme.md").write_text(text)
-    git(path, "add", "-A")
-    git(path, "commit", "-q", "-m", "initial")
-    return path
 
 
 def write_config(path: Path, ws: Path, store_dir: Path, *, store: str = "", restore: str = "") -> Path:

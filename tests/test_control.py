@@ -211,3 +211,12 @@ def test_a_daemon_that_takes_the_request_but_does_not_answer_is_not_reported_as_
     assert d.stop() == 0
     with pytest.raises(DaemonNotRunning, match="no watcherd answers"):
         client.status()
+
+
+def test_status_text_shows_an_upload_whose_size_is_unknown() -> None:
+    # After a lost answer the daemon learns of its generation from the store, without its size.
+    from watcherd.cli.status_cmd import render
+
+    text = render({"state": "idle", "idle": True, "watches": 3,
+                   "last_upload": {"at": "2026-11-26T10:00:00Z", "generation": 4, "bytes": None}})
+    assert "last upload:    generation 4 at 2026-11-26T10:00:00Z" in text

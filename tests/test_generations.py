@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from helpers import git
+from helpers import git, make_repo
 from watcherd import manifest as mf
 from watcherd import snapshot
 from watcherd.errors import BundleTooLarge, ConflictError, IntegrityError
@@ -25,14 +25,6 @@ from watcherd.store.local import LocalStore
 
 KEY = "acme/sandbox-1/main"
 
-
-def make_repo(path: Path, text: str = "hello\n") -> Path:
-    path.mkdir()
-    git(path, "init", "-q")
-    (path / "readme.md").write_text(text)
-    git(path, "add", "-A")
-    git(path, "commit", "-q", "-m", "initial")
-    return path
 
 
 def gens_for(store_dir: Path, limits: Limits | None = None, key: str = KEY) -> Generations:

@@ -25,7 +25,7 @@ from structlog.testing import capture_logs
 
 import daemon_fixture
 from daemon_fixture import SNAPSHOT_REF, make_workspace, run_cli, watcherd  # noqa: F401 (fixture)
-from helpers import git, tree_state, wait_for
+from helpers import git, make_repo, tree_state, wait_for
 from watcherd import manifest as mf
 from watcherd import snapshot
 from watcherd.bundle import file_digest
@@ -43,14 +43,6 @@ linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="in
 
 # -- helpers -------------------------------------------------------------------------------------------
 
-
-def make_repo(path: Path) -> Path:
-    path.mkdir(parents=True)
-    git(path, "init", "-q")
-    (path / "readme.md").write_text("hello\n")
-    git(path, "add", "-A")
-    git(path, "commit", "-q", "-m", "initial")
-    return path
 
 
 def config_for(ws: Path, store_dir: Path, **restore_options) -> Config:
@@ -429,8 +421,8 @@ def test_the_daemon_reports_a_nested_repository_and_keeps_saving(watcherd, tmp_p
                            path=p)["path"] for p in ("packages/ui", "scratch")}
     assert reported == {"packages/ui", "scratch"}
     (d.workspace / "src" / "app.py").write_text("print('still saved')\n")
-    wait_for(lambda: (s := d.status())["state"] == "idle" and
-             d.show("src/app.py") == "print('still saved')", timeout=15,
+    wait_for(lambda: d.shown("src/app.py") == "print('still saved')" and
+             d.status()["state"] == "idle", timeout=15,
              message="the edit beside the nested repositories saved")
     target = tmp_path / "restored"
     target.mkdir()

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from helpers import git, tree_state
+from helpers import git, make_repo, tree_state
 from watcherd import manifest as mf
 from watcherd import snapshot
 from watcherd.bundle import file_digest
@@ -29,14 +29,6 @@ KEY = "acme/sandbox-7/main"
 
 # -- helpers -------------------------------------------------------------------------------------------
 
-
-def make_repo(path: Path, text: str = "hello\n") -> Path:
-    path.mkdir()
-    git(path, "init", "-q")
-    (path / "readme.md").write_text(text)
-    git(path, "add", "-A")
-    git(path, "commit", "-q", "-m", "initial")
-    return path
 
 
 def config_for(ws: Path, store_dir: Path, mode: str = "shadow", **restore_options) -> Config:

@@ -27,7 +27,7 @@ from structlog.testing import capture_logs
 
 import daemon_fixture
 from daemon_fixture import Daemon, free_port, run_cli, watcherd  # noqa: F401 (fixture)
-from helpers import git, tree_state, wait_for
+from helpers import git, make_repo, tree_state, wait_for
 from s3server import MotoS3, aws_env
 from watcherd import config as wconfig
 from watcherd import manifest as mf
@@ -46,14 +46,6 @@ linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="in
 
 # -- helpers -------------------------------------------------------------------------------------------
 
-
-def make_repo(path: Path) -> Path:
-    path.mkdir(parents=True)
-    git(path, "init", "-q")
-    (path / "readme.md").write_text("hello\n")
-    git(path, "add", "-A")
-    git(path, "commit", "-q", "-m", "initial")
-    return path
 
 
 def config_for(ws: Path, store_dir: Path, **restore_options) -> Config:
@@ -502,14 +494,10 @@ def test_the_daemon_runs_nothing_the_workspace_config_names(watcherd, tmp_path):
     subprocess.run([*git_user, "commit", "-q", "-am", "the user's commit"], cwd=d.workspace,
                    check=True, capture_output=True)
     (d.workspace / "src" / "more.py").write_text("x = 1\n")
-    def saved() -> bool:
-        # Right after the writes the daemon may not have read their events yet and still say
-        # "idle": the file being in the snapshot is what counts.
-        shown = subprocess.run(["git", "show", "refs/watcherd/snapshots:src/more.py"],
-                               cwd=d.workspace, capture_output=True, text=True)
-        return shown.stdout.strip() == "x = 1" and d.status()["state"] == "idle"
-
-    wait_for(saved, timeout=15, message="everything saved")
+    # Right after the writes the daemon may not have read their events yet and still say "idle":
+    # the file being in the snapshot is what counts.
+    wait_for(lambda: d.shown("src/more.py") == "x = 1" and d.status()["state"] == "idle",
+             timeout=15, message="everything saved")
     assert d.stop() == 0
     assert marker.ran == ""
 

@@ -41,8 +41,9 @@ def render(s: dict[str, Any]) -> str:
         f"unsaved:        {'nothing' if unsaved is None else f'oldest change {_age(unsaved)} ago'}",
         f"last snapshot:  {snap.get('at', 'none this run')}"
         + (f" {snap['commit'][:12]} ({snap.get('files')} files)" if snap.get("commit") else ""),
-        f"last upload:    "
-        + (f"generation {up['generation']} at {up['at']} ({format_size(up['bytes'])})"
+        "last upload:    "
+        + (f"generation {up['generation']} at {up['at']}"
+           + (f" ({format_size(up['bytes'])})" if up.get("bytes") is not None else "")
            if up else "none"),
         f"store:          {(s.get('store') or {}).get('url')} key {(s.get('store') or {}).get('key')}",
     ]
