@@ -624,3 +624,38 @@ def test_restore_into_a_mount_point_keeps_the_mount_and_moves_the_old_contents_i
     assert not (mounted / ".watcherd-restore").exists()
     assert [p.name for p in mounted.iterdir() if p.name.startswith(".watcherd-download")] == []
     assert snapshot.take(Git(mounted)).commit is None
+
+
+@pytest.fixture
+def bind_mounted_onto_itself(tmp_path):
+    """What systemd's ReadWritePaths=/app makes: a bind mount of a directory onto itself, on the
+    same filesystem as its parent (which systemd has made read-only)."""
+    path = tmp_path / "app"
+    path.mkdir()
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("needs root to make a bind mount (the ReadWritePaths= case)")
+    proc = subprocess.run(["mount", "--bind", str(path), str(path)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"bind mounts are not permitted here: {proc.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def test_restore_into_a_bind_mount_onto_itself_stages_inside_it(ws, store_dir,
+                                                                bind_mounted_onto_itself):
+    target = bind_mounted_onto_itself
+    assert not os.path.ismount(target)  # the trap: same device as the parent
+    (ws / "readme.md").write_text("stored\n")
+    save(ws, store_dir)
+    staged_beside = set(target.parent.iterdir())
+
+    outcome = restore(config_for(target, store_dir), gens_for(store_dir))
+
+    assert outcome.action == "restored"
+    assert tree_state(target) == tree_state(ws)
+    # Nothing was staged beside it (under ProtectSystem=strict the parent is read-only), and the
+    # mount is still the workspace: it was filled in place, not renamed over.
+    assert set(target.parent.iterdir()) == staged_beside
+    assert target in {Path(line.split(" ")[4]) for line in Path("/proc/self/mountinfo").read_text().splitlines()}

@@ -17,6 +17,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -433,7 +434,25 @@ def _entries(ws: Path) -> list[Path]:
 
 
 def _is_mount_point(path: Path) -> bool:
-    return os.path.ismount(path)
+    """Whether ``path`` is a mount point, bind mounts included.
+
+    ``os.path.ismount`` compares devices with the parent, so it misses a bind mount of a directory
+    onto itself — which is what systemd's ``ReadWritePaths=/app`` makes, under a read-only ``/``
+    where nothing can be staged beside the workspace. The kernel's mount table knows better.
+    """
+    if os.path.ismount(path):
+        return True
+    target = os.path.realpath(path)
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+            return any(_unescape(line.split(" ")[4]) == target for line in f)
+    except OSError:
+        return False
+
+
+def _unescape(field: str) -> str:
+    # mountinfo writes space, tab, newline and backslash in paths as octal escapes (\040).
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
 
 
 def _scratch_dir(ws: Path) -> Path:
