@@ -173,7 +173,6 @@ class Daemon:
                   pid=os.getpid(), version=__version__)
         try:
             async with anyio.create_task_group() as tg:
-                self._tg = tg
                 tg.start_soon(self._watch_loop)
                 tg.start_soon(self._signal_loop)
                 if self.notifier.watchdog_interval:
