@@ -1,6 +1,6 @@
 """The reference workspace of docs/benchmarks.md, and the npm-like storm that runs in it.
 
-Shape (from /work/shared/BASELINES.md, so our numbers sit next to the floors and peers measured
+Shape (from the BASELINES notes, so our numbers sit next to the floors and peers measured
 there): 300 tracked sources (~1.7 MiB) in 51 non-ignored directories, committed; a ``node_modules/``
 of 25,001 directories and 150,000 files; a ``.next/`` of 99 directories and 2,000 files; a
 ``.gitignore`` that leaves both out. Deterministic for a given seed, so two runs measure the same
