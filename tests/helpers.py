@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import stat
 import subprocess
 import time
@@ -30,6 +31,32 @@ def make_repo(path: Path, text: str = "hello\n") -> Path:
     git(path, "add", "-A")
     git(path, "commit", "-q", "-m", "initial")
     return path
+
+
+def store_files(store_dir: Path) -> dict[str, bytes]:
+    """Every object of a local store, by name: to show that something left the store unchanged."""
+    return {p.relative_to(store_dir).as_posix(): p.read_bytes()
+            for p in sorted(store_dir.rglob("*")) if p.is_file() and not p.name.startswith(".")}
+
+
+def publish(store_dir: Path, key: str, bundle: Path, *, snapshot_commit: str, head: str | None,
+            head_ref: str | None) -> int:
+    """Put a hand-made bundle in a local store as the next generation, as an attacker with write
+    access to the store (or a corrupted writer) could: size and sha256 match, so only git's own
+    checks and watcherd's are left to refuse it."""
+    from watcherd import manifest as mf
+    from watcherd.bundle import file_digest
+
+    manifest_path = store_dir / key / "manifest.json"
+    current = mf.parse(manifest_path.read_bytes(), "manifest")
+    number = current.current.generation + 1
+    name = mf.bundle_name(number, snapshot_commit)
+    shutil.copyfile(bundle, store_dir / key / "bundles" / name)
+    size, sha = file_digest(bundle)
+    new = mf.Generation(number, name, size, sha, snapshot_commit, head_ref, head,
+                        mf.now_rfc3339(), mf.Writer("attacker", 1))
+    manifest_path.write_bytes(current.advance(new, 10).to_json())
+    return number
 
 
 def tree_state(root: Path) -> dict[str, tuple]:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import make_repo, tree_state
+from helpers import make_repo, store_files, tree_state
 from watcherd.units import format_size
 
 KEY = "acme/cli-1/main"
@@ -59,11 +59,6 @@ def log_events(stdout: str) -> list[dict]:
         if line.startswith("{"):
             found.append(json.loads(line))
     return found
-
-
-def store_files(store_dir: Path) -> dict[str, bytes]:
-    return {p.relative_to(store_dir).as_posix(): p.read_bytes()
-            for p in sorted(store_dir.rglob("*")) if p.is_file() and not p.name.startswith(".")}
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from helpers import git, make_repo
+from helpers import git, make_repo, store_files
 from watcherd import manifest as mf
 from watcherd import snapshot
 from watcherd.errors import BundleTooLarge, ConflictError, IntegrityError
@@ -52,11 +52,6 @@ def bundle_names(store_dir: Path, key: str = KEY) -> list[str]:
 
 def manifest_doc(store_dir: Path, key: str = KEY) -> dict:
     return json.loads((key_dir(store_dir, key) / "manifest.json").read_bytes())
-
-
-def store_files(store_dir: Path) -> dict[str, bytes]:
-    return {p.relative_to(store_dir).as_posix(): p.read_bytes()
-            for p in sorted(store_dir.rglob("*")) if p.is_file() and not p.name.startswith(".")}
 
 
 @pytest.fixture

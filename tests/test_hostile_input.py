@@ -25,10 +25,9 @@ from structlog.testing import capture_logs
 
 import daemon_fixture
 from daemon_fixture import SNAPSHOT_REF, make_workspace, run_cli, watcherd  # noqa: F401 (fixture)
-from helpers import git, make_repo, tree_state, wait_for
+from helpers import git, make_repo, publish, tree_state, wait_for
 from watcherd import manifest as mf
 from watcherd import snapshot
-from watcherd.bundle import file_digest
 from watcherd.config import Config, RestoreConfig, StoreConfig, WorkspaceConfig, parse_store_url
 from watcherd.errors import BundleTooLarge, IntegrityError, RestoreError, WatcherdError
 from watcherd.generations import Generations, Limits
@@ -83,23 +82,6 @@ def listing(path: Path) -> dict[str, tuple]:
         st = p.lstat()
         found[str(p.relative_to(path))] = (stat.S_IFMT(st.st_mode), st.st_size, st.st_mtime_ns)
     return found
-
-
-def publish(store_dir: Path, bundle: Path, *, snapshot_commit: str, head: str | None,
-            head_ref: str | None) -> int:
-    """Put a hand-made bundle in the store as the next generation, as an attacker with write access
-    to the store (or a corrupted writer) could: size and sha256 match, so only git's own checks and
-    watcherd's are left to refuse it."""
-    manifest_path = store_dir / KEY / "manifest.json"
-    current = mf.parse(manifest_path.read_bytes(), "manifest")
-    number = current.current.generation + 1
-    name = mf.bundle_name(number, snapshot_commit)
-    shutil.copyfile(bundle, store_dir / KEY / "bundles" / name)
-    size, sha = file_digest(bundle)
-    new = mf.Generation(number, name, size, sha, snapshot_commit, head_ref, head,
-                        mf.now_rfc3339(), mf.Writer("attacker", 1))
-    manifest_path.write_bytes(current.advance(new, 10).to_json())
-    return number
 
 
 def bundle_with_extra_refs(repo: Path, dest: Path, extra: list[bytes]) -> Path:
@@ -753,7 +735,7 @@ def test_a_bundle_with_hostile_ref_names_restores_its_valid_refs_and_writes_noth
         "refs/heads/.git/config", "refs/heads/x.lock", "refs/heads/sp ace", "refs/heads/a\x01b",
         "HEAD2", "FETCH_HEAD", "refs/heads/main/../../../objects/info/alternates")]
     bundle = bundle_with_extra_refs(ws, tmp_path / "hostile.bundle", hostile)
-    number = publish(store_dir, bundle, snapshot_commit=snap.commit, head=head,
+    number = publish(store_dir, KEY, bundle, snapshot_commit=snap.commit, head=head,
                      head_ref="refs/heads/main")
     target = tmp_path / "restored"
     before = listing(tmp_path / "store")
@@ -779,7 +761,7 @@ def test_a_bundle_whose_ref_git_cannot_store_falls_back_to_the_previous_generati
     head = git(ws, "rev-parse", "HEAD")
     bundle = bundle_with_extra_refs(ws, tmp_path / "long.bundle",
                                     [f"{head} refs/heads/{'x' * 5000}".encode()])
-    publish(store_dir, bundle, snapshot_commit=snap.commit, head=head, head_ref="refs/heads/main")
+    publish(store_dir, KEY, bundle, snapshot_commit=snap.commit, head=head, head_ref="refs/heads/main")
     target = tmp_path / "restored"
 
     with capture_logs() as logs:
@@ -803,7 +785,7 @@ def test_a_manifest_with_a_hostile_head_is_refused_and_the_previous_generation_r
     snap = snapshot.take(Git(ws))
     bundle = tmp_path / "plain.bundle"
     git(ws, "bundle", "create", "-q", str(bundle), "--all")
-    publish(store_dir, bundle, snapshot_commit=snap.commit, head=head, head_ref=head_ref)
+    publish(store_dir, KEY, bundle, snapshot_commit=snap.commit, head=head, head_ref=head_ref)
     target = tmp_path / "restored"
 
     with capture_logs() as logs:

@@ -27,12 +27,10 @@ from structlog.testing import capture_logs
 
 import daemon_fixture
 from daemon_fixture import Daemon, free_port, run_cli, watcherd  # noqa: F401 (fixture)
-from helpers import git, make_repo, tree_state, wait_for
+from helpers import git, make_repo, publish, tree_state, wait_for
 from s3server import MotoS3, aws_env
 from watcherd import config as wconfig
-from watcherd import manifest as mf
 from watcherd import snapshot
-from watcherd.bundle import file_digest
 from watcherd.config import Config, RestoreConfig, StoreConfig, WorkspaceConfig, parse_store_url
 from watcherd.errors import RestoreError
 from watcherd.generations import Generations
@@ -340,20 +338,6 @@ def _literal_tree(repo: Path, entries: list[tuple[str, bytes, str]]) -> str:
     return git(repo, "hash-object", "-w", "--literally", "-t", "tree", "--stdin", input=data)
 
 
-def publish(store_dir: Path, bundle: Path, *, snapshot_commit: str, head: str,
-            head_ref: str) -> int:
-    manifest_path = store_dir / KEY / "manifest.json"
-    current = mf.parse(manifest_path.read_bytes(), "manifest")
-    number = current.current.generation + 1
-    name = mf.bundle_name(number, snapshot_commit)
-    shutil.copyfile(bundle, store_dir / KEY / "bundles" / name)
-    size, sha = file_digest(bundle)
-    new = mf.Generation(number, name, size, sha, snapshot_commit, head_ref, head,
-                        mf.now_rfc3339(), mf.Writer("attacker", 1))
-    manifest_path.write_bytes(current.advance(new, 10).to_json())
-    return number
-
-
 @pytest.mark.parametrize("entry", ["..", ".git", ".GIT", "../escaped", "/abs-escaped",
                                    "link-then-dir", "dot-dot-dir"])
 @pytest.mark.parametrize("in_commit", ["snapshot", "HEAD"])
@@ -390,7 +374,7 @@ def test_a_tree_with_entries_that_escape_is_refused_and_nothing_is_written_outsi
     git(ws, "update-ref", snapshot.SNAPSHOT_REF, snap)
     bundle = tmp_path / "hostile.bundle"
     git(ws, "bundle", "create", "-q", str(bundle), "--all")
-    publish(store_dir, bundle, snapshot_commit=snap, head=head, head_ref="refs/heads/main")
+    publish(store_dir, KEY, bundle, snapshot_commit=snap, head=head, head_ref="refs/heads/main")
     target = tmp_path / "deep" / "restored"
     target.parent.mkdir()
     before = sorted(p.name for p in tmp_path.iterdir())
