@@ -64,10 +64,13 @@ def make_workspace(path: Path) -> Path:
 
 def write_config(path: Path, *, workspace: Path, store: Path, key: str, listen: str,
                  token: str = "", watch: dict[str, str] | None = None,
-                 log_level: str = "info") -> Path:
+                 log_level: str = "info", state_dir: Path | None = None) -> Path:
+    """A daemon's config; its state directory is ``<config name>-state`` beside it unless given
+    (each pod has its own)."""
     timings = {**FAST, **(watch or {})}
+    state_dir = state_dir or path.with_name(f"{path.stem}-state")
     lines = [
-        "[workspace]", f'path = "{workspace}"', "",
+        "[workspace]", f'path = "{workspace}"', f'state_dir = "{state_dir}"', "",
         "[watch]", *(f'{k} = "{v}"' for k, v in timings.items()), "",
         "[store]", f'url = "file://{store}"', f'key = "{key}"', "",
         "[control]", f'listen = "{listen}"', f'token = "{token}"', "",
@@ -189,9 +192,10 @@ class Daemon:
         self.listen = listen or f"127.0.0.1:{free_port()}"
         self.port = int(self.listen.rpartition(":")[2])
         self.token = token
+        self.state_dir = base / f"{name}-state"
         self.config = write_config(base / f"{name}.toml", workspace=self.workspace,
                                    store=self.store, key=key, listen=self.listen, token=token,
-                                   watch=watch, log_level=log_level)
+                                   watch=watch, log_level=log_level, state_dir=self.state_dir)
         self.proc: subprocess.Popen | None = None
         self.log: LogLines | None = None
         self.runs: list[tuple[LogLines, Path]] = []  # every run's log, for the teardown report
@@ -293,28 +297,39 @@ class Daemon:
         m = self.manifest()
         return m["generation"] if m else 0
 
+    @property
+    def repo(self) -> Path:
+        """watcherd's own repository (the snapshot history) in the state directory."""
+        return self.state_dir / self.key / "repo.git"
+
+    def git(self, *args: str) -> str:
+        """git in watcherd's own repository (where the snapshots are), as a person inspecting it."""
+        return git(self.base, f"--git-dir={self.repo}", *args)
+
     def snapshots(self) -> list[str]:
         """The snapshot commits, newest first (not the user's commit the first one sits on)."""
-        out = subprocess.run(["git", "log", "--first-parent", "--format=%H %s", SNAPSHOT_REF],
-                             cwd=self.workspace, capture_output=True, text=True)
+        out = subprocess.run(["git", f"--git-dir={self.repo}", "log", "--first-parent",
+                              "--format=%H %s", SNAPSHOT_REF], capture_output=True, text=True)
         if out.returncode != 0:
             return []
         return [line.split()[0] for line in out.stdout.splitlines()
                 if line.split(" ", 1)[1].startswith("watcherd: snapshot")]
 
     def show(self, path: str, commit: str = SNAPSHOT_REF) -> str:
-        return git(self.workspace, "show", f"{commit}:{path}")
+        return git(self.workspace, f"--git-dir={self.repo}", "show", f"{commit}:{path}")
 
     def shown(self, path: str, commit: str = SNAPSHOT_REF) -> str | None:
         """Like :meth:`show`, but None while the path (or the ref) is not there yet."""
-        r = subprocess.run(["git", "show", f"{commit}:{path}"], cwd=self.workspace,
+        r = subprocess.run(["git", f"--git-dir={self.repo}", "show", f"{commit}:{path}"],
                            capture_output=True, text=True)
         return r.stdout.strip() if r.returncode == 0 else None
 
-    def restore_into(self, target: Path, *extra: str) -> subprocess.CompletedProcess:
-        """``watcherd restore`` into ``target`` with a second config on the same store and key."""
+    def restore_into(self, target: Path, *extra: str,
+                     state_dir: Path | None = None) -> subprocess.CompletedProcess:
+        """``watcherd restore`` into ``target`` with a second config on the same store and key
+        (and a state directory of its own: another pod)."""
         config = write_config(target.parent / f"{target.name}-restore.toml", workspace=target,
-                              store=self.store, key=self.key, listen="")
+                              store=self.store, key=self.key, listen="", state_dir=state_dir)
         result = run_cli(config, "restore", *extra)
         assert result.returncode == 0, result.stderr
         return result

@@ -33,6 +33,19 @@ def make_repo(path: Path, text: str = "hello\n") -> Path:
     return path
 
 
+def state_repo(ws: Path, key: str = "test/key"):
+    """watcherd's own state for workspace ``ws`` (a state directory beside it), as the library
+    tests use it: one per workspace, the same one each time it is asked for."""
+    from watcherd.repo import Repo
+
+    return Repo(ws.parent / f"{ws.name}-state", key, ws)
+
+
+def sgit(ws: Path, *args: str, key: str = "test/key") -> str:
+    """git in watcherd's own repository for ``ws`` (where its snapshots are)."""
+    return git(ws.parent, f"--git-dir={state_repo(ws, key).git_dir}", *args)
+
+
 def store_files(store_dir: Path) -> dict[str, bytes]:
     """Every object of a local store, by name: to show that something left the store unchanged."""
     return {p.relative_to(store_dir).as_posix(): p.read_bytes()

@@ -26,11 +26,11 @@ def snapshot_files(d: Daemon, commit: str = SNAPSHOT_REF) -> set[str]:
     """The files in a snapshot; empty before the first one."""
     if commit == SNAPSHOT_REF and not d.snapshots():
         return set()
-    return set(git(d.workspace, "ls-tree", "-r", "--name-only", commit).splitlines())
+    return set(d.git("ls-tree", "-r", "--name-only", commit).splitlines())
 
 
 def parents(d: Daemon, commit: str) -> list[str]:
-    return git(d.workspace, "rev-list", "--parents", "-n", "1", commit).split()[1:]
+    return d.git("rev-list", "--parents", "-n", "1", commit).split()[1:]
 
 
 def restored_equals_workspace(d: Daemon, target: Path) -> None:
@@ -106,7 +106,7 @@ def test_a_user_commit_makes_a_snapshot_whose_second_parent_is_the_new_head(watc
     d = watcherd().start()
     (d.workspace / "src" / "util.py").write_text("def f(): pass\n")
     wait_for(lambda: "src/util.py" in snapshot_files(d), message="util.py in a snapshot")
-    tree = git(d.workspace, "rev-parse", f"{SNAPSHOT_REF}^{{tree}}")
+    tree = d.git("rev-parse", f"{SNAPSHOT_REF}^{{tree}}")
     mark = d.log.mark()
     git(d.workspace, "add", "-A")
     git(d.workspace, "commit", "--quiet", "-m", "user: add util")
@@ -114,7 +114,7 @@ def test_a_user_commit_makes_a_snapshot_whose_second_parent_is_the_new_head(watc
     line = d.log.wait("snapshot.committed", after=mark, head=head, timeout=5)
     assert parents(d, line["commit"])[1] == head
     # The tree did not change (util.py was already in a snapshot): the commit is for the HEAD.
-    assert git(d.workspace, "rev-parse", f"{line['commit']}^{{tree}}") == tree
+    assert d.git("rev-parse", f"{line['commit']}^{{tree}}") == tree
 
 
 # -- what is watched ---------------------------------------------------------------------------------
@@ -274,9 +274,9 @@ def test_after_a_restore_the_daemon_starts_from_the_restored_generation(
     assert first.stop() == 0
     target = tmp_path / "restored"
     target.mkdir()
-    first.restore_into(target)
-
-    d = watcherd(name="after", workspace=target, store=first.store, key=first.key).start()
+    d = watcherd(name="after", workspace=target, store=first.store, key=first.key)
+    first.restore_into(target, state_dir=d.state_dir)  # the init container of d's pod
+    d.start()
     s = d.settle()
     assert s["last_upload"]["generation"] == 1 and s["last_upload"]["by"] == "store"
     assert first.generation() == 1
@@ -304,17 +304,35 @@ def test_edits_made_while_no_daemon_ran_are_saved_at_start(watcherd) -> None:
 # -- ending ------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("removed", ["workspace", ".git"])
-def test_a_removed_workspace_ends_the_daemon_with_a_non_zero_status(watcherd, removed) -> None:
+def test_a_removed_workspace_ends_the_daemon_with_a_non_zero_status(watcherd) -> None:
     # Nothing is left to protect: a daemon retrying for ever would only look alive.
     d = watcherd().start()
     d.settle()
-    gone = d.workspace if removed == "workspace" else d.workspace / ".git"
-    shutil.rmtree(gone)
+    shutil.rmtree(d.workspace)
     assert d.wait_exit(timeout=10) == 1
     failed = d.log.wait("daemon.failed", timeout=0)
-    assert str(gone) in failed["error"] and "was removed" in failed["error"]
+    assert str(d.workspace) in failed["error"] and "was removed" in failed["error"]
     assert not d.log.events("daemon.crashed")
+
+
+def test_a_removed_git_directory_still_leaves_the_files_protected(watcherd) -> None:
+    # The history watcherd saved is in its state directory, not in .git: `rm -rf .git` is an
+    # edit like any other, and the files keep being saved.
+    d = watcherd().start()
+    d.settle()
+    mark = d.log.mark()
+    shutil.rmtree(d.workspace / ".git")
+    (d.workspace / "src" / "app.py").write_text("print('after rm -rf .git')\n")
+    saved = d.log.wait("generation.saved", after=mark, timeout=15)
+    assert d.show("src/app.py", saved["snapshot"]) == "print('after rm -rf .git')"
+    assert d.proc.poll() is None
+    # A new repository there is picked up too.
+    git(d.workspace, "init", "-q")
+    git(d.workspace, "add", "-A")
+    git(d.workspace, "commit", "-q", "-m", "a fresh start")
+    head = git(d.workspace, "rev-parse", "HEAD")
+    d.log.wait("snapshot.committed", after=mark, head=head, timeout=10)
+    assert d.stop() == 0
 
 
 def _hang_the_store(d: Daemon) -> None:

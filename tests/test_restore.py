@@ -13,14 +13,15 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from helpers import git, make_repo, tree_state
+from helpers import git, make_repo, sgit, state_repo, tree_state
 from watcherd import manifest as mf
+from watcherd import restore as restore_module
 from watcherd import snapshot
 from watcherd.bundle import file_digest
 from watcherd.config import Config, RestoreConfig, StoreConfig, WorkspaceConfig, parse_store_url
 from watcherd.errors import RestoreError, UsageError, WorkspaceError
 from watcherd.generations import Generations
-from watcherd.git import Git
+from watcherd.repo import SNAPSHOT_REF
 from watcherd.restore import Request, restore
 from watcherd.store.local import LocalStore
 
@@ -32,7 +33,9 @@ KEY = "acme/sandbox-7/main"
 
 
 def config_for(ws: Path, store_dir: Path, mode: str = "shadow", **restore_options) -> Config:
-    return Config(workspace=WorkspaceConfig(path=ws, mode=mode),
+    """The config of the pod whose workspace is ``ws``: its state directory is beside it."""
+    return Config(workspace=WorkspaceConfig(path=ws, mode=mode,
+                                            state_dir=ws.parent / f"{ws.name}-state"),
                   store=StoreConfig(url=parse_store_url(f"file://{store_dir}"), key=KEY),
                   restore=RestoreConfig(**restore_options))
 
@@ -41,10 +44,15 @@ def gens_for(store_dir: Path) -> Generations:
     return Generations(LocalStore(store_dir), KEY)
 
 
+def take(ws: Path, mode: str = "shadow") -> snapshot.Snapshot:
+    repo = state_repo(ws, KEY)
+    snapshot.prepare(repo)
+    return snapshot.take(repo, mode)
+
+
 def save(ws: Path, store_dir: Path, mode: str = "shadow"):
-    g = Git(ws)
-    snapshot.take(g, mode)
-    return gens_for(store_dir).save(g, mode, ws / ".git" / "watcherd" / "spool")
+    take(ws, mode)
+    return gens_for(store_dir).save(state_repo(ws, KEY))
 
 
 def edit_and_save(ws: Path, store_dir: Path, text: str):
@@ -148,11 +156,14 @@ def test_a_restored_workspace_needs_no_new_snapshot_or_upload(ws, store_dir, tar
     saved = save(ws, store_dir)
     restore(config_for(target, store_dir), gens_for(store_dir))
 
-    g = Git(target)
-    assert snapshot.take(g).commit is None
-    assert git(target, "rev-parse", snapshot.SNAPSHOT_REF) == saved.snapshot
-    again = gens_for(store_dir).save(g, "shadow", target / ".git" / "watcherd" / "spool")
+    # The whole recorded state comes back: the first snapshot of the restored workspace finds
+    # nothing new (the same tree, and the same HEAD, refs, index and config give the same state).
+    assert take(target).commit is None
+    assert sgit(target, "rev-parse", SNAPSHOT_REF, key=KEY) == saved.snapshot
+    again = gens_for(store_dir).save(state_repo(target, KEY))
     assert again.status == "unchanged" and again.generation == 1
+    assert not (target / ".git" / "watcherd").exists()
+    assert git(target, "for-each-ref", "refs/watcherd") == ""
 
 
 def test_restore_keeps_a_deleted_symlink_deleted_even_when_it_pointed_outside(tmp_path, ws, store_dir, target):
@@ -254,7 +265,7 @@ def test_restore_skips_when_workspace_already_has_history(ws, store_dir):
 def test_restore_skips_when_workspace_has_newer_local_snapshots_on_top(ws, store_dir):
     edit_and_save(ws, store_dir, "saved\n")
     (ws / "readme.md").write_text("newer, not uploaded yet\n")
-    snapshot.take(Git(ws))
+    take(ws)
     before = tree_state(ws)
     outcome = restore(config_for(ws, store_dir), gens_for(store_dir))
     assert outcome.action == "skipped"
@@ -352,7 +363,7 @@ def test_restore_generation_n_restores_exactly_that_one_even_over_a_newer_worksp
 
     assert outcome.action == "restored" and outcome.generation == 1
     assert (ws / "readme.md").read_text() == "generation one\n"
-    assert git(ws, "rev-parse", snapshot.SNAPSHOT_REF) == manifest(store_dir).history[0].snapshot
+    assert sgit(ws, "rev-parse", SNAPSHOT_REF, key=KEY) == manifest(store_dir).history[0].snapshot
     assert tree_state(outcome.moved_aside) == newer  # time travel never loses the present
     again = restore(config_for(ws, store_dir), gens_for(store_dir), Request(generation=1))
     assert again.action == "skipped"
@@ -398,8 +409,13 @@ def test_time_travel_with_nothing_stored_fails(store_dir, target):
 def test_nothing_stored_with_on_missing_empty_initialises_an_empty_repository(store_dir, target):
     outcome = restore(config_for(target, store_dir), gens_for(store_dir))
     assert outcome.action == "empty"
-    assert Git(target).is_repo() and Git(target).rev("HEAD") is None
+    assert (target / ".git").is_dir() and git(target, "rev-parse", "--git-dir") == ".git"
+    assert subprocess.run(["git", "rev-parse", "--verify", "-q", "HEAD"], cwd=target).returncode
     assert tree_state(target) == {}
+    # Generated directories are ignored from the start: an `npm install` is not a snapshot.
+    (target / "node_modules").mkdir()
+    (target / "node_modules" / "dep.js").write_text("x\n")
+    assert status(target) == set()
 
 
 def test_nothing_stored_keeps_a_non_empty_workspace_as_it_is(store_dir, target):
@@ -409,7 +425,7 @@ def test_nothing_stored_keeps_a_non_empty_workspace_as_it_is(store_dir, target):
     outcome = restore(config_for(target, store_dir), gens_for(store_dir))
     assert outcome.action == "empty"
     assert tree_state(target) == before and asides(target) == []
-    assert Git(target).is_repo()
+    assert (target / ".git").is_dir()
 
 
 def test_nothing_stored_with_on_missing_template_clones_the_template(tmp_path, store_dir, target):
@@ -543,47 +559,68 @@ def test_a_workspace_path_that_is_a_file_is_refused(tmp_path, store_dir):
 # -- leftovers of a killed restore -----------------------------------------------------------------------
 
 
-def test_leftovers_of_a_killed_restore_are_cleaned_up_and_a_rerun_succeeds(ws, store_dir, target):
+def test_planted_leftovers_are_workspace_content_and_never_acted_on(ws, store_dir, target):
+    # Names a killed restore of an older watcherd left, planted by whoever writes the workspace:
+    # without a journal entry in the state directory they are the workspace's own files.
     edit_and_save(ws, store_dir, "stored\n")
-    beside = target.parent / f".{target.name}.watcherd-restore-abc123"
-    (beside / ".git").mkdir(parents=True)
-    (beside / "half.txt").write_text("half-built tree\n")
-    download = target.parent / f".{target.name}.watcherd-download-xyz"
-    download.mkdir()
-    (download / "gen1-partial.bundle").write_bytes(b"# v2 git bundle\n")
     target.mkdir()
     inside = target / ".watcherd-restore"
-    (inside / ".git" / "watcherd").mkdir(parents=True)  # no READY marker: incomplete
-    (inside / "half.txt").write_text("half\n")
-    inside_download = target / ".watcherd-download-xyz"
-    inside_download.mkdir()
-    (inside_download / "gen1-partial.bundle").write_bytes(b"# v2 git bundle\n")
+    (inside / ".git" / "watcherd").mkdir(parents=True)
+    (inside / ".git" / "watcherd" / "READY").write_text(".watcherd-aside-x\n")
+    (inside / "half.txt").write_text("planted\n")
+    download = target / ".watcherd-download-xyz"
+    download.mkdir()
+    (download / "gen1-partial.bundle").write_bytes(b"# v2 git bundle\n")
+    before = tree_state(target)
 
     outcome = restore(config_for(target, store_dir), gens_for(store_dir))
 
-    assert outcome.action == "restored" and outcome.moved_aside is None
+    assert outcome.action == "restored"
     assert tree_state(target) == tree_state(ws)
-    assert not beside.exists() and not download.exists()
-    assert [p.name for p in target.parent.iterdir() if p.name.startswith(".")] == []
+    assert tree_state(outcome.moved_aside) == before  # moved aside whole, nothing deleted
 
 
-def test_a_complete_staged_tree_of_a_killed_restore_is_moved_into_place(tmp_path, ws, store_dir, target):
+def _kill_after(monkeypatch, renames: int) -> None:
+    """Make the restore die (like a kill -9, mid-move) after ``renames`` renames."""
+    real = os.rename
+    count = [0]
+
+    def rename(*args, **kwargs):
+        if count[0] >= renames:
+            raise SystemExit("killed")
+        count[0] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(restore_module.os, "rename", rename)
+
+
+def _killed_then_rerun(monkeypatch, ws, store_dir, target, renames):
     edit_and_save(ws, store_dir, "stored\n")
-    built = tmp_path / "built"
-    restore(config_for(built, store_dir), gens_for(store_dir))
-    # Killed after marking the staged tree complete, with some entries already moved up.
-    target.mkdir()
-    shutil.move(built, target / ".watcherd-restore")
-    (target / ".watcherd-restore" / ".git" / "watcherd" / "READY").write_text("complete\n")
-    shutil.move(target / ".watcherd-restore" / "readme.md", target / "readme.md")
+    (target / "foreign.txt").write_text("precious\n")
+    with monkeypatch.context() as m:
+        _kill_after(m, renames)
+        with pytest.raises(SystemExit):
+            restore(config_for(target, store_dir), gens_for(store_dir))
 
-    with capture_logs() as logs:
+    with capture_logs():
         outcome = restore(config_for(target, store_dir), gens_for(store_dir))
 
-    assert events(logs, "restore.resumed")
-    assert outcome.action == "skipped"
-    assert tree_state(target) == tree_state(ws)
-    assert not (target / ".git" / "watcherd" / "READY").exists()
+    assert outcome.action in ("restored", "skipped")
+    restored = {k: v for k, v in tree_state(target).items() if not k.startswith(".watcherd-aside-")}
+    assert restored == tree_state(ws)
+    kept = [p for p in asides(target) + sorted(target.glob(".watcherd-aside-*"))
+            if (p / "foreign.txt").exists()]
+    assert len(kept) == 1 and (kept[0] / "foreign.txt").read_text() == "precious\n"
+    leftovers = [*target.parent.iterdir(), *target.iterdir()]
+    assert [p.name for p in leftovers if "watcherd-restore" in p.name] == []
+    assert take(target).commit is None  # the daemon continues from the restored history
+
+
+@pytest.mark.parametrize("renames", [0, 1])
+def test_a_restore_killed_while_moving_into_place_is_finished_by_a_rerun(
+        monkeypatch, ws, store_dir, target, renames):
+    target.mkdir()
+    _killed_then_rerun(monkeypatch, ws, store_dir, target, renames)
 
 
 # -- a workspace that is a mount point ------------------------------------------------------------------
@@ -621,9 +658,15 @@ def test_restore_into_a_mount_point_keeps_the_mount_and_moves_the_old_contents_i
     restored = {k: v for k, v in tree_state(mounted).items() if not k.startswith(".watcherd-aside-")}
     assert restored == tree_state(ws)
     assert status(mounted) == status(ws)  # the aside folder is ignored by the restored repository
-    assert not (mounted / ".watcherd-restore").exists()
-    assert [p.name for p in mounted.iterdir() if p.name.startswith(".watcherd-download")] == []
-    assert snapshot.take(Git(mounted)).commit is None
+    assert [p.name for p in mounted.iterdir() if p.name.startswith(".watcherd-restore")] == []
+    assert take(mounted).commit is None
+
+
+@pytest.mark.parametrize("renames", [0, 1, 2, 4])
+def test_a_restore_into_a_mount_point_killed_mid_move_is_finished_by_a_rerun(
+        monkeypatch, ws, store_dir, mounted, renames):
+    (mounted / "other.txt").write_text("another old entry\n")
+    _killed_then_rerun(monkeypatch, ws, store_dir, mounted, renames)
 
 
 @pytest.fixture
@@ -656,6 +699,8 @@ def test_restore_into_a_bind_mount_onto_itself_stages_inside_it(ws, store_dir,
     assert outcome.action == "restored"
     assert tree_state(target) == tree_state(ws)
     # Nothing was staged beside it (under ProtectSystem=strict the parent is read-only), and the
-    # mount is still the workspace: it was filled in place, not renamed over.
-    assert set(target.parent.iterdir()) == staged_beside
+    # mount is still the workspace: it was filled in place, not renamed over. (The state
+    # directory beside it is this test's choice of state_dir.)
+    assert {p for p in target.parent.iterdir() if not p.name.endswith("-state")} == \
+        {p for p in staged_beside if not p.name.endswith("-state")}
     assert target in {Path(line.split(" ")[4]) for line in Path("/proc/self/mountinfo").read_text().splitlines()}

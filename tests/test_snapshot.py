@@ -1,5 +1,6 @@
 """Snapshots against real repositories: what a shadow or branch snapshot records, and what it leaves
-alone (the user's HEAD, index, branches, stash and working tree)."""
+alone (the user's HEAD, index, branches, stash and working tree). The snapshots live in watcherd's
+own repository in the state directory beside each workspace (``helpers.state_repo``)."""
 
 from __future__ import annotations
 
@@ -12,12 +13,16 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from helpers import git
-from watcherd import snapshot
+from helpers import git, sgit, state_repo
+from watcherd import snapshot, state
 from watcherd.errors import GitError, WorkspaceError
-from watcherd.git import Git
+from watcherd.repo import SNAPSHOT_REF as REF
 
-REF = snapshot.SNAPSHOT_REF
+
+def take(ws: Path, mode: str = "shadow") -> snapshot.Snapshot:
+    repo = state_repo(ws)
+    snapshot.prepare(repo)
+    return snapshot.take(repo, mode)
 
 
 def make_repo(path: Path) -> Path:
@@ -32,8 +37,8 @@ def make_repo(path: Path) -> Path:
 
 
 def ls_tree(path: Path, commit: str) -> dict[str, str]:
-    """path -> mode for every file in ``commit``."""
-    out = git(path, "ls-tree", "-r", "-z", commit)
+    """path -> mode for every file in ``commit`` (of watcherd's repository for ``path``)."""
+    out = sgit(path, "ls-tree", "-r", "-z", commit)
     entries = {}
     for line in filter(None, out.split("\0")):
         meta, name = line.split("\t", 1)
@@ -42,7 +47,11 @@ def ls_tree(path: Path, commit: str) -> dict[str, str]:
 
 
 def parents(path: Path, commit: str) -> list[str]:
-    return git(path, "rev-list", "--parents", "-n", "1", commit).split()[1:]
+    """A snapshot's parents, its state commit (the last one) left out."""
+    found = sgit(path, "rev-list", "--parents", "-n", "1", commit).split()[1:]
+    s_commit = state.state_parent(state_repo(path).bare, commit)
+    assert s_commit is not None and found[-1] == s_commit
+    return found[:-1]
 
 
 def porcelain_status(path: Path) -> str:
@@ -83,26 +92,27 @@ def test_shadow_snapshot_records_the_whole_tree_and_leaves_the_user_state_alone(
     before = user_state(ws)
     tree_before = {p.name for p in ws.iterdir()}
 
-    snap = snapshot.take(Git(ws))
+    snap = take(ws)
 
-    assert snap.commit and snap.commit == git(ws, "rev-parse", REF)
+    assert snap.commit and snap.commit == sgit(ws, "rev-parse", REF)
     assert snap.head == head and snap.head_ref == "refs/heads/main"
     assert user_state(ws) == before
     assert {p.name for p in ws.iterdir()} == tree_before
     files = ls_tree(ws, snap.commit)
     assert files == {"readme.md": "100644", "run.sh": "100755", "new dir/untracked é.txt": "100644",
                      "link": "120000"}
-    assert git(ws, "show", f"{snap.commit}:readme.md") == "hello, edited"
-    assert git(ws, "cat-file", "-p", f"{snap.commit}:link") == "readme.md"
+    assert sgit(ws, "show", f"{snap.commit}:readme.md") == "hello, edited"
+    assert sgit(ws, "cat-file", "-p", f"{snap.commit}:link") == "readme.md"
+    assert not (ws / ".git" / "watcherd").exists()  # nothing of watcherd's in the workspace
     # The first snapshot has only HEAD as parent: there is no previous snapshot yet.
     assert parents(ws, snap.commit) == [head]
 
 
 def test_second_shadow_snapshot_has_the_previous_snapshot_and_head_as_parents(tmp_path):
     ws = make_repo(tmp_path / "ws")
-    first = snapshot.take(Git(ws))
+    first = take(ws)
     (ws / "readme.md").write_text("second\n")
-    second = snapshot.take(Git(ws))
+    second = take(ws)
     assert second.commit and second.commit != first.commit
     assert parents(ws, second.commit) == [first.commit, git(ws, "rev-parse", "HEAD")]
     assert second.paths == ("readme.md",)
@@ -111,37 +121,38 @@ def test_second_shadow_snapshot_has_the_previous_snapshot_and_head_as_parents(tm
 def test_shadow_snapshot_without_a_change_makes_no_commit(tmp_path):
     ws = make_repo(tmp_path / "ws")
     (ws / "readme.md").write_text("edited\n")
-    first = snapshot.take(Git(ws))
-    again = snapshot.take(Git(ws))
+    first = take(ws)
+    again = take(ws)
     assert first.commit
     assert again.commit is None
-    assert again.snapshot_head == first.commit == git(ws, "rev-parse", REF)
+    assert again.snapshot_head == first.commit == sgit(ws, "rev-parse", REF)
 
 
 def test_user_commit_of_the_same_tree_gives_a_snapshot_whose_second_parent_is_the_new_head(tmp_path):
     ws = make_repo(tmp_path / "ws")
     (ws / "readme.md").write_text("edited\n")
-    first = snapshot.take(Git(ws))
+    first = take(ws)
     git(ws, "commit", "-q", "-am", "the user's own commit")
     new_head = git(ws, "rev-parse", "HEAD")
 
-    snap = snapshot.take(Git(ws))
+    snap = take(ws)
 
     assert snap.commit
-    assert git(ws, "rev-parse", f"{snap.commit}^{{tree}}") == git(ws, "rev-parse", f"{first.commit}^{{tree}}")
+    assert sgit(ws, "rev-parse", f"{snap.commit}^{{tree}}") == \
+        sgit(ws, "rev-parse", f"{first.commit}^{{tree}}")
     assert parents(ws, snap.commit) == [first.commit, new_head]
-    assert f"HEAD: {new_head}" in git(ws, "log", "-1", "--format=%B", snap.commit)
+    assert f"HEAD: {new_head}" in sgit(ws, "log", "-1", "--format=%B", snap.commit)
 
 
 def test_snapshot_message_counts_files_and_truncates_the_path_list_beyond_50(tmp_path):
     ws = make_repo(tmp_path / "ws")
-    snapshot.take(Git(ws))
+    take(ws)
     for i in range(60):
         (ws / f"f{i:02d}.txt").write_text(f"{i}\n")
 
-    snap = snapshot.take(Git(ws))
+    snap = take(ws)
 
-    lines = git(ws, "log", "-1", "--format=%B", snap.commit).splitlines()
+    lines = sgit(ws, "log", "-1", "--format=%B", snap.commit).splitlines()
     assert lines[0] == "watcherd: snapshot (60 files)"
     listed = [line for line in lines if line.startswith("f") and line.endswith(".txt")]
     assert listed == [f"f{i:02d}.txt" for i in range(50)]
@@ -160,7 +171,7 @@ def test_snapshot_leaves_out_what_git_ignores(tmp_path):
     (ws / ".git" / "info" / "exclude").write_text("secret.env\n")
     (ws / "secret.env").write_text("TOKEN=1\n")
 
-    snap = snapshot.take(Git(ws))
+    snap = take(ws)
 
     files = set(ls_tree(ws, snap.commit))
     assert {".gitignore", "sub/.gitignore", "sub/code.py", "readme.md"} <= files
@@ -169,46 +180,47 @@ def test_snapshot_leaves_out_what_git_ignores(tmp_path):
 
 def test_stale_watcherd_locks_left_by_a_killed_process_do_not_block_the_next_snapshot(tmp_path):
     ws = make_repo(tmp_path / "ws")
-    snapshot.take(Git(ws))
+    take(ws)
     (ws / "readme.md").write_text("after a crash\n")
-    (ws / ".git" / "watcherd" / "index.lock").write_text("")
-    (ws / ".git" / "refs" / "watcherd" / "snapshots.lock").write_text("")
+    repo = state_repo(ws)
+    (repo.dir / "index.lock").write_text("")
+    (repo.git_dir / "refs" / "watcherd").mkdir(parents=True, exist_ok=True)
+    (repo.git_dir / "refs" / "watcherd" / "snapshots.lock").write_text("")
 
     with capture_logs() as logs:
-        snap = snapshot.take(Git(ws))
+        snap = take(ws)
 
-    assert snap.commit == git(ws, "rev-parse", REF)
-    assert not (ws / ".git" / "watcherd" / "index.lock").exists()
-    assert not (ws / ".git" / "refs" / "watcherd" / "snapshots.lock").exists()
-    assert sum(e["event"] == "snapshot.stale_lock_removed" for e in logs) == 2
+    assert snap.commit == sgit(ws, "rev-parse", REF)
+    assert not (repo.dir / "index.lock").exists()
+    assert not (repo.git_dir / "refs" / "watcherd" / "snapshots.lock").exists()
+    assert sum(e["event"] == "state.stale_lock_removed" for e in logs) == 2
 
 
 # -- workspaces that are not (yet) a repository -------------------------------------------------------
 
 
-def test_a_directory_that_is_not_a_repository_is_initialised_and_snapshotted(tmp_path):
+def test_a_directory_that_is_not_a_repository_is_snapshotted_and_left_as_it_is(tmp_path):
     ws = tmp_path / "ws"
     ws.mkdir()
     (ws / "app.py").write_text("print('hi')\n")
-    g = Git(ws)
-    snapshot.ensure_workspace(ws, g)
-    assert (ws / ".git").is_dir()
-    snap = snapshot.take(g)
+    snap = take(ws)
+    assert not (ws / ".git").exists()  # shadow mode never writes the workspace
     assert set(ls_tree(ws, snap.commit)) == {"app.py"}
+    assert snap.head is None and snap.head_ref is None
+    assert sgit(ws, "rev-list", "--parents", "-n", "1", snap.commit).split()[1:] == []
 
 
-def test_an_empty_repository_without_head_is_snapshotted_without_parents(tmp_path):
+def test_an_empty_repository_without_head_is_snapshotted_with_its_unborn_branch(tmp_path):
     ws = tmp_path / "ws"
     ws.mkdir()
     git(ws, "init", "-q")
-    g = Git(ws)
-    assert snapshot.take(g).commit is None  # nothing at all yet: nothing to record
+    assert take(ws).commit is not None  # the state: an unborn branch
     (ws / "first.txt").write_text("1\n")
 
-    snap = snapshot.take(g)
+    snap = take(ws)
 
     assert snap.commit and snap.head is None and snap.head_ref == "refs/heads/main"
-    assert parents(ws, snap.commit) == []
+    assert len(parents(ws, snap.commit)) == 1  # the previous snapshot; no HEAD commit yet
     assert set(ls_tree(ws, snap.commit)) == {"first.txt"}
     assert git(ws, "status", "--porcelain") == "?? first.txt"  # still untracked for the user
 
@@ -216,15 +228,15 @@ def test_an_empty_repository_without_head_is_snapshotted_without_parents(tmp_pat
 def test_a_missing_workspace_is_an_error_naming_the_path(tmp_path):
     ws = tmp_path / "nowhere"
     with pytest.raises(WorkspaceError, match=str(ws)):
-        snapshot.ensure_workspace(ws, Git(ws))
+        take(ws)
     assert not ws.exists()
 
 
 def test_a_workspace_that_is_a_file_is_an_error_naming_the_path(tmp_path):
     ws = tmp_path / "file"
     ws.write_text("not a directory")
-    with pytest.raises(WorkspaceError, match=f"{ws} is not a directory"):
-        snapshot.ensure_workspace(ws, Git(ws))
+    with pytest.raises(WorkspaceError, match=f"{ws} does not exist or is not a directory"):
+        take(ws)
     assert ws.read_text() == "not a directory"
 
 
@@ -238,16 +250,17 @@ def test_branch_mode_commits_everything_on_the_current_branch(tmp_path):
     (ws / "new.txt").write_text("new\n")
     (ws / "gone.txt").unlink()
 
-    snap = snapshot.take(Git(ws), "branch")
+    snap = take(ws, "branch")
 
-    assert snap.commit == git(ws, "rev-parse", "refs/heads/main") != old
-    assert parents(ws, snap.commit) == [old]
+    new = git(ws, "rev-parse", "refs/heads/main")
+    assert new != old and snap.head == new
+    assert git(ws, "rev-list", "--parents", "-n", "1", new).split()[1:] == [old]
     assert git(ws, "status", "--porcelain") == ""
     assert git(ws, "log", "-1", "--format=%s").startswith("watcherd: snapshot (3 files)")
-    assert snapshot.take(Git(ws), "branch").commit is None
-    # branch mode records each HEAD on the snapshot ref too, so the store can move forward
+    assert take(ws, "branch").commit is None
+    # branch mode records each HEAD on the snapshot history too, so the store can move forward
     # after the user's reset or rebase
-    assert parents(ws, git(ws, "rev-parse", REF)) == [snap.commit]
+    assert parents(ws, snap.commit) == [new]
 
 
 def _hold_lock(ws: Path):
@@ -271,11 +284,11 @@ def test_branch_mode_waits_for_a_held_index_lock_and_commits_after_its_release(t
     timer = threading.Timer(0.4, release)
     timer.start()
     try:
-        snap = snapshot.take(Git(ws), "branch")
+        snap = take(ws, "branch")
     finally:
         timer.cancel()
     assert released.is_set()  # it could only have committed after the user's git let go
-    assert snap.commit == git(ws, "rev-parse", "HEAD")
+    assert snap.head == git(ws, "rev-parse", "HEAD")
     assert git(ws, "status", "--porcelain") == ""
 
 
@@ -288,9 +301,9 @@ def test_branch_mode_removes_a_stale_index_lock_nobody_holds(tmp_path):
     os.utime(lock, (old, old))
 
     with capture_logs() as logs:
-        snap = snapshot.take(Git(ws), "branch")
+        snap = take(ws, "branch")
 
-    assert snap.commit == git(ws, "rev-parse", "HEAD")
+    assert snap.head == git(ws, "rev-parse", "HEAD")
     assert not lock.exists()
     assert any(e["event"] == "snapshot.stale_lock_removed" and e["lock"] == str(lock) for e in logs)
 
@@ -317,7 +330,7 @@ def test_branch_mode_gives_up_with_a_clear_error_when_the_lock_is_never_released
     started = time.monotonic()
     try:
         with pytest.raises(GitError, match="index.lock"):
-            snapshot.take(Git(ws), "branch")
+            take(ws, "branch")
     finally:
         os.close(fd)
     assert time.monotonic() - started < 30
@@ -337,10 +350,10 @@ def test_a_filter_driver_from_the_workspace_config_is_never_run_and_bytes_are_ke
     (ws / ".gitattributes").write_text("*.txt filter=evil\n")
     (ws / "notes.txt").write_text("lower case stays lower case\n")
 
-    snap = snapshot.take(Git(ws), mode)
+    snap = take(ws, mode)
 
     assert not marker.exists()
-    assert git(ws, "show", f"{snap.commit}:notes.txt") == "lower case stays lower case"
+    assert sgit(ws, "show", f"{snap.commit}:notes.txt") == "lower case stays lower case"
 
 
 def test_signing_config_in_the_workspace_does_not_run_a_gpg_program(tmp_path):
@@ -353,6 +366,6 @@ def test_signing_config_in_the_workspace_does_not_run_a_gpg_program(tmp_path):
     git(ws, "config", "gpg.program", str(fake_gpg))
     (ws / "new.txt").write_text("x\n")
 
-    snap = snapshot.take(Git(ws), "shadow")
+    snap = take(ws, "shadow")
 
     assert snap.commit and not marker.exists()

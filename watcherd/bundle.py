@@ -1,43 +1,38 @@
 """Writing a git bundle that really clones, and proving that a bundle does.
 
-A bundle of a shallow clone (a template cloned with ``--depth 1``) passes ``git bundle verify`` but
-does not clone: its oldest commits name parents it does not carry. So before bundling a shallow
-repository we ask its origin for the missing history; when the origin does not answer, the bundle
-is written from a self-contained copy of the history in which the shallow boundary commits have no
-parents. The rewrite is deterministic, so every later bundle of the same workspace maps the same
-commits to the same new ids and the store's fast-forward checks keep working.
+A bundle is written from watcherd's own repository: the snapshot history
+(``refs/watcherd/snapshots``), which carries everything each snapshot recorded (:mod:`watcherd.state`).
+
+A bundle of a shallow history (a template cloned with ``--depth 1``) passes ``git bundle verify``
+but does not clone: its oldest commits name parents it does not carry. So before bundling a shallow
+history watcherd asks the operator's ``restore.template_url`` for the missing history (never a URL
+found in the workspace); when that is not set or does not answer, the bundle is written from a
+self-contained copy of the history in which the shallow boundary commits have no parents. The
+rewrite is deterministic, so every later bundle of the same workspace maps the same commits to the
+same new ids and the store's fast-forward checks keep working.
 """
 
 from __future__ import annotations
 
 import hashlib
+import re
 import shutil
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
-from watcherd import log
+from watcherd import log, state
 from watcherd.errors import GitError, IntegrityError
 from watcherd.git import Git
-from watcherd.snapshot import SNAPSHOT_REF
+from watcherd.repo import SNAPSHOT_REF, Repo
 
 _log = log.get(__name__)
 # Above this many loose objects a full bundle gets slow (hundreds of ms); a repack keeps it ~20 ms.
 REPACK_LOOSE_OBJECTS = 256
 UNSHALLOW_TIMEOUT = 120.0
-# The one network call watcherd makes in the workspace reads the workspace's config, which the
-# agent writes, while watcherd holds the store's credentials. Every setting there that names a
-# command is pinned for this call (hooks, fsmonitor and protocol.ext=never hold for every call).
-_FETCH_PINNED = (
-    "-c", "credential.helper=",  # empty resets the list, URL-specific helpers included
-    "-c", "core.sshCommand=ssh -o BatchMode=yes",
-    "-c", "core.alternateRefsCommand=true",  # run by the shell: the builtin, lists nothing
-)
-_FETCH_ENV = {
-    "GIT_PROXY_COMMAND": "",  # set (even empty) it wins over core.gitProxy
-    "GIT_PROTOCOL_FROM_USER": "0",  # helpers git does not know (remote.<name>.vcs, foo::) refused
-}
+BUNDLE_TIMEOUT = 1800.0
 
 
 @dataclass(frozen=True)
@@ -54,28 +49,30 @@ class BundleFile:
 
 
 class BundleSource:
-    """Where a bundle is made from: the workspace itself, or a self-contained copy of it.
+    """Where a bundle is made from: watcherd's repository, or a self-contained copy of it.
 
-    Used as a context manager; the copy (a temporary repository borrowing the workspace's
-    objects) is removed on exit. ``map`` translates workspace commit ids to the copy's.
+    Used as a context manager; the copy (a temporary repository borrowing the repository's
+    objects) is removed on exit. ``map`` translates commit ids to the copy's.
     """
 
-    def __init__(self, git: Git, spool: Path, *, try_unshallow: bool = True) -> None:
-        self.workspace = git
+    def __init__(self, repo: Repo, spool: Path, *, template_url: str = "",
+                 try_unshallow: bool = True) -> None:
+        self.repo = repo
         self.spool = spool
+        self.template_url = template_url
         self.try_unshallow = try_unshallow
-        self.git = git
+        self.git = repo.bare
         self.mapping: dict[str, str] = {}
         self._tmp: Path | None = None
         self.unshallow_failed = False
 
     def __enter__(self) -> BundleSource:
-        if self.workspace.is_shallow():
-            if self.try_unshallow and _unshallow(self.workspace):
+        if self.repo.bare.is_shallow():
+            if self.try_unshallow and self.template_url and _unshallow(self.repo, self.template_url):
                 return self
             self.unshallow_failed = True
             self._tmp = Path(tempfile.mkdtemp(prefix="selfcontained-", dir=self.spool))
-            self.git, self.mapping = _self_contained_copy(self.workspace, self._tmp)
+            self.git, self.mapping = _self_contained_copy(self.repo.bare, self._tmp)
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -86,20 +83,60 @@ class BundleSource:
         return self.mapping.get(commit, commit) if commit else None
 
 
-def write(source: BundleSource, dest: Path, *, snapshot: str, head: str | None,
-          head_ref: str | None) -> BundleFile:
-    """Write a bundle of every ref of ``source`` to ``dest`` and checksum it."""
+def write(source: BundleSource, dest: Path) -> BundleFile:
+    """Write a bundle of the snapshot history to ``dest`` and checksum it.
+
+    The snapshot it holds is read back from the bundle's own header (a snapshot taken meanwhile
+    may have moved the ref), and the manifest's facts (HEAD and its branch) come from what that
+    snapshot recorded, never from refs read now.
+    """
     git = source.git
     started = time.monotonic()
-    if source.git is source.workspace and git.loose_object_count() > REPACK_LOOSE_OBJECTS:
-        r = git.run("repack", "-d", "-q", check=False)
-        if r.returncode != 0:  # slower without it, not wrong (e.g. a read-only .git)
-            _log.warning("bundle.repack_failed", error=r.stderr.decode("utf-8", "replace").strip()[:300])
-    git.run("bundle", "create", "--quiet", str(dest), "--all")
+    if source.git is source.repo.bare and git.loose_object_count() > REPACK_LOOSE_OBJECTS:
+        r = git.run("repack", "-d", "-q", check=False, timeout=BUNDLE_TIMEOUT)
+        if r.returncode != 0:  # slower without it, not wrong
+            _log.warning("bundle.repack_failed",
+                         error=r.stderr.decode("utf-8", "replace").strip()[:300])
+    git.run("bundle", "create", "--quiet", str(dest), SNAPSHOT_REF, timeout=BUNDLE_TIMEOUT)
+    snapshot = bundle_heads(dest).get(SNAPSHOT_REF)
+    if snapshot is None:
+        raise GitError(f"the bundle written to {dest} does not hold {SNAPSHOT_REF}")
     size, sha = file_digest(dest)
+    head, head_ref = recorded_head(git, snapshot)
     _log.debug("bundle.written", bytes=size, duration_ms=round((time.monotonic() - started) * 1000, 1))
-    return BundleFile(dest, size, sha, source.map(snapshot) or snapshot, source.map(head),
-                      head_ref, rewritten=bool(source.mapping))
+    return BundleFile(dest, size, sha, snapshot, head, head_ref, rewritten=bool(source.mapping))
+
+
+def bundle_heads(path: Path) -> dict[str, str]:
+    """The refs a bundle's header lists (git-bundle(5): after the signature line and optional
+    ``@capability`` and ``-prerequisite`` lines, ``<id> <ref>`` lines up to a blank line)."""
+    heads: dict[str, str] = {}
+    with open(path, "rb") as f:
+        if not f.readline().startswith(b"# v"):
+            return heads
+        for _ in range(100_000):
+            line = f.readline()
+            if line in (b"\n", b""):
+                break
+            if line.startswith((b"@", b"-")):
+                continue
+            oid, _, name = line.decode("utf-8", "replace").rstrip("\n").partition(" ")
+            heads[name] = oid
+    return heads
+
+
+def recorded_head(git: Git, snapshot: str) -> tuple[str | None, str | None]:
+    """(HEAD commit, HEAD's branch) as snapshot ``snapshot`` recorded them.
+
+    A snapshot of an older watcherd has no state commit: its second parent was HEAD, its branch
+    was not recorded.
+    """
+    s = state.state_parent(git, snapshot)
+    if s is not None:
+        rec = state.read(git, s)
+        return rec.head.oid, rec.head.ref
+    parents = git.out("rev-list", "--parents", "-n", "1", snapshot).split()[1:]
+    return (parents[1] if len(parents) > 1 else None), None
 
 
 def file_digest(path: Path) -> tuple[int, str]:
@@ -120,17 +157,29 @@ def prove(bundle: Path, scratch: Path) -> None:
     "okay"); fetching every ref into an empty repository does, and checks connectivity.
     """
     repo = scratch / "prove.git"
-    git = Git(repo, bare=True)
     repo.mkdir(parents=True)
+    git = Git(repo, home=scratch)
     # A sha256 bundle fetched into a sha1 repository fails as "pack is corrupted".
-    git.run("init", "--bare", "--quiet", f"--object-format={object_format(bundle)}")
+    git.run("init", "--bare", "--quiet", "--template=", f"--object-format={object_format(bundle)}",
+            str(repo))
     try:
-        git.run("bundle", "verify", "--quiet", str(bundle))
-        git.run("fetch", "--quiet", "--no-tags", str(bundle), "refs/*:refs/*")
+        git.run("bundle", "verify", "--quiet", str(bundle), timeout=BUNDLE_TIMEOUT)
+        fetch_bundle(git, bundle)
     except GitError as exc:
         raise IntegrityError(f"bundle does not restore: {exc}") from None
     finally:
         shutil.rmtree(repo, ignore_errors=True)
+
+
+def fetch_bundle(git: Git, bundle: Path, *, refspec: str = "refs/*:refs/*") -> None:
+    """Fetch every ref of a bundle on local disk into ``git``'s repository.
+
+    The one transport this allows is reading that file (git counts a bundle as the ``file``
+    protocol); nothing the bundle holds can name another.
+    """
+    git.run("-c", "protocol.file.allow=always", "fetch", "--quiet", "--no-tags",
+            "--no-recurse-submodules", "--update-head-ok", str(bundle), refspec,
+            timeout=BUNDLE_TIMEOUT)
 
 
 def object_format(bundle: Path) -> str:
@@ -145,78 +194,144 @@ def object_format(bundle: Path) -> str:
     return "sha1"
 
 
+def transport_options(url: str) -> list[str]:
+    """``-c`` options that allow exactly the protocol of the operator's ``url``.
+
+    git's names (git-config(1), ``protocol.<name>.allow``): ``file`` for a path or ``file://``,
+    ``ssh`` for ``ssh://`` and scp-like ``host:path``, else the URL's scheme. ``ext::`` (which
+    runs a command) is never allowed.
+    """
+    scheme = urlsplit(url).scheme.lower()
+    if "::" in url.split("/", 1)[0]:
+        raise GitError(f"{url!r}: a remote helper URL (<helper>::<address>) is not allowed")
+    if not scheme or len(scheme) == 1:  # a path (a Windows drive letter counts as one too)
+        name = "ssh" if re.match(r"^[^/]+:", url) and not Path(url).exists() else "file"
+    elif scheme in ("http", "https", "git", "ssh", "file"):
+        name = scheme
+    else:
+        raise GitError(f"{url!r}: protocol {scheme!r} is not one watcherd fetches over")
+    return ["-c", f"protocol.{name}.allow=always"]
+
+
 # -- shallow histories ---------------------------------------------------------------------------
 
 
-def _unshallow(git: Git) -> bool:
-    """Fetch the missing history from ``origin``; False (and a log line) when it cannot."""
-    url = git.run("config", "--get", "remote.origin.url", check=False).text
-    if not url:
-        _log.warning("history.shallow", reason="no origin remote to fetch the missing history from")
-        return False
+def _unshallow(repo: Repo, url: str) -> bool:
+    """Fetch the missing history from ``url`` into watcherd's repository; False (and a log line)
+    when it cannot."""
+    git = repo.bare
+    boundary = (repo.git_dir / "shallow").read_text().split()
     try:
-        git.run(*_FETCH_PINNED, "fetch", "--quiet", "--unshallow",
-                "--upload-pack=git-upload-pack", "origin", env=_FETCH_ENV,
+        git.run(*transport_options(url), "fetch", "--quiet", "--unshallow", "--no-tags",
+                "--no-recurse-submodules", "--no-write-fetch-head", "--", url,
                 timeout=UNSHALLOW_TIMEOUT)
     except GitError as exc:
-        _log.warning("history.shallow", reason="origin did not answer", error=str(exc))
+        _log.warning("history.shallow", reason="restore.template_url did not give the missing "
+                     "history", error=str(exc))
         return False
-    _log.info("history.unshallowed", origin=url)
-    return True
+    complete = [c for c in boundary if _parents_present(git, c)]
+    repo.record_unshallowed(complete)
+    _log.info("history.unshallowed", origin=url, commits=len(complete))
+    return not git.is_shallow()
+
+
+def _parents_present(git: Git, commit: str) -> bool:
+    r = git.run("rev-list", "--objects", "--quiet", f"{commit}", check=False)
+    return r.returncode == 0
 
 
 def _self_contained_copy(git: Git, tmp: Path) -> tuple[Git, dict[str, str]]:
-    """A temporary repository with every ref of ``git``, its shallow boundary made parentless.
+    """A temporary repository with the snapshot history, its shallow boundary made parentless.
 
-    The copy borrows the workspace's objects (``objects/info/alternates``) and holds only the
-    rewritten commits, so the workspace itself is not changed at all.
+    The copy borrows the repository's objects (``objects/info/alternates``) and holds only the
+    rewritten commits (and the state commits' records, whose ids follow), so the repository
+    itself is not changed at all.
     """
-    boundary = set((git.git_dir() / "shallow").read_text().split())
+    boundary = set((git.git_dir / "shallow").read_text().split())
     fmt = git.object_format()
     # In a shallow repository rev-list already shows the boundary commits without parents.
-    lines = git.out("rev-list", "--topo-order", "--reverse", "--parents", "--all", "HEAD").splitlines()
+    lines = git.out("rev-list", "--topo-order", "--reverse", "--parents", SNAPSHOT_REF).splitlines()
     graph = [(parts[0], parts[1:]) for parts in (line.split() for line in lines)]
-    raw = _cat_commits(git, [c for c, _ in graph])
+    raw = _cat(git, [c for c, _ in graph])
 
-    copy = Git(tmp, bare=True)
-    copy.run("init", "--bare", "--quiet", f"--object-format={fmt}")
-    (tmp / "objects" / "info" / "alternates").write_text(str(git.git_dir() / "objects") + "\n")
+    copy = Git(tmp, home=tmp)
+    copy.run("init", "--bare", "--quiet", "--template=", f"--object-format={fmt}", str(tmp))
+    (tmp / "objects" / "info" / "alternates").write_text(str(git.git_dir / "objects") + "\n")
 
     mapping: dict[str, str] = {}
-    new_objects: list[bytes] = []
+    states: dict[str, str] = {}  # a state commit's tree -> the rewritten tree
+    new_objects: list[tuple[str, bytes]] = []
     for commit, parents in graph:
+        body = raw[commit]
         new_parents = [mapping.get(p, p) for p in parents]
-        if commit not in boundary and new_parents == parents:
+        new_tree = None
+        if body.endswith(f"\n\n{state.SUBJECT}\n".encode()):
+            tree = body.split(b"\n", 1)[0].split()[1].decode()
+            if tree not in states:
+                states[tree] = _rewrite_state_tree(git, copy, tree, mapping, fmt)
+            new_tree = states[tree] if states[tree] != tree else None
+        if commit not in boundary and new_parents == parents and new_tree is None:
             continue
-        body = _reparent(raw[commit], new_parents)
-        mapping[commit] = _object_id(fmt, body)
-        new_objects.append(body)
-    _write_commits(copy, new_objects, list(mapping.values()), tmp)
-
-    refs = git.run("for-each-ref", "--format=%(refname) %(objectname) %(objecttype) %(*objectname)")
-    for line in refs.text.splitlines():
-        name, obj, kind, peeled = (line.split(" ") + [""])[:4]
-        target = mapping.get(obj, obj)
-        if kind == "tag" and peeled in mapping:
-            # An annotated tag names the old commit; keep the name on the rewritten one.
-            target = mapping[peeled]
-            _log.warning("history.tag_rewritten", ref=name, note="annotated tag kept as a lightweight tag")
-        copy.run("update-ref", name, target)
-    head_ref = git.head_ref()
-    if head_ref and copy.rev(head_ref):
-        copy.run("symbolic-ref", "HEAD", head_ref)
-    elif git.rev("HEAD"):
-        copy.run("update-ref", "--no-deref", "HEAD", mapping.get(git.rev("HEAD"), git.rev("HEAD")))
+        body = _reparent(body, new_parents, new_tree)
+        mapping[commit] = _object_id(fmt, "commit", body)
+        new_objects.append(("commit", body))
+    _write_objects(copy, new_objects, tmp)
+    head = git.rev(SNAPSHOT_REF)
+    copy.run("update-ref", SNAPSHOT_REF, mapping.get(head, head))
     _log.warning("history.self_contained", boundary=sorted(boundary), rewritten=len(mapping),
-                 head=git.rev("HEAD"), new_head=mapping.get(git.rev("HEAD") or "", None),
-                 snapshot=git.rev(SNAPSHOT_REF),
-                 new_snapshot=mapping.get(git.rev(SNAPSHOT_REF) or "", None),
-                 why="the shallow clone's origin is unreachable; the bundle carries the history "
-                     "from the shallow boundary on, with new commit ids")
+                 snapshot=head, new_snapshot=mapping.get(head or "", None),
+                 why="the shallow history's missing part could not be fetched "
+                     "(restore.template_url unset or unreachable); the bundle carries the "
+                     "history from the shallow boundary on, with new commit ids")
     return copy, mapping
 
 
-def _cat_commits(git: Git, commits: list[str]) -> dict[str, bytes]:
+def _rewrite_state_tree(git: Git, copy: Git, tree: str, mapping: dict[str, str], fmt: str) -> str:
+    """A state commit's tree with the ids it names translated by ``mapping`` (annotated tags
+    that name a rewritten commit are rewritten, and their new ids added to ``mapping``)."""
+    listing = git.run("ls-tree", "-z", tree).stdout.split(b"\0")
+    entries = {}
+    for rec in filter(None, listing):
+        meta, _, name = rec.partition(b"\t")
+        entries[name.decode()] = meta.decode().split()
+    changed = False
+    if "tags" in entries:
+        blob = git.run("cat-file", "blob", entries["tags"][2]).stdout
+        new_blob = _rewrite_tags(blob, mapping, fmt)
+        if new_blob != blob:
+            entries["tags"][2] = copy.out("hash-object", "-w", "--stdin", input=new_blob)
+            changed = True
+    doc = git.run("cat-file", "blob", entries["state.json"][2]).stdout.decode()
+    new_doc = re.sub(r"\b[0-9a-f]{40,64}\b", lambda m: mapping.get(m[0], m[0]), doc)
+    if new_doc != doc:
+        entries["state.json"][2] = copy.out("hash-object", "-w", "--stdin", input=new_doc.encode())
+        changed = True
+    if not changed:
+        return tree
+    text = "".join(f"{m[0]} {m[1]} {m[2]}\t{name}\n" for name, m in sorted(entries.items()))
+    return copy.out("mktree", input=text.encode())
+
+
+def _rewrite_tags(blob: bytes, mapping: dict[str, str], fmt: str) -> bytes:
+    out, pos = [], 0
+    while pos < len(blob):
+        nl = blob.index(b"\n", pos)
+        oid, kind, size = blob[pos:nl].decode().split()
+        body = blob[nl + 1:nl + 1 + int(size)]
+        pos = nl + 1 + int(size) + 1
+        m = re.match(rb"object ([0-9a-f]+)\n", body)
+        if m and m[1].decode() in mapping:
+            body = b"object " + mapping[m[1].decode()].encode() + body[m.end() - 1:]
+            new = _object_id(fmt, "tag", body)
+            mapping[oid] = new
+            _log.warning("history.tag_rewritten", tag=oid, new=new,
+                         note="an annotated tag of a rewritten commit now names its new id")
+            oid = new
+        out.append(b"%s %s %d\n%s\n" % (oid.encode(), kind.encode(), len(body), body))
+    return b"".join(out)
+
+
+def _cat(git: Git, commits: list[str]) -> dict[str, bytes]:
     out = git.run("cat-file", "--batch", input=("\n".join(commits) + "\n").encode()).stdout
     raw: dict[str, bytes] = {}
     pos = 0
@@ -231,8 +346,8 @@ def _cat_commits(git: Git, commits: list[str]) -> dict[str, bytes]:
     return raw
 
 
-def _reparent(body: bytes, parents: list[str]) -> bytes:
-    """The commit ``body`` with its parent lines replaced and any signature dropped."""
+def _reparent(body: bytes, parents: list[str], tree: str | None = None) -> bytes:
+    """The commit ``body`` with its parent lines (and tree) replaced and any signature dropped."""
     header, sep, message = body.partition(b"\n\n")
     kept: list[bytes] = []
     skipping = False
@@ -241,27 +356,31 @@ def _reparent(body: bytes, parents: list[str]) -> bytes:
             continue  # continuation of a dropped multi-line header (a signature)
         skipping = line.startswith((b"gpgsig", b"parent "))
         if not skipping:
+            if line.startswith(b"tree ") and tree is not None:
+                line = b"tree " + tree.encode()
             kept.append(line)
             if line.startswith(b"tree "):
                 kept += [b"parent " + p.encode() for p in parents]
     return b"\n".join(kept) + sep + message
 
 
-def _object_id(fmt: str, body: bytes) -> str:
+def _object_id(fmt: str, kind: str, body: bytes) -> str:
     algo = hashlib.sha256 if fmt == "sha256" else hashlib.sha1
-    return algo(b"commit %d\0" % len(body) + body).hexdigest()
+    return algo(b"%s %d\0" % (kind.encode(), len(body)) + body).hexdigest()
 
 
-def _write_commits(copy: Git, bodies: list[bytes], expected: list[str], tmp: Path) -> None:
-    if not bodies:
+def _write_objects(copy: Git, objects: list[tuple[str, bytes]], tmp: Path) -> None:
+    if not objects:
         return
     staging = tmp / "staging"
     staging.mkdir()
-    paths = []
-    for i, body in enumerate(bodies):
+    paths, expected = [], []
+    fmt = copy.object_format()
+    for i, (kind, body) in enumerate(objects):
         p = staging / str(i)
         p.write_bytes(body)
         paths.append(str(p))
+        expected.append(_object_id(fmt, kind, body))
     got = copy.out("hash-object", "-t", "commit", "-w", "--no-filters", "--stdin-paths",
                    input=("\n".join(paths) + "\n").encode()).split()
     shutil.rmtree(staging)

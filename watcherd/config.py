@@ -25,6 +25,7 @@ from watcherd.units import format_duration, format_size, parse_duration, parse_s
 
 DEFAULT_PATH = Path("/etc/watcherd/watcherd.toml")
 DEFAULT_STORE_URL = "file:///var/lib/watcherd/store"
+DEFAULT_STATE_DIR = "/var/lib/watcherd/state"
 
 _KEY_SEGMENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _RESERVED_SEGMENTS = {"bundles", "conflicts", "manifest.json"}
@@ -56,6 +57,7 @@ class StoreURL:
 @dataclass(frozen=True)
 class WorkspaceConfig:
     path: Path = Path("/app")
+    state_dir: Path = Path(DEFAULT_STATE_DIR)
     mode: str = "shadow"
     author_name: str = "watcherd"
     author_email: str = "watcherd@localhost"
@@ -264,6 +266,7 @@ def _endpoint(value: Any) -> str:
 
 _SCHEMA: tuple[_Key, ...] = (
     _Key("workspace", "path", _path),
+    _Key("workspace", "state_dir", _path),
     _Key("workspace", "mode", _choice("shadow", "branch")),
     _Key("workspace", "author_name", _line),
     _Key("workspace", "author_email", _line),
@@ -453,6 +456,14 @@ def _check_together(c: Config) -> None:
         delay, quiet = (format_duration(t) for t in (c.watch.max_commit_delay, c.watch.quiet_period))
         fail("watch.max_commit_delay", f"watch.max_commit_delay ({delay}) must not be shorter than "
              f"watch.quiet_period ({quiet})", other="watch.quiet_period")
+    if _overlaps(c.workspace.state_dir, c.workspace.path):
+        fail("workspace.state_dir", f"workspace.state_dir ({c.workspace.state_dir}) must not be "
+             f"inside workspace.path ({c.workspace.path}) or contain it: whatever writes the "
+             "workspace could then write watcherd's own state", other="workspace.path")
+    if c.store.url.scheme == "file" and c.store.url.path is not None and \
+            _overlaps(c.store.url.path, c.workspace.path):
+        fail("store.url", f"store.url ({c.store.url}) must not be inside workspace.path "
+             f"({c.workspace.path}) or contain it", other="workspace.path")
     if c.restore.on_missing == "template" and not c.restore.template_url:
         fail("restore.template_url", 'restore.template_url must be set when restore.on_missing = "template"',
              other="restore.on_missing")
@@ -530,6 +541,14 @@ def _split_listen(text: str) -> tuple[str, int]:
     if not host:
         raise ValueError(f"{text!r} has no host (use 127.0.0.1 for loopback only)")
     return host, int(port)
+
+
+def _overlaps(a: Path, b: Path) -> bool:
+    """Whether one of two absolute paths is the other or inside it (as written, and resolved)."""
+    for x, y in ((a, b), (Path(os.path.realpath(a)), Path(os.path.realpath(b)))):
+        if x == y or x in y.parents or y in x.parents:
+            return True
+    return False
 
 
 def _is_loopback(host: str) -> bool:

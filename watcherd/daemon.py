@@ -27,6 +27,7 @@ import anyio.from_thread
 import anyio.to_thread
 
 from watcherd import __version__, log, snapshot
+from watcherd import git as gitdoor
 from watcherd.config import Config
 from watcherd.control import ControlServer
 from watcherd.errors import (
@@ -37,8 +38,8 @@ from watcherd.errors import (
     WorkspaceError,
 )
 from watcherd.generations import Generations, Limits
-from watcherd.git import Git, Identity
 from watcherd.notify import Notifier
+from watcherd.repo import Repo, open_repo
 from watcherd.store import Store, open_store
 from watcherd.timing import Action, Scheduler, Timing
 from watcherd.watch import Batch, Watcher
@@ -65,9 +66,9 @@ class Daemon:
 
     def __init__(self, config: Config, *, notifier: Notifier | None = None) -> None:
         self.cfg = config
-        ws = config.workspace
-        self.git = Git(ws.path, identity=Identity(ws.author_name, ws.author_email))
-        self.mode = ws.mode
+        self.repo: Repo = open_repo(config)
+        self.cache = snapshot.Cache()
+        self.mode = config.workspace.mode
         self.notifier = notifier or Notifier()
         w = config.watch
         self.timing = Timing(w.quiet_period, w.max_commit_delay, w.idle_timeout,
@@ -92,7 +93,6 @@ class Daemon:
         # Each POST /snapshot waiting for its save: the event, and the outcome it will be given.
         self._save_waiters: list[tuple[anyio.Event, dict[str, Any]]] = []
         self._over = False  # the loop has ended: no new save can be waited for
-        self._git_dir: Path | None = None
 
     # -- life ------------------------------------------------------------------------------------
 
@@ -123,14 +123,16 @@ class Daemon:
 
     def _setup(self) -> None:
         ws = self.cfg.workspace.path
-        snapshot.ensure_workspace(ws, self.git)
+        if not ws.is_dir():
+            raise WorkspaceError(f"workspace.path {ws} does not exist or is not a directory "
+                                 "(create it, run watcherd restore, or fix workspace.path)")
+        snapshot.prepare(self.repo)
         s = self.cfg.store
         self.store = open_store(s)
         self.generations = Generations(self.store, s.key,
                                        Limits(s.keep, s.warn_bundle_size, s.max_bundle_size))
         unsaved = self._unsaved_at_start()
-        self._git_dir = self.git.git_dir()
-        self.watcher = Watcher(ws, self.git)
+        self.watcher = Watcher(ws, self.repo)
         self.watcher.start()
         now = time.monotonic()
         self.sched = Scheduler(self.timing, now, unsaved_history=unsaved)
@@ -139,7 +141,7 @@ class Daemon:
 
     def _unsaved_at_start(self) -> bool:
         """Whether local snapshots are ahead of the store (a crash before the last upload)."""
-        local = snapshot.snapshot_head(self.git, self.mode)
+        local = self.repo.snapshot_head()
         if local is None:
             return False
         try:
@@ -153,7 +155,8 @@ class Daemon:
         stored = manifest.current
         # Only a workspace that carries the stored history was saved by it: one that came up from
         # the template (a restore that failed or never ran) must not say it is.
-        if self.git.has_commit(stored.snapshot) and self.git.is_ancestor(stored.snapshot, local):
+        if self.repo.bare.has_commit(stored.snapshot) and \
+                self.repo.bare.is_ancestor(stored.snapshot, local):
             self.last_upload = {"at": stored.created_at, "generation": stored.generation,
                                 "bytes": stored.size, "snapshot": stored.snapshot, "by": "store"}
         return stored.snapshot != local
@@ -245,7 +248,7 @@ class Daemon:
     async def _snapshot(self) -> None:
         started = time.monotonic()
         try:
-            snap = await anyio.to_thread.run_sync(snapshot.take, self.git, self.mode,
+            snap = await anyio.to_thread.run_sync(snapshot.take, self.repo, self.mode, self.cache,
                                                   abandon_on_cancel=True)
         except (WatcherdError, OSError) as exc:  # OSError: a full or read-only disk, retried
             self.counters.snapshot_failures += 1
@@ -310,8 +313,8 @@ class Daemon:
 
     def _save(self):
         try_unshallow, self._try_unshallow = self._try_unshallow, False  # ask the origin once
-        spool = self.git.git_dir() / "watcherd" / "spool"
-        return self.generations.save(self.git, self.mode, spool, try_unshallow=try_unshallow)
+        return self.generations.save(self.repo, template_url=self.cfg.restore.template_url,
+                                     try_unshallow=try_unshallow)
 
     def _upload_failed(self, exc: WatcherdError | OSError) -> None:
         self.counters.upload_failures += 1
@@ -342,24 +345,25 @@ class Daemon:
             async with self._watch_lock:
                 try:
                     batch = await anyio.to_thread.run_sync(watcher.read)
-                except OSError:
+                except (OSError, WorkspaceError):
                     self._check_workspace()  # a vanished workspace explains it in one line
                     raise
             self._on_batch(batch)
             self._check_workspace()
 
     def _check_workspace(self) -> None:
-        """End the daemon when the workspace or its git directory is gone.
+        """End the daemon when the workspace directory is gone.
 
-        Nothing is left to watch or snapshot (the snapshot history went with ``.git``): retrying
-        for ever would be a daemon that looks alive and protects nothing. Exiting non-zero lets
-        systemd or Kubernetes restart it, after a restore, with a workspace to protect.
+        Nothing is left to watch or snapshot: retrying for ever would be a daemon that looks
+        alive and protects nothing. Exiting non-zero lets systemd or Kubernetes restart it, after
+        a restore, with a workspace to protect. (A removed ``.git`` is not such a case: the
+        working tree is still snapshotted.)
         """
-        for what, path in (("workspace", self.watcher.root), ("git directory", self._git_dir)):
-            if path is not None and not path.is_dir():
-                raise WorkspaceError(f"the {what} {path} was removed while watcherd ran; nothing "
-                                     "is left to watch or snapshot. Restore the workspace "
-                                     "(watcherd restore) and start watcherd again")
+        root = self.watcher.root
+        if not root.is_dir():
+            raise WorkspaceError(f"the workspace {root} was removed while watcherd ran; nothing "
+                                 "is left to watch or snapshot. Restore the workspace "
+                                 "(watcherd restore) and start watcherd again")
 
     async def _safety_rescan(self) -> None:
         """While degraded: re-walk (the limit may have been raised) and snapshot whatever changed."""
@@ -473,6 +477,9 @@ class Daemon:
 
     def _degraded(self) -> list[str]:
         reasons = list(self.watcher.degraded) if self.watcher else []
+        reasons += [log.redact(p) for p in self.cache.problems]
+        reasons += [f"nested repository {p}: only its commit is saved; its files, history and "
+                    "uncommitted changes are not" for p in sorted(self.cache.nested)]
         if self.too_large:
             reasons.append(self.too_large)
         if self.store is not None and self.store.conditional_writes is False:
@@ -485,7 +492,7 @@ class Daemon:
         s = self.sched.status(time.monotonic())
         local = None
         try:
-            local = snapshot.snapshot_head(self.git, self.mode)
+            local = self.repo.snapshot_head()
         except WatcherdError:
             pass
         stored = (self.last_upload or {}).get("snapshot")

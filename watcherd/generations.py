@@ -22,7 +22,6 @@ from pathlib import Path
 from watcherd import bundle as bundles
 from watcherd import log
 from watcherd import manifest as mf
-from watcherd import snapshot
 from watcherd.errors import (
     BundleTooLarge,
     ConflictError,
@@ -30,8 +29,7 @@ from watcherd.errors import (
     ObjectMissing,
     PreconditionFailed,
 )
-from watcherd.git import Git
-from watcherd.snapshot import snapshot_head
+from watcherd.repo import SNAPSHOT_REF, Repo
 from watcherd.store.base import Store
 from watcherd.units import format_size
 
@@ -112,58 +110,61 @@ class Generations:
 
     # -- saving ----------------------------------------------------------------------------------
 
-    def save(self, git: Git, mode: str, spool: Path, *, try_unshallow: bool = True) -> SaveResult:
-        """Save the workspace's current snapshot history as the next generation.
+    def save(self, repo: Repo, *, template_url: str = "", try_unshallow: bool = True) -> SaveResult:
+        """Save the snapshot history in ``repo`` as the next generation.
 
         Raises :class:`ConflictError` (after keeping the bundle under ``conflicts/``) when the
         stored history is not part of ours, :class:`BundleTooLarge` above ``max_bundle_size``.
         """
         started = time.monotonic()
-        local = snapshot_head(git, mode)
+        local = repo.snapshot_head()
         if local is None:
             return SaveResult("unchanged", None, None)
         # Debug traces of each step (saving, bundle.written, bundle.uploaded, manifest.swapped):
         # after a crash, the last one says where the save was.
         _log.debug("generation.saving", key=self.key, snapshot=local)
-        with _usable_spool(spool) as spool, _spool_held(spool), \
-                bundles.BundleSource(git, spool, try_unshallow=try_unshallow) as source:
+        with _usable_spool(repo.spool) as spool, _spool_held(spool), \
+                bundles.BundleSource(repo, spool, template_url=template_url,
+                                     try_unshallow=try_unshallow) as source:
             ours = source.map(local)
             for _ in range(_MANIFEST_RACE_ATTEMPTS):
                 try:
                     current, version = self.read_manifest()
                 except IntegrityError as exc:
-                    self._keep_conflict(source, spool, local, git, f"stored manifest unreadable: {exc}")
+                    self._keep_conflict(source, spool, f"stored manifest unreadable: {exc}")
                 if current and current.current.snapshot == ours:
                     return SaveResult("unchanged", current.current.generation, ours)
                 if current and not source.git.is_ancestor(current.current.snapshot, ours):
                     self._keep_conflict(
-                        source, spool, local, git,
+                        source, spool,
                         f"the stored generation {current.current.generation} "
                         f"(snapshot {current.current.snapshot[:12]}) is not part of this "
                         "workspace's history",
                     )
                 try:
-                    result = self._publish(source, spool, local, git, current, version)
+                    result = self._publish(source, spool, current, version)
                 except BundleTooLarge:
-                    squashed = _squash_unsaved(source, git, mode, local, current)
+                    squashed = _squash_unsaved(source, local, current)
                     if squashed is None:
                         raise
                     local = ours = squashed
-                    result = self._publish(source, spool, local, git, current, version)
+                    result = self._publish(source, spool, current, version)
                 if result is not None:
                     _log.info("generation.saved", key=self.key, generation=result.generation,
-                              bundle=result.bundle, bytes=result.bytes, snapshot=ours,
+                              bundle=result.bundle, bytes=result.bytes, snapshot=result.snapshot,
                               duration_ms=round((time.monotonic() - started) * 1000, 1))
                     return result
             raise PreconditionFailed(f"{self.where(self.manifest_name)} kept changing under us; "
                                      "is another watcherd writing the same store.key?")
 
-    def _publish(self, source: bundles.BundleSource, spool: Path, local: str, git: Git,
-                 current: mf.Manifest | None, version: str | None) -> SaveResult | None:
+    def _publish(self, source: bundles.BundleSource, spool: Path, current: mf.Manifest | None,
+                 version: str | None) -> SaveResult | None:
         """Upload a bundle and swap the manifest; None when another writer got there first."""
         first = current.current.generation + 1 if current else 1
         with tempfile.TemporaryDirectory(dir=spool) as tmp:
-            bf = self._write_bundle(source, Path(tmp), local, git)
+            bf = self._write_bundle(source, Path(tmp))
+            if current and not source.git.is_ancestor(current.current.snapshot, bf.snapshot):
+                return None  # the history moved under us (a squash): look again
             for number in range(first, first + _MANIFEST_RACE_ATTEMPTS):
                 name = mf.bundle_name(number, bf.snapshot)
                 obj = self.bundle_object(name)
@@ -193,10 +194,8 @@ class Generations:
         self._prune(current, updated)
         return SaveResult("saved", number, bf.snapshot, bf.size, name)
 
-    def _write_bundle(self, source: bundles.BundleSource, tmp: Path, local: str,
-                      git: Git) -> bundles.BundleFile:
-        bf = bundles.write(source, tmp / "snapshot.bundle", snapshot=local, head=git.rev("HEAD"),
-                           head_ref=git.head_ref())
+    def _write_bundle(self, source: bundles.BundleSource, tmp: Path) -> bundles.BundleFile:
+        bf = bundles.write(source, tmp / "snapshot.bundle")
         if bf.size > self.limits.max_bundle_size:
             raise BundleTooLarge(
                 f"the bundle is {format_size(bf.size)}, above store.max_bundle_size "
@@ -224,13 +223,12 @@ class Generations:
         if doomed:
             _log.info("generation.pruned", key=self.key, bundles=sorted(doomed))
 
-    def _keep_conflict(self, source: bundles.BundleSource, spool: Path, local: str, git: Git,
-                       reason: str) -> None:
+    def _keep_conflict(self, source: bundles.BundleSource, spool: Path, reason: str) -> None:
         """Save the refused history under ``conflicts/`` and raise :class:`ConflictError`."""
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
         base = f"{self.key}/conflicts/{stamp}-{_host()}-{os.getpid()}"
         with tempfile.TemporaryDirectory(dir=spool) as tmp:
-            bf = self._write_bundle(source, Path(tmp), local, git)
+            bf = self._write_bundle(source, Path(tmp))
             # Two refusals within one second from one process must both be kept.
             for n in range(_MANIFEST_RACE_ATTEMPTS):
                 name = f"{base}-{n}.bundle" if n else f"{base}.bundle"
@@ -247,39 +245,40 @@ class Generations:
                             f"This workspace was saved as {self.where(name)}", name)
 
 
-def _squash_unsaved(source: bundles.BundleSource, git: Git, mode: str, local: str,
+def _squash_unsaved(source: bundles.BundleSource, local: str,
                     current: mf.Manifest | None) -> str | None:
-    """Replace the snapshots the store has not seen by one commit of the newest tree; its new id.
+    """Replace the snapshots the store has not seen by one commit of the newest state; its id.
 
     A file above ``max_bundle_size`` that was snapshotted and then deleted or ignored stays in an
     unsaved snapshot commit, and every later bundle would carry it: no save would ever succeed
     again. Those commits never reached the store, so only their in-between states are given up;
-    the newest state, the stored history and the user's own commits are all kept. None when there
-    is nothing to squash (shadow mode only: branch mode commits are the user's branch).
+    the newest state (its tree, HEAD and recorded git state), the stored history and the user's
+    own commits are all kept. None when there is nothing to squash.
     """
-    if mode != "shadow" or source.git is not source.workspace:
-        return None
+    repo = source.repo
+    git = repo.bare
+    if source.git is not git:
+        return None  # a rewritten copy of a shallow history: its ids are not the repository's
     stored = current.current.snapshot if current else None
-    with snapshot.workspace_lock(git):
-        if git.rev(snapshot.SNAPSHOT_REF) != local:
+    with repo.lock():
+        if repo.snapshot_head() != local:
             return None  # a snapshot landed meanwhile: the next save tries again
-        # The snapshot commits since the stored one (the user's branches hold the rest).
-        unsaved = git.out("rev-list", "--first-parent", local, "--not", "--branches", "--tags",
-                          *([stored] if stored else [])).split()
+        unsaved = git.out("rev-list", "--first-parent", local,
+                          *([f"^{stored}"] if stored else [])).split()
         if len(unsaved) < 2:
             return None  # one commit: the large file is in the newest tree itself
+        # [previous snapshot, HEAD, state] of the newest: the previous one is replaced by the
+        # stored snapshot, the rest stays.
         parents = git.out("rev-list", "--parents", "-n", "1", local).split()[1:]
-        # [previous snapshot, HEAD], or [HEAD] alone, or [previous snapshot] in an empty repo.
-        head = next((c for c in parents[1:] or parents if c not in unsaved), None)
         args = ["commit-tree", f"{local}^{{tree}}", "-m",
                 f"watcherd: snapshot (squashed {len(unsaved)} unsaved snapshots)\n\nTogether "
                 "they were above store.max_bundle_size: the newest state is kept, the states in "
                 "between are dropped.\n"]
-        for parent in (stored, head):
-            if parent:
-                args += ["-p", parent]
+        for parent in dict.fromkeys(p for p in ([stored] if stored else []) +
+                                    [p for p in parents if p not in unsaved]):
+            args += ["-p", parent]
         squashed = git.out(*args)
-        git.update_ref(snapshot.SNAPSHOT_REF, squashed, local, "watcherd: squash unsaved snapshots")
+        git.update_ref(SNAPSHOT_REF, squashed, local, "watcherd: squash unsaved snapshots")
     _log.warning("history.squashed", snapshots=len(unsaved), old=local, new=squashed,
                  stored=stored, reason="the unsaved snapshots were above store.max_bundle_size; "
                  "their newest state is kept as one snapshot, the states in between are dropped")

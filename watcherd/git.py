@@ -1,14 +1,23 @@
 """The only door to git.
 
-Every git call of watcherd goes through :class:`Git`: no shell, a fixed environment that keeps the
-user's global config, pager, prompts and hooks out of the way, ``-c`` options instead of writing the
-user's config, and an exit status that is always checked. Callers get text or typed values back.
+Every git call of watcherd goes through :class:`Git`: no shell, an explicit repository
+(``--git-dir``, never discovered from the working directory), an environment built from an
+allowlist (no credentials, no inherited ``GIT_*``, no system or global config, ``HOME`` in
+watcherd's state directory), ``-c`` options that turn off everything in git that can run a program
+or open a connection, a timeout on every call, and an exit status that is always checked.
+
+The repository is watcherd's own (in ``workspace.state_dir``) or one watcherd just created (a
+restore's staging tree): a config only watcherd writes. The one exception is ``branch`` mode, which
+commits on the user's branch and so must run git in the workspace itself; :func:`for_workspace`
+builds that door, for trusted workspaces only.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -16,38 +25,70 @@ from pathlib import Path
 
 from watcherd.errors import GitError
 
-# Options that make every call predictable whatever the user's config says: no pager, no prompts,
-# no hooks or fsmonitor command (a bundle, a template or the agent's .git/config must never run code
-# through us), no automatic gc in the middle of a snapshot, stable quoting of paths in porcelain
-# output.
+#: Seconds a git call may take unless the caller says otherwise. A wedged git (an object file that
+#: is a FIFO, a hung filesystem) ends as a GitError instead of holding the daemon for ever.
+DEFAULT_TIMEOUT = 60.0
+
+# What every call runs with, whatever a repository's config says. Most of it only matters for a
+# repository watcherd did not write (a bundle's refs, branch mode's workspace), but it costs
+# nothing and keeps each promise in one place: no hooks, no fsmonitor command, no connection
+# (protocol.allow=never; a call that must fetch allows one protocol for itself), no submodule
+# recursion, no lazy fetch, no signing program, no automatic gc, exact names (case-sensitive, no
+# Unicode folding), raw bytes (no CRLF conversion), no caches or index formats that read state
+# outside the index file.
 _BASE_OPTIONS = (
     "-c", "core.hooksPath=/dev/null",
     "-c", "core.fsmonitor=false",
+    "-c", "core.untrackedCache=false",
+    "-c", "core.splitIndex=false",
+    "-c", "index.sparse=false",
+    "-c", "core.sparseCheckout=false",
+    "-c", "core.ignoreCase=false",
+    "-c", "core.precomposeUnicode=false",
+    "-c", "core.autocrlf=false",
+    "-c", "core.safecrlf=false",
+    "-c", "core.symlinks=true",
+    "-c", "core.fileMode=true",
+    "-c", "core.quotePath=false",
+    "-c", "protocol.allow=never",
+    "-c", "fetch.recurseSubmodules=false",
+    "-c", "submodule.recurse=false",
+    "-c", "credential.helper=",
     "-c", "commit.gpgSign=false",
     "-c", "tag.gpgSign=false",
-    "-c", "protocol.ext.allow=never",
-    "-c", "core.quotePath=false",
     "-c", "gc.auto=0",
     "-c", "maintenance.auto=false",
     "-c", "advice.detachedHead=false",
     "-c", "init.defaultBranch=main",
-    "-c", "protocol.file.allow=always",
+    # Every repository git is pointed at is named explicitly; ownership checks guard discovery.
+    "-c", "safe.directory=*",
 )
 
-_ENV_DROP = ("GIT_DIR", "GIT_WORK_TREE", "GIT_INDEX_FILE", "GIT_OBJECT_DIRECTORY", "GIT_PREFIX",
-             "GIT_NAMESPACE", "GIT_CEILING_DIRECTORIES", "GIT_ALTERNATE_OBJECT_DIRECTORIES")
+# The environment variables that may reach git from watcherd's own: what finds programs and what
+# says the time zone. Everything else (AWS_*, tokens, GIT_*, XDG_*) stays behind.
+_ENV_PASSED = ("PATH", "TZ")
 
 
-def _base_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in _ENV_DROP}
+def scrubbed_env(home: Path) -> dict[str, str]:
+    """The whole environment of a git child: an allowlist plus fixed settings.
+
+    ``home`` is a directory of watcherd's (git reads ``~/.config/git/*`` from it: nothing there).
+    """
+    env = {k: os.environ[k] for k in _ENV_PASSED if k in os.environ}
+    env.setdefault("PATH", os.defpath)
     env.update(
+        HOME=str(home),
+        LC_ALL="C",
+        GIT_CONFIG_NOSYSTEM="1",
+        GIT_CONFIG_GLOBAL="/dev/null",
+        GIT_ATTR_NOSYSTEM="1",
         GIT_TERMINAL_PROMPT="0",
-        GIT_ASKPASS="/bin/true",
-        SSH_ASKPASS="/bin/true",
+        GIT_NO_LAZY_FETCH="1",
+        GIT_PROTOCOL_FROM_USER="0",
+        GIT_OPTIONAL_LOCKS="0",
         GIT_PAGER="cat",
         PAGER="cat",
-        LC_ALL="C",
-        GIT_OPTIONAL_LOCKS="0",
+        GIT_FLUSH="1",
     )
     return env
 
@@ -74,19 +115,54 @@ class Identity:
     email: str = "watcherd@localhost"
 
 
-class Git:
-    """git bound to one work tree (or a bare repository when ``bare`` is true)."""
+class GitTimeout(GitError):
+    """A git call ran past its timeout and was killed."""
 
-    def __init__(self, path: Path, *, bare: bool = False, identity: Identity | None = None) -> None:
-        self.path = Path(path)
-        self.bare = bare
+
+class Git:
+    """git bound to one repository (``git_dir``), optionally with a work tree.
+
+    ``home`` is where git's ``HOME`` points (a directory of watcherd's); ``identity`` signs the
+    commits; ``timeout`` bounds every call unless a call gives its own.
+    """
+
+    def __init__(self, git_dir: Path, *, home: Path, work_tree: Path | None = None,
+                 identity: Identity | None = None, timeout: float = DEFAULT_TIMEOUT,
+                 options: Sequence[str] = ()) -> None:
+        self.git_dir = Path(git_dir)
+        self.work_tree = Path(work_tree) if work_tree is not None else None
+        self.home = Path(home)
         self.identity = identity or Identity()
-        self._filters: tuple[tuple[int, int] | None, tuple[str, ...]] = (None, ())
+        self.timeout = timeout
+        self._options = tuple(options)
 
     def __repr__(self) -> str:
-        return f"Git({str(self.path)!r})"
+        return f"Git({str(self.git_dir)!r}, work_tree={str(self.work_tree) if self.work_tree else None!r})"
+
+    def with_work_tree(self, work_tree: Path | None) -> Git:
+        """The same repository with another (or no) work tree."""
+        return Git(self.git_dir, home=self.home, work_tree=work_tree, identity=self.identity,
+                   timeout=self.timeout, options=self._options)
 
     # -- running ---------------------------------------------------------------------------------
+
+    def argv(self, args: Sequence[str]) -> list[str]:
+        where = [f"--git-dir={self.git_dir}"]
+        if self.work_tree is not None:
+            where.append(f"--work-tree={self.work_tree}")
+        return ["git", *_BASE_OPTIONS, *self._options, *where, *args]
+
+    def env(self, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+        env = scrubbed_env(self.home)
+        env.update(
+            GIT_AUTHOR_NAME=self.identity.name,
+            GIT_AUTHOR_EMAIL=self.identity.email,
+            GIT_COMMITTER_NAME=self.identity.name,
+            GIT_COMMITTER_EMAIL=self.identity.email,
+        )
+        if extra:
+            env.update(extra)
+        return env
 
     def run(
         self,
@@ -97,39 +173,21 @@ class Git:
         timeout: float | None = None,
         ok: Sequence[int] = (0,),
     ) -> Result:
-        """Run ``git <args>`` in this repository and return its output.
+        """Run ``git <args>`` and return its output.
 
-        ``check`` raises :class:`GitError` unless the exit status is in ``ok``.
+        Raises :class:`GitTimeout` when it runs past ``timeout`` seconds (default: the door's),
+        :class:`GitError` when ``check`` and the exit status is not in ``ok``.
         """
-        full_env = _base_env()
-        full_env.update(
-            GIT_AUTHOR_NAME=self.identity.name,
-            GIT_AUTHOR_EMAIL=self.identity.email,
-            GIT_COMMITTER_NAME=self.identity.name,
-            GIT_COMMITTER_EMAIL=self.identity.email,
-        )
-        if env:
-            full_env.update(env)
-        argv = ("git", *self._options(), *self._work_tree(args), *args)
-        try:
-            proc = subprocess.run(
-                argv,
-                cwd=self.path,
-                input=input,
-                capture_output=True,
-                env=full_env,
-                timeout=timeout,
-                check=False,
-            )
-        except subprocess.TimeoutExpired as exc:
-            raise GitError(f"git {_show(args)} in {self.path} timed out after {timeout:g}s") from exc
-        except FileNotFoundError as exc:
-            if not self.path.is_dir():
-                raise GitError(f"{self.path} is not a directory") from exc
-            raise GitError("git is not installed (no 'git' on PATH)") from exc
-        result = Result(tuple(args), proc.returncode, proc.stdout, proc.stderr)
-        if check and proc.returncode not in ok:
-            raise GitError(_failure(self.path, args, proc.returncode, proc.stderr))
+        limit = self.timeout if timeout is None else timeout
+        cwd = self.work_tree if self.work_tree is not None and self.work_tree.is_dir() \
+            else self.home
+        code, out, err = _communicate(self.argv(args), cwd, self.env(env), input, limit)
+        if code is None:
+            raise GitTimeout(f"git {_show(args)} timed out after {limit:g}s "
+                             f"({self.work_tree or self.git_dir})")
+        result = Result(tuple(args), code, out, err)
+        if check and code not in ok:
+            raise GitError(_failure(self.work_tree or self.git_dir, args, code, err))
         return result
 
     def out(self, *args: str, **kwargs) -> str:
@@ -137,87 +195,23 @@ class Git:
         return self.run(*args, **kwargs).text
 
     def popen(self, *args: str, env: Mapping[str, str] | None = None) -> subprocess.Popen:
-        """Start a long-lived git process with pipes (e.g. ``check-ignore --stdin``)."""
-        full_env = _base_env()
-        if env:
-            full_env.update(env)
+        """Start a long-lived git process with pipes (``check-ignore --stdin``); the caller owns
+        it and must end it. It is registered, so :func:`kill_all` ends it too."""
+        cwd = self.work_tree if self.work_tree is not None and self.work_tree.is_dir() \
+            else self.home
         try:
-            return subprocess.Popen(
-                ("git", *self._options(), *self._work_tree(args), *args),
-                cwd=self.path,
-                env=full_env,
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-            )
+            proc = subprocess.Popen(self.argv(args), cwd=cwd, env=self.env(env),
+                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, start_new_session=True)
         except FileNotFoundError as exc:
-            if not self.path.is_dir():
-                raise GitError(f"{self.path} is not a directory") from exc
             raise GitError("git is not installed (no 'git' on PATH)") from exc
-
-    def _work_tree(self, args: Sequence[str]) -> tuple[str, ...]:
-        """``--work-tree`` for commands in an existing work tree.
-
-        The workspace's config is the agent's to write: ``core.worktree`` pointed at another
-        directory would have our ``git add --all`` snapshot it (the sidecar's own files, its service
-        account token) into a bundle, and ``core.bare`` would stop every snapshot. ``init`` and
-        ``clone`` refuse the option, and need no protection.
-        """
-        if self.bare or (args[:1] and args[0] in ("init", "clone")) \
-                or not (self.path / ".git").exists():
-            return ()
-        return (f"--work-tree={self.path.absolute()}",)
-
-    def _options(self) -> tuple[str, ...]:
-        # The workspace is often a volume owned by another uid (a Kubernetes emptyDir is root's);
-        # git would refuse it as "dubious ownership". We were told to work on exactly this path.
-        return (*_BASE_OPTIONS, "-c", f"safe.directory={self.path.absolute()}", *self._no_filters())
-
-    def _no_filters(self) -> tuple[str, ...]:
-        """``-c`` options that turn off every filter driver the repository's config defines.
-
-        Any git command that reads file contents through the index (``add``, and ``write-tree``
-        re-checking a racily clean entry) runs the ``clean`` command of a driver that
-        ``.gitattributes`` names, and both are writable by whoever edits the workspace (an agent).
-        watcherd holds store credentials, so it must never run their commands; storing the bytes
-        as they are is also the faithful choice (an LFS pointer is not the file). Cached on the
-        config file's stat, so it costs one ``git config`` call per change of the config.
-        """
-        if self.bare:
-            return ()
-        try:
-            st = (self.path / ".git" / "config").stat()
-        except OSError:
-            return ()  # not a repository yet, or .git is a link file: no config of its own here
-        key = (st.st_mtime_ns, st.st_size)
-        if self._filters[0] != key:
-            proc = subprocess.run(
-                ("git", *_BASE_OPTIONS, "-c", f"safe.directory={self.path.absolute()}", "config",
-                 "--name-only", "--get-regexp", r"^filter\."),
-                cwd=self.path, env=_base_env(), capture_output=True, check=False)
-            names = proc.stdout.decode("utf-8", "replace").split()
-            drivers = sorted({n.rsplit(".", 1)[0] for n in names if n.count(".") >= 2})
-            options = [opt for d in drivers
-                       for setting in (f"{d}.clean=", f"{d}.smudge=", f"{d}.process=",
-                                       f"{d}.required=false")
-                       for opt in ("-c", setting)]
-            self._filters = (key, tuple(options))
-        return self._filters[1]
+        _register(proc)
+        return proc
 
     # -- typed questions -------------------------------------------------------------------------
 
-    def is_repo(self) -> bool:
-        """True when ``path`` is the top of a git work tree (not merely inside one)."""
-        r = self.run("rev-parse", "--show-toplevel", check=False)
-        if r.returncode != 0:
-            return False
-        return Path(r.text).resolve() == self.path.resolve()
-
-    def git_dir(self) -> Path:
-        return Path(self.out("rev-parse", "--absolute-git-dir"))
-
     def rev(self, ref: str) -> str | None:
-        """The commit ``ref`` names, or None when it does not exist (e.g. HEAD of an empty repo)."""
+        """The commit ``ref`` names, or None when it does not exist."""
         r = self.run("rev-parse", "--verify", "--quiet", "--end-of-options", f"{ref}^{{commit}}",
                      check=False)
         return r.text if r.returncode == 0 and r.text else None
@@ -226,20 +220,11 @@ class Git:
         r = self.run("cat-file", "-e", f"{sha}^{{commit}}", check=False)
         return r.returncode == 0
 
-    def head_ref(self) -> str | None:
-        """The branch HEAD points at (``refs/heads/main``), or None when HEAD is detached."""
-        r = self.run("symbolic-ref", "--quiet", "HEAD", check=False)
-        return r.text if r.returncode == 0 else None
-
     def is_ancestor(self, ancestor: str, descendant: str) -> bool:
-        """True when ``ancestor`` is reachable from ``descendant`` (equal counts)."""
-        r = self.run("merge-base", "--is-ancestor", ancestor, descendant, check=False, ok=(0, 1))
-        if r.returncode == 0:
-            return True
-        if r.returncode == 1:
-            return False
-        # 128: one of them is not a commit here, so it cannot be in this history.
-        return False
+        """True when ``ancestor`` is reachable from ``descendant`` (equal counts); False also when
+        either is not a commit here."""
+        r = self.run("merge-base", "--is-ancestor", ancestor, descendant, check=False)
+        return r.returncode == 0
 
     def is_shallow(self) -> bool:
         return self.out("rev-parse", "--is-shallow-repository") == "true"
@@ -261,11 +246,30 @@ class Git:
         return 0
 
 
+def for_workspace(work_tree: Path, git_dir: Path, *, home: Path,
+                  identity: Identity | None = None) -> Git:
+    """A door into the workspace's own repository: ``branch`` mode only (trusted workspaces).
+
+    git reads the workspace's config here, so every filter driver it defines is turned off by
+    name (``.gitattributes`` could route every file through one): a branch-mode commit stores the
+    bytes as they are, and no program of the workspace's runs inside watcherd.
+    """
+    base = Git(git_dir, home=home, work_tree=work_tree, identity=identity)
+    r = base.run("config", "--name-only", "--get-regexp", r"^filter\.", check=False)
+    names = r.stdout.decode("utf-8", "replace").split()
+    drivers = sorted({n.rsplit(".", 1)[0] for n in names if n.count(".") >= 2})
+    options = [opt for d in drivers
+               for setting in (f"{d}.clean=", f"{d}.smudge=", f"{d}.process=",
+                               f"{d}.required=false")
+               for opt in ("-c", setting)]
+    return Git(git_dir, home=home, work_tree=work_tree, identity=identity, options=options)
+
+
 def retrying(call, *, attempts: int = 8, first_delay: float = 0.05, lock_hint: str = "index.lock"):
     """Run ``call()`` again while git says another git process holds ``lock_hint``.
 
-    A user's own ``git commit`` and our snapshot can meet on a lock file; waiting a little is the
-    polite answer. Any other failure is raised at once.
+    A user's own ``git commit`` and a branch-mode snapshot can meet on a lock file; waiting a
+    little is the polite answer. Any other failure is raised at once.
     """
     delay = first_delay
     for attempt in range(attempts):
@@ -279,6 +283,65 @@ def retrying(call, *, attempts: int = 8, first_delay: float = 0.05, lock_hint: s
     raise AssertionError("unreachable")
 
 
+# -- children ------------------------------------------------------------------------------------
+
+_live: set[subprocess.Popen] = set()
+_live_lock = threading.Lock()
+
+
+def _register(proc: subprocess.Popen) -> None:
+    with _live_lock:
+        _live.add(proc)
+        for done in [p for p in _live if p.poll() is not None]:
+            _live.discard(done)
+
+
+def _communicate(argv: list[str], cwd: Path, env: dict[str, str], input: bytes | None,
+                 timeout: float) -> tuple[int | None, bytes, bytes]:
+    """Run one git child to its end, or kill its whole process group after ``timeout``.
+
+    (None, out, err) on a timeout. git's own children (``index-pack``, a remote helper) live in
+    the same process group, so they go with it.
+    """
+    try:
+        proc = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                start_new_session=True)
+    except FileNotFoundError as exc:
+        raise GitError("git is not installed (no 'git' on PATH)") from exc
+    _register(proc)
+    try:
+        out, err = proc.communicate(input, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _kill(proc)
+        out, err = proc.communicate()
+        return None, out, err
+    except BaseException:
+        _kill(proc)
+        proc.wait()
+        raise
+    finally:
+        with _live_lock:
+            _live.discard(proc)
+    return proc.returncode, out, err
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except OSError:
+        pass
+
+
+def kill_all() -> int:
+    """Kill every git child still running (a shutdown that cannot wait for them); the count."""
+    with _live_lock:
+        procs = [p for p in _live if p.poll() is None]
+    for p in procs:
+        _kill(p)
+    return len(procs)
+
+
 def _show(args: Sequence[str]) -> str:
     return " ".join(args[:4]) + (" ..." if len(args) > 4 else "")
 
@@ -289,4 +352,9 @@ def _failure(path: Path, args: Sequence[str], code: int, stderr: bytes) -> str:
     # process seems to be running..."): keep the reasons first, then the explanation, briefly.
     reasons = [w for w in lines if w.startswith(("fatal:", "error:"))]
     said = "; ".join((reasons + [w for w in lines if w not in reasons])[:3]) or "no message"
-    return f"git {_show(args)} failed in {path} (exit {code}): {said}"
+    return f"git {_show(args)} failed in {path} (exit {code}): {_printable(said)[:500]}"
+
+
+def _printable(text: str) -> str:
+    """``text`` with control characters escaped: git repeats names that came from the workspace."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)

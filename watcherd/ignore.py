@@ -1,12 +1,17 @@
 """Would git leave this path out of a snapshot? Asked of git itself.
 
 The snapshot is ``git add -A``, so the only honest answer to "is this path part of the workspace?" is
-git's own: nested ``.gitignore`` files, ``.git/info/exclude``, ``core.excludesFile``, negations,
-and the index (a tracked file is never ignored, and neither is a directory that holds one).
-Re-implementing those rules would drift from git; spawning ``git check-ignore`` per question would
-cost a fork per event. So one long-lived ``git check-ignore --stdin -z -v -n`` answers every
-question, one record per path, and the answers are cached until something that changes them
-happens (an ignore file, the index) and the caller calls :meth:`IgnoreOracle.invalidate`.
+git's own: nested ``.gitignore`` files, the workspace's ``info/exclude``, negations, and the index
+(a tracked file is never ignored, and neither is a directory that holds one). Re-implementing those
+rules would drift from git; spawning ``git check-ignore`` per question would cost a fork per event.
+So one long-lived ``git check-ignore --no-index --stdin -z -v -n``, run in watcherd's own repository
+with the workspace as its work tree, answers every question from the rules alone, one record per
+path; the few tracked paths that the rules ignore (``git add -f``) are found once per change of the
+user's index (:func:`tracked_ignored`) and the caller treats them as not ignored. Answers are cached
+until the rules change and the caller calls :meth:`IgnoreOracle.invalidate`.
+
+The workspace's ``info/exclude`` reaches git as watcherd's copy (:func:`write_rules`): git reads
+no file of the workspace's git directory.
 
 Protocol (``-z -v -n``): each path goes in NUL-terminated; each answer is four NUL-terminated
 fields, ``source``, ``linenum``, ``pattern``, ``path``. An empty pattern means no rule matched; a
@@ -29,8 +34,10 @@ from collections.abc import Iterable, Sequence
 
 import structlog
 
+from watcherd import workspace as ws
 from watcherd.errors import GitError
 from watcherd.git import Git
+from watcherd.repo import Repo
 
 log = structlog.get_logger(__name__)
 
@@ -163,7 +170,7 @@ class IgnoreOracle:
             raise GitError(f"git check-ignore keeps failing in {self._git.path}: {tail}")
 
     def _start(self) -> subprocess.Popen:
-        proc = self._git.popen("check-ignore", "--stdin", "-z", "-v", "-n",
+        proc = self._git.popen("check-ignore", "--no-index", "--stdin", "-z", "-v", "-n",
                                env={"GIT_FLUSH": "1"})
         for pipe in (proc.stdin, proc.stdout, proc.stderr):
             assert pipe is not None
@@ -258,6 +265,53 @@ class IgnoreOracle:
                                      f"got {bytes(echoed)!r}")
             answers.append(bool(pattern) and not pattern.startswith(b"!"))
             self._buf = bytearray(rest)
+
+
+def write_rules(repo: Repo, exclude: bytes, internal: tuple[str, ...]) -> bool:
+    """Make watcherd's ``info/exclude`` the workspace's rules, plus the git directories that live
+    in the work tree under another name than ``.git`` (never part of a snapshot). True when it
+    changed (cached answers are stale then)."""
+    text = exclude + b"".join(b"\n/" + os.fsencode(p) + b"/" for p in internal) + b"\n"
+    path = repo.git_dir / "info" / "exclude"
+    try:
+        if path.read_bytes() == text:
+            return False
+    except FileNotFoundError:
+        pass
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(text)
+    return True
+
+
+def sync_rules(repo: Repo, layout: ws.Layout) -> bool:
+    """Copy the workspace's ``info/exclude`` (read as data) into watcherd's repository."""
+    exclude = b""
+    if layout.common_dir is not None:
+        try:
+            exclude = ws.read_file(layout.root, layout.common_dir / "info" / "exclude",
+                                   ws.MAX_EXCLUDE)
+        except (FileNotFoundError, ws.Unsafe):
+            pass
+    return write_rules(repo, exclude, layout.internal)
+
+
+def tracked_ignored(repo: Repo, layout: ws.Layout) -> frozenset[str]:
+    """Paths of the user's index that the ignore rules match (force-added with ``git add -f``):
+    git snapshots them although the rules say otherwise. Read from a copy of the index."""
+    if layout.git_dir is None:
+        return frozenset()
+    try:
+        index = ws.read_file(layout.root, layout.git_dir / "index", ws.MAX_INDEX)
+    except (FileNotFoundError, ws.Unsafe):
+        return frozenset()
+    copy = repo.dir / "watch-index"
+    copy.write_bytes(index)
+    r = repo.git.run("ls-files", "-z", "--cached", "--ignored", "--exclude-standard",
+                     env={"GIT_INDEX_FILE": str(copy)}, check=False)
+    copy.unlink(missing_ok=True)
+    if r.returncode != 0:
+        return frozenset()
+    return frozenset(p.decode("utf-8", "surrogateescape") for p in r.stdout.split(b"\0") if p)
 
 
 def _read(fd: int) -> bytes | None:

@@ -1,33 +1,42 @@
-"""Snapshots: record the workspace's current state as a git commit.
+"""Snapshots: record the workspace's whole state at one moment as a commit of watcherd's own.
 
-``shadow`` mode (default) never touches the user's HEAD, index, branches or working tree: the whole
-tree as git sees it is staged into a private index and committed with ``git commit-tree`` onto
-``refs/watcherd/snapshots``, with parents ``[previous snapshot, HEAD]``. ``branch`` mode commits on
-the current branch like a person would, retrying while the user's own git holds ``index.lock``, and
-records each HEAD on the same snapshot history, so the store moves forward whatever the user does
-to the branch; while the user is in the middle of a rebase or merge it only records the tree there.
+A snapshot is a commit ``W`` in watcherd's repository (:mod:`watcherd.repo`) on
+``refs/watcherd/snapshots``: its tree is the working tree as git sees it (every path of the
+user's index, force-added ones included, plus every untracked path git would not ignore; raw
+bytes, exec bits, symlinks), its parents ``[previous snapshot, HEAD, S]``, where ``S`` is the state
+commit (:mod:`watcherd.state`) that records HEAD, every ref, the stash, the index and the
+allowlisted config, all read at the same moment as the tree.
+
+``shadow`` mode (default) reads the workspace and never runs git in it: its git state is read as
+data (:mod:`watcherd.workspace`), its files are added through watcherd's private index. ``branch``
+mode first commits on the user's branch (``git add -A`` + ``git commit`` in the workspace, like
+gitwatch; trusted workspaces only), then records the snapshot the same way.
+
+When the workspace's git state cannot be recorded (a hostile or broken ``.git``: a ref to a missing
+object, a FIFO posing as an object, ``.git`` pointing outside the workspace), the working tree is
+still snapshotted, with the last state that could be recorded, and the reason goes to the log and
+the status: edits are never held back by the state around them.
 """
 
 from __future__ import annotations
 
-import fcntl
+import hashlib
 import os
 import re
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from watcherd import log
-from watcherd.errors import GitError, WorkspaceError
-from watcherd.git import Git, retrying
+from watcherd import ignore, log, state
+from watcherd import workspace as ws
+from watcherd.errors import GitError
+from watcherd.git import Git, for_workspace, retrying
+from watcherd.repo import SNAPSHOT_REF, Repo
 
-SNAPSHOT_REF = "refs/watcherd/snapshots"
 _MESSAGE_PATHS = 50
 # A lock file left by a git process that died blocks every later commit. One that nobody holds
 # open, with no git of the user's running in the repository, and older than this is removed
-# (branch mode; shadow mode owns its own locks).
+# (branch mode; shadow mode never writes in the workspace).
 STALE_LOCK_AGE = 60.0
 
 _log = log.get(__name__)
@@ -39,29 +48,93 @@ class Snapshot:
 
     commit: str | None
     snapshot_head: str | None  # the snapshot history's head after this attempt
-    head: str | None  # the user's HEAD commit (None in an empty repository)
+    head: str | None  # the user's HEAD commit as recorded (None: unborn or not recorded)
     head_ref: str | None  # the branch HEAD points at, None when detached
     files: int = 0
     paths: tuple[str, ...] = ()
+    problems: tuple[str, ...] = ()  # why (part of) the git state is not recorded
 
 
-def ensure_workspace(path: Path, git: Git) -> None:
-    """Make ``path`` a git work tree if it is not one; refuse a missing path or a file."""
-    if not path.exists():
-        raise WorkspaceError(f"workspace.path {path} does not exist (create it, or fix workspace.path)")
-    if not path.is_dir():
-        raise WorkspaceError(f"workspace.path {path} is not a directory")
-    if not git.is_repo():
-        git.run("init", "--quiet")
-        _log.info("workspace.initialised", path=str(path))
+@dataclass
+class Cache:
+    """What one process remembers between snapshots, to skip work when nothing changed."""
+
+    index_digest: bytes | None = None
+    user_paths: frozenset[bytes] | None = None
+    state_key: bytes | None = None
+    state_commit: str | None = None
+    state_notes: tuple[str, ...] = ()
+    problems: tuple[str, ...] = ()
+    nested: frozenset[str] = field(default_factory=frozenset)
+    state_of: dict[str, str | None] = field(default_factory=dict)
+    heads: dict[str, tuple[str | None, str | None]] = field(default_factory=dict)
 
 
-def take(git: Git, mode: str = "shadow") -> Snapshot:
-    """Snapshot the work tree in ``mode``; a no-op (commit None) when nothing changed."""
+def prepare(repo: Repo) -> None:
+    """Before the first snapshot of a process: make sure the history in the state directory is
+    this workspace's, or start a new one; adopt a history an older watcherd kept in the workspace.
+    """
+    layout = ws.locate(repo.workspace)
+    repo.ensure(_object_format(layout))
+    root = repo.workspace
+    if repo.snapshot_head() is not None and not repo.paired_with(root):
+        repo.forget_history(f"the history in {repo.dir} was recorded for another workspace "
+                            f"directory than {root}")
+    if repo.snapshot_head() is None:
+        _adopt_legacy(repo)
+    if not repo.paired_with(root):
+        repo.pair(root)
+
+
+def _object_format(layout: ws.Layout) -> str:
+    """The workspace's object format (watcherd's repository must use the same to read it)."""
+    if not layout.is_repository:
+        return "sha1"
+    try:
+        return ws.read_state(layout).object_format
+    except ws.Unsafe:
+        return "sha1"
+
+
+def _adopt_legacy(repo: Repo) -> None:
+    """An older watcherd kept ``refs/watcherd/snapshots`` in the workspace: continue it here, so
+    the store moves forward without a manual step."""
+    layout = ws.locate(repo.workspace)
+    if not layout.is_repository:
+        return
+    try:
+        found = ws.read_state(layout)
+    except ws.Unsafe:
+        return
+    legacy = found.legacy_snapshot
+    if legacy is None or repo.attach(layout, found.shallow) is not None:
+        return
+    r = repo.bare.run("pack-objects", "--revs", "--quiet", "--delta-base-offset",
+                      str(repo.git_dir / "objects" / "pack" / "pack"),
+                      input=f"{legacy}\n".encode(), check=False)
+    if r.returncode != 0 or not repo.bare.has_commit(legacy):
+        _log.warning("state.legacy_unreadable", snapshot=legacy,
+                     reason="the workspace's old snapshot history is incomplete; starting anew")
+        return
+    repo.bare.update_ref(SNAPSHOT_REF, legacy, None, "watcherd: adopt the workspace's history")
+    _log.info("state.adopted", snapshot=legacy, state_dir=str(repo.dir),
+              note="the snapshot history an older watcherd kept in the workspace continues here")
+
+
+def take(repo: Repo, mode: str = "shadow", cache: Cache | None = None) -> Snapshot:
+    """Snapshot the workspace; a no-op (commit None) when nothing changed.
+
+    Raises :class:`~watcherd.errors.WorkspaceError` when the workspace directory is gone,
+    :class:`GitError` when git fails on watcherd's own repository (full disk, timeout).
+    """
+    cache = cache if cache is not None else Cache()
     started = time.monotonic()
-    with workspace_lock(git):
+    with repo.lock():
         _log.debug("snapshot.started", mode=mode)  # a trace of the save's steps, for post-mortems
-        snap = _take_shadow(git) if mode == "shadow" else _take_branch(git)
+        layout = ws.locate(repo.workspace)
+        if mode == "branch" and layout.is_repository:
+            _commit_on_branch(repo, layout)
+        snap = _take(repo, layout, cache)
     if snap.commit:
         _log.info("snapshot.committed", commit=snap.commit, files=snap.files, mode=mode,
                   head=snap.head, paths=list(snap.paths[:10]),
@@ -72,82 +145,170 @@ def take(git: Git, mode: str = "shadow") -> Snapshot:
     return snap
 
 
-def snapshot_head(git: Git, mode: str) -> str | None:
-    """The commit that stands for the workspace's saved state in ``mode``.
-
-    Both modes keep their history on ``SNAPSHOT_REF`` (branch mode records each HEAD there, so a
-    ``reset --hard`` or a rebase of the user's is not a non-fast-forward for the store). A
-    branch-mode workspace saved before it kept that history is stood for by its HEAD.
-    """
-    return git.rev(SNAPSHOT_REF) or (git.rev("HEAD") if mode == "branch" else None)
+def snapshot_head(repo: Repo) -> str | None:
+    """The commit that stands for the workspace's saved state: the newest snapshot."""
+    return repo.snapshot_head()
 
 
-@contextmanager
-def workspace_lock(git: Git) -> Iterator[Path]:
-    """Serialise watcherd processes on one repository (the daemon and a standalone snapshot).
+def _take(repo: Repo, layout: ws.Layout, cache: Cache) -> Snapshot:
+    problems: list[str] = [layout.problem] if layout.problem else []
+    found: ws.GitState | None = None
+    if layout.is_repository:
+        try:
+            found = ws.read_state(layout)
+        except ws.Unsafe as exc:
+            problems.append(f"the git state is not readable: {exc}")
+    repo.ensure(found.object_format if found else "sha1")
+    if found and repo.object_format() != found.object_format:
+        problems.append(f"the workspace's objects are {found.object_format}, watcherd's "
+                        f"repository {repo.object_format()}: the git state is not recorded")
+        found = None
+    detached = repo.attach(layout, found.shallow if found else ())
+    if detached and found:
+        problems.append(f"the workspace's objects are not read: {detached}")
+        found = None
+    ignore.write_rules(repo, found.exclude if found else b"", layout.internal)
+    index_file = _sync_user_index(repo, found, cache)
 
-    Under this lock any lock file in watcherd's own namespace is stale by definition: only a
-    watcherd process that was killed can have left it, so it is removed.
-    """
-    state = git.git_dir() / "watcherd"
-    try:
-        state.mkdir(exist_ok=True)
-        fd = os.open(state / "lock", os.O_RDWR | os.O_CREAT, 0o600)
-    except OSError as exc:
-        # A read-only or full disk: one line that says so, and the daemon retries later.
-        raise WorkspaceError(f"cannot write watcherd's lock {state / 'lock'}: {exc.strerror}; "
-                             "nothing can be snapshotted until the workspace is writable") from None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        for stale in (state / "index.lock", git.git_dir() / f"{SNAPSHOT_REF}.lock"):
-            if stale.exists():
-                stale.unlink(missing_ok=True)
-                _log.warning("snapshot.stale_lock_removed", lock=str(stale),
-                             reason="left by a watcherd process that did not finish")
-        yield state
-    finally:
-        os.close(fd)
+    prev = repo.snapshot_head()
+    prev_state = _state_of(repo, prev, cache)
+    tree = _worktree_tree(repo, prev, index_file, cache)
+
+    s_commit = prev_state
+    if found is not None:
+        try:
+            s_commit, notes = _record_state(repo, found, index_file, prev_state, cache)
+            problems.extend(notes)
+        except GitError as exc:
+            problems.append(f"the git state is not recorded this time: {exc}")
+    _report(problems, cache)
+    head, head_ref = _head_of(repo, s_commit, cache)
+
+    prev_tree = repo.bare.out("rev-parse", f"{prev}^{{tree}}") if prev else None
+    if prev and tree == prev_tree and s_commit == prev_state:
+        return Snapshot(None, prev, head, head_ref, problems=tuple(problems))
+    if not prev and tree == _empty_tree(repo.bare) and s_commit is None:
+        return Snapshot(None, None, None, head_ref, problems=tuple(problems))
+
+    # The first snapshot lists what differs from the user's HEAD (their own commit is no news).
+    base_tree = prev_tree or (repo.bare.out("rev-parse", f"{head}^{{tree}}") if head else None)
+    paths = _changed(repo.bare, base_tree, tree, cache)
+    moved = head if prev and head != _head_of(repo, prev_state, cache)[0] else None
+    args = ["commit-tree", tree, "-m", _message(paths, moved)]
+    for parent in dict.fromkeys(p for p in (prev, head, s_commit) if p):
+        args += ["-p", parent]
+    commit = repo.bare.out(*args)
+    repo.bare.update_ref(SNAPSHOT_REF, commit, prev, "watcherd: snapshot")
+    cache.state_of[commit] = s_commit
+    return Snapshot(commit, commit, head, head_ref, len(paths), tuple(paths), tuple(problems))
 
 
-# -- shadow ------------------------------------------------------------------------------------------
+def _state_of(repo: Repo, snapshot: str | None, cache: Cache) -> str | None:
+    """The state commit of ``snapshot`` (None for none, or a snapshot of an older watcherd)."""
+    if snapshot is None:
+        return None
+    if snapshot not in cache.state_of:
+        cache.state_of[snapshot] = state.state_parent(repo.bare, snapshot)
+    return cache.state_of[snapshot]
 
 
-def _take_shadow(git: Git) -> Snapshot:
-    git_dir = git.git_dir()
-    env = {"GIT_INDEX_FILE": str(git_dir / "watcherd" / "index")}
-    head = git.rev("HEAD")
-    head_ref = git.head_ref()
-    prev = git.rev(SNAPSHOT_REF)
+def _head_of(repo: Repo, s_commit: str | None, cache: Cache) -> tuple[str | None, str | None]:
+    """(HEAD commit, HEAD's branch) as state commit ``s_commit`` records them."""
+    if s_commit is None:
+        return None, None
+    if s_commit not in cache.heads:
+        rec = state.read(repo.bare, s_commit)
+        cache.heads[s_commit] = (rec.head.oid, rec.head.ref)
+    return cache.heads[s_commit]
 
-    if (prev or head) and not Path(env["GIT_INDEX_FILE"]).exists():
+
+def _record_state(repo: Repo, found: ws.GitState, index_file: Path | None,
+                  prev_state: str | None, cache: Cache) -> tuple[str, tuple[str, ...]]:
+    """The state commit for ``found`` (the previous one when nothing in the state changed), and
+    what it had to leave out."""
+    key = hashlib.sha256(repr((found.head, found.refs, found.stash, found.config,
+                               cache.index_digest, found.shallow)).encode()).digest()
+    if cache.state_key == key and cache.state_commit and prev_state == cache.state_commit:
+        return cache.state_commit, cache.state_notes
+    config = state.parse_config(repo.bare, found.config, repo.dir / "config.scratch")
+    given = state.Input(config, index_file,
+                        None if index_file else "the workspace has no index yet")
+    commit, rec = state.record(repo.bare, found, given, previous=prev_state)
+    cache.state_key, cache.state_commit, cache.state_notes = key, commit, rec.notes
+    cache.heads[commit] = (rec.head.oid, rec.head.ref)
+    return commit, rec.notes
+
+
+def _sync_user_index(repo: Repo, found: ws.GitState | None, cache: Cache) -> Path | None:
+    """watcherd's copy of the user's index (git reads the copy, never the workspace's file)."""
+    copy = repo.dir / "user-index"
+    index = found.index if found else None
+    if index is None:
+        copy.unlink(missing_ok=True)
+        cache.index_digest = None
+        return None
+    digest = hashlib.sha256(index).digest()
+    if digest != cache.index_digest or not copy.exists():
+        copy.write_bytes(index)
+        cache.index_digest = digest
+        cache.user_paths = None
+    return copy
+
+
+def _report(problems: list[str], cache: Cache) -> None:
+    """Warn about each problem once, when it appears, and say when they are gone."""
+    now = tuple(problems)
+    for p in now:
+        if p not in cache.problems:
+            _log.warning("snapshot.state_not_recorded", reason=ws.printable(p))
+    if cache.problems and not now:
+        _log.info("snapshot.state_recorded", note="the workspace's git state is recorded again")
+    cache.problems = now
+
+
+# -- the working tree ------------------------------------------------------------------------------
+
+
+def _worktree_tree(repo: Repo, prev: str | None, index_file: Path | None, cache: Cache) -> str:
+    """The tree of the working tree as git sees it, through the private index."""
+    git = repo.git
+    env = {"GIT_INDEX_FILE": str(repo.index)}
+    if prev and not repo.index.exists():
         # An empty index would record whatever git cannot read right now (a directory without
         # read permission) as deleted; starting from the last recorded state keeps it instead.
-        git.run("read-tree", prev or head, env=env)
+        git.run("read-tree", f"{prev}^{{tree}}", env=env)
     _add_all(git, env)
-    _drop_now_ignored(git, env)
-    tree = git.out("write-tree", env=env)
-
-    prev_tree = git.out("rev-parse", f"{prev}^{{tree}}") if prev else None
-    prev_head = _recorded_head(git, prev, head) if prev else None
-    if prev and tree == prev_tree and head == prev_head:
-        return Snapshot(None, prev, head, head_ref)
-    if not prev and not head and tree == _empty_tree(git):
-        return Snapshot(None, None, None, head_ref)  # an empty repository with nothing in it
-
-    base_tree = prev_tree or (git.out("rev-parse", f"{head}^{{tree}}") if head else None)
-    paths = _changed(git, base_tree, tree)
-    message = _message(paths, head if head != prev_head else None)
-    args = ["commit-tree", tree, "-m", message]
-    for parent in (prev, head):
-        if parent:
-            args += ["-p", parent]
-    commit = git.out(*args)
-    git.update_ref(SNAPSHOT_REF, commit, prev, "watcherd: snapshot")
-    return Snapshot(commit, commit, head, head_ref, len(paths), tuple(paths))
+    user_paths = _user_paths(repo, index_file, cache)
+    _drop_now_ignored(git, env, user_paths)
+    return git.out("write-tree", env=env)
 
 
-def _add_all(git: Git, env: dict[str, str] | None = None, *, attempts: int = 3) -> None:
-    """``git add --all`` of the work tree into the index ``env`` names (the real one if None)."""
+def _user_paths(repo: Repo, index_file: Path | None, cache: Cache) -> frozenset[bytes]:
+    """The paths of the user's index. Those the private index lacks (force-added under an
+    ignored directory) are added to it; looked at again only when the user's index changed."""
+    if cache.user_paths is not None:
+        return cache.user_paths
+    paths: frozenset[bytes] = frozenset()
+    if index_file is not None:
+        r = repo.bare.run("ls-files", "-z", "--cached", env={"GIT_INDEX_FILE": str(index_file)},
+                          check=False)
+        if r.returncode == 0:
+            paths = frozenset(p for p in r.stdout.split(b"\0") if p)
+    env = {"GIT_INDEX_FILE": str(repo.index)}
+    ours = set(repo.git.run("ls-files", "-z", "--cached", env=env).stdout.split(b"\0"))
+    missing = sorted(p for p in paths if p not in ours)
+    if missing:
+        r = repo.git.run("update-index", "--add", "--remove", "-z", "--stdin", env=env,
+                         input=b"".join(p + b"\0" for p in missing), check=False)
+        if r.returncode != 0:
+            _log.warning("snapshot.unreadable_files", detail=_lines(r.stderr)[:5],
+                         hint="files of the user's index that could not be read are left out")
+    cache.user_paths = paths
+    return paths
+
+
+def _add_all(git: Git, env: dict[str, str], *, attempts: int = 3) -> None:
+    """``git add --all`` of the work tree into the index ``env`` names."""
     for attempt in range(attempts):
         # --ignore-errors: an unreadable file must not stop every other edit from being saved.
         r = git.run("add", "--all", "--ignore-errors", "--", ".", env=env, check=False)
@@ -157,27 +318,23 @@ def _add_all(git: Git, env: dict[str, str] | None = None, *, attempts: int = 3) 
         if "unable to stat" in said and "No such file" in said and attempt < attempts - 1:
             continue  # a file vanished between git's listing and its stat (an editor's temp file)
         if r.returncode != 1:
-            raise GitError(f"git add failed in {git.path}: {'; '.join(said.splitlines()[:3])}")
+            raise GitError(f"git add failed in {git.work_tree}: {'; '.join(_lines(r.stderr)[:3])}")
         # 1 is --ignore-errors' "these paths could not be added": the index holds all the rest.
         _report_skipped(said)
         return
 
 
-def _drop_now_ignored(git: Git, env: dict[str, str]) -> None:
-    """Take out of the private index what is ignored now and not tracked by the user.
+def _drop_now_ignored(git: Git, env: dict[str, str], user_paths: frozenset[bytes]) -> None:
+    """Take out of the private index what is ignored now and not in the user's index.
 
     ``git add --all`` never drops an entry because a .gitignore matches it now (a tracked file is
     never ignored), and the private index holds everything ever snapshotted. Without this, a
     ``node_modules/`` or ``.env`` snapshotted before its .gitignore line would stay in every
     snapshot for ever, and ignoring a file too large to upload would not make the next bundle
-    smaller. One ``ls-files`` when nothing is to be dropped.
+    smaller. A path the user tracks stays (``git add -f``), as in their own ``git status``.
     """
     listed = git.run("ls-files", "-z", "--cached", "--ignored", "--exclude-standard", env=env).stdout
-    if not listed:
-        return
-    tracked = set(git.run("ls-files", "-z", "--cached", "--ignored", "--exclude-standard").stdout
-                  .split(b"\0"))
-    gone = [p for p in listed.split(b"\0") if p and p not in tracked]
+    gone = [p for p in listed.split(b"\0") if p and p not in user_paths]
     if gone:
         git.run("update-index", "-z", "--force-remove", "--stdin", env=env,
                 input=b"".join(p + b"\0" for p in gone))
@@ -210,49 +367,32 @@ def _report_skipped(said: str) -> None:
                      hint="files git could not read are left out of this snapshot")
 
 
-def _recorded_head(git: Git, commit: str, head: str | None) -> str | None:
-    """The HEAD that snapshot ``commit`` recorded: its second parent, or its only parent when it
-    was the first snapshot (no previous one) and that parent is ``head``."""
-    parents = git.out("rev-list", "--parents", "-n", "1", commit).split()[1:]
-    if len(parents) > 1:
-        return parents[1]
-    # A single parent is either HEAD (first snapshot) or the previous snapshot (empty repository).
-    return head if parents == [head] else None
-
-
 def _empty_tree(git: Git) -> str:
     return git.out("hash-object", "-t", "tree", "--stdin", input=b"")
 
 
-def _changed(git: Git, old_tree: str | None, new_tree: str) -> list[str]:
-    """The paths that differ; reports every nested repository (gitlink) that appeared or moved."""
+def _changed(git: Git, old_tree: str | None, new_tree: str, cache: Cache) -> list[str]:
+    """The paths that differ; warns about every nested repository (gitlink) that appeared or
+    moved, whose own files and uncommitted changes a snapshot does not hold."""
     if old_tree:
-        return _raw_paths(git.run("diff-tree", "-r", "-z", "--no-renames", old_tree, new_tree).stdout)
-    # "<mode> <type> <id>" TAB <path> NUL.
-    records = git.run("ls-tree", "-r", "-z", new_tree).stdout.split(b"\0")
-    return _paths([(meta.split()[0], meta.split()[2], path)
-                   for meta, _, path in (r.partition(b"\t") for r in records if r)])
-
-
-def _raw_paths(raw: bytes) -> list[str]:
-    """The paths of a ``diff-tree``/``diff-index`` ``-z`` raw listing, whose records are
-    ":<old mode> <new mode> <old id> <new id> <status>" NUL <path> NUL."""
-    fields = raw.split(b"\0")
-    return _paths([(meta.split()[1], meta.split()[3], path)
-                   for meta, path in zip(fields[0::2], fields[1::2]) if meta])
-
-
-def _paths(entries: list[tuple[bytes, bytes, bytes]]) -> list[str]:
-    """Paths of (new mode, new id, path) entries; each nested repository (gitlink) is reported."""
+        raw = git.run("diff-tree", "-r", "-z", "--no-renames", old_tree, new_tree).stdout
+        fields = raw.split(b"\0")
+        entries = [(meta.split()[1], meta.split()[3], path)
+                   for meta, path in zip(fields[0::2], fields[1::2]) if meta]
+    else:
+        records = git.run("ls-tree", "-r", "-z", new_tree).stdout.split(b"\0")
+        entries = [(meta.split()[0], meta.split()[2], path)
+                   for meta, _, path in (r.partition(b"\t") for r in records if r)]
     paths = []
-    for mode, oid, raw in entries:
-        path = raw.decode("utf-8", "surrogateescape")
+    for mode, oid, raw_path in entries:
+        path = raw_path.decode("utf-8", "surrogateescape")
         paths.append(path)
         if mode == b"160000":
+            cache.nested = cache.nested | {path}
             _log.warning("snapshot.nested_repository", path=path, commit=oid.decode(),
-                         note="a nested git repository: the snapshot records only its commit, "
-                              "its files and history are not in the snapshot (make it part of "
-                              "this repository, or save it separately)")
+                         note="a nested git repository: the snapshot records only its commit; "
+                              "its files, history and uncommitted changes are not saved (make it "
+                              "part of this repository, or save it separately)")
     return paths
 
 
@@ -266,26 +406,11 @@ def _message(paths: list[str], moved_head: str | None) -> str:
     return "\n".join(lines).rstrip("\n") + "\n"
 
 
-# -- branch ------------------------------------------------------------------------------------------
+def _lines(stderr: bytes) -> list[str]:
+    return [w.strip() for w in stderr.decode("utf-8", "replace").splitlines() if w.strip()]
 
 
-def _take_branch(git: Git) -> Snapshot:
-    busy = _operation_in_progress(git)
-    if busy:
-        # `git add -A` would mark the user's conflicts resolved, markers and all, and `git commit`
-        # would land in the middle of their rebase or conclude their merge: save the tree on the
-        # snapshot history only, and leave the index and the branch to them.
-        _log.info("snapshot.branch_deferred", operation=busy,
-                  note="the user's git is in the middle of an operation: this snapshot is kept "
-                       f"on {SNAPSHOT_REF} only, the branch and the index are left alone")
-        return _take_shadow(git)
-    if _git_running_in(git.git_dir()):
-        # Our index.lock would make the user's running git fail (a rebase --autostash that cannot
-        # apply its stash leaves a rebase that neither --continue nor --abort can end). Step aside:
-        # the tree is saved on the snapshot history now, on the branch at the next snapshot.
-        _log.debug("snapshot.branch_deferred", operation="a git command of the user is running")
-        return _take_shadow(git)
-    return _record_head(git, _commit_on_branch(git))
+# -- branch mode -------------------------------------------------------------------------------------
 
 
 # A rebase, merge, cherry-pick, revert or bisect the user has not finished.
@@ -293,81 +418,58 @@ _OPERATIONS = ("rebase-merge", "rebase-apply", "MERGE_HEAD", "CHERRY_PICK_HEAD",
                "BISECT_LOG")
 
 
-def _operation_in_progress(git: Git) -> str | None:
-    git_dir = git.git_dir()
+def _commit_on_branch(repo: Repo, layout: ws.Layout) -> None:
+    """``git add -A`` + ``git commit`` on the user's branch, unless the user is mid-operation.
+
+    Runs git in the workspace: branch mode is for trusted workspaces only (``config check`` says
+    so). While a rebase or merge is in progress, or a git of the user's runs, nothing is
+    committed on the branch; the snapshot that follows still records the work tree.
+    """
+    assert layout.git_dir is not None
+    git = for_workspace(layout.root, layout.git_dir, home=repo.home, identity=repo.identity)
+    busy = _operation_in_progress(git, layout.git_dir)
+    if busy:
+        _log.info("snapshot.branch_deferred", operation=busy,
+                  note="the user's git is in the middle of an operation: this snapshot is kept "
+                       f"on {SNAPSHOT_REF} only, the branch and the index are left alone")
+        return
+    if _git_running_in(layout.git_dir):
+        _log.debug("snapshot.branch_deferred", operation="a git command of the user is running")
+        return
+    lock = layout.git_dir / "index.lock"
+
+    def attempt() -> None:
+        for _ in range(3):
+            remove_stale_lock(lock)
+            _add_all(git, {})
+            base = "HEAD" if git.rev("HEAD") else _empty_tree(git)
+            raw = git.run("diff-index", "--cached", "-z", "--no-renames", base).stdout
+            staged = [p.decode("utf-8", "surrogateescape") for p in raw.split(b"\0")[1::2]]
+            if not staged:
+                return
+            r = git.run("commit", "--quiet", "--no-verify", "--no-gpg-sign", "-m",
+                        _message(staged, None), check=False)
+            if r.returncode == 0:
+                return
+            said = r.stderr.decode("utf-8", "replace").strip()
+            if said and "cannot lock ref" not in said:  # a held index.lock: retrying() waits
+                raise GitError(f"git commit failed in {layout.root} (exit {r.returncode}): "
+                               f"{'; '.join(said.splitlines()[:3])}")
+            # "nothing to commit", or HEAD moved under our commit: the user's git changed the
+            # index or the branch between our add and our commit. Look again.
+        raise GitError(f"git commit in {layout.root} was overtaken three times in a row: another "
+                       "git keeps changing the index or the branch; retrying later")
+
+    retrying(attempt)
+
+
+def _operation_in_progress(git: Git, git_dir: Path) -> str | None:
     for name in _OPERATIONS:
         if (git_dir / name).exists():
             return name
     if git.run("ls-files", "--unmerged", "-z").stdout:
         return "unmerged paths"
     return None
-
-
-def _record_head(git: Git, snap: Snapshot) -> Snapshot:
-    """Add the HEAD ``snap`` left to the snapshot history (parents: previous snapshot, HEAD).
-
-    The store only moves forward along this history. The branch alone would not do: after the
-    user's ``reset --hard``, rebase or checkout of another branch, HEAD no longer contains the
-    stored head, and every later save would be refused as a conflict. Recorded here, what the
-    user moved away from also stays in every later bundle.
-    """
-    head = snap.head
-    if head is None:
-        return snap  # no commit yet on the branch: nothing to record
-    prev = git.rev(SNAPSHOT_REF)
-    tree = git.out("rev-parse", f"{head}^{{tree}}")
-    prev_tree = git.out("rev-parse", f"{prev}^{{tree}}") if prev else None
-    # The tree counts too: a snapshot taken while the user was mid-rebase recorded their work
-    # tree, not HEAD's, and an aborted rebase goes back to HEAD's.
-    if prev and tree == prev_tree and _recorded_head(git, prev, head) == head:
-        return Snapshot(snap.commit, prev, head, snap.head_ref, snap.files, snap.paths)
-    paths = list(snap.paths) if snap.commit else _changed(git, prev_tree, tree)
-    args = ["commit-tree", tree, "-m", _message(paths, head)]
-    for parent in (prev, head):
-        if parent:
-            args += ["-p", parent]
-    recorded = git.out(*args)
-    git.update_ref(SNAPSHOT_REF, recorded, prev, "watcherd: snapshot")
-    # A HEAD moved by the user alone (their own commit) is new history too: it must be uploaded.
-    return Snapshot(snap.commit or recorded, recorded, head, snap.head_ref, len(paths),
-                    tuple(paths))
-
-
-def _commit_on_branch(git: Git) -> Snapshot:
-    lock = git.git_dir() / "index.lock"
-
-    def attempt() -> Snapshot:
-        for _ in range(3):
-            remove_stale_lock(lock)
-            _add_all(git)
-            staged = _staged(git)
-            head_ref = git.head_ref()
-            if not staged:
-                head = git.rev("HEAD")
-                return Snapshot(None, head, head, head_ref)
-            r = git.run("commit", "--quiet", "--no-verify", "--no-gpg-sign", "-m",
-                        _message(staged, None), check=False)
-            if r.returncode == 0:
-                head = git.rev("HEAD")
-                return Snapshot(head, head, head, head_ref, len(staged), tuple(staged))
-            said = r.stderr.decode("utf-8", "replace").strip()
-            if said and "cannot lock ref" not in said:  # a held index.lock: retrying() waits
-                raise GitError(f"git commit failed in {git.path} (exit {r.returncode}): "
-                               f"{'; '.join(said.splitlines()[:3])}")
-            # "nothing to commit", or HEAD moved under our commit: the user's git (a stash, a
-            # reset, a commit) changed the index or the branch between our add and our commit.
-            # Look again.
-        raise GitError(f"git commit in {git.path} was overtaken three times in a row: another git "
-                       "keeps changing the index or the branch; retrying later")
-
-    return retrying(attempt)
-
-
-def _staged(git: Git) -> list[str]:
-    # Plumbing, not `git diff`: the workspace's diff.* config (external diff, ignoreSubmodules)
-    # has no say, and nested repositories are reported the same way as in shadow mode.
-    base = "HEAD" if git.rev("HEAD") else _empty_tree(git)
-    return _raw_paths(git.run("diff-index", "--cached", "-z", "--no-renames", base).stdout)
 
 
 def remove_stale_lock(lock: Path, *, max_age: float = STALE_LOCK_AGE) -> bool:

@@ -19,9 +19,14 @@ What the kernel does not say, and how it is covered:
   scan") and, while the condition lasts, as :attr:`Watcher.degraded`.
 
 Inside ``.git`` only the refs matter (a user's commit, a branch switch): ``HEAD``, ``packed-refs``,
-``refs/heads/**`` and ``refs/tags/**``. Objects, the index, logs, lock files and watcherd's own
-``refs/watcherd/**`` are not activity. The index and ``info/exclude`` are watched anyway because they
-change git's answers about what is ignored.
+``refs/heads/**`` and ``refs/tags/**``. Objects, the index, logs and lock files are not activity. The
+index and ``info/exclude`` are watched anyway because they change what git would snapshot: a change of
+``info/exclude`` re-reads the rules and re-walks; a change of the index only looks at the tracked
+paths the rules ignore (``git add -f``), and watches or unwatches the directories that hold them, so
+a ``git add`` costs what it changed, not a walk of the tree.
+
+The git directory is found and read as data (:mod:`watcherd.workspace`); git itself only answers
+questions about ignore rules, in watcherd's own repository.
 """
 
 from __future__ import annotations
@@ -37,9 +42,11 @@ from typing import NamedTuple
 
 import structlog
 
+from watcherd import ignore
+from watcherd import workspace as ws
 from watcherd.errors import GitError, WorkspaceError
-from watcherd.git import Git
 from watcherd.ignore import IgnoreOracle
+from watcherd.repo import Repo
 
 try:  # only installed on Linux
     from inotify_simple import INotify
@@ -123,7 +130,7 @@ class Watcher:
     tested without changing a sysctl. Leave it None in production.
     """
 
-    def __init__(self, root: Path, git: Git, *, max_watches: int | None = None) -> None:
+    def __init__(self, root: Path, repo: Repo, *, max_watches: int | None = None) -> None:
         if INotify is None or not sys.platform.startswith("linux"):
             raise WorkspaceError(
                 f"watching {root} needs Linux inotify (this is {sys.platform}); "
@@ -133,9 +140,13 @@ class Watcher:
             raise WorkspaceError(f"workspace {root} is not a directory; check workspace.path")
         # Watches are added with DONT_FOLLOW, so a symlinked root must be resolved first.
         self.root = root.resolve()
-        self._git = git
+        self._repo = repo
         self._max_watches = max_watches
-        self._oracle = IgnoreOracle(git)
+        self._oracle = IgnoreOracle(repo.git)
+        self._layout = ws.Layout(self.root)
+        # Tracked paths the rules ignore (git add -f), and the directories that lead to them.
+        self._forced: frozenset[str] = frozenset()
+        self._forced_dirs: frozenset[str] = frozenset()
         self._inotify: INotify | None = None
         self._by_wd: dict[int, _Watch] = {}
         self._wd_of: dict[_Watch, int] = {}
@@ -153,7 +164,6 @@ class Watcher:
         if self._inotify is not None:
             raise RuntimeError("watcher already started")
         t0 = time.perf_counter()
-        self._git_dir, self._common_dir = self._resolve_git_dirs()
         try:
             self._inotify = INotify(nonblocking=True)
         except OSError as exc:
@@ -244,20 +254,28 @@ class Watcher:
             raise RuntimeError("watcher is not started (or already closed)")
         return self._inotify
 
-    def _resolve_git_dirs(self) -> tuple[str, str]:
-        """Where HEAD/index live, and where refs/packed-refs/info live (differ in a linked worktree).
+    def _locate(self) -> None:
+        """Where HEAD/index live, and where refs/packed-refs/info live (differ in a linked
+        worktree); "" when the workspace is not a repository (yet). Also the rules: watcherd's copy
+        of ``info/exclude``, and the tracked paths the rules ignore."""
+        self._layout = ws.locate(self.root)
+        lay = self._layout
+        self._git_dir = str(lay.git_dir) if lay.git_dir else ""
+        self._common_dir = str(lay.common_dir) if lay.common_dir else ""
+        if lay.problem:
+            log.warning("watch.git_dir_refused", problem=ws.printable(lay.problem),
+                        note="the git state is not watched; the working tree still is")
+        ignore.sync_rules(self._repo, lay)
+        self._set_forced(ignore.tracked_ignored(self._repo, lay))
 
-        ``.git`` may be a file (``gitdir: ...``, worktrees and submodules); git resolves it.
-        """
-        try:
-            out = self._git.out("rev-parse", "--absolute-git-dir", "--git-common-dir")
-        except GitError as exc:
-            raise WorkspaceError(f"workspace {self.root} is not a git work tree: {exc}") from exc
-        git_dir, _, common = out.partition("\n")
-        common_path = Path(common.strip() or git_dir)
-        if not common_path.is_absolute():
-            common_path = self.root / common_path
-        return os.path.realpath(git_dir), os.path.realpath(common_path)
+    def _set_forced(self, forced: frozenset[str]) -> tuple[set[str], set[str]]:
+        """Take a new set of force-added paths; the directories that start and stop leading to
+        one (to watch and to unwatch)."""
+        dirs = frozenset(str(parent) for p in forced for parent in Path(p).parents
+                         if str(parent) != ".")
+        added, gone = set(dirs - self._forced_dirs), set(self._forced_dirs - dirs)
+        self._forced, self._forced_dirs = forced, dirs
+        return added, gone
 
     # -- events ----------------------------------------------------------------------------------
 
@@ -307,13 +325,16 @@ class Watcher:
         deleted = wd in self._deleted
         self._deleted.discard(wd)
         self._forget(wd)
-        tops = (_Watch("work", ""), _Watch("git", self._git_dir), _Watch("git", self._common_dir))
-        if w in tops:
-            what = "workspace" if w.kind == "work" else "git directory"
-            where = self.root if w.kind == "work" else w.path
-            self._degraded["root"] = f"{what} {where} was removed; restart watcherd to watch again"
-            log.error("watch.vanished", path=str(where))
-            found.rescan[f"{what} removed"] = None
+        if w == _Watch("work", ""):
+            self._degraded["root"] = f"workspace {self.root} was removed; restart watcherd to " \
+                                     "watch again"
+            log.error("watch.vanished", path=str(self.root))
+            found.rescan["workspace removed"] = None
+        elif w in (_Watch("git", self._git_dir), _Watch("git", self._common_dir)):
+            # `rm -rf .git`: the working tree is still watched and snapshotted; a new .git is
+            # found by the walk.
+            found.rescan["git directory removed"] = None
+            found.resync["git directory removed"] = None
         elif not deleted:
             # Not a deletion its parent reported: unmount or the like. Re-walk to be sure.
             found.rescan[f"watch on {w.path} dropped by the kernel"] = None
@@ -327,6 +348,11 @@ class Watcher:
         rel = _join(w.path, name)
         is_dir = bool(ev.mask & _f.ISDIR)
         if name == ".git":
+            if not w.path and ev.mask & (_CAME | _GONE):
+                # `git init` (or a restore, or `rm -rf .git`) at the top: the git directory moved.
+                found.resync["git directory appeared or went"] = None
+                found.refs[".git"] = None
+                return
             if w.path and ev.mask & _CAME:
                 # `git init`/`git clone` made this directory a nested repository: git records it
                 # as one gitlink and never looks inside, and check-ignore dies on paths in it.
@@ -349,9 +375,18 @@ class Watcher:
         if ev.mask & _CHANGED and not self._ignored(rel, False, found):
             found.path(rel)
 
+    def _ignored_many(self, asks: list[tuple[str, bool]]) -> list[bool]:
+        """git's answers, except that a force-added path, and a directory leading to one, are
+        never ignored (a tracked file is never ignored)."""
+        answers = self._oracle.ignored_many(asks)
+        if not self._forced:
+            return answers
+        return [False if (path in self._forced_dirs if is_dir else path in self._forced) else a
+                for (path, is_dir), a in zip(asks, answers)]
+
     def _ignored(self, rel: str, is_dir: bool, found: _Found) -> bool:
         try:
-            return self._oracle.is_ignored(rel, is_dir)
+            return self._ignored_many([(rel, is_dir)])[0]
         except GitError as exc:
             # No answer from git: count it as a change (a snapshot sorts it out) but do not descend
             # into a directory that may well be node_modules.
@@ -377,8 +412,7 @@ class Watcher:
                 found.refs["HEAD"] = None
             elif name == "index" and mask & _REF_WRITTEN:
                 # A tracked file is never ignored: `git add -f` can make an ignored path relevant.
-                found.rules_changed = True
-                found.resync["index changed"] = None
+                self._on_index_changed(found)
         if d == common:
             if name == "packed-refs" and not is_dir and mask & _REF_WRITTEN:
                 found.refs["packed-refs"] = None
@@ -386,6 +420,7 @@ class Watcher:
                 found.resync[f"{name}/ appeared"] = None
         elif d == os.path.join(common, "info"):
             if name == "exclude":
+                ignore.sync_rules(self._repo, self._layout)
                 found.rules_changed = True
                 found.resync["ignore rules changed"] = None
                 found.rescan["ignore rules changed (info/exclude)"] = None
@@ -403,6 +438,18 @@ class Watcher:
             elif mask & _REF_WRITTEN:
                 found.refs[os.path.relpath(path, common)] = None
 
+    def _on_index_changed(self, found: _Found) -> None:
+        """Watch the directories that now lead to a force-added path, drop the ones that no
+        longer do; the rest of the tree is not looked at."""
+        added, gone = self._set_forced(ignore.tracked_ignored(self._repo, self._layout))
+        for rel in sorted(gone, key=len, reverse=True):
+            if self._ignored(rel, True, found):
+                self._drop_work(rel, include_self=True)
+        for rel in sorted(added, key=len):
+            parent = str(Path(rel).parent) if "/" in rel else ""
+            if _Watch("work", parent) in self._wd_of:
+                self._walk_work(rel, found, collect=True)
+
     # -- walking ---------------------------------------------------------------------------------
 
     def _resync_all(self, found: _Found) -> None:
@@ -412,6 +459,7 @@ class Watcher:
         watches may be wrong" situation rather than trying to patch them up.
         """
         t0 = time.perf_counter()
+        self._locate()  # the git directory may have appeared, gone or moved; the rules changed
         seen: set[_Watch] = set()
         hits = self._limit_hits
         unwatched_before, self._unwatched = self._unwatched, set()
@@ -481,7 +529,7 @@ class Watcher:
             if not asks:
                 continue
             try:
-                answers = self._oracle.ignored_many(asks)
+                answers = self._ignored_many(asks)
             except GitError as exc:
                 if collect:
                     for path, is_dir in asks:
@@ -500,6 +548,8 @@ class Watcher:
     def _walk_git(self, found: _Found, seen: set[_Watch]) -> None:
         """Watch the git dir(s), ``info/``, and the refs directories that can hold branches/tags."""
         common = self._common_dir
+        if not common:
+            return
         for d in dict.fromkeys((self._git_dir, common)):
             seen.add(_Watch("git", d))
             self._watch_dir(_Watch("git", d), d, _GIT_MASK)

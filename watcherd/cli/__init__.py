@@ -7,6 +7,7 @@ the command's exit status; anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import os
 import sys
 from collections.abc import Sequence
@@ -41,7 +42,20 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _not_dumpable() -> None:
+    """Make this process's memory and ``/proc/<pid>/environ`` unreadable to other processes of the
+    same uid (``prctl(PR_SET_DUMPABLE, 0)``, prctl(2)): watcherd holds the store's credentials,
+    and a workspace's code may run under the same uid in a careless deployment. Best effort: a
+    kernel without it changes nothing."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE = 4
+    except (OSError, AttributeError):
+        pass
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    _not_dumpable()
     args = parser().parse_args(argv)
     try:
         cfg = config.load(args.config)

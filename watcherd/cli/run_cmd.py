@@ -10,7 +10,7 @@ import time
 
 import anyio
 
-from watcherd import log
+from watcherd import git, log
 from watcherd.config import Config
 from watcherd.daemon import Daemon
 from watcherd.errors import WatcherdError
@@ -50,6 +50,7 @@ def _exit_past_abandoned_threads(code: int) -> None:
     interpreter would wait for their threads before exiting, for ever if the store hangs: the
     exit the shutdown_timeout promised would never come.
     """
+    git.kill_all()  # a git the daemon gave up on must not outlive it (nor hold the workspace)
     deadline = time.monotonic() + _THREAD_GRACE
     for thread in threading.enumerate():
         if thread is not threading.current_thread() and not thread.daemon:

@@ -13,8 +13,8 @@ from watcherd import snapshot
 from watcherd.cli.restore_cmd import generations_for
 from watcherd.config import Config
 from watcherd.control import ControlClient, DaemonNotRunning
-from watcherd.errors import ConflictError
-from watcherd.git import Git, Identity
+from watcherd.errors import ConflictError, WorkspaceError
+from watcherd.repo import open_repo
 from watcherd.store import open_store
 
 
@@ -60,12 +60,14 @@ def _report_daemon(code: int, result: dict) -> int:
 
 def _standalone(cfg: Config) -> int:
     ws = cfg.workspace
-    git = Git(ws.path, identity=Identity(ws.author_name, ws.author_email))
-    snapshot.ensure_workspace(ws.path, git)
-    snap = snapshot.take(git, ws.mode)
+    if not ws.path.is_dir():
+        raise WorkspaceError(f"workspace.path {ws.path} does not exist or is not a directory")
+    repo = open_repo(cfg)
+    snapshot.prepare(repo)
+    snap = snapshot.take(repo, ws.mode)
     store = open_store(cfg.store)
     try:
-        result = generations_for(cfg, store).save(git, ws.mode, git.git_dir() / "watcherd" / "spool")
+        result = generations_for(cfg, store).save(repo, template_url=cfg.restore.template_url)
     finally:
         store.close()
     if result.status == "saved":

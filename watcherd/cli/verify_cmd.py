@@ -34,7 +34,7 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
                 bundles.prove(path, Path(tmp))
                 tree = Path(tmp) / "tree"
                 tree.mkdir()
-                files = build_tree(tree, path, gen, cfg)
+                files = build_tree(tree, path, gen, cfg, home=Path(tmp))
             except IntegrityError as exc:
                 print(f"verify: generation {gen.generation} does NOT restore: {exc}")
                 return 1

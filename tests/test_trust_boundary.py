@@ -1,0 +1,427 @@
+"""The trust boundary: what an agent that writes every byte of the workspace, ``.git`` included, can
+make watcherd do (DESIGN, "Trust boundary"). Each test plants what the agent would and asserts the
+right outcome: no program of the workspace's runs, no secret leaves the process, nothing outside
+the workspace and the state directory is read or written, and the user's work is still saved.
+
+Library-level here (real git, real repositories); the same attacks against the real daemon with a
+secret in its environment are in ``test_trust_boundary_daemon.py``.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+from structlog.testing import capture_logs
+
+from helpers import git, make_repo, sgit, state_repo, tree_state
+from watcherd import snapshot, state
+from watcherd import workspace as ws_reader
+from watcherd.config import Config, StoreConfig, WorkspaceConfig, parse_store_url
+from watcherd.generations import Generations
+from watcherd.repo import SNAPSHOT_REF
+from watcherd.restore import restore
+from watcherd.store.local import LocalStore
+
+KEY = "acme/sandbox-9/main"
+
+
+def take(ws: Path, mode: str = "shadow") -> snapshot.Snapshot:
+    repo = state_repo(ws, KEY)
+    snapshot.prepare(repo)
+    return snapshot.take(repo, mode)
+
+
+def save(ws: Path, store_dir: Path):
+    take(ws)
+    return Generations(LocalStore(store_dir), KEY).save(state_repo(ws, KEY))
+
+
+def config_for(ws: Path, store_dir: Path) -> Config:
+    return Config(workspace=WorkspaceConfig(path=ws, state_dir=ws.parent / f"{ws.name}-state"),
+                  store=StoreConfig(url=parse_store_url(f"file://{store_dir}"), key=KEY))
+
+
+def files_of(ws: Path, commit: str) -> set[str]:
+    return set(sgit(ws, "ls-tree", "-r", "--name-only", commit, key=KEY).splitlines())
+
+
+def recorded(ws: Path, commit: str) -> state.Recorded:
+    bare = state_repo(ws, KEY).bare
+    s_commit = state.state_parent(bare, commit)
+    assert s_commit is not None
+    return state.read(bare, s_commit)
+
+
+def planted_program(tmp_path: Path, name: str = "ran") -> tuple[Path, str]:
+    """A marker file and a shell command that creates it (and dumps its environment into it)."""
+    marker = tmp_path / name
+    return marker, f"env > {marker}; cat"
+
+
+# -- the workspace's config never reaches git --------------------------------------------------------
+
+
+def test_a_clean_filter_behind_a_gitdir_file_never_runs(tmp_path):
+    ws = tmp_path / "ws"
+    make_repo(ws)
+    os.rename(ws / ".git", ws / ".realgit")
+    (ws / ".git").write_text("gitdir: .realgit\n")
+    marker, command = planted_program(tmp_path)
+    git(ws, "config", "filter.evil.clean", command)
+    git(ws, "config", "filter.evil.required", "true")
+    (ws / ".gitattributes").write_text("* filter=evil\n")
+    (ws / "notes.txt").write_text("plain bytes\n")
+
+    snap = take(ws)
+
+    assert not marker.exists()
+    assert sgit(ws, "show", f"{snap.commit}:notes.txt", key=KEY) == "plain bytes"
+    assert snap.head == git(ws, "rev-parse", "HEAD")  # the git state behind the link is read
+    # The git directory living in the work tree under another name is never snapshotted.
+    assert not any(p.startswith(".realgit") for p in files_of(ws, snap.commit))
+
+
+@pytest.mark.parametrize("how", ["include.path", "worktreeConfig", "same-size-rewrite"])
+def test_a_filter_added_later_by_any_route_never_runs(tmp_path, how):
+    ws = make_repo(tmp_path / "ws")
+    take(ws)
+    marker, command = planted_program(tmp_path)
+    config = ws / ".git" / "config"
+    if how == "include.path":
+        (ws / ".git" / "extra.cfg").write_text(f"[filter \"evil\"]\n\tclean = {command}\n")
+        git(ws, "config", "include.path", "extra.cfg")
+    elif how == "worktreeConfig":
+        git(ws, "config", "extensions.worktreeConfig", "true")
+        (ws / ".git" / "config.worktree").write_text(f"[filter \"evil\"]\n\tclean = {command}\n")
+    else:
+        st = config.stat()
+        text = config.read_text()
+        extra = f"[filter \"evil\"]\n\tclean = {command}\n"
+        config.write_text(text[: len(text) - len(extra)] + extra if len(text) > len(extra)
+                          else text + extra)
+        os.utime(config, ns=(st.st_atime_ns, st.st_mtime_ns))
+    (ws / ".gitattributes").write_text("* filter=evil\n")
+    (ws / "readme.md").write_text("edited after the filter appeared\n")
+
+    snap = take(ws)
+
+    assert snap.commit and not marker.exists()
+    assert sgit(ws, "show", f"{snap.commit}:readme.md", key=KEY) == "edited after the filter appeared"
+
+
+def test_a_promisor_remote_with_an_upload_pack_command_never_runs(tmp_path):
+    ws = make_repo(tmp_path / "ws")
+    marker, command = planted_program(tmp_path)
+    (ws / "staged.txt").write_text("staged, then its object deleted\n")
+    git(ws, "add", "staged.txt")
+    blob = git(ws, "rev-parse", ":staged.txt")
+    (ws / ".git" / "objects" / blob[:2] / blob[2:]).unlink()
+    (ws / "staged.txt").write_text("the working version differs from the lost staged one\n")
+    git(ws, "config", "extensions.partialClone", "origin")
+    git(ws, "config", "remote.origin.url", str(tmp_path / "nowhere.git"))
+    git(ws, "config", "remote.origin.promisor", "true")
+    git(ws, "config", "remote.origin.uploadpack", command)
+    git(ws, "config", "core.repositoryformatversion", "1")
+
+    with capture_logs() as logs:
+        snap = take(ws)
+
+    assert not marker.exists()
+    assert snap.commit and "staged.txt" in files_of(ws, snap.commit)  # the file itself is saved
+    assert any("index not recorded" in p for p in snap.problems)
+    assert any(e["event"] == "snapshot.state_not_recorded" for e in logs)
+
+
+def test_a_shallow_workspace_with_a_hostile_origin_is_never_fetched_from(tmp_path):
+    src = make_repo(tmp_path / "src")
+    for n in range(3):
+        (src / "readme.md").write_text(f"v{n}\n")
+        git(src, "commit", "-qam", f"v{n}")
+    ws = tmp_path / "ws"
+    git(tmp_path, "clone", "-q", "--depth", "1", f"file://{src}", str(ws))
+    marker, command = planted_program(tmp_path)
+    git(ws, "config", "remote.origin.uploadpack", command)
+    git(ws, "config", "fetch.recurseSubmodules", "true")
+    (ws / "readme.md").write_text("edited in the shallow clone\n")
+    store_dir = tmp_path / "store"
+
+    result = save(ws, store_dir)  # no restore.template_url: nothing to fetch from
+
+    assert result.status == "saved" and not marker.exists()
+    target = tmp_path / "restored"
+    assert restore(config_for(target, store_dir), Generations(LocalStore(store_dir), KEY)).action \
+        == "restored"
+    assert (target / "readme.md").read_text() == "edited in the shallow clone\n"
+
+
+# -- data read as data -------------------------------------------------------------------------------
+
+
+def test_a_symlinked_shallow_file_is_refused_and_its_target_never_read(tmp_path):
+    ws = make_repo(tmp_path / "ws")
+    secret = tmp_path / "sidecar-only.txt"
+    secret.write_text("TOPSECRET-first-line\n")
+    os.symlink(secret, ws / ".git" / "shallow")
+
+    with capture_logs() as logs:
+        snap = take(ws)
+
+    assert snap.commit
+    assert "TOPSECRET" not in repr(logs) and "TOPSECRET" not in repr(snap)
+    assert not (state_repo(ws, KEY).git_dir / "shallow").exists()
+    assert any("shallow" in p for p in snap.problems)
+
+
+def test_a_ref_to_a_missing_object_is_skipped_and_saves_keep_working(tmp_path):
+    ws = make_repo(tmp_path / "ws")
+    git(ws, "branch", "good")
+    (ws / ".git" / "refs" / "heads" / "broken").write_text("1234567890abcdef1234567890abcdef12345678\n")
+    store_dir = tmp_path / "store"
+
+    with capture_logs() as logs:
+        first = save(ws, store_dir)
+    (ws / "readme.md").write_text("edited\n")
+    second = save(ws, store_dir)
+
+    assert (first.status, second.status) == ("saved", "saved")
+    rec = recorded(ws, second.snapshot)
+    assert {r.name for r in rec.refs} == {"refs/heads/main", "refs/heads/good"}
+    assert any("refs/heads/broken" in n and "does not exist" in n for n in rec.notes)
+    assert any(e["event"] == "snapshot.state_not_recorded" and "broken" in e["reason"] for e in logs)
+
+
+def test_a_ref_whose_history_is_incomplete_is_skipped(tmp_path):
+    ws = make_repo(tmp_path / "ws")
+    git(ws, "checkout", "-q", "-b", "side")
+    (ws / "side.txt").write_text("side\n")
+    git(ws, "add", "side.txt")
+    git(ws, "commit", "-qm", "side")
+    tree = git(ws, "rev-parse", "HEAD^{tree}")
+    git(ws, "checkout", "-q", "main")
+    (ws / ".git" / "objects" / tree[:2] / tree[2:]).unlink()  # the side commit's tree is gone
+
+    snap = take(ws)
+
+    rec = recorded(ws, snap.commit)
+    assert [r.name for r in rec.refs] == ["refs/heads/main"]
+    assert any("incomplete" in n for n in rec.notes)
+
+
+def test_a_fifo_posing_as_an_object_does_not_block_the_snapshot(tmp_path):
+    ws = make_repo(tmp_path / "ws")
+    (ws / "readme.md").write_text("edit to save\n")
+    git(ws, "commit", "-qam", "second")
+    head = git(ws, "rev-parse", "HEAD")
+    obj = ws / ".git" / "objects" / head[:2] / head[2:]
+    obj.unlink()
+    os.mkfifo(obj)
+    (ws / "new.txt").write_text("still saved\n")
+
+    snap = take(ws)  # pytest-timeout would end a test that blocks for ever
+
+    assert snap.commit and "new.txt" in files_of(ws, snap.commit)
+    assert recorded(ws, snap.commit).head.oid is None  # HEAD's commit could not be read
+
+
+def test_a_git_symlink_to_another_workspace_is_refused_and_never_read(tmp_path):
+    other = make_repo(tmp_path / "other", "another sandbox's secret history\n")
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    os.symlink(other / ".git", ws / ".git")
+    (ws / "mine.txt").write_text("this workspace's file\n")
+    store_dir = tmp_path / "store"
+
+    with capture_logs() as logs:
+        result = save(ws, store_dir)
+
+    snap = result.snapshot
+    assert files_of(ws, snap) == {"mine.txt"}
+    assert state.state_parent(state_repo(ws, KEY).bare, snap) is None  # no git state recorded
+    other_head = git(other, "rev-parse", "HEAD")
+    assert subprocess.run(["git", f"--git-dir={state_repo(ws, KEY).git_dir}", "cat-file", "-e",
+                           other_head]).returncode != 0
+    assert any("outside the workspace" in str(e.get("reason", "")) for e in logs)
+
+
+@pytest.mark.parametrize("part", ["objects", "refs", "packed-refs", "index", "HEAD"])
+def test_a_part_of_git_linked_outside_is_never_followed(tmp_path, part):
+    other = make_repo(tmp_path / "other", "outside\n")
+    git(other, "pack-refs", "--all")
+    ws = make_repo(tmp_path / "ws")
+    target = ws / ".git" / part
+    if target.is_dir():
+        os.rename(target, tmp_path / f"moved-{part}")
+    elif target.exists():
+        target.unlink()
+    os.symlink(other / ".git" / part, target)
+    other_head = git(other, "rev-parse", "HEAD")
+
+    snap = take(ws)
+
+    assert snap.commit and "readme.md" in files_of(ws, snap.commit)
+    assert subprocess.run(["git", f"--git-dir={state_repo(ws, KEY).git_dir}", "cat-file", "-e",
+                           other_head]).returncode != 0
+
+
+def test_read_file_refuses_links_fifos_devices_and_oversized_files(tmp_path):
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "ok").write_text("fine\n")
+    os.symlink("/etc/hostname", root / "link")
+    os.mkfifo(root / "fifo")
+    (root / "big").write_bytes(b"x" * 100)
+    assert ws_reader.read_file(root, root / "ok", 10) == b"fine\n"
+    for name, limit in (("link", 10), ("fifo", 10), ("big", 10)):
+        with pytest.raises(ws_reader.Unsafe):
+            ws_reader.read_file(root, root / name, limit)
+    with pytest.raises(ws_reader.Unsafe):
+        ws_reader.read_file(root, Path("/dev/zero"), 10)
+
+
+@pytest.mark.parametrize("name,ok", [
+    ("refs/heads/main", True), ("refs/heads/feature/x", True), ("refs/tags/v1.0", True),
+    ("refs/heads/../../etc", False), ("refs/heads/a..b", False), ("refs/heads/x.lock", False),
+    ("refs/heads/.hidden", False), ("refs/heads/sp ace", False), ("refs/heads/a@{1}", False),
+    ("refs/heads/ctl\x01", False), ("refs/heads/", False), ("HEAD", False),
+    ("refs/heads/x:y", False), ("refs/heads/star*", False),
+])
+def test_ref_names_follow_git_check_ref_format(tmp_path, name, ok):
+    assert ws_reader.valid_ref_name(name) is ok
+    if "\x01" not in name and name.startswith("refs/"):
+        r = subprocess.run(["git", "check-ref-format", name], capture_output=True)
+        assert (r.returncode == 0) is ok
+
+
+# -- nothing of watcherd's in the workspace ----------------------------------------------------------
+
+
+def test_a_planted_spool_link_into_the_store_changes_nothing(tmp_path):
+    ws = make_repo(tmp_path / "ws")
+    store_dir = tmp_path / "store"
+    save(ws, store_dir)
+    (ws / ".git" / "watcherd").mkdir()
+    os.symlink(store_dir, ws / ".git" / "watcherd" / "spool")
+    before = sorted(p.relative_to(store_dir).as_posix() for p in store_dir.rglob("*"))
+
+    (ws / "readme.md").write_text("edited\n")
+    result = save(ws, store_dir)
+
+    assert result.generation == 2
+    after = {p.relative_to(store_dir).as_posix() for p in store_dir.rglob("*")}
+    assert set(before) <= after  # nothing of the store deleted
+
+
+def test_planted_restore_markers_in_the_workspace_are_ignored(tmp_path):
+    ws = make_repo(tmp_path / "ws")
+    store_dir = tmp_path / "store"
+    save(ws, store_dir)
+    target = make_repo(tmp_path / "target", "foreign\n")
+    sibling = tmp_path / "sibling"
+    sibling.mkdir()
+    (sibling / "keep.txt").write_text("a sibling directory\n")
+    markers = target / ".git" / "watcherd"
+    markers.mkdir()
+    (markers / "SWAPPED").write_text(f"{sibling}\n{tmp_path / 'stolen'}\n")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    staging = target / ".watcherd-restore"
+    (staging / ".git" / "watcherd").mkdir(parents=True)
+    (staging / ".git" / "watcherd" / "READY").write_text(".watcherd-aside-x\n")
+    os.symlink(outside, target / ".watcherd-aside-x")
+
+    outcome = restore(config_for(target, store_dir), Generations(LocalStore(store_dir), KEY))
+
+    assert outcome.action == "restored"
+    assert (sibling / "keep.txt").read_text() == "a sibling directory\n"
+    assert not (tmp_path / "stolen").exists()
+    assert list(outside.iterdir()) == []
+    assert tree_state(target) == tree_state(ws)
+
+
+# -- the whole state comes back ------------------------------------------------------------------------
+
+
+def porcelain(path: Path) -> str:
+    env = {**os.environ, "GIT_OPTIONAL_LOCKS": "0"}
+    return subprocess.run(["git", "status", "--porcelain=v2", "--branch", "--untracked-files=all"],
+                          cwd=path, env=env, capture_output=True, check=True, text=True).stdout
+
+
+def whole_state(path: Path) -> dict[str, object]:
+    def out(*args: str) -> str:
+        r = subprocess.run(["git", *args], cwd=path, capture_output=True, text=True)
+        return r.stdout
+
+    return {
+        "status": porcelain(path),
+        "stash": out("stash", "list"),
+        "remotes": out("remote", "-v"),
+        "tracking": out("config", "--get-regexp", r"^branch\."),
+        "user": out("config", "--get-regexp", r"^user\."),
+        "refs": out("for-each-ref", "--format=%(refname) %(objectname)"),
+        "head": out("symbolic-ref", "-q", "HEAD") or out("rev-parse", "HEAD"),
+        "index": out("ls-files", "-s"),
+        "files": tree_state(path),
+    }
+
+
+def test_restore_gives_back_index_stash_remotes_tracking_tags_and_force_added_files(tmp_path):
+    ws = make_repo(tmp_path / "ws")
+    (ws / ".gitignore").write_text("dist/\n")
+    (ws / "dist").mkdir()
+    (ws / "dist" / "app.js").write_text("built v1\n")
+    git(ws, "add", ".gitignore")
+    git(ws, "add", "-f", "dist/app.js")
+    git(ws, "commit", "-qm", "ship dist")
+    git(ws, "tag", "-a", "-m", "release", "v1")
+    git(ws, "tag", "light")
+    git(ws, "remote", "add", "origin", "https://example.com/acme/app.git")
+    git(ws, "update-ref", "refs/remotes/origin/main", "HEAD")
+    git(ws, "config", "branch.main.remote", "origin")
+    git(ws, "config", "branch.main.merge", "refs/heads/main")
+    git(ws, "config", "user.name", "Agent Smith")
+    (ws / "stash-me.txt").write_text("stashed\n")
+    git(ws, "add", "stash-me.txt")
+    git(ws, "stash", "-q")
+    (ws / "readme.md").write_text("second stash\n")
+    git(ws, "stash", "-q")
+    (ws / "dist" / "app.js").write_text("rebuilt\n")  # tracked under an ignored directory
+    (ws / "dist" / "other.js").write_text("ignored\n")
+    (ws / "staged.txt").write_text("the staged version\n")
+    git(ws, "add", "staged.txt")
+    (ws / "staged.txt").write_text("the working version\n")
+    (ws / "untracked.txt").write_text("untracked\n")
+    store_dir = tmp_path / "store"
+    expected = whole_state(ws)
+    expected["files"] = {k: v for k, v in expected["files"].items() if k != "dist/other.js"}
+
+    save(ws, store_dir)
+    target = tmp_path / "restored"
+    restore(config_for(target, store_dir), Generations(LocalStore(store_dir), KEY))
+
+    got = whole_state(target)
+    assert got == expected
+    assert git(target, "show", ":staged.txt") == "the staged version"
+    assert git(target, "cat-file", "-t", "v1") == "tag"
+
+
+def test_an_uncommitted_edit_in_a_submodule_is_reported_not_silently_lost(tmp_path):
+    lib = make_repo(tmp_path / "lib", "library\n")
+    ws = make_repo(tmp_path / "ws")
+    git(ws, "-c", "protocol.file.allow=always", "submodule", "add", "-q", str(lib), "lib")
+    git(ws, "commit", "-qm", "add lib")
+    take(ws)
+    (ws / "lib" / "readme.md").write_text("edited inside the submodule\n")
+    (ws / "lib" / "new.txt").write_text("new inside the submodule\n")
+    git(ws / "lib", "add", "-A")
+    git(ws / "lib", "commit", "-qm", "inner commit")
+
+    with capture_logs() as logs:
+        snap = take(ws)
+
+    warned = [e for e in logs if e["event"] == "snapshot.nested_repository"]
+    assert warned and warned[0]["path"] == "lib"
+    assert snap.commit

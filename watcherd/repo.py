@@ -1,0 +1,342 @@
+"""watcherd's own repository, and everything else of watcherd's, in the state directory.
+
+Per workspace key, ``<workspace.state_dir>/<key>/`` holds::
+
+    repo.git/            the repository: the snapshot history (refs/watcherd/snapshots), its packs,
+                         a config only watcherd writes
+    workspace-objects/   the workspace's objects as git may read them (a read-only alternate)
+    index                the private index of snapshots (the working tree as git sees it)
+    spool/               bundles being written
+    lock                 one watcherd process at a time per key (flock)
+    pairing.json         which workspace directory this history belongs to
+    restore.json         the journal of a restore that is moving trees into place
+    home/                HOME of every git child (empty: no user config is read)
+
+Nothing of watcherd's lives under the workspace, so nothing planted there is ever acted on.
+
+The workspace's objects are read through ``workspace-objects/``, a directory of watcherd's that
+links to the workspace's ``objects/`` fan-out directories and pack files. Built this way rather
+than naming the workspace's ``objects/`` as the alternate, git never reads the workspace's own
+``objects/info/alternates`` (which could chain to another repository) or its commit-graph, and a
+fan-out directory that holds anything but regular files (a FIFO posing as an object would block
+git for ever) is linked file by file, the odd entries left out. Every object a snapshot's history
+needs is then copied into watcherd's own packs, so a user's ``git gc --prune=now`` cannot break a
+later save or restore.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import stat
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from watcherd import log
+from watcherd.config import Config
+from watcherd.errors import WorkspaceError
+from watcherd.git import Git, Identity
+from watcherd.workspace import Layout, is_plain_dir
+
+_log = log.get(__name__)
+
+SNAPSHOT_REF = "refs/watcherd/snapshots"
+_FANOUT = tuple(f"{i:02x}" for i in range(256))
+# Pack files git reads; ".promisor" (lazy fetch) and ".keep" are of no use to a reader here.
+_PACK_SUFFIXES = (".pack", ".idx", ".rev", ".bitmap")
+# Files of ours in the state directory are shared with `watcherd restore`, which may run as
+# another uid of the same group (the app's): group-writable, not world-readable.
+_FILE_MODE = 0o660
+_DIR_MODE = 0o2770
+
+
+@dataclass(frozen=True)
+class Pairing:
+    """Which workspace directory the history in the state directory belongs to."""
+
+    path: str
+    device: int
+    inode: int
+
+
+class Repo:
+    """The state directory of one workspace key, and the git door to its repository.
+
+    ``git`` is bound to the repository with the workspace as its work tree (shadow snapshots add
+    the workspace's files through the private index); ``bare`` has no work tree.
+    """
+
+    def __init__(self, state_dir: Path, key: str, workspace: Path,
+                 identity: Identity | None = None) -> None:
+        self.dir = Path(state_dir) / key
+        self.workspace = Path(os.path.realpath(workspace))
+        self.git_dir = self.dir / "repo.git"
+        self.index = self.dir / "index"
+        self.spool = self.dir / "spool"
+        self.home = self.dir / "home"
+        self.objects_link = self.dir / "workspace-objects"
+        self.identity = identity or Identity()
+        self.git = Git(self.git_dir, home=self.home, work_tree=self.workspace,
+                       identity=self.identity)
+        self.bare = self.git.with_work_tree(None)
+        self._linked: dict[str, tuple] = {}
+
+    def __repr__(self) -> str:
+        return f"Repo({str(self.dir)!r})"
+
+    # -- the repository --------------------------------------------------------------------------
+
+    def ensure_dirs(self) -> None:
+        """Create the state directory of this key. Raises :class:`WorkspaceError` when it cannot
+        be written (a person must give watcherd a writable ``workspace.state_dir``)."""
+        try:
+            for d in (self.dir, self.home, self.spool):
+                _mkdir(d)
+        except OSError as exc:
+            raise WorkspaceError(f"workspace.state_dir: cannot create {self.dir} "
+                                 f"({exc.strerror}); watcherd keeps its own repository there, "
+                                 "give it a writable directory") from None
+
+    def ensure(self, object_format: str = "sha1") -> None:
+        """Create the state directory and the repository (in ``object_format``, the workspace's)
+        if they do not exist yet; see :meth:`ensure_dirs` for the errors."""
+        self.ensure_dirs()
+        if (self.git_dir / "HEAD").exists():
+            return
+        try:
+            tmp = self.dir / f"repo.git.new-{os.getpid()}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            Git(tmp, home=self.home).run("init", "--bare", "--quiet", "--template=",
+                                         f"--object-format={object_format}", str(tmp))
+            cfg = Git(tmp, home=self.home)
+            for key, value in (("core.sharedRepository", "group"), ("gc.auto", "0"),
+                               ("core.logAllRefUpdates", "false"),
+                               ("pack.writeReverseIndex", "true")):
+                cfg.run("config", key, value)
+            (tmp / "info").mkdir(exist_ok=True)
+            # The workspace's .gitattributes never change what is stored: raw bytes, no filter,
+            # no end-of-line conversion, no working-tree-encoding (info/attributes wins over the
+            # tree's own files; gitattributes(5), "precedence").
+            (tmp / "info" / "attributes").write_text(RAW_ATTRIBUTES)
+            os.rename(tmp, self.git_dir)
+        except OSError as exc:
+            raise WorkspaceError(f"workspace.state_dir: cannot create {self.dir} "
+                                 f"({exc.strerror}); watcherd keeps its own repository there, "
+                                 "give it a writable directory") from None
+
+    def object_format(self) -> str:
+        return self.bare.object_format()
+
+    def snapshot_head(self) -> str | None:
+        """The newest snapshot commit, None before the first one."""
+        return self.bare.rev(SNAPSHOT_REF)
+
+    @contextmanager
+    def lock(self) -> Iterator[None]:
+        """Serialise watcherd processes on this key (the daemon and a standalone snapshot).
+
+        Under the lock any git lock file in watcherd's repository is stale by definition: only a
+        watcherd process that was killed can have left it, so it is removed.
+        """
+        self.ensure_dirs()
+        fd = os.open(self.dir / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, _FILE_MODE)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            for stale in (self.dir / "index.lock", self.git_dir / f"{SNAPSHOT_REF}.lock",
+                          self.git_dir / "shallow.lock", self.git_dir / "packed-refs.lock"):
+                if stale.exists():
+                    stale.unlink(missing_ok=True)
+                    _log.warning("state.stale_lock_removed", lock=str(stale),
+                                 reason="left by a watcherd process that did not finish")
+            yield
+        finally:
+            os.close(fd)
+
+    # -- the workspace's objects -----------------------------------------------------------------
+
+    def attach(self, layout: Layout, shallow: tuple[str, ...] = ()) -> str | None:
+        """Make the workspace's objects readable as an alternate, and its shallow boundary known.
+
+        Returns None when attached, else why the workspace's objects are not read this time
+        (no repository, or its ``objects/`` is not a plain directory inside the workspace);
+        watcherd's own objects stay readable either way.
+        """
+        alternates = self.git_dir / "objects" / "info" / "alternates"
+        objects = layout.common_dir / "objects" if layout.common_dir else None
+        if objects is None or not is_plain_dir(layout.root, objects):
+            alternates.unlink(missing_ok=True)
+            self._linked.clear()
+            self._write_shallow(())
+            if objects is None:
+                return layout.problem or "the workspace is not a git repository"
+            return f"{objects} is not a plain directory inside the workspace"
+        self._link_objects(objects)
+        want = f"{self.objects_link}\n"
+        if not alternates.exists() or alternates.read_text() != want:
+            alternates.parent.mkdir(parents=True, exist_ok=True)
+            _write_atomic(alternates, want.encode())
+        self._write_shallow(shallow)
+        return None
+
+    def _link_objects(self, objects: Path) -> None:
+        """Bring ``workspace-objects/`` up to date with the workspace's ``objects/``.
+
+        Only the directories whose modification time changed are looked at again: a snapshot pays
+        for 257 ``lstat`` calls, not for listing every loose object.
+        """
+        link = self.objects_link
+        if not link.is_dir() or self._linked.get("") != (str(objects),):
+            shutil.rmtree(link, ignore_errors=True)
+            _mkdir(link)
+            _mkdir(link / "info")
+            self._linked = {"": (str(objects),)}
+        for name in (*_FANOUT, "pack"):
+            src = objects / name
+            try:
+                st = os.lstat(src)
+            except FileNotFoundError:
+                st = None
+            key = (st.st_ino, st.st_mtime_ns, st.st_mode) if st else None
+            if self._linked.get(name, "unset") == key:
+                continue
+            dest = link / name
+            _remove(dest)
+            if st is not None and stat.S_ISDIR(st.st_mode):
+                self._link_dir(src, dest, pack=name == "pack")
+            self._linked[name] = key
+
+    def _link_dir(self, src: Path, dest: Path, *, pack: bool) -> None:
+        try:
+            with os.scandir(src) as it:
+                entries = list(it)
+        except OSError:
+            return
+        regular = [e for e in entries if e.is_file(follow_symlinks=False)
+                   and (not pack or e.name.endswith(_PACK_SUFFIXES))]
+        odd = [e.name for e in entries if not e.is_file(follow_symlinks=False)]
+        if not pack and not odd:
+            os.symlink(src, dest)  # the common case: one link for the whole directory
+            return
+        _mkdir(dest)
+        for e in regular:
+            os.symlink(e.path, dest / e.name)
+        if odd:
+            _log.warning("state.objects_skipped", directory=str(src), entries=odd[:10],
+                         count=len(odd), reason="not regular files: git would block or follow "
+                         "them, so they are not read (objects in them count as missing)")
+
+    def _write_shallow(self, shallow: tuple[str, ...]) -> None:
+        """The workspace's shallow boundary, less the commits whose parents watcherd fetched."""
+        path = self.git_dir / "shallow"
+        done = set(self.unshallowed())
+        want = "".join(f"{c}\n" for c in shallow if c not in done)
+        have = path.read_text() if path.exists() else ""
+        if want != have:
+            if want:
+                _write_atomic(path, want.encode())
+            else:
+                path.unlink(missing_ok=True)
+
+    def unshallowed(self) -> list[str]:
+        """Shallow boundary commits whose history watcherd fetched from ``restore.template_url``."""
+        try:
+            return json.loads((self.dir / "unshallowed.json").read_text())
+        except (OSError, ValueError):
+            return []
+
+    def record_unshallowed(self, commits: list[str]) -> None:
+        merged = sorted(set(self.unshallowed()) | set(commits))
+        _write_atomic(self.dir / "unshallowed.json", json.dumps(merged).encode())
+
+    # -- pairing ---------------------------------------------------------------------------------
+
+    def pairing(self) -> Pairing | None:
+        try:
+            doc = json.loads((self.dir / "pairing.json").read_text())
+            return Pairing(str(doc["path"]), int(doc["device"]), int(doc["inode"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def paired_with(self, root: Path) -> bool:
+        """Whether the history here belongs to the workspace directory at ``root`` now.
+
+        The directory's identity (device and inode) is what counts: a workspace replaced by
+        another tree (a restore elsewhere, an operator's copy) is not the history's any more,
+        while ``rm -rf .git && git init`` inside it still is.
+        """
+        p = self.pairing()
+        if p is None:
+            return False
+        try:
+            st = os.stat(root)
+        except OSError:
+            return False
+        return (p.device, p.inode) == (st.st_dev, st.st_ino)
+
+    def unpair(self) -> None:
+        (self.dir / "pairing.json").unlink(missing_ok=True)
+
+    def pair(self, root: Path) -> None:
+        st = os.stat(root)
+        doc = {"path": str(root), "device": st.st_dev, "inode": st.st_ino,
+               "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        _write_atomic(self.dir / "pairing.json", json.dumps(doc).encode())
+
+    def forget_history(self, reason: str) -> None:
+        """Start a new line of history (the workspace is not this history's any more)."""
+        old = self.snapshot_head()
+        if old:
+            # Kept under another name: nothing watcherd recorded is deleted.
+            stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+            self.bare.run("update-ref", f"refs/watcherd/previous/{stamp}", old)
+            self.bare.run("update-ref", "-d", SNAPSHOT_REF)
+        self.index.unlink(missing_ok=True)
+        _log.warning("state.new_history", previous=old, reason=reason)
+
+
+def open_repo(config: Config) -> Repo:
+    """watcherd's state for ``config``'s workspace and store key (nothing is created yet)."""
+    ws = config.workspace
+    return Repo(ws.state_dir, config.store.key, ws.path, Identity(ws.author_name, ws.author_email))
+
+
+RAW_ATTRIBUTES = "* -text -filter -ident !eol !working-tree-encoding\n"
+
+
+def write_private(path: Path, data: bytes) -> None:
+    """Write a state file of watcherd's whole or not at all (group-shared, see the module)."""
+    _write_atomic(path, data)
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, _FILE_MODE)
+    try:
+        os.fchmod(fd, _FILE_MODE)  # the umask would take the group's write away
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+def _mkdir(path: Path) -> None:
+    try:
+        path.mkdir(parents=True)
+    except FileExistsError:
+        if not path.is_dir() or path.is_symlink():
+            raise
+        return
+    path.chmod(_DIR_MODE)
+
+
+def _remove(path: Path) -> None:
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.is_dir():
+        shutil.rmtree(path)

@@ -1,0 +1,432 @@
+"""The state commit: the workspace's git state at a snapshot, recorded as a git commit.
+
+A shadow snapshot is a commit ``W`` whose tree is the working tree and whose parents are
+``[previous snapshot, HEAD, S]`` (the first two when they exist). ``S``, the *state commit*, records
+the rest of what a person would lose, read at the same moment as the tree (DESIGN, "Workspace
+state"):
+
+* its parents are every commit the refs, HEAD and the stash's reflog point at, so one bundle of
+  the snapshot history carries the whole of it;
+* its tree holds ``state.json`` (HEAD, every ref, the stash's reflog, the allowlisted config),
+  ``index`` (the index as its own tree, when it could be recorded), ``tags`` (the raw annotated tag
+  objects, which a tree cannot point at) and ``objects/`` (refs that point at a tree or a blob).
+
+``S`` has a fixed author, committer and date, so the same state always gives the same commit and
+an unchanged state costs no new object. Restore reads ``S`` back with :func:`read`; everything in
+it is checked again there, because what the store returns is untrusted too.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from watcherd.errors import GitError, IntegrityError
+from watcherd.git import Git
+from watcherd.workspace import GitState, Head, Ref, StashEntry, printable, valid_ref_name
+
+FORMAT = 1
+SUBJECT = "watcherd: state"
+_IDENT = "watcherd <watcherd@localhost> 0 +0000"
+_OID = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")
+# The config a restore gives back (DESIGN, "Workspace state"): remotes, branch tracking, identity.
+_CONFIG_KEY = re.compile(r"remote\.[^\n]{1,256}\.(url|pushurl|fetch)|branch\.[^\n]{1,256}\."
+                         r"(remote|merge)|user\.(name|email)")
+MAX_CONFIG_ENTRIES = 4096
+_TAG_DEPTH = 8
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """What a state commit holds, validated."""
+
+    head: Head
+    refs: tuple[Ref, ...] = ()
+    stash: tuple[StashEntry, ...] = ()
+    config: tuple[tuple[str, str], ...] = ()
+    index_tree: str | None = None
+    tags: tuple[tuple[str, bytes], ...] = ()  # (id, raw tag object)
+    notes: tuple[str, ...] = ()  # what was left out of the record, and why
+
+
+@dataclass(frozen=True)
+class Input:
+    """What :func:`record` needs besides the workspace's refs: the parsed config, and the index
+    (a copy in the state directory) or the reason there is none."""
+
+    config: tuple[tuple[str, str], ...]
+    index_file: Path | None
+    index_problem: str | None = None
+
+
+def parse_config(git: Git, raw: bytes, scratch: Path) -> tuple[tuple[str, str], ...]:
+    """The allowlisted entries of a config file's bytes, parsed by git from a copy.
+
+    ``--no-includes``: an ``include.path`` of the workspace's is never followed. Entries git
+    cannot parse give an empty result (the config is then not recorded), never an error.
+    """
+    if not raw:
+        return ()
+    scratch.write_bytes(raw)
+    r = git.run("config", "--file", str(scratch), "--no-includes", "--null", "--list", check=False)
+    scratch.unlink(missing_ok=True)
+    if r.returncode != 0:
+        return ()
+    entries = []
+    for record in r.stdout.split(b"\0"):
+        key, _, value = record.decode("utf-8", "surrogateescape").partition("\n")
+        if _CONFIG_KEY.fullmatch(key) and "\0" not in value:
+            entries.append((key, value))
+    return tuple(entries[:MAX_CONFIG_ENTRIES])
+
+
+def record(git: Git, state: GitState, given: Input, *, previous: str | None) -> tuple[str, Recorded]:
+    """Write the state commit for ``state`` into ``git``'s repository; (its id, what it holds).
+
+    Every object the record needs is copied into the repository's own packs first (``previous``,
+    the last state commit, bounds the copy to what is new). A ref whose object is missing, or
+    whose history is incomplete, is left out with a note; so is the index when git cannot write
+    it as a tree (objects missing, a merge in progress). Raises :class:`GitError` only when git
+    itself fails (a timeout, a full disk).
+    """
+    notes: list[str] = list(state.warnings)
+    refs = list(state.refs)
+    head = state.head
+    stash = list(state.stash)
+
+    wanted = {r.oid for r in refs if r.oid} | {e.new for e in stash}
+    if head.ref is None and head.oid:
+        wanted.add(head.oid)
+    types = _types(git, wanted)
+    tags, peeled = _tags(git, {o for o, t in types.items() if t == "tag"}, types)
+
+    def usable(oid: str | None, what: str) -> bool:
+        kind = types.get(oid or "")
+        if kind is None or kind == "missing":
+            notes.append(f"{what} points at {oid}, which does not exist; left out")
+            return False
+        if kind == "tag" and oid not in tags:
+            notes.append(f"{what} is a tag that does not resolve; left out")
+            return False
+        return True
+
+    refs = [r for r in refs if r.oid is None or usable(r.oid, f"ref {r.name}")]
+    stash = [e for e in stash if usable(e.new, "a stash entry")]
+    if head.ref is None and head.oid and not usable(head.oid, "HEAD"):
+        head = Head(None, None)
+
+    index_tree, index_problem = _index_tree(git, given)
+    roots = _roots(refs, stash, head, types, peeled, tags, index_tree)
+    broken = _copy(git, roots, previous)
+    if broken:
+        for oid in broken:
+            notes.append(f"the history of {oid} is incomplete (objects are missing); "
+                         "the refs that point at it are left out")
+        refs = [r for r in refs if r.oid is None or peeled.get(r.oid, r.oid) not in broken
+                and r.oid not in broken]
+        stash = [e for e in stash if e.new not in broken]
+        if head.oid in broken or peeled.get(head.oid or "") in broken:
+            head = Head(head.ref, None) if head.ref else Head(None, None)
+        if index_tree in broken:
+            index_tree, index_problem = None, "the index names objects that do not exist"
+        roots = _roots(refs, stash, head, types, peeled, tags, index_tree)
+        if _copy(git, roots, previous):
+            raise GitError("copying the workspace's objects failed twice; retrying later")
+    if index_problem:
+        notes.append(f"index not recorded: {index_problem}")
+    if head.ref is not None:
+        head = Head(head.ref, next((r.oid for r in refs if r.name == head.ref), None))
+    rec = Recorded(head, tuple(refs), tuple(stash), given.config, index_tree,
+                   tuple((t, tags[t]) for t in sorted(tags) if any(r.oid == t for r in refs)),
+                   tuple(notes))
+    return _write(git, rec, types, peeled), rec
+
+
+def _index_tree(git: Git, given: Input) -> tuple[str | None, str | None]:
+    """The index as a tree (its staged content), or None and why it is not recorded."""
+    if given.index_file is None:
+        return None, given.index_problem
+    r = git.run("write-tree", env={"GIT_INDEX_FILE": str(given.index_file)}, check=False)
+    if r.returncode == 0 and r.text:
+        return r.text, None
+    said = r.stderr.decode("utf-8", "replace")
+    if "unmerged" in said:
+        return None, "a merge is in progress (the index has unmerged paths)"
+    if "invalid object" in said or "missing" in said:
+        return None, "the index names objects that do not exist"
+    return None, "git cannot read the index (" + printable(said.strip().splitlines()[-1][:200] \
+        if said.strip() else "no message") + ")"
+
+
+def _types(git: Git, oids: Iterable[str]) -> dict[str, str]:
+    """Each object's type, or "missing"."""
+    ids = sorted(oids)
+    if not ids:
+        return {}
+    out = git.run("cat-file", "--batch-check=%(objectname) %(objecttype)",
+                  input="".join(f"{o}\n" for o in ids).encode()).text
+    types = {}
+    for line in out.splitlines():
+        oid, _, kind = line.partition(" ")
+        types[oid] = kind
+    return {o: types.get(o, "missing") for o in ids}
+
+
+def _tags(git: Git, tag_ids: set[str], types: dict[str, str]) -> tuple[dict[str, bytes], dict[str, str]]:
+    """The raw bytes of annotated tags, and what each peels to (its final non-tag object)."""
+    raw: dict[str, bytes] = {}
+    points: dict[str, str] = {}
+    todo = set(tag_ids)
+    for _ in range(_TAG_DEPTH):
+        if not todo:
+            break
+        for oid, body in _cat_batch(git, sorted(todo)).items():
+            raw[oid] = body
+            m = re.match(rb"object ([0-9a-f]+)\ntype ([a-z]+)\n", body)
+            if m:
+                points[oid] = m[1].decode()
+        targets = set(points.values()) - set(types)
+        types.update(_types(git, targets))
+        todo = {t for t in targets if types.get(t) == "tag"}
+    peeled = {}
+    for oid in tag_ids:
+        target, hops = points.get(oid), 0
+        while target is not None and types.get(target) == "tag" and hops < _TAG_DEPTH:
+            target, hops = points.get(target), hops + 1
+        if target is not None and types.get(target) not in (None, "missing", "tag"):
+            peeled[oid] = target
+    good = {t: b for t, b in raw.items() if t in peeled or types.get(points.get(t, "")) == "tag"}
+    return good, peeled
+
+
+def _cat_batch(git: Git, oids: list[str]) -> dict[str, bytes]:
+    out = git.run("cat-file", "--batch", input="".join(f"{o}\n" for o in oids).encode()).stdout
+    bodies: dict[str, bytes] = {}
+    pos = 0
+    while pos < len(out):
+        nl = out.index(b"\n", pos)
+        header = out[pos:nl].decode().split()
+        if len(header) < 3:  # "<id> missing"
+            pos = nl + 1
+            continue
+        size = int(header[2])
+        bodies[header[0]] = out[nl + 1:nl + 1 + size]
+        pos = nl + 1 + size + 1
+    return bodies
+
+
+def _roots(refs, stash, head: Head, types, peeled, tags, index_tree) -> dict[str, str]:
+    """Every object the record points at, with what its history must be complete for."""
+    roots: dict[str, str] = {}
+    for oid in [r.oid for r in refs if r.oid] + [e.new for e in stash] + \
+            ([head.oid] if head.ref is None and head.oid else []):
+        roots[oid] = types.get(oid, "commit")
+        if oid in peeled:
+            roots[peeled[oid]] = types.get(peeled[oid], "commit")
+    if index_tree:
+        roots[index_tree] = "tree"
+    return roots
+
+
+def _copy(git: Git, roots: dict[str, str], previous: str | None) -> set[str]:
+    """Copy every object reachable from ``roots`` and not from ``previous`` into a pack of the
+    repository's own (objects read through the alternate included). The roots whose history is
+    incomplete, empty when the copy succeeded."""
+    if not roots:
+        return set()
+    stop = [f"^{previous}"] if previous else []
+    lines = "".join(f"{o}\n" for o in sorted(roots)) + "".join(f"{s}\n" for s in stop)
+    pack_base = git.git_dir / "objects" / "pack" / "pack"
+    r = git.run("pack-objects", "--revs", "--quiet", "--delta-base-offset", str(pack_base),
+                input=lines.encode(), check=False)
+    if r.returncode == 0:
+        _drop_if_empty(pack_base.parent, r.text)
+        return set()
+    broken = set()
+    for oid in sorted(roots):
+        check = git.run("rev-list", "--objects", "--quiet", oid, *stop, check=False)
+        if check.returncode != 0:
+            broken.add(oid)
+    if not broken:
+        raise GitError(f"copying objects into watcherd's repository failed: "
+                       f"{r.stderr.decode('utf-8', 'replace').strip()[:300]}")
+    return broken
+
+
+def _drop_if_empty(pack_dir: Path, name: str) -> None:
+    """pack-objects writes a pack even when it has nothing to put in it; remove such a pack."""
+    idx = pack_dir / f"pack-{name}.idx"
+    try:
+        with open(idx, "rb") as f:
+            f.seek(8 + 255 * 4)  # idx v2: magic, version, fan-out; its last entry is the count
+            count = int.from_bytes(f.read(4), "big")
+    except OSError:
+        return
+    if count == 0:
+        for suffix in (".pack", ".idx", ".rev"):
+            (pack_dir / f"pack-{name}{suffix}").unlink(missing_ok=True)
+
+
+def _write(git: Git, rec: Recorded, types: dict[str, str], peeled: dict[str, str]) -> str:
+    doc = {
+        "format": FORMAT,
+        "head": {"ref": rec.head.ref, "oid": rec.head.oid},
+        "refs": [{"name": r.name, "symref": r.target} if r.target is not None
+                 else {"name": r.name, "oid": r.oid} for r in rec.refs],
+        "stash": [{"old": e.old, "new": e.new, "ident": e.ident, "message": e.message}
+                  for e in rec.stash],
+        "config": [list(kv) for kv in rec.config],
+        "index": rec.index_tree is not None,
+        "notes": list(rec.notes),
+    }
+    blob = _hash(git, "blob", (json.dumps(doc, indent=1, sort_keys=True) + "\n").encode())
+    entries = [f"100644 blob {blob}\tstate.json"]
+    if rec.index_tree:
+        entries.append(f"040000 tree {rec.index_tree}\tindex")
+    if rec.tags:
+        body = b"".join(b"%s tag %d\n%s\n" % (oid.encode(), len(raw), raw) for oid, raw in rec.tags)
+        entries.append(f"100644 blob {_hash(git, 'blob', body)}\ttags")
+    others = sorted({r.oid for r in rec.refs if r.oid and types.get(r.oid) in ("tree", "blob")})
+    if others:
+        listing = "".join(f"{'040000 tree' if types[o] == 'tree' else '100644 blob'} {o}\t{o}\n"
+                          for o in others)
+        entries.append(f"040000 tree {git.out('mktree', input=listing.encode())}\tobjects")
+    tree = git.out("mktree", input=("\n".join(sorted(entries, key=lambda e: e.split('\t')[1]))
+                                   + "\n").encode())
+    commits = set()
+    for oid in [r.oid for r in rec.refs if r.oid] + [e.new for e in rec.stash] + [rec.head.oid]:
+        if oid is None:
+            continue
+        if types.get(oid) == "commit":
+            commits.add(oid)
+        elif types.get(peeled.get(oid, "")) == "commit":
+            commits.add(peeled[oid])
+    body = f"tree {tree}\n" + "".join(f"parent {c}\n" for c in sorted(commits)) + \
+        f"author {_IDENT}\ncommitter {_IDENT}\n\n{SUBJECT}\n"
+    return _hash(git, "commit", body.encode())
+
+
+def _hash(git: Git, kind: str, data: bytes) -> str:
+    return git.out("hash-object", "-t", kind, "-w", "--stdin", input=data)
+
+
+# -- reading back ----------------------------------------------------------------------------------
+
+
+def state_parent(git: Git, snapshot: str) -> str | None:
+    """The state commit of snapshot ``snapshot`` (its last parent), None for a snapshot written
+    before state commits existed."""
+    parents = git.out("rev-list", "--parents", "-n", "1", snapshot).split()[1:]
+    if not parents:
+        return None
+    last = parents[-1]
+    # A state commit says so in its subject and holds state.json; a user's commit that happens
+    # to carry the same subject (the HEAD parent of an older watcherd's snapshot) does not.
+    subject = git.run("log", "-1", "--format=%s", last, check=False).text
+    if subject != SUBJECT or git.run("rev-parse", "--verify", "--quiet", f"{last}:state.json",
+                                     check=False).returncode != 0:
+        return None
+    return last
+
+
+def read(git: Git, state_commit: str) -> Recorded:
+    """What state commit ``state_commit`` records; :class:`IntegrityError` when it does not parse
+    as a state watcherd wrote (a tampered store, a bug)."""
+    where = f"state commit {state_commit[:12]}"
+    r = git.run("cat-file", "blob", f"{state_commit}:state.json", check=False)
+    if r.returncode != 0:
+        raise IntegrityError(f"{where} has no state.json")
+    try:
+        doc = json.loads(r.stdout)
+    except (ValueError, RecursionError) as exc:
+        raise IntegrityError(f"{where}: state.json is not JSON ({exc})") from None
+    try:
+        if doc["format"] != FORMAT:
+            raise IntegrityError(f"{where}: state format {doc['format']!r} is newer than this "
+                                 "watcherd understands; upgrade watcherd")
+        head = Head(_ref_or_none(doc["head"]["ref"]), _oid_or_none(doc["head"]["oid"]))
+        refs = []
+        for item in doc["refs"]:
+            name = item["name"]
+            if not valid_ref_name(name):
+                raise ValueError(f"bad ref name {printable(str(name))!r}")
+            if "symref" in item:
+                target = item["symref"]
+                if not valid_ref_name(target):
+                    raise ValueError(f"bad symbolic ref target {printable(str(target))!r}")
+                refs.append(Ref(name, target=target))
+            else:
+                refs.append(Ref(name, _oid(item["oid"])))
+        stash = tuple(StashEntry(_oid(e["old"]), _oid(e["new"]), _line(e["ident"]),
+                                 _line(e["message"])) for e in doc["stash"])
+        config = tuple((_key(k), _value(v)) for k, v in doc["config"])
+        notes = tuple(printable(str(n)) for n in doc.get("notes", []))
+        has_index = doc["index"] is True
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise IntegrityError(f"{where}: state.json is malformed ({exc})") from None
+    index_tree = None
+    if has_index:
+        index_tree = git.run("rev-parse", "--verify", "--quiet", f"{state_commit}:index",
+                             check=False).text or None
+        if index_tree is None:
+            raise IntegrityError(f"{where} says it holds the index, but has none")
+    tags = _read_tags(git, state_commit, where)
+    return Recorded(head, tuple(refs), stash, config, index_tree, tags, notes)
+
+
+def _read_tags(git: Git, state_commit: str, where: str) -> tuple[tuple[str, bytes], ...]:
+    r = git.run("cat-file", "blob", f"{state_commit}:tags", check=False)
+    if r.returncode != 0:
+        return ()
+    data, pos, tags = r.stdout, 0, []
+    try:
+        while pos < len(data):
+            nl = data.index(b"\n", pos)
+            oid, kind, size = data[pos:nl].decode().split()
+            if kind != "tag" or not _OID.fullmatch(oid):
+                raise ValueError("not a tag record")
+            body = data[nl + 1:nl + 1 + int(size)]
+            tags.append((oid, body))
+            pos = nl + 1 + int(size) + 1
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise IntegrityError(f"{where}: its tags do not parse ({exc})") from None
+    return tuple(tags)
+
+
+def _oid(value: object) -> str:
+    if not isinstance(value, str) or not _OID.fullmatch(value):
+        raise ValueError(f"bad object id {printable(str(value))[:80]!r}")
+    return value
+
+
+def _oid_or_none(value: object) -> str | None:
+    return None if value is None else _oid(value)
+
+
+def _ref_or_none(value: object) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not valid_ref_name(value) or not value.startswith("refs/heads/"):
+        raise ValueError(f"HEAD names {printable(str(value))!r}, which is not a branch")
+    return value
+
+
+def _line(value: object) -> str:
+    if not isinstance(value, str) or "\n" in value or "\0" in value or len(value) > 4096:
+        raise ValueError("a stash entry's text is not one line")
+    return value
+
+
+def _key(value: object) -> str:
+    if not isinstance(value, str) or not _CONFIG_KEY.fullmatch(value):
+        raise ValueError(f"config key {printable(str(value))[:80]!r} is not one watcherd records")
+    return value
+
+
+def _value(value: object) -> str:
+    if not isinstance(value, str) or "\0" in value or len(value) > 65536:
+        raise ValueError("a config value is not text")
+    return value

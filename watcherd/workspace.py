@@ -1,0 +1,469 @@
+"""The workspace's git state, read as data: the one place where untrusted bytes become values.
+
+Everything under the workspace, ``.git`` included, is written by code watcherd must not trust (the
+user's app, an AI agent), while watcherd holds the store's credentials. So in ``shadow`` mode git
+never runs with the workspace's git directory as its repository: this module reads what a
+snapshot needs — HEAD, loose refs, ``packed-refs``, the stash's reflog, the index, ``info/exclude``,
+``shallow`` and the config — as plain files, and hands on typed, validated values:
+
+* a path is followed only where it resolves inside the workspace (``.git`` as a ``gitdir:`` file,
+  a linked worktree's ``commondir``, a symlinked ``.git``), and then opened one component at a
+  time with ``O_NOFOLLOW``, so a link swapped in after the check is refused, never followed;
+* only regular files are read (a FIFO would block, a device would never end), each up to a size
+  bound;
+* ref names follow git's ``check-ref-format`` rules, object ids are hex of the repository's
+  format; anything else is skipped with a warning, never a reason to fail the whole snapshot.
+
+What git itself must interpret (the index, the config's syntax) is copied out as bytes here and
+read by watcherd's own repository (:mod:`watcherd.repo`) from its copy.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import stat
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+from watcherd.errors import WorkspaceError
+
+# Size bounds of what is read. Generous for real repositories, small enough that a planted
+# multi-gigabyte file cannot exhaust the sidecar's memory.
+MAX_SMALL_FILE = 4096  # HEAD, a loose ref, the .git file, commondir
+MAX_PACKED_REFS = 64 * 2**20
+MAX_REFS = 100_000
+MAX_CONFIG = 1 * 2**20
+MAX_EXCLUDE = 1 * 2**20
+MAX_SHALLOW = 16 * 2**20
+MAX_STASH_LOG = 4 * 2**20
+MAX_INDEX = 1 * 2**30
+_REF_DEPTH = 32
+
+_OID = {"sha1": re.compile(r"[0-9a-f]{40}"), "sha256": re.compile(r"[0-9a-f]{64}")}
+_BAD_REF_CHARS = re.compile(r"[\x00-\x20\x7f~^:?*\[\\]")
+LEGACY_SNAPSHOT_REF = "refs/watcherd/snapshots"
+
+
+class Unsafe(Exception):
+    """A path or file of the workspace that is not read: outside it, a link, not a regular file,
+    too large. The message names it."""
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where a workspace's git directory is, resolved and checked.
+
+    ``git_dir`` holds HEAD and the index; ``common_dir`` the refs, objects, ``info/`` and config
+    (they differ in a linked worktree). Both None when the workspace is not a repository
+    (``problem`` is None) or when its ``.git`` cannot be used safely (``problem`` says why).
+    ``internal`` lists git directories inside the work tree under another name than ``.git``
+    (a ``gitdir:`` file pointing at ``.repo/``): a snapshot must leave them out.
+    """
+
+    root: Path
+    git_dir: Path | None = None
+    common_dir: Path | None = None
+    problem: str | None = None
+    internal: tuple[str, ...] = ()
+
+    @property
+    def is_repository(self) -> bool:
+        return self.git_dir is not None
+
+
+@dataclass(frozen=True)
+class Ref:
+    """A ref: ``oid`` for a direct one, ``target`` (another ref's name) for a symbolic one."""
+
+    name: str
+    oid: str | None = None
+    target: str | None = None
+
+
+@dataclass(frozen=True)
+class Head:
+    """HEAD: on branch ``ref`` (``oid`` None while unborn), or detached at ``oid`` (ref None)."""
+
+    ref: str | None
+    oid: str | None
+
+
+@dataclass(frozen=True)
+class StashEntry:
+    """One line of the stash's reflog: what ``git stash list`` shows."""
+
+    old: str
+    new: str
+    ident: str  # "Name <email> 1700000000 +0000"
+    message: str
+
+
+@dataclass(frozen=True)
+class GitState:
+    """The workspace's git state at one moment, every value validated."""
+
+    object_format: str = "sha1"
+    head: Head = Head("refs/heads/main", None)
+    refs: tuple[Ref, ...] = ()
+    stash: tuple[StashEntry, ...] = ()
+    config: bytes = b""
+    index: bytes | None = None
+    exclude: bytes = b""
+    shallow: tuple[str, ...] = ()
+    legacy_snapshot: str | None = None
+    warnings: tuple[str, ...] = field(default=(), compare=False)
+
+    def ref(self, name: str) -> str | None:
+        """The object id ``name`` resolves to (symbolic refs followed), None when unresolved."""
+        by_name = {r.name: r for r in self.refs}
+        for _ in range(_REF_DEPTH):
+            r = by_name.get(name)
+            if r is None:
+                return None
+            if r.oid is not None:
+                return r.oid
+            name = r.target or ""
+        return None
+
+
+# -- locating --------------------------------------------------------------------------------------
+
+
+def locate(root: Path) -> Layout:
+    """Find the workspace's git directory without following anything out of ``root``.
+
+    Raises :class:`WorkspaceError` when ``root`` itself is missing or not a directory.
+    """
+    root = Path(os.path.realpath(root))
+    if not root.is_dir():
+        raise WorkspaceError(f"workspace.path {root} does not exist or is not a directory")
+    dotgit = root / ".git"
+    try:
+        st = os.lstat(dotgit)
+    except FileNotFoundError:
+        return Layout(root)
+    except OSError as exc:
+        return Layout(root, problem=f"{dotgit} cannot be read: {exc.strerror}")
+    try:
+        if stat.S_ISREG(st.st_mode):
+            text = read_file(root, dotgit, MAX_SMALL_FILE).decode("utf-8", "strict").strip()
+            if not text.startswith("gitdir:"):
+                raise Unsafe(f"{dotgit} is a file but not a 'gitdir:' link")
+            git_dir = inside(root, _relative_to(root, text[len("gitdir:"):].strip()))
+        elif stat.S_ISDIR(st.st_mode) or stat.S_ISLNK(st.st_mode):
+            git_dir = inside(root, dotgit)
+        else:
+            raise Unsafe(f"{dotgit} is neither a directory nor a 'gitdir:' file")
+        if not git_dir.is_dir():
+            raise Unsafe(f"{dotgit} names {git_dir}, which is not a directory")
+        common_dir = git_dir
+        common = _small(root, git_dir / "commondir", required=False)
+        if common is not None:
+            common_dir = inside(root, _relative_to(git_dir, common.strip()))
+        if not (common_dir / "objects").is_dir() and not (common_dir / "HEAD").exists():
+            raise Unsafe(f"{common_dir} does not look like a git directory (no objects/, no HEAD)")
+    except (Unsafe, UnicodeDecodeError) as exc:
+        return Layout(root, problem=str(exc) if isinstance(exc, Unsafe)
+                      else f"{dotgit} is not UTF-8 text")
+    internal = tuple(sorted({_rel(root, d) for d in (git_dir, common_dir)
+                             if d != dotgit and not _under(d, dotgit)}))
+    return Layout(root, git_dir, common_dir, None, internal)
+
+
+def inside(root: Path, path: Path) -> Path:
+    """``path`` resolved, if that is inside ``root`` (which must be resolved); else :class:`Unsafe`."""
+    resolved = Path(os.path.realpath(path))
+    if resolved != root and root not in resolved.parents:
+        raise Unsafe(f"{path} resolves to {resolved}, outside the workspace {root}")
+    return resolved
+
+
+# -- reading ---------------------------------------------------------------------------------------
+
+
+def read_state(layout: Layout) -> GitState:
+    """Read the git state of a repository workspace as data; see the module's rules.
+
+    Never raises for what the workspace holds: unreadable parts become warnings and are left out
+    (a ref that does not parse is skipped, a missing index is None). Raises :class:`Unsafe` only
+    when HEAD itself cannot be read safely (nothing consistent could be recorded).
+    """
+    assert layout.git_dir is not None and layout.common_dir is not None
+    root, git_dir, common = layout.root, layout.git_dir, layout.common_dir
+    warnings: list[str] = []
+    config = _optional(root, common / "config", MAX_CONFIG, warnings) or b""
+    fmt = _object_format(config)
+    oid = _OID[fmt]
+
+    head_text = _small(root, git_dir / "HEAD", required=True)
+    head = _parse_head(head_text, oid)
+
+    refs: dict[str, Ref] = {}
+    packed = _optional(root, common / "packed-refs", MAX_PACKED_REFS, warnings)
+    if packed is not None:
+        for r in _parse_packed(packed, oid, warnings):
+            refs[r.name] = r
+    for r in _loose_refs(root, common, oid, warnings):
+        refs[r.name] = r  # a loose ref wins over its packed copy, as in git
+    legacy = refs.pop(LEGACY_SNAPSHOT_REF, None)
+    refs = {n: r for n, r in refs.items() if not n.startswith("refs/watcherd/")}
+    if head.ref is not None and head.ref in refs and refs[head.ref].oid:
+        head = Head(head.ref, refs[head.ref].oid)
+    elif head.ref is not None and head.ref in refs:
+        head = Head(head.ref, GitState(refs=tuple(refs.values())).ref(head.ref))
+
+    stash: tuple[StashEntry, ...] = ()
+    if "refs/stash" in refs:
+        log = _optional(root, common / "logs" / "refs" / "stash", MAX_STASH_LOG, warnings)
+        stash = _parse_stash_log(log or b"", oid, warnings)
+
+    index = _optional(root, git_dir / "index", MAX_INDEX, warnings)
+    exclude = _optional(root, common / "info" / "exclude", MAX_EXCLUDE, warnings) or b""
+    shallow_raw = _optional(root, common / "shallow", MAX_SHALLOW, warnings) or b""
+    shallow = tuple(sorted({line for line in shallow_raw.decode("ascii", "replace").split()
+                            if oid.fullmatch(line)}))
+    return GitState(
+        object_format=fmt,
+        head=head,
+        refs=tuple(sorted(refs.values(), key=lambda r: r.name)),
+        stash=stash,
+        config=config,
+        index=index,
+        exclude=exclude,
+        shallow=shallow,
+        legacy_snapshot=legacy.oid if legacy else None,
+        warnings=tuple(warnings),
+    )
+
+
+def read_file(root: Path, path: Path, limit: int) -> bytes:
+    """The bytes of regular file ``path`` (inside ``root``), up to ``limit`` bytes.
+
+    The path is resolved first and must stay inside ``root``; then each component is opened with
+    ``O_NOFOLLOW`` (a link swapped in meanwhile is refused), the file with ``O_NONBLOCK`` (a FIFO
+    must not block) and ``fstat`` must say it is a regular file. Raises :class:`FileNotFoundError`
+    when it does not exist, :class:`Unsafe` for everything else.
+    """
+    resolved = inside(root, path)
+    with _open_nofollow(root, resolved) as fd:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise Unsafe(f"{path} is not a regular file")
+        if st.st_size > limit:
+            raise Unsafe(f"{path} is {st.st_size} bytes, above the {limit} bytes watcherd reads")
+        chunks, total = [], 0
+        while chunk := os.read(fd, min(1 << 20, limit + 1 - total)):
+            chunks.append(chunk)
+            total += len(chunk)
+            if total > limit:
+                raise Unsafe(f"{path} grew above the {limit} bytes watcherd reads")
+        return b"".join(chunks)
+
+
+def is_plain_dir(root: Path, path: Path) -> bool:
+    """Whether ``path`` is a directory reached without any symbolic link, inside ``root``."""
+    try:
+        resolved = inside(root, path)
+    except Unsafe:
+        return False
+    if resolved != Path(os.path.abspath(path)):
+        return False
+    try:
+        return stat.S_ISDIR(os.lstat(resolved).st_mode)
+    except OSError:
+        return False
+
+
+@contextmanager
+def _open_nofollow(root: Path, resolved: Path) -> Iterator[int]:
+    parts = resolved.relative_to(root).parts
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+            flags |= os.O_NONBLOCK if last else os.O_DIRECTORY
+            try:
+                nxt = os.open(part, flags, dir_fd=fd)
+            except OSError as exc:
+                if exc.errno == errno.ENOENT:
+                    raise FileNotFoundError(errno.ENOENT, "not found", str(resolved)) from None
+                if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                    raise Unsafe(f"{resolved} changed into a link while being read") from None
+                raise Unsafe(f"{resolved} cannot be read: {exc.strerror}") from None
+            os.close(fd)
+            fd = nxt
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def _small(root: Path, path: Path, *, required: bool) -> str | None:
+    try:
+        return read_file(root, path, MAX_SMALL_FILE).decode("utf-8", "strict")
+    except FileNotFoundError:
+        if required:
+            raise Unsafe(f"{path} does not exist") from None
+        return None
+    except UnicodeDecodeError:
+        raise Unsafe(f"{path} is not UTF-8 text") from None
+
+
+def _optional(root: Path, path: Path, limit: int, warnings: list[str]) -> bytes | None:
+    try:
+        return read_file(root, path, limit)
+    except FileNotFoundError:
+        return None
+    except Unsafe as exc:
+        warnings.append(f"{exc}; left out")
+        return None
+
+
+def _object_format(config: bytes) -> str:
+    # Only this one value is read from the raw text: which hash the objects use. A sha256
+    # repository says so with extensions.objectFormat (git's documentation, "hash-function
+    # transition"); everything else in the config waits for git to parse a copy.
+    text = config.decode("utf-8", "replace").lower()
+    in_extensions = False
+    for line in text.splitlines():
+        line = line.split("#", 1)[0].split(";", 1)[0].strip()
+        if line.startswith("["):
+            in_extensions = line.replace(" ", "") == "[extensions]"
+        elif in_extensions and line.replace(" ", "") == "objectformat=sha256":
+            return "sha256"
+    return "sha1"
+
+
+def _parse_head(text: str, oid: re.Pattern[str]) -> Head:
+    line = text.strip()
+    if line.startswith("ref:"):
+        name = line[4:].strip()
+        if not valid_ref_name(name) or not name.startswith("refs/heads/"):
+            raise Unsafe(f"HEAD names {name!r}, which is not a branch")
+        return Head(name, None)
+    if oid.fullmatch(line) and set(line) != {"0"}:
+        return Head(None, line)
+    raise Unsafe("HEAD is neither a branch nor an object id")
+
+
+def _parse_packed(data: bytes, oid: re.Pattern[str], warnings: list[str]) -> list[Ref]:
+    refs: list[Ref] = []
+    bad = 0
+    for raw in data.split(b"\n"):
+        if not raw or raw.startswith((b"#", b"^")):
+            continue
+        try:
+            value, name = raw.decode("utf-8", "strict").split(" ", 1)
+        except (UnicodeDecodeError, ValueError):
+            bad += 1
+            continue
+        if oid.fullmatch(value) and valid_ref_name(name):
+            refs.append(Ref(name, value))
+        else:
+            bad += 1
+        if len(refs) > MAX_REFS:
+            warnings.append(f"packed-refs holds more than {MAX_REFS} refs; the rest are left out")
+            break
+    if bad:
+        warnings.append(f"packed-refs: {bad} lines that are not '<id> <ref>' left out")
+    return refs
+
+
+def _loose_refs(root: Path, common: Path, oid: re.Pattern[str], warnings: list[str]) -> list[Ref]:
+    refs: list[Ref] = []
+    top = common / "refs"
+    if not is_plain_dir(root, top):
+        if os.path.lexists(top):
+            warnings.append(f"{top} is not a plain directory; loose refs left out")
+        return refs
+    stack = [("refs", top)]
+    while stack:
+        prefix, directory = stack.pop()
+        try:
+            with os.scandir(directory) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError as exc:
+            warnings.append(f"{directory} cannot be listed ({exc.strerror}); its refs left out")
+            continue
+        for e in entries:
+            name = f"{prefix}/{e.name}"
+            if e.name.endswith(".lock"):
+                continue  # a ref being written: its old value is in the ref itself or packed
+            try:
+                is_dir = e.is_dir(follow_symlinks=False)
+            except OSError:
+                continue
+            if is_dir:
+                if name.count("/") < _REF_DEPTH:
+                    stack.append((name, Path(e.path)))
+                continue
+            if not valid_ref_name(name):
+                warnings.append(f"ref {printable(name)!r} is not a valid ref name; left out")
+                continue
+            try:
+                text = read_file(root, Path(e.path), MAX_SMALL_FILE).decode("utf-8", "strict")
+            except FileNotFoundError:
+                continue  # deleted meanwhile
+            except (Unsafe, UnicodeDecodeError) as exc:
+                warnings.append(f"ref {name}: {exc}; left out")
+                continue
+            value = text.strip()
+            if value.startswith("ref:") and valid_ref_name(value[4:].strip()):
+                refs.append(Ref(name, target=value[4:].strip()))
+            elif oid.fullmatch(value) and set(value) != {"0"}:
+                refs.append(Ref(name, value))
+            else:
+                warnings.append(f"ref {name} does not hold an object id; left out")
+            if len(refs) > MAX_REFS:
+                warnings.append(f"more than {MAX_REFS} loose refs; the rest are left out")
+                return refs
+    return refs
+
+
+def _parse_stash_log(data: bytes, oid: re.Pattern[str], warnings: list[str]) -> tuple[StashEntry, ...]:
+    entries: list[StashEntry] = []
+    line_re = re.compile(r"(\S+) (\S+) ([^\n<>]*<[^\n<>]*> \d{1,12} [+-]\d{4})\t?([^\n]*)")
+    for raw in data.decode("utf-8", "replace").splitlines():
+        m = line_re.fullmatch(raw)
+        if not m or not oid.fullmatch(m[2]) or not (oid.fullmatch(m[1])):
+            warnings.append("a line of the stash's reflog does not parse; left out")
+            continue
+        entries.append(StashEntry(m[1], m[2], m[3], printable(m[4])))
+    return tuple(entries)
+
+
+def valid_ref_name(name: str) -> bool:
+    """git's ``check-ref-format`` rules for a full ref name (``refs/...``), plus a length bound.
+
+    Source: git-check-ref-format(1): no component starting with ``.`` or ending with ``.lock``,
+    no ``..``, no control characters, space, ``~ ^ : ? * [ \\``, no ``@{``, not ending with ``/``
+    or ``.``, no empty component.
+    """
+    if not name.startswith("refs/") or len(name) > 1024:
+        return False
+    if _BAD_REF_CHARS.search(name) or ".." in name or "@{" in name or name.endswith((".", "/")):
+        return False
+    return all(part and not part.startswith(".") and not part.endswith(".lock")
+               for part in name.split("/"))
+
+
+def printable(text: str) -> str:
+    """``text`` with control characters escaped, for logs and messages."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def _relative_to(base: Path, text: str) -> Path:
+    p = Path(text)
+    return p if p.is_absolute() else base / p
+
+
+def _under(path: Path, top: Path) -> bool:
+    return path == top or top in path.parents
+
+
+def _rel(root: Path, path: Path) -> str:
+    return PurePosixPath(path.relative_to(root)).as_posix()
