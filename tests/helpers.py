@@ -6,6 +6,7 @@ import os
 import shutil
 import stat
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -92,6 +93,40 @@ def tree_state(root: Path) -> dict[str, tuple]:
             else:
                 state[rel] = ("file", stat.S_IMODE(st.st_mode) & 0o100, full.read_bytes())
     return state
+
+
+def watcherd_for_any_uid() -> list[str] | None:
+    """The start of a command line that runs watcherd under any uid, or None when this machine
+    has none (a test that needs one then skips, saying why).
+
+    A virtualenv's interpreter often lives under a home directory other users cannot enter
+    (pyenv in /root); any interpreter of the same Python version that every user may execute
+    works, given this checkout and the environment's packages on its path.
+    """
+    import sysconfig
+
+    paths = [str(Path(__file__).resolve().parent.parent), sysconfig.get_paths()["purelib"]]
+    if not all(_world_reachable(p) for p in paths):
+        return None
+    version = f"python{sys.version_info.major}.{sys.version_info.minor}"
+    for exe in (os.path.realpath(sys.executable), shutil.which(version), f"/usr/bin/{version}"):
+        if exe and _world_reachable(exe):
+            probe = subprocess.run([exe, "-c", "import sys; print(sys.version_info[:2])"],
+                                   capture_output=True, text=True)
+            if probe.stdout.strip() == str(tuple(sys.version_info[:2])):
+                boot = (f"import sys; sys.path[:0] = {paths!r}; sys.argv[0] = 'watcherd'; "
+                        "from watcherd.cli import main; raise SystemExit(main())")
+                return [exe, "-c", boot]
+    return None
+
+
+def _world_reachable(path: str) -> bool:
+    """Whether every directory on the way to ``path`` is searchable by anyone, and it readable."""
+    p = Path(path).resolve()
+    for parent in reversed(p.parents):
+        if not os.stat(parent).st_mode & stat.S_IXOTH:
+            return False
+    return bool(os.stat(p).st_mode & stat.S_IROTH)
 
 
 def wait_for(condition: Callable[[], T], timeout: float = 10.0, interval: float = 0.02,

@@ -377,7 +377,12 @@ def test_restore_gives_back_index_stash_remotes_tracking_tags_and_force_added_fi
     git(ws, "add", "-f", "dist/app.js")
     git(ws, "commit", "-qm", "ship dist")
     git(ws, "tag", "-a", "-m", "release", "v1")
+    git(ws, "tag", "-a", "-m", "a tag of a tag", "outer", "v1")
     git(ws, "tag", "light")
+    blob = git(ws, "hash-object", "-w", "--stdin", input=b"a tagged blob\n")
+    git(ws, "tag", "blob-light", blob)
+    git(ws, "tag", "-a", "-m", "an annotated blob", "blob-annotated", blob)
+    git(ws, "tag", "tree-light", "HEAD^{tree}")
     git(ws, "remote", "add", "origin", "https://example.com/acme/app.git")
     git(ws, "update-ref", "refs/remotes/origin/main", "HEAD")
     git(ws, "config", "branch.main.remote", "origin")
@@ -406,6 +411,10 @@ def test_restore_gives_back_index_stash_remotes_tracking_tags_and_force_added_fi
     assert got == expected
     assert git(target, "show", ":staged.txt") == "the staged version"
     assert git(target, "cat-file", "-t", "v1") == "tag"
+    assert git(target, "cat-file", "-p", "outer^{}") == git(ws, "cat-file", "-p", "outer^{}")
+    assert git(target, "cat-file", "blob", "blob-annotated^{}") == "a tagged blob"
+    assert subprocess.run(["git", "fsck", "--no-dangling"], cwd=target,
+                          capture_output=True).returncode == 0
 
 
 def test_an_uncommitted_edit_in_a_submodule_is_reported_not_silently_lost(tmp_path):

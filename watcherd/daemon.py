@@ -93,6 +93,7 @@ class Daemon:
         # Each POST /snapshot waiting for its save: the event, and the outcome it will be given.
         self._save_waiters: list[tuple[anyio.Event, dict[str, Any]]] = []
         self._over = False  # the loop has ended: no new save can be waited for
+        self._local_head: str | None = None  # the newest snapshot, as the last one reported it
 
     # -- life ------------------------------------------------------------------------------------
 
@@ -141,7 +142,7 @@ class Daemon:
 
     def _unsaved_at_start(self) -> bool:
         """Whether local snapshots are ahead of the store (a crash before the last upload)."""
-        local = self.repo.snapshot_head()
+        local = self._local_head = self.repo.snapshot_head()
         if local is None:
             return False
         try:
@@ -257,6 +258,7 @@ class Daemon:
             self._last_result = {"status": "failed", "error": log.redact(str(exc))}
         else:
             self.sched.snapshot_done(time.monotonic(), committed=bool(snap.commit))
+            self._local_head = snap.snapshot_head
             if snap.commit:
                 self.counters.snapshots += 1
                 self.last_snapshot = {"at": _iso(time.time()), "commit": snap.commit,
@@ -490,11 +492,7 @@ class Daemon:
     def _report_unsaved(self, why: str) -> None:
         """Say exactly what did not reach the store."""
         s = self.sched.status(time.monotonic())
-        local = None
-        try:
-            local = self.repo.snapshot_head()
-        except WatcherdError:
-            pass
+        local = self._local_head  # no git on the event loop: what the last snapshot said
         stored = (self.last_upload or {}).get("snapshot")
         _log.error("shutdown.incomplete", reason=why, state=str(s.state),
                    unsaved_since=_iso(time.time() - (time.monotonic() - s.dirty_since))

@@ -139,9 +139,9 @@ def record(git: Git, state: GitState, given: Input, *, previous: str | None) -> 
         notes.append(f"index not recorded: {index_problem}")
     if head.ref is not None:
         head = Head(head.ref, next((r.oid for r in refs if r.name == head.ref), None))
+    # Every tag object of the kept refs' chains (a tag of a tag needs its inner one back too).
     rec = Recorded(head, tuple(refs), tuple(stash), given.config, index_tree,
-                   tuple((t, tags[t]) for t in sorted(tags) if any(r.oid == t for r in refs)),
-                   tuple(notes))
+                   tuple((t, tags[t]) for t in sorted(tags)), tuple(notes))
     return _write(git, rec, types, peeled), rec
 
 
@@ -289,7 +289,8 @@ def _write(git: Git, rec: Recorded, types: dict[str, str], peeled: dict[str, str
     if rec.tags:
         body = b"".join(b"%s tag %d\n%s\n" % (oid.encode(), len(raw), raw) for oid, raw in rec.tags)
         entries.append(f"100644 blob {_hash(git, 'blob', body)}\ttags")
-    others = sorted({r.oid for r in rec.refs if r.oid and types.get(r.oid) in ("tree", "blob")})
+    targets = {r.oid for r in rec.refs if r.oid} | {peeled[t] for t, _ in rec.tags if t in peeled}
+    others = sorted(o for o in targets if types.get(o) in ("tree", "blob"))
     if others:
         listing = "".join(f"{'040000 tree' if types[o] == 'tree' else '100644 blob'} {o}\t{o}\n"
                           for o in others)
