@@ -653,3 +653,19 @@ def test_config_check_still_succeeds_when_the_store_does_not_answer(tmp_path, fa
                                                                    capsys):
     out = _config_check(tmp_path, "http://127.0.0.1:9", bucket, capsys)
     assert "# store: not checked, the store did not answer" in out
+
+
+def test_stale_multipart_uploads_of_this_key_are_aborted_and_others_left(make_store):
+    # What a daemon killed mid-upload leaves: parts billed and invisible in listings.
+    store = make_store()
+    client = store._client
+    mine = client.create_multipart_upload(Bucket=store.bucket, Key=f"{PREFIX}/acme/ws/bundles/1-x.bundle")
+    other = client.create_multipart_upload(Bucket=store.bucket, Key=f"{PREFIX}/acme/other/bundles/1-y.bundle")
+
+    # moto reports every upload as started in 2010; a threshold older than that keeps them all
+    # (an upload younger than the threshold may be a live one of a racing pod).
+    assert store.abort_stale_uploads("acme/ws/", older_than=100 * 365 * 86400) == 0
+    assert store.abort_stale_uploads("acme/ws/", older_than=0) == 1
+
+    left = {u["UploadId"] for u in client.list_multipart_uploads(Bucket=store.bucket).get("Uploads", ())}
+    assert mine["UploadId"] not in left and other["UploadId"] in left

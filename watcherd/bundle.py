@@ -25,7 +25,7 @@ from urllib.parse import urlsplit
 
 from watcherd import log, state
 from watcherd.errors import GitError, IntegrityError
-from watcherd.git import Git
+from watcherd.git import Git, LocalIOError
 from watcherd.repo import SNAPSHOT_REF, Repo
 
 _log = log.get(__name__)
@@ -165,6 +165,8 @@ def prove(bundle: Path, scratch: Path) -> None:
     try:
         git.run("bundle", "verify", "--quiet", str(bundle), timeout=BUNDLE_TIMEOUT)
         fetch_bundle(git, bundle)
+    except LocalIOError:
+        raise  # the disk here, not the bundle
     except GitError as exc:
         raise IntegrityError(f"bundle does not restore: {exc}") from None
     finally:

@@ -190,6 +190,12 @@ class _Metrics:
         yield counter("conflicts", "Saves refused as non-fast-forward, kept under conflicts/.",
                       m["conflicts"])
         yield counter("uploaded_bytes", "Bundle bytes uploaded.", m["uploaded_bytes"])
+        yield counter("store_vanished", "Saves that found the store had lost this workspace's "
+                      "generations (saved again from generation 1).", m["store_vanished"])
+        yield gauge("unsaved_conflict", "1 while the newest state is only in a conflict copy "
+                    "(refused by the store).", 1 if s.get("refused") else 0)
+        yield gauge("conflict_copies", "Conflict copies under this key (as of the last refusal).",
+                    (s.get("conflict") or {}).get("copies"))
         yield counter("rescans", "Full rescans after an inotify overflow or a lost watch.",
                       m["rescans"])
         yield gauge("watches", "inotify watches in place.", s["watches"])

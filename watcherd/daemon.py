@@ -59,6 +59,7 @@ class _Counters:
     conflicts: int = 0
     uploaded_bytes: int = 0
     rescans: int = 0
+    store_vanished: int = 0
 
 
 class Daemon:
@@ -83,6 +84,7 @@ class Daemon:
         self.last_upload: dict[str, Any] | None = None
         self.last_error: dict[str, Any] | None = None
         self.conflict: dict[str, Any] | None = None
+        self.store_vanished: dict[str, Any] | None = None
         self.too_large: str | None = None
         self.rescan_reasons: list[str] = []
         self._last_result: dict[str, Any] = {}
@@ -127,9 +129,11 @@ class Daemon:
         if not ws.is_dir():
             raise WorkspaceError(f"workspace.path {ws} does not exist or is not a directory "
                                  "(create it, run watcherd restore, or fix workspace.path)")
+        self._daemon_lock = self.repo.hold_daemon_lock()
         snapshot.prepare(self.repo)
         s = self.cfg.store
         self.store = open_store(s)
+        self._abort_stale_uploads()
         self.generations = Generations(self.store, s.key,
                                        Limits(s.keep, s.warn_bundle_size, s.max_bundle_size))
         unsaved = self._unsaved_at_start()
@@ -139,6 +143,24 @@ class Daemon:
         self.sched = Scheduler(self.timing, now, unsaved_history=unsaved)
         # Edits made while no daemon watched (a crash, a restart) are found by one snapshot.
         self.sched.change(now)
+
+    def _abort_stale_uploads(self) -> None:
+        """Multipart uploads a killed daemon left behind are billed and never complete: abort this
+        key's ones that are older than any upload could still be running (a racing pod's upload
+        in flight is younger)."""
+        abort = getattr(self.store, "abort_stale_uploads", None)
+        if abort is None:
+            return
+        # A bundle of max_bundle_size at 1 MiB/s, and never less than an hour.
+        older_than = max(3600.0, self.cfg.store.max_bundle_size / 2**20)
+        try:
+            aborted = abort(f"{self.cfg.store.key}/", older_than)
+        except WatcherdError as exc:
+            _log.warning("store.stale_uploads_not_checked", error=str(exc))
+            return
+        if aborted:
+            _log.warning("store.stale_uploads_aborted", key=self.cfg.store.key, uploads=aborted,
+                         note="multipart uploads left by a killed daemon")
 
     def _unsaved_at_start(self) -> bool:
         """Whether local snapshots are ahead of the store (a crash before the last upload)."""
@@ -222,6 +244,15 @@ class Daemon:
                     self._busy_since["upload"] = now
                     tg.start_soon(self._upload)
             if stopping and sched.shutdown_complete:
+                if sched.status(now).refused:
+                    # The final state is safe, but only beside the store's history: say where,
+                    # and exit non-zero (a refused save is never reported as saved).
+                    _log.error("daemon.stopped", saved=False,
+                               conflict=(self.conflict or {}).get("saved_as"),
+                               stored_generation=(self.last_upload or {}).get("generation"),
+                               note="the store refused this workspace's history; its final state "
+                                    "is kept under conflicts/")
+                    return ConflictError.exit_status
                 _log.info("daemon.stopped", saved=True,
                           generation=(self.last_upload or {}).get("generation"))
                 return 0
@@ -265,6 +296,10 @@ class Daemon:
                                       "files": snap.files, "head": snap.head,
                                       "duration_ms": round((time.monotonic() - started) * 1000, 1)}
                 self._last_result = {"status": "snapshotted", "commit": snap.commit}
+            elif self.sched.status(time.monotonic()).refused and self.conflict:
+                # Nothing new, and the newest state is only in a conflict copy: not saved.
+                self._last_result = {"status": "conflict", "saved_as": self.conflict["saved_as"],
+                                     "error": self.conflict["reason"]}
             else:
                 self._last_result = {"status": "unchanged",
                                      "generation": (self.last_upload or {}).get("generation")}
@@ -276,11 +311,13 @@ class Daemon:
         try:
             result = await anyio.to_thread.run_sync(self._save, abandon_on_cancel=True)
         except ConflictError as exc:
-            # The workspace's state is safe under conflicts/; retrying would only add copies.
+            # The workspace's state is safe under conflicts/ (once per divergence), but it is not
+            # in the store's history: it stays unsaved, and says so, until an upload succeeds.
             self.counters.conflicts += 1
             self.conflict = {"at": _iso(time.time()), "saved_as": exc.conflict_name,
-                             "reason": log.redact(str(exc))}
-            self.sched.upload_succeeded(time.monotonic())
+                             "snapshot": exc.snapshot, "reason": log.redact(str(exc)),
+                             "copies": getattr(exc, "copies", None)}
+            self.sched.upload_refused(time.monotonic())
             self._last_result = {"status": "conflict", "saved_as": exc.conflict_name,
                                  "error": log.redact(str(exc))}
         except BundleTooLarge as exc:
@@ -292,6 +329,11 @@ class Daemon:
             self.sched.upload_succeeded(time.monotonic())
             self.too_large = None
             self.last_error = None
+            self.conflict = None
+            if result.store_vanished:
+                self.counters.store_vanished += 1
+                self.store_vanished = {"at": _iso(time.time()),
+                                       "generation": result.generation}
             if result.status == "saved":
                 self.counters.uploads += 1
                 self.counters.uploaded_bytes += result.bytes
@@ -315,8 +357,17 @@ class Daemon:
 
     def _save(self):
         try_unshallow, self._try_unshallow = self._try_unshallow, False  # ask the origin once
-        return self.generations.save(self.repo, template_url=self.cfg.restore.template_url,
-                                     try_unshallow=try_unshallow)
+        try:
+            result = self.generations.save(self.repo, template_url=self.cfg.restore.template_url,
+                                           try_unshallow=try_unshallow)
+        except ConflictError as exc:
+            try:
+                exc.copies = len(self.generations.conflicts())
+            except WatcherdError:
+                exc.copies = None
+            raise
+        self.repo.maintain()
+        return result
 
     def _upload_failed(self, exc: WatcherdError | OSError) -> None:
         self.counters.upload_failures += 1
@@ -461,6 +512,8 @@ class Daemon:
                                 "next_snapshot_retry_at": wall(s.next_snapshot_retry_at)},
             "last_error": self.last_error,
             "conflict": self.conflict,
+            "refused": s.refused,
+            "store_vanished": self.store_vanished,
             "watches": self.watcher.watch_count if self.watcher else 0,
             "degraded": self._degraded(),
             "last_rescan_reasons": self.rescan_reasons,

@@ -58,9 +58,11 @@ class ConflictError(WatcherdError):
 
     exit_status = 3
 
-    def __init__(self, message: str, conflict_name: str | None = None) -> None:
+    def __init__(self, message: str, conflict_name: str | None = None,
+                 snapshot: str | None = None) -> None:
         super().__init__(message)
         self.conflict_name = conflict_name
+        self.snapshot = snapshot
 
 
 class RestoreError(WatcherdError):

@@ -1,8 +1,12 @@
 """A workspace's generations in the store: saving forward-only, fetching verified.
 
-Write order for a save: bundle (uploaded whole, size and checksum checked) → manifest swapped in
-with a conditional write on the version it replaces → bundles beyond ``keep`` pruned. A save whose
-history does not contain the stored snapshot is refused and kept under ``conflicts/``.
+The imperative shell around :mod:`watcherd.protocol`: it reads the store and watcherd's repository,
+asks the protocol what may be done, and does it. Write order for a save: bundle (uploaded whole,
+size and checksum checked) → manifest swapped in with a conditional write on the version it
+replaces → bundles beyond ``keep`` pruned. A save whose history does not contain the stored
+snapshot is refused and kept under ``conflicts/`` (one copy per divergence), and reported as
+refused everywhere; a generation a restore found corrupt is superseded by the next save whose
+history holds the newest good one.
 """
 
 from __future__ import annotations
@@ -22,12 +26,14 @@ from pathlib import Path
 from watcherd import bundle as bundles
 from watcherd import log
 from watcherd import manifest as mf
+from watcherd import protocol
 from watcherd.errors import (
     BundleTooLarge,
     ConflictError,
     IntegrityError,
     ObjectMissing,
     PreconditionFailed,
+    StoreError,
 )
 from watcherd.repo import SNAPSHOT_REF, Repo
 from watcherd.store.base import Store
@@ -46,6 +52,8 @@ class SaveResult:
     snapshot: str | None
     bytes: int = 0
     bundle: str | None = None
+    superseded: tuple[int, ...] = ()  # generations this one replaced (found corrupt)
+    store_vanished: bool = False  # the store had lost what this workspace saved before
 
 
 @dataclass(frozen=True)
@@ -76,11 +84,19 @@ class Generations:
     # -- reading ---------------------------------------------------------------------------------
 
     def read_manifest(self) -> tuple[mf.Manifest | None, str | None]:
-        """The stored manifest and its version; (None, None) when nothing was saved yet."""
-        blob = self.store.read(self.manifest_name)
+        """The stored manifest and its version; (None, None) when there is none.
+
+        Raises :class:`IntegrityError` for a manifest that exists but cannot be used (read at
+        most :data:`manifest.MAX_SIZE` bytes of it).
+        """
+        blob = self.store.read(self.manifest_name, limit=mf.MAX_SIZE)
         if blob is None:
             return None, None
         return mf.parse(blob.data, self.where(self.manifest_name)), blob.version
+
+    def holds_anything(self) -> bool:
+        """Whether the key holds any object at all (only then is there "nothing stored")."""
+        return bool(self.store.list(f"{self.key}/"))
 
     def fetch(self, gen: mf.Generation, directory: Path) -> Path:
         """Download ``gen``'s bundle into ``directory`` and check its size and sha256."""
@@ -113,8 +129,9 @@ class Generations:
     def save(self, repo: Repo, *, template_url: str = "", try_unshallow: bool = True) -> SaveResult:
         """Save the snapshot history in ``repo`` as the next generation.
 
-        Raises :class:`ConflictError` (after keeping the bundle under ``conflicts/``) when the
-        stored history is not part of ours, :class:`BundleTooLarge` above ``max_bundle_size``.
+        Raises :class:`ConflictError` when the stored history is not part of ours (the history is
+        kept under ``conflicts/``, once per divergence), :class:`BundleTooLarge` above
+        ``max_bundle_size``, :class:`StoreError` and friends when the store fails.
         """
         started = time.monotonic()
         local = repo.snapshot_head()
@@ -131,39 +148,56 @@ class Generations:
                 try:
                     current, version = self.read_manifest()
                 except IntegrityError as exc:
-                    self._keep_conflict(source, spool, f"stored manifest unreadable: {exc}")
-                if current and current.current.snapshot == ours:
+                    self._keep_conflict(source, spool, f"the stored manifest cannot be used: {exc}")
+                vanished = current is None and self._vanished(repo)
+                decision = protocol.decide_save(
+                    current, ours, lambda snap: _contains(source.git, snap, ours),
+                    repo.bad_generations())
+                if decision.verdict is protocol.Verdict.UNCHANGED:
+                    repo.record_stored(current.current.generation, ours)
                     return SaveResult("unchanged", current.current.generation, ours)
-                if current and not source.git.is_ancestor(current.current.snapshot, ours):
-                    self._keep_conflict(
-                        source, spool,
-                        f"the stored generation {current.current.generation} "
-                        f"(snapshot {current.current.snapshot[:12]}) is not part of this "
-                        "workspace's history",
-                    )
+                if decision.verdict is protocol.Verdict.REFUSE:
+                    self._keep_conflict(source, spool, decision.reason)
                 try:
-                    result = self._publish(source, spool, current, version)
+                    result = self._publish(source, spool, current, version, decision)
                 except BundleTooLarge:
                     squashed = _squash_unsaved(source, local, current)
                     if squashed is None:
                         raise
                     local = ours = squashed
-                    result = self._publish(source, spool, current, version)
+                    result = self._publish(source, spool, current, version, decision)
                 if result is not None:
+                    repo.record_stored(result.generation, result.snapshot)
+                    if result.superseded:
+                        repo.clear_bad_generations()
                     _log.info("generation.saved", key=self.key, generation=result.generation,
                               bundle=result.bundle, bytes=result.bytes, snapshot=result.snapshot,
+                              superseded=list(result.superseded) or None,
                               duration_ms=round((time.monotonic() - started) * 1000, 1))
-                    return result
+                    return SaveResult(**{**result.__dict__, "store_vanished": vanished})
             raise PreconditionFailed(f"{self.where(self.manifest_name)} kept changing under us; "
                                      "is another watcherd writing the same store.key?")
 
+    def _vanished(self, repo: Repo) -> bool:
+        """Say it loudly when the store lost what this workspace saved there before."""
+        known = repo.stored()
+        if known is None:
+            return False
+        _log.error("store.vanished", key=self.key, store=self.store.url,
+                   last_generation=known[0], last_snapshot=known[1],
+                   note="the store no longer holds the generations this workspace saved; "
+                        "saving the whole history again as generation 1")
+        return True
+
     def _publish(self, source: bundles.BundleSource, spool: Path, current: mf.Manifest | None,
-                 version: str | None) -> SaveResult | None:
+                 version: str | None, decision: protocol.SaveDecision) -> SaveResult | None:
         """Upload a bundle and swap the manifest; None when another writer got there first."""
         first = current.current.generation + 1 if current else 1
         with tempfile.TemporaryDirectory(dir=spool) as tmp:
             bf = self._write_bundle(source, Path(tmp))
-            if current and not source.git.is_ancestor(current.current.snapshot, bf.snapshot):
+            if protocol.decide_save(current, bf.snapshot,
+                                    lambda snap: _contains(source.git, snap, bf.snapshot),
+                                    source.repo.bad_generations()).verdict != decision.verdict:
                 return None  # the history moved under us (a squash): look again
             for number in range(first, first + _MANIFEST_RACE_ATTEMPTS):
                 name = mf.bundle_name(number, bf.snapshot)
@@ -182,7 +216,8 @@ class Generations:
             _log.debug("bundle.uploaded", key=self.key, bundle=name, bytes=bf.size)
             new = mf.Generation(number, name, bf.size, bf.sha256, bf.snapshot, bf.head_ref, bf.head,
                                 mf.now_rfc3339(), mf.Writer(_host(), os.getpid()))
-            updated = current.advance(new, self.limits.keep) if current else mf.Manifest(new)
+            superseded = [mf.Superseded(g, decision.reason) for g in decision.supersedes]
+            updated = protocol.next_manifest(current, new, self.limits.keep, superseded)
             try:
                 self.store.write(self.manifest_name, updated.to_json(), if_version=version)
             except PreconditionFailed:
@@ -191,8 +226,11 @@ class Generations:
                           note="another writer saved first; checking its history")
                 return None
             _log.debug("manifest.swapped", key=self.key, generation=number)
+            if decision.supersedes:
+                _log.warning("generation.superseded", key=self.key, generation=number,
+                             superseded=list(decision.supersedes), reason=decision.reason)
         self._prune(current, updated)
-        return SaveResult("saved", number, bf.snapshot, bf.size, name)
+        return SaveResult("saved", number, bf.snapshot, bf.size, name, decision.supersedes)
 
     def _write_bundle(self, source: bundles.BundleSource, tmp: Path) -> bundles.BundleFile:
         bf = bundles.write(source, tmp / "snapshot.bundle")
@@ -209,40 +247,70 @@ class Generations:
 
     def _prune(self, before: mf.Manifest | None, after: mf.Manifest) -> None:
         """Delete bundles no manifest names any more, and orphans of crashed saves."""
-        kept = {g.bundle for g in after.generations}
-        doomed = {g.bundle for g in (before.generations if before else ()) if g.bundle not in kept}
-        for info in self.store.list(f"{self.key}/bundles/"):
-            name = info.name.rsplit("/", 1)[-1]
-            number = mf.bundle_generation(name)
-            # An unnamed bundle at or below the current generation is an orphan: its writer died
-            # or lost a race. Higher numbers may be a racing writer's upload in flight.
-            if number is not None and name not in kept and number <= after.current.generation:
-                doomed.add(name)
+        listed = [info.name.rsplit("/", 1)[-1] for info in self.store.list(f"{self.key}/bundles/")]
+        doomed = protocol.prunable(before, after, listed)
         for name in sorted(doomed):
             self.store.delete(self.bundle_object(name))
         if doomed:
             _log.info("generation.pruned", key=self.key, bundles=sorted(doomed))
 
+    def conflicts(self) -> list[protocol.ConflictCopy]:
+        """The conflict copies under this key that watcherd can read the name of."""
+        found = []
+        for info in self.store.list(f"{self.key}/conflicts/"):
+            parsed = protocol.parse_conflict(info.name.rsplit("/", 1)[-1])
+            if parsed is not None:
+                found.append(parsed)
+        return found
+
     def _keep_conflict(self, source: bundles.BundleSource, spool: Path, reason: str) -> None:
-        """Save the refused history under ``conflicts/`` and raise :class:`ConflictError`."""
+        """Keep the refused history under ``conflicts/`` (unless a copy already holds it) and
+        raise :class:`ConflictError`."""
+        ours = source.map(source.repo.snapshot_head()) or ""
+        host = _host()
+        plan = protocol.plan_conflict(self.conflicts(), host, ours,
+                                      lambda prefix: _contains_prefix(source.git, prefix, ours))
+        if not plan.upload:
+            name = f"{self.key}/conflicts/{plan.existing}"
+            _log.info("generation.conflict_kept", key=self.key, conflict=name, snapshot=ours,
+                      reason=reason, note="this history is kept there already; not uploaded again")
+            raise ConflictError(f"refused to replace {self.where(self.manifest_name)}: {reason}. "
+                                f"This workspace is saved as {self.where(name)}", name, ours)
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-        base = f"{self.key}/conflicts/{stamp}-{_host()}-{os.getpid()}"
         with tempfile.TemporaryDirectory(dir=spool) as tmp:
             bf = self._write_bundle(source, Path(tmp))
-            # Two refusals within one second from one process must both be kept.
+            base = protocol.conflict_name(stamp, host, bf.snapshot).removesuffix(".bundle")
+            # Two refusals within one second from one host must both be kept.
             for n in range(_MANIFEST_RACE_ATTEMPTS):
-                name = f"{base}-{n}.bundle" if n else f"{base}.bundle"
+                name = f"{self.key}/conflicts/{base}-{n}.bundle" if n else \
+                    f"{self.key}/conflicts/{base}.bundle"
                 try:
                     self.store.upload(name, bf.path, size=bf.size, sha256=bf.sha256)
                     break
                 except PreconditionFailed:
                     if n == _MANIFEST_RACE_ATTEMPTS - 1:
                         raise
+        for old in plan.delete:
+            try:
+                self.store.delete(f"{self.key}/conflicts/{old}")
+            except StoreError as exc:  # the new copy is safe; an old one left over is no loss
+                _log.warning("generation.conflict_prune_failed", conflict=old, error=str(exc))
         _log.error("generation.conflict", key=self.key, conflict=name, snapshot=bf.snapshot,
-                   reason=reason, bytes=bf.size,
+                   reason=reason, bytes=bf.size, replaced=list(plan.delete) or None,
                    hint="the stored history was kept; this workspace's state is saved beside it")
         raise ConflictError(f"refused to replace {self.where(self.manifest_name)}: {reason}. "
-                            f"This workspace was saved as {self.where(name)}", name)
+                            f"This workspace was saved as {self.where(name)}", name, bf.snapshot)
+
+
+def _contains(git, snapshot: str, head: str) -> bool:
+    return git.has_commit(snapshot) and git.is_ancestor(snapshot, head)
+
+
+def _contains_prefix(git, prefix: str, head: str) -> bool:
+    """Whether ``head``'s history has a commit whose id starts with ``prefix`` (conflict copies
+    name their snapshot by its first 12 digits)."""
+    r = git.run("rev-parse", "--verify", "--quiet", f"{prefix}^{{commit}}", check=False)
+    return r.returncode == 0 and bool(r.text) and git.is_ancestor(r.text, head)
 
 
 def _squash_unsaved(source: bundles.BundleSource, local: str,

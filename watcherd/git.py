@@ -119,6 +119,18 @@ class GitTimeout(GitError):
     """A git call ran past its timeout and was killed."""
 
 
+class LocalIOError(GitError):
+    """git failed on the local disk (full, read-only, I/O error): not a property of the data.
+
+    A restore must not take it for a corrupt generation and fall back to an older one.
+    """
+
+
+# How git (through strerror) says the disk, not the data, is at fault.
+_LOCAL_IO = ("No space left on device", "Disk quota exceeded", "Input/output error",
+             "Read-only file system")
+
+
 class Git:
     """git bound to one repository (``git_dir``), optionally with a work tree.
 
@@ -187,7 +199,10 @@ class Git:
                              f"({self.work_tree or self.git_dir})")
         result = Result(tuple(args), code, out, err)
         if check and code not in ok:
-            raise GitError(_failure(self.work_tree or self.git_dir, args, code, err))
+            said = _failure(self.work_tree or self.git_dir, args, code, err)
+            if any(m.encode() in err for m in _LOCAL_IO):
+                raise LocalIOError(said)
+            raise GitError(said)
         return result
 
     def out(self, *args: str, **kwargs) -> str:

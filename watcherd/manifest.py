@@ -15,6 +15,8 @@ from typing import Any
 from watcherd.errors import IntegrityError
 
 FORMAT = 1
+#: A manifest watcherd writes is a few KiB (``keep`` entries); anything far larger is not one.
+MAX_SIZE = 1 * 2**20
 _BUNDLE_NAME = re.compile(r"[0-9]{1,12}-[0-9a-f]{7,64}\.bundle")
 _OID = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -45,9 +47,19 @@ class Generation:
 
 
 @dataclass(frozen=True)
+class Superseded:
+    """A generation a later save replaced without containing it, because a restore found it
+    corrupt: which one, and why."""
+
+    generation: int
+    reason: str
+
+
+@dataclass(frozen=True)
 class Manifest:
     current: Generation
     history: tuple[Generation, ...] = ()  # older generations, newest first
+    supersedes: tuple[Superseded, ...] = ()  # what the current generation replaced, and why
 
     @property
     def generations(self) -> tuple[Generation, ...]:
@@ -61,6 +73,8 @@ class Manifest:
     def to_json(self) -> bytes:
         doc = {"format": FORMAT, **self.current.to_dict(),
                "history": [g.to_dict() for g in self.history]}
+        if self.supersedes:
+            doc["supersedes"] = [asdict(s) for s in self.supersedes]
         return (json.dumps(doc, indent=2, sort_keys=False) + "\n").encode()
 
     def find(self, generation: int) -> Generation | None:
@@ -86,17 +100,38 @@ def parse_time(text: str) -> datetime:
     return t if t.tzinfo else t.replace(tzinfo=UTC)
 
 
+class NewerFormat(IntegrityError):
+    """The manifest was written by a newer watcherd: this one must not read or replace it."""
+
+
 def parse(data: bytes, where: str) -> Manifest:
-    """Parse and check a stored manifest; ``where`` names it in errors."""
+    """Parse and check a stored manifest; ``where`` names it in errors.
+
+    Every way the bytes can be wrong is an :class:`IntegrityError` (never "nothing stored"):
+    too large, not UTF-8, not JSON or nested beyond reason, a field missing or invalid; a newer
+    ``format`` is a :class:`NewerFormat` that says to upgrade.
+    """
+    if len(data) > MAX_SIZE:
+        raise IntegrityError(f"{where} is {len(data)} bytes or more, far larger than a manifest "
+                             f"watcherd writes ({MAX_SIZE} bytes at most); the store may be corrupt")
     try:
-        doc = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as exc:
+        doc = json.loads(data.decode("utf-8", "strict"))
+    except UnicodeDecodeError:
+        raise IntegrityError(f"{where} is not UTF-8 text; the store may be corrupt") from None
+    except RecursionError:
+        raise IntegrityError(f"{where} is JSON nested too deeply to be a manifest; the store may "
+                             "be corrupt") from None
+    except ValueError as exc:
         raise IntegrityError(f"{where} is not valid JSON ({exc}); the store may be corrupt") from None
     if not isinstance(doc, dict):
         raise IntegrityError(f"{where} is not a JSON object")
-    if doc.get("format") != FORMAT:
-        raise IntegrityError(f"{where}: unsupported format {doc.get('format')!r} (this watcherd "
-                             f"reads format {FORMAT}; upgrade watcherd)")
+    fmt = doc.get("format")
+    if isinstance(fmt, int) and not isinstance(fmt, bool) and fmt > FORMAT:
+        raise NewerFormat(f"{where} has format {fmt}, written by a newer watcherd (this one reads "
+                          f"format {FORMAT}): upgrade watcherd")
+    if fmt != FORMAT:
+        raise IntegrityError(f"{where}: unsupported format {fmt!r} (this watcherd reads format "
+                             f"{FORMAT})")
     current = _generation(doc, where)
     history_doc = doc.get("history", [])
     if not isinstance(history_doc, list):
@@ -105,7 +140,13 @@ def parse(data: bytes, where: str) -> Manifest:
     numbers = [g.generation for g in (current, *history)]
     if any(a <= b for a, b in zip(numbers, numbers[1:])):
         raise IntegrityError(f"{where}: generations are not in descending order: {numbers}")
-    return Manifest(current, history)
+    supersedes = []
+    for i, item in enumerate(doc.get("supersedes", []) or []):
+        if not isinstance(item, dict) or not isinstance(item.get("generation"), int) \
+                or not isinstance(item.get("reason"), str):
+            raise IntegrityError(f"{where}: supersedes[{i}] is not a generation and a reason")
+        supersedes.append(Superseded(item["generation"], item["reason"][:1000]))
+    return Manifest(current, history, tuple(supersedes))
 
 
 def _generation(doc: Any, where: str) -> Generation:

@@ -9,6 +9,8 @@ Per workspace key, ``<workspace.state_dir>/<key>/`` holds::
     spool/               bundles being written
     lock                 one watcherd process at a time per key (flock)
     pairing.json         which workspace directory this history belongs to
+    stored.json          the generation the store last held for it (a vanished store is noticed)
+    bad-generations.json the generations the last restore found corrupt (the next save supersedes)
     restore.json         the journal of a restore that is moving trees into place
     home/                HOME of every git child (empty: no user config is read)
 
@@ -41,11 +43,14 @@ from watcherd import log
 from watcherd.config import Config
 from watcherd.errors import WorkspaceError
 from watcherd.git import Git, Identity
+from watcherd.protocol import BadGenerations
 from watcherd.workspace import Layout, is_plain_dir
 
 _log = log.get(__name__)
 
 SNAPSHOT_REF = "refs/watcherd/snapshots"
+#: Above this many packs in watcherd's repository, a geometric repack merges the small ones.
+MAX_PACKS = 8
 _FANOUT = tuple(f"{i:02x}" for i in range(256))
 # Pack files git reads; ".promisor" (lazy fetch) and ".keep" are of no use to a reader here.
 _PACK_SUFFIXES = (".pack", ".idx", ".rev", ".bitmap")
@@ -253,6 +258,89 @@ class Repo:
         merged = sorted(set(self.unshallowed()) | set(commits))
         _write_atomic(self.dir / "unshallowed.json", json.dumps(merged).encode())
 
+    def maintain(self) -> None:
+        """Keep the number of packs bounded: each snapshot that copies objects adds one, and a
+        bundle of hundreds of packs is several times slower. A geometric repack (git-repack(1),
+        ``--geometric``) merges only the small ones, so its cost follows what is new. Never with
+        ``-l``: that would drop the copies of the workspace's objects this history needs."""
+        packs = list((self.git_dir / "objects" / "pack").glob("pack-*.pack"))
+        if len(packs) <= MAX_PACKS:
+            return
+        r = self.bare.run("repack", "-d", "-q", "--geometric=2", check=False, timeout=1800)
+        if r.returncode != 0:
+            _log.warning("state.repack_failed",
+                         error=r.stderr.decode("utf-8", "replace").strip()[:300])
+
+    # -- the daemon ------------------------------------------------------------------------------
+
+    def hold_daemon_lock(self) -> int:
+        """Take the daemon's lock of this key's state for the life of the process; its fd.
+
+        Raises :class:`WorkspaceError` (naming the holder) when another daemon holds it: two
+        daemons on one state directory would race on one history.
+        """
+        self.ensure_dirs()
+        fd = os.open(self.dir / "daemon.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, _FILE_MODE)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise WorkspaceError(f"another watcherd (pid {self.daemon_running()}) runs on "
+                                 f"{self.dir}; one daemon per workspace and key") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        return fd
+
+    def daemon_running(self) -> int | None:
+        """The pid of the daemon that holds this key's state, None when none runs."""
+        try:
+            fd = os.open(self.dir / "daemon.lock", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return None
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                text = os.read(fd, 32).decode("ascii", "replace").strip()
+                return int(text) if text.isdigit() else -1
+            return None
+        finally:
+            os.close(fd)
+
+    # -- what the store held ----------------------------------------------------------------------
+
+    def stored(self) -> tuple[int, str] | None:
+        """The generation and snapshot the store last held for this history (as last seen)."""
+        try:
+            doc = json.loads((self.dir / "stored.json").read_text())
+            return int(doc["generation"]), str(doc["snapshot"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def record_stored(self, generation: int, snapshot: str) -> None:
+        if self.stored() != (generation, snapshot):
+            _write_atomic(self.dir / "stored.json",
+                          json.dumps({"generation": generation, "snapshot": snapshot}).encode())
+
+    def bad_generations(self) -> BadGenerations | None:
+        """The generations the last restore found corrupt (:mod:`watcherd.protocol`)."""
+        try:
+            doc = json.loads((self.dir / "bad-generations.json").read_text())
+            return BadGenerations(frozenset(int(g) for g in doc["generations"]),
+                                  int(doc["current"]),
+                                  tuple((int(g), str(r)) for g, r in doc["reasons"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def record_bad_generations(self, bad: BadGenerations) -> None:
+        doc = {"generations": sorted(bad.generations), "current": bad.current,
+               "reasons": [list(r) for r in bad.reasons],
+               "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        _write_atomic(self.dir / "bad-generations.json", json.dumps(doc).encode())
+
+    def clear_bad_generations(self) -> None:
+        (self.dir / "bad-generations.json").unlink(missing_ok=True)
+
     # -- pairing ---------------------------------------------------------------------------------
 
     def pairing(self) -> Pairing | None:
@@ -296,6 +384,8 @@ class Repo:
             self.bare.run("update-ref", f"refs/watcherd/previous/{stamp}", old)
             self.bare.run("update-ref", "-d", SNAPSHOT_REF)
         self.index.unlink(missing_ok=True)
+        for name in ("stored.json", "bad-generations.json"):
+            (self.dir / name).unlink(missing_ok=True)
         _log.warning("state.new_history", previous=old, reason=reason)
 
 

@@ -37,7 +37,7 @@ from datetime import datetime
 from pathlib import Path
 
 from watcherd import bundle as bundles
-from watcherd import log, state
+from watcherd import log, protocol, state
 from watcherd import manifest as mf
 from watcherd.config import Config
 from watcherd.errors import (
@@ -49,7 +49,7 @@ from watcherd.errors import (
     WorkspaceError,
 )
 from watcherd.generations import Generations
-from watcherd.git import Git, Identity
+from watcherd.git import Git, Identity, LocalIOError
 from watcherd.repo import RAW_ATTRIBUTES, SNAPSHOT_REF, Repo, open_repo, write_private
 
 _log = log.get(__name__)
@@ -77,6 +77,7 @@ class Outcome:
 class Request:
     generation: int | None = None
     before: datetime | None = None
+    force: bool = False  # restore even while a daemon watches the workspace
 
     @property
     def explicit(self) -> bool:
@@ -90,10 +91,12 @@ def restore(config: Config, generations: Generations, request: Request = Request
     _check_parent(ws)
     repo = open_repo(config)
     repo.ensure_dirs()
+    _refuse_under_a_daemon(repo, ws, request)
     try:
         _recover(repo, ws)
-        manifest, why = _read_manifest(generations)
+        manifest = _read_manifest(generations)
         if manifest is None:
+            why = "nothing stored for this key"
             if request.explicit:
                 raise RestoreError(f"{generations.where(generations.key)}: {why}; "
                                    "no generation to travel to")
@@ -114,13 +117,36 @@ def restore(config: Config, generations: Generations, request: Request = Request
 # -- deciding ----------------------------------------------------------------------------------------
 
 
-def _read_manifest(generations: Generations) -> tuple[mf.Manifest | None, str]:
-    """The stored manifest (None when there is none or it is unreadable) and why it is None."""
+def _refuse_under_a_daemon(repo: Repo, ws: Path, request: Request) -> None:
+    """A restore must not move a tree a running daemon is saving (it would save the move, or
+    race it). Refused with exit 2, naming the daemon, unless ``--force``."""
+    holder = repo.daemon_running()
+    if holder is None:
+        return
+    if request.force:
+        _log.warning("restore.forced", workspace=str(ws), daemon_pid=holder,
+                     note="restoring while a daemon watches the workspace (--force)")
+        return
+    raise UsageError(f"workspace.path {ws}: a running watcherd (pid {holder}) watches this "
+                     "workspace; stop it first, or pass --force to restore under it")
+
+
+def _read_manifest(generations: Generations) -> mf.Manifest | None:
+    """The stored manifest; None only when the key holds no object at all.
+
+    A manifest that exists but cannot be read (corrupt, too large, a newer format), or objects
+    without a manifest, is not "nothing stored": :class:`RestoreError`, whatever
+    ``restore.on_missing`` says, because starting empty would bury the stored work.
+    """
     delay = 1.0
     for attempt in range(_STORE_ATTEMPTS):
         try:
             manifest, _ = generations.read_manifest()
-            return manifest, "nothing stored for this key"
+            if manifest is None and generations.holds_anything():
+                raise RestoreError(f"{generations.where(generations.key)} holds objects but no "
+                                   "manifest.json: it is not empty, so restore will not start "
+                                   "from nothing; see docs/operations.md, 'Restore failed'")
+            return manifest
         except StoreUnavailable as exc:
             if attempt == _STORE_ATTEMPTS - 1:
                 raise RestoreError(f"store unreachable after {_STORE_ATTEMPTS} attempts: {exc}") from None
@@ -128,9 +154,8 @@ def _read_manifest(generations: Generations) -> tuple[mf.Manifest | None, str]:
             time.sleep(delay)
             delay *= 2
         except IntegrityError as exc:
-            # Unreadable is treated like "every generation is corrupt": on_missing decides.
             _log.error("restore.manifest_bad", key=generations.key, error=str(exc))
-            return None, f"the manifest is unreadable: {exc}"
+            raise RestoreError(f"cannot restore: {exc}") from None
     raise AssertionError("unreachable")
 
 
@@ -163,7 +188,7 @@ def _restore_stored(config: Config, repo: Repo, generations: Generations, manife
                            f"{generations.where(generations.key)}, and restore.on_conflict = "
                            '"fail": nothing was moved. Move it away, or set restore.on_conflict = '
                            '"move-aside"')
-    failures = []
+    failures: list[tuple[int, str]] = []
     for gen in candidates:
         with tempfile.TemporaryDirectory(prefix="download-", dir=repo.dir) as tmp:
             try:
@@ -171,21 +196,45 @@ def _restore_stored(config: Config, repo: Repo, generations: Generations, manife
                 bundles.prove(path, Path(tmp))
                 aside = _install(repo, ws, lambda staging, p=path, g=gen: (
                     build_tree(staging, p, g, config, home=repo.home), _seed(repo, p, g)))
+            except LocalIOError as exc:
+                # The disk here, not the generation: an older one would be no better, and
+                # restoring it would pass off old work as the newest.
+                raise RestoreError(f"restore failed on the local disk, not because of the stored "
+                                   f"data: {exc}") from None
             except IntegrityError as exc:
-                failures.append(f"generation {gen.generation}: {exc}")
+                failures.append((gen.generation, str(exc)))
                 _log.error("restore.generation_bad", key=generations.key,
                            generation=gen.generation, error=str(exc),
                            next="trying the generation before it" if gen is not candidates[-1]
                            else "no older generation left")
                 continue
+        repo.record_stored(gen.generation, gen.snapshot)
         if gen is not candidates[0]:
             _log.warning("restore.fell_back", key=generations.key, generation=gen.generation,
-                         newest=candidates[0].generation, failures=failures)
+                         newest=candidates[0].generation,
+                         failures=[f"generation {n}: {e}" for n, e in failures])
+            if not request.explicit:
+                _record_bad(repo, generations, manifest, failures)
+        else:
+            repo.clear_bad_generations()
         return Outcome("restored", gen.generation, aside)
+    said = "; ".join(f"generation {n}: {e}" for n, e in failures)
     if request.explicit:
-        raise RestoreError("the requested generation is corrupt: " + "; ".join(failures))
-    return _on_missing(config, repo, generations,
-                       "every stored generation is corrupt: " + "; ".join(failures))
+        raise RestoreError("the requested generation is corrupt: " + said)
+    raise RestoreError(f"every stored generation is corrupt ({said}); nothing was changed. "
+                       "See docs/operations.md, 'Restore failed'")
+
+
+def _record_bad(repo: Repo, generations: Generations, manifest: mf.Manifest,
+                failures: list[tuple[int, str]]) -> None:
+    """Remember which generations this restore found corrupt: the daemon's next save may then
+    supersede them (its history holds the newest good one), instead of being refused for ever."""
+    bad = protocol.BadGenerations(frozenset(n for n, _ in failures), manifest.current.generation,
+                                  tuple((n, e[:300]) for n, e in failures))
+    repo.record_bad_generations(bad)
+    _log.warning("restore.recorded_bad", key=generations.key, generations=sorted(bad.generations),
+                 note="the next save supersedes them with a history that holds the newest good "
+                      "generation")
 
 
 def _already_holds(repo: Repo, ws: Path, gen: mf.Generation, *, exact: bool) -> bool:
@@ -246,10 +295,13 @@ def build_tree(staging: Path, bundle: Path, gen: mf.Generation, config: Config, 
     """A repository and work tree in ``staging`` equal to what ``gen`` recorded; its file count.
 
     ``home`` is a directory of watcherd's for git's HOME (never one inside the tree being built).
-    A bundle that fetched but cannot be checked out is as bad as a corrupt one.
+    A bundle that fetched but cannot be checked out is as bad as a corrupt one; a full or broken
+    local disk is a :class:`LocalIOError`, not a reason to try an older generation.
     """
     try:
         return _build(staging, bundle, gen, config, home)
+    except LocalIOError:
+        raise
     except GitError as exc:
         raise IntegrityError(f"generation {gen.generation} does not check out: {exc}") from None
 

@@ -134,6 +134,8 @@ class State(enum.StrEnum):
     """Relevant changes seen that no finished snapshot holds yet (a snapshot may be running)."""
     DIRTY = "dirty"
     """Every change is in a snapshot, but some snapshots are not in the store yet."""
+    CONFLICT = "conflict"
+    """The store refused the newest snapshots (kept under ``conflicts/``, not in its history)."""
     CLEAN = "clean"
     """Nothing unsaved: the store has everything (or the workspace is as restored); user active."""
     IDLE = "idle"
@@ -161,6 +163,9 @@ class SchedulerStatus:
     last_change_at: float | None
     dirty_since: float | None
     """Time of the oldest change the store does not have; None when nothing is unsaved."""
+    refused: bool
+    """The store refused a save and nothing since was accepted: those changes are only in a
+    conflict copy."""
     last_snapshot_at: float | None
     """When the last snapshot that committed something finished."""
     last_upload_at: float | None
@@ -240,6 +245,9 @@ class Scheduler:
 
         self._uploading = False
         self._upload_forced = False
+        # The oldest change of a save the store refused (kept under conflicts/): unsaved, but not
+        # a reason to upload again until there is something new.
+        self._refused_since: float | None = None
         self._last_upload_at: float | None = None
         self._upload_failures = 0
         self._upload_retry_at: float | None = None
@@ -343,7 +351,23 @@ class Scheduler:
         """The store has the history committed before :meth:`upload_started`; retries reset."""
         self._end_upload("upload_succeeded")
         self._history_since, self._later_history_since = self._later_history_since, None
+        self._refused_since = None
         self._last_upload_at = now
+        self._upload_failures = 0
+        self._upload_retry_at = None
+        self._settle_save()
+
+    def upload_refused(self, now: float) -> None:
+        """The store refused the history (not a fast-forward; kept under ``conflicts/``).
+
+        Retrying would be refused the same way, so nothing is retried until a new snapshot; but
+        the changes stay unsaved (:attr:`SchedulerStatus.refused`, ``dirty_since``) until an
+        upload succeeds.
+        """
+        self._end_upload("upload_refused")
+        carried = _earliest(self._history_since, self._refused_since)
+        self._refused_since = carried if carried is not None else now
+        self._history_since, self._later_history_since = self._later_history_since, None
         self._upload_failures = 0
         self._upload_retry_at = None
         self._settle_save()
@@ -414,6 +438,8 @@ class Scheduler:
             state = State.CHANGING
         elif self._history_since is not None or self._later_history_since is not None:
             state = State.DIRTY
+        elif self._refused_since is not None:
+            state = State.CONFLICT
         else:
             state = State.IDLE if idle else State.CLEAN
         return SchedulerStatus(
@@ -425,7 +451,8 @@ class Scheduler:
             shutting_down=self._shutdown_at is not None,
             last_activity_at=self._last_activity_at,
             last_change_at=self._last_change_at,
-            dirty_since=self._dirty_since(),
+            dirty_since=_earliest(self._dirty_since(), self._refused_since),
+            refused=self._refused_since is not None,
             last_snapshot_at=self._last_snapshot_at,
             last_upload_at=self._last_upload_at,
             upload_failures=self._upload_failures,

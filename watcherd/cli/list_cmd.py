@@ -9,6 +9,7 @@ from watcherd.cli.restore_cmd import generations_for
 from watcherd.config import Config
 from watcherd.store import open_store
 from watcherd.units import format_size
+from watcherd.workspace import printable
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -35,6 +36,8 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
           f"{'BRANCH':<16}  WRITER")
     for g in gens:
         branch = (g.head_ref or "(detached)").removeprefix("refs/heads/")
-        print(f"{g.generation:>4}  {g.created_at:<24}  {format_size(g.size):>9}  {g.snapshot[:12]:<12}  "
-              f"{(g.head or '-')[:12]:<12}  {branch:<16}  {g.writer.host}:{g.writer.pid}")
+        # Stored strings come from a store anyone with its credentials could write.
+        print(f"{g.generation:>4}  {printable(g.created_at):<24}  {format_size(g.size):>9}  "
+              f"{g.snapshot[:12]:<12}  {(g.head or '-')[:12]:<12}  {printable(branch):<16}  "
+              f"{printable(g.writer.host)}:{g.writer.pid}")
     return 0

@@ -19,6 +19,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--generation", type=int, metavar="N", help="restore generation N (time travel)")
     p.add_argument("--before", metavar="TIME",
                    help='restore the newest generation older than TIME (RFC 3339, or an age like "2h")')
+    p.add_argument("--force", action="store_true",
+                   help="restore even while a running daemon watches the workspace")
     p.set_defaults(handler=run)
 
 
@@ -27,7 +29,8 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
         raise UsageError("use --generation or --before, not both")
     if args.generation is not None and args.generation < 1:
         raise UsageError("--generation must be 1 or more")
-    request = Request(args.generation, parse_before(args.before) if args.before else None)
+    request = Request(args.generation, parse_before(args.before) if args.before else None,
+                      force=args.force)
     store = open_store(cfg.store)
     try:
         outcome = restore(cfg, generations_for(cfg, store), request)

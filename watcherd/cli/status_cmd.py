@@ -38,7 +38,8 @@ def render(s: dict[str, Any]) -> str:
         # "(idle)" adds news only to another state: "dirty (idle)" is an upload still owed.
         f"state:          {s.get('state')}"
         + (" (idle)" if s.get("idle") and s.get("state") != "idle" else ""),
-        f"unsaved:        {'nothing' if unsaved is None else f'oldest change {_age(unsaved)} ago'}",
+        f"unsaved:        {'nothing' if unsaved is None else f'oldest change {_age(unsaved)} ago'}"
+        + (" (REFUSED by the store: kept only as a conflict copy)" if s.get("refused") else ""),
         f"last snapshot:  {snap.get('at', 'none this run')}"
         + (f" {snap['commit'][:12]} ({snap.get('files')} files)" if snap.get("commit") else ""),
         "last upload:    "
@@ -54,7 +55,12 @@ def render(s: dict[str, Any]) -> str:
         lines.append(f"last error:     {e.get('op')} at {e.get('at')}: {e.get('error')}")
     if s.get("conflict"):
         c = s["conflict"]
-        lines.append(f"CONFLICT:       {c.get('reason')}")
+        copies = f" ({c['copies']} conflict copies under this key)" if c.get("copies") else ""
+        lines.append(f"CONFLICT:       {c.get('reason')}{copies}")
+    if s.get("store_vanished"):
+        v = s["store_vanished"]
+        lines.append(f"STORE LOST:     at {v.get('at')} the store no longer held this "
+                     f"workspace's generations; saved again as generation {v.get('generation')}")
     for reason in s.get("degraded") or []:
         lines.append(f"DEGRADED:       {reason}")
     return "\n".join(lines)

@@ -45,7 +45,9 @@ class Store(Protocol):
       object is visible only once complete (a reader never sees a partial object under the name).
     - ``download`` streams an object to a local file and returns the byte count;
       :class:`~watcherd.errors.ObjectMissing` when it does not exist.
-    - ``read`` returns ``None`` for a missing object; ``delete`` of a missing object is not an error.
+    - ``read`` returns ``None`` for a missing object; with ``limit``, at most ``limit + 1`` bytes of
+      it (more than ``limit`` tells the caller the object is too large, without reading it all);
+      ``delete`` of a missing object is not an error.
     - Transient failures raise :class:`~watcherd.errors.StoreUnavailable`, all others
       :class:`~watcherd.errors.StoreError`, with a message that names the object.
     """
@@ -55,7 +57,7 @@ class Store(Protocol):
     #: split-brain protection is then best-effort. ``None`` until probed.
     conditional_writes: bool | None
 
-    def read(self, name: str) -> Blob | None: ...
+    def read(self, name: str, *, limit: int | None = None) -> Blob | None: ...
 
     def write(self, name: str, data: bytes, *, if_version: str | None) -> str: ...
 

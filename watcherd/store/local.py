@@ -41,13 +41,18 @@ class LocalStore:
             raise StoreError(f"store {self.url}: cannot create the directory: {exc.strerror}") from exc
         if not os.access(self.root, os.W_OK | os.X_OK):
             raise StoreError(f"store {self.url}: the directory is not writable by this user")
+        st = self.root.stat()
+        self._identity = (st.st_dev, st.st_ino)
 
     # -- Store -----------------------------------------------------------------------------------
 
-    def read(self, name: str) -> Blob | None:
+    def read(self, name: str, *, limit: int | None = None) -> Blob | None:
         path = self._path(name)
         try:
-            data = path.read_bytes()
+            with open(path, "rb") as f:
+                data = f.read() if limit is None else f.read(limit + 1)
+                if limit is not None and len(data) > limit:
+                    return Blob(data, f"oversized-{os.fstat(f.fileno()).st_size}")
         except FileNotFoundError:
             return None
         except OSError as exc:
@@ -161,10 +166,25 @@ class LocalStore:
         return self.root / name
 
     def _mkdirs(self, directory: Path, name: str) -> None:
+        self._check_root()
         try:
             directory.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise self._error("create a directory for", name, exc) from exc
+
+    def _check_root(self) -> None:
+        """Refuse to write into a store directory that is not the one opened: a removed directory
+        or an unmounted volume must not be quietly recreated on the disk beneath it."""
+        try:
+            st = self.root.stat()
+            same = (st.st_dev, st.st_ino) == self._identity
+        except FileNotFoundError:
+            same = False
+        if not same:
+            raise StoreError(f"store {self.url}: the directory vanished or was replaced (removed, "
+                             "or its volume unmounted) since watcherd opened it; not recreating "
+                             "it. Put the store back (or restart watcherd to start a new store "
+                             "there)")
 
     @contextmanager
     def _locked(self, path: Path, name: str) -> Iterator[None]:

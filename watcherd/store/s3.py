@@ -173,11 +173,11 @@ class S3Store:
 
     # -- Store -----------------------------------------------------------------------------------
 
-    def read(self, name: str) -> Blob | None:
+    def read(self, name: str, *, limit: int | None = None) -> Blob | None:
         key = self._key(name)
         try:
             resp = self._call("get_object", key, Bucket=self.bucket, Key=key)
-            data = self._read_body(resp, key)
+            data = self._read_body(resp, key, limit)
         except ObjectMissing:
             return None
         return Blob(data, resp["ETag"])
@@ -289,6 +289,26 @@ class S3Store:
 
     def close(self) -> None:
         self._client.close()
+
+    def abort_stale_uploads(self, prefix: str, older_than: float) -> int:
+        """Abort the multipart uploads under ``prefix`` started more than ``older_than`` seconds
+        ago; how many. A daemon killed mid-upload leaves its parts behind, billed and invisible
+        in listings (S3 ListMultipartUploads / AbortMultipartUpload)."""
+        key_prefix = self._raw_key(prefix.rstrip("/")) + "/"
+        cutoff = time.time() - older_than
+        aborted = 0
+        kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": key_prefix}
+        while True:
+            resp = self._call("list_multipart_uploads", key_prefix, **kwargs)
+            for upload in resp.get("Uploads", ()):
+                started = upload.get("Initiated")
+                if started is not None and started.timestamp() < cutoff:
+                    self._abort(upload["Key"], upload["UploadId"])
+                    aborted += 1
+            if not resp.get("IsTruncated"):
+                return aborted
+            kwargs.update(KeyMarker=resp.get("NextKeyMarker"),
+                          UploadIdMarker=resp.get("NextUploadIdMarker"))
 
     # -- conditional-write probe -----------------------------------------------------------------
 
@@ -573,9 +593,13 @@ class S3Store:
             finally:
                 body.close()
 
-    def _read_body(self, resp: Mapping[str, Any], key: str) -> bytes:
+    def _read_body(self, resp: Mapping[str, Any], key: str, limit: int | None = None) -> bytes:
         try:
-            return bytes(resp["Body"].read())
+            if limit is None:
+                return bytes(resp["Body"].read())
+            data = bytes(resp["Body"].read(limit + 1))  # no more of an oversized object
+            resp["Body"].close()
+            return data
         except _STREAM_ERRORS as exc:
             # Small objects (manifests): the caller's own retry re-reads the whole object.
             raise StoreUnavailable(f"cannot read {self._where(key)}: the connection broke "
