@@ -21,9 +21,13 @@ WATCHERD = Path(sys.executable).parent / "watcherd"
 
 
 def write_config(path: Path, ws: Path, store_dir: Path, *, store: str = "", restore: str = "") -> Path:
+    """A pod's config; its state directory is ``<config name>-state`` beside it (a restore and a
+    snapshot of one config are one pod's)."""
+    state_dir = path.with_name(f"{path.stem}-state")
     path.write_text(f"""
 [workspace]
 path = "{ws}"
+state_dir = "{state_dir}"
 
 [store]
 url = "file://{store_dir}"
@@ -115,6 +119,7 @@ def test_snapshot_refused_as_a_conflict_exits_3_and_keeps_it_under_conflicts(tmp
 
 
 def test_two_snapshot_processes_on_one_key_started_together_cannot_both_win(tmp_path, store_dir):
+    # Two pods (each with its own state directory) on one key.
     procs = []
     for name in ("a", "b"):
         path = make_repo(tmp_path / name, f"workspace {name}\n")
