@@ -136,6 +136,29 @@ def test_two_snapshot_processes_on_one_key_started_together_cannot_both_win(tmp_
     assert len(list((store_dir / KEY / "conflicts").glob("*.bundle"))) == 1
 
 
+def test_two_snapshot_processes_of_one_workspace_on_a_new_state_dir_both_succeed(tmp_path):
+    # A `watcherd snapshot` run while the pod's daemon is starting (not answering yet) does the
+    # save itself: two processes of one pod create its state directory at the same moment. Several
+    # pods at once, as the window is a few milliseconds.
+    pods = []
+    for n in range(4):
+        ws = make_repo(tmp_path / f"ws{n}", f"workspace {n}\n")
+        pods.append((ws, tmp_path / f"store{n}",
+                     write_config(tmp_path / f"pod{n}.toml", ws, tmp_path / f"store{n}")))
+    procs = [(store, start(cfg, "snapshot")) for _, store, cfg in pods for _ in range(2)]
+    results = [(store, p.wait(timeout=60), p.stdout.read(), p.stderr.read()) for store, p in procs]
+    for _, p in procs:
+        p.stdout.close()
+        p.stderr.close()
+
+    assert [(code, err) for _, code, _, err in results if code != 0] == []
+    for ws, store, _ in pods:
+        doc = json.loads((store / KEY / "manifest.json").read_bytes())
+        assert doc["generation"] == 1, doc
+        assert [p.name for p in (store / KEY / "bundles").iterdir()] == [doc["bundle"]]
+        assert not (store / KEY / "conflicts").exists()
+
+
 def test_snapshot_above_max_bundle_size_exits_1_and_uploads_nothing(tmp_path, ws, store_dir):
     cfg = write_config(tmp_path / "small.toml", ws, store_dir,
                        store='warn_bundle_size = "4KiB"\nmax_bundle_size = "16KiB"')
