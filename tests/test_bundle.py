@@ -1,5 +1,7 @@
-"""Bundles that really clone: shallow workspaces (with and without their origin) and the proof that
-catches a truncated or bit-flipped bundle where ``git bundle verify`` does not."""
+"""Bundles that really restore: shallow workspaces (completed from the operator's
+``restore.template_url``, or made self-contained without it; never fetched from the workspace's own
+``origin``) and the proof that catches a truncated or bit-flipped bundle where ``git bundle verify``
+does not."""
 
 from __future__ import annotations
 
@@ -10,13 +12,12 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from helpers import git, tree_state
+from helpers import git, sgit, state_repo, tree_state
 from watcherd import bundle as bundles
 from watcherd import snapshot
 from watcherd.config import Config, RestoreConfig, StoreConfig, WorkspaceConfig, parse_store_url
 from watcherd.errors import IntegrityError
 from watcherd.generations import Generations
-from watcherd.git import Git
 from watcherd.restore import Request, restore
 from watcherd.store.local import LocalStore
 
@@ -46,15 +47,40 @@ def shallow_clone(origin: Path, dest: Path) -> Path:
     return dest
 
 
-def save(ws: Path, store_dir: Path) -> tuple[Generations, object]:
-    g = Git(ws)
-    snapshot.take(g)
+def save(ws: Path, store_dir: Path, **options) -> tuple[Generations, object]:
+    """Snapshot ``ws`` in watcherd's repository beside it and save; ``options`` go to
+    :meth:`Generations.save` (``template_url``, ``try_unshallow``)."""
+    repo = state_repo(ws, KEY)
+    snapshot.prepare(repo)
+    snapshot.take(repo)
     gens = Generations(LocalStore(store_dir), KEY)
-    return gens, gens.save(g, "shadow", ws / ".git" / "watcherd" / "spool")
+    return gens, gens.save(repo, **options)
 
 
 def stored_bundle(store_dir: Path, result) -> Path:
     return store_dir / KEY / "bundles" / result.bundle
+
+
+def fetched(bundle: Path, dest: Path) -> Path:
+    """Every ref of ``bundle`` fetched by plain git into a new bare repository, which must then be
+    complete (the check a shallow history's plain bundle fails)."""
+    git(dest.parent, "init", "-q", "--bare", str(dest))
+    got = plain_git(dest, "fetch", "-q", str(bundle), "refs/*:refs/*")
+    assert got.returncode == 0, got.stderr
+    assert plain_git(dest, "fsck", "--connectivity-only").returncode == 0
+    assert git(dest, "rev-parse", "--is-shallow-repository") == "false"
+    return dest
+
+
+def restored(tmp_path: Path, store_dir: Path, gens: Generations, **request) -> Path:
+    """``watcherd restore`` of the stored history into a new pod's workspace."""
+    target = tmp_path / "restored"
+    config = Config(workspace=WorkspaceConfig(path=target, state_dir=tmp_path / "restored-state"),
+                    store=StoreConfig(url=parse_store_url(f"file://{store_dir}"), key=KEY),
+                    restore=RestoreConfig())
+    outcome = restore(config, gens, Request(**request))
+    assert outcome.action == "restored"
+    return target
 
 
 def test_plain_bundle_of_a_shallow_clone_verifies_but_does_not_clone(tmp_path):
@@ -66,68 +92,92 @@ def test_plain_bundle_of_a_shallow_clone_verifies_but_does_not_clone(tmp_path):
     assert plain_git(tmp_path, "clone", "-q", str(b), "out").returncode != 0
 
 
-def test_shallow_clone_with_a_reachable_origin_is_unshallowed_and_its_bundle_clones(tmp_path):
+def test_shallow_clone_is_completed_from_the_template_url_and_its_bundle_restores(tmp_path):
     origin = make_origin(tmp_path / "origin")
     ws = shallow_clone(origin, tmp_path / "ws")
+    shallow_file = (ws / ".git" / "shallow").read_bytes()
     (ws / "edit.txt").write_text("an edit\n")
+    store_dir = tmp_path / "store"
 
     with capture_logs() as logs:
-        _, result = save(ws, tmp_path / "store")
+        gens, result = save(ws, store_dir, template_url=f"file://{origin}")
 
     assert result.status == "saved" and result.generation == 1
-    assert git(ws, "rev-parse", "--is-shallow-repository") == "false"
     assert any(e["event"] == "history.unshallowed" for e in logs)
-    cloned = plain_git(tmp_path, "clone", "-q", str(stored_bundle(tmp_path / "store", result)), "out")
-    assert cloned.returncode == 0, cloned.stderr
-    assert git(tmp_path / "out", "rev-list", "--count", "HEAD") == "3"
-    assert git(tmp_path / "out", "rev-parse", "HEAD") == git(origin, "rev-parse", "HEAD")
+    assert not any(e["event"] == "history.self_contained" for e in logs)
+    # watcherd's own repository got the missing history; the workspace was not touched.
+    assert sgit(ws, "rev-parse", "--is-shallow-repository", key=KEY) == "false"
+    assert git(ws, "rev-parse", "--is-shallow-repository") == "true"
+    assert (ws / ".git" / "shallow").read_bytes() == shallow_file
+    # The bundle is complete, with the user's commits under their own ids.
+    head = git(origin, "rev-parse", "HEAD")
+    repo = fetched(stored_bundle(store_dir, result), tmp_path / "fetched.git")
+    assert git(repo, "rev-list", "--count", head) == "3"
+
+    # A later save (the daemon asks the template once) stays a fast-forward of the same ids.
+    (ws / "edit.txt").write_text("a second edit\n")
+    _, second = save(ws, store_dir, try_unshallow=False)
+    assert second.status == "saved" and second.generation == 2
+    assert not list((store_dir / KEY).glob("conflicts/*"))
+
+    target = restored(tmp_path, store_dir, gens)
+    assert tree_state(target) == tree_state(ws)
+    assert git(target, "rev-parse", "HEAD") == head
+    assert git(target, "rev-parse", "--is-shallow-repository") == "false"
+    assert git(target, "rev-list", "--count", "HEAD") == "3"
 
 
-def test_shallow_clone_whose_origin_is_gone_gives_a_self_contained_bundle_and_keeps_going(tmp_path):
+@pytest.mark.parametrize("template", ["unset", "unreachable"])
+def test_shallow_clone_without_a_reachable_template_url_gives_a_self_contained_bundle_and_keeps_going(
+        tmp_path, template):
     origin = make_origin(tmp_path / "origin")
     ws = shallow_clone(origin, tmp_path / "ws")
-    shutil.rmtree(origin)
+    if template == "unset":
+        # The workspace's origin still answers, but it is the workspace's word: never fetched from.
+        options = {}
+    else:
+        options = {"template_url": f"file://{tmp_path / 'template-gone'}"}
     shallow_file = (ws / ".git" / "shallow").read_bytes()
     head = git(ws, "rev-parse", "HEAD")
     (ws / "edit.txt").write_text("first edit\n")
     (ws / "file0.txt").unlink()
+    store_dir = tmp_path / "store"
 
     with capture_logs() as logs:
-        gens, first = save(ws, tmp_path / "store")
+        gens, first = save(ws, store_dir, **options)
 
     assert first.status == "saved" and first.generation == 1
     assert any(e["event"] == "history.self_contained" for e in logs)
-    # The workspace itself is not changed: still shallow, same HEAD, same boundary.
+    assert not any(e["event"] == "history.unshallowed" for e in logs)
+    # Neither the workspace nor watcherd's repository got history from anywhere.
+    assert sgit(ws, "rev-parse", "--is-shallow-repository", key=KEY) == "true"
     assert git(ws, "rev-parse", "--is-shallow-repository") == "true"
     assert git(ws, "rev-parse", "HEAD") == head
     assert (ws / ".git" / "shallow").read_bytes() == shallow_file
-    cloned = plain_git(tmp_path, "clone", "-q", str(stored_bundle(tmp_path / "store", first)), "out")
-    assert cloned.returncode == 0, cloned.stderr
-    assert (tmp_path / "out" / "history.txt").read_text() == "version 2\n"
-    assert plain_git(tmp_path / "out", "fsck", "--connectivity-only").returncode == 0
+    repo = fetched(stored_bundle(store_dir, first), tmp_path / "fetched.git")
+    assert git(repo, "show", f"{first.snapshot}:history.txt") == "version 2"
+    # The user's HEAD is carried from the shallow boundary on: parentless, under a new id.
+    stored_head = gens.read_manifest()[0].current.head
+    assert stored_head != head and git(repo, "rev-list", "--count", stored_head) == "1"
+    assert git(repo, "show", f"{stored_head}:history.txt") == "version 2"
 
     (ws / "edit.txt").write_text("second edit\n")
     (ws / "more.txt").write_text("more\n")
-    _, second = save(ws, tmp_path / "store")
+    _, second = save(ws, store_dir, **options)
 
     assert second.status == "saved" and second.generation == 2  # a fast-forward, not a conflict
-    assert not list((tmp_path / "store" / KEY).glob("conflicts/*"))
+    assert not list((store_dir / KEY).glob("conflicts/*"))
     manifest, _ = gens.read_manifest()
     assert [g.generation for g in manifest.generations] == [2, 1]
 
-    target = tmp_path / "restored"
-    config = Config(workspace=WorkspaceConfig(path=target),
-                    store=StoreConfig(url=parse_store_url(f"file://{tmp_path / 'store'}"), key=KEY),
-                    restore=RestoreConfig())
-    outcome = restore(config, gens, Request(generation=2))
-
-    assert outcome.action == "restored" and outcome.generation == 2
+    target = restored(tmp_path, store_dir, gens, generation=2)
     assert tree_state(target) == tree_state(ws)
     assert git(target, "symbolic-ref", "HEAD") == "refs/heads/main"
     assert git(target, "rev-parse", "HEAD") == manifest.current.head
     assert git(target, "rev-parse", "--is-shallow-repository") == "false"
-    # Generation 1's snapshot is history of generation 2's in the restored repository.
-    git(target, "merge-base", "--is-ancestor", manifest.history[0].snapshot, manifest.current.snapshot)
+    # Generation 1's snapshot is history of generation 2's in the restored pod's repository.
+    sgit(target, "merge-base", "--is-ancestor", manifest.history[0].snapshot,
+         manifest.current.snapshot, key=KEY)
 
 
 # -- proving a bundle -----------------------------------------------------------------------------------

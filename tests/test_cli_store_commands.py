@@ -21,9 +21,13 @@ WATCHERD = Path(sys.executable).parent / "watcherd"
 
 
 def write_config(path: Path, ws: Path, store_dir: Path, *, store: str = "", restore: str = "") -> Path:
+    """A pod's config; its state directory is ``<config name>-state`` beside it (a restore and a
+    snapshot of one config are one pod's)."""
+    state_dir = path.with_name(f"{path.stem}-state")
     path.write_text(f"""
 [workspace]
 path = "{ws}"
+state_dir = "{state_dir}"
 
 [store]
 url = "file://{store_dir}"
@@ -115,6 +119,7 @@ def test_snapshot_refused_as_a_conflict_exits_3_and_keeps_it_under_conflicts(tmp
 
 
 def test_two_snapshot_processes_on_one_key_started_together_cannot_both_win(tmp_path, store_dir):
+    # Two pods (each with its own state directory) on one key.
     procs = []
     for name in ("a", "b"):
         path = make_repo(tmp_path / name, f"workspace {name}\n")
@@ -129,6 +134,29 @@ def test_two_snapshot_processes_on_one_key_started_together_cannot_both_win(tmp_
     assert doc["generation"] == 1 and doc["history"] == []
     assert [p.name for p in (store_dir / KEY / "bundles").iterdir()] == [doc["bundle"]]
     assert len(list((store_dir / KEY / "conflicts").glob("*.bundle"))) == 1
+
+
+def test_two_snapshot_processes_of_one_workspace_on_a_new_state_dir_both_succeed(tmp_path):
+    # A `watcherd snapshot` run while the pod's daemon is starting (not answering yet) does the
+    # save itself: two processes of one pod create its state directory at the same moment. Several
+    # pods at once, as the window is a few milliseconds.
+    pods = []
+    for n in range(4):
+        ws = make_repo(tmp_path / f"ws{n}", f"workspace {n}\n")
+        pods.append((ws, tmp_path / f"store{n}",
+                     write_config(tmp_path / f"pod{n}.toml", ws, tmp_path / f"store{n}")))
+    procs = [(store, start(cfg, "snapshot")) for _, store, cfg in pods for _ in range(2)]
+    results = [(store, p.wait(timeout=60), p.stdout.read(), p.stderr.read()) for store, p in procs]
+    for _, p in procs:
+        p.stdout.close()
+        p.stderr.close()
+
+    assert [(code, err) for _, code, _, err in results if code != 0] == []
+    for ws, store, _ in pods:
+        doc = json.loads((store / KEY / "manifest.json").read_bytes())
+        assert doc["generation"] == 1, doc
+        assert [p.name for p in (store / KEY / "bundles").iterdir()] == [doc["bundle"]]
+        assert not (store / KEY / "conflicts").exists()
 
 
 def test_snapshot_above_max_bundle_size_exits_1_and_uploads_nothing(tmp_path, ws, store_dir):

@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import socket
 import subprocess
 import threading
@@ -15,26 +14,47 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from helpers import git, make_repo, store_files
+from helpers import git, make_repo, sgit, state_repo, store_files
 from watcherd import manifest as mf
 from watcherd import snapshot
+from watcherd.config import Config, StoreConfig, WorkspaceConfig, parse_store_url
 from watcherd.errors import BundleTooLarge, ConflictError, IntegrityError
 from watcherd.generations import Generations, Limits
-from watcherd.git import Git
+from watcherd.repo import SNAPSHOT_REF
+from watcherd.restore import restore
 from watcherd.store.local import LocalStore
 
 KEY = "acme/sandbox-1/main"
-
 
 
 def gens_for(store_dir: Path, limits: Limits | None = None, key: str = KEY) -> Generations:
     return Generations(LocalStore(store_dir), key, limits)
 
 
+def take(ws: Path) -> snapshot.Snapshot:
+    """A shadow snapshot of ``ws`` in watcherd's own repository beside it (its state dir)."""
+    repo = state_repo(ws, KEY)
+    snapshot.prepare(repo)
+    return snapshot.take(repo)
+
+
+def snapshot_of(ws: Path) -> str:
+    """The newest snapshot commit watcherd recorded for ``ws``."""
+    return sgit(ws, "rev-parse", SNAPSHOT_REF, key=KEY)
+
+
 def save(ws: Path, gens: Generations):
-    g = Git(ws)
-    snapshot.take(g)
-    return gens.save(g, "shadow", ws / ".git" / "watcherd" / "spool")
+    take(ws)
+    return gens.save(state_repo(ws, KEY))
+
+
+def restore_into(target: Path, store_dir: Path) -> None:
+    """``watcherd restore`` into ``target`` as the init container of its pod (the state
+    directory beside it is the one its daemon continues with)."""
+    config = Config(workspace=WorkspaceConfig(path=target,
+                                              state_dir=target.parent / f"{target.name}-state"),
+                    store=StoreConfig(url=parse_store_url(f"file://{store_dir}"), key=KEY))
+    assert restore(config, gens_for(store_dir)).action == "restored"
 
 
 def edit_and_save(ws: Path, gens: Generations, text: str):
@@ -71,7 +91,7 @@ def test_a_save_writes_the_bundle_and_a_manifest_with_every_field(ws, store_dir)
     (ws / "readme.md").write_text("edited\n")
     result = save(ws, gens_for(store_dir))
 
-    snap = git(ws, "rev-parse", snapshot.SNAPSHOT_REF)
+    snap = snapshot_of(ws)
     name = f"1-{snap[:12]}.bundle"
     assert result.status == "saved" and result.generation == 1 and result.bundle == name
     assert sorted(p.relative_to(store_dir).as_posix() for p in store_dir.rglob("*") if p.is_file()
@@ -212,7 +232,7 @@ def test_a_save_that_is_not_a_fast_forward_is_refused_and_kept_under_conflicts(t
     kept.mkdir()
     git(kept, "init", "-q", "--bare")
     git(kept, "fetch", "-q", str(conflicts[0]), "refs/*:refs/*")
-    assert git(kept, "rev-parse", snapshot.SNAPSHOT_REF) == git(other, "rev-parse", snapshot.SNAPSHOT_REF)
+    assert git(kept, "rev-parse", SNAPSHOT_REF) == snapshot_of(other)
 
 
 def test_two_refused_saves_in_the_same_second_are_both_kept(tmp_path, ws, store_dir):
@@ -230,31 +250,39 @@ def test_two_refused_saves_in_the_same_second_are_both_kept(tmp_path, ws, store_
 def test_a_save_that_continues_the_stored_history_is_a_fast_forward(tmp_path, ws, store_dir):
     gens = gens_for(store_dir)
     first = edit_and_save(ws, gens, "one\n")
-    # Another workspace that carries the stored history (as after a restore) continues it.
-    clone = tmp_path / "continued"
-    git(tmp_path, "clone", "-q", str(key_dir(store_dir) / "bundles" / first.bundle), str(clone))
-    git(clone, "fetch", "-q", str(key_dir(store_dir) / "bundles" / first.bundle),
-        f"+{snapshot.SNAPSHOT_REF}:{snapshot.SNAPSHOT_REF}")
-    (clone / "readme.md").write_text("continued elsewhere\n")
-    assert save(clone, gens).generation == 2
+    # Another pod restored from the store (its init container and its daemon share a state
+    # directory) continues the stored history.
+    continued = tmp_path / "continued"
+    restore_into(continued, store_dir)
+    (continued / "readme.md").write_text("continued elsewhere\n")
+
+    second = save(continued, gens)
+
+    assert second.status == "saved" and second.generation == 2
+    assert _is_ancestor(continued, first.snapshot, second.snapshot)
+    assert not (store_dir / KEY / "conflicts").exists()
 
 
-def _is_ancestor(repo: Path, a: str, b: str) -> bool:
-    return subprocess.run(["git", "merge-base", "--is-ancestor", a, b], cwd=repo).returncode == 0
+def _is_ancestor(ws: Path, a: str, b: str) -> bool:
+    """Whether ``a`` is in the history of ``b``, in watcherd's repository for ``ws``."""
+    repo = state_repo(ws, KEY).git_dir
+    return subprocess.run(["git", f"--git-dir={repo}", "merge-base", "--is-ancestor", a, b]
+                          ).returncode == 0
 
 
 @pytest.mark.parametrize("round_", range(4))
 def test_two_concurrent_savers_of_one_key_cannot_both_win(tmp_path, store_dir, round_):
-    # Both start from the same stored generation 1, then diverge and save at the same moment.
+    # Two pods restored from the same stored generation 1 (each with its own state directory)
+    # diverge and save at the same moment.
     base = make_repo(tmp_path / "base")
     gens = gens_for(store_dir)
     edit_and_save(base, gens, "common\n")
     workspaces = []
     for name in ("a", "b"):
         path = tmp_path / name
-        shutil.copytree(base, path, symlinks=True)
+        restore_into(path, store_dir)
         (path / "readme.md").write_text(f"edited by {name}\n")
-        snapshot.take(Git(path))
+        assert take(path).commit
         workspaces.append(path)
     barrier = threading.Barrier(2)
     outcomes: dict[str, object] = {}
@@ -262,8 +290,7 @@ def test_two_concurrent_savers_of_one_key_cannot_both_win(tmp_path, store_dir, r
     def saver(path: Path) -> None:
         barrier.wait()
         try:
-            outcomes[path.name] = gens_for(store_dir).save(Git(path), "shadow",
-                                                            path / ".git" / "watcherd" / "spool")
+            outcomes[path.name] = gens_for(store_dir).save(state_repo(path, KEY))
         except ConflictError as exc:
             outcomes[path.name] = exc
 
@@ -278,7 +305,7 @@ def test_two_concurrent_savers_of_one_key_cannot_both_win(tmp_path, store_dir, r
     assert len(saved) == 1 and len(refused) == 1, outcomes
     winner = tmp_path / saved[0]
     doc = manifest_doc(store_dir)
-    assert doc["generation"] == 2 and doc["snapshot"] == git(winner, "rev-parse", snapshot.SNAPSHOT_REF)
+    assert doc["generation"] == 2 and doc["snapshot"] == snapshot_of(winner)
     chain = [doc["snapshot"], *(h["snapshot"] for h in doc["history"])]
     assert all(_is_ancestor(winner, older, newer) for newer, older in zip(chain, chain[1:]))
     assert bundle_names(store_dir) == sorted([doc["bundle"], doc["history"][0]["bundle"]])

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from daemon_fixture import LogLines
 from helpers import git, tree_state, wait_for
 from s3server import MotoS3, aws_env
 
@@ -27,8 +28,11 @@ def moto():
 
 
 def _config(path: Path, workspace: Path, bucket: str) -> Path:
+    """A pod's config; its state directory (an emptyDir of the watcherd containers) is
+    ``<config name>-state`` beside it."""
+    state_dir = path.with_name(f"{path.stem}-state")
     path.write_text(
-        f'[workspace]\npath = "{workspace}"\n'
+        f'[workspace]\npath = "{workspace}"\nstate_dir = "{state_dir}"\n'
         '[watch]\nquiet_period = "200ms"\nidle_timeout = "1s"\nshutdown_timeout = "10s"\n'
         f'[store]\nurl = "s3://{bucket}/{PREFIX}"\nkey = "{KEY}"\n'
         '[control]\nlisten = ""\n'
@@ -59,10 +63,12 @@ def test_edits_reach_the_bucket_when_idle_and_a_new_pod_restores_them_exactly(tm
     git(ws, "add", "-A")
     git(ws, "commit", "-q", "-m", "template")
     cfg = _config(tmp_path / "pod1.toml", ws, bucket)
+    repo = tmp_path / "pod1-state" / KEY / "repo.git"  # watcherd's own repository
     daemon = subprocess.Popen([WATCHERD, "--config", str(cfg), "run"], env=_env(moto),
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = LogLines(daemon.stdout)
     try:
-        wait_for(lambda: (ws / ".git" / "watcherd").is_dir(), message="the daemon to start")
+        log.wait("daemon.ready", timeout=20)
         # What an agent does: edit a tracked file, add files, make one executable, link one.
         (ws / "src" / "app.py").write_text("print('hello, world')\n")
         (ws / "src" / "ünïcode name.txt").write_text("spaces and accents\n")
@@ -75,10 +81,12 @@ def test_edits_reach_the_bucket_when_idle_and_a_new_pod_restores_them_exactly(tm
 
         def saved_with_everything() -> dict | None:
             m = _manifest(moto, bucket)
-            local = subprocess.run(["git", "rev-parse", "-q", "--verify", "refs/watcherd/snapshots"],
-                                   cwd=ws, capture_output=True, text=True).stdout.strip()
+            local = subprocess.run(["git", f"--git-dir={repo}", "rev-parse", "-q", "--verify",
+                                    "refs/watcherd/snapshots"],
+                                   capture_output=True, text=True).stdout.strip()
             if m and local and m["snapshot"] == local and \
-                    "data.bin" in git(ws, "ls-tree", "-r", "--name-only", local):
+                    "data.bin" in git(tmp_path, f"--git-dir={repo}", "ls-tree", "-r",
+                                      "--name-only", local):
                 return m
             return None
 
@@ -92,10 +100,11 @@ def test_edits_reach_the_bucket_when_idle_and_a_new_pod_restores_them_exactly(tm
         if daemon.poll() is None:
             daemon.kill()
             daemon.wait()
-    log = daemon.stdout.read().decode()
-    assert '"generation.saved"' in log
+    log.join()
+    assert log.events("generation.saved")
+    assert not (ws / ".git" / "watcherd").exists()  # nothing of watcherd's in the workspace
 
-    # A new pod: an empty emptyDir, the same store key.
+    # A new pod: an empty emptyDir, the same store key, a state directory of its own.
     new_ws = tmp_path / "pod2" / "app"
     new_ws.parent.mkdir()
     cfg2 = _config(tmp_path / "pod2.toml", new_ws, bucket)

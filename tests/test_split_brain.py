@@ -136,8 +136,8 @@ def set_keep(d: Daemon, keep: int) -> None:
 def restored_pod(watcherd, tmp_path: Path, origin: Daemon, name: str, keep: int = 0) -> Daemon:
     ws = tmp_path / f"{name}-ws"
     ws.mkdir()
-    origin.restore_into(ws)
     d = watcherd(name=name, workspace=ws, store=origin.store, key=origin.key)
+    origin.restore_into(ws, state_dir=d.state_dir)  # the init container of d's pod
     if keep:
         set_keep(d, keep)
     return d
@@ -410,6 +410,7 @@ def test_a_workspace_that_came_from_the_template_never_replaces_the_stored_histo
     before = store_objects(origin)
 
     pod_ws = tmp_path / "pod-ws"
+    pod = watcherd(name="pod", workspace=pod_ws, store=origin.store, key=origin.key)
     if why.startswith("restore_skipped"):
         # The app came up from its template without the restore hook (or before it ran).
         depth = ["--depth", "1"] if why.endswith("shallow") else []
@@ -418,7 +419,7 @@ def test_a_workspace_that_came_from_the_template_never_replaces_the_stored_histo
         # Restore found nothing it could use and fell back to restore.on_missing = "template".
         pod_ws.mkdir()
         cfg = write_config(tmp_path / "pod-restore.toml", workspace=pod_ws, store=origin.store,
-                           key=origin.key, listen="")
+                           key=origin.key, listen="", state_dir=pod.state_dir)
         cfg.write_text(cfg.read_text() + f'\n[restore]\non_missing = "template"\n'
                                           f'template_url = "{template}"\n')
         r = run_cli(cfg, "restore")
@@ -427,7 +428,7 @@ def test_a_workspace_that_came_from_the_template_never_replaces_the_stored_histo
         assert done and done[-1]["action"] == "template", r.stdout
     assert (pod_ws / "src" / "app.py").read_text() == "print('hello')\n"  # the template's
 
-    pod = watcherd(name="pod", workspace=pod_ws, store=origin.store, key=origin.key).start()
+    pod.start()
     # Its first save (the start-up snapshot of the template) is refused...
     first = pod.log.wait("generation.conflict", timeout=20)
     (pod_ws / "src" / "app.py").write_text("print('work done on the template')\n")

@@ -128,7 +128,14 @@ class Repo:
             # no end-of-line conversion, no working-tree-encoding (info/attributes wins over the
             # tree's own files; gitattributes(5), "precedence").
             (tmp / "info" / "attributes").write_text(RAW_ATTRIBUTES)
-            os.rename(tmp, self.git_dir)
+            try:
+                os.rename(tmp, self.git_dir)
+            except OSError:
+                if not (self.git_dir / "HEAD").exists():
+                    raise
+                # Another watcherd process of this pod (a daemon starting, a standalone
+                # `watcherd snapshot`) created it first: use theirs.
+                shutil.rmtree(tmp, ignore_errors=True)
         except OSError as exc:
             raise WorkspaceError(f"workspace.state_dir: cannot create {self.dir} "
                                  f"({exc.strerror}); watcherd keeps its own repository there, "
