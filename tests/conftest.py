@@ -25,3 +25,23 @@ def isolated_git(tmp_path_factory, monkeypatch):
     for var in list(__import__("os").environ):
         if var.startswith("WATCHERD_"):
             monkeypatch.delenv(var)
+
+
+_DEFAULT_STATE = Path("/var/lib/watcherd/state")
+
+
+def _state_listing() -> set[tuple[str, int]]:
+    if not _DEFAULT_STATE.is_dir():
+        return set()
+    return {(str(p), p.stat().st_mtime_ns) for p in _DEFAULT_STATE.rglob("*") if p.is_dir()}
+
+
+@pytest.fixture(autouse=False)
+def no_machine_wide_state():
+    """A test must give every watcherd its own workspace.state_dir: the machine-wide default is
+    shared by every test (and every worktree) on this machine."""
+    before = _state_listing()
+    yield
+    after = _state_listing()
+    assert after == before, ("this test wrote the machine-wide default state directory "
+                             f"{_DEFAULT_STATE}: set workspace.state_dir in its config")

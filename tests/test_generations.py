@@ -235,15 +235,27 @@ def test_a_save_that_is_not_a_fast_forward_is_refused_and_kept_under_conflicts(t
     assert git(kept, "rev-parse", SNAPSHOT_REF) == snapshot_of(other)
 
 
-def test_two_refused_saves_in_the_same_second_are_both_kept(tmp_path, ws, store_dir):
+def test_a_refused_history_that_moves_on_replaces_its_copy_and_unrelated_ones_are_both_kept(
+        tmp_path, ws, store_dir):
     gens = gens_for(store_dir)
     edit_and_save(ws, gens, "the good history\n")
     other = make_repo(tmp_path / "other", "a rival\n")
     with pytest.raises(ConflictError):
         save(other, gens)
     (other / "readme.md").write_text("the rival again\n")
-    with pytest.raises(ConflictError):
+    with pytest.raises(ConflictError) as second:
         save(other, gens)
+    # One copy per divergence: the second holds the first's history, so it replaces it...
+    copies = list((key_dir(store_dir) / "conflicts").glob("*.bundle"))
+    assert [f"{KEY}/conflicts/{p.name}" for p in copies] == [second.value.conflict_name]
+    # ...and the same history refused again is not uploaded again.
+    with pytest.raises(ConflictError) as third:
+        save(other, gens)
+    assert third.value.conflict_name == second.value.conflict_name
+    # A second rival within the same second, from an unrelated history, is kept beside it.
+    rival = make_repo(tmp_path / "rival", "a second rival\n")
+    with pytest.raises(ConflictError):
+        save(rival, gens)
     assert len(list((key_dir(store_dir) / "conflicts").glob("*.bundle"))) == 2
 
 
@@ -329,7 +341,7 @@ def test_a_save_over_an_unreadable_manifest_is_kept_beside_it_and_changes_nothin
     path.parent.mkdir(parents=True)
     path.write_bytes(b"{not json")
     (ws / "readme.md").write_text("edited\n")
-    with pytest.raises(ConflictError, match="manifest unreadable"):
+    with pytest.raises(ConflictError, match="the stored manifest cannot be used"):
         save(ws, gens_for(store_dir))
     assert path.read_bytes() == b"{not json"
     assert len(list((key_dir(store_dir) / "conflicts").glob("*.bundle"))) == 1

@@ -506,8 +506,9 @@ def test_a_bad_newest_bundle_falls_back_and_changes_nothing_in_the_store(ws, sto
     pytest.param(b"{not json", id="not-json"),
     pytest.param(None, id="bundle-outside-its-key"),
 ])
-def test_an_unreadable_manifest_leads_to_on_missing_and_leaves_the_workspace(ws, store_dir, target,
-                                                                             manifest_bytes):
+def test_an_unreadable_manifest_fails_the_restore_and_leaves_the_workspace(ws, store_dir, target,
+                                                                          manifest_bytes):
+    # Unreadable is not "nothing stored": starting empty would bury the stored work.
     edit_and_save(ws, store_dir, "generation one\n")
     mpath = store_dir / KEY / "manifest.json"
     if manifest_bytes is None:
@@ -519,16 +520,24 @@ def test_an_unreadable_manifest_leads_to_on_missing_and_leaves_the_workspace(ws,
     target.mkdir()
     (target / "work.txt").write_text("kept\n")
 
-    with capture_logs() as logs:
-        outcome = restore(config_for(target, store_dir), gens_for(store_dir))
+    for on_missing in ("empty", "fail"):
+        with capture_logs() as logs, pytest.raises(RestoreError, match="manifest"):
+            restore(config_for(target, store_dir, on_missing=on_missing), gens_for(store_dir))
+        assert events(logs, "restore.manifest_bad")
+        assert (target / "work.txt").read_text() == "kept\n" and asides(target) == []
+        assert store_files(store_dir) == before
 
+
+def test_every_generation_corrupt_with_on_missing_empty_keeps_a_record_the_next_save_supersedes(
+        ws, store_dir, target):
+    edit_and_save(ws, store_dir, "generation one\n")
+    for gen in manifest(store_dir).generations:
+        _flip(bundle_path(store_dir, gen))
+    outcome = restore(config_for(target, store_dir), gens_for(store_dir))
     assert outcome.action == "empty"
-    assert (target / "work.txt").read_text() == "kept\n" and asides(target) == []
-    assert events(logs, "restore.manifest_bad")
-    assert store_files(store_dir) == before
-    with pytest.raises(RestoreError, match="manifest"):
-        restore(config_for(target, store_dir, on_missing="fail"), gens_for(store_dir))
-    assert (target / "work.txt").read_text() == "kept\n" and asides(target) == []
+    (target / "new.txt").write_text("a fresh start\n")
+    result = save(target, store_dir)
+    assert result.generation == 2 and result.superseded == (1,)
 
 
 def test_every_generation_corrupt_with_on_missing_fail_fails_and_touches_nothing(ws, store_dir, target):

@@ -18,6 +18,7 @@ Who wins a race is timing; that exactly one wins, and that the other is kept bes
 from __future__ import annotations
 
 import json
+import shutil
 import random
 import subprocess
 import sys
@@ -218,15 +219,16 @@ def race_two_pods(watcherd, tmp_path: Path, rounds: int, repetition: int = 0) ->
 
     assert loser.status()["counters"]["conflicts"] == rounds
     raced = sum(len(pod.log.events("generation.raced")) for pod in pods)
-    for pod in pods:
-        assert pod.stop() == 0
-    # Both stopped (each made its final save): the history is linear end to end, the winner's final
-    # tree is the stored head, the loser's its newest conflict bundle, one per refused save.
+    # Both stopped (each made its final save; the loser's was refused, and it says so with its
+    # exit status): the history is linear end to end, the winner's final tree is the stored head,
+    # the loser's in its conflict copy. One copy per divergence: each refused save of the loser
+    # replaced the copy before it, whose history it holds.
+    assert winner.stop() == 0 and loser.stop() == 3
     heads = assert_history_is_linear(winner, audit)
     assert heads[0] == stored[0] and heads[-1] == stored[-1]
     assert audit.files(heads[-1]) == worktree_files(winner.workspace)
     conflicts = conflict_bundles(winner)
-    assert len(conflicts) == rounds
+    assert len(conflicts) == 1
     assert audit.files(audit.fetch(max(conflicts, key=lambda p: p.stat().st_mtime_ns))) \
         == worktree_files(loser.workspace)
     assert_nothing_lost(audit, pods, [bundle_path(winner, n) for n in stored_bundles(winner)]
@@ -332,14 +334,15 @@ def free_running_pods(watcherd, tmp_path: Path, seconds: float, seed: int) -> di
         t.start()
     for t in threads:
         t.join(seconds + 30)
-    for pod in pods:
-        assert pod.stop(timeout=20) == 0
+    codes = {pod.name: pod.stop(timeout=20) for pod in pods}
 
     refused = {pod.name: pod.log.events("generation.conflict") for pod in pods}
     losers = [pod for pod in pods if refused[pod.name]]
     assert len(losers) == 1, {name: len(c) for name, c in refused.items()}
     loser = losers[0]
     winner = next(pod for pod in pods if pod is not loser)
+    # The loser's final save was refused too: never reported as saved.
+    assert (codes[winner.name], codes[loser.name]) == (0, 3), codes
     audit = Audit(base / "audit")
     heads = assert_history_is_linear(winner, audit)
     assert audit.files(heads[-1]) == worktree_files(winner.workspace)
@@ -349,7 +352,7 @@ def free_running_pods(watcherd, tmp_path: Path, seconds: float, seed: int) -> di
     in_store = set().union(*(audit.files(h).values() for h in heads))
     assert not [d for d in written[loser.name] if d in in_store and b"note" in d]
     conflicts = conflict_bundles(winner)
-    assert len(conflicts) == len(refused[loser.name])
+    assert len(conflicts) == 1  # one per divergence: each newer copy replaced the older
     for c in conflicts:
         audit.fetch(c)
     # Nothing lost: every note either agent wrote is in a generation or a conflict bundle (notes are
@@ -391,8 +394,7 @@ def store_objects(d: Daemon) -> dict[str, bytes]:
             and p.relative_to(root).parts[0] != "conflicts"}
 
 
-@pytest.mark.parametrize("why", ["restore_skipped", "restore_skipped_shallow",
-                                 "every_generation_corrupt", "manifest_unreadable"])
+@pytest.mark.parametrize("why", ["restore_skipped", "restore_skipped_shallow", "manifest_unreadable"])
 def test_a_workspace_that_came_from_the_template_never_replaces_the_stored_history(
         watcherd, tmp_path: Path, why: str) -> None:
     template = make_workspace(tmp_path / "template")
@@ -400,32 +402,27 @@ def test_a_workspace_that_came_from_the_template_never_replaces_the_stored_histo
     git(tmp_path, "clone", "-q", str(template), str(origin_ws))
     origin = saved_origin(watcherd, tmp_path, workspace=origin_ws)
     key_dir = origin.store / origin.key
-    if why == "every_generation_corrupt":
-        for bundle in (key_dir / "bundles").glob("*.bundle"):
-            data = bytearray(bundle.read_bytes())
-            data[len(data) // 2] ^= 0xFF
-            bundle.write_bytes(bytes(data))
-    elif why == "manifest_unreadable":
+    if why == "manifest_unreadable":
         (key_dir / "manifest.json").write_bytes(b'{"format": 1, "generation": ')
+        # An unreadable manifest is not "nothing stored": the restore fails (the init container
+        # is retried) instead of handing the app its template.
+        pod_ws = tmp_path / "pod-ws"
+        pod_ws.mkdir()
+        cfg = write_config(tmp_path / "pod-restore.toml", workspace=pod_ws, store=origin.store,
+                           key=origin.key, listen="", state_dir=tmp_path / "pod-restore-state")
+        cfg.write_text(cfg.read_text() + f'\n[restore]\non_missing = "template"\n'
+                                          f'template_url = "{template}"\n')
+        r = run_cli(cfg, "restore")
+        assert r.returncode == 1 and "manifest" in r.stderr, r.stderr
+        assert list(pod_ws.iterdir()) == []
+        shutil.rmtree(pod_ws)
     before = store_objects(origin)
 
     pod_ws = tmp_path / "pod-ws"
     pod = watcherd(name="pod", workspace=pod_ws, store=origin.store, key=origin.key)
-    if why.startswith("restore_skipped"):
-        # The app came up from its template without the restore hook (or before it ran).
-        depth = ["--depth", "1"] if why.endswith("shallow") else []
-        git(tmp_path, "clone", "-q", *depth, f"file://{template}", str(pod_ws))
-    else:
-        # Restore found nothing it could use and fell back to restore.on_missing = "template".
-        pod_ws.mkdir()
-        cfg = write_config(tmp_path / "pod-restore.toml", workspace=pod_ws, store=origin.store,
-                           key=origin.key, listen="", state_dir=pod.state_dir)
-        cfg.write_text(cfg.read_text() + f'\n[restore]\non_missing = "template"\n'
-                                          f'template_url = "{template}"\n')
-        r = run_cli(cfg, "restore")
-        assert r.returncode == 0, r.stderr
-        done = [json.loads(line) for line in r.stdout.splitlines() if '"restore.done"' in line]
-        assert done and done[-1]["action"] == "template", r.stdout
+    # The app came up from its template without the restore hook (or before it ran).
+    depth = ["--depth", "1"] if why.endswith("shallow") else []
+    git(tmp_path, "clone", "-q", *depth, f"file://{template}", str(pod_ws))
     assert (pod_ws / "src" / "app.py").read_text() == "print('hello')\n"  # the template's
 
     pod.start()
@@ -433,23 +430,60 @@ def test_a_workspace_that_came_from_the_template_never_replaces_the_stored_histo
     first = pod.log.wait("generation.conflict", timeout=20)
     (pod_ws / "src" / "app.py").write_text("print('work done on the template')\n")
     (pod_ws / "src" / "new.py").write_text("print('new on the template')\n")
-    # ... and so is every later one, each kept whole under conflicts/.
+    # ... and so is every later one, kept whole under conflicts/ (the newer copy replaces the
+    # older, whose history it holds), and reported refused, never saved.
     code, result = pod.post("/snapshot")
     assert (code, result["status"]) == (409, "conflict"), result
     assert result["saved_as"] != first["conflict"]
     status = pod.status()
-    assert status["conflict"]["saved_as"] == result["saved_as"]
+    assert status["conflict"]["saved_as"] == result["saved_as"] and status["refused"]
     assert status["last_upload"] is None  # the stored generation is not this workspace's
     assert status["counters"]["conflicts"] == 2 and status["counters"]["uploads"] == 0
-    assert pod.stop() == 0
+    assert pod.stop() == 3
     assert store_objects(origin) == before, "a refused save changed the stored history"
     audit = Audit(tmp_path / "audit")
     kept = audit.fetch(origin.store / result["saved_as"])
     assert audit.files(kept) == worktree_files(pod_ws)
-    assert len(conflict_bundles(origin)) == 2
+    assert len(conflict_bundles(origin)) == 1
     if why.startswith("restore_skipped"):
         # The store still restores the good history, not the template's.
         again = tmp_path / "again"
         again.mkdir()
         origin.restore_into(again)
         assert tree_state(again) == tree_state(origin_ws)
+
+
+def test_a_pod_that_found_every_generation_corrupt_moves_the_store_on_from_its_template(
+        watcherd, tmp_path: Path) -> None:
+    # Every stored generation corrupt: the restore falls to restore.on_missing (the template)
+    # and records what it found bad; the pod's saves then supersede the corrupt generations,
+    # which stay listed (nothing deleted but by keep), instead of being refused for ever.
+    template = make_workspace(tmp_path / "template")
+    origin_ws = tmp_path / "origin-ws"
+    git(tmp_path, "clone", "-q", str(template), str(origin_ws))
+    origin = saved_origin(watcherd, tmp_path, workspace=origin_ws)
+    key_dir = origin.store / origin.key
+    for bundle in (key_dir / "bundles").glob("*.bundle"):
+        data = bytearray(bundle.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        bundle.write_bytes(bytes(data))
+    stored_before = json.loads((key_dir / "manifest.json").read_bytes())["generation"]
+    pod_ws = tmp_path / "pod-ws"
+    pod_ws.mkdir()
+    pod = watcherd(name="pod", workspace=pod_ws, store=origin.store, key=origin.key)
+    cfg = write_config(tmp_path / "pod-restore.toml", workspace=pod_ws, store=origin.store,
+                       key=origin.key, listen="", state_dir=pod.state_dir)
+    cfg.write_text(cfg.read_text() + f'\n[restore]\non_missing = "template"\n'
+                                      f'template_url = "{template}"\n')
+    r = run_cli(cfg, "restore")
+    assert r.returncode == 0, r.stderr
+
+    pod.start()
+    (pod_ws / "src" / "app.py").write_text("print('work done on the template')\n")
+    saved = pod.log.wait("generation.saved", timeout=20)
+    assert saved["generation"] == stored_before + 1
+    manifest = json.loads((key_dir / "manifest.json").read_bytes())
+    assert [s["generation"] for s in manifest["supersedes"]] == \
+        list(range(stored_before, 0, -1))[: len(manifest["supersedes"])]
+    assert not conflict_bundles(origin)
+    assert pod.stop() == 0

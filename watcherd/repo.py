@@ -358,6 +358,7 @@ class Repo:
             return None
 
     def paired_with(self, root: Path) -> bool:
+        # (``root`` is the workspace directory, as configured or resolved: its identity counts.)
         """Whether the history here belongs to the workspace directory at ``root`` now.
 
         The directory's identity (device and inode) is what counts: a workspace replaced by
@@ -376,9 +377,10 @@ class Repo:
     def unpair(self) -> None:
         (self.dir / "pairing.json").unlink(missing_ok=True)
 
-    def pair(self, root: Path) -> None:
-        st = os.stat(root)
-        doc = {"path": str(root), "device": st.st_dev, "inode": st.st_ino,
+    def pair(self) -> None:
+        """Record that the history here belongs to the workspace directory as it is now."""
+        st = os.stat(self.workspace)
+        doc = {"path": str(self.workspace), "device": st.st_dev, "inode": st.st_ino,
                "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         _write_atomic(self.dir / "pairing.json", json.dumps(doc).encode())
 

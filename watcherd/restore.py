@@ -120,6 +120,12 @@ def restore(config: Config, generations: Generations, request: Request = Request
 def _refuse_under_a_daemon(repo: Repo, ws: Path, request: Request) -> None:
     """A restore must not move a tree a running daemon is saving (it would save the move, or
     race it). Refused with exit 2, naming the daemon, unless ``--force``."""
+    other = repo.pairing()
+    if other is not None and other.path != str(ws) and os.path.isdir(other.path) \
+            and not request.force:
+        raise UsageError(f"workspace.state_dir {repo.dir} holds the history of another workspace "
+                         f"({other.path}); give this restore its own state directory "
+                         "(WATCHERD_WORKSPACE_STATE_DIR=...), or pass --force to take it over")
     holder = repo.daemon_running()
     if holder is None:
         return
@@ -221,8 +227,10 @@ def _restore_stored(config: Config, repo: Repo, generations: Generations, manife
     said = "; ".join(f"generation {n}: {e}" for n, e in failures)
     if request.explicit:
         raise RestoreError("the requested generation is corrupt: " + said)
-    raise RestoreError(f"every stored generation is corrupt ({said}); nothing was changed. "
-                       "See docs/operations.md, 'Restore failed'")
+    # Nothing good is left: restore.on_missing decides (fail: exit 1). The record lets the next
+    # save supersede the corrupt generations instead of being refused for ever.
+    _record_bad(repo, generations, manifest, failures)
+    return _on_missing(config, repo, generations, "every stored generation is corrupt: " + said)
 
 
 def _record_bad(repo: Repo, generations: Generations, manifest: mf.Manifest,
@@ -465,7 +473,7 @@ def _install(repo: Repo, ws: Path, build) -> Path | None:
             _log.warning("restore.moved_aside", workspace=str(ws), moved_to=str(aside),
                          reason="the workspace held something that is not the stored history")
     _journal(repo, None)
-    repo.pair(ws)
+    repo.pair()
     return aside
 
 
@@ -539,15 +547,15 @@ def _recover(repo: Repo, ws: Path) -> None:
             os.rename(staging, aside)
             _log.warning("restore.resumed", workspace=str(ws), moved_to=str(aside),
                          note="gave the previous workspace its aside name")
-        repo.pair(ws)
+        repo.pair()
     elif phase in ("ready", "moving") and journal.get("mount") and ours:
         _log.warning("restore.resumed", workspace=str(ws), note="finishing an interrupted restore")
         _finish_mount(repo, journal)
-        repo.pair(ws)
+        repo.pair()
     elif not os.path.lexists(ws) and ours and phase in ("placing", "swapping"):
         os.rename(staging, ws)  # killed between the two renames of a restore without renameat2
         _log.warning("restore.resumed", workspace=str(ws), note="finished moving into place")
-        repo.pair(ws)
+        repo.pair()
     elif ours:
         shutil.rmtree(staging, ignore_errors=True)  # never got as far as moving anything
     _journal(repo, None)

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from watcherd import ignore, log, state
 from watcherd import workspace as ws
-from watcherd.errors import GitError
+from watcherd.errors import ConfigError, GitError, WorkspaceError
 from watcherd.git import Git, for_workspace, retrying
 from watcherd.repo import SNAPSHOT_REF, Repo
 
@@ -77,13 +77,18 @@ def prepare(repo: Repo) -> None:
     layout = ws.locate(repo.workspace)
     repo.ensure(_object_format(layout))
     root = repo.workspace
+    other = repo.pairing()
+    if other is not None and other.path != str(root) and os.path.isdir(other.path):
+        raise ConfigError(f"workspace.state_dir {repo.dir} holds the history of another "
+                          f"workspace ({other.path}); give each workspace its own "
+                          "workspace.state_dir (or store.key)")
     if repo.snapshot_head() is not None and not repo.paired_with(root):
         repo.forget_history(f"the history in {repo.dir} was recorded for another workspace "
                             f"directory than {root}")
     if repo.snapshot_head() is None:
         _adopt_legacy(repo)
     if not repo.paired_with(root):
-        repo.pair(root)
+        repo.pair()
 
 
 def _object_format(layout: ws.Layout) -> str:
@@ -131,6 +136,10 @@ def take(repo: Repo, mode: str = "shadow", cache: Cache | None = None) -> Snapsh
     started = time.monotonic()
     with repo.lock():
         _log.debug("snapshot.started", mode=mode)  # a trace of the save's steps, for post-mortems
+        if repo.pairing() is not None and not repo.paired_with(repo.workspace):
+            raise WorkspaceError(f"the history in {repo.dir} no longer belongs to "
+                                 f"{repo.workspace} (another process paired it with "
+                                 f"{repo.pairing().path}); restart watcherd")
         layout = ws.locate(repo.workspace)
         if mode == "branch" and layout.is_repository:
             _commit_on_branch(repo, layout)
