@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import collections
+import errno
 import io
 import json
+import logging
 import os
-import select
 import subprocess
 import sys
-import time
 from datetime import UTC, datetime, timedelta
 
 import pytest
 import structlog
+from helpers import read_until
 
 from watcherd import log
 
@@ -26,29 +27,16 @@ AWS_SESSION = "FwoGZXIvYXdzEXAMPLE-session-token-value"
 def restore_structlog():
     """Each test configures logging for the process: put back what was there for the next one."""
     saved = structlog.get_config()
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
     yield
     structlog.configure(**saved)
+    root.handlers[:] = handlers
+    root.setLevel(level)
 
 
 def json_lines(stream: io.StringIO) -> list[dict]:
     return [json.loads(line) for line in stream.getvalue().splitlines()]
-
-
-def read_until(fd: int, needle: bytes, timeout: float = 10.0) -> bytes:
-    """Read from ``fd`` until ``needle`` shows up, or fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    data = b""
-    while needle not in data:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise AssertionError(f"timed out waiting for {needle!r}; got {data!r}")
-        ready, _, _ = select.select([fd], [], [], left)
-        if ready:
-            chunk = os.read(fd, 65536)
-            if not chunk:
-                raise AssertionError(f"end of output before {needle!r}; got {data!r}")
-            data += chunk
-    return data
 
 
 @pytest.fixture
@@ -327,3 +315,58 @@ def test_each_line_reaches_a_pipe_at_once_while_the_process_keeps_running(tmp_pa
     assert json.loads(rest)["event"] == "daemon.stopped"
     proc.stdout.close()
     proc.stderr.close()
+
+
+# -- a stream that cannot be written ------------------------------------------------------------------
+
+
+class Failing(io.StringIO):
+    """A stream whose writes fail as a closed pipe's or a full disk's do."""
+
+    def __init__(self, error: OSError) -> None:
+        super().__init__()
+        self.error = error
+        self.attempts = 0
+
+    def write(self, text: str) -> int:
+        self.attempts += 1
+        raise self.error
+
+
+@pytest.mark.parametrize("error", [BrokenPipeError(errno.EPIPE, "Broken pipe"),
+                                   OSError(errno.EBADF, "Bad file descriptor"),
+                                   OSError(errno.ENOSPC, "No space left on device")],
+                         ids=["EPIPE", "EBADF", "ENOSPC"])
+def test_a_failing_stream_never_raises_into_the_code_that_logs(error, capsys):
+    stream = Failing(error)
+    log.configure("info", "json", stream=stream)
+    for n in range(3):
+        log.get("t").info("snapshot.committed", n=n)
+    logging.getLogger("botocore").warning("and a library's record")
+    assert stream.attempts == 1  # given up after the first failure, silently
+    said = capsys.readouterr().err
+    assert said.count("\n") == 1 and error.strerror in said and "logging stops" in said
+
+
+def test_a_closed_pipe_on_stdout_ends_logging_and_the_process_exits_0_quietly():
+    # Python's own flush of stdout at exit would fail too and make the status 120.
+    script = (
+        "import sys\n"
+        "from watcherd import log\n"
+        "log.configure('info', 'json', stream=sys.stdout)\n"
+        "for n in range(3):\n"
+        "    log.get('t').info('line', n=n)\n"
+        "print('still running', file=sys.stderr)\n"
+    )
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before the first line
+    try:
+        proc = subprocess.run([sys.executable, "-c", script], stdout=write, stderr=subprocess.PIPE,
+                              text=True, timeout=30)
+    finally:
+        os.close(write)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.splitlines() == [
+        "watcherd: cannot write log lines to <stdout> (Broken pipe); logging stops there, "
+        "watching and saving go on",
+        "still running"]
