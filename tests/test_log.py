@@ -317,6 +317,66 @@ def test_each_line_reaches_a_pipe_at_once_while_the_process_keeps_running(tmp_pa
     proc.stderr.close()
 
 
+# -- other libraries' records -----------------------------------------------------------------------
+
+
+def test_a_library_warning_is_one_json_line_with_its_logger_level_and_secrets_masked():
+    # In a process of its own: the root logger is process-wide state.
+    script = (
+        "import logging, sys\n"
+        "from watcherd import log\n"
+        "log.configure('info', 'json', stream=sys.stdout)\n"
+        f"logging.getLogger('botocore.credentials').warning("
+        f"'Refreshing temporary credentials failed: %s', {AWS_SECRET!r})\n"
+        "logging.getLogger('urllib3.connectionpool').info('Starting new HTTPS connection')\n"
+        "logging.getLogger('botocore.hooks').debug('Event before-call')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=30, env={**os.environ, "AWS_SECRET_ACCESS_KEY": AWS_SECRET})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""
+    lines = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert len(lines) == 1, proc.stdout  # info and debug of libraries stay out
+    line = lines[0]
+    assert line["event"] == "Refreshing temporary credentials failed: ********"
+    assert (line["level"], line["logger"]) == ("warning", "botocore.credentials")
+    assert datetime.fromisoformat(line["timestamp"].replace("Z", "+00:00")).utcoffset() == timedelta(0)
+    assert AWS_SECRET not in proc.stdout
+
+
+def test_a_library_error_with_a_traceback_is_rendered_like_ours():
+    out = io.StringIO()
+    log.configure("info", "json", stream=out, secrets=[TOKEN])
+    try:
+        raise ConnectionError(f"reset while sending {TOKEN}")
+    except ConnectionError:
+        logging.getLogger("urllib3.connectionpool").exception("Retrying request")
+    logging.getLogger("urllib3.connectionpool").warning("Connection pool is full")
+    first, second = json_lines(out)
+    assert (first["event"], first["level"], first["logger"]) == \
+        ("Retrying request", "error", "urllib3.connectionpool")
+    assert "ConnectionError: reset while sending ********" in first["exception"]
+    assert second["event"] == "Connection pool is full" and second["level"] == "warning"
+    assert TOKEN not in out.getvalue()
+
+
+def test_a_library_warning_is_hidden_when_the_level_is_error():
+    out = io.StringIO()
+    log.configure("error", "json", stream=out)
+    logging.getLogger("botocore").warning("a warning")
+    logging.getLogger("botocore").error("an error")
+    assert [e["event"] for e in json_lines(out)] == ["an error"]
+
+
+def test_configure_again_moves_library_records_to_the_new_stream_without_duplicates():
+    first, second = io.StringIO(), io.StringIO()
+    log.configure("info", "json", stream=first)
+    log.configure("info", "console", stream=second)
+    logging.getLogger("botocore").warning("once")
+    assert first.getvalue() == ""
+    assert second.getvalue().count("once") == 1 and "botocore" in second.getvalue()
+
+
 # -- a stream that cannot be written ------------------------------------------------------------------
 
 

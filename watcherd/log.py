@@ -4,8 +4,9 @@ Secrets never reach a line: every known secret value (the control token, AWS key
 environment) is masked wherever it appears, and fields whose name says "secret", "token",
 "password" or "credential" are masked whatever they hold.
 
-A stream that cannot be written (a reader that left, a full disk) ends the logging, never the
-program: a log line is not worth a lost save.
+Records of other libraries (botocore, urllib3, ...) at WARNING and above go through the same
+processors and renderer, with their logger's name. A stream that cannot be written (a reader that
+left, a full disk) ends the logging, never the program: a log line is not worth a lost save.
 """
 
 from __future__ import annotations
@@ -155,9 +156,29 @@ def silence(stream: TextIO) -> None:
         os.close(devnull)
 
 
+class _SinkHandler(logging.Handler):
+    """The stdlib side: other libraries' records, rendered by structlog, into the same sink."""
+
+    def __init__(self, sink: _Sink, level: int) -> None:
+        super().__init__(level)
+        self.sink = sink
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record)
+        except Exception:  # a library's bad format string: logging's own report, as usual
+            self.handleError(record)
+            return
+        self.sink.write(line)
+
+
+_handler: _SinkHandler | None = None
+
+
 def configure(level: str = "info", fmt: str = "auto", stream: TextIO | None = None,
               secrets: Iterable[str] = ()) -> None:
     """Set up structlog for the whole process. Safe to call again (tests, config reload)."""
+    global _handler
     stream = stream or sys.stdout
     for name in _SECRET_ENV:
         add_secret(os.environ.get(name))
@@ -170,7 +191,6 @@ def configure(level: str = "info", fmt: str = "auto", stream: TextIO | None = No
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         structlog.processors.format_exc_info,
-        _redact_processor,
     ]
     renderer: Any
     if fmt == "json":
@@ -182,11 +202,26 @@ def configure(level: str = "info", fmt: str = "auto", stream: TextIO | None = No
                                                  exception_formatter=structlog.dev.plain_traceback)
     sink = _Sink(stream)
     structlog.configure(
-        processors=[*shared, renderer],
+        processors=[*shared, _redact_processor, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
         logger_factory=lambda *_: sink,
         cache_logger_on_first_use=False,
     )
+    # Records of other libraries: their own debug and info chatter stays out (botocore's is
+    # per request), their warnings and errors are lines like ours. The redaction runs after
+    # remove_processors_meta, on the event alone, not on the LogRecord it came from.
+    foreign = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=[structlog.stdlib.add_logger_name, *shared],
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                    _redact_processor, renderer],
+    )
+    root = logging.getLogger()
+    if _handler is not None:
+        root.removeHandler(_handler)
+    _handler = _SinkHandler(sink, max(_LEVELS[level], logging.WARNING))
+    _handler.setFormatter(foreign)
+    root.addHandler(_handler)
+    root.setLevel(_handler.level)
 
 
 def get(name: str) -> Any:
