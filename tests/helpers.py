@@ -60,6 +60,11 @@ def publish(store_dir: Path, key: str, bundle: Path, *, snapshot_commit: str, he
     return number
 
 
+def said(stderr: str) -> list[str]:
+    """The lines of a one-shot command's stderr meant for a person: all but its JSON log lines."""
+    return [line for line in stderr.splitlines() if not line.startswith("{")]
+
+
 def tree_state(root: Path) -> dict[str, tuple]:
     """Every entry under ``root`` except ``.git``: (kind, mode, bytes or link target)."""
     state: dict[str, tuple] = {}

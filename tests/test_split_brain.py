@@ -423,8 +423,8 @@ def test_a_workspace_that_came_from_the_template_never_replaces_the_stored_histo
                                           f'template_url = "{template}"\n')
         r = run_cli(cfg, "restore")
         assert r.returncode == 0, r.stderr
-        done = [json.loads(line) for line in r.stdout.splitlines() if '"restore.done"' in line]
-        assert done and done[-1]["action"] == "template", r.stdout
+        done = [json.loads(line) for line in r.stderr.splitlines() if '"restore.done"' in line]
+        assert done and done[-1]["action"] == "template", r.stderr
     assert (pod_ws / "src" / "app.py").read_text() == "print('hello')\n"  # the template's
 
     pod = watcherd(name="pod", workspace=pod_ws, store=origin.store, key=origin.key).start()

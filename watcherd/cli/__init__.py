@@ -2,12 +2,14 @@
 
 Errors a person can act on (:class:`~watcherd.errors.WatcherdError`) become one line on stderr and
 the command's exit status; anything else is a bug and keeps its traceback.
+
+``run`` logs to stdout (what ``kubectl logs`` shows); every other command prints its result on
+stdout and logs to stderr, so that its output can be read by a program.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Sequence
 
@@ -21,6 +23,7 @@ from watcherd.cli import (
     status_cmd,
     verify_cmd,
 )
+from watcherd.cli.common import note
 from watcherd.errors import WatcherdError
 
 _COMMANDS = (run_cmd, restore_cmd, snapshot_cmd, status_cmd, list_cmd, verify_cmd, config_cmd)
@@ -42,21 +45,27 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    try:
+        args = parser().parse_args(argv)
+    except BrokenPipeError:  # `watcherd --help | head -1`: the reader had what it wanted
+        log.silence(sys.stdout)
+        return 0
     try:
         cfg = config.load(args.config)
     except WatcherdError as exc:
-        print(f"watcherd: {log.redact(str(exc))}", file=sys.stderr)
-        return exc.exit_status
-    log.configure(cfg.log.level, cfg.log.format, secrets=[cfg.control.token])
+        return _report(exc)
+    log.configure(cfg.log.level, cfg.log.format,
+                  stream=sys.stdout if args.command == "run" else sys.stderr,
+                  secrets=[cfg.control.token])
     try:
         return args.handler(args, cfg)
     except WatcherdError as exc:
-        print(f"watcherd: {log.redact(str(exc))}", file=sys.stderr)
-        return exc.exit_status
+        return _report(exc)
     except KeyboardInterrupt:
         return 130
-    except BrokenPipeError:
-        # `watcherd status | head`: the reader left; say nothing more (Python docs' recipe).
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 141
+
+
+def _report(exc: WatcherdError) -> int:
+    """The one line a person reads, and the exit status a supervisor acts on."""
+    note(str(exc))
+    return exc.exit_status

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from watcherd import config, log
+from watcherd.cli.common import say
 from watcherd.errors import WatcherdError
 
 
@@ -19,21 +20,21 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace, cfg: config.Config) -> int:
     # Loading already validated everything: reaching here means the config is usable.
-    print(f"# config file: {cfg.file or 'none (defaults and environment only)'}")
+    say(f"# config file: {cfg.file or 'none (defaults and environment only)'}")
     section = None
     rows = config.describe(cfg)
     width = max(len(f"{key.rpartition('.')[2]} = {value}") for key, value, _ in rows)
     for key, value, source in rows:
         sec, _, name = key.rpartition(".")
         if sec != section:
-            print(f"\n[{sec}]")
+            say(f"\n[{sec}]")
             section = sec
         line = f"{name} = {value}"
         # describe() masks the token and URL passwords; redact() also catches a known secret
         # pasted into some other key.
-        print(log.redact(f"{line:<{width}}  # {source}"))
+        say(log.redact(f"{line:<{width}}  # {source}"))
     if cfg.store.url.scheme == "s3" and not args.no_store:
-        print(log.redact(f"\n# store: {_probe(cfg)}"))
+        say(log.redact(f"\n# store: {_probe(cfg)}"))
     return 0
 
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import json
 
+from watcherd.cli.common import say, say_json
 from watcherd.cli.restore_cmd import generations_for
 from watcherd.config import Config
 from watcherd.store import open_store
@@ -25,16 +25,16 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
         store.close()
     gens = manifest.generations if manifest else ()
     if args.json:
-        print(json.dumps({"key": cfg.store.key, "store": store.url,
-                          "generations": [g.to_dict() for g in gens]}, indent=2))
+        say_json({"key": cfg.store.key, "store": store.url,
+                  "generations": [g.to_dict() for g in gens]})
         return 0
     if not gens:
-        print(f"no generations stored for {cfg.store.key} in {store.url}")
+        say(f"no generations stored for {cfg.store.key} in {store.url}")
         return 0
-    print(f"{'GEN':>4}  {'CREATED (UTC)':<24}  {'SIZE':>9}  {'SNAPSHOT':<12}  {'HEAD':<12}  "
-          f"{'BRANCH':<16}  WRITER")
+    say(f"{'GEN':>4}  {'CREATED (UTC)':<24}  {'SIZE':>9}  {'SNAPSHOT':<12}  {'HEAD':<12}  "
+        f"{'BRANCH':<16}  WRITER")
     for g in gens:
         branch = (g.head_ref or "(detached)").removeprefix("refs/heads/")
-        print(f"{g.generation:>4}  {g.created_at:<24}  {format_size(g.size):>9}  {g.snapshot[:12]:<12}  "
-              f"{(g.head or '-')[:12]:<12}  {branch:<16}  {g.writer.host}:{g.writer.pid}")
+        say(f"{g.generation:>4}  {g.created_at:<24}  {format_size(g.size):>9}  {g.snapshot[:12]:<12}  "
+            f"{(g.head or '-')[:12]:<12}  {branch:<16}  {g.writer.host}:{g.writer.pid}")
     return 0

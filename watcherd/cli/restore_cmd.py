@@ -6,6 +6,7 @@ import argparse
 from datetime import UTC, datetime, timedelta
 
 from watcherd import manifest as mf
+from watcherd.cli.common import say, say_json
 from watcherd.config import Config
 from watcherd.errors import UsageError
 from watcherd.generations import Generations, Limits
@@ -19,6 +20,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--generation", type=int, metavar="N", help="restore generation N (time travel)")
     p.add_argument("--before", metavar="TIME",
                    help='restore the newest generation older than TIME (RFC 3339, or an age like "2h")')
+    p.add_argument("--json", action="store_true",
+                   help="print what was done as one JSON document (action, generation, "
+                        "workspace, moved_aside)")
     p.set_defaults(handler=run)
 
 
@@ -33,9 +37,15 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
         outcome = restore(cfg, generations_for(cfg, store), request)
     finally:
         store.close()
+    if args.json:
+        say_json({"action": outcome.action, "generation": outcome.generation,
+                  "workspace": str(cfg.workspace.path),
+                  "moved_aside": str(outcome.moved_aside) if outcome.moved_aside else None,
+                  "key": cfg.store.key, "store": store.url})
+        return 0
     where = f" generation {outcome.generation}" if outcome.generation else ""
     aside = f"; the previous contents were moved to {outcome.moved_aside}" if outcome.moved_aside else ""
-    print(f"restore: {outcome.action}{where} into {cfg.workspace.path}{aside}")
+    say(f"restore: {outcome.action}{where} into {cfg.workspace.path}{aside}")
     return 0
 
 

@@ -7,13 +7,13 @@ else standalone. Exit 0 saved or nothing new, 1 failed, 3 refused as a conflict.
 from __future__ import annotations
 
 import argparse
-import sys
 
 from watcherd import snapshot
+from watcherd.cli.common import say
 from watcherd.cli.restore_cmd import generations_for
 from watcherd.config import Config
 from watcherd.control import ControlClient, DaemonNotRunning
-from watcherd.errors import ConflictError
+from watcherd.errors import ConflictError, WatcherdError
 from watcherd.git import Git, Identity
 from watcherd.store import open_store
 
@@ -43,19 +43,17 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
 def _report_daemon(code: int, result: dict) -> int:
     status = (result or {}).get("status")
     if status == "saved":
-        print(f"snapshot: the daemon saved generation {result.get('generation')} "
-              f"({result.get('bytes')} bytes, snapshot {(result.get('snapshot') or '')[:12]})")
+        say(f"snapshot: the daemon saved generation {result.get('generation')} "
+            f"({result.get('bytes')} bytes, snapshot {(result.get('snapshot') or '')[:12]})")
         return 0
     if status == "unchanged":
-        print(f"snapshot: nothing new; generation {result.get('generation')} already holds the "
-              "workspace")
+        say(f"snapshot: nothing new; generation {result.get('generation')} already holds the "
+            "workspace")
         return 0
     if status == "conflict":
-        print(f"watcherd: {result.get('error')}", file=sys.stderr)
-        return ConflictError.exit_status
-    print(f"watcherd: the daemon could not save (HTTP {code}): "
-          f"{(result or {}).get('error') or status}", file=sys.stderr)
-    return 1
+        raise ConflictError(str(result.get("error")))
+    raise WatcherdError(f"the daemon could not save (HTTP {code}): "
+                        f"{(result or {}).get('error') or status}")
 
 
 def _standalone(cfg: Config) -> int:
@@ -69,11 +67,11 @@ def _standalone(cfg: Config) -> int:
     finally:
         store.close()
     if result.status == "saved":
-        print(f"snapshot: saved generation {result.generation} ({result.bytes} bytes, "
-              f"snapshot {result.snapshot[:12]})")
+        say(f"snapshot: saved generation {result.generation} ({result.bytes} bytes, "
+            f"snapshot {result.snapshot[:12]})")
     elif result.generation:
-        print(f"snapshot: nothing new; generation {result.generation} already holds "
-              f"{'this change' if snap.commit else 'the workspace'}")
+        say(f"snapshot: nothing new; generation {result.generation} already holds "
+            f"{'this change' if snap.commit else 'the workspace'}")
     else:
-        print("snapshot: nothing to save (the workspace is empty)")
+        say("snapshot: nothing to save (the workspace is empty)")
     return 0

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import json
 from typing import Any
 
+from watcherd.cli.common import say, say_json
 from watcherd.config import Config
 from watcherd.control import ControlClient
 from watcherd.units import format_size
@@ -20,9 +20,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace, cfg: Config) -> int:
     status = ControlClient(cfg.control).status()
     if args.json:
-        print(json.dumps(status, indent=2))
+        say_json(status)
     else:
-        print(render(status))
+        say(render(status))
     return 0
 
 

@@ -1,0 +1,39 @@
+"""How every subcommand prints its result.
+
+Results go to stdout (logs go elsewhere: stderr, or stdout for ``run`` alone), so that
+``watcherd list --json | jq`` reads one JSON document and nothing else. A reader that leaves
+early (``watcherd status | head -1``) ends the output, not the command: what the command did
+stands and its exit status says so.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+from watcherd import log
+from watcherd.errors import WatcherdError
+
+
+def say(text: str) -> None:
+    """Print a result line on stdout; quietly nothing more once its reader has gone."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        log.silence(sys.stdout)
+    except OSError as exc:  # a full disk or an I/O error: the result did not get out
+        raise WatcherdError(f"cannot write the result to stdout: {exc.strerror or exc}") from None
+
+
+def note(text: str) -> None:
+    """Tell the person something on stderr, in one line, secrets masked; never raises."""
+    try:
+        print(f"watcherd: {log.redact(text)}", file=sys.stderr, flush=True)
+    except OSError:
+        log.silence(sys.stderr)  # nobody reads stderr either; the exit status still tells
+
+
+def say_json(doc: Any) -> None:
+    """Print ``doc`` as the one JSON document of a ``--json`` result."""
+    say(json.dumps(doc, indent=2))
