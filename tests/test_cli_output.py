@@ -19,7 +19,7 @@ from daemon_fixture import (  # noqa: F401 (watcherd is a fixture)
     watcherd,
     write_config,
 )
-from helpers import read_until
+from helpers import read_until, wait_for
 from s3server import MotoS3, aws_env
 
 KEY = "acme/output-1/main"
@@ -52,13 +52,42 @@ def test_the_daemon_whose_stdout_reader_left_after_ready_still_makes_its_final_s
     assert code == 0, stderr
     assert "Traceback" not in stderr and "Exception ignored" not in stderr
     assert stderr.count("cannot write log lines to <stdout> (Broken pipe)") == 1
+    assert restored(tmp_path, store) == "print('written after the reader left')\n"
+
+
+def test_the_daemon_started_with_stdout_closed_still_saves(tmp_path):
+    # `watcherd run >&-`, or a supervisor that gives it no stdout: Python has no sys.stdout.
+    ws = make_workspace(tmp_path / "ws")
+    store = tmp_path / "store"
+    cfg = write_config(tmp_path / "run.toml", workspace=ws, store=store, key=KEY, listen="")
+    proc = subprocess.Popen([WATCHERD, "--config", str(cfg), "run"], stderr=subprocess.PIPE,
+                            text=True, env=_env(), preexec_fn=lambda: os.close(1))
+    try:
+        wait_for(lambda: (store / KEY / "manifest.json").is_file() or proc.poll() is not None,
+                 timeout=20, message="the first save")
+        (ws / "src" / "app.py").write_text("print('no stdout at all')\n")
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    stderr = proc.stderr.read()
+    proc.stderr.close()
+    assert code == 0, stderr
+    assert "Traceback" not in stderr
+    assert restored(tmp_path, store) == "print('no stdout at all')\n"
+
+
+def restored(tmp_path: Path, store: Path) -> str:
+    """``src/app.py`` as ``watcherd restore`` of the store's newest generation gives it back."""
     target = tmp_path / "restored"
     restore = write_config(tmp_path / "restore.toml", workspace=target, store=store, key=KEY,
                            listen="")
-    restored = subprocess.run([WATCHERD, "--config", str(restore), "restore"],
-                              capture_output=True, text=True, timeout=60, env=_env())
-    assert restored.returncode == 0, restored.stderr
-    assert (target / "src" / "app.py").read_text() == "print('written after the reader left')\n"
+    result = subprocess.run([WATCHERD, "--config", str(restore), "restore"],
+                            capture_output=True, text=True, timeout=60, env=_env())
+    assert result.returncode == 0, result.stderr
+    return (target / "src" / "app.py").read_text()
 
 
 # -- one-shot commands: the result on stdout, the logs on stderr ---------------------------------------

@@ -10,6 +10,7 @@ stdout and logs to stderr, so that its output can be read by a program.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -54,8 +55,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = config.load(args.config)
     except WatcherdError as exc:
         return _report(exc)
-    log.configure(cfg.log.level, cfg.log.format,
-                  stream=sys.stdout if args.command == "run" else sys.stderr,
+    logs = sys.stdout if args.command == "run" else sys.stderr
+    # Started with that descriptor closed (`watcherd run >&-`), Python gives no stream for it.
+    log.configure(cfg.log.level, cfg.log.format, stream=logs or open(os.devnull, "w"),
                   secrets=[cfg.control.token])
     try:
         return args.handler(args, cfg)

@@ -28,6 +28,8 @@ def say(text: str) -> None:
 
 def note(text: str) -> None:
     """Tell the person something on stderr, in one line, secrets masked; never raises."""
+    if sys.stderr is None:  # started with stderr closed: not on stdout instead
+        return
     try:
         print(f"watcherd: {log.redact(text)}", file=sys.stderr, flush=True)
     except OSError:
