@@ -143,10 +143,10 @@ def test_snapshot_above_max_bundle_size_exits_1_and_uploads_nothing(tmp_path, ws
     assert store_files(store_dir) == {}
 
 
-def test_snapshot_of_a_missing_workspace_exits_1_naming_it(tmp_path, store_dir):
+def test_snapshot_of_a_missing_workspace_exits_2_naming_it(tmp_path, store_dir):
     missing = tmp_path / "no-such-workspace"
     r = watcherd(write_config(tmp_path / "c.toml", missing, store_dir), "snapshot")
-    assert r.returncode == 1
+    assert r.returncode == 2
     assert str(missing) in r.stderr and "Traceback" not in r.stderr
 
 

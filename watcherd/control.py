@@ -26,7 +26,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from watcherd import log
 from watcherd.config import ControlConfig
-from watcherd.errors import WatcherdError
+from watcherd.errors import ConfigError, WatcherdError
 
 _log = log.get(__name__)
 
@@ -231,7 +231,6 @@ class ControlClient:
     def status(self) -> dict[str, Any]:
         code, doc = self._request("GET", "/status")
         if code != 200:
-            # A 401 is a daemon that answers but not to us: say why, never render its error page.
             said = doc.get("error") if isinstance(doc, dict) else None
             raise WatcherdError(f"{self.base}/status answered HTTP {code}"
                                 + (f": {said}" if said else ""))
@@ -256,6 +255,10 @@ class ControlClient:
                     raise WatcherdError(f"{self.base}{path} answered, but not in JSON: is "
                                         "control.listen the address of a watcherd?") from None
         except urllib.error.HTTPError as exc:
+            if exc.code == 401:
+                # A daemon that answers, but not to this token: a config to fix, not to retry.
+                raise ConfigError(f"{self.base}{path} answered HTTP 401: the daemon refuses "
+                                  "this control.token; set the token it was started with") from None
             try:
                 return exc.code, json.loads(exc.read() or b"null")
             except ValueError:

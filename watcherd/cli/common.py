@@ -1,4 +1,5 @@
-"""How every subcommand prints its result.
+"""What every subcommand shares: how it prints its result, and the checks a person must fix
+before anything starts.
 
 Results go to stdout (logs go elsewhere: stderr, or stdout for ``run`` alone), so that
 ``watcherd list --json | jq`` reads one JSON document and nothing else. A reader that leaves
@@ -10,10 +11,11 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 from watcherd import log
-from watcherd.errors import WatcherdError
+from watcherd.errors import WatcherdError, WorkspaceNotFound
 
 
 def say(text: str) -> None:
@@ -39,3 +41,23 @@ def note(text: str) -> None:
 def say_json(doc: Any) -> None:
     """Print ``doc`` as the one JSON document of a ``--json`` result."""
     say(json.dumps(doc, indent=2))
+
+
+def check_workspace(path: Path, *, may_be_missing: bool = False) -> None:
+    """Refuse, with exit status 2, a ``workspace.path`` that cannot be the workspace.
+
+    A path that does not exist (or is a file) is a mistake in the config or the mounts:
+    restarting will not make it appear, so a supervisor must stop, not loop. ``restore`` may
+    create the workspace, so for it only the parent must exist.
+    """
+    if path.is_dir():
+        return
+    if path.exists():
+        raise WorkspaceNotFound(f"workspace.path {path} is not a directory; fix workspace.path")
+    if not may_be_missing:
+        raise WorkspaceNotFound(f"workspace.path {path} does not exist; create it, or fix "
+                                "workspace.path")
+    if not path.parent.is_dir():
+        raise WorkspaceNotFound(f"workspace.path {path}: its parent directory {path.parent} "
+                                "does not exist; create it (or mount the volume), or fix "
+                                "workspace.path")

@@ -7,6 +7,7 @@ import argparse
 from watcherd import config, log
 from watcherd.cli.common import say
 from watcherd.errors import WatcherdError
+from watcherd.store import check_backend
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -19,7 +20,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace, cfg: config.Config) -> int:
-    # Loading already validated everything: reaching here means the config is usable.
+    # Loading already validated every value; what is left is whether this installation can
+    # use them (the S3 extra).
+    check_backend(cfg.store)
     say(f"# config file: {cfg.file or 'none (defaults and environment only)'}")
     section = None
     rows = config.describe(cfg)

@@ -6,7 +6,7 @@ import argparse
 from datetime import UTC, datetime, timedelta
 
 from watcherd import manifest as mf
-from watcherd.cli.common import say, say_json
+from watcherd.cli.common import check_workspace, say, say_json
 from watcherd.config import Config
 from watcherd.errors import UsageError
 from watcherd.generations import Generations, Limits
@@ -32,6 +32,7 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
     if args.generation is not None and args.generation < 1:
         raise UsageError("--generation must be 1 or more")
     request = Request(args.generation, parse_before(args.before) if args.before else None)
+    check_workspace(cfg.workspace.path, may_be_missing=True)
     store = open_store(cfg.store)
     try:
         outcome = restore(cfg, generations_for(cfg, store), request)

@@ -11,6 +11,7 @@ import time
 import anyio
 
 from watcherd import log
+from watcherd.cli.common import check_workspace
 from watcherd.config import Config
 from watcherd.daemon import Daemon
 from watcherd.errors import WatcherdError
@@ -25,6 +26,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace, cfg: Config) -> int:
+    check_workspace(cfg.workspace.path)
     try:
         code = anyio.run(Daemon(cfg).run)
     except BaseExceptionGroup as group:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 
 from watcherd import snapshot
-from watcherd.cli.common import say
+from watcherd.cli.common import check_workspace, say
 from watcherd.cli.restore_cmd import generations_for
 from watcherd.config import Config
 from watcherd.control import ControlClient, DaemonNotRunning
@@ -58,6 +58,7 @@ def _report_daemon(code: int, result: dict) -> int:
 
 def _standalone(cfg: Config) -> int:
     ws = cfg.workspace
+    check_workspace(ws.path)
     git = Git(ws.path, identity=Identity(ws.author_name, ws.author_email))
     snapshot.ensure_workspace(ws.path, git)
     snap = snapshot.take(git, ws.mode)
