@@ -24,7 +24,7 @@ from watcherd.cli import (
     status_cmd,
     verify_cmd,
 )
-from watcherd.cli.common import note
+from watcherd.cli.common import CONFIG_OPTION, note
 from watcherd.errors import WatcherdError
 
 _COMMANDS = (run_cmd, restore_cmd, snapshot_cmd, status_cmd, list_cmd, verify_cmd, config_cmd)
@@ -32,12 +32,13 @@ _COMMANDS = (run_cmd, restore_cmd, snapshot_cmd, status_cmd, list_cmd, verify_cm
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="watcherd",
+        prog="watcherd", parents=[CONFIG_OPTION],
         description="Keep a workspace alive across pod restarts: git snapshots, bundles in a "
                     "blob store, verified restore.",
+        epilog="exit status, for every command: 2 means the config or the command line must be "
+               "fixed (retrying will not help); 1 means it failed and retrying may help. "
+               "'watcherd COMMAND --help' says the rest.",
     )
-    p.add_argument("--config", metavar="PATH",
-                   help="TOML config file (default: $WATCHERD_CONFIG, else /etc/watcherd/watcherd.toml)")
     p.add_argument("--version", action="version", version=f"watcherd {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for command in _COMMANDS:
@@ -52,7 +53,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.silence(sys.stdout)
         return 0
     try:
-        cfg = config.load(args.config)
+        cfg = config.load(getattr(args, "config", None))
     except WatcherdError as exc:
         return _report(exc)
     logs = sys.stdout if args.command == "run" else sys.stderr

@@ -1,5 +1,5 @@
-"""What every subcommand shares: how it prints its result, and the checks a person must fix
-before anything starts.
+"""What every subcommand shares: the shape of its parser, how it prints its result, and the
+checks a person must fix before anything starts.
 
 Results go to stdout (logs go elsewhere: stderr, or stdout for ``run`` alone), so that
 ``watcherd list --json | jq`` reads one JSON document and nothing else. A reader that leaves
@@ -9,6 +9,7 @@ stands and its exit status says so.
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -16,6 +17,28 @@ from typing import Any
 
 from watcherd import log
 from watcherd.errors import WatcherdError, WorkspaceNotFound
+
+# --config is accepted before the command (``watcherd --config x run``) and after it
+# (``watcherd run --config x``). SUPPRESS: a subcommand that was not given it must not reset what
+# the main parser read.
+CONFIG_OPTION = argparse.ArgumentParser(add_help=False)
+CONFIG_OPTION.add_argument("--config", metavar="PATH", default=argparse.SUPPRESS,
+                           help="TOML config file (default: $WATCHERD_CONFIG, else "
+                                "/etc/watcherd/watcherd.toml)")
+
+
+def command_parser(sub: argparse._SubParsersAction, name: str, *, summary: str,
+                   description: str, exit_statuses: dict[int, str]) -> argparse.ArgumentParser:
+    """A subcommand's parser: ``--config``, what it does, and its exit statuses in ``--help``.
+
+    Supervisors and scripts act on the exit status (2 means "fix the config, retrying will not
+    help"), so each command's help says what each of its statuses means.
+    """
+    epilog = "exit status:\n" + "\n".join(f"  {code}  {meaning}"
+                                          for code, meaning in sorted(exit_statuses.items()))
+    return sub.add_parser(name, help=summary, description=description, epilog=epilog,
+                          parents=[CONFIG_OPTION],
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
 def say(text: str) -> None:

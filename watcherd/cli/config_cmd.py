@@ -5,15 +5,27 @@ from __future__ import annotations
 import argparse
 
 from watcherd import config, log
-from watcherd.cli.common import say
+from watcherd.cli.common import command_parser, say
 from watcherd.errors import WatcherdError
 from watcherd.store import check_backend
 
+_EXIT_STATUSES = {0: "the config is usable", 2: "it is not: the line on stderr names the key and "
+                                                "where its value came from"}
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("config", help="inspect the configuration")
+    p = command_parser(
+        sub, "config", summary="inspect the configuration",
+        description="Inspect the configuration watcherd would run with.",
+        exit_statuses=_EXIT_STATUSES)
     actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
-    check = actions.add_parser("check", help="print the effective config and each value's source")
+    check = command_parser(
+        actions, "check", summary="print the effective config and each value's source",
+        description="""\
+Prints every key with its effective value and where that came from (default, the file, or
+a WATCHERD_* variable), secrets masked. Checks that this installation can open the store,
+and asks an S3 store whether it enforces conditional writes.""",
+        exit_statuses=_EXIT_STATUSES)
     check.add_argument("--no-store", action="store_true",
                        help="do not contact an S3 store to check its conditional writes")
     check.set_defaults(handler=run)

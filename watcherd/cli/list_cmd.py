@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from watcherd.cli.common import say, say_json
+from watcherd.cli.common import command_parser, say, say_json
 from watcherd.cli.restore_cmd import generations_for
 from watcherd.config import Config
 from watcherd.store import open_store
@@ -12,8 +12,16 @@ from watcherd.units import format_size
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("list", help="list the generations in the store")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p = command_parser(
+        sub, "list", summary="list the generations in the store",
+        description="""\
+The generations kept in the store for store.key, newest first: when each was saved, its
+size, snapshot and HEAD commits, branch, and the host and pid that wrote it.""",
+        exit_statuses={0: "listed (an empty store lists nothing)",
+                       1: "the store could not be read",
+                       2: "fix the config or the command line"})
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON document (key, store, generations)")
     p.set_defaults(handler=run)
 
 

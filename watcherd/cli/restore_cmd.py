@@ -6,7 +6,7 @@ import argparse
 from datetime import UTC, datetime, timedelta
 
 from watcherd import manifest as mf
-from watcherd.cli.common import check_workspace, say, say_json
+from watcherd.cli.common import check_workspace, command_parser, say, say_json
 from watcherd.config import Config
 from watcherd.errors import UsageError
 from watcherd.generations import Generations, Limits
@@ -16,7 +16,17 @@ from watcherd.units import parse_duration
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("restore", help="restore the newest good generation into the workspace")
+    p = command_parser(
+        sub, "restore", summary="restore the newest good generation into the workspace",
+        description="""\
+The startup hook (an init container, or a systemd oneshot before the app). Puts the newest
+good generation of store.key into workspace.path: nothing to do if the workspace already
+holds that history; a non-empty workspace that is not this history is moved aside, never
+deleted. Nothing stored: restore.on_missing says what to start from.""",
+        exit_statuses={0: "the workspace is ready",
+                       1: "could not restore (store unreachable, everything corrupt, a local I/O "
+                          "error); retrying may help",
+                       2: "fix the config or the command line"})
     p.add_argument("--generation", type=int, metavar="N", help="restore generation N (time travel)")
     p.add_argument("--before", metavar="TIME",
                    help='restore the newest generation older than TIME (RFC 3339, or an age like "2h")')

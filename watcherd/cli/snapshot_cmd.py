@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 
 from watcherd import snapshot
-from watcherd.cli.common import check_workspace, say
+from watcherd.cli.common import check_workspace, command_parser, note, say
 from watcherd.cli.restore_cmd import generations_for
 from watcherd.config import Config
 from watcherd.control import ControlClient, DaemonNotRunning
@@ -19,7 +19,17 @@ from watcherd.store import open_store
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("snapshot", help="snapshot + upload now (through the daemon if one runs)")
+    p = command_parser(
+        sub, "snapshot", summary="snapshot + upload now (through the daemon if one runs)",
+        description="""\
+Snapshots the workspace and saves a generation now. Through the running daemon when one
+answers on control.listen, so that two processes never race on one workspace; in this
+process when none answers (it says so on stderr) or with --standalone.""",
+        exit_statuses={0: "saved, or nothing new to save",
+                       1: "failed; retrying may help",
+                       2: "fix the config: a bad key, no such workspace.path, a control.token "
+                          "the daemon refuses",
+                       3: "refused as a conflict: kept under conflicts/ in the store"})
     p.add_argument("--standalone", action="store_true",
                    help="do it in this process even if a daemon is running")
     p.set_defaults(handler=run)
@@ -30,11 +40,13 @@ DAEMON_SAVE_TIMEOUT = 900.0
 
 
 def run(args: argparse.Namespace, cfg: Config) -> int:
-    if not args.standalone:
+    if not args.standalone and cfg.control.address is not None:
         try:
             code, result = ControlClient(cfg.control).snapshot(timeout=DAEMON_SAVE_TIMEOUT)
-        except DaemonNotRunning:
-            pass  # nobody to ask: do it here
+        except DaemonNotRunning as exc:
+            # Said, because a daemon that should be running is news, and the save happens
+            # here instead, with this process's permissions and environment.
+            note(f"{exc}; snapshotting in this process instead")
         else:
             return _report_daemon(code, result)
     return _standalone(cfg)

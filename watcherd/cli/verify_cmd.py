@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from watcherd import bundle as bundles
-from watcherd.cli.common import say, say_json
+from watcherd.cli.common import command_parser, say, say_json
 from watcherd.cli.restore_cmd import generations_for
 from watcherd.config import Config
 from watcherd.errors import IntegrityError
@@ -17,7 +17,15 @@ from watcherd.store import open_store
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("verify", help="prove the newest generation restores (exit 0 good, 1 not)")
+    p = command_parser(
+        sub, "verify", summary="prove the newest generation restores (exit 0 good, 1 not)",
+        description="""\
+Downloads the newest generation of store.key, checks its size and sha256, proves the bundle
+with git and builds its tree in a temporary directory, as a restore would. The workspace is
+not touched.""",
+        exit_statuses={0: "the newest generation restores",
+                       1: "it does not, nothing is stored, or the store could not be read",
+                       2: "fix the config or the command line"})
     p.add_argument("--json", action="store_true",
                    help="print the verdict as one JSON document (ok, generation, files, ...)")
     p.set_defaults(handler=run)
