@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -27,7 +28,20 @@ KEY = "acme/output-1/main"
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="inotify is Linux-only")
 
 
-def test_the_daemon_whose_stdout_reader_left_after_ready_still_makes_its_final_save(tmp_path):
+@pytest.fixture
+def daemons() -> Iterator[list[subprocess.Popen]]:
+    """Daemons a test starts by hand; any still running at teardown is killed."""
+    started: list[subprocess.Popen] = []
+    yield started
+    for proc in started:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        proc.stderr.close()
+
+
+def test_the_daemon_whose_stdout_reader_left_after_ready_still_makes_its_final_save(tmp_path,
+                                                                                   daemons):
     ws = make_workspace(tmp_path / "ws")
     store = tmp_path / "store"
     cfg = write_config(tmp_path / "run.toml", workspace=ws, store=store, key=KEY,
@@ -35,19 +49,12 @@ def test_the_daemon_whose_stdout_reader_left_after_ready_still_makes_its_final_s
     read, write = os.pipe()
     proc = subprocess.Popen([WATCHERD, "--config", str(cfg), "run"], stdout=write,
                             stderr=subprocess.PIPE, text=True, env=_env())
+    daemons.append(proc)
     os.close(write)
-    try:
-        read_until(read, b'"daemon.ready"', timeout=20)
-        os.close(read)  # `watcherd run | head -n 4`: the reader had its lines and left
-        (ws / "src" / "app.py").write_text("print('written after the reader left')\n")
-        proc.send_signal(signal.SIGTERM)
-        code = proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
-    stderr = proc.stderr.read()
-    proc.stderr.close()
+    read_until(read, b'"daemon.ready"', timeout=20)
+    os.close(read)  # `watcherd run | head -n 4`: the reader had its lines and left
+
+    code, stderr = edit_then_stop(proc, ws, "print('written after the reader left')\n")
 
     assert code == 0, stderr
     assert "Traceback" not in stderr and "Exception ignored" not in stderr
@@ -55,28 +62,31 @@ def test_the_daemon_whose_stdout_reader_left_after_ready_still_makes_its_final_s
     assert restored(tmp_path, store) == "print('written after the reader left')\n"
 
 
-def test_the_daemon_started_with_stdout_closed_still_saves(tmp_path):
+def test_the_daemon_started_with_stdout_closed_still_saves(tmp_path, daemons):
     # `watcherd run >&-`, or a supervisor that gives it no stdout: Python has no sys.stdout.
     ws = make_workspace(tmp_path / "ws")
     store = tmp_path / "store"
     cfg = write_config(tmp_path / "run.toml", workspace=ws, store=store, key=KEY, listen="")
     proc = subprocess.Popen([WATCHERD, "--config", str(cfg), "run"], stderr=subprocess.PIPE,
                             text=True, env=_env(), preexec_fn=lambda: os.close(1))
-    try:
-        wait_for(lambda: (store / KEY / "manifest.json").is_file() or proc.poll() is not None,
-                 timeout=20, message="the first save")
-        (ws / "src" / "app.py").write_text("print('no stdout at all')\n")
-        proc.send_signal(signal.SIGTERM)
-        code = proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
-    stderr = proc.stderr.read()
-    proc.stderr.close()
+    daemons.append(proc)
+    wait_for(lambda: (store / KEY / "manifest.json").is_file() or proc.poll() is not None,
+             timeout=20, message="the first save")
+
+    code, stderr = edit_then_stop(proc, ws, "print('no stdout at all')\n")
+
     assert code == 0, stderr
     assert "Traceback" not in stderr
     assert restored(tmp_path, store) == "print('no stdout at all')\n"
+
+
+def edit_then_stop(proc: subprocess.Popen, ws: Path, text: str) -> tuple[int, str]:
+    """Edit ``src/app.py``, SIGTERM the daemon at once (its final save must hold the edit);
+    its exit status and stderr."""
+    (ws / "src" / "app.py").write_text(text)
+    proc.send_signal(signal.SIGTERM)
+    code = proc.wait(timeout=30)
+    return code, proc.stderr.read()
 
 
 def restored(tmp_path: Path, store: Path) -> str:
