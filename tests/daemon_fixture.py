@@ -202,13 +202,15 @@ class Daemon:
 
     # -- life ------------------------------------------------------------------------------------
 
-    def start(self, *, env: dict[str, str] | None = None, wait_ready: bool = True) -> Daemon:
+    def start(self, *, env: dict[str, str] | None = None, wait_ready: bool = True,
+              preexec_fn: Callable[[], None] | None = None) -> Daemon:
+        """Start ``watcherd run``; ``preexec_fn`` runs in the child first (resource limits)."""
         assert self.proc is None or self.proc.poll() is not None, "already running"
         stderr = self.base / f"{self.name}-{len(self.runs)}.stderr"
         with stderr.open("wb") as err:
             self.proc = subprocess.Popen([WATCHERD, "--config", str(self.config), "run"],
                                          stdout=subprocess.PIPE, stderr=err, text=True,
-                                         env=_env(env))
+                                         env=_env(env), preexec_fn=preexec_fn)
         self.log = LogLines(self.proc.stdout)
         self.runs.append((self.log, stderr))
         if wait_ready:

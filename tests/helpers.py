@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import select
 import shutil
 import stat
 import subprocess
@@ -73,6 +74,11 @@ def publish(store_dir: Path, key: str, bundle: Path, *, snapshot_commit: str, he
     return number
 
 
+def said(stderr: str) -> list[str]:
+    """The lines of a one-shot command's stderr meant for a person: all but its JSON log lines."""
+    return [line for line in stderr.splitlines() if not line.startswith("{")]
+
+
 def tree_state(root: Path) -> dict[str, tuple]:
     """Every entry under ``root`` except ``.git``: (kind, mode, bytes or link target)."""
     state: dict[str, tuple] = {}
@@ -140,3 +146,20 @@ def wait_for(condition: Callable[[], T], timeout: float = 10.0, interval: float 
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {message}")
         time.sleep(interval)
+
+
+def read_until(fd: int, needle: bytes, timeout: float = 10.0) -> bytes:
+    """Read from ``fd`` until ``needle`` shows up, or fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    data = b""
+    while needle not in data:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise AssertionError(f"timed out waiting for {needle!r}; got {data!r}")
+        ready, _, _ = select.select([fd], [], [], left)
+        if ready:
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                raise AssertionError(f"end of output before {needle!r}; got {data!r}")
+            data += chunk
+    return data

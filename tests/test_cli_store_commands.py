@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import make_repo, store_files, tree_state
+from helpers import make_repo, said, store_files, tree_state
 from watcherd.units import format_size
 
 KEY = "acme/cli-1/main"
@@ -57,9 +57,9 @@ def start(config: Path, *args: str) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def log_events(stdout: str) -> list[dict]:
+def log_events(stderr: str) -> list[dict]:
     found = []
-    for line in stdout.splitlines():
+    for line in stderr.splitlines():
         if line.startswith("{"):
             found.append(json.loads(line))
     return found
@@ -95,7 +95,7 @@ def test_snapshot_saves_a_generation_then_reports_nothing_new(cfg, ws, store_dir
     first = watcherd(cfg, "snapshot")
     assert first.returncode == 0, first.stderr
     assert "snapshot: saved generation 1" in first.stdout
-    assert any(e["event"] == "generation.saved" and e["generation"] == 1 for e in log_events(first.stdout))
+    assert any(e["event"] == "generation.saved" and e["generation"] == 1 for e in log_events(first.stderr))
     assert (store_dir / KEY / "manifest.json").exists()
 
     again = watcherd(cfg, "snapshot")
@@ -113,7 +113,7 @@ def test_snapshot_refused_as_a_conflict_exits_3_and_keeps_it_under_conflicts(tmp
 
     assert r.returncode == 3, (r.stdout, r.stderr)
     assert "conflicts/" in r.stderr and KEY in r.stderr
-    assert len(r.stderr.strip().splitlines()) == 1  # one line, no traceback
+    assert len(said(r.stderr)) == 1 and "Traceback" not in r.stderr
     assert (store_dir / KEY / "manifest.json").read_bytes() == manifest_before
     assert len(list((store_dir / KEY / "conflicts").glob("*.bundle"))) == 1
 
@@ -171,10 +171,10 @@ def test_snapshot_above_max_bundle_size_exits_1_and_uploads_nothing(tmp_path, ws
     assert store_files(store_dir) == {}
 
 
-def test_snapshot_of_a_missing_workspace_exits_1_naming_it(tmp_path, store_dir):
+def test_snapshot_of_a_missing_workspace_exits_2_naming_it(tmp_path, store_dir):
     missing = tmp_path / "no-such-workspace"
     r = watcherd(write_config(tmp_path / "c.toml", missing, store_dir), "snapshot")
-    assert r.returncode == 1
+    assert r.returncode == 2
     assert str(missing) in r.stderr and "Traceback" not in r.stderr
 
 

@@ -176,7 +176,7 @@ def test_a_non_loopback_listen_requires_the_bearer_token(watcherd) -> None:
     wrong = write_config(d.base / "wrong-token.toml", workspace=d.workspace, store=d.store,
                          key=d.key, listen=d.listen, token="not-the-token-0123456789")
     refused = run_cli(wrong, "status")
-    assert refused.returncode == 1 and refused.stdout == ""
+    assert refused.returncode == 2 and refused.stdout == ""
     assert len(refused.stderr.strip().splitlines()) == 1
     assert "HTTP 401" in refused.stderr and "control.token" in refused.stderr
     assert d.stop() == 0

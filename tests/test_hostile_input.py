@@ -25,7 +25,7 @@ from structlog.testing import capture_logs
 
 import daemon_fixture
 from daemon_fixture import SNAPSHOT_REF, make_workspace, run_cli, watcherd  # noqa: F401 (fixture)
-from helpers import git, make_repo, publish, tree_state, wait_for
+from helpers import git, make_repo, publish, said, tree_state, wait_for
 from watcherd import manifest as mf
 from watcherd import snapshot
 from watcherd.config import Config, RestoreConfig, StoreConfig, WorkspaceConfig, parse_store_url
@@ -681,7 +681,7 @@ def test_restore_into_a_read_only_workspace_refuses_clearly_and_changes_nothing(
     result = run_cli(cfg, "restore")
 
     assert result.returncode == 1, result
-    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert len(said(result.stderr)) == 1 and "Traceback" not in result.stderr
     assert "Read-only file system" in result.stderr and str(ws) in result.stderr
     assert listing(mnt) == before
 

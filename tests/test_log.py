@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import collections
+import errno
 import io
 import json
+import logging
 import os
-import select
 import subprocess
 import sys
-import time
 from datetime import UTC, datetime, timedelta
 
 import pytest
 import structlog
+from helpers import read_until
 
 from watcherd import log
 
@@ -26,29 +27,16 @@ AWS_SESSION = "FwoGZXIvYXdzEXAMPLE-session-token-value"
 def restore_structlog():
     """Each test configures logging for the process: put back what was there for the next one."""
     saved = structlog.get_config()
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
     yield
     structlog.configure(**saved)
+    root.handlers[:] = handlers
+    root.setLevel(level)
 
 
 def json_lines(stream: io.StringIO) -> list[dict]:
     return [json.loads(line) for line in stream.getvalue().splitlines()]
-
-
-def read_until(fd: int, needle: bytes, timeout: float = 10.0) -> bytes:
-    """Read from ``fd`` until ``needle`` shows up, or fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    data = b""
-    while needle not in data:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise AssertionError(f"timed out waiting for {needle!r}; got {data!r}")
-        ready, _, _ = select.select([fd], [], [], left)
-        if ready:
-            chunk = os.read(fd, 65536)
-            if not chunk:
-                raise AssertionError(f"end of output before {needle!r}; got {data!r}")
-            data += chunk
-    return data
 
 
 @pytest.fixture
@@ -327,3 +315,118 @@ def test_each_line_reaches_a_pipe_at_once_while_the_process_keeps_running(tmp_pa
     assert json.loads(rest)["event"] == "daemon.stopped"
     proc.stdout.close()
     proc.stderr.close()
+
+
+# -- other libraries' records -----------------------------------------------------------------------
+
+
+def test_a_library_warning_is_one_json_line_with_its_logger_level_and_secrets_masked():
+    # In a process of its own: the root logger is process-wide state.
+    script = (
+        "import logging, sys\n"
+        "from watcherd import log\n"
+        "log.configure('info', 'json', stream=sys.stdout)\n"
+        f"logging.getLogger('botocore.credentials').warning("
+        f"'Refreshing temporary credentials failed: %s', {AWS_SECRET!r})\n"
+        "logging.getLogger('urllib3.connectionpool').info('Starting new HTTPS connection')\n"
+        "logging.getLogger('botocore.hooks').debug('Event before-call')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=30, env={**os.environ, "AWS_SECRET_ACCESS_KEY": AWS_SECRET})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""
+    lines = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert len(lines) == 1, proc.stdout  # info and debug of libraries stay out
+    line = lines[0]
+    assert line["event"] == "Refreshing temporary credentials failed: ********"
+    assert (line["level"], line["logger"]) == ("warning", "botocore.credentials")
+    assert datetime.fromisoformat(line["timestamp"].replace("Z", "+00:00")).utcoffset() == timedelta(0)
+    assert AWS_SECRET not in proc.stdout
+
+
+def test_a_library_error_with_a_traceback_is_rendered_like_ours():
+    out = io.StringIO()
+    log.configure("info", "json", stream=out, secrets=[TOKEN])
+    try:
+        raise ConnectionError(f"reset while sending {TOKEN}")
+    except ConnectionError:
+        logging.getLogger("urllib3.connectionpool").exception("Retrying request")
+    logging.getLogger("urllib3.connectionpool").warning("Connection pool is full")
+    first, second = json_lines(out)
+    assert (first["event"], first["level"], first["logger"]) == \
+        ("Retrying request", "error", "urllib3.connectionpool")
+    assert "ConnectionError: reset while sending ********" in first["exception"]
+    assert second["event"] == "Connection pool is full" and second["level"] == "warning"
+    assert TOKEN not in out.getvalue()
+
+
+def test_a_library_warning_is_hidden_when_the_level_is_error():
+    out = io.StringIO()
+    log.configure("error", "json", stream=out)
+    logging.getLogger("botocore").warning("a warning")
+    logging.getLogger("botocore").error("an error")
+    assert [e["event"] for e in json_lines(out)] == ["an error"]
+
+
+def test_configure_again_moves_library_records_to_the_new_stream_without_duplicates():
+    first, second = io.StringIO(), io.StringIO()
+    log.configure("info", "json", stream=first)
+    log.configure("info", "console", stream=second)
+    logging.getLogger("botocore").warning("once")
+    assert first.getvalue() == ""
+    assert second.getvalue().count("once") == 1 and "botocore" in second.getvalue()
+
+
+# -- a stream that cannot be written ------------------------------------------------------------------
+
+
+class Failing(io.StringIO):
+    """A stream whose writes fail as a closed pipe's or a full disk's do."""
+
+    def __init__(self, error: OSError) -> None:
+        super().__init__()
+        self.error = error
+        self.attempts = 0
+
+    def write(self, text: str) -> int:
+        self.attempts += 1
+        raise self.error
+
+
+@pytest.mark.parametrize("error", [BrokenPipeError(errno.EPIPE, "Broken pipe"),
+                                   OSError(errno.EBADF, "Bad file descriptor"),
+                                   OSError(errno.ENOSPC, "No space left on device")],
+                         ids=["EPIPE", "EBADF", "ENOSPC"])
+def test_a_failing_stream_never_raises_into_the_code_that_logs(error, capsys):
+    stream = Failing(error)
+    log.configure("info", "json", stream=stream)
+    for n in range(3):
+        log.get("t").info("snapshot.committed", n=n)
+    logging.getLogger("botocore").warning("and a library's record")
+    assert stream.attempts == 1  # given up after the first failure, silently
+    said = capsys.readouterr().err
+    assert said.count("\n") == 1 and error.strerror in said and "logging stops" in said
+
+
+def test_a_closed_pipe_on_stdout_ends_logging_and_the_process_exits_0_quietly():
+    # Python's own flush of stdout at exit would fail too and make the status 120.
+    script = (
+        "import sys\n"
+        "from watcherd import log\n"
+        "log.configure('info', 'json', stream=sys.stdout)\n"
+        "for n in range(3):\n"
+        "    log.get('t').info('line', n=n)\n"
+        "print('still running', file=sys.stderr)\n"
+    )
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before the first line
+    try:
+        proc = subprocess.run([sys.executable, "-c", script], stdout=write, stderr=subprocess.PIPE,
+                              text=True, timeout=30)
+    finally:
+        os.close(write)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.splitlines() == [
+        "watcherd: cannot write log lines to <stdout> (Broken pipe); logging stops there, "
+        "watching and saving go on",
+        "still running"]

@@ -51,7 +51,7 @@ from typing import Any
 import pytest
 
 from daemon_fixture import FAST, WATCHERD, Daemon, LogLines, _env, make_workspace, write_config
-from helpers import git, tree_state, wait_for
+from helpers import git, said, tree_state, wait_for
 from s3server import (
     FaultProxy,
     MotoS3,
@@ -832,7 +832,7 @@ def reset_mid_download(lab: Lab, rng: random.Random, resets: int) -> Figures:
     target = d.base / "restored-resumed"
     result = restore(d, target, endpoint=proxy.url, max_attempts=max_attempts)
     assert result.returncode == 0, result.stderr
-    resumed = [json.loads(line) for line in result.stdout.splitlines()
+    resumed = [json.loads(line) for line in result.stderr.splitlines()
                if '"s3.download_resume"' in line]
     assert len(resumed) == few
     lost = edits.lost(target)
@@ -843,7 +843,7 @@ def reset_mid_download(lab: Lab, rng: random.Random, resets: int) -> Figures:
     target = d.base / "restored-after-fault"
     result = restore(d, target, endpoint=proxy.url, max_attempts=max_attempts)
     assert result.returncode == 1, (result.returncode, result.stderr)
-    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+    assert len(said(result.stderr)) == 1 and "Traceback" not in result.stderr
     assert not target.exists() or not any(target.iterdir())
     assert [p.name for p in target.parent.iterdir() if p.name.startswith(f".{target.name}")] == []
     fig.faults = len(proxy.faults_applied())
@@ -908,7 +908,7 @@ def restore_disk_full(lab: Lab, rng: random.Random, big: int) -> Figures:
     target = mnt / "app"
     result = restore(d, target)
     assert result.returncode == 1, (result.returncode, result.stderr)
-    assert "No space left on device" in result.stderr and len(result.stderr.splitlines()) == 1
+    assert "No space left on device" in result.stderr and len(said(result.stderr)) == 1
     left = [p for p in mnt.iterdir() if p != target or any(target.iterdir())]
     assert left == [], f"left behind: {left}"
     fig.faults = 1

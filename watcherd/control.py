@@ -6,14 +6,23 @@ through an anyio blocking portal, so a slow scrape never stalls the watcher.
 
 Loopback by default; any other address requires ``control.token``, sent as
 ``Authorization: Bearer <token>`` on everything but ``/healthz``.
+
+The endpoint must never cost the daemon its job: it serves at most :data:`MAX_CONNECTIONS`
+connections at once (the rest get a 503 at once), drops a client that sends nothing for
+:data:`READ_TIMEOUT`, refuses bodies above :data:`MAX_BODY`, and rides out a process that ran out
+of file descriptors. Whatever a client sends, nothing is printed but log lines.
 """
 
 from __future__ import annotations
 
+import errno
 import hmac
 import json
+import re
 import socket
+import sys
 import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterable
@@ -26,9 +35,21 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from watcherd import log
 from watcherd.config import ControlConfig
-from watcherd.errors import WatcherdError
+from watcherd.errors import ConfigError, WatcherdError
 
 _log = log.get(__name__)
+
+# Each connection being served holds a thread and a file descriptor. Unbounded, 3,000 idle
+# connections would be 3,000 threads, and under `ulimit -n 1024` would leave the next snapshot's
+# git no descriptor to start with. Probes, scrapes and `watcherd status` need a handful.
+MAX_CONNECTIONS = 32
+# A client that sends nothing (or reads nothing) for this long gives its connection up.
+READ_TIMEOUT = 5.0
+# The endpoints take no body; a client may send a small one, never a large one.
+MAX_BODY = 64 * 1024
+# After accept() fails for want of file descriptors: wait, rather than spin on the listening
+# socket, which stays readable while the connection waits in the backlog.
+ACCEPT_BACKOFF = 0.5
 
 
 class DaemonAPI(Protocol):
@@ -85,12 +106,24 @@ class ControlServer:
 
 
 class _Server(ThreadingHTTPServer):
+    """A threading HTTP server with a bounded number of connections being served.
+
+    A connection beyond :data:`MAX_CONNECTIONS` is accepted and answered ``503`` at once rather
+    than left in the listen backlog: in the backlog it would hang its client with no answer (a
+    probe could not tell busy from dead) and fill the kernel's queue, so that new connections
+    are dropped unseen; accepted, it costs one descriptor for one non-blocking write.
+    """
+
     daemon_threads = True
     allow_reuse_address = True
+    request_queue_size = 64
 
     def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler]) -> None:
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        self._out_of_files = False
+        self._busy = False
         try:
             super().__init__(address, handler)
         except OSError as exc:
@@ -98,13 +131,80 @@ class _Server(ThreadingHTTPServer):
                                 f"({exc.strerror}); is another watcherd running? Set "
                                 'control.listen to another port, or "" to turn it off') from None
 
+    def get_request(self) -> tuple[socket.socket, Any]:
+        try:
+            conn = super().get_request()
+        except OSError as exc:
+            if exc.errno in (errno.EMFILE, errno.ENFILE):
+                if not self._out_of_files:
+                    self._out_of_files = True
+                    _log.warning("control.out_of_files", error=exc.strerror,
+                                 note="connections wait until descriptors are free; snapshots "
+                                      "and uploads go on")
+                time.sleep(ACCEPT_BACKOFF)
+            raise  # socketserver drops this attempt and selects again
+        if self._out_of_files:
+            self._out_of_files = False
+            _log.info("control.accepting_again")
+        return conn
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            if not self._busy:
+                self._busy = True
+                _log.warning("control.busy", connections=MAX_CONNECTIONS,
+                             note="further connections are answered 503 until one ends")
+            _answer_busy(request)
+            self.shutdown_request(request)
+            return
+        self._busy = False
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # socketserver would print a traceback on stderr for a client that reset, timed out or
+        # sent garbage; that is the client's business, worth a debug line at most.
+        exc = sys.exc_info()[1]
+        if isinstance(exc, OSError):
+            _log.debug("control.connection_failed", client=str(client_address[0]),
+                       error=f"{type(exc).__name__}: {exc}")
+        else:
+            _log.error("control.request_failed", client=str(client_address[0]),
+                       error=f"{type(exc).__name__}: {exc}", exc_info=exc)
+
+
+def _answer_busy(sock: socket.socket) -> None:
+    """Answer 503 without waiting on the client, and read what it sent (closing on unread bytes
+    would reset the connection, and could lose the answer)."""
+    body = b'{"error": "too many connections to the control endpoint; retry"}\n'
+    try:
+        sock.setblocking(False)
+        sock.send(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: %d\r\nConnection: close\r\nRetry-After: 1\r\n\r\n%s"
+                  % (len(body), body))
+        sock.recv(MAX_BODY)
+    except OSError:
+        pass  # the client left, or sent nothing yet: nothing more is owed to it
+
 
 def _handler(server: ControlServer) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
         server_version = "watcherd"
+        timeout = READ_TIMEOUT  # socketserver applies it to every read and write
 
         def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+            if not self._read_body():
+                return None
             if self.path == "/healthz":
                 ok, why = server.call(server.api.healthy)
                 return self._send(200 if ok else 503, (why + "\n").encode(), "text/plain")
@@ -117,7 +217,8 @@ def _handler(server: ControlServer) -> type[BaseHTTPRequestHandler]:
             return self._json(404, {"error": f"no such endpoint: GET {self.path}"})
 
         def do_POST(self) -> None:  # noqa: N802
-            self._drain()
+            if not self._read_body():
+                return None
             if not self._authorised():
                 return None
             if self.path == "/activity":
@@ -139,18 +240,37 @@ def _handler(server: ControlServer) -> type[BaseHTTPRequestHandler]:
             self._json(401, {"error": "missing or wrong bearer token (control.token)"})
             return False
 
-        def _drain(self) -> None:
-            length = int(self.headers.get("Content-Length") or 0)
-            if 0 < length <= 1 << 16:
+        def _read_body(self) -> bool:
+            """Read (and drop) the request's body, so the next request on the connection starts
+            where it should; False after refusing one that cannot be read safely."""
+            if self.headers.get("Transfer-Encoding") is not None:
+                return self._refuse(411, "send the body with a Content-Length, not chunked")
+            lengths = self.headers.get_all("Content-Length") or []
+            if not lengths:
+                return True
+            if len(lengths) > 1 or not re.fullmatch(r"[0-9]{1,20}", lengths[0].strip()):
+                return self._refuse(400, "Content-Length must be one byte count")
+            length = int(lengths[0])
+            if length > MAX_BODY:
+                return self._refuse(413, f"request body of {length} bytes; at most {MAX_BODY}")
+            if length:
                 self.rfile.read(length)
+            return True
 
-        def _json(self, code: int, doc: Any) -> None:
-            self._send(code, (json.dumps(doc, indent=2) + "\n").encode(), "application/json")
+        def _refuse(self, code: int, why: str) -> bool:
+            self._json(code, {"error": why}, close=True)
+            return False
 
-        def _send(self, code: int, body: bytes, content_type: str) -> None:
+        def _json(self, code: int, doc: Any, close: bool = False) -> None:
+            self._send(code, (json.dumps(doc, indent=2) + "\n").encode(), "application/json",
+                       close=close)
+
+        def _send(self, code: int, body: bytes, content_type: str, close: bool = False) -> None:
             self.send_response(code)
             self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(body)))
+            if close:
+                self.send_header("Connection", "close")  # also ends this connection here
             self.end_headers()
             self.wfile.write(body)
 
@@ -237,7 +357,6 @@ class ControlClient:
     def status(self) -> dict[str, Any]:
         code, doc = self._request("GET", "/status")
         if code != 200:
-            # A 401 is a daemon that answers but not to us: say why, never render its error page.
             said = doc.get("error") if isinstance(doc, dict) else None
             raise WatcherdError(f"{self.base}/status answered HTTP {code}"
                                 + (f": {said}" if said else ""))
@@ -262,6 +381,10 @@ class ControlClient:
                     raise WatcherdError(f"{self.base}{path} answered, but not in JSON: is "
                                         "control.listen the address of a watcherd?") from None
         except urllib.error.HTTPError as exc:
+            if exc.code == 401:
+                # A daemon that answers, but not to this token: a config to fix, not to retry.
+                raise ConfigError(f"{self.base}{path} answered HTTP 401: the daemon refuses "
+                                  "this control.token; set the token it was started with") from None
             try:
                 return exc.code, json.loads(exc.read() or b"null")
             except ValueError:

@@ -71,3 +71,13 @@ class RestoreError(WatcherdError):
 
 class WorkspaceError(WatcherdError):
     """The workspace path is missing, not a directory, or otherwise unusable."""
+
+
+class WorkspaceNotFound(WorkspaceError):
+    """``workspace.path`` does not exist, or is not a directory, when a command starts.
+
+    Exit status 2, unlike the other workspace errors: a person must fix the config or the
+    mounts, and a supervisor that restarts the command would only loop.
+    """
+
+    exit_status = 2

@@ -3,6 +3,10 @@
 Secrets never reach a line: every known secret value (the control token, AWS keys from the
 environment) is masked wherever it appears, and fields whose name says "secret", "token",
 "password" or "credential" are masked whatever they hold.
+
+Records of other libraries (botocore, urllib3, ...) at WARNING and above go through the same
+processors and renderer, with their logger's name. A stream that cannot be written (a reader that
+left, a full disk) ends the logging, never the program: a log line is not worth a lost save.
 """
 
 from __future__ import annotations
@@ -94,9 +98,87 @@ def _redact_processor(_logger: Any, _name: str, event_dict: dict[str, Any]) -> d
     return _redact_value(event_dict)
 
 
+class _Sink:
+    """One stream of log lines whose failure never reaches the code that logged.
+
+    ``watcherd run | head`` or a ``tee`` killed by Ctrl-C closes the pipe under the daemon; a
+    raised BrokenPipeError would end the snapshot or upload that happened to log, and at exit
+    Python's own flush of the stream would turn a clean shutdown into status 120. So the first
+    failed write says so once on stderr, points the stream's descriptor at /dev/null (what is
+    still buffered drains there) and drops every later line.
+    """
+
+    _lock = threading.Lock()  # one for all sinks: a reconfigured process writes whole lines too
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+        self.broken = False
+
+    def write(self, line: str) -> None:
+        with self._lock:
+            if self.broken:
+                return
+            try:
+                self.stream.write(line + "\n")
+                self.stream.flush()
+            except (OSError, ValueError) as exc:  # ValueError: the stream was closed
+                self.broken = True
+                self._give_up(exc)
+
+    # structlog calls the method named after the level; every level is one line.
+    msg = log = debug = info = warn = warning = write
+    fatal = failure = err = error = critical = exception = write
+
+    def _give_up(self, exc: Exception) -> None:
+        silence(self.stream)
+        if self.stream is sys.stderr:
+            return
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        name = getattr(self.stream, "name", "the log stream")
+        try:
+            print(f"watcherd: cannot write log lines to {name} ({why}); logging stops there, "
+                  "watching and saving go on", file=sys.stderr, flush=True)
+        except (OSError, ValueError):
+            pass
+
+
+def silence(stream: TextIO) -> None:
+    """Point ``stream``'s descriptor at /dev/null, so that writing to it (and Python's flush of
+    it at exit) succeeds from now on, and nothing of it is seen."""
+    try:
+        fd = stream.fileno()
+    except (OSError, ValueError):
+        return  # not a file (a test's StringIO): nothing will flush it at exit
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, fd)
+    finally:
+        os.close(devnull)
+
+
+class _SinkHandler(logging.Handler):
+    """The stdlib side: other libraries' records, rendered by structlog, into the same sink."""
+
+    def __init__(self, sink: _Sink, level: int) -> None:
+        super().__init__(level)
+        self.sink = sink
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record)
+        except Exception:  # a library's bad format string: logging's own report, as usual
+            self.handleError(record)
+            return
+        self.sink.write(line)
+
+
+_handler: _SinkHandler | None = None
+
+
 def configure(level: str = "info", fmt: str = "auto", stream: TextIO | None = None,
               secrets: Iterable[str] = ()) -> None:
     """Set up structlog for the whole process. Safe to call again (tests, config reload)."""
+    global _handler
     stream = stream or sys.stdout
     for name in _SECRET_ENV:
         add_secret(os.environ.get(name))
@@ -109,7 +191,6 @@ def configure(level: str = "info", fmt: str = "auto", stream: TextIO | None = No
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         structlog.processors.format_exc_info,
-        _redact_processor,
     ]
     renderer: Any
     if fmt == "json":
@@ -119,12 +200,28 @@ def configure(level: str = "info", fmt: str = "auto", stream: TextIO | None = No
         # the already redacted "exception" string may reach the renderer.
         renderer = structlog.dev.ConsoleRenderer(colors=stream.isatty(),
                                                  exception_formatter=structlog.dev.plain_traceback)
+    sink = _Sink(stream)
     structlog.configure(
-        processors=[*shared, renderer],
+        processors=[*shared, _redact_processor, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
-        logger_factory=structlog.PrintLoggerFactory(file=stream),
+        logger_factory=lambda *_: sink,
         cache_logger_on_first_use=False,
     )
+    # Records of other libraries: their own debug and info chatter stays out (botocore's is
+    # per request), their warnings and errors are lines like ours. The redaction runs after
+    # remove_processors_meta, on the event alone, not on the LogRecord it came from.
+    foreign = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=[structlog.stdlib.add_logger_name, *shared],
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                    _redact_processor, renderer],
+    )
+    root = logging.getLogger()
+    if _handler is not None:
+        root.removeHandler(_handler)
+    _handler = _SinkHandler(sink, max(_LEVELS[level], logging.WARNING))
+    _handler.setFormatter(foreign)
+    root.addHandler(_handler)
+    root.setLevel(_handler.level)
 
 
 def get(name: str) -> Any:

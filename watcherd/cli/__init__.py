@@ -2,6 +2,9 @@
 
 Errors a person can act on (:class:`~watcherd.errors.WatcherdError`) become one line on stderr and
 the command's exit status; anything else is a bug and keeps its traceback.
+
+``run`` logs to stdout (what ``kubectl logs`` shows); every other command prints its result on
+stdout and logs to stderr, so that its output can be read by a program.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from watcherd.cli import (
     status_cmd,
     verify_cmd,
 )
+from watcherd.cli.common import CONFIG_OPTION, note
 from watcherd.errors import WatcherdError
 
 _COMMANDS = (run_cmd, restore_cmd, snapshot_cmd, status_cmd, list_cmd, verify_cmd, config_cmd)
@@ -29,12 +33,13 @@ _COMMANDS = (run_cmd, restore_cmd, snapshot_cmd, status_cmd, list_cmd, verify_cm
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="watcherd",
+        prog="watcherd", parents=[CONFIG_OPTION],
         description="Keep a workspace alive across pod restarts: git snapshots, bundles in a "
                     "blob store, verified restore.",
+        epilog="exit status, for every command: 2 means the config or the command line must be "
+               "fixed (retrying will not help); 1 means it failed and retrying may help. "
+               "'watcherd COMMAND --help' says the rest.",
     )
-    p.add_argument("--config", metavar="PATH",
-                   help="TOML config file (default: $WATCHERD_CONFIG, else /etc/watcherd/watcherd.toml)")
     p.add_argument("--version", action="version", version=f"watcherd {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for command in _COMMANDS:
@@ -56,21 +61,28 @@ def _not_dumpable() -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     _not_dumpable()
-    args = parser().parse_args(argv)
     try:
-        cfg = config.load(args.config)
+        args = parser().parse_args(argv)
+    except BrokenPipeError:  # `watcherd --help | head -1`: the reader had what it wanted
+        log.silence(sys.stdout)
+        return 0
+    try:
+        cfg = config.load(getattr(args, "config", None))
     except WatcherdError as exc:
-        print(f"watcherd: {log.redact(str(exc))}", file=sys.stderr)
-        return exc.exit_status
-    log.configure(cfg.log.level, cfg.log.format, secrets=[cfg.control.token])
+        return _report(exc)
+    logs = sys.stdout if args.command == "run" else sys.stderr
+    # Started with that descriptor closed (`watcherd run >&-`), Python gives no stream for it.
+    log.configure(cfg.log.level, cfg.log.format, stream=logs or open(os.devnull, "w"),
+                  secrets=[cfg.control.token])
     try:
         return args.handler(args, cfg)
     except WatcherdError as exc:
-        print(f"watcherd: {log.redact(str(exc))}", file=sys.stderr)
-        return exc.exit_status
+        return _report(exc)
     except KeyboardInterrupt:
         return 130
-    except BrokenPipeError:
-        # `watcherd status | head`: the reader left; say nothing more (Python docs' recipe).
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 141
+
+
+def _report(exc: WatcherdError) -> int:
+    """The one line a person reads, and the exit status a supervisor acts on."""
+    note(str(exc))
+    return exc.exit_status

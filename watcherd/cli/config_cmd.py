@@ -5,35 +5,51 @@ from __future__ import annotations
 import argparse
 
 from watcherd import config, log
+from watcherd.cli.common import command_parser, say
 from watcherd.errors import WatcherdError
+from watcherd.store import check_backend
+
+_EXIT_STATUSES = {0: "the config is usable", 2: "it is not: the line on stderr names the key and "
+                                                "where its value came from"}
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("config", help="inspect the configuration")
+    p = command_parser(
+        sub, "config", summary="inspect the configuration",
+        description="Inspect the configuration watcherd would run with.",
+        exit_statuses=_EXIT_STATUSES)
     actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
-    check = actions.add_parser("check", help="print the effective config and each value's source")
+    check = command_parser(
+        actions, "check", summary="print the effective config and each value's source",
+        description="""\
+Prints every key with its effective value and where that came from (default, the file, or
+a WATCHERD_* variable), secrets masked. Checks that this installation can open the store,
+and asks an S3 store whether it enforces conditional writes.""",
+        exit_statuses=_EXIT_STATUSES)
     check.add_argument("--no-store", action="store_true",
                        help="do not contact an S3 store to check its conditional writes")
     check.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace, cfg: config.Config) -> int:
-    # Loading already validated everything: reaching here means the config is usable.
-    print(f"# config file: {cfg.file or 'none (defaults and environment only)'}")
+    # Loading already validated every value; what is left is whether this installation can
+    # use them (the S3 extra).
+    check_backend(cfg.store)
+    say(f"# config file: {cfg.file or 'none (defaults and environment only)'}")
     section = None
     rows = config.describe(cfg)
     width = max(len(f"{key.rpartition('.')[2]} = {value}") for key, value, _ in rows)
     for key, value, source in rows:
         sec, _, name = key.rpartition(".")
         if sec != section:
-            print(f"\n[{sec}]")
+            say(f"\n[{sec}]")
             section = sec
         line = f"{name} = {value}"
         # describe() masks the token and URL passwords; redact() also catches a known secret
         # pasted into some other key.
-        print(log.redact(f"{line:<{width}}  # {source}"))
+        say(log.redact(f"{line:<{width}}  # {source}"))
     if cfg.store.url.scheme == "s3" and not args.no_store:
-        print(log.redact(f"\n# store: {_probe(cfg)}"))
+        say(log.redact(f"\n# store: {_probe(cfg)}"))
     return 0
 
 

@@ -6,6 +6,7 @@ import argparse
 from datetime import UTC, datetime, timedelta
 
 from watcherd import manifest as mf
+from watcherd.cli.common import check_workspace, command_parser, say, say_json
 from watcherd.config import Config
 from watcherd.errors import UsageError
 from watcherd.generations import Generations, Limits
@@ -15,12 +16,27 @@ from watcherd.units import parse_duration
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("restore", help="restore the newest good generation into the workspace")
+    p = command_parser(
+        sub, "restore", summary="restore the newest good generation into the workspace",
+        description="""\
+The startup hook (an init container, or a systemd oneshot before the app). Puts the newest
+good generation of store.key into workspace.path: nothing to do if the workspace already
+holds that history; a non-empty workspace that is not this history is moved aside, never
+deleted. Nothing stored: restore.on_missing says what to start from.""",
+        exit_statuses={0: "the workspace is ready",
+                       1: "could not restore (store unreachable, an unreadable manifest, "
+                          "everything corrupt with on_missing = fail, a local I/O error); "
+                          "retrying may help",
+                       2: "fix the config or the command line, or a running daemon watches the "
+                          "workspace (stop it, or --force)"})
     p.add_argument("--generation", type=int, metavar="N", help="restore generation N (time travel)")
     p.add_argument("--before", metavar="TIME",
                    help='restore the newest generation older than TIME (RFC 3339, or an age like "2h")')
     p.add_argument("--force", action="store_true",
                    help="restore even while a running daemon watches the workspace")
+    p.add_argument("--json", action="store_true",
+                   help="print what was done as one JSON document (action, generation, "
+                        "workspace, moved_aside)")
     p.set_defaults(handler=run)
 
 
@@ -31,14 +47,21 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
         raise UsageError("--generation must be 1 or more")
     request = Request(args.generation, parse_before(args.before) if args.before else None,
                       force=args.force)
+    check_workspace(cfg.workspace.path, may_be_missing=True)
     store = open_store(cfg.store)
     try:
         outcome = restore(cfg, generations_for(cfg, store), request)
     finally:
         store.close()
+    if args.json:
+        say_json({"action": outcome.action, "generation": outcome.generation,
+                  "workspace": str(cfg.workspace.path),
+                  "moved_aside": str(outcome.moved_aside) if outcome.moved_aside else None,
+                  "key": cfg.store.key, "store": store.url})
+        return 0
     where = f" generation {outcome.generation}" if outcome.generation else ""
     aside = f"; the previous contents were moved to {outcome.moved_aside}" if outcome.moved_aside else ""
-    print(f"restore: {outcome.action}{where} into {cfg.workspace.path}{aside}")
+    say(f"restore: {outcome.action}{where} into {cfg.workspace.path}{aside}")
     return 0
 
 

@@ -11,6 +11,7 @@ import time
 import anyio
 
 from watcherd import git, log
+from watcherd.cli.common import check_workspace, command_parser
 from watcherd.config import Config
 from watcherd.daemon import Daemon
 from watcherd.errors import WatcherdError
@@ -20,11 +21,22 @@ _THREAD_GRACE = 1.0
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("run", help="watch the workspace, snapshot and upload (the sidecar)")
+    p = command_parser(
+        sub, "run", summary="watch the workspace, snapshot and upload (the sidecar)",
+        description="""\
+The sidecar daemon. Watches workspace.path, records a snapshot commit after each quiet
+period, uploads a git bundle to the store when the workspace goes idle, and saves once
+more on SIGTERM or SIGINT. Its logs go to stdout.""",
+        exit_statuses={0: "stopped cleanly with everything saved",
+                       1: "the final save did not finish, or the daemon failed (a supervisor "
+                          "restarts it)",
+                       2: "fix the config: a bad key, no such workspace.path, s3:// without the "
+                          "S3 extra"})
     p.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace, cfg: Config) -> int:
+    check_workspace(cfg.workspace.path)
     try:
         code = anyio.run(Daemon(cfg).run)
     except BaseExceptionGroup as group:

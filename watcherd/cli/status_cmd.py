@@ -3,16 +3,24 @@
 from __future__ import annotations
 
 import argparse
-import json
 from typing import Any
 
+from watcherd.cli.common import command_parser, say, say_json
 from watcherd.config import Config
 from watcherd.control import ControlClient
 from watcherd.units import format_size
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("status", help="show the running daemon's state")
+    p = command_parser(
+        sub, "status", summary="show the running daemon's state",
+        description="""\
+Asks the running daemon (on control.listen) what it is doing: its state, the age of the
+oldest change not yet in the store, the last snapshot and upload, retries, errors and
+degraded watching. Also what the Kubernetes example's probes run.""",
+        exit_statuses={0: "the daemon answered",
+                       1: "no daemon answers (or it answered with an error)",
+                       2: "fix the config: the daemon refuses control.token"})
     p.add_argument("--json", action="store_true", help="the raw /status document")
     p.set_defaults(handler=run)
 
@@ -20,9 +28,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace, cfg: Config) -> int:
     status = ControlClient(cfg.control).status()
     if args.json:
-        print(json.dumps(status, indent=2))
+        say_json(status)
     else:
-        print(render(status))
+        say(render(status))
     return 0
 
 
