@@ -33,7 +33,7 @@ demo: $(BIN)/watcherd
 	@mkdir -p $(DEMO)/workspace
 	@test -f $(DEMO)/watcherd.toml || printf '%s\n' \
 	  '# The demo: quick timings so every step shows up within seconds.' \
-	  '[workspace]' 'path = "$(DEMO)/workspace"' \
+	  '[workspace]' 'path = "$(DEMO)/workspace"' 'state_dir = "$(DEMO)/state"' \
 	  '[watch]' 'quiet_period = "1s"' 'idle_timeout = "5s"' \
 	  '[store]' 'url = "file://$(DEMO)/store"' 'key = "demo/workspace/main"' \
 	  '[control]' 'listen = "127.0.0.1:7781"' \

@@ -130,10 +130,12 @@ def saved(tmp_path) -> Path:
 
 
 def elsewhere(cfg: Path, workspace: Path) -> Path:
-    """The same store and key, another workspace (a new pod)."""
+    """The same store and key, another workspace (a new pod, with a state directory of its own)."""
     new = cfg.with_name(f"{workspace.name}.toml")
-    new.write_text(cfg.read_text().replace(f'path = "{cfg.parent / "ws"}"',
-                                           f'path = "{workspace}"'))
+    new.write_text(cfg.read_text()
+                   .replace(f'path = "{cfg.parent / "ws"}"', f'path = "{workspace}"')
+                   .replace(f'state_dir = "{cfg.with_name(f"{cfg.stem}-state")}"',
+                            f'state_dir = "{workspace.with_name(f"{workspace.name}-state")}"'))
     return new
 
 

@@ -33,6 +33,7 @@ from watcherd.control import ControlServer
 from watcherd.errors import (
     BundleTooLarge,
     ConflictError,
+    PreconditionFailed,
     StoreUnavailable,
     WatcherdError,
     WorkspaceError,
@@ -96,6 +97,7 @@ class Daemon:
         self._save_waiters: list[tuple[anyio.Event, dict[str, Any]]] = []
         self._over = False  # the loop has ended: no new save can be waited for
         self._local_head: str | None = None  # the newest snapshot, as the last one reported it
+        self._final_failure: str | None = None  # why the final save cannot succeed, if so
 
     # -- life ------------------------------------------------------------------------------------
 
@@ -194,8 +196,15 @@ class Daemon:
     async def _main(self) -> int:
         assert self.watcher and self.sched
         self.notifier.ready(f"watching {self.watcher.watch_count} directories")
+        w = self.cfg.watch
         _log.info("daemon.ready", workspace=str(self.cfg.workspace.path), mode=self.mode,
                   key=self.cfg.store.key, store=self.store.url, watches=self.watcher.watch_count,
+                  generation=(self.last_upload or {}).get("generation"),
+                  state_dir=str(self.repo.dir), config=str(self.cfg.file) if self.cfg.file else None,
+                  timings={"quiet_period_s": w.quiet_period, "max_commit_delay_s": w.max_commit_delay,
+                           "idle_timeout_s": w.idle_timeout,
+                           "max_upload_interval_s": w.max_upload_interval,
+                           "shutdown_timeout_s": w.shutdown_timeout},
                   pid=os.getpid(), version=__version__)
         try:
             async with anyio.create_task_group() as tg:
@@ -256,6 +265,9 @@ class Daemon:
                 _log.info("daemon.stopped", saved=True,
                           generation=(self.last_upload or {}).get("generation"))
                 return 0
+            if stopping and self._final_failure is not None:
+                self._report_unsaved(f"the final save cannot succeed: {self._final_failure}")
+                return 1
             if stopping and now >= self._shutdown_deadline:
                 self._report_unsaved("shutdown_timeout elapsed before the final save finished")
                 return 1
@@ -291,6 +303,12 @@ class Daemon:
             self.sched.snapshot_done(time.monotonic(), committed=bool(snap.commit))
             self._local_head = snap.snapshot_head
             if snap.commit:
+                due = self.sched.status(time.monotonic()).next_upload_at
+                if due is not None:
+                    _log.info("upload.scheduled", commit=snap.commit,
+                              due_at=_iso(time.time() + max(due - time.monotonic(), 0)),
+                              because="idle_timeout after the last change, at the latest "
+                                      "max_upload_interval after the oldest unsaved one")
                 self.counters.snapshots += 1
                 self.last_snapshot = {"at": _iso(time.time()), "commit": snap.commit,
                                       "files": snap.files, "head": snap.head,
@@ -370,6 +388,11 @@ class Daemon:
         return result
 
     def _upload_failed(self, exc: WatcherdError | OSError) -> None:
+        if self._shutdown_deadline is not None and \
+                not isinstance(exc, (StoreUnavailable, PreconditionFailed)):
+            # Shutting down, and retrying cannot help (a bundle too large, access denied, a full
+            # disk): stop now with the real reason, rather than blame the timeout later.
+            self._final_failure = log.redact(str(exc))
         self.counters.upload_failures += 1
         now = time.monotonic()
         self.sched.upload_failed(now)
@@ -381,7 +404,9 @@ class Daemon:
 
     def _record_error(self, op: str, exc: WatcherdError | OSError, **facts: Any) -> None:
         transient = isinstance(exc, StoreUnavailable)  # the store said "later"; others need a fix
-        self.last_error = {"at": _iso(time.time()), "op": op, "error": log.redact(str(exc)), **facts}
+        # One bounded line for the status: what a person reads, never a tool's raw output.
+        said = " ".join(log.redact(str(exc)).split())[:500]
+        self.last_error = {"at": _iso(time.time()), "op": op, "error": said, **facts}
         _log.warning(f"{op}.failed", error=str(exc), kind=type(exc).__name__,
                      transient=transient, key=self.cfg.store.key, **facts)
 
@@ -553,8 +578,11 @@ class Daemon:
                    local_snapshot=local, stored_snapshot=stored,
                    stored_generation=(self.last_upload or {}).get("generation"),
                    snapshotting=s.snapshotting, uploading=s.uploading,
-                   hint="the local repository still has every snapshot commit; the next "
-                        "watcherd run uploads them")
+                   state_dir=str(self.repo.dir),
+                   lost="the snapshots above stay in watcherd's state directory only: they reach "
+                        "the store if that directory survives to the next run (systemd's "
+                        "StateDirectory=, a persistent volume); with an emptyDir they go with "
+                        "the pod")
 
 
 def _leaves(group: BaseExceptionGroup) -> list[BaseException]:

@@ -140,7 +140,7 @@ class Generations:
         # Debug traces of each step (saving, bundle.written, bundle.uploaded, manifest.swapped):
         # after a crash, the last one says where the save was.
         _log.debug("generation.saving", key=self.key, snapshot=local)
-        with _usable_spool(repo.spool) as spool, _spool_held(spool), \
+        with _usable_spool(repo.spool, repo.size_estimate()) as spool, _spool_held(spool), \
                 bundles.BundleSource(repo, spool, template_url=template_url,
                                      try_unshallow=try_unshallow) as source:
             ours = source.map(local)
@@ -354,21 +354,34 @@ def _squash_unsaved(source: bundles.BundleSource, local: str,
 
 
 @contextmanager
-def _usable_spool(spool: Path) -> Iterator[Path]:
-    """``spool``, or a private temporary directory while it cannot be written (a read-only disk):
-    snapshots that are already committed must still reach the store."""
+def _usable_spool(spool: Path, need: int) -> Iterator[Path]:
+    """``spool``, or a private temporary directory elsewhere while ``spool`` cannot be written (a
+    read-only disk) or has less room than the bundle may need (``need`` bytes): snapshots that
+    are already committed must still reach the store, and a full state disk must not hold back
+    the final save. Raises :class:`StoreError` naming both places when neither has room."""
+    problem = None
     try:
         spool.mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryFile(dir=spool).close()
+        free = shutil.disk_usage(spool).free
+        if free < need:
+            problem = f"{format_size(free)} free, the bundle may need up to {format_size(need)}"
     except OSError as exc:
-        tmp = Path(tempfile.mkdtemp(prefix="watcherd-spool-"))
-        _log.warning("spool.fallback", spool=str(spool), error=exc.strerror, using=str(tmp))
-        try:
-            yield tmp
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    else:
+        problem = exc.strerror or str(exc)
+    if problem is None:
         yield spool
+        return
+    elsewhere = Path(tempfile.gettempdir())
+    if shutil.disk_usage(elsewhere).free < need:
+        raise StoreError(f"no room to write the bundle: the spool {spool} has {problem}, and "
+                         f"{elsewhere} has {format_size(shutil.disk_usage(elsewhere).free)} free; "
+                         "free space in workspace.state_dir")
+    tmp = Path(tempfile.mkdtemp(prefix="watcherd-spool-", dir=elsewhere))
+    _log.warning("spool.fallback", spool=str(spool), problem=problem, using=str(tmp))
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 @contextmanager

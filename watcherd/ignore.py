@@ -166,8 +166,11 @@ class IgnoreOracle:
 
     def _check_alive(self) -> None:
         if self._deaths >= _MAX_CONSECUTIVE_DEATHS:
-            tail = self._stderr_tail.decode("utf-8", "replace").strip() or "no message"
-            raise GitError(f"git check-ignore keeps failing in {self._git.path}: {tail}")
+            lines = self._stderr_tail.decode("utf-8", "replace").splitlines()
+            # git's reasons only ("fatal:", "error:"), printable and short: this reaches the status.
+            said = "; ".join(w.strip() for w in lines if w.startswith(("fatal:", "error:")))[:300]
+            raise GitError(f"git check-ignore keeps failing in {self._git.work_tree}: "
+                           f"{ws.printable(said) or 'no reason given'}")
 
     def _start(self) -> subprocess.Popen:
         proc = self._git.popen("check-ignore", "--no-index", "--stdin", "-z", "-v", "-n",

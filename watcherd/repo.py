@@ -265,6 +265,13 @@ class Repo:
         merged = sorted(set(self.unshallowed()) | set(commits))
         _write_atomic(self.dir / "unshallowed.json", json.dumps(merged).encode())
 
+    def size_estimate(self) -> int:
+        """Bytes a full bundle of this repository may take at most: its packs and loose objects
+        (git-count-objects(1), sizes in KiB)."""
+        sizes = dict(line.split(": ", 1) for line in
+                     self.bare.out("count-objects", "-v").splitlines() if ": " in line)
+        return (int(sizes.get("size", 0)) + int(sizes.get("size-pack", 0))) * 1024
+
     def maintain(self) -> None:
         """Keep the number of packs bounded: each snapshot that copies objects adds one, and a
         bundle of hundreds of packs is several times slower. A geometric repack (git-repack(1),

@@ -176,6 +176,8 @@ class SchedulerStatus:
     snapshot_failures: int
     next_snapshot_retry_at: float | None
     next_deadline: float | None
+    next_upload_at: float | None
+    """When an upload is due, as things stand (None: nothing to upload, or a snapshot first)."""
 
 
 def _earliest(a: float | None, b: float | None) -> float | None:
@@ -460,6 +462,7 @@ class Scheduler:
             snapshot_failures=self._snapshot_failures,
             next_snapshot_retry_at=self._snapshot_retry_at,
             next_deadline=self.next_deadline(now),
+            next_upload_at=self._upload_at(),
         )
 
     # -- internals -------------------------------------------------------------------------------
