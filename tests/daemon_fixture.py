@@ -22,7 +22,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -203,14 +203,16 @@ class Daemon:
     # -- life ------------------------------------------------------------------------------------
 
     def start(self, *, env: dict[str, str] | None = None, wait_ready: bool = True,
-              preexec_fn: Callable[[], None] | None = None) -> Daemon:
-        """Start ``watcherd run``; ``preexec_fn`` runs in the child first (resource limits)."""
+              popen: Mapping[str, Any] | None = None) -> Daemon:
+        """Start ``watcherd run``. ``popen``: more :class:`subprocess.Popen` arguments, such as
+        ``preexec_fn`` (resource limits), or ``user``, ``group``, ``extra_groups`` and ``umask``
+        to run it as another user (root)."""
         assert self.proc is None or self.proc.poll() is not None, "already running"
         stderr = self.base / f"{self.name}-{len(self.runs)}.stderr"
         with stderr.open("wb") as err:
             self.proc = subprocess.Popen([WATCHERD, "--config", str(self.config), "run"],
                                          stdout=subprocess.PIPE, stderr=err, text=True,
-                                         env=_env(env), preexec_fn=preexec_fn)
+                                         env=_env(env), **(popen or {}))
         self.log = LogLines(self.proc.stdout)
         self.runs.append((self.log, stderr))
         if wait_ready:

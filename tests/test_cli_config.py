@@ -116,6 +116,26 @@ def test_example_config_passes_config_check():
     assert {source for _, source in shown(proc.stdout).values()} == {f"file {example}"}
 
 
+BRANCH_WARNING = "workspace.mode = branch runs git in the workspace: trusted workspaces only"
+
+
+def test_config_check_warns_that_branch_mode_is_for_trusted_workspaces_only(tmp_path):
+    path = write(tmp_path, "[workspace]\nmode = 'branch'\n")
+    proc = run_cli("--config", str(path), "config", "check")
+    # A warning, not an error: branch mode is valid for a workspace the operator trusts.
+    assert proc.returncode == 0, proc.stderr
+    assert shown(proc.stdout)["workspace.mode"] == ('"branch"', f"file {path}")
+    warned = [line for line in proc.stdout.splitlines() if BRANCH_WARNING in line]
+    assert len(warned) == 1 and warned[0].startswith("# warning: "), proc.stdout
+
+
+def test_config_check_says_nothing_of_branch_mode_in_shadow_mode(tmp_path):
+    for text in ("", "[workspace]\nmode = 'shadow'\n"):
+        proc = run_cli("--config", str(write(tmp_path, text)), "config", "check")
+        assert proc.returncode == 0, proc.stderr
+        assert "warning" not in proc.stdout and "trusted" not in proc.stdout
+
+
 def test_python_dash_m_runs_the_same_check(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "watcherd", "--config", str(tmp_path / "nope.toml"), "config",
                            "check"], capture_output=True, text=True, timeout=60, check=False)

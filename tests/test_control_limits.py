@@ -264,7 +264,7 @@ def test_the_daemon_under_a_1024_descriptor_limit_keeps_saving_with_3000_idle_co
     def limited() -> None:  # in the daemon's process, before watcherd starts
         resource.setrlimit(resource.RLIMIT_NOFILE, (1024, 1024))
 
-    d = watcherd().start(preexec_fn=limited)
+    d = watcherd().start(popen={"preexec_fn": limited})
     d.settle()
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, connections + 200), hard))
     idle: list[socket.socket] = []

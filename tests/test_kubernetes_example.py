@@ -2,7 +2,10 @@
 
 The manifest is read as data (no cluster): restore before everything, the daemon as a native
 sidecar, one workspace emptyDir, a config that watcherd would accept, and a grace period that
-leaves the final save its time.
+leaves the final save its time. Least privilege (DESIGN.md, trust boundary point 4): the daemon
+reads the workspace through a read-only mount, as a uid of its own in the app's group; the
+restore writes it as the app's uid; watcherd's state is an emptyDir of the two watcherd
+containers only.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ CONFIG_PATH = "/etc/watcherd/watcherd.toml"  # DESIGN.md's default, and WATCHERD
 
 # DESIGN.md's config keys, used only when config.example.toml (the maintained list) is absent.
 DESIGN_KEYS = {
-    "workspace.path", "workspace.mode", "workspace.author_name", "workspace.author_email",
+    "workspace.path", "workspace.state_dir", "workspace.mode", "workspace.author_name", "workspace.author_email",
     "watch.quiet_period", "watch.max_commit_delay", "watch.idle_timeout",
     "watch.max_upload_interval", "watch.shutdown_timeout",
     "store.url", "store.key", "store.keep", "store.warn_bundle_size", "store.max_bundle_size",
@@ -35,6 +38,7 @@ DESIGN_KEYS = {
 DEFAULT_SHUTDOWN_TIMEOUT = "20s"
 DEFAULT_LISTEN = "127.0.0.1:7781"
 DEFAULT_WORKSPACE = "/app"
+DEFAULT_STATE_DIR = "/var/lib/watcherd/state"
 Json = dict[str, Any]
 
 
@@ -124,6 +128,35 @@ def all_containers(pod: Json) -> list[Json]:
     return [*pod["spec"].get("initContainers", []), *pod["spec"]["containers"]]
 
 
+def app_container(pod: Json) -> Json:
+    (app,) = pod["spec"]["containers"]
+    return app
+
+
+def mount_holding(container: Json, path: str) -> Json | None:
+    """The mount ``path`` lives on in ``container`` (the longest mountPath above it), if any."""
+    holding = [m for m in container.get("volumeMounts", [])
+               if path == m["mountPath"] or path.startswith(m["mountPath"].rstrip("/") + "/")]
+    return max(holding, key=lambda m: len(m["mountPath"]), default=None)
+
+
+def effective_groups(pod: Json, container: Json) -> set[int]:
+    """The gids a container's processes have: its group, the pod's supplementalGroups and the
+    pod's fsGroup (the kubelet adds it to every container)."""
+    pod_security = pod["spec"].get("securityContext", {})
+    groups = {effective_security(pod, container, "runAsGroup"),
+              *pod_security.get("supplementalGroups", []), pod_security.get("fsGroup")}
+    return groups - {None}
+
+
+def state_dir(config: Json, container: Json) -> str:
+    """workspace.state_dir as ``container`` sees it: its environment's override, else the file's."""
+    override = env(container).get("WATCHERD_WORKSPACE_STATE_DIR")
+    if override is not None:
+        return override["value"]
+    return config.get("workspace", {}).get("state_dir", DEFAULT_STATE_DIR)
+
+
 def test_restore_runs_first_as_a_plain_init_container(pod: Json) -> None:
     index, restore = watcherd_container(pod, "restore")
     assert index == 0
@@ -150,6 +183,43 @@ def test_workspace_is_one_emptydir_mounted_at_the_workspace_path_in_every_contai
     assert all(len(names) == 1 for names in mounted.values()), mounted
     (volume_name,) = set().union(*mounted.values())
     assert "emptyDir" in volumes[volume_name]
+
+
+def test_only_the_restore_and_the_app_can_write_the_workspace(pod: Json, config: Json) -> None:
+    # Shadow mode's `watcherd run` only reads the workspace: the sidecar's mount says so.
+    workspace = config.get("workspace", {}).get("path", DEFAULT_WORKSPACE)
+    assert config.get("workspace", {}).get("mode", "shadow") == "shadow"
+    writable = {c["name"]: not mount_holding(c, workspace).get("readOnly", False)
+                for c in all_containers(pod)}
+    sidecar = watcherd_container(pod, "run")[1]["name"]
+    restore = watcherd_container(pod, "restore")[1]["name"]
+    assert writable == {restore: True, sidecar: False, app_container(pod)["name"]: True}
+
+
+def test_state_dir_is_an_emptydir_of_the_two_watcherd_containers_only(
+    manifest: list[Json], pod: Json, config: Json
+) -> None:
+    # Set explicitly in the ConfigMap: the mounts below must match it, not a default that moves.
+    assert "state_dir" in config["workspace"]
+    workspace = config.get("workspace", {}).get("path", DEFAULT_WORKSPACE)
+    volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+    _, restore = watcherd_container(pod, "restore")
+    _, sidecar = watcherd_container(pod, "run")
+    held = {}
+    for container in (restore, sidecar):
+        path = state_dir(config, container)
+        assert not (path + "/").startswith(workspace.rstrip("/") + "/"), path
+        mount = mount_holding(container, path)
+        assert mount is not None, f"{container['name']}: nothing is mounted at {path}"
+        assert not mount.get("readOnly", False), container["name"]
+        held[container["name"]] = (path, mount["name"])
+    # The same path on the same volume in both: the restore seeds it, the daemon carries on.
+    assert len(set(held.values())) == 1, held
+    ((_, volume),) = set(held.values())
+    assert "emptyDir" in volumes[volume]
+    assert volume != mount_holding(sidecar, workspace)["name"]
+    # Not in the app: nothing the user's code runs may write what watcherd acts on.
+    assert volume not in {m["name"] for m in app_container(pod).get("volumeMounts", [])}
 
 
 def test_config_map_holds_only_known_watcherd_keys(config: Json) -> None:
@@ -216,10 +286,32 @@ def test_store_role_reaches_watcherd_but_not_the_app(manifest: list[Json], pod: 
     assert {c["name"] for c in pod["spec"]["containers"]} <= {s.strip() for s in skipped}
 
 
-def test_app_and_watcherd_run_as_the_same_non_root_user(pod: Json) -> None:
+def test_restore_runs_as_the_apps_user_and_the_daemon_as_a_user_of_its_own(pod: Json) -> None:
     users = {c["name"]: effective_security(pod, c, "runAsUser") for c in all_containers(pod)}
-    assert len(set(users.values())) == 1, users
-    assert None not in users.values() and 0 not in users.values()
+    assert None not in users.values() and 0 not in users.values(), users
+    app = app_container(pod)
+    _, restore = watcherd_container(pod, "restore")
+    _, sidecar = watcherd_container(pod, "run")
+    # Restored files belong to the app, which goes on editing them.
+    assert users[restore["name"]] == users[app["name"]]
+    app_group = effective_security(pod, app, "runAsGroup")
+    assert effective_security(pod, restore, "runAsGroup") == app_group
+    # The process holding the store's credentials is not the app's uid.
+    assert users[sidecar["name"]] != users[app["name"]]
+
+
+def test_daemon_reads_the_workspace_through_the_apps_group(pod: Json) -> None:
+    app = app_container(pod)
+    _, restore = watcherd_container(pod, "restore")
+    _, sidecar = watcherd_container(pod, "run")
+    app_group = effective_security(pod, app, "runAsGroup")
+    assert app_group not in (None, 0)
+    # fsGroup makes the emptyDirs group-owned (and setgid) by it: the app's files are this group's.
+    fs_group = pod["spec"]["securityContext"]["fsGroup"]
+    assert fs_group == app_group
+    assert app_group in effective_groups(pod, sidecar)
+    # The state volume is written by both watcherd containers: both are in its group.
+    assert fs_group in effective_groups(pod, restore) & effective_groups(pod, sidecar)
 
 
 def test_every_container_is_locked_down(pod: Json) -> None:

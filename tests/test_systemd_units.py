@@ -1,5 +1,10 @@
 """The systemd units load cleanly and keep their hardening.
 
+Least privilege (DESIGN.md, trust boundary point 4): the daemon runs as a user of its own, reads
+the workspace through the app's group with the workspace read-only, and writes only its
+StateDirectory=; the restore runs as the app's user, writes the workspace and shares that state
+directory through watcherd's group.
+
 These run the real `systemd-analyze`. CI installs it (Debian package `systemd`) and must not skip;
 a developer machine without it skips with the reason.
 """
@@ -8,6 +13,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import tomllib
@@ -39,6 +45,14 @@ TEMPLATE_PAIRS = [
     ("watcherd.service", "watcherd@.service"),
     ("watcherd-restore.service", "watcherd-restore@.service"),
 ]
+# (daemon, restore): the plain units and the templates, read with as_plain().
+DAEMON_AND_RESTORE = [
+    ("watcherd.service", "watcherd-restore.service"),
+    ("watcherd@.service", "watcherd-restore@.service"),
+]
+APP_USER = "app"  # the user the units assume for the app (the stub app.service below runs as it)
+WORKSPACE = "/app"  # the plain units' workspace; the templates' /srv/%i maps to it
+STATE_ROOT = "/var/lib"  # where systemd puts a system unit's StateDirectory=
 
 
 def on_ci() -> bool:
@@ -76,6 +90,39 @@ def parse_unit(path: Path) -> dict[tuple[str, str], list[str]]:
         key, _, value = line.partition("=")
         entries.setdefault((section, key.strip()), []).append(value.strip())
     return entries
+
+
+def as_plain(value: str) -> str:
+    """A template's value with its instance paths mapped back to the plain unit's."""
+    for instance, single in [
+        ("/etc/watcherd/%i.toml", "/etc/watcherd/watcherd.toml"),
+        ("/srv/%i", "/app"),
+        ("watcherd/%i", "watcherd"),
+        ("@%i", ""),
+        (" (%i)", ""),
+    ]:
+        value = value.replace(instance, single)
+    return value
+
+
+def settings(name: str) -> dict[tuple[str, str], list[str]]:
+    """A unit file's entries, a template's read as its plain unit (see :func:`as_plain`)."""
+    return {key: [as_plain(v) for v in values]
+            for key, values in parse_unit(SYSTEMD_DIR / name).items()}
+
+
+def words(unit: dict[tuple[str, str], list[str]], key: str) -> list[str]:
+    """A [Service] list setting (paths, groups) as its items, without the "-"/"+" prefixes."""
+    return [w.lstrip("-+") for v in unit.get(("Service", key), []) for w in v.split()]
+
+
+def environment(unit: dict[tuple[str, str], list[str]]) -> dict[str, str]:
+    assignments = [a for v in unit.get(("Service", "Environment"), []) for a in shlex.split(v)]
+    return dict(a.split("=", 1) for a in assignments)
+
+
+def inside(path: str, directory: str) -> bool:
+    return path == directory or path.startswith(directory.rstrip("/") + "/")
 
 
 def seconds(span: str) -> float:
@@ -116,7 +163,7 @@ def unit_root(tmp_path: Path) -> Path:
     shutil.copy2(APP_DROP_IN, unit_dir / "app.service.d" / APP_DROP_IN.name)
     (unit_dir / "app.service").write_text(
         "[Unit]\nDescription=stand-in for the user's app\n\n"
-        "[Service]\nExecStart=/usr/local/bin/app\nUser=app\n"
+        f"[Service]\nExecStart=/usr/local/bin/app\nUser={APP_USER}\n"
     )
 
     host_units = next(
@@ -158,23 +205,8 @@ def test_unit_exposure_is_at_most_two(unit: str) -> None:
 
 @pytest.mark.parametrize(("plain", "template"), TEMPLATE_PAIRS)
 def test_template_has_the_same_settings_as_the_plain_unit(plain: str, template: str) -> None:
-    def as_plain(value: str) -> str:
-        # The template's instance paths, mapped back to the plain unit's.
-        for instance, single in [
-            ("/etc/watcherd/%i.toml", "/etc/watcherd/watcherd.toml"),
-            ("/srv/%i", "/app"),
-            ("watcherd/%i", "watcherd"),
-            ("@%i", ""),
-            (" (%i)", ""),
-        ]:
-            value = value.replace(instance, single)
-        return value
-
     plain_entries = parse_unit(SYSTEMD_DIR / plain)
-    template_entries = {
-        key: [as_plain(v) for v in values]
-        for key, values in parse_unit(SYSTEMD_DIR / template).items()
-    }
+    template_entries = settings(template)
     # The plain units also order themselves Before= app.service; a template can not know the
     # app's name and leaves that to the app's drop-in.
     for entries in (plain_entries, template_entries):
@@ -184,6 +216,61 @@ def test_template_has_the_same_settings_as_the_plain_unit(plain: str, template: 
         ]
         entries[("Unit", "Before")] = [v for v in entries[("Unit", "Before")] if v]
     assert template_entries == plain_entries
+
+
+@pytest.mark.parametrize(("daemon_unit", "restore_unit"), DAEMON_AND_RESTORE)
+def test_daemon_runs_as_a_user_of_its_own_in_the_apps_group(daemon_unit: str,
+                                                            restore_unit: str) -> None:
+    daemon, restore = settings(daemon_unit), settings(restore_unit)
+    # The restore is the app's user: the restored files are the app's.
+    assert restore[("Service", "User")] == [APP_USER]
+    # The daemon, which holds the store's credentials, is not; and not a dynamic user, whose
+    # StateDirectory= would move to /var/lib/private, out of the restore's reach.
+    (user,) = daemon[("Service", "User")]
+    assert user not in (APP_USER, "root", "0")
+    assert daemon.get(("Service", "DynamicUser"), ["no"]) == ["no"]
+    # It reads the workspace through the app's group.
+    (app_group,) = restore[("Service", "Group")]
+    assert app_group in words(daemon, "SupplementaryGroups")
+    assert daemon[("Service", "Group")] != [app_group]
+
+
+@pytest.mark.parametrize("daemon_unit", [d for d, _ in DAEMON_AND_RESTORE])
+def test_daemon_sees_the_workspace_read_only_and_writes_only_its_state_directory(
+        daemon_unit: str) -> None:
+    daemon = settings(daemon_unit)
+    assert daemon[("Service", "ProtectSystem")] == ["strict"]
+    assert WORKSPACE in words(daemon, "ReadOnlyPaths")
+    assert not [p for p in words(daemon, "ReadWritePaths") if inside(WORKSPACE, p)]
+    (state,) = daemon[("Service", "StateDirectory")]
+    state_root = f"{STATE_ROOT}/{state}"
+    assert not inside(WORKSPACE, state_root) and not inside(state_root, WORKSPACE)
+    # workspace.state_dir lies inside the one directory the sandbox lets it write.
+    assert inside(environment(daemon)["WATCHERD_WORKSPACE_STATE_DIR"], state_root)
+    # Shared with the restore through the group: rwx and set-group-ID for it, nothing for others,
+    # and a umask that leaves the group its read and write bits.
+    mode = int(daemon[("Service", "StateDirectoryMode")][0], 8)
+    assert mode & 0o2070 == 0o2070 and mode & 0o007 == 0
+    umask = int(daemon[("Service", "UMask")][0], 8)
+    assert umask & 0o060 == 0 and umask & 0o007 == 0o007
+
+
+@pytest.mark.parametrize(("daemon_unit", "restore_unit"), DAEMON_AND_RESTORE)
+def test_restore_writes_the_workspace_and_shares_the_daemons_state_directory(
+        daemon_unit: str, restore_unit: str) -> None:
+    daemon, restore = settings(daemon_unit), settings(restore_unit)
+    state_dir = environment(daemon)["WATCHERD_WORKSPACE_STATE_DIR"]
+    # The same state directory: the restore seeds watcherd's repository, the daemon carries on.
+    assert environment(restore)["WATCHERD_WORKSPACE_STATE_DIR"] == state_dir
+    writable = words(restore, "ReadWritePaths")
+    assert WORKSPACE in writable
+    assert [p for p in writable if inside(state_dir, p)], writable
+    # Reached through the daemon's group; not a StateDirectory= of its own, which systemd would
+    # hand to the restore's user at every start (and back to the daemon's at the next).
+    assert daemon[("Service", "Group")][0] in words(restore, "SupplementaryGroups")
+    assert ("Service", "StateDirectory") not in restore
+    # The restored files stay readable by the app's group, through which the daemon reads them.
+    assert int(restore[("Service", "UMask")][0], 8) & 0o040 == 0
 
 
 def test_daemon_unit_stops_gracefully_with_time_for_the_final_save() -> None:

@@ -48,9 +48,24 @@ def run(args: argparse.Namespace, cfg: config.Config) -> int:
         # describe() masks the token and URL passwords; redact() also catches a known secret
         # pasted into some other key.
         say(log.redact(f"{line:<{width}}  # {source}"))
+    for warning in warnings(cfg):
+        say(f"\n# warning: {warning}")
     if cfg.store.url.scheme == "s3" and not args.no_store:
         say(log.redact(f"\n# store: {_probe(cfg)}"))
     return 0
+
+
+def warnings(cfg: config.Config) -> list[str]:
+    """What is valid but unsafe in this config: a person reading ``config check`` must see it."""
+    found = []
+    if cfg.workspace.mode == "branch":
+        # DESIGN.md, trust boundary point 4: branch mode commits on the user's branch, so git
+        # reads the workspace's own config, hooks and attributes, and the daemon needs write
+        # access there; shadow mode reads the workspace as data and needs only read access.
+        found.append("workspace.mode = branch runs git in the workspace: trusted workspaces "
+                     "only (it needs write access to the workspace and reads its git config; "
+                     "\"shadow\" reads the workspace as data, read-only)")
+    return found
 
 
 def _probe(cfg: config.Config) -> str:
