@@ -22,7 +22,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -203,14 +203,16 @@ class Daemon:
     # -- life ------------------------------------------------------------------------------------
 
     def start(self, *, env: dict[str, str] | None = None, wait_ready: bool = True,
-              popen: Mapping[str, Any] | None = None) -> Daemon:
+              popen: Mapping[str, Any] | None = None,
+              command: Sequence[str] = (WATCHERD,)) -> Daemon:
         """Start ``watcherd run``. ``popen``: more :class:`subprocess.Popen` arguments, such as
         ``preexec_fn`` (resource limits), or ``user``, ``group``, ``extra_groups`` and ``umask``
-        to run it as another user (root)."""
+        to run it as another user (root), with a ``command`` that user may run
+        (``helpers.watcherd_for_any_uid``)."""
         assert self.proc is None or self.proc.poll() is not None, "already running"
         stderr = self.base / f"{self.name}-{len(self.runs)}.stderr"
         with stderr.open("wb") as err:
-            self.proc = subprocess.Popen([WATCHERD, "--config", str(self.config), "run"],
+            self.proc = subprocess.Popen([*command, "--config", str(self.config), "run"],
                                          stdout=subprocess.PIPE, stderr=err, text=True,
                                          env=_env(env), **(popen or {}))
         self.log = LogLines(self.proc.stdout)

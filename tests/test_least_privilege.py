@@ -30,7 +30,7 @@ from typing import Any
 
 import pytest
 from daemon_fixture import WATCHERD, Daemon, make_workspace, write_config
-from helpers import wait_for
+from helpers import wait_for, watcherd_for_any_uid
 from s3server import MotoS3, aws_env
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"),
@@ -103,19 +103,17 @@ def mounts(base: Path) -> Iterator[Any]:
 
 
 @pytest.fixture
-def runnable(base: Path) -> None:
-    """Skip unless the daemon's uid can start watcherd at all (the interpreter must be readable
-    by other users: a virtualenv whose Python lives under root's 0700 home is not)."""
-    try:
-        r = subprocess.run([WATCHERD, "--version"], capture_output=True, text=True, timeout=60,
-                           cwd=base, **AS_WATCHERD)
-        problem = r.stderr.strip() if r.returncode else ""
-    except PermissionError as exc:
-        problem = str(exc)
-    if problem:
-        pytest.skip(f"uid {WATCHERD_UID} cannot run {WATCHERD} ({problem}): run the tests "
-                    "from a virtualenv whose Python other users may read (this one is "
-                    f"{os.path.realpath(sys.executable)})")
+def runnable(base: Path) -> list[str]:
+    """The command line that starts watcherd as another uid; skips when this machine has none
+    (every interpreter of this Python version lives where other users may not read)."""
+    command = watcherd_for_any_uid()
+    if command is None:
+        pytest.skip(f"uid {WATCHERD_UID} cannot run any interpreter of this Python version "
+                    f"(this one is {os.path.realpath(sys.executable)})")
+    r = subprocess.run([*command, "--version"], capture_output=True, text=True, timeout=60,
+                       cwd=base, **AS_WATCHERD)
+    assert r.returncode == 0, r.stderr
+    return command
 
 
 @pytest.fixture
@@ -187,12 +185,13 @@ def manifest(moto: MotoS3, bucket: str) -> dict[str, Any] | None:
 
 
 def start_daemon(base: Path, name: str, workspace: Path, moto: MotoS3, bucket: str,
-                 daemons: list[Daemon]) -> Daemon:
+                 daemons: list[Daemon], command: list[str]) -> Daemon:
     """``watcherd run`` as the sidecar runs: its own uid, in the app's group. Its state directory
     is ``<base>/<name>-state``, which the caller made."""
     d = Daemon(base, name=name, workspace=workspace, key=KEY)
     daemons.append(d)
-    return d.start(env=s3_env(moto, bucket), popen=AS_WATCHERD, wait_ready=False)
+    return d.start(env=s3_env(moto, bucket), popen=AS_WATCHERD, wait_ready=False,
+                   command=command)
 
 
 def ready_or_crashed(d: Daemon) -> dict[str, Any] | None:
@@ -214,13 +213,13 @@ def saved(d: Daemon, moto: MotoS3, bucket: str, content: str) -> dict[str, Any]:
     return wait_for(done, timeout=30, message="the edit snapshotted and uploaded")
 
 
-def restore_as_app(base: Path, target: Path, state: Path, moto: MotoS3,
-                   bucket: str) -> subprocess.CompletedProcess:
+def restore_as_app(base: Path, target: Path, state: Path, moto: MotoS3, bucket: str,
+                   command: list[str]) -> subprocess.CompletedProcess:
     """``watcherd restore`` as the init container runs it: the app's uid and group."""
     config = write_config(base / f"{target.name}-restore.toml", workspace=target,
                           store=base / "unused-local-store", key=KEY, listen="", state_dir=state)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "WATCHERD_"))}
-    return subprocess.run([WATCHERD, "--config", str(config), "restore"], capture_output=True,
+    return subprocess.run([*command, "--config", str(config), "restore"], capture_output=True,
                           text=True, timeout=120, cwd=base, env={**env, **s3_env(moto, bucket)},
                           **AS_APP)
 
@@ -243,7 +242,7 @@ def test_the_daemon_as_its_own_uid_saves_a_read_only_workspace_and_writes_nothin
     bucket = moto.new_bucket()
     before = listing(ws)
 
-    d = start_daemon(base, "d0", ro, moto, bucket, daemons)
+    d = start_daemon(base, "d0", ro, moto, bucket, daemons, runnable)
     assert ready_or_crashed(d) is None, "the daemon crashed"
     uids, gids, groups = ids(d.pid)
     assert uids == {WATCHERD_UID} and gids == {WATCHERD_GID} and APP_GID in groups
@@ -278,7 +277,7 @@ def test_a_restore_as_the_apps_uid_then_the_daemon_as_its_own_continue_one_histo
     ws1 = app_workspace(base / "pod1-app")
     state_dir(base / "d0-state")
     first = start_daemon(base, "d0", mounts(ws1, base / "pod1-ro", read_only=True), moto, bucket,
-                         daemons)
+                         daemons, runnable)
     assert ready_or_crashed(first) is None, "the first daemon crashed"
     (ws1 / "src" / "app.py").write_text(EDITED)
     saved(first, moto, bucket, EDITED)
@@ -293,7 +292,7 @@ def test_a_restore_as_the_apps_uid_then_the_daemon_as_its_own_continue_one_histo
     ws2.chmod(0o750)
     mounts(ws2, ws2, read_only=False)
     state = state_dir(base / "d1-state")
-    restored = restore_as_app(base, ws2, state, moto, bucket)
+    restored = restore_as_app(base, ws2, state, moto, bucket, runnable)
     assert restored.returncode == 0, restored.stderr
     assert (ws2 / "src" / "app.py").read_text() == EDITED
     # Restored files belong to the app, which goes on editing them.
@@ -302,17 +301,8 @@ def test_a_restore_as_the_apps_uid_then_the_daemon_as_its_own_continue_one_histo
 
     before = listing(ws2)
     second = start_daemon(base, "d1", mounts(ws2, base / "pod2-ro", read_only=True), moto, bucket,
-                          daemons)
+                          daemons, runnable)
     crashed = ready_or_crashed(second)
-    if crashed is not None and "Permission denied" in crashed.get("error", "") \
-            and str(state) in crashed.get("error", ""):
-        pytest.xfail(
-            "watcherd's repository, created by the restore as the app's uid, is not writable by "
-            "the daemon's uid of the same group: watcherd/repo.py:114-125 makes it with `git "
-            "init --bare` before core.sharedRepository=group and with plain mkdir/write_text, so "
-            "objects/, refs/, info/ and info/attributes keep the umask's 0755/0644, and "
-            "watcherd/ignore.py:282 writes info/exclude the same way. "
-            f"Crash: {crashed['error']}")
     assert crashed is None, f"the second daemon crashed: {crashed}"
     # The restored history is the daemon's: no new line of history, and the app's next edit
     # moves the store forward from the generation it restored (no conflict).

@@ -330,3 +330,21 @@ def test_list_escapes_control_characters_from_the_store(tmp_path):
                       f'[workspace]\npath = "{ws}"\nstate_dir = "{tmp_path / "st"}"\n')
     r = run_cli(config, "list")
     assert r.returncode == 0 and "\x1b" not in r.stdout and "\\x1b" in r.stdout
+
+
+def test_two_workspaces_configured_with_one_state_directory_and_key_are_refused(tmp_path):
+    # Their histories would silently merge into one line; the second one is told instead.
+    from watcherd.errors import ConfigError
+    from watcherd.repo import Repo
+
+    a, b = make_repo(tmp_path / "a"), make_repo(tmp_path / "b")
+    state = tmp_path / "shared-state"
+    snapshot.prepare(Repo(state, KEY, a))
+    snapshot.take(Repo(state, KEY, a))
+    with pytest.raises(ConfigError, match=f"holds the history of another workspace .*{a}"):
+        snapshot.prepare(Repo(state, KEY, b))
+    # A workspace whose directory was replaced (the old one is gone) starts a new history.
+    shutil.rmtree(a)
+    a.mkdir()
+    snapshot.prepare(Repo(state, KEY, a))
+    assert Repo(state, KEY, a).paired_with(a)

@@ -37,7 +37,7 @@ import structlog
 from watcherd import workspace as ws
 from watcherd.errors import GitError
 from watcherd.git import Git
-from watcherd.repo import Repo
+from watcherd.repo import Repo, write_private
 
 log = structlog.get_logger(__name__)
 
@@ -281,8 +281,7 @@ def write_rules(repo: Repo, exclude: bytes, internal: tuple[str, ...]) -> bool:
             return False
     except FileNotFoundError:
         pass
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(text)
+    write_private(path, text)  # group-writable: the restore and the daemon may be two uids
     return True
 
 
@@ -308,7 +307,7 @@ def tracked_ignored(repo: Repo, layout: ws.Layout) -> frozenset[str]:
     except (FileNotFoundError, ws.Unsafe):
         return frozenset()
     copy = repo.dir / "watch-index"
-    copy.write_bytes(index)
+    write_private(copy, index)
     r = repo.git.run("ls-files", "-z", "--cached", "--ignored", "--exclude-standard",
                      env={"GIT_INDEX_FILE": str(copy)}, check=False)
     copy.unlink(missing_ok=True)

@@ -116,18 +116,21 @@ class Repo:
         try:
             tmp = self.dir / f"repo.git.new-{os.getpid()}"
             shutil.rmtree(tmp, ignore_errors=True)
+            # --shared=group from the start: `watcherd restore` may create this repository as
+            # the app's uid, and the daemon (another uid of the same group) must write it.
             Git(tmp, home=self.home).run("init", "--bare", "--quiet", "--template=",
-                                         f"--object-format={object_format}", str(tmp))
+                                         "--shared=group", f"--object-format={object_format}",
+                                         str(tmp))
             cfg = Git(tmp, home=self.home)
             for key, value in (("core.sharedRepository", "group"), ("gc.auto", "0"),
                                ("core.logAllRefUpdates", "false"),
                                ("pack.writeReverseIndex", "true")):
                 cfg.run("config", key, value)
-            (tmp / "info").mkdir(exist_ok=True)
+            _mkdir(tmp / "info")
             # The workspace's .gitattributes never change what is stored: raw bytes, no filter,
             # no end-of-line conversion, no working-tree-encoding (info/attributes wins over the
             # tree's own files; gitattributes(5), "precedence").
-            (tmp / "info" / "attributes").write_text(RAW_ATTRIBUTES)
+            _write_atomic(tmp / "info" / "attributes", RAW_ATTRIBUTES.encode())
             try:
                 os.rename(tmp, self.git_dir)
             except OSError:
@@ -158,6 +161,7 @@ class Repo:
         self.ensure_dirs()
         fd = os.open(self.dir / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, _FILE_MODE)
         try:
+            _share(fd)
             fcntl.flock(fd, fcntl.LOCK_EX)
             for stale in (self.dir / "index.lock", self.git_dir / f"{SNAPSHOT_REF}.lock",
                           self.git_dir / "shallow.lock", self.git_dir / "packed-refs.lock"):
@@ -295,6 +299,7 @@ class Repo:
         """
         self.ensure_dirs()
         fd = os.open(self.dir / "daemon.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, _FILE_MODE)
+        _share(fd)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -381,6 +386,19 @@ class Repo:
             return False
         return (p.device, p.inode) == (st.st_dev, st.st_ino)
 
+    def paired_elsewhere(self) -> str | None:
+        """The path of another workspace directory this history belongs to, when that directory
+        still exists as it was (two workspaces configured with one state directory and key);
+        None when the history is this workspace's, unpaired, or its old directory is gone."""
+        p = self.pairing()
+        if p is None or self.paired_with(self.workspace):
+            return None
+        try:
+            st = os.stat(p.path)
+        except OSError:
+            return None
+        return p.path if (st.st_dev, st.st_ino) == (p.device, p.inode) else None
+
     def unpair(self) -> None:
         (self.dir / "pairing.json").unlink(missing_ok=True)
 
@@ -429,6 +447,16 @@ def _write_atomic(path: Path, data: bytes) -> None:
     finally:
         os.close(fd)
     os.replace(tmp, path)
+
+
+def _share(fd: int) -> None:
+    """Give a state file the group's read and write whatever the umask took (owner only: another
+    uid may not chmod it, and need not)."""
+    try:
+        if os.fstat(fd).st_uid == os.geteuid():
+            os.fchmod(fd, _FILE_MODE)
+    except OSError:
+        pass
 
 
 def _mkdir(path: Path) -> None:

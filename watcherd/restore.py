@@ -120,11 +120,10 @@ def restore(config: Config, generations: Generations, request: Request = Request
 def _refuse_under_a_daemon(repo: Repo, ws: Path, request: Request) -> None:
     """A restore must not move a tree a running daemon is saving (it would save the move, or
     race it). Refused with exit 2, naming the daemon, unless ``--force``."""
-    other = repo.pairing()
-    if other is not None and other.path != str(ws) and os.path.isdir(other.path) \
-            and not request.force:
+    other = repo.paired_elsewhere()
+    if other is not None and not request.force:
         raise UsageError(f"workspace.state_dir {repo.dir} holds the history of another workspace "
-                         f"({other.path}); give this restore its own state directory "
+                         f"({other}); give this restore its own state directory "
                          "(WATCHERD_WORKSPACE_STATE_DIR=...), or pass --force to take it over")
     holder = repo.daemon_running()
     if holder is None:

@@ -31,7 +31,7 @@ from watcherd import ignore, log, state
 from watcherd import workspace as ws
 from watcherd.errors import ConfigError, GitError, WorkspaceError
 from watcherd.git import Git, for_workspace, retrying
-from watcherd.repo import SNAPSHOT_REF, Repo
+from watcherd.repo import SNAPSHOT_REF, Repo, write_private
 
 _MESSAGE_PATHS = 50
 # A lock file left by a git process that died blocks every later commit. One that nobody holds
@@ -77,10 +77,10 @@ def prepare(repo: Repo) -> None:
     layout = ws.locate(repo.workspace)
     repo.ensure(_object_format(layout))
     root = repo.workspace
-    other = repo.pairing()
-    if other is not None and other.path != str(root) and os.path.isdir(other.path):
+    other = repo.paired_elsewhere()
+    if other is not None:
         raise ConfigError(f"workspace.state_dir {repo.dir} holds the history of another "
-                          f"workspace ({other.path}); give each workspace its own "
+                          f"workspace ({other}); give each workspace its own "
                           "workspace.state_dir (or store.key)")
     if repo.snapshot_head() is not None and not repo.paired_with(root):
         repo.forget_history(f"the history in {repo.dir} was recorded for another workspace "
@@ -239,7 +239,7 @@ def _record_state(repo: Repo, found: ws.GitState, index_file: Path | None,
                                cache.index_digest, found.shallow)).encode()).digest()
     if cache.state_key == key and cache.state_commit and prev_state == cache.state_commit:
         return cache.state_commit, cache.state_notes
-    config = state.parse_config(repo.bare, found.config, repo.dir / "config.scratch")
+    config = state.parse_config(repo.bare, found.config, repo.dir)
     given = state.Input(config, index_file,
                         None if index_file else "the workspace has no index yet")
     commit, rec = state.record(repo.bare, found, given, previous=prev_state)
@@ -258,7 +258,7 @@ def _sync_user_index(repo: Repo, found: ws.GitState | None, cache: Cache) -> Pat
         return None
     digest = hashlib.sha256(index).digest()
     if digest != cache.index_digest or not copy.exists():
-        copy.write_bytes(index)
+        write_private(copy, index)
         cache.index_digest = digest
         cache.user_paths = None
     return copy

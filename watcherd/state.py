@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import re
+import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,16 +64,18 @@ class Input:
 
 
 def parse_config(git: Git, raw: bytes, scratch: Path) -> tuple[tuple[str, str], ...]:
-    """The allowlisted entries of a config file's bytes, parsed by git from a copy.
+    """The allowlisted entries of a config file's bytes, parsed by git from a copy (a temporary
+    file in directory ``scratch``).
 
     ``--no-includes``: an ``include.path`` of the workspace's is never followed. Entries git
     cannot parse give an empty result (the config is then not recorded), never an error.
     """
     if not raw:
         return ()
-    scratch.write_bytes(raw)
-    r = git.run("config", "--file", str(scratch), "--no-includes", "--null", "--list", check=False)
-    scratch.unlink(missing_ok=True)
+    with tempfile.NamedTemporaryFile(dir=scratch, prefix="config-") as f:
+        f.write(raw)
+        f.flush()
+        r = git.run("config", "--file", f.name, "--no-includes", "--null", "--list", check=False)
     if r.returncode != 0:
         return ()
     entries = []

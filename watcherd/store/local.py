@@ -23,6 +23,9 @@ from watcherd.errors import ObjectMissing, PreconditionFailed, StoreError
 from watcherd.store.base import Blob, ObjectInfo, check_name
 
 _TMP_PREFIX = ".tmp-"
+# Objects are readable by the group: `watcherd restore` may run as the app's uid, a member of
+# the daemon's group (the shipped systemd units), and must read what the daemon wrote.
+_MODE = 0o640
 _LOCK_SUFFIX = ".lock"
 _CHUNK = 1 << 20
 
@@ -39,8 +42,10 @@ class LocalStore:
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise StoreError(f"store {self.url}: cannot create the directory: {exc.strerror}") from exc
-        if not os.access(self.root, os.W_OK | os.X_OK):
-            raise StoreError(f"store {self.url}: the directory is not writable by this user")
+        # Read access is enough to restore; a writer that may not write hears it at its first
+        # write, naming the object.
+        if not os.access(self.root, os.R_OK | os.X_OK):
+            raise StoreError(f"store {self.url}: the directory is not readable by this user")
         st = self.root.stat()
         self._identity = (st.st_dev, st.st_ino)
 
@@ -190,7 +195,7 @@ class LocalStore:
     def _locked(self, path: Path, name: str) -> Iterator[None]:
         lock_path = path.with_name("." + path.name + _LOCK_SUFFIX)
         try:
-            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, _MODE)
         except OSError as exc:
             raise self._error("lock", name, exc) from exc
         try:
@@ -216,6 +221,7 @@ class LocalStore:
             except OSError as exc:
                 raise self._error("write", name, exc) from exc
         try:
+            os.fchmod(fd, _MODE)  # mkstemp's 0600, or the umask, would keep the group out
             with os.fdopen(fd, "wb") as f:
                 try:
                     yield tmp, f
@@ -262,7 +268,7 @@ def _anonymous_file(directory: Path) -> int | None:
     if not hasattr(os, "O_TMPFILE") or not os.path.isdir("/proc/self/fd"):
         return None
     try:
-        return os.open(directory, os.O_TMPFILE | os.O_WRONLY, 0o600)
+        return os.open(directory, os.O_TMPFILE | os.O_WRONLY, _MODE)
     except OSError:
         return None  # not supported here: a named temp file, as everywhere else
 
