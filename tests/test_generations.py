@@ -98,8 +98,11 @@ def test_a_save_writes_the_bundle_and_a_manifest_with_every_field(ws, store_dir)
                   and not p.name.startswith(".")) == [f"{KEY}/bundles/{name}", f"{KEY}/manifest.json"]
     data = (key_dir(store_dir) / "bundles" / name).read_bytes()
     doc = manifest_doc(store_dir)
-    assert doc["format"] == 1
+    assert doc["format"] == 2
     assert doc["generation"] == 1
+    # The first generation's chain is its own, full bundle.
+    assert doc["chain"] == [{"bundle": name, "size": len(data),
+                             "sha256": hashlib.sha256(data).hexdigest(), "snapshot": snap}]
     assert doc["bundle"] == name
     assert doc["size"] == len(data) == result.bytes
     assert doc["sha256"] == hashlib.sha256(data).hexdigest()

@@ -93,7 +93,7 @@ def test_after_a_fallback_the_next_save_supersedes_the_bad_generation(tmp_path):
 
 
 @pytest.mark.parametrize("content,problem", [
-    (b'{"format": 2, "generation": 9}', "upgrade watcherd"),
+    (b'{"format": 3, "generation": 9}', "upgrade watcherd"),
     (b'{"format": 1, "generation": 1, "bundle": "x\xff"}', "not UTF-8"),
     (None, "field 'sha256'"),
     (b"[" * 200_000, "nested too deeply"),

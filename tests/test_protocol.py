@@ -329,7 +329,7 @@ test_the_protocol_has_no_dead_ends = KeyModel.TestCase
 
 
 @pytest.mark.parametrize("data", [
-    b'{"format": 2}', b"\xff\xfe{}", b"[" * 200_000, b'{"format": 1, "generation": "x"}',
+    b'{"format": 3}', b"\xff\xfe{}", b"[" * 200_000, b'{"format": 1, "generation": "x"}',
     b"{" + b" " * (mf.MAX_SIZE + 10) + b"}",
 ])
 def test_every_unreadable_manifest_is_an_integrity_error_never_nothing_stored(data):
@@ -339,4 +339,4 @@ def test_every_unreadable_manifest_is_an_integrity_error_never_nothing_stored(da
 
 def test_a_newer_format_says_to_upgrade():
     with pytest.raises(mf.NewerFormat, match="upgrade watcherd"):
-        mf.parse(b'{"format": 2, "generation": 1}', "m")
+        mf.parse(b'{"format": 3, "generation": 1}', "m")

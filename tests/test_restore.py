@@ -475,6 +475,7 @@ def _truncate_and_fix_manifest(path: Path) -> None:
     mpath = path.parent.parent / "manifest.json"
     doc = json.loads(mpath.read_bytes())
     doc["size"], doc["sha256"] = file_digest(path)
+    doc["chain"][-1]["size"], doc["chain"][-1]["sha256"] = doc["size"], doc["sha256"]
     mpath.write_text(json.dumps(doc))
 
 

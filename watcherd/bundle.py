@@ -46,6 +46,7 @@ class BundleFile:
     head: str | None
     head_ref: str | None
     rewritten: bool = False  # True when written from a self-contained copy of a shallow history
+    since: str | None = None  # an increment on this snapshot; None for a full bundle
 
 
 class BundleSource:
@@ -83,8 +84,10 @@ class BundleSource:
         return self.mapping.get(commit, commit) if commit else None
 
 
-def write(source: BundleSource, dest: Path) -> BundleFile:
-    """Write a bundle of the snapshot history to ``dest`` and checksum it.
+def write(source: BundleSource, dest: Path, *, since: str | None = None) -> BundleFile:
+    """Write a bundle of the snapshot history to ``dest`` and checksum it: all of it, or with
+    ``since`` (a snapshot the history contains) only what is new after it, an increment whose
+    prerequisite is ``since`` (git-bundle(1), "specifying references").
 
     The snapshot it holds is read back from the bundle's own header (a snapshot taken meanwhile
     may have moved the ref), and the manifest's facts (HEAD and its branch) come from what that
@@ -97,14 +100,16 @@ def write(source: BundleSource, dest: Path) -> BundleFile:
         if r.returncode != 0:  # slower without it, not wrong
             _log.warning("bundle.repack_failed",
                          error=r.stderr.decode("utf-8", "replace").strip()[:300])
-    git.run("bundle", "create", "--quiet", str(dest), SNAPSHOT_REF, timeout=BUNDLE_TIMEOUT)
+    git.run("bundle", "create", "--quiet", str(dest), SNAPSHOT_REF,
+            *([f"^{since}"] if since else []), timeout=BUNDLE_TIMEOUT)
     snapshot = bundle_heads(dest).get(SNAPSHOT_REF)
     if snapshot is None:
         raise GitError(f"the bundle written to {dest} does not hold {SNAPSHOT_REF}")
     size, sha = file_digest(dest)
     head, head_ref = recorded_head(git, snapshot)
     _log.debug("bundle.written", bytes=size, duration_ms=round((time.monotonic() - started) * 1000, 1))
-    return BundleFile(dest, size, sha, snapshot, head, head_ref, rewritten=bool(source.mapping))
+    return BundleFile(dest, size, sha, snapshot, head, head_ref, rewritten=bool(source.mapping),
+                      since=since)
 
 
 def bundle_heads(path: Path) -> dict[str, str]:

@@ -90,6 +90,8 @@ class StoreConfig:
     keep: int = 10
     warn_bundle_size: int = 100 * 2**20
     max_bundle_size: int = 500 * 2**20
+    max_increments: int = 50
+    max_increment_ratio: float = 0.5
     s3: S3Config = field(default_factory=S3Config)
 
 
@@ -195,6 +197,21 @@ def _positive_int(value: Any) -> int:
     return value
 
 
+def _ratio(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"expected a number like 0.5, got {_type(value)}")
+    if not 0 < value <= 10:
+        raise ValueError(f"{value} must be above 0 and at most 10")
+    return float(value)
+
+
+def _env_float(text: str) -> Any:
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"expected a number like 0.5, got {text!r}") from None
+
+
 def _bool(value: Any) -> bool:
     if not isinstance(value, bool):
         raise ValueError(f"expected true or false, got {_type(value)}")
@@ -280,6 +297,8 @@ _SCHEMA: tuple[_Key, ...] = (
     _Key("store", "keep", _positive_int, str, from_env=_env_int),
     _Key("store", "warn_bundle_size", _size, lambda v: _quoted(format_size(v, exact=True))),
     _Key("store", "max_bundle_size", _size, lambda v: _quoted(format_size(v, exact=True))),
+    _Key("store", "max_increments", _positive_int, str, from_env=_env_int),
+    _Key("store", "max_increment_ratio", _ratio, lambda v: f"{v:g}", from_env=_env_float),
     _Key("store.s3", "region", _string),
     _Key("store.s3", "endpoint_url", _endpoint),
     _Key("store.s3", "force_path_style", _bool, lambda v: str(v).lower(), from_env=_env_bool),

@@ -39,6 +39,7 @@ from watcherd.errors import (
     WorkspaceError,
 )
 from watcherd.generations import Generations, Limits
+from watcherd.protocol import ChainPolicy
 from watcherd.notify import Notifier
 from watcherd.repo import Repo, open_repo
 from watcherd.store import Store, open_store
@@ -137,7 +138,9 @@ class Daemon:
         self.store = open_store(s)
         self._abort_stale_uploads()
         self.generations = Generations(self.store, s.key,
-                                       Limits(s.keep, s.warn_bundle_size, s.max_bundle_size))
+                                       Limits(s.keep, s.warn_bundle_size, s.max_bundle_size,
+                                              ChainPolicy(s.max_increments,
+                                                          s.max_increment_ratio)))
         unsaved = self._unsaved_at_start()
         self.watcher = Watcher(ws, self.repo)
         self.watcher.start()
@@ -376,8 +379,10 @@ class Daemon:
     def _save(self):
         try_unshallow, self._try_unshallow = self._try_unshallow, False  # ask the origin once
         try:
+            # Compaction (a new full bundle) only while idle: the final save is an increment.
             result = self.generations.save(self.repo, template_url=self.cfg.restore.template_url,
-                                           try_unshallow=try_unshallow)
+                                           try_unshallow=try_unshallow,
+                                           compact=self._shutdown_deadline is None)
         except ConflictError as exc:
             try:
                 exc.copies = len(self.generations.conflicts())

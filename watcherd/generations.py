@@ -19,6 +19,7 @@ import socket
 import tempfile
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +42,8 @@ from watcherd.units import format_size
 
 _log = log.get(__name__)
 _MANIFEST_RACE_ATTEMPTS = 5
+# Bundles of a chain downloaded at once (a restore of a long chain from S3 waits on latency).
+_PARALLEL_DOWNLOADS = 4
 
 
 @dataclass(frozen=True)
@@ -54,6 +57,7 @@ class SaveResult:
     bundle: str | None = None
     superseded: tuple[int, ...] = ()  # generations this one replaced (found corrupt)
     store_vanished: bool = False  # the store had lost what this workspace saved before
+    full: bool = True  # a full bundle (a new chain), or an increment on the stored chain
 
 
 @dataclass(frozen=True)
@@ -61,6 +65,7 @@ class Limits:
     keep: int = 10
     warn_bundle_size: int = 100 * 2**20
     max_bundle_size: int = 500 * 2**20
+    chain: protocol.ChainPolicy = protocol.ChainPolicy()
 
 
 class Generations:
@@ -98,9 +103,24 @@ class Generations:
         """Whether the key holds any object at all (only then is there "nothing stored")."""
         return bool(self.store.list(f"{self.key}/"))
 
-    def fetch(self, gen: mf.Generation, directory: Path) -> Path:
-        """Download ``gen``'s bundle into ``directory`` and check its size and sha256."""
-        name = self.bundle_object(gen.bundle)
+    def fetch(self, gen: mf.Generation, directory: Path,
+              downloaded: dict[str, Path] | None = None) -> list[Path]:
+        """Download every bundle of ``gen``'s chain into ``directory`` (several at once), check
+        each one's size and sha256; the files, base first. ``downloaded`` (bundle name -> file)
+        spares what an earlier call of a restore fetched already, and is filled in.
+
+        Raises :class:`IntegrityError` naming the first bundle that is missing or corrupt.
+        """
+        downloaded = {} if downloaded is None else downloaded
+        todo = [link for link in gen.links if link.bundle not in downloaded]
+        with ThreadPoolExecutor(max_workers=min(_PARALLEL_DOWNLOADS, max(len(todo), 1)),
+                                thread_name_prefix="fetch") as pool:
+            paths = list(pool.map(lambda link: self._fetch_link(gen, link, directory), todo))
+        downloaded.update({link.bundle: path for link, path in zip(todo, paths)})
+        return [downloaded[link.bundle] for link in gen.links]
+
+    def _fetch_link(self, gen: mf.Generation, link: mf.Link, directory: Path) -> Path:
+        name = self.bundle_object(link.bundle)
         fd, tmp = tempfile.mkstemp(prefix=f"gen{gen.generation}-", suffix=".bundle", dir=directory)
         os.close(fd)
         path = Path(tmp)
@@ -115,19 +135,23 @@ class Generations:
             path.unlink(missing_ok=True)
             raise
         size, sha = bundles.file_digest(path)
-        if size != gen.size or sha != gen.sha256:
+        if size != link.size or sha != link.sha256:
             path.unlink(missing_ok=True)
-            what = (f"{size} bytes where the manifest says {gen.size} (truncated?)"
-                    if size != gen.size else "a sha256 that does not match the manifest (corrupt)")
+            what = (f"{size} bytes where the manifest says {link.size} (truncated?)"
+                    if size != link.size else "a sha256 that does not match the manifest (corrupt)")
             raise IntegrityError(f"generation {gen.generation}: {self.where(name)} has {what}")
-        _log.info("bundle.downloaded", key=self.key, generation=gen.generation, bytes=size,
+        _log.info("bundle.downloaded", key=self.key, generation=gen.generation,
+                  bundle=link.bundle, bytes=size,
                   duration_ms=round((time.monotonic() - started) * 1000, 1))
         return path
 
     # -- saving ----------------------------------------------------------------------------------
 
-    def save(self, repo: Repo, *, template_url: str = "", try_unshallow: bool = True) -> SaveResult:
-        """Save the snapshot history in ``repo`` as the next generation.
+    def save(self, repo: Repo, *, template_url: str = "", try_unshallow: bool = True,
+             compact: bool = True) -> SaveResult:
+        """Save the snapshot history in ``repo`` as the next generation: an increment on the
+        stored chain, or a full bundle (the first save, a supersede, or a compaction, which only
+        happens when ``compact``: not for the final save on SIGTERM).
 
         Raises :class:`ConflictError` when the stored history is not part of ours (the history is
         kept under ``conflicts/``, once per divergence), :class:`BundleTooLarge` above
@@ -159,19 +183,20 @@ class Generations:
                 if decision.verdict is protocol.Verdict.REFUSE:
                     self._keep_conflict(source, spool, decision.reason)
                 try:
-                    result = self._publish(source, spool, current, version, decision)
+                    result = self._publish(source, spool, current, version, decision, compact)
                 except BundleTooLarge:
                     squashed = _squash_unsaved(source, local, current)
                     if squashed is None:
                         raise
                     local = ours = squashed
-                    result = self._publish(source, spool, current, version, decision)
+                    result = self._publish(source, spool, current, version, decision, compact)
                 if result is not None:
                     repo.record_stored(result.generation, result.snapshot)
                     if result.superseded:
                         repo.clear_bad_generations()
                     _log.info("generation.saved", key=self.key, generation=result.generation,
                               bundle=result.bundle, bytes=result.bytes, snapshot=result.snapshot,
+                              kind="full" if result.full else "increment",
                               superseded=list(result.superseded) or None,
                               duration_ms=round((time.monotonic() - started) * 1000, 1))
                     return SaveResult(**{**result.__dict__, "store_vanished": vanished})
@@ -190,11 +215,21 @@ class Generations:
         return True
 
     def _publish(self, source: bundles.BundleSource, spool: Path, current: mf.Manifest | None,
-                 version: str | None, decision: protocol.SaveDecision) -> SaveResult | None:
+                 version: str | None, decision: protocol.SaveDecision,
+                 compact: bool) -> SaveResult | None:
         """Upload a bundle and swap the manifest; None when another writer got there first."""
         first = current.current.generation + 1 if current else 1
+        base = protocol.plan_chain(current, decision, self.limits.chain, compact)
         with tempfile.TemporaryDirectory(dir=spool) as tmp:
-            bf = self._write_bundle(source, Path(tmp))
+            try:
+                bf = self._write_bundle(source, Path(tmp), since=base[-1].snapshot if base else None)
+            except BundleTooLarge:
+                # A compaction too large to store is not a reason to store nothing: continue the
+                # chain instead (the full bundle is retried at the next idle save).
+                base = protocol.plan_chain(current, decision, self.limits.chain, compact=False)
+                if base is None:
+                    raise
+                bf = self._write_bundle(source, Path(tmp), since=base[-1].snapshot)
             if protocol.decide_save(current, bf.snapshot,
                                     lambda snap: _contains(source.git, snap, bf.snapshot),
                                     source.repo.bad_generations()).verdict != decision.verdict:
@@ -214,8 +249,10 @@ class Generations:
             else:
                 return None
             _log.debug("bundle.uploaded", key=self.key, bundle=name, bytes=bf.size)
+            link = mf.Link(name, bf.size, bf.sha256, bf.snapshot)
             new = mf.Generation(number, name, bf.size, bf.sha256, bf.snapshot, bf.head_ref, bf.head,
-                                mf.now_rfc3339(), mf.Writer(_host(), os.getpid()))
+                                mf.now_rfc3339(), mf.Writer(_host(), os.getpid()),
+                                chain=(*(base or ()), link))
             superseded = [mf.Superseded(g, decision.reason) for g in decision.supersedes]
             updated = protocol.next_manifest(current, new, self.limits.keep, superseded)
             try:
@@ -230,10 +267,12 @@ class Generations:
                 _log.warning("generation.superseded", key=self.key, generation=number,
                              superseded=list(decision.supersedes), reason=decision.reason)
         self._prune(current, updated)
-        return SaveResult("saved", number, bf.snapshot, bf.size, name, decision.supersedes)
+        return SaveResult("saved", number, bf.snapshot, bf.size, name, decision.supersedes,
+                          full=base is None)
 
-    def _write_bundle(self, source: bundles.BundleSource, tmp: Path) -> bundles.BundleFile:
-        bf = bundles.write(source, tmp / "snapshot.bundle")
+    def _write_bundle(self, source: bundles.BundleSource, tmp: Path, *,
+                      since: str | None = None) -> bundles.BundleFile:
+        bf = bundles.write(source, tmp / "snapshot.bundle", since=since)
         if bf.size > self.limits.max_bundle_size:
             raise BundleTooLarge(
                 f"the bundle is {format_size(bf.size)}, above store.max_bundle_size "

@@ -14,7 +14,10 @@ from typing import Any
 
 from watcherd.errors import IntegrityError
 
-FORMAT = 1
+FORMAT = 2
+#: Formats this watcherd reads: 1 (one full bundle per generation) and 2 (a chain per generation).
+READABLE = (1, 2)
+MAX_CHAIN = 10_000
 #: A manifest watcherd writes is a few KiB (``keep`` entries); anything far larger is not one.
 MAX_SIZE = 1 * 2**20
 _BUNDLE_NAME = re.compile(r"[0-9]{1,12}-[0-9a-f]{7,64}\.bundle")
@@ -29,8 +32,23 @@ class Writer:
 
 
 @dataclass(frozen=True)
+class Link:
+    """One bundle of a generation's chain: a full bundle (the base), or an increment holding only
+    what is new since the links before it (whose tips are its prerequisites)."""
+
+    bundle: str  # file name under <key>/bundles/
+    size: int
+    sha256: str
+    snapshot: str  # the snapshot the bundle's ref points at
+
+
+@dataclass(frozen=True)
 class Generation:
-    """One saved state of the workspace: an immutable bundle and what it holds."""
+    """One saved state of the workspace: the bundle it added, its whole chain, and what it holds.
+
+    ``bundle``, ``size`` and ``sha256`` are the generation's own bundle, the last link of
+    ``chain``. A generation of format 1 has no chain: its bundle alone is whole.
+    """
 
     generation: int
     bundle: str  # file name under <key>/bundles/
@@ -41,9 +59,17 @@ class Generation:
     head: str | None  # the user's HEAD commit, None in an empty repository
     created_at: str  # RFC 3339, UTC
     writer: Writer
+    chain: tuple[Link, ...] = ()  # base first; () for a format 1 generation
+
+    @property
+    def links(self) -> tuple[Link, ...]:
+        """The bundles to fetch, in order, to restore this generation."""
+        return self.chain or (Link(self.bundle, self.size, self.sha256, self.snapshot),)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        doc = asdict(self)
+        doc["chain"] = [asdict(link) for link in self.links]
+        return doc
 
 
 @dataclass(frozen=True)
@@ -128,15 +154,17 @@ def parse(data: bytes, where: str) -> Manifest:
     fmt = doc.get("format")
     if isinstance(fmt, int) and not isinstance(fmt, bool) and fmt > FORMAT:
         raise NewerFormat(f"{where} has format {fmt}, written by a newer watcherd (this one reads "
-                          f"format {FORMAT}): upgrade watcherd")
-    if fmt != FORMAT:
-        raise IntegrityError(f"{where}: unsupported format {fmt!r} (this watcherd reads format "
-                             f"{FORMAT})")
+                          f"formats up to {FORMAT}): upgrade watcherd")
+    if fmt not in READABLE or isinstance(fmt, bool):
+        raise IntegrityError(f"{where}: unsupported format {fmt!r} (this watcherd reads formats "
+                             f"{', '.join(map(str, READABLE))})")
     current = _generation(doc, where)
     history_doc = doc.get("history", [])
     if not isinstance(history_doc, list):
         raise IntegrityError(f"{where}: history is not a list")
     history = tuple(_generation(h, f"{where} history[{i}]") for i, h in enumerate(history_doc))
+    if fmt >= 2 and any(not g.chain for g in (current, *history)):
+        raise IntegrityError(f"{where}: a format {fmt} generation without its chain")
     numbers = [g.generation for g in (current, *history)]
     if any(a <= b for a, b in zip(numbers, numbers[1:])):
         raise IntegrityError(f"{where}: generations are not in descending order: {numbers}")
@@ -183,7 +211,7 @@ def _generation(doc: Any, where: str) -> Generation:
     pid = writer.get("pid") or 0
     if not isinstance(pid, int) or isinstance(pid, bool):
         raise IntegrityError(f"{where}: field 'writer' has a pid that is not a number: {pid!r}")
-    return Generation(
+    gen = Generation(
         generation=generation,
         bundle=bundle,
         size=size,
@@ -192,5 +220,29 @@ def _generation(doc: Any, where: str) -> Generation:
         head_ref=head_ref,
         head=field("head", str, _OID, optional=True),
         created_at=created_at,
-        writer=Writer(str(writer.get("host", "?")), pid),
+        writer=Writer(str(writer.get("host", "?"))[:255], pid),
+        chain=_chain(doc.get("chain"), where),
     )
+    if gen.chain and gen.chain[-1] != Link(gen.bundle, gen.size, gen.sha256, gen.snapshot):
+        raise IntegrityError(f"{where}: the chain does not end with the generation's own bundle")
+    return gen
+
+
+def _chain(items: Any, where: str) -> tuple[Link, ...]:
+    if items is None:
+        return ()
+    if not isinstance(items, list) or not items or len(items) > MAX_CHAIN:
+        raise IntegrityError(f"{where}: field 'chain' is not a list of 1 to {MAX_CHAIN} bundles")
+    links = []
+    for i, item in enumerate(items):
+        if not isinstance(item, dict):
+            raise IntegrityError(f"{where}: chain[{i}] is not a JSON object")
+        bundle, size, sha, snap = (item.get(k) for k in ("bundle", "size", "sha256", "snapshot"))
+        if not (isinstance(bundle, str) and _BUNDLE_NAME.fullmatch(bundle)
+                and isinstance(size, int) and not isinstance(size, bool) and size >= 0
+                and isinstance(sha, str) and _SHA256.fullmatch(sha)
+                and isinstance(snap, str) and _OID.fullmatch(snap)):
+            raise IntegrityError(f"{where}: chain[{i}] is not a bundle name, size, sha256 and "
+                                 "snapshot")
+        links.append(Link(bundle, size, sha, snap))
+    return tuple(links)

@@ -91,11 +91,41 @@ def next_manifest(stored: mf.Manifest | None, new: mf.Generation, keep: int,
     return mf.Manifest(new, stored.generations[: max(keep - 1, 0)], tuple(supersedes))
 
 
+@dataclass(frozen=True)
+class ChainPolicy:
+    """When a save writes a new full bundle instead of an increment (config ``[store]``)."""
+
+    max_increments: int = 50  # increments after a full bundle before the next full one
+    max_increment_ratio: float = 0.5  # their total size, as a fraction of the full one's
+
+
+def plan_chain(stored: mf.Manifest | None, decision: SaveDecision, policy: ChainPolicy,
+               compact: bool) -> tuple[mf.Link, ...] | None:
+    """The chain the next generation continues, or None for a new full bundle.
+
+    An increment needs a good stored chain to stand on: the first save, and a save that
+    supersedes bad generations, write a full bundle. Otherwise a full one (compaction) when the
+    increments since the last full bundle got too many or too large, and only when ``compact`` is
+    allowed (an idle save: never the final one on SIGTERM, which must be small and quick).
+    """
+    if stored is None or decision.verdict is not Verdict.FORWARD:
+        return None
+    links = stored.current.links
+    increments = links[1:]
+    if compact and (len(increments) >= policy.max_increments
+                    or sum(link.size for link in increments)
+                    > policy.max_increment_ratio * max(links[0].size, 1)):
+        return None
+    return links
+
+
 def prunable(before: mf.Manifest | None, after: mf.Manifest, listed: Iterable[str]) -> set[str]:
-    """Bundle names (under ``bundles/``) no manifest names any more, and orphans of crashed saves
-    at or below the current generation (higher numbers may be a racing writer's upload)."""
-    kept = {g.bundle for g in after.generations}
-    doomed = {g.bundle for g in (before.generations if before else ()) if g.bundle not in kept}
+    """Bundle names (under ``bundles/``) that no kept generation's chain needs, and orphans of
+    crashed saves at or below the current generation (higher numbers may be a racing writer's
+    upload). An increment of a pruned generation stays while a kept chain runs through it."""
+    kept = {link.bundle for g in after.generations for link in g.links}
+    doomed = {link.bundle for g in (before.generations if before else ()) for link in g.links
+              if link.bundle not in kept}
     for name in listed:
         number = mf.bundle_generation(name)
         if number is not None and name not in kept and number <= after.current.generation:

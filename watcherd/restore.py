@@ -194,13 +194,13 @@ def _restore_stored(config: Config, repo: Repo, generations: Generations, manife
                            '"fail": nothing was moved. Move it away, or set restore.on_conflict = '
                            '"move-aside"')
     failures: list[tuple[int, str]] = []
-    for gen in candidates:
-        with tempfile.TemporaryDirectory(prefix="download-", dir=repo.dir) as tmp:
+    with tempfile.TemporaryDirectory(prefix="download-", dir=repo.dir) as tmp:
+        downloaded: dict[str, Path] = {}  # a chain shared by several candidates is fetched once
+        for gen in candidates:
             try:
-                path = generations.fetch(gen, Path(tmp))
-                bundles.prove(path, Path(tmp))
-                aside = _install(repo, ws, lambda staging, p=path, g=gen: (
-                    build_tree(staging, p, g, config, home=repo.home), _seed(repo, p, g)))
+                paths = generations.fetch(gen, Path(tmp), downloaded)
+                aside = _install(repo, ws, lambda staging, p=paths, g=gen: (
+                    build_tree(staging, p, g, config, home=repo.home), _seed(repo, staging, g)))
             except LocalIOError as exc:
                 # The disk here, not the generation: an older one would be no better, and
                 # restoring it would pass off old work as the newest.
@@ -213,16 +213,16 @@ def _restore_stored(config: Config, repo: Repo, generations: Generations, manife
                            next="trying the generation before it" if gen is not candidates[-1]
                            else "no older generation left")
                 continue
-        repo.record_stored(gen.generation, gen.snapshot)
-        if gen is not candidates[0]:
-            _log.warning("restore.fell_back", key=generations.key, generation=gen.generation,
-                         newest=candidates[0].generation,
-                         failures=[f"generation {n}: {e}" for n, e in failures])
-            if not request.explicit:
-                _record_bad(repo, generations, manifest, failures)
-        else:
-            repo.clear_bad_generations()
-        return Outcome("restored", gen.generation, aside)
+            repo.record_stored(gen.generation, gen.snapshot)
+            if gen is not candidates[0]:
+                _log.warning("restore.fell_back", key=generations.key, generation=gen.generation,
+                             newest=candidates[0].generation,
+                             failures=[f"generation {n}: {e}" for n, e in failures])
+                if not request.explicit:
+                    _record_bad(repo, generations, manifest, failures)
+            else:
+                repo.clear_bad_generations()
+            return Outcome("restored", gen.generation, aside)
     said = "; ".join(f"generation {n}: {e}" for n, e in failures)
     if request.explicit:
         raise RestoreError("the requested generation is corrupt: " + said)
@@ -297,31 +297,46 @@ def _init(ws: Path, repo: Repo) -> None:
 # -- building ----------------------------------------------------------------------------------------
 
 
-def build_tree(staging: Path, bundle: Path, gen: mf.Generation, config: Config, *,
+def build_tree(staging: Path, chain: list[Path], gen: mf.Generation, config: Config, *,
                home: Path) -> int:
     """A repository and work tree in ``staging`` equal to what ``gen`` recorded; its file count.
 
-    ``home`` is a directory of watcherd's for git's HOME (never one inside the tree being built).
-    A bundle that fetched but cannot be checked out is as bad as a corrupt one; a full or broken
-    local disk is a :class:`LocalIOError`, not a reason to try an older generation.
+    ``chain`` is the generation's bundles, base first (checked against the manifest already):
+    each is verified and fetched in turn, so the staging repository's own ``index-pack`` and
+    connectivity check are the proof that the chain restores. ``home`` is a directory of
+    watcherd's for git's HOME (never one inside the tree being built). A chain that does not
+    fetch or check out is as bad as a corrupt one; a full or broken local disk is a
+    :class:`LocalIOError`, not a reason to try an older generation.
     """
     try:
-        return _build(staging, bundle, gen, config, home)
+        return _build(staging, chain, gen, config, home)
     except LocalIOError:
         raise
     except GitError as exc:
-        raise IntegrityError(f"generation {gen.generation} does not check out: {exc}") from None
+        raise IntegrityError(f"generation {gen.generation} does not restore: {exc}") from None
 
 
-def _build(staging: Path, bundle: Path, gen: mf.Generation, config: Config, home: Path) -> int:
+def _build(staging: Path, chain: list[Path], gen: mf.Generation, config: Config,
+           home: Path) -> int:
     ident = Identity(config.workspace.author_name, config.workspace.author_email)
     git = Git(staging / ".git", home=home, work_tree=staging, identity=ident)
-    git.run("init", "--quiet", "--template=", f"--object-format={bundles.object_format(bundle)}",
-            str(staging))
-    bundles.fetch_bundle(git, bundle)
+    git.run("init", "--quiet", "--template=",
+            f"--object-format={bundles.object_format(chain[0])}", str(staging))
+    for link, path in zip(gen.links, chain):
+        # `bundle verify` does not read the pack, but says whether an increment's prerequisites
+        # (the links before it) are there; the fetch reads and checks every object.
+        try:
+            git.run("bundle", "verify", "--quiet", str(path), timeout=bundles.BUNDLE_TIMEOUT)
+            bundles.fetch_bundle(git, path, refspec="+refs/*:refs/*")
+        except LocalIOError:
+            raise
+        except GitError as exc:
+            raise IntegrityError(f"generation {gen.generation}: bundle {link.bundle} does not "
+                                 f"restore: {exc}") from None
     if not git.has_commit(gen.snapshot):
-        raise IntegrityError(f"generation {gen.generation}: the bundle does not hold the "
+        raise IntegrityError(f"generation {gen.generation}: the bundles do not hold the "
                              f"snapshot {gen.snapshot[:12]} its manifest names")
+    git.run("update-ref", SNAPSHOT_REF, gen.snapshot)
     s_commit = state.state_parent(git, gen.snapshot)
     (staging / ".git" / "info").mkdir(exist_ok=True)
     attributes = staging / ".git" / "info" / "attributes"
@@ -394,16 +409,29 @@ def _lay_tree(git: Git, snapshot: str) -> None:
     git.run("update-index", "--refresh", "-q", ok=(0, 1))
 
 
-def _seed(repo: Repo, bundle: Path, gen: mf.Generation) -> None:
+def _seed(repo: Repo, staging: Path, gen: mf.Generation) -> None:
     """Give watcherd's repository the restored history (the daemon's next save moves the store
-    forward from it). The pairing follows once the tree is in place."""
-    repo.ensure(bundles.object_format(bundle))
+    forward from it). The pairing follows once the tree is in place.
+
+    The staging repository fetched (and checked) the chain already: its pack files are copied
+    as they are, instead of reading the bundles a second time.
+    """
+    packs = staging / ".git" / "objects" / "pack"
+    repo.ensure(_object_format_of(staging))
     if repo.snapshot_head() is not None:
         repo.forget_history("the workspace was restored from the store")
-    bundles.fetch_bundle(repo.bare, bundle, refspec=f"+{SNAPSHOT_REF}:{SNAPSHOT_REF}")
-    if repo.snapshot_head() != gen.snapshot:
-        repo.bare.run("update-ref", SNAPSHOT_REF, gen.snapshot)
+    dest = repo.git_dir / "objects" / "pack"
+    for path in sorted(packs.glob("pack-*"), key=lambda p: p.suffix == ".idx"):  # .idx last
+        if path.suffix in (".pack", ".idx", ".rev") and not (dest / path.name).exists():
+            tmp = dest / f".tmp-{path.name}"
+            shutil.copyfile(path, tmp)
+            os.replace(tmp, dest / path.name)
+    repo.bare.run("update-ref", SNAPSHOT_REF, gen.snapshot)
     repo.index.unlink(missing_ok=True)  # of the tree that was there; the next snapshot re-reads
+
+
+def _object_format_of(staging: Path) -> str:
+    return Git(staging / ".git", home=staging).object_format()
 
 
 def _clone_template(staging: Path, url: str, repo: Repo) -> None:

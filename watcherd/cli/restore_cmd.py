@@ -10,6 +10,7 @@ from watcherd.cli.common import check_workspace, command_parser, say, say_json
 from watcherd.config import Config
 from watcherd.errors import UsageError
 from watcherd.generations import Generations, Limits
+from watcherd.protocol import ChainPolicy
 from watcherd.restore import Request, restore
 from watcherd.store import open_store
 from watcherd.units import parse_duration
@@ -67,7 +68,8 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
 
 def generations_for(cfg: Config, store) -> Generations:
     s = cfg.store
-    return Generations(store, s.key, Limits(s.keep, s.warn_bundle_size, s.max_bundle_size))
+    return Generations(store, s.key, Limits(s.keep, s.warn_bundle_size, s.max_bundle_size,
+                                            ChainPolicy(s.max_increments, s.max_increment_ratio)))
 
 
 def parse_before(text: str) -> datetime:

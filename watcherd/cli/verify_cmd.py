@@ -7,7 +7,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from watcherd import bundle as bundles
 from watcherd.cli.common import command_parser, say, say_json
 from watcherd.cli.restore_cmd import generations_for
 from watcherd.config import Config
@@ -43,11 +42,10 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
         gen = manifest.current
         with tempfile.TemporaryDirectory(prefix="watcherd-verify-") as tmp:
             try:
-                path = gens.fetch(gen, Path(tmp))
-                bundles.prove(path, Path(tmp))
+                chain = gens.fetch(gen, Path(tmp))
                 tree = Path(tmp) / "tree"
                 tree.mkdir()
-                files = build_tree(tree, path, gen, cfg, home=Path(tmp))
+                files = build_tree(tree, chain, gen, cfg, home=Path(tmp))
             except IntegrityError as exc:
                 return _verdict(args, {"ok": False, "generation": gen.generation,
                                        "key": cfg.store.key, "error": str(exc)},
