@@ -167,7 +167,7 @@ class IgnoreOracle:
     def _check_alive(self) -> None:
         if self._deaths >= _MAX_CONSECUTIVE_DEATHS:
             tail = self._stderr_tail.decode("utf-8", "replace").strip() or "no message"
-            raise GitError(f"git check-ignore keeps failing in {self._git.path}: {tail}")
+            raise GitError(f"git check-ignore keeps failing in {self._git.git_dir}: {tail}")
 
     def _start(self) -> subprocess.Popen:
         proc = self._git.popen("check-ignore", "--no-index", "--stdin", "-z", "-v", "-n",
