@@ -37,7 +37,7 @@ import structlog
 from watcherd import workspace as ws
 from watcherd.errors import GitError
 from watcherd.git import Git
-from watcherd.repo import Repo
+from watcherd.repo import Repo, write_private
 
 log = structlog.get_logger(__name__)
 
@@ -279,7 +279,9 @@ def write_rules(repo: Repo, exclude: bytes, internal: tuple[str, ...]) -> bool:
     except FileNotFoundError:
         pass
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(text)
+    # Replaced whole, never truncated in place: the watcher's thread and a snapshot's both write
+    # it while git children read it, and a git reading an empty file would ignore nothing.
+    write_private(path, text)
     return True
 
 
