@@ -10,6 +10,7 @@ config. Tracked paths the rules ignore (``git add -f``) are not the oracle's bus
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -130,6 +131,35 @@ def test_tracked_ignored_is_empty_without_a_repository_or_an_index(tmp_path: Pat
     assert ignore.tracked_ignored(repo, ws.locate(plain)) == frozenset()
     git(plain, "init", "-q")  # a repository with no index yet
     assert ignore.tracked_ignored(repo, ws.locate(plain)) == frozenset()
+
+
+def test_rules_are_replaced_whole_while_git_reads_them(root: Path, repo: Repo) -> None:
+    # The watcher's thread (sync_rules) and a snapshot's (write_rules) both write watcherd's copy
+    # of info/exclude while git children start and read it: a git that reads a half-written
+    # copy would put node_modules/ (or a .env the rules hide) into a snapshot. Every reader must
+    # see the old rules or the new ones.
+    old = b"node_modules/\n" + b"# the user's notes\n" * 2000
+    new = b"node_modules/\n*.tmp\n" + b"# the user's notes\n" * 2000
+    stop = threading.Event()
+
+    def rewrite() -> None:
+        n = 0
+        while not stop.is_set():
+            ignore.write_rules(repo, old if n % 2 else new, ())
+            n += 1
+
+    writers = [threading.Thread(target=rewrite) for _ in range(2)]
+    for t in writers:
+        t.start()
+    try:
+        misread = sum(repo.git.run("check-ignore", "--no-index", "-q", "node_modules/",
+                                   check=False).returncode != 0 for _ in range(1000))
+    finally:
+        stop.set()
+        for t in writers:
+            t.join()
+    assert misread == 0, f"{misread} of 1000 gits read the rules half written"
+    assert (repo.git_dir / "info" / "exclude").read_bytes() in (old + b"\n", new + b"\n")
 
 
 def test_invalidate_picks_up_changed_rules(root: Path, oracle: IgnoreOracle) -> None:
