@@ -268,6 +268,20 @@ def test_changed_gitignore_takes_effect(root: Path, watcher: Watcher) -> None:
     reported(watcher, "build/out/c.o")
 
 
+def test_a_tracked_file_a_new_rule_matches_stays_watched(root: Path, watcher: Watcher) -> None:
+    # git add -A keeps snapshotting a tracked file whatever .gitignore says later: its edits
+    # stay relevant, while the untracked files the new rule matches stop being so.
+    with open(root / ".gitignore", "a") as f:
+        f.write("src/\n")
+    reported(watcher, ".gitignore")
+    write(root / "src" / "app.js", "still tracked")
+    write(root / "src" / "scratch.js", "untracked, ignored now")
+    got = reported(watcher, "src/app.js")
+    got += barrier(watcher, root)
+    assert "src/scratch.js" not in paths(got)
+    assert (root / "src").stat().st_ino in kernel_watched_inodes(watcher)
+
+
 def test_a_force_added_file_under_an_ignored_directory_is_watched_alone_without_a_rewalk(
         root: Path, watcher: Watcher, monkeypatch: pytest.MonkeyPatch) -> None:
     # `git add -f` makes a file under node_modules/ part of every snapshot (a tracked file is
