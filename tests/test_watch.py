@@ -315,8 +315,7 @@ def test_a_force_added_file_under_an_ignored_directory_is_watched_alone_without_
     assert watcher.watch_count == 8 + 3  # node_modules, pkg0, pkg0/dist
 
     write(patched, "v2")
-    assert "node_modules/pkg0/dist/patched.js" in paths(reported(watcher,
-                                                                 "node_modules/pkg0/dist/patched.js"))
+    reported(watcher, "node_modules/pkg0/dist/patched.js")
     write(root / "node_modules" / "pkg0" / "dist" / "other.js", "v2")
     write(root / "node_modules" / "pkg1" / "dist" / "index.js", "v2")
     assert paths(barrier(watcher, root)) == {"marker.txt"}
