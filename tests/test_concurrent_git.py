@@ -17,7 +17,9 @@ own timers. What must hold, stated so that it is true whatever the interleaving:
 * **No corrupted repository.** ``git fsck`` passes and ``git status``/``diff-index --cached HEAD``
   work at every checkpoint; the agent's own git never reports a corrupt index or object.
 * **Shadow mode never touches the user's git state**: ``.git/index`` keeps its bytes and inode,
-  HEAD and its branch stay where they were, across a save with no user activity.
+  HEAD and its branch stay where they were, across a save with no user activity, and nothing of
+  watcherd's (refs, index) is ever written into ``.git``: its snapshots are in its own repository
+  in the state directory (``Daemon.repo``), where the checks below read them.
 * **No deleted live lock.** A lock the user's git holds is waited for, never removed — held open,
   or kept by a ``git commit`` waiting for its editor; a stale one nobody holds is cleaned once it
   is older than ``STALE_LOCK_AGE``.
@@ -287,6 +289,11 @@ class Agent:
             if (now_head, now_branch) != (head, branch):
                 self.found.touched.append(f"checkpoint {self.checkpoints}: HEAD moved "
                                           f"{branch}@{head[:8]} -> {now_branch}@{now_head[:8]}")
+            # watcherd's history and index live in its state directory, never in the user's .git.
+            ours = self.git("for-each-ref", "--format=%(refname)", "refs/watcherd/").stdout
+            if ours.strip() or (self.ws / ".git" / "watcherd").exists():
+                self.found.touched.append(f"checkpoint {self.checkpoints}: watcherd wrote into "
+                                          f".git: {ours.decode().split()[:3]}")
         else:
             now_branch = self.git("symbolic-ref", "-q", "HEAD").stdout.strip()
             if now_branch != branch:
@@ -348,7 +355,7 @@ def judge_windows(d: Daemon, agent: Agent, findings: Findings) -> None:
         before = steps[first - 1].after if first else agent.initial
         moving = {s.what for s in overlapping}
         expected = {p: v for p, v in before.items() if p not in moving}
-        got = commit_files(d.workspace, commit)
+        got = commit_files(d.repo, commit)
         stale = sorted(p for p, v in expected.items() if got.get(p) != v)
         extra = sorted(p for p in set(got) - set(before) if p not in moving)
         if stale or extra:
@@ -399,7 +406,7 @@ def run_agent(watcherd, tmp_path: Path, mode: str, seconds: float, seed: int,
     judge_windows(d, agent, findings)
     snapshots = [c for _, _, c in snapshot_windows(d)]
     for commit in set(snapshots):
-        if any(p.startswith("node_modules/") for p in commit_files(d.workspace, commit)):
+        if any(p.startswith("node_modules/") for p in commit_files(d.repo, commit)):
             findings.lost.append(f"snapshot {commit[:12]} holds an ignored file")
     findings.counts["snapshots"] = len(snapshots)
     findings.counts["generations"] = m["generation"]
@@ -480,7 +487,7 @@ def test_branch_mode_waits_for_an_index_lock_a_running_git_holds_and_never_remov
         os.close(fd)
     lock.unlink()  # the user's git finished
     line = d.log.wait("snapshot.committed", after=mark, timeout=30)
-    assert git(ws, "show", f"{line['commit']}:src/app.py") == \
+    assert d.show("src/app.py", line["commit"]) == \
         "print('edited while the user\\'s git runs')"
     assert git(ws, "status", "--porcelain") == ""
     assert d.stop() == 0
@@ -600,7 +607,7 @@ def test_branch_mode_removes_a_stale_index_lock_nobody_holds_and_commits(watcher
     removed = d.log.wait("snapshot.stale_lock_removed", after=mark, timeout=30)
     assert removed["lock"] == str(lock)
     line = d.log.wait("snapshot.committed", after=mark, timeout=30)
-    assert git(ws, "show", f"{line['commit']}:src/app.py") == "print('after a crashed git')"
+    assert d.show("src/app.py", line["commit"]) == "print('after a crashed git')"
     assert not d.log.events("snapshot.failed", after=mark)
     assert d.stop() == 0
 
@@ -736,8 +743,8 @@ def test_branch_mode_leaves_a_rebase_stopped_on_a_conflict_to_the_user(watcherd,
     assert git(ws, "ls-files", "-u") == unmerged, "the user's conflicts were marked resolved"
     assert d.log.events("snapshot.branch_deferred", after=mark)
     stored = d.manifest()["snapshot"]
-    assert git(ws, "show", f"{stored}:notes.txt") == "written while resolving"
-    assert "<<<<<<<" in git(ws, "show", f"{stored}:src/app.py")  # the tree as it is, markers too
+    assert d.show("notes.txt", stored) == "written while resolving"
+    assert "<<<<<<<" in d.show("src/app.py", stored)  # the tree as it is, markers too
     # The user ends the rebase as if watcherd were not there.
     if ending == "continue":
         (ws / "src" / "app.py").write_text("print('main and feature')\n")
@@ -751,7 +758,7 @@ def test_branch_mode_leaves_a_rebase_stopped_on_a_conflict_to_the_user(watcherd,
         assert git(ws, "show", "HEAD:src/app.py") == "print('feature')"
     d.settle()
     # The last generation is the tree after the rebase, markers gone.
-    assert commit_files(ws, d.manifest()["snapshot"]) == files_of(ws)
+    assert commit_files(d.repo, d.manifest()["snapshot"]) == files_of(ws)
     assert "<<<<<<<" not in (ws / "src" / "app.py").read_text()
     assert git(ws, "status", "--porcelain") == ""
     assert d.stop() == 0
@@ -770,13 +777,13 @@ def test_branch_mode_saves_the_clean_tree_once_the_user_undoes_a_conflicted_stas
     assert popped.returncode != 0 and git(ws, "ls-files", "-u")
     code, result = d.post("/snapshot")  # saved as it is, conflict markers and all
     assert (code, result["status"]) == (200, "saved"), result
-    assert "<<<<<<<" in git(ws, "show", f"{d.manifest()['snapshot']}:src/app.py")
+    assert "<<<<<<<" in d.show("src/app.py", d.manifest()["snapshot"])
     head = git(ws, "rev-parse", "HEAD")
     git(ws, "reset", "-q", "--hard")  # the user gives up on the pop (the stash is kept)
     code, result = d.post("/snapshot")
     assert (code, result["status"]) == (200, "saved"), result
     assert git(ws, "rev-parse", "HEAD") == head
-    assert commit_files(ws, d.manifest()["snapshot"]) == files_of(ws)
-    assert git(ws, "show", f"{d.manifest()['snapshot']}:src/app.py") == \
+    assert commit_files(d.repo, d.manifest()["snapshot"]) == files_of(ws)
+    assert d.show("src/app.py", d.manifest()["snapshot"]) == \
         "print('committed meanwhile')"
     assert d.stop() == 0

@@ -1,30 +1,48 @@
-"""IgnoreOracle: git's own answer about ignored paths, from one long-lived check-ignore."""
+"""IgnoreOracle: git's own answer about ignored paths, from one long-lived check-ignore.
+
+The oracle runs ``check-ignore --no-index`` in watcherd's own repository (``helpers.state_repo``)
+with the workspace as its work tree: git reads the workspace's ``.gitignore`` files as the work
+tree's, its ``info/exclude`` only as watcherd's copy (``ignore.sync_rules``), and never its
+config. Tracked paths the rules ignore (``git add -f``) are not the oracle's business:
+``ignore.tracked_ignored`` lists them and the watcher treats them as not ignored.
+"""
 
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 import pytest
+from helpers import git, sgit, state_repo
 
+from watcherd import ignore, snapshot
+from watcherd import workspace as ws
 from watcherd.errors import GitError
 from watcherd.git import Git
 from watcherd.ignore import IgnoreOracle
+from watcherd.repo import Repo
 
 
 @pytest.fixture
-def repo(tmp_path: Path) -> Git:
+def root(tmp_path: Path) -> Path:
     root = tmp_path / "ws"
     root.mkdir()
-    git = Git(root)
-    git.run("init")
+    git(root, "init", "-q")
     (root / ".gitignore").write_text("node_modules/\n*.log\nbuild\n!keep.log\n")
-    return git
+    return root
 
 
 @pytest.fixture
-def oracle(repo: Git):
-    with IgnoreOracle(repo) as o:
+def repo(root: Path) -> Repo:
+    repo = state_repo(root)
+    repo.ensure()
+    return repo
+
+
+@pytest.fixture
+def oracle(repo: Repo):
+    with IgnoreOracle(repo.git) as o:
         yield o
 
 
@@ -47,38 +65,106 @@ def test_directory_only_patterns_match_directories_even_when_they_do_not_exist(
     assert not oracle.is_ignored("pkg/node_modules", is_dir=False)  # a file of that name is kept
 
 
-def test_nested_gitignore_applies_below_its_directory_only(repo: Git) -> None:
-    (repo.path / "app").mkdir()
-    (repo.path / "app" / ".gitignore").write_text(".next/\n")
-    with IgnoreOracle(repo) as oracle:
+def test_nested_gitignore_applies_below_its_directory_only(root: Path, repo: Repo) -> None:
+    (root / "app").mkdir()
+    (root / "app" / ".gitignore").write_text(".next/\n")
+    with IgnoreOracle(repo.git) as oracle:
         assert oracle.ignored_many([("app/.next", True), (".next", True)]) == [True, False]
 
 
-def test_info_exclude_and_core_excludes_file_are_applied(repo: Git, tmp_path: Path) -> None:
-    (repo.path / ".git" / "info").mkdir(exist_ok=True)
-    (repo.path / ".git" / "info" / "exclude").write_text("secret/\n")
-    global_ignore = tmp_path / "global-ignore"
-    global_ignore.write_text("*.swp\n")
-    repo.run("config", "core.excludesFile", str(global_ignore))
-    with IgnoreOracle(repo) as oracle:
+def test_info_exclude_is_applied_through_watcherds_copy(root: Path, repo: Repo) -> None:
+    (root / ".git" / "info").mkdir(exist_ok=True)
+    (root / ".git" / "info" / "exclude").write_text("secret/\n")
+    with IgnoreOracle(repo.git) as oracle:
+        # git never reads the workspace's git directory: until the rules are copied, they are
+        # not known.
+        assert not oracle.is_ignored("secret", is_dir=True)
+        assert ignore.sync_rules(repo, ws.locate(root)) is True
+        assert ignore.sync_rules(repo, ws.locate(root)) is False  # unchanged: answers stay good
+        oracle.invalidate()
         assert oracle.is_ignored("secret", is_dir=True)
-        assert oracle.is_ignored("src/.main.c.swp")
+        assert not oracle.is_ignored("public", is_dir=True)
 
 
-def test_tracked_files_are_never_ignored_and_keep_their_directory_relevant(repo: Git) -> None:
-    (repo.path / "build").mkdir()
-    (repo.path / "build" / "keep.txt").write_text("x")
-    repo.run("add", "-f", "build/keep.txt")
-    with IgnoreOracle(repo) as oracle:
-        # git add -A looks at tracked files whatever the ignore rules say.
-        assert not oracle.is_ignored("build/keep.txt")
-        assert not oracle.is_ignored("build", is_dir=True)
+def test_the_workspace_config_names_no_excludes_file_and_the_snapshot_agrees(
+        root: Path, repo: Repo, tmp_path: Path) -> None:
+    # core.excludesFile in the workspace's config is written by the agent and names a file
+    # outside the workspace: watcherd reads neither. What counts is that the watcher and the
+    # snapshot agree on it, so an edit that is watched is also saved (and the other way round).
+    outside = tmp_path / "global-ignore"
+    outside.write_text("*.swp\n")
+    git(root, "config", "core.excludesFile", str(outside))
+    (root / "src").mkdir()
+    (root / "src" / ".main.c.swp").write_text("swap\n")
+    (root / "src" / "main.c").write_text("int main;\n")
+    with IgnoreOracle(repo.git) as oracle:
+        assert not oracle.is_ignored("src/.main.c.swp")
+    snapshot.prepare(repo)
+    snap = snapshot.take(repo)
+    files = set(sgit(root, "ls-tree", "-r", "--name-only", snap.commit).splitlines())
+    assert {"src/.main.c.swp", "src/main.c"} <= files
+
+
+def test_tracked_ignored_lists_exactly_the_force_added_paths(root: Path, repo: Repo) -> None:
+    # git add -A looks at tracked files whatever the ignore rules say; the oracle answers from the
+    # rules alone (--no-index), so the force-added paths are read from the user's index.
+    (root / "build").mkdir()
+    (root / "build" / "keep.txt").write_text("x")
+    (root / "build" / "other.txt").write_text("x")
+    (root / "debug.log").write_text("x")
+    (root / "src.js").write_text("x")
+    git(root, "add", "src.js")
+    git(root, "add", "-f", "build/keep.txt")
+    assert ignore.tracked_ignored(repo, ws.locate(root)) == {"build/keep.txt"}
+    with IgnoreOracle(repo.git) as oracle:
+        assert oracle.is_ignored("build/keep.txt")
         assert oracle.is_ignored("build/other.txt")
+    git(root, "rm", "-q", "--cached", "build/keep.txt")
+    assert ignore.tracked_ignored(repo, ws.locate(root)) == frozenset()
 
 
-def test_invalidate_picks_up_changed_rules(repo: Git, oracle: IgnoreOracle) -> None:
+def test_tracked_ignored_is_empty_without_a_repository_or_an_index(tmp_path: Path) -> None:
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    repo = state_repo(plain)
+    repo.ensure()
+    assert ignore.tracked_ignored(repo, ws.locate(plain)) == frozenset()
+    git(plain, "init", "-q")  # a repository with no index yet
+    assert ignore.tracked_ignored(repo, ws.locate(plain)) == frozenset()
+
+
+def test_rules_are_replaced_whole_while_git_reads_them(root: Path, repo: Repo) -> None:
+    # The watcher's thread (sync_rules) and a snapshot's (write_rules) both write watcherd's copy
+    # of info/exclude while git children start and read it: a git that reads a half-written
+    # copy would put node_modules/ (or a .env the rules hide) into a snapshot. Every reader must
+    # see the old rules or the new ones.
+    old = b"node_modules/\n" + b"# the user's notes\n" * 2000
+    new = b"node_modules/\n*.tmp\n" + b"# the user's notes\n" * 2000
+    stop = threading.Event()
+
+    def rewrite() -> None:
+        n = 0
+        while not stop.is_set():
+            ignore.write_rules(repo, old if n % 2 else new, ())
+            n += 1
+
+    writers = [threading.Thread(target=rewrite) for _ in range(2)]
+    for t in writers:
+        t.start()
+    try:
+        misread = sum(repo.git.run("check-ignore", "--no-index", "-q", "node_modules/",
+                                   check=False).returncode != 0 for _ in range(1000))
+    finally:
+        stop.set()
+        for t in writers:
+            t.join()
+    assert misread == 0, f"{misread} of 1000 gits read the rules half written"
+    assert (repo.git_dir / "info" / "exclude").read_bytes() in (old + b"\n", new + b"\n")
+
+
+def test_invalidate_picks_up_changed_rules(root: Path, oracle: IgnoreOracle) -> None:
     assert not oracle.is_ignored("dist", is_dir=True)
-    (repo.path / ".gitignore").write_text("dist/\n")
+    (root / ".gitignore").write_text("dist/\n")
     assert not oracle.is_ignored("dist", is_dir=True)  # cached, and the process read the old file
     oracle.invalidate()
     assert oracle.is_ignored("dist", is_dir=True)
@@ -90,9 +176,9 @@ def test_paths_inside_git_dir_are_answered_without_asking_git(oracle: IgnoreOrac
     assert oracle.restarts == 0
 
 
-def test_names_that_look_like_pathspec_magic_are_taken_literally(repo: Git,
+def test_names_that_look_like_pathspec_magic_are_taken_literally(root: Path,
                                                                 oracle: IgnoreOracle) -> None:
-    (repo.path / ".gitignore").write_text("/:x\n")
+    (root / ".gitignore").write_text("/:x\n")
     oracle.invalidate()
     assert oracle.ignored_many([(":x", False), (":(glob)y", False), ("*", False), ("a\nb", False)]) \
         == [True, False, False, False]
@@ -100,9 +186,9 @@ def test_names_that_look_like_pathspec_magic_are_taken_literally(repo: Git,
 
 
 def test_a_question_that_kills_check_ignore_is_answered_not_ignored_and_the_next_one_works(
-        repo: Git, oracle: IgnoreOracle) -> None:
-    (repo.path / "src").mkdir()
-    os.symlink("src", repo.path / "lnk")
+        root: Path, oracle: IgnoreOracle) -> None:
+    (root / "src").mkdir()
+    os.symlink("src", root / "lnk")
     # git dies on a path beyond a symlink; the tree can change between a listing and a question.
     answers = oracle.ignored_many([("a.log", False), ("lnk/x.log", False), ("b.log", False)])
     assert answers == [True, False, True]
@@ -110,7 +196,9 @@ def test_a_question_that_kills_check_ignore_is_answered_not_ignored_and_the_next
 
 
 def test_a_repository_that_cannot_answer_raises_git_error(tmp_path: Path) -> None:
-    with IgnoreOracle(Git(tmp_path)) as oracle, pytest.raises(GitError, match="not a git repo"):
+    # watcherd's repository is gone (a state directory wiped under a running daemon).
+    door = Git(tmp_path / "missing.git", home=tmp_path, work_tree=tmp_path)
+    with IgnoreOracle(door) as oracle, pytest.raises(GitError, match="not a git repo"):
         oracle.ignored_many([("a.txt", False), ("b.txt", False), ("c.txt", False)])
 
 

@@ -17,8 +17,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from daemon_fixture import inotify_watches, watcherd  # noqa: F401 (fixture)
-from helpers import git, wait_for
+from daemon_fixture import SNAPSHOT_REF, inotify_watches, watcherd  # noqa: F401 (fixture)
+from helpers import wait_for
 from structlog.testing import capture_logs
 
 from watcherd.notify import Notifier
@@ -184,4 +184,4 @@ def test_sigterm_the_moment_ready_arrives_still_gets_the_final_save(watcherd, tm
         fake.close()
     assert d.log.events("daemon.stopping")
     assert d.show("made-while-down.txt") == "not yet saved"
-    assert d.manifest()["snapshot"] == git(d.workspace, "rev-parse", "refs/watcherd/snapshots")
+    assert d.manifest()["snapshot"] == d.git("rev-parse", SNAPSHOT_REF)

@@ -3,6 +3,9 @@
 A negative ("this was not reported") is proven with a barrier: after the write under test, a tracked
 marker file is edited and the test reads until the marker shows up. inotify delivers events in order,
 so by then every earlier event has been read and judged.
+
+The watcher asks git about ignore rules in watcherd's own repository (``helpers.state_repo``, a state
+directory beside the workspace), and reads the workspace's git directory only as data.
 """
 
 from __future__ import annotations
@@ -20,8 +23,10 @@ import anyio
 import pytest
 import structlog
 
+from helpers import git, state_repo
+
+from watcherd import snapshot
 from watcherd.errors import WorkspaceError
-from watcherd.git import Git
 from watcherd.watch import Batch, Watcher
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="inotify is Linux-only")
@@ -73,26 +78,33 @@ def write(path: Path, text: str = "x") -> None:
     path.write_text(text)
 
 
+def watcher_of(root: Path, **kwargs) -> Watcher:
+    """A watcher of ``root`` with watcherd's own repository beside it (the daemon creates it
+    before it watches: ``snapshot.prepare``)."""
+    repo = state_repo(root)
+    repo.ensure()
+    return Watcher(root, repo, **kwargs)
+
+
 @pytest.fixture
 def root(tmp_path: Path) -> Path:
     root = tmp_path / "ws"
     root.mkdir()
-    git = Git(root)
-    git.run("init")
+    git(root, "init", "-q")
     write(root / ".gitignore", "node_modules/\n*.log\n")
     write(root / "src" / "app.js", "app")
     write(root / "src" / "lib" / "util.js", "util")
     write(root / "marker.txt", "0")
     for i in range(30):
         (root / "node_modules" / f"pkg{i}" / "dist").mkdir(parents=True)
-    git.run("add", "-A")
-    git.run("commit", "-m", "template")
+    git(root, "add", "-A")
+    git(root, "commit", "-q", "-m", "template")
     return root
 
 
 @pytest.fixture
 def watcher(root: Path) -> Iterator[Watcher]:
-    w = Watcher(root, Git(root))
+    w = watcher_of(root)
     w.start()
     yield w
     w.close()
@@ -143,10 +155,21 @@ def test_nested_gitignore_is_respected(root: Path, watcher: Watcher) -> None:
 def test_info_exclude_is_respected(root: Path) -> None:
     write(root / ".git" / "info" / "exclude", "scratch/\n")
     (root / "scratch").mkdir()
-    with Watcher(root, Git(root)) as w:
+    with watcher_of(root) as w:
         assert (root / "scratch").stat().st_ino not in kernel_watched_inodes(w)
         write(root / "scratch" / "notes.txt")
         assert paths(barrier(w, root)) == {"marker.txt"}
+
+        # Changed while watching: watcherd's copy of the rules follows (git reads only the copy).
+        write(root / ".git" / "info" / "exclude", "build/\n")
+        read_until(w, lambda bs: any("ignore rules changed (info/exclude)" in b.rescan
+                                     for b in bs))
+        assert (root / "scratch").stat().st_ino in kernel_watched_inodes(w)
+        write(root / "scratch" / "notes.txt", "seen now")
+        reported(w, "scratch/notes.txt")
+        write(root / "build" / "out.o")
+        assert paths(barrier(w, root)) == {"marker.txt"}
+        assert (root / "build").stat().st_ino not in kernel_watched_inodes(w)
 
 
 def test_a_new_directory_is_walked_and_its_early_files_reported(root: Path,
@@ -219,7 +242,7 @@ def test_symlinked_directory_is_a_file_and_is_not_followed(root: Path, watcher: 
 def test_nested_repository_is_not_entered(root: Path, watcher: Watcher) -> None:
     nested = root / "vendor" / "lib"
     nested.mkdir(parents=True)
-    Git(nested).run("init")
+    git(nested, "init", "-q")
     barrier(watcher, root)
     assert nested.stat().st_ino not in kernel_watched_inodes(watcher)
     write(nested / "inner.c")
@@ -245,33 +268,94 @@ def test_changed_gitignore_takes_effect(root: Path, watcher: Watcher) -> None:
     reported(watcher, "build/out/c.o")
 
 
+def test_a_tracked_file_a_new_rule_matches_stays_watched(root: Path, watcher: Watcher) -> None:
+    # git add -A keeps snapshotting a tracked file whatever .gitignore says later: its edits
+    # stay relevant, while the untracked files the new rule matches stop being so.
+    with open(root / ".gitignore", "a") as f:
+        f.write("src/\n")
+    reported(watcher, ".gitignore")
+    write(root / "src" / "app.js", "still tracked")
+    write(root / "src" / "scratch.js", "untracked, ignored now")
+    got = reported(watcher, "src/app.js")
+    got += barrier(watcher, root)
+    assert "src/scratch.js" not in paths(got)
+    assert (root / "src").stat().st_ino in kernel_watched_inodes(watcher)
+
+
+def test_a_force_added_file_under_an_ignored_directory_is_watched_alone_without_a_rewalk(
+        root: Path, watcher: Watcher, monkeypatch: pytest.MonkeyPatch) -> None:
+    # `git add -f` makes a file under node_modules/ part of every snapshot (a tracked file is
+    # never ignored): its edits must be seen. Its ignored siblings stay ignored, and a change of
+    # the user's index (which `git status` and `git add` rewrite all the time) costs a look at
+    # the force-added paths, not a walk of the whole tree.
+    patched = root / "node_modules" / "pkg0" / "dist" / "patched.js"
+    write(patched, "v1")
+    write(root / "node_modules" / "pkg0" / "dist" / "other.js", "v1")
+    assert paths(barrier(watcher, root)) == {"marker.txt"}
+
+    asked: list[tuple[str, bool]] = []
+    real = watcher._oracle.ignored_many
+
+    def counting(items):
+        items = list(items)
+        asked.extend(items)
+        return real(items)
+
+    monkeypatch.setattr(watcher._oracle, "ignored_many", counting)
+    with structlog.testing.capture_logs() as logs:
+        git(root, "add", "-f", "node_modules/pkg0/dist/patched.js")
+        reported(watcher, "node_modules/pkg0/dist/patched.js")
+    assert "watch.rescan" not in [e["event"] for e in logs]
+    # Only the directories leading to the new path were looked at: not src/, not src/lib/.
+    assert {p.split("/")[0] for p, _ in asked} == {"node_modules"}, asked
+    assert not any(p.startswith("node_modules/pkg1/") for p, _ in asked)
+    inodes = kernel_watched_inodes(watcher)
+    assert patched.parent.stat().st_ino in inodes
+    assert (root / "node_modules" / "pkg1").stat().st_ino not in inodes
+    assert watcher.watch_count == 8 + 3  # node_modules, pkg0, pkg0/dist
+
+    write(patched, "v2")
+    reported(watcher, "node_modules/pkg0/dist/patched.js")
+    write(root / "node_modules" / "pkg0" / "dist" / "other.js", "v2")
+    write(root / "node_modules" / "pkg1" / "dist" / "index.js", "v2")
+    assert paths(barrier(watcher, root)) == {"marker.txt"}
+
+    # Untracked again: back to ignored, its watches dropped, still without a re-walk.
+    with structlog.testing.capture_logs() as logs:
+        git(root, "rm", "-q", "--cached", "-f", "node_modules/pkg0/dist/patched.js")
+        barrier(watcher, root)
+    assert "watch.rescan" not in [e["event"] for e in logs]
+    write(patched, "v3")
+    assert paths(barrier(watcher, root)) == {"marker.txt"}
+    assert watcher.watch_count == len(kernel_watched_inodes(watcher)) == 8
+    assert (root / "node_modules").stat().st_ino not in kernel_watched_inodes(watcher)
+
+
 # -- .git ------------------------------------------------------------------------------------------
 
 def test_user_commit_changes_refs(root: Path, watcher: Watcher) -> None:
-    git = Git(root)
     write(root / "src" / "app.js", "v2")
-    git.run("commit", "-am", "by the user")
+    git(root, "commit", "-qam", "by the user")
     batches = read_until(watcher, lambda bs: any(b.refs_changed for b in bs))
     assert "refs/heads/main" in {r for b in batches for r in b.refs}
 
-    git.run("branch", "feature/login")  # a new directory under refs/heads
+    git(root, "branch", "feature/login")  # a new directory under refs/heads
     batches = read_until(watcher, lambda bs: any("refs/heads/feature/login" in b.refs for b in bs))
-    git.run("tag", "v1")
+    git(root, "tag", "v1")
     read_until(watcher, lambda bs: any("refs/tags/v1" in b.refs for b in bs))
-    git.run("checkout", "-q", "feature/login")
+    git(root, "checkout", "-q", "feature/login")
     read_until(watcher, lambda bs: any("HEAD" in b.refs for b in bs))
-    git.run("branch", "feature/signup")  # the namespace is watched by now
+    git(root, "branch", "feature/signup")  # the namespace is watched by now
     read_until(watcher, lambda bs: any("refs/heads/feature/signup" in b.refs for b in bs))
 
 
 def test_git_internals_and_watcherd_refs_are_not_relevant(root: Path, watcher: Watcher) -> None:
-    git = Git(root)
-    head = git.rev("HEAD")
-    assert head
-    git.run("update-ref", "refs/watcherd/snapshots", head)
-    git.run("update-ref", "refs/watcherd/snapshots", head, head)
-    blob = git.out("hash-object", "-w", "--stdin", input=b"new object")
-    git.run("update-index", "--add", "--cacheinfo", f"100644,{blob},notes.txt")  # .git/index
+    head = git(root, "rev-parse", "HEAD")
+    # An older watcherd's ref in the workspace is the user's data now, and not activity.
+    git(root, "update-ref", "refs/watcherd/snapshots", head)
+    git(root, "update-ref", "refs/watcherd/snapshots", head, head)
+    blob = git(root, "hash-object", "-w", "--stdin", input=b"new object")
+    git(root, "update-index", "--add", "--cacheinfo", f"100644,{blob},notes.txt")  # .git/index
     write(root / ".git" / "FETCH_HEAD", f"{head}\n")
     write(root / ".git" / "ORIG_HEAD", f"{head}\n")
     write(root / ".git" / "refs" / "heads" / "main.lock", "junk")
@@ -281,16 +365,108 @@ def test_git_internals_and_watcherd_refs_are_not_relevant(root: Path, watcher: W
     assert paths(got) == {"marker.txt"}
 
 
-def test_workspace_whose_git_is_a_file(root: Path, tmp_path: Path) -> None:
-    linked = tmp_path / "linked"
-    Git(root).run("worktree", "add", "-q", "-b", "side", str(linked))
-    assert (linked / ".git").is_file()
-    with Watcher(linked, Git(linked)) as w:
-        write(linked / "src" / "app.js", "in the worktree")
+def test_watcherds_own_snapshot_is_not_activity(root: Path, watcher: Watcher) -> None:
+    # A snapshot writes only watcherd's state directory (its repository, private index, copies
+    # of the user's index and rules): nothing of it may wake the watcher, or every snapshot
+    # would be followed by another.
+    write(root / "src" / "app.js", "to be saved")
+    reported(watcher, "src/app.js")
+    repo = state_repo(root)
+    snapshot.prepare(repo)
+    assert snapshot.take(repo).commit
+    got = barrier(watcher, root)
+    assert [b for b in got if b.refs_changed or b.rescan] == []
+    assert paths(got) == {"marker.txt"}
+    assert not (root / ".git" / "watcherd").exists()
+
+
+def test_workspace_whose_git_is_a_file_naming_a_directory_inside_it(tmp_path: Path) -> None:
+    # `git init --separate-git-dir` (or a tool's own layout): `.git` is a `gitdir:` file. The git
+    # directory is inside the workspace, so its refs are watched and its files are not edits.
+    root = tmp_path / "ws"
+    root.mkdir()
+    git(root, "init", "-q", f"--separate-git-dir={root / '.repo'}")
+    assert (root / ".git").is_file()
+    write(root / "src" / "app.js", "app")
+    write(root / "marker.txt", "0")
+    git(root, "add", "src", "marker.txt")  # not -A: git would add its own directory's files
+    git(root, "commit", "-qm", "first")
+    with watcher_of(root) as w:
+        assert (root / ".repo").stat().st_ino in kernel_watched_inodes(w)  # as a git directory
+        write(root / "src" / "app.js", "edited")
         assert paths(reported(w, "src/app.js")) == {"src/app.js"}
-        Git(linked).run("commit", "-qam", "worktree commit")
-        batches = read_until(w, lambda bs: any("refs/heads/side" in b.refs for b in bs))
-        assert not any(".git" in p for p in paths(batches))
+        git(root, "commit", "-qam", "second")
+        batches = read_until(w, lambda bs: any("refs/heads/main" in b.refs for b in bs))
+        batches += barrier(w, root)
+        assert not any(p.startswith((".repo", ".git")) for p in paths(batches))
+
+
+def test_a_git_directory_outside_the_workspace_is_not_followed_but_edits_are_still_seen(
+        root: Path, tmp_path: Path) -> None:
+    # A linked worktree's git directory lives in another repository: following it would read
+    # (and watch) outside the workspace, which a planted `.git` file could point anywhere. The
+    # git state is refused, loudly; the working tree is watched all the same.
+    linked = tmp_path / "linked"
+    git(root, "worktree", "add", "-q", "-b", "side", str(linked))
+    assert (linked / ".git").is_file()
+    outside = root / ".git" / "worktrees" / "linked"
+    with structlog.testing.capture_logs() as logs, watcher_of(linked) as w:
+        refused = [e for e in logs if e["event"] == "watch.git_dir_refused"]
+        assert refused and "outside the workspace" in refused[0]["problem"]
+        assert outside.stat().st_ino not in kernel_watched_inodes(w)
+        assert (root / ".git").stat().st_ino not in kernel_watched_inodes(w)
+        write(linked / "src" / "app.js", "in the worktree")
+        write(linked / "src" / "new.js", "new")
+        assert paths(reported(w, "src/app.js", "src/new.js")) == {"src/app.js", "src/new.js"}
+        got = barrier(w, linked)
+        assert not any(b.rescan for b in got)
+
+
+def test_a_workspace_without_git_is_watched_and_a_later_git_init_is_picked_up(
+        tmp_path: Path) -> None:
+    # A fresh sandbox (or one whose `.git` was removed) is still work to protect.
+    root = tmp_path / "plain"
+    write(root / "app.py", "print('hi')")
+    write(root / "marker.txt", "0")
+    write(root / "node_modules" / "pkg" / "index.js")  # no rules yet: watched like the rest
+    with watcher_of(root) as w:
+        write(root / "app.py", "print('edited')")
+        reported(w, "app.py")
+        write(root / "lib" / "util.py", "util")
+        reported(w, "lib/util.py")
+
+        write(root / ".gitignore", "node_modules/\n")
+        git(root, "init", "-q")
+        batches = read_until(w, lambda bs: any(".git" in b.refs for b in bs))
+        assert not any(p.startswith(".git/") for p in paths(batches))
+        barrier(w, root)
+        assert (root / ".git").stat().st_ino in kernel_watched_inodes(w)
+        assert (root / "node_modules").stat().st_ino not in kernel_watched_inodes(w)
+
+        # The new repository's refs are watched: the user's first commit is activity.
+        git(root, "add", "-A")
+        git(root, "commit", "-qm", "first")
+        read_until(w, lambda bs: any("refs/heads/main" in b.refs for b in bs))
+        write(root / "node_modules" / "pkg" / "index.js", "ignored now")
+        write(root / "app.py", "print('after git init')")
+        assert paths(reported(w, "app.py")) <= {"app.py", "marker.txt"}
+        assert w.degraded == ()
+
+
+def test_a_removed_git_directory_leaves_the_work_tree_watched(root: Path,
+                                                             watcher: Watcher) -> None:
+    # `rm -rf .git` is an edit like any other: the files are still the work to protect.
+    count = watcher.watch_count
+    shutil.rmtree(root / ".git")
+    batches = read_until(watcher, lambda bs: any("git directory removed" in b.rescan for b in bs))
+    assert all(b.relevant for b in batches)
+    barrier(watcher, root)
+    assert watcher.degraded == ()
+    assert watcher.watch_count == len(kernel_watched_inodes(watcher)) == count - 5  # git's 5
+    write(root / "src" / "app.js", "after rm -rf .git")
+    reported(watcher, "src/app.js")
+    write(root / "node_modules" / "pkg0" / "x.js")  # .gitignore still says so
+    assert paths(barrier(watcher, root)) == {"marker.txt"}
 
 
 # -- losing events, loudly -------------------------------------------------------------------------
@@ -314,10 +490,10 @@ def test_queue_overflow_reports_a_rescan(root: Path, watcher: Watcher) -> None:
 
 
 def test_watch_limit_degrades_loudly_and_never_silently(root: Path) -> None:
-    with Watcher(root, Git(root)) as full:
+    with watcher_of(root) as full:
         needed = full.watch_count
     with structlog.testing.capture_logs() as logs, \
-            Watcher(root, Git(root), max_watches=needed - 1) as w:
+            watcher_of(root, max_watches=needed - 1) as w:
         assert w.watch_count == needed - 1
         assert len(w.degraded) == 1
         assert "fs.inotify.max_user_watches" in w.degraded[0]
@@ -331,8 +507,8 @@ def test_watch_limit_degrades_loudly_and_never_silently(root: Path) -> None:
         assert any("watch limit reached" in b.rescan for b in batches)
         assert [e["event"] for e in logs].count("watch.limit_reached") == 1
 
-        # Routine re-walks (the user's `git add` rewrites the index) are not activity, degraded or not.
-        Git(root).run("add", "more")
+        # The user's `git add` rewrites the index: not activity, degraded or not.
+        git(root, "add", "more")
         got = barrier(w, root)
         assert not any(b.rescan for b in got) and paths(got) == {"marker.txt"}
 
@@ -379,9 +555,10 @@ def test_anyio_wait_readable_wakes_on_an_edit(root: Path, watcher: Watcher) -> N
 def test_non_linux_is_refused_clearly(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(sys, "platform", "darwin")
     with pytest.raises(WorkspaceError, match="inotify"):
-        Watcher(root, Git(root))
+        watcher_of(root)
 
 
-def test_a_directory_that_is_not_a_repository_is_refused(tmp_path: Path) -> None:
-    with pytest.raises(WorkspaceError, match="not a git work tree"):
-        Watcher(tmp_path, Git(tmp_path)).start()
+def test_a_workspace_that_is_not_a_directory_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("not a directory")
+    with pytest.raises(WorkspaceError, match="not a directory"):
+        watcher_of(tmp_path / "file")

@@ -169,7 +169,7 @@ class IgnoreOracle:
             lines = self._stderr_tail.decode("utf-8", "replace").splitlines()
             # git's reasons only ("fatal:", "error:"), printable and short: this reaches the status.
             said = "; ".join(w.strip() for w in lines if w.startswith(("fatal:", "error:")))[:300]
-            raise GitError(f"git check-ignore keeps failing in {self._git.work_tree}: "
+            raise GitError(f"git check-ignore keeps failing in {self._git.git_dir}: "
                            f"{ws.printable(said) or 'no reason given'}")
 
     def _start(self) -> subprocess.Popen:
@@ -281,7 +281,11 @@ def write_rules(repo: Repo, exclude: bytes, internal: tuple[str, ...]) -> bool:
             return False
     except FileNotFoundError:
         pass
-    write_private(path, text)  # group-writable: the restore and the daemon may be two uids
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Replaced whole, never truncated in place: the watcher's thread and a snapshot's both write
+    # it while git children read it, and a git reading an empty file would ignore nothing. And
+    # group-writable: the restore and the daemon may be two uids.
+    write_private(path, text)
     return True
 
 
