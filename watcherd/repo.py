@@ -91,6 +91,7 @@ class Repo:
                        identity=self.identity)
         self.bare = self.git.with_work_tree(None)
         self._linked: dict[str, tuple] = {}
+        self._format: str | None = None
 
     def __repr__(self) -> str:
         return f"Repo({str(self.dir)!r})"
@@ -146,11 +147,23 @@ class Repo:
                                  "give it a writable directory") from None
 
     def object_format(self) -> str:
-        return self.bare.object_format()
+        if self._format is None:
+            self._format = self.bare.object_format()
+        return self._format
 
     def snapshot_head(self) -> str | None:
-        """The newest snapshot commit, None before the first one."""
-        return self.bare.rev(SNAPSHOT_REF)
+        """The newest snapshot commit, None before the first one.
+
+        Read from the ref's file: this repository is watcherd's own and its refs are never
+        packed (no gc, no pack-refs); git answers only when there is no such file.
+        """
+        try:
+            text = (self.git_dir / SNAPSHOT_REF).read_text().strip()
+        except FileNotFoundError:
+            return self.bare.rev(SNAPSHOT_REF)
+        except OSError:
+            return self.bare.rev(SNAPSHOT_REF)
+        return text if len(text) in (40, 64) else self.bare.rev(SNAPSHOT_REF)
 
     @contextmanager
     def lock(self) -> Iterator[None]:

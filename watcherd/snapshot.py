@@ -66,7 +66,9 @@ class Cache:
     state_notes: tuple[str, ...] = ()
     problems: tuple[str, ...] = ()
     nested: frozenset[str] = field(default_factory=frozenset)
+    dropped_once: bool = False
     state_of: dict[str, str | None] = field(default_factory=dict)
+    tree_of: dict[str, str] = field(default_factory=dict)
     heads: dict[str, tuple[str | None, str | None]] = field(default_factory=dict)
 
 
@@ -176,12 +178,25 @@ def _take(repo: Repo, layout: ws.Layout, cache: Cache) -> Snapshot:
     if detached and found:
         problems.append(f"the workspace's objects are not read: {detached}")
         found = None
-    ignore.write_rules(repo, found.exclude if found else b"", layout.internal)
+    rules_changed = ignore.write_rules(repo, found.exclude if found else b"", layout.internal)
     index_file = _sync_user_index(repo, found, cache)
+    index_changed = cache.user_paths is None
 
     prev = repo.snapshot_head()
     prev_state = _state_of(repo, prev, cache)
+    prev_tree = _tree_of(repo, prev, cache)
     tree = _worktree_tree(repo, prev, index_file, cache)
+    entries = _diff(repo.bare, prev_tree, tree) if prev_tree and tree != prev_tree else None
+    # Entries of the private index that the rules ignore now are dropped, but only looked for
+    # when something that decides it changed: the rules (info/exclude, a .gitignore), the
+    # user's index (git rm --cached of a force-added file), or a new process.
+    if rules_changed or index_changed or not cache.dropped_once or \
+            any(path.endswith(b".gitignore") for _, _, path in entries or ()):
+        cache.dropped_once = True
+        if _drop_now_ignored(repo.git, {"GIT_INDEX_FILE": str(repo.index)}, cache.user_paths):
+            tree = repo.git.out("write-tree", env={"GIT_INDEX_FILE": str(repo.index)})
+            entries = _diff(repo.bare, prev_tree, tree) if prev_tree and tree != prev_tree \
+                else None
 
     s_commit = prev_state
     if found is not None:
@@ -193,15 +208,16 @@ def _take(repo: Repo, layout: ws.Layout, cache: Cache) -> Snapshot:
     _report(problems, cache)
     head, head_ref = _head_of(repo, s_commit, cache)
 
-    prev_tree = repo.bare.out("rev-parse", f"{prev}^{{tree}}") if prev else None
     if prev and tree == prev_tree and s_commit == prev_state:
         return Snapshot(None, prev, head, head_ref, problems=tuple(problems))
     if not prev and tree == _empty_tree(repo.bare) and s_commit is None:
         return Snapshot(None, None, None, head_ref, problems=tuple(problems))
 
-    # The first snapshot lists what differs from the user's HEAD (their own commit is no news).
-    base_tree = prev_tree or (repo.bare.out("rev-parse", f"{head}^{{tree}}") if head else None)
-    paths = _changed(repo.bare, base_tree, tree, cache)
+    if entries is None:
+        # The first snapshot lists what differs from the user's HEAD (their commit is no news).
+        base = prev_tree or (repo.bare.out("rev-parse", f"{head}^{{tree}}") if head else None)
+        entries = _diff(repo.bare, base, tree)
+    paths = _paths(entries, cache)
     moved = head if prev and head != _head_of(repo, prev_state, cache)[0] else None
     args = ["commit-tree", tree, "-m", _message(paths, moved)]
     for parent in dict.fromkeys(p for p in (prev, head, s_commit) if p):
@@ -209,7 +225,16 @@ def _take(repo: Repo, layout: ws.Layout, cache: Cache) -> Snapshot:
     commit = repo.bare.out(*args)
     repo.bare.update_ref(SNAPSHOT_REF, commit, prev, "watcherd: snapshot")
     cache.state_of[commit] = s_commit
+    cache.tree_of[commit] = tree
     return Snapshot(commit, commit, head, head_ref, len(paths), tuple(paths), tuple(problems))
+
+
+def _tree_of(repo: Repo, commit: str | None, cache: Cache) -> str | None:
+    if commit is None:
+        return None
+    if commit not in cache.tree_of:
+        cache.tree_of[commit] = repo.bare.out("rev-parse", f"{commit}^{{tree}}")
+    return cache.tree_of[commit]
 
 
 def _state_of(repo: Repo, snapshot: str | None, cache: Cache) -> str | None:
@@ -287,8 +312,7 @@ def _worktree_tree(repo: Repo, prev: str | None, index_file: Path | None, cache:
         # read permission) as deleted; starting from the last recorded state keeps it instead.
         git.run("read-tree", f"{prev}^{{tree}}", env=env)
     _add_all(git, env)
-    user_paths = _user_paths(repo, index_file, cache)
-    _drop_now_ignored(git, env, user_paths)
+    _user_paths(repo, index_file, cache)
     return git.out("write-tree", env=env)
 
 
@@ -333,7 +357,7 @@ def _add_all(git: Git, env: dict[str, str], *, attempts: int = 3) -> None:
         return
 
 
-def _drop_now_ignored(git: Git, env: dict[str, str], user_paths: frozenset[bytes]) -> None:
+def _drop_now_ignored(git: Git, env: dict[str, str], user_paths: frozenset[bytes]) -> bool:
     """Take out of the private index what is ignored now and not in the user's index.
 
     ``git add --all`` never drops an entry because a .gitignore matches it now (a tracked file is
@@ -344,12 +368,15 @@ def _drop_now_ignored(git: Git, env: dict[str, str], user_paths: frozenset[bytes
     """
     listed = git.run("ls-files", "-z", "--cached", "--ignored", "--exclude-standard", env=env).stdout
     gone = [p for p in listed.split(b"\0") if p and p not in user_paths]
+    if not gone:
+        return False
     if gone:
         git.run("update-index", "-z", "--force-remove", "--stdin", env=env,
                 input=b"".join(p + b"\0" for p in gone))
         _log.info("snapshot.now_ignored", files=len(gone),
                   paths=[p.decode("utf-8", "surrogateescape") for p in gone[:10]],
                   note="ignored since an earlier snapshot and not tracked: no longer snapshotted")
+    return True
 
 
 def _report_skipped(said: str) -> None:
@@ -380,18 +407,22 @@ def _empty_tree(git: Git) -> str:
     return git.out("hash-object", "-t", "tree", "--stdin", input=b"")
 
 
-def _changed(git: Git, old_tree: str | None, new_tree: str, cache: Cache) -> list[str]:
-    """The paths that differ; warns about every nested repository (gitlink) that appeared or
-    moved, whose own files and uncommitted changes a snapshot does not hold."""
+def _diff(git: Git, old_tree: str | None, new_tree: str) -> list[tuple[bytes, bytes, bytes]]:
+    """(new mode, new id, path) of every entry that differs (all of ``new_tree`` without an old
+    one)."""
     if old_tree:
         raw = git.run("diff-tree", "-r", "-z", "--no-renames", old_tree, new_tree).stdout
         fields = raw.split(b"\0")
-        entries = [(meta.split()[1], meta.split()[3], path)
-                   for meta, path in zip(fields[0::2], fields[1::2]) if meta]
-    else:
-        records = git.run("ls-tree", "-r", "-z", new_tree).stdout.split(b"\0")
-        entries = [(meta.split()[0], meta.split()[2], path)
-                   for meta, _, path in (r.partition(b"\t") for r in records if r)]
+        return [(meta.split()[1], meta.split()[3], path)
+                for meta, path in zip(fields[0::2], fields[1::2]) if meta]
+    records = git.run("ls-tree", "-r", "-z", new_tree).stdout.split(b"\0")
+    return [(meta.split()[0], meta.split()[2], path)
+            for meta, _, path in (r.partition(b"\t") for r in records if r)]
+
+
+def _paths(entries: list[tuple[bytes, bytes, bytes]], cache: Cache) -> list[str]:
+    """The changed paths; warns about every nested repository (gitlink) that appeared or moved,
+    whose own files and uncommitted changes a snapshot does not hold."""
     paths = []
     for mode, oid, raw_path in entries:
         path = raw_path.decode("utf-8", "surrogateescape")
