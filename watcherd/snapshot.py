@@ -175,7 +175,7 @@ def _take(repo: Repo, layout: ws.Layout, cache: Cache, before: str | None = None
 
     prev = repo.snapshot_head()
     prev_state = _state_of(repo, prev, cache)
-    tree = _worktree_tree(repo, prev, index_file, cache)
+    tree = _worktree_tree(repo, prev, found.head.oid if found else None, index_file, cache)
 
     s_commit = prev_state
     if found is not None:
@@ -275,14 +275,21 @@ def _report(problems: list[str], cache: Cache) -> None:
 # -- the working tree ------------------------------------------------------------------------------
 
 
-def _worktree_tree(repo: Repo, prev: str | None, index_file: Path | None, cache: Cache) -> str:
-    """The tree of the working tree as git sees it, through the private index."""
+def _worktree_tree(repo: Repo, prev: str | None, head: str | None, index_file: Path | None,
+                   cache: Cache) -> str:
+    """The tree of the working tree as git sees it, through the private index. ``head``: the
+    user's HEAD commit as read from the workspace (unchecked: it may not exist)."""
     git = repo.git
     env = {"GIT_INDEX_FILE": str(repo.index)}
-    if prev and not repo.index.exists():
+    if not repo.index.exists():
         # An empty index would record whatever git cannot read right now (a directory without
         # read permission) as deleted; starting from the last recorded state keeps it instead.
-        git.run("read-tree", f"{prev}^{{tree}}", env=env)
+        if prev:
+            git.run("read-tree", f"{prev}^{{tree}}", env=env)
+        elif head:
+            # The first snapshot has no recorded state: the user's HEAD stands in for it (when
+            # its objects cannot be read, the index starts empty, as before).
+            git.run("read-tree", f"{head}^{{tree}}", env=env, check=False)
     _add_all(git, env)
     user_paths = _user_paths(repo, index_file, cache)
     _drop_now_ignored(git, env, user_paths)
