@@ -18,6 +18,7 @@ import subprocess
 import sys
 import textwrap
 import unicodedata
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -25,13 +26,17 @@ from structlog.testing import capture_logs
 
 import daemon_fixture
 from daemon_fixture import SNAPSHOT_REF, make_workspace, run_cli, watcherd  # noqa: F401 (fixture)
+<<<<<<< HEAD
 from helpers import git, make_repo, publish, said, tree_state, wait_for
+=======
+from helpers import git, make_repo, publish, sgit, state_repo, tree_state, wait_for
+>>>>>>> port-a
 from watcherd import manifest as mf
 from watcherd import snapshot
 from watcherd.config import Config, RestoreConfig, StoreConfig, WorkspaceConfig, parse_store_url
 from watcherd.errors import BundleTooLarge, IntegrityError, RestoreError, WatcherdError
 from watcherd.generations import Generations, Limits
-from watcherd.git import Git
+from watcherd.repo import Repo
 from watcherd.restore import restore
 from watcherd.store.local import LocalStore
 
@@ -45,7 +50,9 @@ linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="in
 
 
 def config_for(ws: Path, store_dir: Path, **restore_options) -> Config:
-    return Config(workspace=WorkspaceConfig(path=ws),
+    """The config of the pod whose workspace is ``ws``: its state directory is beside it (the one
+    ``helpers.state_repo`` names)."""
+    return Config(workspace=WorkspaceConfig(path=ws, state_dir=ws.parent / f"{ws.name}-state"),
                   store=StoreConfig(url=parse_store_url(f"file://{store_dir}"), key=KEY),
                   restore=RestoreConfig(**restore_options))
 
@@ -54,21 +61,36 @@ def gens_for(store_dir: Path, limits: Limits | None = None) -> Generations:
     return Generations(LocalStore(store_dir), KEY, limits)
 
 
+def take(ws: Path, mode: str = "shadow") -> snapshot.Snapshot:
+    repo = state_repo(ws, KEY)
+    snapshot.prepare(repo)
+    return snapshot.take(repo, mode)
+
+
 def save(ws: Path, store_dir: Path, mode: str = "shadow", limits: Limits | None = None):
-    g = Git(ws)
-    snapshot.take(g, mode)
-    return gens_for(store_dir, limits).save(g, mode, ws / ".git" / "watcherd" / "spool")
+    take(ws, mode)
+    return gens_for(store_dir, limits).save(state_repo(ws, KEY))
 
 
-def tree_paths(repo: Path, commit: str = SNAPSHOT_REF) -> dict[bytes, str]:
-    """Path (bytes, as git stores it) -> mode, for every entry of ``commit``."""
-    out = subprocess.run(["git", "ls-tree", "-r", "-z", commit], cwd=repo, capture_output=True,
-                         check=True).stdout
+def state_git_dir(ws: Path) -> Path:
+    """watcherd's own repository for library-level workspace ``ws`` (where its snapshots are)."""
+    return state_repo(ws, KEY).git_dir
+
+
+def tree_paths(git_dir: Path, commit: str = SNAPSHOT_REF) -> dict[bytes, str]:
+    """Path (bytes, as git stores it) -> mode, for every entry of ``commit`` in the repository
+    ``git_dir`` (watcherd's own: ``state_git_dir(ws)``, or a daemon's ``d.repo``)."""
+    out = subprocess.run(["git", f"--git-dir={git_dir}", "ls-tree", "-r", "-z", commit],
+                         capture_output=True, check=True).stdout
     entries = {}
     for record in filter(None, out.split(b"\0")):
         meta, name = record.split(b"\t", 1)
         entries[name] = meta.split()[0].decode()
     return entries
+
+
+def in_state(ws: Path, *args: str) -> str:
+    return sgit(ws, *args, key=KEY)
 
 
 def events(logs: list[dict], name: str) -> list[dict]:
@@ -84,10 +106,11 @@ def listing(path: Path) -> dict[str, tuple]:
     return found
 
 
-def bundle_with_extra_refs(repo: Path, dest: Path, extra: list[bytes]) -> Path:
-    """A v2 bundle of every ref of ``repo`` whose header also lists ``extra`` ref lines."""
+def bundle_with_extra_refs(ws: Path, dest: Path, extra: list[bytes]) -> Path:
+    """A v2 bundle of the snapshot history of ``ws`` (as watcherd writes it, from its own
+    repository) whose header also lists ``extra`` ref lines."""
     plain = dest.with_suffix(".plain")
-    git(repo, "bundle", "create", "-q", str(plain), "--all")
+    in_state(ws, "bundle", "create", "-q", str(plain), SNAPSHOT_REF)
     header, sep, pack = plain.read_bytes().partition(b"\n\n")
     dest.write_bytes(header + b"\n" + b"\n".join(extra) + sep + pack)
     plain.unlink()
@@ -131,7 +154,7 @@ def test_odd_file_names_are_snapshotted_and_round_trip_through_save_and_restore(
     result = save(ws, store_dir)
     outcome = restore(config_for(target, store_dir), gens_for(store_dir))
 
-    names = set(tree_paths(ws))
+    names = set(tree_paths(state_git_dir(ws)))
     for name in [*ODD_NAMES, NOT_UTF8, "link\nto newline"]:
         assert os.fsencode(name) in names, name
     assert outcome.action == "restored" and outcome.generation == result.generation == 1
@@ -147,7 +170,7 @@ def test_the_daemon_snapshots_odd_names_it_is_told_about_and_keeps_running(watch
     mark = d.log.mark()
     write_odd_tree(d.workspace)
     d.log.wait("snapshot.committed", after=mark, timeout=10)
-    wait_for(lambda: {os.fsencode(n) for n in ODD_NAMES} <= set(tree_paths(d.workspace)),
+    wait_for(lambda: {os.fsencode(n) for n in ODD_NAMES} <= set(tree_paths(d.repo)),
              message="every odd name in a snapshot")
     d.settle()
     assert d.proc.poll() is None
@@ -172,10 +195,10 @@ def test_names_git_refuses_to_store_are_reported_and_every_other_edit_is_still_s
     (ws / "new.txt").write_text("a new file\n")
 
     with capture_logs() as logs:
-        snap = snapshot.take(Git(ws), mode)
+        snap = take(ws, mode)
 
-    files = tree_paths(ws, snap.commit)
-    assert b"new.txt" in files and git(ws, "show", f"{snap.commit}:readme.md") == \
+    files = tree_paths(state_git_dir(ws), snap.commit)
+    assert b"new.txt" in files and in_state(ws, "show", f"{snap.commit}:readme.md") == \
         "an edit beside names git refuses"
     refused = events(logs, "snapshot.paths_refused")
     assert refused and {".GIT/config", "git~1/config", ".gitmodules"} <= set(refused[0]["paths"])
@@ -191,14 +214,15 @@ def test_files_ignored_after_a_snapshot_leave_the_next_one_unless_the_user_track
     (ws / "tracked.log").write_text("the user committed this log on purpose\n")
     git(ws, "add", "tracked.log")
     git(ws, "commit", "-q", "-m", "a tracked log")
-    first = snapshot.take(Git(ws))
-    assert {b"node_modules/pkg/index.js", b".env"} <= set(tree_paths(ws, first.commit))
+    first = take(ws)
+    assert {b"node_modules/pkg/index.js", b".env"} <= \
+        set(tree_paths(state_git_dir(ws), first.commit))
     (ws / ".gitignore").write_text("node_modules/\n.env\n*.log\n")
 
     with capture_logs() as logs:
-        second = snapshot.take(Git(ws))
+        second = take(ws)
 
-    files = set(tree_paths(ws, second.commit))
+    files = set(tree_paths(state_git_dir(ws), second.commit))
     assert {b".gitignore", b"tracked.log", b"readme.md"} <= files
     assert not {b"node_modules/pkg/index.js", b".env"} & files
     dropped = events(logs, "snapshot.now_ignored")
@@ -223,16 +247,18 @@ def test_a_symlinked_directory_pointing_outside_is_stored_as_a_link_and_never_fo
     os.symlink(str(outside), ws / "ext")
     os.symlink("../outside/secret.txt", ws / "relative-file-link")
 
-    snap = snapshot.take(Git(ws))
+    snap = take(ws)
 
-    files = tree_paths(ws, snap.commit)
+    files = tree_paths(state_git_dir(ws), snap.commit)
     assert files[b"ext"] == "120000" and files[b"relative-file-link"] == "120000"
     assert not any(p.startswith(b"ext/") for p in files)
-    assert git(ws, "cat-file", "-p", f"{snap.commit}:ext") == str(outside)
-    # Not in the object database either, so no bundle can carry it.
+    assert in_state(ws, "cat-file", "-p", f"{snap.commit}:ext") == str(outside)
+    # Not in watcherd's object database either (bundles are made from it), nor the workspace's.
     for f in (outside / "secret.txt", outside / "deeper" / "key.pem"):
         blob = git(ws, "hash-object", str(f))
-        assert subprocess.run(["git", "cat-file", "-e", blob], cwd=ws).returncode != 0
+        for git_dir in (state_git_dir(ws), ws / ".git"):
+            assert subprocess.run(["git", f"--git-dir={git_dir}", "cat-file", "-e", blob],
+                                  capture_output=True).returncode != 0
 
 
 @pytest.mark.parametrize("committed", ["real directory", "link"])
@@ -283,7 +309,7 @@ def test_the_daemon_does_not_watch_or_snapshot_through_a_symlinked_directory(wat
     mark = d.log.mark()
     (d.workspace / "src" / "barrier.py").write_text("# the daemon saw everything before this\n")
     line = d.log.wait("snapshot.committed", after=mark, timeout=10)
-    files = tree_paths(d.workspace, line["commit"])
+    files = tree_paths(d.repo, line["commit"])
     assert files[b"ext"] == "120000"
     assert not any(p.startswith(b"ext/") for p in files)
     assert d.watches() == watches
@@ -314,7 +340,7 @@ def test_fifos_and_sockets_are_skipped_without_hanging_and_the_rest_round_trips(
         restore(config_for(target, store_dir), gens_for(store_dir))
     finally:
         sock.close()
-    files = tree_paths(ws)
+    files = tree_paths(state_git_dir(ws))
     assert b"sub/real.txt" in files
     assert not {b"a-fifo", b"sub/another-fifo", b"a-socket"} & set(files)
     assert (target / "sub" / "real.txt").read_text() == "a real file beside a fifo\n"
@@ -357,21 +383,21 @@ def test_a_nested_repository_is_reported_with_its_path_not_silently_dropped(tmp_
     nested = nested_repo(ws / "vendor" / "lib", commit=True)
 
     with capture_logs() as logs:
-        snap = snapshot.take(Git(ws), mode)
+        snap = take(ws, mode)
 
-    files = tree_paths(ws, snap.commit)
+    files = tree_paths(state_git_dir(ws), snap.commit)
     assert files[b"vendor/lib"] == "160000"  # a gitlink: git records the commit, not the files
     assert b"vendor/lib/lib.py" not in files
     reported = events(logs, "snapshot.nested_repository")
     assert [e["path"] for e in reported] == ["vendor/lib"]
     assert reported[0]["log_level"] == "warning"
-    assert "not in the snapshot" in reported[0]["note"]
+    assert "uncommitted changes are not saved" in reported[0]["note"]
     assert reported[0]["commit"] == git(nested, "rev-parse", "HEAD")
 
     # Reported when it appears or moves, not on every snapshot.
     (ws / "readme.md").write_text("edited\n")
     with capture_logs() as logs:
-        snapshot.take(Git(ws), mode)
+        take(ws, mode)
     assert not events(logs, "snapshot.nested_repository")
 
 
@@ -383,10 +409,11 @@ def test_a_nested_repository_without_commits_is_reported_and_does_not_stop_snaps
     (ws / "readme.md").write_text("edited beside a fresh nested repository\n")
 
     with capture_logs() as logs:
-        snap = snapshot.take(Git(ws), mode)
+        snap = take(ws, mode)
 
     assert snap.commit
-    assert git(ws, "show", f"{snap.commit}:readme.md") == "edited beside a fresh nested repository"
+    assert in_state(ws, "show", f"{snap.commit}:readme.md") == \
+        "edited beside a fresh nested repository"
     reported = events(logs, "snapshot.nested_repository")
     assert [e["path"] for e in reported] == ["app"]
     assert "no commit" in reported[0]["note"]
@@ -451,7 +478,7 @@ def test_once_a_too_large_file_is_gone_the_next_save_succeeds_with_every_later_e
     limits = Limits(warn_bundle_size=MiB, max_bundle_size=2 * MiB)
     save(ws, store_dir, limits=limits)
     (ws / "readme.md").write_text("edit 1, before the dump\n")
-    snapshot.take(Git(ws))
+    take(ws)
     write_random(ws / "dump.bin", 3 * MiB)
     with pytest.raises(BundleTooLarge):
         save(ws, store_dir, limits=limits)
@@ -510,7 +537,7 @@ def test_a_600_mib_file_is_refused_by_the_default_max_bundle_size(tmp_path):
     assert "above store.max_bundle_size (500MiB)" in str(err.value)
     assert mf.parse((store_dir / KEY / "manifest.json").read_bytes(), "m").current.generation == 1
     assert sum(p.stat().st_size for p in (store_dir / KEY).rglob("*") if p.is_file()) < MiB
-    assert not any((ws / ".git" / "watcherd" / "spool").iterdir())  # no 600 MiB left behind
+    assert not any(state_repo(ws, KEY).spool.iterdir())  # no 600 MiB left behind
 
 
 # -- unreadable files --------------------------------------------------------------------------------------
@@ -537,9 +564,9 @@ _SNAPSHOT_AND_SAVE = textwrap.dedent("""
     from structlog.testing import capture_logs
     from watcherd import snapshot
     from watcherd.generations import Generations
-    from watcherd.git import Git
+    from watcherd.repo import Repo
     from watcherd.store.local import LocalStore
-    ws, store = Path(sys.argv[1]), Path(sys.argv[2])
+    ws, store, key, state_dir = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], Path(sys.argv[4])
     try:
         open(ws / "secret.env").read()
         print(json.dumps({"readable": True}))
@@ -547,9 +574,10 @@ _SNAPSHOT_AND_SAVE = textwrap.dedent("""
     except PermissionError:
         pass
     with capture_logs() as logs:
-        g = Git(ws)
-        snap = snapshot.take(g)
-        saved = Generations(LocalStore(store), sys.argv[3]).save(g, "shadow", ws / ".git/watcherd/spool")
+        repo = Repo(state_dir, key, ws)
+        snapshot.prepare(repo)
+        snap = snapshot.take(repo)
+        saved = Generations(LocalStore(store), key).save(repo)
     print(json.dumps({"commit": snap.commit, "generation": saved.generation,
                       "logs": [{k: str(v) for k, v in e.items()} for e in logs]}))
 """)
@@ -568,7 +596,8 @@ def test_unreadable_files_are_left_out_with_a_warning_and_every_other_edit_is_sa
     store_dir = tmp_path / "store"
     try:
         proc = subprocess.run(without_dac_override(
-            [sys.executable, "-c", _SNAPSHOT_AND_SAVE, str(ws), str(store_dir), KEY]),
+            [sys.executable, "-c", _SNAPSHOT_AND_SAVE, str(ws), str(store_dir), KEY,
+             str(ws.parent / f"{ws.name}-state")]),
             capture_output=True, text=True, timeout=60)
     finally:
         os.chmod(ws / "locked", 0o755)
@@ -576,8 +605,8 @@ def test_unreadable_files_are_left_out_with_a_warning_and_every_other_edit_is_sa
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout.splitlines()[-1])
     assert "readable" not in out, "the file is still readable: the test proves nothing"
-    files = tree_paths(ws, out["commit"])
-    assert git(ws, "show", f"{out['commit']}:readme.md") == "a readable edit"
+    files = tree_paths(state_git_dir(ws), out["commit"])
+    assert in_state(ws, "show", f"{out['commit']}:readme.md") == "a readable edit"
     assert b"secret.env" not in files
     # A directory git cannot list keeps what the snapshot had, it is not recorded as deleted.
     assert b"locked/inside.txt" in files
@@ -608,7 +637,7 @@ def test_the_daemon_keeps_going_past_an_unreadable_file_and_directory(watcherd, 
                  d.show("src/app.py") == "print('beside unreadable things')", timeout=15,
                  message="the readable edit saved")
         assert d.log.events("snapshot.unreadable_files", after=mark)
-        assert b"secret.env" not in tree_paths(d.workspace)
+        assert b"secret.env" not in tree_paths(d.repo)
         assert d.proc.poll() is None and not d.log.events("daemon.crashed")
         assert d.stop() == 0
     finally:
@@ -621,51 +650,96 @@ def test_the_daemon_keeps_going_past_an_unreadable_file_and_directory(watcherd, 
 
 @pytest.fixture
 def tmpfs(tmp_path):
-    """A tmpfs mounted at ``tmp_path/mnt`` and a function to remount it ``ro`` or ``rw``."""
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    try:
-        r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mnt)],
-                           capture_output=True, text=True)
-    except FileNotFoundError:
-        pytest.skip("no mount command")
-    if r.returncode != 0:
-        pytest.skip(f"mounting a tmpfs is not permitted here ({r.stderr.strip()}): needs root "
-                    "with CAP_SYS_ADMIN")
+    """Mount a tmpfs: ``tmpfs(name)`` mounts one at ``tmp_path/name`` and returns it with a
+    function to remount it ``ro`` or ``rw``; every one is unmounted at teardown."""
+    mounted: list[Path] = []
 
-    def remount(mode: str) -> None:
-        subprocess.run(["mount", "-o", f"remount,{mode}", str(mnt)], check=True)
+    def mount(name: str = "mnt") -> tuple[Path, Callable[[str], None]]:
+        mnt = tmp_path / name
+        mnt.mkdir()
+        try:
+            r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mnt)],
+                               capture_output=True, text=True)
+        except FileNotFoundError:
+            pytest.skip("no mount command")
+        if r.returncode != 0:
+            pytest.skip(f"mounting a tmpfs is not permitted here ({r.stderr.strip()}): needs "
+                        "root with CAP_SYS_ADMIN")
+        mounted.append(mnt)
 
-    yield mnt, remount
-    subprocess.run(["umount", "-l", str(mnt)], check=False)
+        def remount(mode: str) -> None:
+            subprocess.run(["mount", "-o", f"remount,{mode}", str(mnt)], check=True)
+
+        return mnt, remount
+
+    yield mount
+    for mnt in mounted:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
-def test_a_snapshot_of_a_read_only_workspace_fails_clearly_and_loses_nothing(tmp_path, tmpfs):
-    mnt, remount = tmpfs
+def test_a_read_only_workspace_is_snapshotted_and_saved_without_a_write_to_it(tmp_path, tmpfs):
+    # Shadow mode needs only read access to the workspace (the shipped examples mount it
+    # read-only into the sidecar): everything it writes is in the state directory.
+    mnt, remount = tmpfs()
     ws = make_repo(mnt / "ws")
+    repo = Repo(tmp_path / "state", KEY, ws)  # the sidecar's own volume, writable
     store_dir = tmp_path / "store"
-    save(ws, store_dir)
+    snapshot.prepare(repo)
+    snapshot.take(repo)
+    gens_for(store_dir).save(repo)
     (ws / "readme.md").write_text("edited, then the disk went read-only\n")
-    snapshot.take(Git(ws))  # a snapshot the store has not seen yet
+    snapshot.take(repo)  # a snapshot the store has not seen yet
     (ws / "late.txt").write_text("written just before the remount\n")
-    local = git(ws, "rev-parse", SNAPSHOT_REF)
+    remount("ro")
+    before = listing(mnt)
+
+    with capture_logs() as logs:
+        snap = snapshot.take(repo)
+        result = gens_for(store_dir).save(repo)
+
+    assert snap.commit
+    assert git(tmp_path, f"--git-dir={repo.git_dir}", "show", f"{snap.commit}:late.txt") == \
+        "written just before the remount"
+    assert (result.status, result.generation, result.snapshot) == ("saved", 2, snap.commit)
+    assert not events(logs, "spool.fallback") and not events(logs, "snapshot.state_not_recorded")
+    assert listing(mnt) == before
+    target = tmp_path / "restored"
+    restore(config_for(target, store_dir), gens_for(store_dir))
+    assert (target / "late.txt").read_text() == "written just before the remount\n"
+    assert (target / "readme.md").read_text() == "edited, then the disk went read-only\n"
+
+
+def test_a_snapshot_with_a_read_only_state_dir_fails_clearly_and_loses_nothing(tmp_path, tmpfs):
+    # What watcherd must write (its repository, index and spool) is in the state directory: when
+    # that disk goes read-only, a snapshot fails with a reason, and what was already committed
+    # still reaches the store through a spool elsewhere.
+    mnt, remount = tmpfs("state")
+    ws = make_repo(tmp_path / "ws")
+    repo = Repo(mnt, KEY, ws)
+    store_dir = tmp_path / "store"
+    snapshot.prepare(repo)
+    snapshot.take(repo)
+    gens_for(store_dir).save(repo)
+    (ws / "readme.md").write_text("edited, then the state disk went read-only\n")
+    local = snapshot.take(repo).commit  # a snapshot the store has not seen yet
+    (ws / "late.txt").write_text("written after the last snapshot\n")
     remount("ro")
 
     with pytest.raises(WatcherdError) as err:
-        snapshot.take(Git(ws))
+        snapshot.take(repo)
     assert "Read-only file system" in str(err.value) and "\n" not in str(err.value)
-    assert git(ws, "rev-parse", SNAPSHOT_REF) == local
+    assert repo.snapshot_head() == local
 
-    # What was already committed still reaches the store: the bundle is written elsewhere.
     with capture_logs() as logs:
-        result = gens_for(store_dir).save(Git(ws), "shadow", ws / ".git" / "watcherd" / "spool")
+        result = gens_for(store_dir).save(repo)
     assert result.status == "saved" and result.snapshot == local
     assert events(logs, "spool.fallback")
+    assert (ws / "late.txt").read_text() == "written after the last snapshot\n"  # untouched
 
 
 @pytest.mark.parametrize("where", ["mount point", "directory on the mount"])
 def test_restore_into_a_read_only_workspace_refuses_clearly_and_changes_nothing(tmp_path, tmpfs, where):
-    mnt, remount = tmpfs
+    mnt, remount = tmpfs()
     source = make_repo(tmp_path / "source")
     store_dir = tmp_path / "store"
     save(source, store_dir)
@@ -675,7 +749,8 @@ def test_restore_into_a_read_only_workspace_refuses_clearly_and_changes_nothing(
     remount("ro")
     before = listing(mnt)
     cfg = tmp_path / "restore.toml"
-    cfg.write_text(f'[workspace]\npath = "{ws}"\n[store]\nurl = "file://{store_dir}"\n'
+    cfg.write_text(f'[workspace]\npath = "{ws}"\nstate_dir = "{tmp_path / "restore-state"}"\n'
+                   f'[store]\nurl = "file://{store_dir}"\n'
                    f'key = "{KEY}"\n[control]\nlisten = ""\n')
 
     result = run_cli(cfg, "restore")
@@ -687,12 +762,34 @@ def test_restore_into_a_read_only_workspace_refuses_clearly_and_changes_nothing(
 
 
 @linux_only
-def test_the_daemon_on_a_read_only_workspace_says_why_and_keeps_running(watcherd, tmpfs):
-    mnt, remount = tmpfs
-    d = watcherd(workspace=make_workspace(mnt / "ws"))
+def test_the_daemon_keeps_saving_a_read_only_workspace(watcherd, tmpfs, tmp_path):
+    mnt, remount = tmpfs()
+    # Long timings: the request below is what saves the edit, not the daemon's own schedule.
+    d = watcherd(workspace=make_workspace(mnt / "ws"),
+                 watch={"quiet_period": "60s", "max_commit_delay": "60s", "idle_timeout": "60s"})
+    d.start()
+    mark = d.log.mark()
+    (d.workspace / "src" / "app.py").write_text("print('edited, then read-only')\n")
+    remount("ro")
+    code, result = d.post("/snapshot")
+    assert (code, result["status"]) == (200, "saved"), result
+    assert d.show("src/app.py", d.manifest()["snapshot"]) == "print('edited, then read-only')"
+    assert not d.log.events("snapshot.failed", after=mark)
+    assert d.proc.poll() is None
+    assert d.stop() == 0
+    target = tmp_path / "restored"
+    target.mkdir()
+    d.restore_into(target)
+    assert (target / "src" / "app.py").read_text() == "print('edited, then read-only')\n"
+
+
+@linux_only
+def test_the_daemon_with_a_read_only_state_dir_says_why_and_keeps_running(watcherd, tmpfs):
+    mnt, remount = tmpfs("state")
+    d = watcherd(state_dir=mnt)
     d.start()
     d.settle()
-    (d.workspace / "src" / "app.py").write_text("print('edited, then read-only')\n")
+    (d.workspace / "src" / "app.py").write_text("print('edited, then the state went read-only')\n")
     remount("ro")
     mark = d.log.mark()
     code, result = d.post("/snapshot")
@@ -705,7 +802,7 @@ def test_the_daemon_on_a_read_only_workspace_says_why_and_keeps_running(watcherd
     remount("rw")
     code, result = d.post("/snapshot")
     assert (code, result["status"]) == (200, "saved"), result
-    assert d.show("src/app.py") == "print('edited, then read-only')"
+    assert d.show("src/app.py") == "print('edited, then the state went read-only')"
     assert d.stop() == 0
 
 
@@ -722,18 +819,22 @@ def saved(tmp_path):
     return ws, store_dir
 
 
-def test_a_bundle_with_hostile_ref_names_restores_its_valid_refs_and_writes_nothing_outside(
+def test_a_bundle_with_hostile_ref_names_restores_the_recorded_refs_and_writes_nothing_outside(
         tmp_path, saved):
+    # The user's refs come back as the snapshot recorded them. What else a tampered bundle lists
+    # is refused by git (names that escape, names git cannot store) or, when it is a valid name
+    # the snapshot did not record, not given back.
     ws, store_dir = saved
     (ws / "readme.md").write_text("generation 2, with hostile refs\n")
-    snap = snapshot.take(Git(ws))
+    snap = take(ws)
     head = git(ws, "rev-parse", "HEAD")
     escape = tmp_path / "escaped"
     hostile = [f"{head} {name}".encode() for name in (
         f"refs/heads/../../../../../../../../{escape.relative_to('/')}",
         "refs/heads/a/../../x", "refs/../config", "x/../../pwned", "config", "hooks/post-checkout",
         "refs/heads/.git/config", "refs/heads/x.lock", "refs/heads/sp ace", "refs/heads/a\x01b",
-        "HEAD2", "FETCH_HEAD", "refs/heads/main/../../../objects/info/alternates")]
+        "HEAD2", "FETCH_HEAD", "refs/heads/main/../../../objects/info/alternates",
+        "refs/heads/planted", "refs/tags/planted", "refs/watcherd/planted")]
     bundle = bundle_with_extra_refs(ws, tmp_path / "hostile.bundle", hostile)
     number = publish(store_dir, KEY, bundle, snapshot_commit=snap.commit, head=head,
                      head_ref="refs/heads/main")
@@ -744,20 +845,22 @@ def test_a_bundle_with_hostile_ref_names_restores_its_valid_refs_and_writes_noth
 
     assert (outcome.action, outcome.generation) == ("restored", number)
     assert (target / "readme.md").read_text() == "generation 2, with hostile refs\n"
+    # The user's refs as recorded; the snapshot history is watcherd's, in its state directory.
     refs = set(git(target, "for-each-ref", "--format=%(refname)").splitlines())
-    assert refs == {"refs/heads/main", SNAPSHOT_REF}
+    assert refs == {"refs/heads/main"}
+    assert in_state(target, "rev-parse", SNAPSHOT_REF) == snap.commit
     assert not escape.exists() and not (target / ".git" / "pwned").exists()
     assert not (target / ".git" / "objects" / "info" / "alternates").exists()
     assert git(target, "config", "--local", "--list").count("\n") < 10  # only git init's own
     assert listing(tmp_path / "store") == before
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        ["ws", "store", "hostile.bundle", "restored"])
+        ["ws", "ws-state", "store", "hostile.bundle", "restored", "restored-state"])
 
 
 def test_a_bundle_whose_ref_git_cannot_store_falls_back_to_the_previous_generation(tmp_path, saved):
     ws, store_dir = saved
     (ws / "readme.md").write_text("generation 2, unstorable ref\n")
-    snap = snapshot.take(Git(ws))
+    snap = take(ws)
     head = git(ws, "rev-parse", "HEAD")
     bundle = bundle_with_extra_refs(ws, tmp_path / "long.bundle",
                                     [f"{head} refs/heads/{'x' * 5000}".encode()])
@@ -773,19 +876,36 @@ def test_a_bundle_whose_ref_git_cannot_store_falls_back_to_the_previous_generati
     assert [e["generation"] for e in bad] == [2]
 
 
+def legacy_bundle(ws: Path, dest: Path) -> str:
+    """A generation as a watcherd before state commits wrote it: the snapshot (the working tree,
+    parent HEAD) on refs/watcherd/snapshots in the workspace's own repository, bundled with all
+    its refs. Restore takes HEAD from such a generation's manifest. Returns the snapshot."""
+    index = ws.parent / "legacy-index"
+    env = {**os.environ, "GIT_INDEX_FILE": str(index)}
+    subprocess.run(["git", "add", "-A"], cwd=ws, env=env, check=True)
+    tree = subprocess.run(["git", "write-tree"], cwd=ws, env=env, check=True, capture_output=True,
+                          text=True).stdout.strip()
+    index.unlink()
+    snap = git(ws, "commit-tree", tree, "-p", "HEAD", "-m", "watcherd: snapshot (1 files)")
+    git(ws, "update-ref", SNAPSHOT_REF, snap)
+    git(ws, "bundle", "create", "-q", str(dest), "--all")
+    git(ws, "update-ref", "-d", SNAPSHOT_REF)
+    return snap
+
+
 @pytest.mark.parametrize("head_ref,head", [
     ("refs/heads/../../config", None),
     ("refs/heads/../../../../outside", None),
     (None, "f" * 40),  # a detached HEAD at a commit the bundle does not have
 ])
-def test_a_manifest_with_a_hostile_head_is_refused_and_the_previous_generation_restored(
+def test_a_manifest_with_a_hostile_head_for_an_old_generation_is_refused(
         tmp_path, saved, head_ref, head):
+    # A generation of an older watcherd has no state commit: its manifest says where HEAD goes.
     ws, store_dir = saved
     (ws / "readme.md").write_text("generation 2, odd HEAD\n")
-    snap = snapshot.take(Git(ws))
     bundle = tmp_path / "plain.bundle"
-    git(ws, "bundle", "create", "-q", str(bundle), "--all")
-    publish(store_dir, KEY, bundle, snapshot_commit=snap.commit, head=head, head_ref=head_ref)
+    snap = legacy_bundle(ws, bundle)
+    publish(store_dir, KEY, bundle, snapshot_commit=snap, head=head, head_ref=head_ref)
     target = tmp_path / "restored"
 
     with capture_logs() as logs:
@@ -796,7 +916,37 @@ def test_a_manifest_with_a_hostile_head_is_refused_and_the_previous_generation_r
     assert git(target, "symbolic-ref", "-q", "HEAD") == "refs/heads/main"
     assert (target / "readme.md").read_text() == "generation 1\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        ["ws", "store", "plain.bundle", "restored"])
+        ["ws", "ws-state", "store", "plain.bundle", "restored", "restored-state"])
+
+
+@pytest.mark.parametrize("head_ref,head", [
+    ("refs/heads/../../config", None),
+    ("refs/heads/../../../../outside", None),
+    (None, "f" * 40),
+])
+def test_a_hostile_head_in_the_manifest_is_not_where_a_restore_takes_head_from(
+        tmp_path, saved, head_ref, head):
+    # A generation with a state commit: HEAD comes back as the snapshot recorded it (validated
+    # when read), and the manifest's copy of it, which a tampered store can change, is not used.
+    ws, store_dir = saved
+    (ws / "readme.md").write_text("generation 2, odd HEAD in the manifest\n")
+    snap = take(ws)
+    bundle = tmp_path / "plain.bundle"
+    in_state(ws, "bundle", "create", "-q", str(bundle), SNAPSHOT_REF)
+    number = publish(store_dir, KEY, bundle, snapshot_commit=snap.commit, head=head,
+                     head_ref=head_ref)
+    target = tmp_path / "restored"
+
+    outcome = restore(config_for(target, store_dir), gens_for(store_dir))
+
+    assert (outcome.action, outcome.generation) == ("restored", number)
+    assert git(target, "symbolic-ref", "-q", "HEAD") == "refs/heads/main"
+    assert git(target, "rev-parse", "HEAD") == git(ws, "rev-parse", "HEAD")
+    assert (target / "readme.md").read_text() == "generation 2, odd HEAD in the manifest\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["ws", "ws-state", "store", "plain.bundle", "restored", "restored-state"])
+    # .git/config (where "refs/heads/../../config" would land) is git's own, nothing else.
+    assert git(target, "config", "--local", "--get", "core.bare") == "false"
 
 
 @pytest.mark.parametrize("bundle_name", [

@@ -1,12 +1,13 @@
 """Security: secrets never reach an output, the control endpoint stays on loopback, and nothing an
 agent can write (the workspace's ``.git/config``, hooks, a template, a crafted bundle) makes
-watcherd run a command or write outside the workspace.
+watcherd run a command or write outside the workspace and its state directory.
 
-watcherd holds the store's credentials and the agent edits the workspace, including ``.git/config``:
-every git call of watcherd must ignore the commands that config can name. Each case plants a
-command that would leave a marker file, proves where it can that plain git does run it, then runs
-watcherd and checks the marker never appears. Filter drivers and signing programs are covered in
-``test_snapshot.py``.
+watcherd holds the store's credentials and the agent edits the workspace, including ``.git/config``.
+Shadow mode never runs git with the workspace's repository (its config is data, see
+``test_trust_boundary.py``); branch mode does, through a door that turns the commands off. Each
+case plants a command that would leave a marker file, proves where it can that plain git does run
+it, then runs watcherd and checks the marker never appears. Filter drivers are covered in
+``test_trust_boundary.py``, signing programs in ``test_snapshot.py``.
 """
 
 from __future__ import annotations
@@ -27,14 +28,14 @@ from structlog.testing import capture_logs
 
 import daemon_fixture
 from daemon_fixture import Daemon, free_port, run_cli, watcherd  # noqa: F401 (fixture)
-from helpers import git, make_repo, publish, tree_state, wait_for
+from helpers import git, make_repo, publish, sgit, state_repo, tree_state, wait_for
 from s3server import MotoS3, aws_env
 from watcherd import config as wconfig
-from watcherd import snapshot
+from watcherd import snapshot, state
 from watcherd.config import Config, RestoreConfig, StoreConfig, WorkspaceConfig, parse_store_url
 from watcherd.errors import RestoreError
 from watcherd.generations import Generations
-from watcherd.git import Git
+from watcherd.repo import SNAPSHOT_REF
 from watcherd.restore import restore
 from watcherd.store.local import LocalStore
 
@@ -47,7 +48,9 @@ linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="in
 
 
 def config_for(ws: Path, store_dir: Path, **restore_options) -> Config:
-    return Config(workspace=WorkspaceConfig(path=ws),
+    """The config of the pod whose workspace is ``ws``: its state directory is beside it (the one
+    ``helpers.state_repo`` names)."""
+    return Config(workspace=WorkspaceConfig(path=ws, state_dir=ws.parent / f"{ws.name}-state"),
                   store=StoreConfig(url=parse_store_url(f"file://{store_dir}"), key=KEY),
                   restore=RestoreConfig(**restore_options))
 
@@ -56,10 +59,20 @@ def gens_for(store_dir: Path) -> Generations:
     return Generations(LocalStore(store_dir), KEY)
 
 
-def save(ws: Path, store_dir: Path, mode: str = "shadow"):
-    g = Git(ws)
-    snapshot.take(g, mode)
-    return gens_for(store_dir).save(g, mode, ws / ".git" / "watcherd" / "spool")
+def take(ws: Path, mode: str = "shadow") -> snapshot.Snapshot:
+    repo = state_repo(ws, KEY)
+    snapshot.prepare(repo)
+    return snapshot.take(repo, mode)
+
+
+def save(ws: Path, store_dir: Path, mode: str = "shadow", **options):
+    take(ws, mode)
+    return gens_for(store_dir).save(state_repo(ws, KEY), **options)
+
+
+def in_state(ws: Path, *args: str, input: bytes | None = None) -> str:
+    """git in watcherd's own repository for ``ws`` (``helpers.sgit``, with stdin)."""
+    return git(ws.parent, f"--git-dir={state_repo(ws, KEY).git_dir}", *args, input=input)
 
 
 class Marker:
@@ -153,7 +166,9 @@ def test_no_secret_reaches_logs_status_metrics_or_cli_output_while_s3_refuses_th
         assert "********" in outputs["config check"]  # the token is there, masked
         target = tmp_path / "restore-target"
         restore_cfg = tmp_path / "restore.toml"
-        restore_cfg.write_text(d.config.read_text().replace(str(d.workspace), str(target)))
+        # Another pod: its own workspace and its own state directory.
+        restore_cfg.write_text(d.config.read_text().replace(str(d.workspace), str(target))
+                               .replace(str(d.state_dir), str(tmp_path / "restore-state")))
         r = subprocess.run([daemon_fixture.WATCHERD, "--config", str(restore_cfg), "restore"],
                            capture_output=True, text=True, env=cli_env, timeout=120)
         assert r.returncode == 1
@@ -174,6 +189,7 @@ def test_a_password_in_template_url_never_reaches_an_error_a_log_or_config_check
     port = free_port()  # nothing listens: the clone fails, with the URL in git's words
     cfg = tmp_path / "w.toml"
     cfg.write_text(f'[workspace]\npath = "{tmp_path / "ws"}"\n'
+                   f'state_dir = "{tmp_path / "state"}"\n'
                    f'[store]\nurl = "file://{store_dir}"\nkey = "{KEY}"\n'
                    f'[restore]\non_missing = "template"\n'
                    f'template_url = "http://{userinfo}@127.0.0.1:{port}/t.git"\n'
@@ -331,49 +347,78 @@ def test_restore_from_a_bundle_runs_no_hook(tmp_path, hostile_git_template):
     assert marker.ran == ""
 
 
-def _literal_tree(repo: Path, entries: list[tuple[str, bytes, str]]) -> str:
-    """A tree object git's porcelain would never write (".." names, ".git", duplicates)."""
+def _literal_tree(run, entries: list[tuple[str, bytes, str]]) -> str:
+    """A tree object git's porcelain would never write (".." names, ".git", duplicates), written
+    by ``run`` (git in some repository)."""
     data = b"".join(mode.encode() + b" " + name + b"\0" + bytes.fromhex(oid)
                     for mode, name, oid in entries)
-    return git(repo, "hash-object", "-w", "--literally", "-t", "tree", "--stdin", input=data)
+    return run("hash-object", "-w", "--literally", "-t", "tree", "--stdin", input=data)
+
+
+def _hostile_tree(run, entry: str, marker: Marker, outside: Path) -> str:
+    """A top-level tree with ``readme.md`` and an ``entry`` that would write a hook or a file
+    outside the tree it is checked out into."""
+    payload = run("hash-object", "-w", "--stdin",
+                  input=f'#!/bin/sh\necho escaped >> "{marker.file}"\n'.encode())
+    ok = run("hash-object", "-w", "--stdin", input=b"fine\n")
+    inner = _literal_tree(run, [("100755", b"post-checkout", payload), ("100644", b"x", payload)])
+    if entry in ("..", ".git", ".GIT"):
+        hooks = _literal_tree(run, [("40000", b"hooks", inner)])
+        top = [("40000", entry.encode(), hooks if entry != ".." else inner)]
+    elif entry == "link-then-dir":  # "d" is a link to the outside, and also a directory
+        link = run("hash-object", "-w", "--stdin", input=str(outside).encode())
+        top = [("120000", b"d", link), ("40000", b"d", inner)]
+    elif entry == "dot-dot-dir":
+        top = [("40000", b"a", _literal_tree(run, [("40000", b"..", _literal_tree(
+            run, [("40000", b"..", inner)]))]))]
+    else:
+        top = [("100644", entry.encode(), payload)]
+    return _literal_tree(run, [*top, ("100644", b"readme.md", ok)])
+
+
+def _with_index_tree(ws: Path, s_commit: str, index_tree: str) -> str:
+    """State commit ``s_commit`` with its recorded index replaced by ``index_tree`` (as a
+    tampered store could hand it back: a well-formed state commit, a hostile staged tree)."""
+    listing = in_state(ws, "ls-tree", s_commit).splitlines()
+    entries = [line for line in listing if not line.endswith("\tindex")]
+    entries.append(f"040000 tree {index_tree}\tindex")
+    tree = in_state(ws, "mktree", input=("\n".join(entries) + "\n").encode())
+    parents = in_state(ws, "rev-list", "--parents", "-n", "1", s_commit).split()[1:]
+    args = [a for p in parents for a in ("-p", p)]
+    return in_state(ws, "commit-tree", tree, *args, "-m", state.SUBJECT)
 
 
 @pytest.mark.parametrize("entry", ["..", ".git", ".GIT", "../escaped", "/abs-escaped",
                                    "link-then-dir", "dot-dot-dir"])
-@pytest.mark.parametrize("in_commit", ["snapshot", "HEAD"])
+@pytest.mark.parametrize("in_commit", ["snapshot", "HEAD", "index"])
 def test_a_tree_with_entries_that_escape_is_refused_and_nothing_is_written_outside(
         tmp_path, entry, in_commit):
+    # A store that hands back a well-formed generation whose trees are hostile: the snapshot's
+    # working tree, the user's branch (and the snapshot of its checkout), or the recorded index.
     marker = Marker(tmp_path, "tree-hook")
     ws = make_repo(tmp_path / "ws")
     store_dir = tmp_path / "store"
-    save(ws, store_dir)  # generation 1, good
-    payload = git(ws, "hash-object", "-w", "--stdin",
-                  input=f'#!/bin/sh\necho escaped >> "{marker.file}"\n'.encode())
-    ok = git(ws, "hash-object", "-w", "--stdin", input=b"fine\n")
-    inner = _literal_tree(ws, [("100755", b"post-checkout", payload), ("100644", b"x", payload)])
-    if entry in ("..", ".git", ".GIT"):
-        hooks = _literal_tree(ws, [("40000", b"hooks", inner)])
-        top = [("40000", entry.encode(), hooks if entry != ".." else inner)]
-    elif entry == "link-then-dir":  # "d" is a link to the outside, and also a directory
-        link = git(ws, "hash-object", "-w", "--stdin", input=str(tmp_path).encode())
-        top = [("120000", b"d", link), ("40000", b"d", inner)]
-    elif entry == "dot-dot-dir":
-        top = [("40000", b"a", _literal_tree(ws, [("40000", b"..", _literal_tree(
-            ws, [("40000", b"..", inner)]))]))]
-    else:
-        top = [("100644", entry.encode(), payload)]
-    tree = _literal_tree(ws, [*top, ("100644", b"readme.md", ok)])
+    first = save(ws, store_dir)  # generation 1, good
     head = git(ws, "rev-parse", "HEAD")
-    if in_commit == "HEAD":  # the user's own branch carries it
+    prev = first.snapshot
+    s_commit = state.state_parent(state_repo(ws, KEY).bare, prev)
+    if in_commit == "HEAD":  # the user's own branch carries it; a snapshot records it
+        tree = _hostile_tree(lambda *a, **k: git(ws, *a, **k), entry, marker, tmp_path)
         head = git(ws, "commit-tree", tree, "-p", head, "-m", "hostile")
         git(ws, "update-ref", "refs/heads/main", head)
-        snap = git(ws, "commit-tree", f"{head}^{{tree}}", "-p", head, "-m", "watcherd: snapshot")
+        prev = take(ws).commit
+        s_commit = state.state_parent(state_repo(ws, KEY).bare, prev)
+        assert state.read(state_repo(ws, KEY).bare, s_commit).head.oid == head
     else:
-        snap = git(ws, "commit-tree", tree, "-p", git(ws, "rev-parse", snapshot.SNAPSHOT_REF),
-                   "-p", head, "-m", "watcherd: snapshot (hostile)")
-    git(ws, "update-ref", snapshot.SNAPSHOT_REF, snap)
+        tree = _hostile_tree(lambda *a, **k: in_state(ws, *a, **k), entry, marker, tmp_path)
+    if in_commit == "index":
+        s_commit = _with_index_tree(ws, s_commit, tree)
+        tree = in_state(ws, "rev-parse", f"{prev}^{{tree}}")
+    snap = in_state(ws, "commit-tree", tree, "-p", prev, "-p", head, "-p", s_commit,
+                    "-m", "watcherd: snapshot (hostile)")
+    in_state(ws, "update-ref", SNAPSHOT_REF, snap)
     bundle = tmp_path / "hostile.bundle"
-    git(ws, "bundle", "create", "-q", str(bundle), "--all")
+    in_state(ws, "bundle", "create", "-q", str(bundle), SNAPSHOT_REF)
     publish(store_dir, KEY, bundle, snapshot_commit=snap, head=head, head_ref="refs/heads/main")
     target = tmp_path / "deep" / "restored"
     target.parent.mkdir()
@@ -383,13 +428,19 @@ def test_a_tree_with_entries_that_escape_is_refused_and_nothing_is_written_outsi
         outcome = restore(config_for(target, store_dir), gens_for(store_dir))
 
     assert sorted(p.name for p in tmp_path.iterdir()) == before
-    assert sorted(p.name for p in target.parent.iterdir()) == ["restored"]
+    # The restored tree and its pod's state directory, nothing else.
+    assert sorted(p.name for p in target.parent.iterdir()) == ["restored", "restored-state"]
     assert not (target / ".git" / "hooks" / "post-checkout").exists()
     assert marker.ran == ""
     if entry == "link-then-dir":
         # git takes the later of two entries with one name: a real directory, nothing followed.
         assert outcome.generation == 2
-        assert not (target / "d").is_symlink() and (target / "d" / "x").is_file()
+        assert not (target / "d").is_symlink()
+        if in_commit == "index":  # staged, not in the working tree: restored as staged
+            assert git(target, "ls-files", "--stage", "d", "d/x").split("\n")[-1].endswith("\td/x")
+            assert not os.path.lexists(target / "d")
+        else:
+            assert (target / "d" / "x").is_file()
     else:
         assert (outcome.action, outcome.generation) == ("restored", 1)
         assert [e["generation"] for e in events(logs, "restore.generation_bad")] == [2]
@@ -571,11 +622,18 @@ LIVE_WITH_PLAIN_GIT = {"remote.origin.uploadpack", "core.sshCommand", "core.gitP
 
 
 @pytest.mark.parametrize("case", ORIGIN_CASES)
-def test_the_unshallow_fetch_runs_no_command_from_the_workspace_config(
+def test_the_unshallow_fetch_goes_to_the_operators_url_and_runs_no_command_of_the_workspace(
         tmp_path, upstream, needs_credentials, case):
+    # The history a shallow clone lacks is fetched only from restore.template_url (the operator's
+    # setting), never from the origin the workspace names, and the workspace's config (which could
+    # rewrite any URL or name a program for any transport) is never read as config. Without a
+    # template_url nothing is fetched at all: test_trust_boundary.py covers that.
     marker = Marker(tmp_path)
     ws = shallow_clone(tmp_path, upstream)
     hostile_origin(ws, marker, case, upstream, needs_credentials)
+    operator_url = f"file://{upstream}"
+    if case == "url.insteadOf ext::":  # would hijack the operator's URL too, if it were read
+        git(ws, "config", "--add", f"url.ext::sh -c {marker.script}% #.insteadOf", operator_url)
     if case in LIVE_WITH_PLAIN_GIT:
         probe = tmp_path / "probe"
         shutil.copytree(ws, probe, symlinks=True)
@@ -587,16 +645,20 @@ def test_the_unshallow_fetch_runs_no_command_from_the_workspace_config(
     (ws / "readme.md").write_text("edited in a shallow clone\n")
 
     with capture_logs() as logs:
-        result = save(ws, tmp_path / "store")
+        result = save(ws, tmp_path / "store", template_url=operator_url)
 
     assert result.status == "saved"
     assert marker.ran == ""
-    if case == "remote.origin.uploadpack":  # the real upload-pack still completes the history
-        assert events(logs, "history.unshallowed")
-        assert git(ws, "rev-parse", "--is-shallow-repository") == "false"
+    assert [e["origin"] for e in events(logs, "history.unshallowed")] == [operator_url]
+    assert not events(logs, "history.self_contained")  # the real history, not a rewrite
+    # The history was completed in watcherd's repository; the workspace is left as it was.
+    assert git(ws, "rev-parse", "--is-shallow-repository") == "true"
     target = tmp_path / "restored"
     restore(config_for(target, tmp_path / "store"), gens_for(tmp_path / "store"))
     assert (target / "readme.md").read_text() == "edited in a shallow clone\n"
+    assert git(target, "rev-parse", "--is-shallow-repository") == "false"
+    assert git(target, "rev-list", "--count", "HEAD") == "4"  # initial, v0, v1, v2
+    assert marker.ran == ""
 
 
 def test_protocol_ext_stays_refused_for_a_template_url(tmp_path):
@@ -619,14 +681,15 @@ def test_a_core_worktree_in_the_workspace_config_cannot_point_snapshots_elsewher
     git(ws, "config", "core.worktree", str(secrets_dir))
     (ws / "readme.md").write_text("the workspace's own edit\n")
 
-    snap = snapshot.take(Git(ws))
+    snap = take(ws)
 
-    files = git(ws, "ls-tree", "-r", "--name-only", snap.commit).splitlines()
+    files = sgit(ws, "ls-tree", "-r", "--name-only", snap.commit, key=KEY).splitlines()
     assert "token" not in files
     assert files == ["readme.md"]
-    assert git(ws, "show", f"{snap.commit}:readme.md") == "the workspace's own edit"
+    assert sgit(ws, "show", f"{snap.commit}:readme.md", key=KEY) == "the workspace's own edit"
     blob = git(ws, "hash-object", str(secrets_dir / "token"))
-    assert subprocess.run(["git", "cat-file", "-e", blob], cwd=ws).returncode != 0
+    assert subprocess.run(["git", f"--git-dir={state_repo(ws, KEY).git_dir}", "cat-file", "-e",
+                           blob]).returncode != 0
 
 
 @pytest.mark.parametrize("mode", ["shadow", "branch"])
@@ -638,4 +701,5 @@ def test_core_bare_in_the_workspace_config_does_not_stop_snapshots(tmp_path, mod
     result = save(ws, tmp_path / "store", mode)
 
     assert result.status == "saved"
-    assert git(ws, "show", f"{result.snapshot}:readme.md") == "edited after core.bare was set"
+    assert sgit(ws, "show", f"{result.snapshot}:readme.md", key=KEY) == \
+        "edited after core.bare was set"

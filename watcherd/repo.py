@@ -173,7 +173,13 @@ class Repo:
         watcherd process that was killed can have left it, so it is removed.
         """
         self.ensure_dirs()
-        fd = os.open(self.dir / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, _FILE_MODE)
+        try:
+            fd = os.open(self.dir / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, _FILE_MODE)
+        except OSError as exc:
+            # A read-only or full disk: one line that says so (the daemon retries later).
+            raise WorkspaceError(f"workspace.state_dir: cannot write watcherd's lock "
+                                 f"{self.dir / 'lock'}: {exc.strerror}; nothing can be "
+                                 "snapshotted until the state directory is writable") from None
         try:
             _share(fd)
             fcntl.flock(fd, fcntl.LOCK_EX)

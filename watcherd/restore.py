@@ -358,8 +358,12 @@ def _apply_state(git: Git, snapshot: str, rec: state.Recorded) -> None:
         if got != oid:
             _log.warning("restore.tag_changed", tag=oid, written=got,
                          note="an annotated tag's stored bytes do not hash to its id")
+    # Exactly the recorded refs: the bundle's own (the snapshot history, and whatever else a
+    # tampered bundle lists) are not the user's.
+    recorded = {r.name for r in rec.refs}
+    fetched = git.out("for-each-ref", "--format=%(refname)").splitlines()
     lines = [f"update {r.name} {r.oid}\n" for r in rec.refs if r.oid]
-    lines.append(f"delete {SNAPSHOT_REF}\n")
+    lines += [f"delete {name}\n" for name in fetched if name not in recorded]
     git.run("update-ref", "--no-deref", "--stdin", input="".join(lines).encode())
     for r in rec.refs:
         if r.target is not None:

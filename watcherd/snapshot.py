@@ -143,9 +143,10 @@ def take(repo: Repo, mode: str = "shadow", cache: Cache | None = None) -> Snapsh
                                  f"{repo.workspace} (another process paired it with "
                                  f"{repo.pairing().path}); restart watcherd")
         layout = ws.locate(repo.workspace)
+        before = None
         if mode == "branch" and layout.is_repository:
-            _commit_on_branch(repo, layout)
-        snap = _take(repo, layout, cache)
+            before = _commit_on_branch(repo, layout)
+        snap = _take(repo, layout, cache, before)
     if snap.commit:
         _log.info("snapshot.committed", commit=snap.commit, files=snap.files, mode=mode,
                   head=snap.head, paths=list(snap.paths[:10]),
@@ -161,7 +162,9 @@ def snapshot_head(repo: Repo) -> str | None:
     return repo.snapshot_head()
 
 
-def _take(repo: Repo, layout: ws.Layout, cache: Cache) -> Snapshot:
+def _take(repo: Repo, layout: ws.Layout, cache: Cache, before: str | None = None) -> Snapshot:
+    """``before``: the tree of HEAD before a branch-mode commit watcherd just made, if it made
+    one (that commit is news to the snapshot history, not the user's own)."""
     problems: list[str] = [layout.problem] if layout.problem else []
     found: ws.GitState | None = None
     if layout.is_repository:
@@ -185,7 +188,7 @@ def _take(repo: Repo, layout: ws.Layout, cache: Cache) -> Snapshot:
     prev = repo.snapshot_head()
     prev_state = _state_of(repo, prev, cache)
     prev_tree = _tree_of(repo, prev, cache)
-    tree = _worktree_tree(repo, prev, index_file, cache)
+    tree = _worktree_tree(repo, prev, found.head.oid if found else None, index_file, cache)
     entries = _diff(repo.bare, prev_tree, tree) if prev_tree and tree != prev_tree else None
     # Entries of the private index that the rules ignore now are dropped, but only looked for
     # when something that decides it changed: the rules (info/exclude, a .gitignore), the
@@ -214,8 +217,12 @@ def _take(repo: Repo, layout: ws.Layout, cache: Cache) -> Snapshot:
         return Snapshot(None, None, None, head_ref, problems=tuple(problems))
 
     if entries is None:
-        # The first snapshot lists what differs from the user's HEAD (their commit is no news).
-        base = prev_tree or (repo.bare.out("rev-parse", f"{head}^{{tree}}") if head else None)
+        # The first snapshot lists what differs from the user's HEAD (their commit is no news),
+        # as it was before a branch-mode commit watcherd just made (``before``).
+        if before and repo.bare.run("cat-file", "-e", before, check=False).returncode != 0:
+            before = None  # the workspace's objects are not readable this time
+        base = prev_tree or before or \
+            (repo.bare.out("rev-parse", f"{head}^{{tree}}") if head else None)
         entries = _diff(repo.bare, base, tree)
     paths = _paths(entries, cache)
     moved = head if prev and head != _head_of(repo, prev_state, cache)[0] else None
@@ -303,14 +310,21 @@ def _report(problems: list[str], cache: Cache) -> None:
 # -- the working tree ------------------------------------------------------------------------------
 
 
-def _worktree_tree(repo: Repo, prev: str | None, index_file: Path | None, cache: Cache) -> str:
-    """The tree of the working tree as git sees it, through the private index."""
+def _worktree_tree(repo: Repo, prev: str | None, head: str | None, index_file: Path | None,
+                   cache: Cache) -> str:
+    """The tree of the working tree as git sees it, through the private index. ``head``: the
+    user's HEAD commit as read from the workspace (unchecked: it may not exist)."""
     git = repo.git
     env = {"GIT_INDEX_FILE": str(repo.index)}
-    if prev and not repo.index.exists():
+    if not repo.index.exists():
         # An empty index would record whatever git cannot read right now (a directory without
         # read permission) as deleted; starting from the last recorded state keeps it instead.
-        git.run("read-tree", f"{prev}^{{tree}}", env=env)
+        if prev:
+            git.run("read-tree", f"{prev}^{{tree}}", env=env)
+        elif head:
+            # The first snapshot has no recorded state: the user's HEAD stands in for it (when
+            # its objects cannot be read, the index starts empty, as before).
+            git.run("read-tree", f"{head}^{{tree}}", env=env, check=False)
     _add_all(git, env)
     _user_paths(repo, index_file, cache)
     return git.out("write-tree", env=env)
@@ -340,8 +354,9 @@ def _user_paths(repo: Repo, index_file: Path | None, cache: Cache) -> frozenset[
     return paths
 
 
-def _add_all(git: Git, env: dict[str, str], *, attempts: int = 3) -> None:
-    """``git add --all`` of the work tree into the index ``env`` names."""
+def _add_all(git: Git, env: dict[str, str], *, attempts: int = 3, report: bool = True) -> None:
+    """``git add --all`` of the work tree into the index ``env`` names; ``report``: warn about
+    the paths it had to leave out."""
     for attempt in range(attempts):
         # --ignore-errors: an unreadable file must not stop every other edit from being saved.
         r = git.run("add", "--all", "--ignore-errors", "--", ".", env=env, check=False)
@@ -353,7 +368,8 @@ def _add_all(git: Git, env: dict[str, str], *, attempts: int = 3) -> None:
         if r.returncode != 1:
             raise GitError(f"git add failed in {git.work_tree}: {'; '.join(_lines(r.stderr)[:3])}")
         # 1 is --ignore-errors' "these paths could not be added": the index holds all the rest.
-        _report_skipped(said)
+        if report:
+            _report_skipped(said)
         return
 
 
@@ -458,12 +474,14 @@ _OPERATIONS = ("rebase-merge", "rebase-apply", "MERGE_HEAD", "CHERRY_PICK_HEAD",
                "BISECT_LOG")
 
 
-def _commit_on_branch(repo: Repo, layout: ws.Layout) -> None:
-    """``git add -A`` + ``git commit`` on the user's branch, unless the user is mid-operation.
+def _commit_on_branch(repo: Repo, layout: ws.Layout) -> str | None:
+    """``git add -A`` + ``git commit`` on the user's branch, unless the user is mid-operation;
+    the tree of HEAD before that commit, None when nothing was committed.
 
     Runs git in the workspace: branch mode is for trusted workspaces only (``config check`` says
     so). While a rebase or merge is in progress, or a git of the user's runs, nothing is
-    committed on the branch; the snapshot that follows still records the work tree.
+    committed on the branch; the snapshot that follows still records the work tree. What ``git
+    add`` leaves out is reported by that snapshot, which meets the same paths: once, not twice.
     """
     assert layout.git_dir is not None
     git = for_workspace(layout.root, layout.git_dir, home=repo.home, identity=repo.identity)
@@ -472,25 +490,25 @@ def _commit_on_branch(repo: Repo, layout: ws.Layout) -> None:
         _log.info("snapshot.branch_deferred", operation=busy,
                   note="the user's git is in the middle of an operation: this snapshot is kept "
                        f"on {SNAPSHOT_REF} only, the branch and the index are left alone")
-        return
+        return None
     if _git_running_in(layout.git_dir):
         _log.debug("snapshot.branch_deferred", operation="a git command of the user is running")
-        return
+        return None
     lock = layout.git_dir / "index.lock"
 
-    def attempt() -> None:
+    def attempt() -> str | None:
         for _ in range(3):
             remove_stale_lock(lock)
-            _add_all(git, {})
-            base = "HEAD" if git.rev("HEAD") else _empty_tree(git)
+            _add_all(git, {}, report=False)
+            base = git.out("rev-parse", "HEAD^{tree}") if git.rev("HEAD") else _empty_tree(git)
             raw = git.run("diff-index", "--cached", "-z", "--no-renames", base).stdout
             staged = [p.decode("utf-8", "surrogateescape") for p in raw.split(b"\0")[1::2]]
             if not staged:
-                return
+                return None
             r = git.run("commit", "--quiet", "--no-verify", "--no-gpg-sign", "-m",
                         _message(staged, None), check=False)
             if r.returncode == 0:
-                return
+                return base
             said = r.stderr.decode("utf-8", "replace").strip()
             if said and "cannot lock ref" not in said:  # a held index.lock: retrying() waits
                 raise GitError(f"git commit failed in {layout.root} (exit {r.returncode}): "
@@ -500,7 +518,7 @@ def _commit_on_branch(repo: Repo, layout: ws.Layout) -> None:
         raise GitError(f"git commit in {layout.root} was overtaken three times in a row: another "
                        "git keeps changing the index or the branch; retrying later")
 
-    retrying(attempt)
+    return retrying(attempt)
 
 
 def _operation_in_progress(git: Git, git_dir: Path) -> str | None:
