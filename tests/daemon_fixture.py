@@ -204,7 +204,7 @@ class Daemon:
 
     def start(self, *, env: dict[str, str] | None = None, wait_ready: bool = True,
               popen: Mapping[str, Any] | None = None,
-              command: Sequence[str] = (WATCHERD,)) -> Daemon:
+              command: Sequence[str] | None = None) -> Daemon:
         """Start ``watcherd run``. ``popen``: more :class:`subprocess.Popen` arguments, such as
         ``preexec_fn`` (resource limits), or ``user``, ``group``, ``extra_groups`` and ``umask``
         to run it as another user (root), with a ``command`` that user may run
@@ -212,7 +212,8 @@ class Daemon:
         assert self.proc is None or self.proc.poll() is not None, "already running"
         stderr = self.base / f"{self.name}-{len(self.runs)}.stderr"
         with stderr.open("wb") as err:
-            self.proc = subprocess.Popen([*command, "--config", str(self.config), "run"],
+            self.proc = subprocess.Popen([*(command or [WATCHERD]), "--config", str(self.config),
+                                          "run"],
                                          stdout=subprocess.PIPE, stderr=err, text=True,
                                          env=_env(env), **(popen or {}))
         self.log = LogLines(self.proc.stdout)

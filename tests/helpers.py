@@ -54,6 +54,17 @@ def store_files(store_dir: Path) -> dict[str, bytes]:
             for p in sorted(store_dir.rglob("*")) if p.is_file() and not p.name.startswith(".")}
 
 
+def fetch_generation(repo: Path, store_dir: Path, key: str, doc: dict, refs: str = "refs/*") -> str:
+    """Fetch one generation of a local store into bare repository ``repo`` with plain git, as a
+    person auditing it would: every bundle of its chain, base first (an increment needs the
+    bundles before it). ``doc`` is the manifest's entry for the generation; its snapshot id."""
+    links = doc.get("chain") or [{"bundle": doc["bundle"]}]
+    for link in links:
+        git(repo, "fetch", "-q", "--no-tags", str(store_dir / key / "bundles" / link["bundle"]),
+            f"+refs/*:{refs}")
+    return doc["snapshot"]
+
+
 def publish(store_dir: Path, key: str, bundle: Path, *, snapshot_commit: str, head: str | None,
             head_ref: str | None) -> int:
     """Put a hand-made bundle in a local store as the next generation, as an attacker with write

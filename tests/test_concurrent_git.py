@@ -47,7 +47,7 @@ from typing import Any
 
 import pytest
 from daemon_fixture import Daemon, watcherd  # noqa: F401 (fixture)
-from helpers import git, wait_for
+from helpers import fetch_generation, git, wait_for
 
 from watcherd.snapshot import STALE_LOCK_AGE
 
@@ -269,9 +269,7 @@ class Agent:
             self.found.lost.append(f"checkpoint {self.checkpoints}: save answered {code} {result}")
             return
         m = self.d.manifest()
-        bundle = self.d.store / self.d.key / "bundles" / m["bundle"]
-        ns = f"refs/cp/{self.checkpoints}"
-        git(audit, "fetch", "-q", "--no-tags", str(bundle), f"+refs/*:{ns}/*")
+        fetch_generation(audit, self.d.store, self.d.key, m, f"refs/cp/{self.checkpoints}/*")
         stored = commit_files(audit, m["snapshot"])
         if stored != on_disk:
             missing = sorted(p for p in on_disk if stored.get(p) != on_disk[p])
@@ -395,8 +393,7 @@ def run_agent(watcherd, tmp_path: Path, mode: str, seconds: float, seed: int,
     d.settle(timeout=30)
     final = files_of(d.workspace)
     m = d.manifest()
-    git(audit, "fetch", "-q", "--no-tags", str(d.store / d.key / "bundles" / m["bundle"]),
-        "+refs/*:refs/final/*")
+    fetch_generation(audit, d.store, d.key, m, "refs/final/*")
     if commit_files(audit, m["snapshot"]) != final:
         findings.lost.append("after settling, the last generation is not the final tree")
     agent.check_repository("the end")
@@ -695,7 +692,7 @@ def test_the_store_keeps_moving_forward_after_the_user_rewrites_their_history(
     audit = tmp_path / "audit"
     audit.mkdir()
     git(audit, "init", "-q", "--bare")
-    git(audit, "fetch", "-q", str(d.store / d.key / "bundles" / after["bundle"]), "+refs/*:refs/*")
+    fetch_generation(audit, d.store, d.key, after)
     assert subprocess.run(["git", "merge-base", "--is-ancestor", before["snapshot"],
                            after["snapshot"]], cwd=audit).returncode == 0
     assert subprocess.run(["git", "merge-base", "--is-ancestor", moved_from, after["snapshot"]],

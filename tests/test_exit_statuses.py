@@ -63,7 +63,8 @@ def test_an_s3_store_without_the_s3_extra_exits_2_in_one_line_from_every_command
         tmp_path, without_boto3, command):
     ws = make_workspace(tmp_path / "ws")
     cfg = tmp_path / "s3.toml"
-    cfg.write_text(f'[workspace]\npath = "{ws}"\n[store]\nurl = "s3://bucket/prefix"\n'
+    cfg.write_text(f'[workspace]\npath = "{ws}"\nstate_dir = "{tmp_path / "state"}"\n'
+                   f'[store]\nurl = "s3://bucket/prefix"\n'
                    f'key = "{KEY}"\n[control]\nlisten = ""\n[log]\nformat = "json"\n')
 
     proc = run(cfg, *command, env=without_boto3)

@@ -26,11 +26,7 @@ from structlog.testing import capture_logs
 
 import daemon_fixture
 from daemon_fixture import SNAPSHOT_REF, make_workspace, run_cli, watcherd  # noqa: F401 (fixture)
-<<<<<<< HEAD
-from helpers import git, make_repo, publish, said, tree_state, wait_for
-=======
-from helpers import git, make_repo, publish, sgit, state_repo, tree_state, wait_for
->>>>>>> port-a
+from helpers import git, make_repo, publish, said, sgit, state_repo, tree_state, wait_for
 from watcherd import manifest as mf
 from watcherd import snapshot
 from watcherd.config import Config, RestoreConfig, StoreConfig, WorkspaceConfig, parse_store_url

@@ -61,6 +61,13 @@ class Audit:
             self.fetched[bundle] = git(self.path, "rev-parse", f"{ns}/{SNAPSHOT_REF[5:]}")
         return self.fetched[bundle]
 
+    def generation(self, d: Daemon, doc: dict[str, Any]) -> str:
+        """Fetch a generation's whole chain (base first, each bundle once); its snapshot head."""
+        head = ""
+        for link in doc.get("chain") or [{"bundle": doc["bundle"]}]:
+            head = self.fetch(bundle_path(d, link["bundle"]))
+        return head
+
     def is_ancestor(self, older: str, newer: str) -> bool:
         return subprocess.run(["git", "merge-base", "--is-ancestor", older, newer],
                               cwd=self.path).returncode == 0
@@ -120,7 +127,7 @@ def assert_history_is_linear(d: Daemon, audit: Audit) -> list[str]:
     assert numbers == list(range(numbers[0], m["generation"] + 1))
     heads = []
     for g in gens:
-        head = audit.fetch(bundle_path(d, g["bundle"]))
+        head = audit.generation(d, g)
         assert head == g["snapshot"], f"generation {g['generation']}: bundle and manifest disagree"
         heads.append(head)
     for older, newer in zip(heads, heads[1:]):
@@ -179,7 +186,7 @@ def race_two_pods(watcherd, tmp_path: Path, rounds: int, repetition: int = 0) ->
         pod.settle()
     audit = Audit(base / "audit")
     first = manifest_of(origin)
-    stored = [audit.fetch(bundle_path(origin, first["bundle"]))]
+    stored = [audit.generation(origin, first)]
     generation = first["generation"]
     winner = loser = None
     for r in range(rounds):
@@ -202,7 +209,7 @@ def race_two_pods(watcherd, tmp_path: Path, rounds: int, repetition: int = 0) ->
         m = manifest_of(winner)
         generation += 1
         assert m["generation"] == generation, f"round {r}: {m['generation']}"
-        head = audit.fetch(bundle_path(winner, m["bundle"]))
+        head = audit.generation(winner, m)
         assert head == m["snapshot"] == results[winner.name]["snapshot"]
         assert audit.is_ancestor(stored[-1], head), \
             f"round {r}: generation {generation} does not continue the one before it"
@@ -256,8 +263,12 @@ def save_at_once(pods: list[Daemon]) -> dict[str, dict[str, Any]]:
 
 
 def stored_bundles(d: Daemon) -> list[str]:
+    """Every bundle the kept generations' chains run through, in the order they can be fetched."""
     m = manifest_of(d)
-    return [g["bundle"] for g in (m, *m["history"])]
+    names: dict[str, None] = {}
+    for g in sorted((m, *m["history"]), key=lambda g: g["generation"]):
+        names.update((link["bundle"], None) for link in g.get("chain") or [{"bundle": g["bundle"]}])
+    return list(names)
 
 
 def assert_nothing_lost(audit: Audit, pods: list[Daemon], bundles: list[Path], rounds: int) -> None:

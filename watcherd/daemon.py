@@ -132,10 +132,10 @@ class Daemon:
         if not ws.is_dir():
             raise WorkspaceError(f"workspace.path {ws} does not exist or is not a directory "
                                  "(create it, run watcherd restore, or fix workspace.path)")
+        s = self.cfg.store
+        self.store = open_store(s)  # first: a store that cannot be opened is a config error
         self._daemon_lock = self.repo.hold_daemon_lock()
         snapshot.prepare(self.repo)
-        s = self.cfg.store
-        self.store = open_store(s)
         self._abort_stale_uploads()
         self.generations = Generations(self.store, s.key,
                                        Limits(s.keep, s.warn_bundle_size, s.max_bundle_size,

@@ -318,16 +318,18 @@ class Repo:
         daemons on one state directory would race on one history.
         """
         self.ensure_dirs()
-        fd = os.open(self.dir / "daemon.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, _FILE_MODE)
-        _share(fd)
+        path = self.dir / "daemon.lock"
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, _FILE_MODE))
+        # Held through a read-only descriptor: a file open for writing for the daemon's whole
+        # life would keep its filesystem from being remounted read-only.
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
             raise WorkspaceError(f"another watcherd (pid {self.daemon_running()}) runs on "
                                  f"{self.dir}; one daemon per workspace and key") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
+        _write_atomic_inplace(path, f"{os.getpid()}\n".encode())
         return fd
 
     def daemon_running(self) -> int | None:
@@ -357,9 +359,17 @@ class Repo:
             return None
 
     def record_stored(self, generation: int, snapshot: str) -> None:
-        if self.stored() != (generation, snapshot):
+        """Remember what the store holds now. Best effort: the save it follows is done, and a
+        read-only or full state disk must not turn it into a failure (the next save rewrites
+        it; without it, a vanished store is only not noticed)."""
+        if self.stored() == (generation, snapshot):
+            return
+        try:
             _write_atomic(self.dir / "stored.json",
                           json.dumps({"generation": generation, "snapshot": snapshot}).encode())
+        except OSError as exc:
+            _log.warning("state.not_written", file=str(self.dir / "stored.json"),
+                         error=exc.strerror, note="the save itself is done")
 
     def bad_generations(self) -> BadGenerations | None:
         """The generations the last restore found corrupt (:mod:`watcherd.protocol`)."""
@@ -468,6 +478,16 @@ def _write_atomic(path: Path, data: bytes) -> None:
     finally:
         os.close(fd)
     os.replace(tmp, path)
+
+
+def _write_atomic_inplace(path: Path, data: bytes) -> None:
+    """Overwrite a small file in place (the lock's inode must stay the one that is locked)."""
+    fd = os.open(path, os.O_WRONLY | os.O_TRUNC | os.O_CLOEXEC)
+    try:
+        _share(fd)
+        os.write(fd, data)
+    finally:
+        os.close(fd)
 
 
 def _share(fd: int) -> None:

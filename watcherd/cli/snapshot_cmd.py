@@ -71,12 +71,13 @@ def _report_daemon(code: int, result: dict) -> int:
 def _standalone(cfg: Config) -> int:
     ws = cfg.workspace
     check_workspace(ws.path)
-    repo = open_repo(cfg)
-    snapshot.prepare(repo)
-    snap = snapshot.take(repo, ws.mode)
-    store = open_store(cfg.store)
+    store = open_store(cfg.store)  # first: a store that cannot be opened is a config error
     try:
+        repo = open_repo(cfg)
+        snapshot.prepare(repo)
+        snap = snapshot.take(repo, ws.mode)
         result = generations_for(cfg, store).save(repo, template_url=cfg.restore.template_url)
+        repo.maintain()
     finally:
         store.close()
     if result.status == "saved":
