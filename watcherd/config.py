@@ -92,6 +92,7 @@ class StoreConfig:
     max_bundle_size: int = 500 * 2**20
     max_increments: int = 50
     max_increment_ratio: float = 0.5
+    keep_checkpoints: int = 20
     s3: S3Config = field(default_factory=S3Config)
 
 
@@ -299,6 +300,7 @@ _SCHEMA: tuple[_Key, ...] = (
     _Key("store", "max_bundle_size", _size, lambda v: _quoted(format_size(v, exact=True))),
     _Key("store", "max_increments", _positive_int, str, from_env=_env_int),
     _Key("store", "max_increment_ratio", _ratio, lambda v: f"{v:g}", from_env=_env_float),
+    _Key("store", "keep_checkpoints", _positive_int, str, from_env=_env_int),
     _Key("store.s3", "region", _string),
     _Key("store.s3", "endpoint_url", _endpoint),
     _Key("store.s3", "force_path_style", _bool, lambda v: str(v).lower(), from_env=_env_bool),

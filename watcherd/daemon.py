@@ -140,7 +140,8 @@ class Daemon:
         self.generations = Generations(self.store, s.key,
                                        Limits(s.keep, s.warn_bundle_size, s.max_bundle_size,
                                               ChainPolicy(s.max_increments,
-                                                          s.max_increment_ratio)))
+                                                          s.max_increment_ratio),
+                                              s.keep_checkpoints))
         unsaved = self._unsaved_at_start()
         self.watcher = Watcher(ws, self.repo)
         self.watcher.start()

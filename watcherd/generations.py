@@ -35,6 +35,7 @@ from watcherd.errors import (
     ObjectMissing,
     PreconditionFailed,
     StoreError,
+    UsageError,
 )
 from watcherd.repo import SNAPSHOT_REF, Repo
 from watcherd.store.base import Store
@@ -66,6 +67,7 @@ class Limits:
     warn_bundle_size: int = 100 * 2**20
     max_bundle_size: int = 500 * 2**20
     chain: protocol.ChainPolicy = protocol.ChainPolicy()
+    keep_checkpoints: int = 20
 
 
 class Generations:
@@ -254,7 +256,10 @@ class Generations:
                                 mf.now_rfc3339(), mf.Writer(_host(), os.getpid()),
                                 chain=(*(base or ()), link))
             superseded = [mf.Superseded(g, decision.reason) for g in decision.supersedes]
-            updated = protocol.next_manifest(current, new, self.limits.keep, superseded)
+            # A forked workspace's first generation says where its history began.
+            forked = source.repo.forked_from() if current is None else None
+            updated = protocol.next_manifest(current, new, self.limits.keep, superseded,
+                                             forked_from=forked)
             try:
                 self.store.write(self.manifest_name, updated.to_json(), if_version=version)
             except PreconditionFailed:
@@ -267,6 +272,8 @@ class Generations:
                 _log.warning("generation.superseded", key=self.key, generation=number,
                              superseded=list(decision.supersedes), reason=decision.reason)
         self._prune(current, updated)
+        if forked:
+            source.repo.clear_fork()
         return SaveResult("saved", number, bf.snapshot, bf.size, name, decision.supersedes,
                           full=base is None)
 
@@ -292,6 +299,27 @@ class Generations:
             self.store.delete(self.bundle_object(name))
         if doomed:
             _log.info("generation.pruned", key=self.key, bundles=sorted(doomed))
+
+    def label(self, generation: int, name: str, note: str = "") -> mf.Checkpoint:
+        """Name ``generation`` (a checkpoint): ``keep`` never prunes it, ``keep_checkpoints``
+        bounds how many there are. A name already used moves to this generation. Raises
+        :class:`UsageError` when the generation is not in the manifest, :class:`StoreError`
+        when the store fails."""
+        for _ in range(_MANIFEST_RACE_ATTEMPTS):
+            current, version = self.read_manifest()
+            gen = current.find(generation) if current else None
+            if gen is None:
+                raise UsageError(f"generation {generation} is not in {self.where(self.manifest_name)}")
+            checkpoint = mf.Checkpoint(name, generation, gen.snapshot, mf.now_rfc3339(), note)
+            labelled = protocol.label(current, checkpoint, self.limits.keep_checkpoints)
+            try:
+                self.store.write(self.manifest_name, labelled.to_json(), if_version=version)
+            except PreconditionFailed:
+                continue  # another save or label landed: label again on the new manifest
+            _log.info("checkpoint.created", key=self.key, name=name, generation=generation,
+                      snapshot=gen.snapshot)
+            return checkpoint
+        raise PreconditionFailed(f"{self.where(self.manifest_name)} kept changing under us")
 
     def conflicts(self) -> list[protocol.ConflictCopy]:
         """The conflict copies under this key that watcherd can read the name of."""

@@ -23,6 +23,9 @@ MAX_SIZE = 1 * 2**20
 _BUNDLE_NAME = re.compile(r"[0-9]{1,12}-[0-9a-f]{7,64}\.bundle")
 _OID = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+#: A checkpoint's name: what a store key's part may be (letters, digits, ".", "_", "-").
+CHECKPOINT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+MAX_NOTE = 1000
 
 
 @dataclass(frozen=True)
@@ -82,10 +85,32 @@ class Superseded:
 
 
 @dataclass(frozen=True)
+class Checkpoint:
+    """A name a person gave to a generation: pinned, ``keep`` never prunes it."""
+
+    name: str
+    generation: int
+    snapshot: str
+    created_at: str
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class Fork:
+    """Where this key's history began when it was forked from another key."""
+
+    key: str
+    generation: int
+    snapshot: str
+
+
+@dataclass(frozen=True)
 class Manifest:
     current: Generation
     history: tuple[Generation, ...] = ()  # older generations, newest first
     supersedes: tuple[Superseded, ...] = ()  # what the current generation replaced, and why
+    checkpoints: tuple[Checkpoint, ...] = ()  # newest first
+    forked_from: Fork | None = None
 
     @property
     def generations(self) -> tuple[Generation, ...]:
@@ -101,7 +126,14 @@ class Manifest:
                "history": [g.to_dict() for g in self.history]}
         if self.supersedes:
             doc["supersedes"] = [asdict(s) for s in self.supersedes]
+        if self.checkpoints:
+            doc["checkpoints"] = [asdict(c) for c in self.checkpoints]
+        if self.forked_from:
+            doc["forked_from"] = asdict(self.forked_from)
         return (json.dumps(doc, indent=2, sort_keys=False) + "\n").encode()
+
+    def checkpoint(self, name: str) -> Checkpoint | None:
+        return next((c for c in self.checkpoints if c.name == name), None)
 
     def find(self, generation: int) -> Generation | None:
         return next((g for g in self.generations if g.generation == generation), None)
@@ -174,7 +206,44 @@ def parse(data: bytes, where: str) -> Manifest:
                 or not isinstance(item.get("reason"), str):
             raise IntegrityError(f"{where}: supersedes[{i}] is not a generation and a reason")
         supersedes.append(Superseded(item["generation"], item["reason"][:1000]))
-    return Manifest(current, history, tuple(supersedes))
+    return Manifest(current, history, tuple(supersedes), _checkpoints(doc, where, numbers),
+                    _fork(doc.get("forked_from"), where))
+
+
+def _checkpoints(doc: dict, where: str, numbers: list[int]) -> tuple[Checkpoint, ...]:
+    items = doc.get("checkpoints", []) or []
+    if not isinstance(items, list) or len(items) > MAX_CHAIN:
+        raise IntegrityError(f"{where}: checkpoints is not a list")
+    found = []
+    for i, item in enumerate(items):
+        try:
+            name, gen, snap = item["name"], item["generation"], item["snapshot"]
+            note, created = item.get("note", ""), item["created_at"]
+            ok = (isinstance(name, str) and CHECKPOINT_NAME.fullmatch(name)
+                  and isinstance(gen, int) and gen in numbers
+                  and isinstance(snap, str) and _OID.fullmatch(snap)
+                  and isinstance(note, str) and len(note) <= MAX_NOTE
+                  and isinstance(created, str))
+        except (KeyError, TypeError):
+            ok = False
+        if not ok:
+            raise IntegrityError(f"{where}: checkpoints[{i}] is not a name, a kept generation, "
+                                 "a snapshot and a time")
+        found.append(Checkpoint(name, gen, snap, created, note))
+    return tuple(found)
+
+
+def _fork(item: Any, where: str) -> Fork | None:
+    if item is None:
+        return None
+    try:
+        key, gen, snap = item["key"], item["generation"], item["snapshot"]
+        if isinstance(key, str) and len(key) <= 512 and isinstance(gen, int) and \
+                isinstance(snap, str) and _OID.fullmatch(snap):
+            return Fork(key, gen, snap)
+    except (KeyError, TypeError):
+        pass
+    raise IntegrityError(f"{where}: forked_from is not a key, a generation and a snapshot")
 
 
 def _generation(doc: Any, where: str) -> Generation:

@@ -84,11 +84,34 @@ def decide_save(stored: mf.Manifest | None, ours: str, contains: Callable[[str],
 
 
 def next_manifest(stored: mf.Manifest | None, new: mf.Generation, keep: int,
-                  supersedes: Sequence[mf.Superseded] = ()) -> mf.Manifest:
-    """The manifest after ``new`` is saved: ``keep`` generations in all, newest first."""
+                  supersedes: Sequence[mf.Superseded] = (),
+                  checkpoint: mf.Checkpoint | None = None,
+                  keep_checkpoints: int = 20,
+                  forked_from: mf.Fork | None = None) -> mf.Manifest:
+    """The manifest after ``new`` is saved: the newest ``keep`` generations, plus every older
+    one a checkpoint pins (newest first); ``checkpoint`` labels ``new`` (see :func:`label`)."""
     if stored is None:
-        return mf.Manifest(new, (), tuple(supersedes))
-    return mf.Manifest(new, stored.generations[: max(keep - 1, 0)], tuple(supersedes))
+        base = mf.Manifest(new, (), tuple(supersedes), (), forked_from)
+    else:
+        pinned = {c.generation for c in stored.checkpoints}
+        older = stored.generations
+        history = older[: max(keep - 1, 0)] + tuple(g for g in older[max(keep - 1, 0):]
+                                                    if g.generation in pinned)
+        base = mf.Manifest(new, history, tuple(supersedes), stored.checkpoints,
+                           stored.forked_from)
+    return label(base, checkpoint, keep_checkpoints) if checkpoint else base
+
+
+def label(manifest: mf.Manifest, checkpoint: mf.Checkpoint, keep_checkpoints: int) -> mf.Manifest:
+    """``manifest`` with ``checkpoint`` added (a name already used moves to it), at most
+    ``keep_checkpoints`` kept (the oldest go first); a generation no longer pinned and beyond
+    ``keep`` stays listed until the next save prunes it."""
+    if manifest.find(checkpoint.generation) is None:
+        raise ValueError(f"generation {checkpoint.generation} is not in the manifest")
+    others = [c for c in manifest.checkpoints if c.name != checkpoint.name]
+    labels = tuple([checkpoint, *others][: max(keep_checkpoints, 1)])
+    return mf.Manifest(manifest.current, manifest.history, manifest.supersedes, labels,
+                       manifest.forked_from)
 
 
 @dataclass(frozen=True)

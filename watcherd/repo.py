@@ -44,6 +44,7 @@ from watcherd import log
 from watcherd.config import Config
 from watcherd.errors import WorkspaceError
 from watcherd.git import Git, Identity
+from watcherd.manifest import Fork
 from watcherd.protocol import BadGenerations
 from watcherd.workspace import Layout, is_plain_dir
 
@@ -389,6 +390,24 @@ class Repo:
 
     def clear_bad_generations(self) -> None:
         (self.dir / "bad-generations.json").unlink(missing_ok=True)
+
+    # -- forks and rollbacks -----------------------------------------------------------------------
+
+    def forked_from(self) -> Fork | None:
+        """Where the restored history came from, when it was forked from another key and not
+        saved under this one yet."""
+        try:
+            doc = json.loads((self.dir / "fork.json").read_text())
+            return Fork(str(doc["key"]), int(doc["generation"]), str(doc["snapshot"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def record_fork(self, fork: Fork) -> None:
+        _write_atomic(self.dir / "fork.json", json.dumps(
+            {"key": fork.key, "generation": fork.generation, "snapshot": fork.snapshot}).encode())
+
+    def clear_fork(self) -> None:
+        (self.dir / "fork.json").unlink(missing_ok=True)
 
     # -- pairing ---------------------------------------------------------------------------------
 

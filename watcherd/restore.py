@@ -353,31 +353,7 @@ def _build(staging: Path, chain: list[Path], gen: mf.Generation, config: Config,
 
 def _apply_state(git: Git, snapshot: str, rec: state.Recorded) -> None:
     """Refs, HEAD, config, stash, index and work tree as ``rec`` recorded them."""
-    for oid, raw in rec.tags:
-        got = git.out("hash-object", "-t", "tag", "-w", "--stdin", input=raw)
-        if got != oid:
-            _log.warning("restore.tag_changed", tag=oid, written=got,
-                         note="an annotated tag's stored bytes do not hash to its id")
-    # Exactly the recorded refs: the bundle's own (the snapshot history, and whatever else a
-    # tampered bundle lists) are not the user's.
-    recorded = {r.name for r in rec.refs}
-    fetched = git.out("for-each-ref", "--format=%(refname)").splitlines()
-    lines = [f"update {r.name} {r.oid}\n" for r in rec.refs if r.oid]
-    lines += [f"delete {name}\n" for name in fetched if name not in recorded]
-    git.run("update-ref", "--no-deref", "--stdin", input="".join(lines).encode())
-    for r in rec.refs:
-        if r.target is not None:
-            git.run("symbolic-ref", r.name, r.target)
-    if rec.head.ref is not None:
-        git.run("symbolic-ref", "HEAD", rec.head.ref)
-    elif rec.head.oid is not None:
-        git.run("update-ref", "--no-deref", "HEAD", rec.head.oid)
-    for key, value in rec.config:
-        git.run("config", "--add", key, value)
-    if rec.stash:
-        log_file = git.git_dir / "logs" / "refs" / "stash"
-        log_file.parent.mkdir(parents=True, exist_ok=True)
-        log_file.write_text("".join(f"{e.old} {e.new} {e.ident}\t{e.message}\n" for e in rec.stash))
+    state.apply_refs(git, rec)
     # The index first (what is staged), then the work tree laid over it through an index of its
     # own: files the snapshot has that the index lacks come back untracked, files the index has
     # that the snapshot lacks come back deleted, exactly as they were.

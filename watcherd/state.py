@@ -25,10 +25,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from watcherd import log
 from watcherd.errors import GitError, IntegrityError
 from watcherd.git import Git
 from watcherd.workspace import GitState, Head, Ref, StashEntry, printable, valid_ref_name
 
+_log = log.get(__name__)
 FORMAT = 1
 SUBJECT = "watcherd: state"
 _IDENT = "watcherd <watcherd@localhost> 0 +0000"
@@ -315,6 +317,39 @@ def _write(git: Git, rec: Recorded, types: dict[str, str], peeled: dict[str, str
 
 def _hash(git: Git, kind: str, data: bytes) -> str:
     return git.out("hash-object", "-t", kind, "-w", "--stdin", input=data)
+
+
+# -- giving back -----------------------------------------------------------------------------------
+
+
+def apply_refs(git: Git, rec: Recorded) -> None:
+    """Make the refs, HEAD, allowlisted config and stash of ``git``'s repository (one watcherd
+    just fetched a snapshot into) exactly what ``rec`` recorded: every other ref goes (the
+    snapshot history, and whatever else a tampered bundle listed, are not the user's)."""
+    for oid, raw in rec.tags:
+        got = git.out("hash-object", "-t", "tag", "-w", "--stdin", input=raw)
+        if got != oid:
+            _log.warning("restore.tag_changed", tag=oid, written=got,
+                         note="an annotated tag's stored bytes do not hash to its id")
+    recorded = {r.name for r in rec.refs}
+    fetched = git.out("for-each-ref", "--format=%(refname)").splitlines()
+    lines = [f"update {r.name} {r.oid}\n" for r in rec.refs if r.oid]
+    lines += [f"delete {name}\n" for name in fetched if name not in recorded]
+    git.run("update-ref", "--no-deref", "--stdin", input="".join(lines).encode())
+    for r in rec.refs:
+        if r.target is not None:
+            git.run("symbolic-ref", r.name, r.target)
+    if rec.head.ref is not None:
+        git.run("symbolic-ref", "HEAD", rec.head.ref)
+    elif rec.head.oid is not None:
+        git.run("update-ref", "--no-deref", "HEAD", rec.head.oid)
+    for key, value in rec.config:
+        git.run("config", "--add", key, value)
+    if rec.stash:
+        log_file = git.git_dir / "logs" / "refs" / "stash"
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        log_file.write_text("".join(f"{e.old} {e.new} {e.ident}\t{e.message}\n"
+                                    for e in rec.stash))
 
 
 # -- reading back ----------------------------------------------------------------------------------

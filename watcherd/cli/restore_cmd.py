@@ -69,7 +69,8 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
 def generations_for(cfg: Config, store) -> Generations:
     s = cfg.store
     return Generations(store, s.key, Limits(s.keep, s.warn_bundle_size, s.max_bundle_size,
-                                            ChainPolicy(s.max_increments, s.max_increment_ratio)))
+                                            ChainPolicy(s.max_increments, s.max_increment_ratio),
+                                            s.keep_checkpoints))
 
 
 def parse_before(text: str) -> datetime:
