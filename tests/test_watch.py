@@ -52,14 +52,14 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:Callback with id .* already exists:RuntimeWarning"),
 ]
 
-_NO_WATCHDOG = pytest.mark.skipif(watchdog is None, reason="watchdog is not installed: "
+NO_WATCHDOG = pytest.mark.skipif(watchdog is None, reason="watchdog is not installed: "
                                   "pip install 'watcherd[watchdog]' (the test extra has it)")
 # Polled often, so that a test waits milliseconds, not watchdog's default second.
 POLL = 0.02
 BACKENDS = ["inotify",
-            pytest.param("watchdog", marks=_NO_WATCHDOG),
-            pytest.param("watchdog-polling", marks=_NO_WATCHDOG),
-            pytest.param("watchdog-recursive", marks=_NO_WATCHDOG)]
+            pytest.param("watchdog", marks=NO_WATCHDOG),
+            pytest.param("watchdog-polling", marks=NO_WATCHDOG),
+            pytest.param("watchdog-recursive", marks=NO_WATCHDOG)]
 EVENT_BACKENDS = BACKENDS[:2] + BACKENDS[3:]  # the ones with an OS event queue to overflow
 
 
