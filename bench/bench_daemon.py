@@ -63,7 +63,7 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 QUIET_PERIOD_S = 0.2
 # Longer than the 5 s between the storm's tracked edits, so that no upload runs between them.
 IDLE_TIMEOUT_S = 8.0
-SECTIONS = ("ready", "latency", "storm", "idle", "rss")
+SECTIONS = ("ready", "latency", "storm", "idle", "rss", "watchdog")
 RUN = ".venv/bin/python bench/bench_daemon.py"
 
 # The raw floor of "watch the workspace": a bare process that walks the directories git looks into
@@ -407,13 +407,14 @@ class Daemon:
         return code, (time.perf_counter() - t0) * 1000
 
 
-def write_config(tmp: Path, ws: Path) -> Path:
-    cfg = tmp / "watcherd.toml"
+def write_config(tmp: Path, ws: Path, backend: str = "auto") -> Path:
+    cfg = tmp / ("watcherd.toml" if backend == "auto" else f"watcherd-{backend}.toml")
     cfg.write_text(f"""\
 [workspace]
 path = "{ws}"
 
 [watch]
+backend = "{backend}"
 quiet_period = "{int(QUIET_PERIOD_S * 1000)}ms"
 idle_timeout = "{int(IDLE_TIMEOUT_S)}s"
 shutdown_timeout = "60s"
@@ -499,6 +500,8 @@ class Bench:
             self.ready()
         if self.sections & {"latency", "storm", "idle", "rss"}:
             self.long_run()
+        if "watchdog" in self.sections:
+            self.watchdog()
 
     # -- floors ------------------------------------------------------------------------------------
 
@@ -523,17 +526,18 @@ class Bench:
 
     # -- time to READY -----------------------------------------------------------------------------
 
-    def start(self) -> Daemon:
+    def start(self, cfg: Path | None = None) -> Daemon:
         self.n_daemons += 1
-        return Daemon(self.cfg, self.tmp, self.n_daemons)
+        return Daemon(cfg or self.cfg, self.tmp, self.n_daemons)
 
-    def ready(self) -> None:
+    def ready(self, cfg: Path | None = None, key: str = "ready") -> None:
         runs = []
         for i in range(self.n_starts):
-            d = self.start()
+            d = self.start(cfg)
             try:
                 ready_ms = d.wait_ready()
                 watches = inotify_watches(d.pid)
+                threads = len(os.listdir(f"/proc/{d.pid}/task"))
                 wr = d.wait_for(lambda r: r.get("event") == "watch.ready", timeout=10)
                 mem = status_kib(d.pid)
                 # Let the start-up snapshot (one quiet period after READY) happen before stopping;
@@ -543,14 +547,41 @@ class Bench:
                 d.kill()
                 raise
             code, stop_ms = d.stop()
-            runs.append({"ready_ms": ready_ms, "watches": watches,
+            runs.append({"ready_ms": ready_ms, "watches": watches, "threads": threads,
                          "watch_ready_ms": wr.get("duration_ms"), "rss_kib": mem.get("VmRSS"),
                          "exit": code, "stop_ms": stop_ms})
             say(f"start {i + 1}: READY after {ready_ms:.0f} ms, {watches} watches "
                 f"(walk {wr.get('duration_ms')} ms), exit {code} after {stop_ms:.0f} ms")
             if code != 0:
                 self.notes.append(f"`watcherd run` exited {code} after SIGTERM (start {i + 1})")
-        self.res["ready"] = runs
+        self.res[key] = runs
+
+    # -- the watchdog backend ----------------------------------------------------------------------
+
+    def watchdog(self) -> None:
+        """The watchdog backend on the same workspace, right after the inotify backend's run:
+        READY, watches, storm CPU (its own daemon, its own storm of the same size)."""
+        cfg = write_config(self.tmp, self.ws, backend="watchdog")
+        self.ready(cfg, key="watchdog_ready")
+        d = self.start(cfg)
+        try:
+            d.wait_ready()
+        except BaseException:
+            d.kill()
+            raise
+        # The inotify run's storm figures stay where the report reads them.
+        kept = {k: self.res.pop(k) for k in ("storm", "rss_storm", "latency") if k in self.res}
+        mark, self.activity_mark = self.activity_mark, None
+        try:
+            time.sleep(QUIET_PERIOD_S + 1.0)
+            self.storm(d)
+            self.res["watchdog_storm"] = self.res.pop("storm")
+            self.res["watchdog_rss_storm"] = self.res.pop("rss_storm")
+        finally:
+            self.res.update(kept)
+            self.activity_mark = mark
+            code, stop_ms = d.stop()
+            say(f"watchdog daemon stopped: exit {code} after {stop_ms:.0f} ms")
 
     # -- one long-running daemon for the rest ------------------------------------------------------
 
@@ -929,9 +960,46 @@ def report(res: dict) -> str:
         w(f"Long-running daemon: SIGTERM → exit {fs['exit']} after {ms(fs['stop_ms'])}; log events "
           f"over its life: {res.get('log_counts')}.")
         w("")
+    if "watchdog_ready" in res:
+        _report_watchdog(res, w)
     for n in res.get("notes", []):
         w(f"Note: {n}")
     return "\n".join(out).rstrip() + "\n"
+
+
+def _report_watchdog(res: dict, w: Callable[[str], None]) -> None:
+    wd, ino = res["watchdog_ready"], res.get("ready", [])
+    wst, ist = res.get("watchdog_storm", {}), res.get("storm", {})
+
+    def med(runs: list[dict], key: str) -> float:
+        return median([r[key] for r in runs if r.get(key) is not None])
+
+    w("### The watchdog backend, same workspace, same run")
+    w("")
+    w("| | inotify backend | watchdog backend (InotifyObserver, a schedule per directory) "
+      "| ratio |")
+    w("|---|---|---|---|")
+    for label, key in (("process start → `READY=1`, median", "ready_ms"),
+                       ("the walk (`watch.ready` duration_ms), median", "watch_ready_ms")):
+        a, b = med(ino, key), med(wd, key)
+        w(f"| {label} | {ms(a)} | {ms(b)} | {ratio(b, a)} |")
+    for label, key in (("inotify watches (`/proc/PID/fdinfo`)", "watches"),
+                       ("threads after READY", "threads")):
+        a, b = (ino[-1].get(key) if ino else None), wd[-1].get(key)
+        w(f"| {label} | {a} | {b} | {ratio(b, a) if a else 'n/a'} |")
+    if wst and ist:
+        a, b = ist["daemon_cpu_s"], wst["daemon_cpu_s"]
+        w(f"| daemon CPU during the storm ({wst['storm'].get('files_created')} files) "
+          f"| {a:.2f} s | {b:.2f} s | {ratio(b, a)} |")
+        w(f"| the storm's own CPU (raw floor) | {ist['storm_cpu_s']:.2f} s "
+          f"| {wst['storm_cpu_s']:.2f} s | |")
+        for label, st in (("inotify", ist), ("watchdog", wst)):
+            late = [None if e["late_ms"] is None else round(e["late_ms"]) for e in st["edits"]]
+            w(f"| tracked edits during the storm, snapshotted after ({label}) | "
+              f"{late} ms | | |")
+    w("")
+    w(f"Reproduce: `{RUN} --only ready storm watchdog`.")
+    w("")
 
 
 def main(argv: list[str] | None = None) -> int:

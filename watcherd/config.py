@@ -70,6 +70,7 @@ class WatchConfig:
     idle_timeout: float = 60.0
     max_upload_interval: float = 600.0
     shutdown_timeout: float = 20.0
+    backend: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -293,6 +294,7 @@ _SCHEMA: tuple[_Key, ...] = (
     _Key("watch", "idle_timeout", _duration, lambda v: _quoted(format_duration(v))),
     _Key("watch", "max_upload_interval", _duration, lambda v: _quoted(format_duration(v))),
     _Key("watch", "shutdown_timeout", _duration, lambda v: _quoted(format_duration(v))),
+    _Key("watch", "backend", _choice("auto", "inotify", "watchdog")),
     _Key("store", "url", lambda v: parse_store_url(_string(v))),
     _Key("store", "key", lambda v: validate_store_key(_string(v))),
     _Key("store", "keep", _positive_int, str, from_env=_env_int),

@@ -1,6 +1,6 @@
 """``watcherd run``: the sidecar that turns edits into snapshots and snapshots into generations.
 
-The imperative shell around :class:`watcherd.timing.Scheduler`: inotify batches, the control
+The imperative shell around :class:`watcherd.timing.Scheduler`: the watcher's batches, the control
 endpoint and signals become scheduler events; the scheduler says when to snapshot and upload; git
 and the store run in worker threads so the event loop stays responsive. Nothing wakes an idle
 daemon but an event, except the systemd watchdog ping when systemd asks for one and a slow safety
@@ -44,7 +44,7 @@ from watcherd.notify import Notifier
 from watcherd.repo import Repo, open_repo
 from watcherd.store import Store, open_store
 from watcherd.timing import Action, Scheduler, Timing
-from watcherd.watch import Batch, Watcher
+from watcherd.watch import Batch, Watcher, open_watcher
 
 _log = log.get(__name__)
 # While watching is degraded (watch limit, lost watches) events may be missing: snapshot this often
@@ -143,7 +143,7 @@ class Daemon:
                                                           s.max_increment_ratio),
                                               s.keep_checkpoints))
         unsaved = self._unsaved_at_start()
-        self.watcher = Watcher(ws, self.repo)
+        self.watcher = open_watcher(ws, self.repo, self.cfg.watch.backend)
         self.watcher.start()
         now = time.monotonic()
         self.sched = Scheduler(self.timing, now, unsaved_history=unsaved)

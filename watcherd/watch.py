@@ -1,22 +1,35 @@
-"""Which edits happened in the workspace, told by inotify, judged by git.
+"""Which edits happened in the workspace, told by the OS, judged by git.
 
-Event-driven, no polling: the daemon waits for :meth:`Watcher.fileno` to become readable
-(``await anyio.wait_readable(watcher.fileno())``) and calls :meth:`Watcher.read`, which never blocks
-waiting for events and returns one :class:`Batch`. An idle workspace costs no wakeups at all.
+The daemon sees one small interface, :class:`Watcher`: ``start()`` once; then, whenever
+``fileno()`` is readable (``await anyio.wait_readable(watcher.fileno())``), ``read()``, which
+never waits for events and returns one :class:`Batch`; ``resync()`` from its safety timer while
+``degraded``; ``watch_count`` for the status; ``close()``. Two backends implement it:
 
-Why inotify directly instead of a recursive watcher library: the directories worth watching are the
-ones ``git add -A`` would look into. A workspace of 20,000 directories is usually ~50 of those plus a
-``node_modules/``; putting a watch on every directory (watchdog, gitwatch) costs seconds, the watch
-limit, and CPU on every ``npm install``, and a recursive rebuild after a queue overflow can livelock.
-Here ignored directories never get a watch; git's own rules decide (:mod:`watcherd.ignore`).
+* ``inotify`` (:mod:`watcherd.watch_inotify`), the Linux default: inotify directly, a watch on
+  each directory git would not ignore and nowhere else.
+* ``watchdog`` (:mod:`watcherd.watch_watchdog`), the portable one, for host runners on a laptop
+  (macOS: FSEvents) or anywhere without inotify; it bridges watchdog's observer threads to the
+  same descriptor-and-read interface.
 
-What the kernel does not say, and how it is covered:
+:func:`choose` picks one from ``watch.backend`` (``auto``: inotify on Linux, watchdog
+elsewhere) and says why; :func:`open_watcher` builds it.
+
+What both share is the judgement, in :class:`Judge`: which directories are worth watching (the
+ones ``git add -A`` would look into: ignore rules asked of git through
+:class:`~watcherd.ignore.IgnoreOracle`, plus the tracked paths the rules ignore,
+:func:`~watcherd.ignore.tracked_ignored`), what an event means, and when to rescan. A backend
+only places and removes watches (:meth:`Judge._add`, :meth:`Judge._remove`) and turns what its
+OS says into ``(directory, name, mask)`` events for :meth:`Judge._on_work_event` and
+:meth:`Judge._on_git_event`. The masks use inotify's bit values (:data:`CREATE`...), so the
+default backend hands the kernel's masks on untranslated, at no cost per event.
+
+What the OS does not say, and how it is covered:
 
 * Files created in a new directory before its watch exists are never reported, so every new (or
   renamed-in) directory is walked: watched, and its files reported as changed.
-* A queue overflow, the watch limit (ENOSPC), or a watch the kernel dropped on its own lose events.
-  They come back as :attr:`Batch.rescan` reasons ("something may be missed: snapshot with a full
-  scan") and, while the condition lasts, as :attr:`Watcher.degraded`.
+* A queue overflow, a watch limit, or a watch the OS dropped on its own lose events. They come
+  back as :attr:`Batch.rescan` reasons ("something may be missed: snapshot with a full scan")
+  and, while the condition lasts, as :attr:`Watcher.degraded`.
 
 Inside ``.git`` only the refs matter (a user's commit, a branch switch): ``HEAD``, ``packed-refs``,
 ``refs/heads/**`` and ``refs/tags/**``. Objects, the index, logs and lock files are not activity. The
@@ -38,21 +51,15 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import structlog
 
 from watcherd import ignore
 from watcherd import workspace as ws
-from watcherd.errors import GitError, WorkspaceError
+from watcherd.errors import ConfigError, GitError, WorkspaceError
 from watcherd.ignore import IgnoreOracle
 from watcherd.repo import Repo
-
-try:  # only installed on Linux
-    from inotify_simple import INotify
-    from inotify_simple import flags as _f
-except ImportError:  # pragma: no cover - exercised on non-Linux only
-    INotify = None  # type: ignore[assignment,misc]
 
 log = structlog.get_logger(__name__)
 
@@ -60,19 +67,20 @@ log = structlog.get_logger(__name__)
 # tree is still one relevant batch, it just does not list every file.
 MAX_PATHS = 1000
 
-if INotify is not None:
-    _WORK_MASK = (_f.MODIFY | _f.ATTRIB | _f.CLOSE_WRITE | _f.MOVED_FROM | _f.MOVED_TO | _f.CREATE
-                  | _f.DELETE | _f.DELETE_SELF | _f.MOVE_SELF
-                  | _f.ONLYDIR | _f.DONT_FOLLOW | _f.EXCL_UNLINK)
-    # Refs are written as `<ref>.lock`, then renamed: MOVED_TO (or CLOSE_WRITE for a direct write).
-    _GIT_MASK = (_f.CLOSE_WRITE | _f.MOVED_FROM | _f.MOVED_TO | _f.CREATE | _f.DELETE
-                 | _f.DELETE_SELF | _f.ONLYDIR | _f.DONT_FOLLOW | _f.EXCL_UNLINK)
-    _CHANGED = (_f.MODIFY | _f.ATTRIB | _f.CLOSE_WRITE | _f.MOVED_FROM | _f.MOVED_TO | _f.CREATE
-                | _f.DELETE)
-    _GONE = _f.DELETE | _f.MOVED_FROM
-    _CAME = _f.CREATE | _f.MOVED_TO
-    _REF_WRITTEN = _f.CLOSE_WRITE | _f.MOVED_TO | _f.DELETE | _f.MOVED_FROM
+# Event masks: inotify's bit values (see inotify(7)), whatever the backend.
+MODIFY = 0x2
+ATTRIB = 0x4
+CLOSE_WRITE = 0x8
+MOVED_FROM = 0x40
+MOVED_TO = 0x80
+CREATE = 0x100
+DELETE = 0x200
+ISDIR = 0x40000000
 
+_CHANGED = MODIFY | ATTRIB | CLOSE_WRITE | MOVED_FROM | MOVED_TO | CREATE | DELETE
+_GONE = DELETE | MOVED_FROM
+_CAME = CREATE | MOVED_TO
+_REF_WRITTEN = CLOSE_WRITE | MOVED_TO | DELETE | MOVED_FROM
 
 @dataclass(frozen=True)
 class Batch:
@@ -95,13 +103,84 @@ class Batch:
         return bool(self.paths or self.refs_changed or self.rescan)
 
 
-class _Watch(NamedTuple):
+class Watcher(Protocol):
+    """What the daemon uses of a backend.
+
+    ``read()`` can take a few milliseconds (it walks new directories and asks git about new
+    names); it is synchronous and not thread-safe: call it, and ``resync()``, from one task or
+    thread at a time.
+    """
+
+    root: Path
+
+    def start(self) -> None: ...
+
+    def fileno(self) -> int: ...
+
+    def read(self) -> Batch: ...
+
+    def resync(self) -> Batch: ...
+
+    @property
+    def degraded(self) -> tuple[str, ...]: ...
+
+    @property
+    def watch_count(self) -> int: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class Choice:
+    """Which backend runs, and why (what ``config check`` prints)."""
+
+    backend: str
+    why: str
+
+
+def choose(setting: str, platform: str = sys.platform) -> Choice:
+    """The backend ``watch.backend = setting`` means on ``platform``."""
+    if setting == "auto":
+        if platform.startswith("linux"):
+            return Choice("inotify", "auto: Linux")
+        return Choice("watchdog", f"auto: no inotify on {platform}")
+    return Choice(setting, f"watch.backend = {setting!r}")
+
+
+def open_watcher(root: Path, repo: Repo, setting: str = "auto") -> Watcher:
+    """The backend ``watch.backend`` asks for, not started yet."""
+    if choose(setting).backend == "inotify":
+        from watcherd.watch_inotify import InotifyWatcher
+
+        return InotifyWatcher(root, repo)
+    return watchdog_backend().WatchdogWatcher(root, repo)
+
+
+def watchdog_backend():
+    """:mod:`watcherd.watch_watchdog`, or a ConfigError saying which extra to install.
+
+    A missing optional dependency is a mistake of the installation that no restart repairs:
+    exit status 2 and one line, never an ImportError's traceback.
+    """
+    try:
+        from watcherd import watch_watchdog
+    except ImportError as exc:
+        if exc.name is None or exc.name.partition(".")[0] == "watcherd":
+            raise  # watcherd's own module is broken: a bug, keep the traceback
+        raise ConfigError("watch.backend = \"watchdog\" needs the watchdog extra: pip install "
+                          f"'watcherd[watchdog]' (module {exc.name} is not installed)") from None
+    return watch_watchdog
+
+
+class Watch(NamedTuple):
+    """One watched directory."""
+
     kind: str  # "work": path relative to the root ("" is the root); "git": absolute path
     path: str
 
 
 @dataclass
-class _Found:
+class Found:
     """What one read() has found so far."""
 
     paths: dict[str, None] = field(default_factory=dict)
@@ -118,27 +197,27 @@ class _Found:
         return Batch(tuple(self.paths), bool(self.refs), tuple(self.rescan), tuple(self.refs))
 
 
-class Watcher:
-    """inotify watches on the directories of a git workspace that git would not ignore.
+class Judge:
+    """The judgement every backend shares: where to watch, what an event means, when to rescan.
 
-    Use: ``start()`` once, then ``read()`` whenever ``fileno()`` is readable, ``close()`` at the end.
-    ``read()`` can take a few milliseconds (it walks new directories and asks git about new names);
-    it is synchronous and not thread-safe, call it from one task or thread at a time.
+    A backend subclasses it and provides :meth:`_add` and :meth:`_remove` (place and drop one
+    directory's watch), :meth:`_limit_advice` (what to raise when the OS refuses more watches),
+    ``start``/``fileno``/``read``/``close`` and :meth:`_require`. Its ``read`` turns the OS's
+    events into calls of :meth:`_on_work_event` / :meth:`_on_git_event` (``_lost`` for an
+    overflow, ``_root_gone`` for a removed workspace) and ends with :meth:`_finish`.
 
-    ``max_watches`` is a test seam: it makes adding a watch fail with ENOSPC once that many are in
-    place, exactly as the kernel does at ``fs.inotify.max_user_watches``, so the degraded path can be
-    tested without changing a sysctl. Leave it None in production.
+    ``max_watches`` is a test seam: it makes placing a watch fail with ENOSPC once that many are
+    in place, exactly as the OS does at its limit, so the degraded path can be tested without
+    changing a sysctl. Leave it None in production.
     """
 
+    backend = ""
+
     def __init__(self, root: Path, repo: Repo, *, max_watches: int | None = None) -> None:
-        if INotify is None or not sys.platform.startswith("linux"):
-            raise WorkspaceError(
-                f"watching {root} needs Linux inotify (this is {sys.platform}); "
-                "run watcherd on Linux, e.g. as a sidecar container in the pod")
         root = Path(root)
         if not root.is_dir():
             raise WorkspaceError(f"workspace {root} is not a directory; check workspace.path")
-        # Watches are added with DONT_FOLLOW, so a symlinked root must be resolved first.
+        # Watches are placed without following links, so a symlinked root must be resolved first.
         self.root = root.resolve()
         self._repo = repo
         self._max_watches = max_watches
@@ -147,66 +226,14 @@ class Watcher:
         # Tracked paths the rules ignore (git add -f), and the directories that lead to them.
         self._forced: frozenset[str] = frozenset()
         self._forced_dirs: frozenset[str] = frozenset()
-        self._inotify: INotify | None = None
-        self._by_wd: dict[int, _Watch] = {}
-        self._wd_of: dict[_Watch, int] = {}
-        self._deleted: set[int] = set()  # wds whose directory reported DELETE_SELF
+        self._watches: dict[Watch, Any] = {}  # what the backend's _add returned for each
         self._unwatched: set[str] = set()  # work dirs that should be watched but hit the limit
-        self._limit_hits = 0  # ENOSPC answers so far
+        self._limit_hits = 0  # "too many watches" answers so far
         self._degraded: dict[str, str] = {}
         self._git_dir = ""
         self._common_dir = ""
 
     # -- public ----------------------------------------------------------------------------------
-
-    def start(self) -> None:
-        """Place the watches: the work tree minus what git ignores, and the few refs directories."""
-        if self._inotify is not None:
-            raise RuntimeError("watcher already started")
-        t0 = time.perf_counter()
-        try:
-            self._inotify = INotify(nonblocking=True)
-        except OSError as exc:
-            if exc.errno == errno.EMFILE:
-                raise WorkspaceError(
-                    "cannot create an inotify instance: limit reached; raise "
-                    "fs.inotify.max_user_instances (sysctl -w fs.inotify.max_user_instances=512)"
-                ) from exc
-            raise WorkspaceError(f"cannot create an inotify instance: {exc}") from exc
-        self._resync_all(_Found())
-        if "ignore" in self._degraded:
-            # Without git's answers the choice is watching node_modules or missing edits: refuse.
-            message = self._degraded["ignore"]
-            self.close()
-            raise WorkspaceError(f"cannot tell which files git ignores in {self.root}: {message}")
-        if _Watch("work", "") not in self._wd_of and not self._limit_hits:
-            self.close()
-            raise WorkspaceError(f"cannot watch workspace {self.root}: it vanished or is unreadable")
-        log.info("watch.ready", watches=self.watch_count, unwatched=len(self._unwatched),
-                 duration_ms=_ms(t0), root=str(self.root), git_dir=self._git_dir)
-
-    def fileno(self) -> int:
-        """The inotify descriptor: readable when :meth:`read` has something to return."""
-        return self._require().fileno()
-
-    def read(self) -> Batch:
-        """Drain the events queued now and say what they mean. Never waits for new events."""
-        inotify = self._require()
-        events = inotify.read(timeout=0)
-        if not events:
-            return Batch()
-        found = _Found()
-        hits = self._limit_hits
-        self._prefetch(events)
-        for ev in events:
-            self._dispatch(ev, found)
-        if found.rules_changed:
-            self._oracle.invalidate()
-        if found.resync:
-            self._resync_all(found)
-        elif self._limit_hits > hits:
-            self._note_limit(found, rescan=True)  # a new directory could not be watched
-        return found.batch()
 
     def resync(self) -> Batch:
         """Re-walk everything: re-read ignore rules, add missing watches, drop stale ones.
@@ -215,7 +242,7 @@ class Watcher:
         it from its safety timer while :attr:`degraded` (the limit may have been raised since).
         """
         self._require()
-        found = _Found()
+        found = Found()
         self._oracle.invalidate()
         found.resync["requested"] = None
         self._resync_all(found)
@@ -223,36 +250,90 @@ class Watcher:
 
     @property
     def watch_count(self) -> int:
-        """inotify watches in place (the kernel's count: one per watched directory)."""
-        return len(self._by_wd)
+        """Directories watched: git's directories plus the work tree's that git would not
+        ignore."""
+        return len(self._watches)
 
     @property
     def degraded(self) -> tuple[str, ...]:
         """Why some edits may go unseen right now; empty when every relevant directory is watched."""
         return tuple(self._degraded.values())
 
-    def close(self) -> None:
-        """Drop every watch (closing the descriptor does) and stop git check-ignore."""
-        if self._inotify is not None:
-            self._inotify.close()
-            self._inotify = None
-        self._by_wd.clear()
-        self._wd_of.clear()
-        self._oracle.close()
-
-    def __enter__(self) -> Watcher:
+    def __enter__(self) -> Judge:
         self.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    # -- setup -----------------------------------------------------------------------------------
+    # -- what a backend provides -----------------------------------------------------------------
 
-    def _require(self) -> INotify:
-        if self._inotify is None:
-            raise RuntimeError("watcher is not started (or already closed)")
-        return self._inotify
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def _require(self) -> Any:
+        """The backend's live handle; RuntimeError when not started (or closed)."""
+        raise NotImplementedError
+
+    def _add(self, w: Watch, full: str, old: Any) -> Any:
+        """Watch directory ``full`` (or keep ``old``, its current watch, when that still holds);
+        the handle to remember. Raises OSError as the OS refused."""
+        raise NotImplementedError
+
+    def _remove(self, handle: Any) -> None:
+        """Drop a watch :meth:`_add` placed."""
+        raise NotImplementedError
+
+    def _limit_advice(self) -> str:
+        """What to raise when the OS refuses more watches."""
+        raise NotImplementedError
+
+    # -- the first walk, the end of a read --------------------------------------------------------
+
+    def _place_all(self, **facts: Any) -> None:
+        """The first walk, at start: refuse to run blind, then say what is watched."""
+        t0 = time.perf_counter()
+        self._resync_all(Found())
+        if "ignore" in self._degraded:
+            # Without git's answers the choice is watching node_modules or missing edits: refuse.
+            message = self._degraded["ignore"]
+            self.close()
+            raise WorkspaceError(f"cannot tell which files git ignores in {self.root}: {message}")
+        if Watch("work", "") not in self._watches and not self._limit_hits:
+            self.close()
+            raise WorkspaceError(f"cannot watch workspace {self.root}: it vanished or is unreadable")
+        log.info("watch.ready", backend=self.backend, watches=self.watch_count,
+                 unwatched=len(self._unwatched), duration_ms=_ms(t0), root=str(self.root),
+                 git_dir=self._git_dir, **facts)
+
+    def _finish(self, found: Found, hits: int) -> Batch:
+        """After a read's events: re-walk when they asked for it, say what they meant."""
+        if found.rules_changed:
+            self._oracle.invalidate()
+        if found.resync:
+            self._resync_all(found)
+        elif self._limit_hits > hits:
+            self._note_limit(found, rescan=True)  # a new directory could not be watched
+        return found.batch()
+
+    def _lost(self, reason: str, found: Found) -> None:
+        """Events were dropped (a queue overflowed): re-walk, and snapshot with a full scan."""
+        if reason not in found.rescan:
+            log.warning("watch.overflow", reason=reason, watches=self.watch_count)
+        found.rescan[reason] = None
+        found.resync[reason] = None
+        found.rules_changed = True  # a lost event may have been a .gitignore edit
+
+    def _root_gone(self, found: Found) -> None:
+        self._degraded["root"] = f"workspace {self.root} was removed; restart watcherd to " \
+                                 "watch again"
+        log.error("watch.vanished", path=str(self.root))
+        found.rescan["workspace removed"] = None
+
+    # -- setup -----------------------------------------------------------------------------------
 
     def _locate(self) -> None:
         """Where HEAD/index live, and where refs/packed-refs/info live (differ in a linked
@@ -279,100 +360,48 @@ class Watcher:
 
     # -- events ----------------------------------------------------------------------------------
 
-    def _prefetch(self, events: list) -> None:
-        """Ask git about every new name in this read at once: one round trip, not one per event."""
-        asks: list[tuple[str, bool]] = []
-        for ev in events:
-            w = self._by_wd.get(ev.wd)
-            if w is not None and w.kind == "work" and ev.name and ev.name != ".git":
-                asks.append((_join(w.path, ev.name), bool(ev.mask & _f.ISDIR)))
+    def _prefetch(self, asks: list[tuple[str, bool]]) -> None:
+        """Ask git about every new name of a read at once: one round trip, not one per event."""
         if asks:
             try:
                 self._oracle.ignored_many(asks)
             except GitError:
                 pass  # handled per event, where it can be turned into a rescan
 
-    def _dispatch(self, ev, found: _Found) -> None:
-        if ev.mask & _f.Q_OVERFLOW:
-            reason = "queue overflow"
-            if reason not in found.rescan:
-                log.warning("watch.overflow", watches=self.watch_count)
-            found.rescan[reason] = None
-            found.resync[reason] = None
-            found.rules_changed = True  # a lost event may have been a .gitignore edit
-            return
-        w = self._by_wd.get(ev.wd)
-        if w is None:
-            return  # a watch we already dropped (its IN_IGNORED, or events queued before the drop)
-        if ev.mask & _f.IGNORED:
-            self._on_watch_gone(ev.wd, w, found)
-        elif ev.mask & _f.DELETE_SELF:
-            self._deleted.add(ev.wd)
-        elif ev.mask & _f.UNMOUNT:
-            found.rescan[f"file system unmounted under {w.path or '/'}"] = None
-        elif ev.mask & _f.MOVE_SELF:
-            if w == _Watch("work", ""):
-                self._degraded["root"] = (f"workspace {self.root} was moved away; "
-                                          "restart watcherd to watch the new tree")
-                found.rescan["workspace directory moved"] = None
-        elif w.kind == "work":
-            self._on_work_event(w, ev, found)
-        else:
-            self._on_git_event(w, ev, found)
-
-    def _on_watch_gone(self, wd: int, w: _Watch, found: _Found) -> None:
-        """The kernel removed a watch we did not remove: its directory is gone (or unmounted)."""
-        deleted = wd in self._deleted
-        self._deleted.discard(wd)
-        self._forget(wd)
-        if w == _Watch("work", ""):
-            self._degraded["root"] = f"workspace {self.root} was removed; restart watcherd to " \
-                                     "watch again"
-            log.error("watch.vanished", path=str(self.root))
-            found.rescan["workspace removed"] = None
-        elif w in (_Watch("git", self._git_dir), _Watch("git", self._common_dir)):
-            # `rm -rf .git`: the working tree is still watched and snapshotted; a new .git is
-            # found by the walk.
-            found.rescan["git directory removed"] = None
-            found.resync["git directory removed"] = None
-        elif not deleted:
-            # Not a deletion its parent reported: unmount or the like. Re-walk to be sure.
-            found.rescan[f"watch on {w.path} dropped by the kernel"] = None
-            found.resync["watch dropped"] = None
-        # A deleted directory needs nothing more: its parent's watch reported the deletion.
-
-    def _on_work_event(self, w: _Watch, ev, found: _Found) -> None:
-        name = ev.name
+    def _on_work_event(self, d: str, name: str, mask: int, found: Found) -> None:
+        """``name`` in the watched work-tree directory ``d`` (relative) changed as ``mask`` says."""
         if not name:
             return
-        rel = _join(w.path, name)
-        is_dir = bool(ev.mask & _f.ISDIR)
+        rel = child_path(d, name)
+        is_dir = bool(mask & ISDIR)
         if name == ".git":
-            if not w.path and ev.mask & (_CAME | _GONE):
+            if not d and mask & (_CAME | _GONE):
                 # `git init` (or a restore, or `rm -rf .git`) at the top: the git directory moved.
                 found.resync["git directory appeared or went"] = None
                 found.refs[".git"] = None
+                if mask & _GONE:
+                    found.rescan["git directory removed"] = None
                 return
-            if w.path and ev.mask & _CAME:
+            if d and mask & _CAME:
                 # `git init`/`git clone` made this directory a nested repository: git records it
                 # as one gitlink and never looks inside, and check-ignore dies on paths in it.
-                self._drop_work(w.path, include_self=True)
-                found.path(w.path)
+                self._drop_work(d, include_self=True)
+                found.path(d)
             return
         if name == ".gitignore":
             found.rules_changed = True
             found.resync["ignore rules changed"] = None
         if is_dir:
-            if ev.mask & _GONE:
+            if mask & _GONE:
                 self._drop_work(rel, include_self=True)
-                # Its own IN_IGNORED may come first, so ask git rather than the watch table.
+                # Its own removal may be told first, so ask git rather than the watch table.
                 if not self._ignored(rel, True, found):
                     found.path(rel)
-            if ev.mask & _CAME and not self._ignored(rel, True, found):
+            if mask & _CAME and not self._ignored(rel, True, found):
                 # Anything created inside before the watch existed was never reported: walk it.
                 self._walk_work(rel, found, collect=True)
             return
-        if ev.mask & _CHANGED and not self._ignored(rel, False, found):
+        if mask & _CHANGED and not self._ignored(rel, False, found):
             found.path(rel)
 
     def _ignored_many(self, asks: list[tuple[str, bool]]) -> list[bool]:
@@ -384,7 +413,7 @@ class Watcher:
         return [False if (path in self._forced_dirs if is_dir else path in self._forced) else a
                 for (path, is_dir), a in zip(asks, answers)]
 
-    def _ignored(self, rel: str, is_dir: bool, found: _Found) -> bool:
+    def _ignored(self, rel: str, is_dir: bool, found: Found) -> bool:
         try:
             return self._ignored_many([(rel, is_dir)])[0]
         except GitError as exc:
@@ -394,18 +423,18 @@ class Watcher:
             found.path(rel)
             return True
 
-    def _oracle_failed(self, exc: GitError, found: _Found) -> None:
+    def _oracle_failed(self, exc: GitError, found: Found) -> None:
         reason = "cannot evaluate ignore rules"
         if reason not in found.rescan:
             log.warning("watch.ignore_failed", error=str(exc))
         found.rescan[reason] = None
         self._degraded["ignore"] = f"{reason} (new directories are not watched): {exc}"
 
-    def _on_git_event(self, w: _Watch, ev, found: _Found) -> None:
-        name, d, mask = ev.name, w.path, ev.mask
+    def _on_git_event(self, d: str, name: str, mask: int, found: Found) -> None:
+        """``name`` in the watched git directory ``d`` (absolute) changed as ``mask`` says."""
         if not name or name.endswith(".lock"):
             return
-        is_dir = bool(mask & _f.ISDIR)
+        is_dir = bool(mask & ISDIR)
         common = self._common_dir
         if d == self._git_dir and not is_dir:
             if name == "HEAD" and mask & _REF_WRITTEN:
@@ -438,7 +467,7 @@ class Watcher:
             elif mask & _REF_WRITTEN:
                 found.refs[os.path.relpath(path, common)] = None
 
-    def _on_index_changed(self, found: _Found) -> None:
+    def _on_index_changed(self, found: Found) -> None:
         """Watch the directories that now lead to a force-added path, drop the ones that no
         longer do; the rest of the tree is not looked at."""
         added, gone = self._set_forced(ignore.tracked_ignored(self._repo, self._layout))
@@ -447,12 +476,12 @@ class Watcher:
                 self._drop_work(rel, include_self=True)
         for rel in sorted(added, key=len):
             parent = str(Path(rel).parent) if "/" in rel else ""
-            if _Watch("work", parent) in self._wd_of:
+            if Watch("work", parent) in self._watches:
                 self._walk_work(rel, found, collect=True)
 
     # -- walking ---------------------------------------------------------------------------------
 
-    def _resync_all(self, found: _Found) -> None:
+    def _resync_all(self, found: Found) -> None:
         """Walk the whole tree again, keep what is still wanted, add what is missing, drop the rest.
 
         Cheap by construction (ignored trees are never entered), so it is the answer to every "the
@@ -460,14 +489,14 @@ class Watcher:
         """
         t0 = time.perf_counter()
         self._locate()  # the git directory may have appeared, gone or moved; the rules changed
-        seen: set[_Watch] = set()
+        seen: set[Watch] = set()
         hits = self._limit_hits
         unwatched_before, self._unwatched = self._unwatched, set()
         self._degraded.pop("ignore", None)
         # The few git directories first: if the limit bites, missing a user's commit is worse.
         self._walk_git(found, seen)
         self._walk_work("", found, collect=False, seen=seen)
-        for w in [w for w in self._wd_of if w not in seen]:
+        for w in [w for w in self._watches if w not in seen]:
             self._unwatch(w)
         if self._limit_hits > hits:
             # Only a directory that newly went unwatched may hide an edit; the same misses as
@@ -482,8 +511,8 @@ class Watcher:
             emit("watch.rescan", reason=", ".join(found.resync), watches=self.watch_count,
                  duration_ms=_ms(t0))
 
-    def _walk_work(self, start: str, found: _Found, *, collect: bool,
-                   seen: set[_Watch] | None = None) -> None:
+    def _walk_work(self, start: str, found: Found, *, collect: bool,
+                   seen: set[Watch] | None = None) -> None:
         """Watch ``start`` (judged not ignored by the caller) and every non-ignored directory below.
 
         Each directory is watched *before* it is listed: whatever appears after the watch is an
@@ -494,9 +523,9 @@ class Watcher:
         while stack:
             rel = stack.pop()
             if seen is not None:
-                seen.add(_Watch("work", rel))
+                seen.add(Watch("work", rel))
             full = os.path.join(self.root, rel) if rel else str(self.root)
-            if not self._watch_dir(_Watch("work", rel), full, _WORK_MASK):
+            if not self._watch_dir(Watch("work", rel), full):
                 continue
             try:
                 with os.scandir(full) as it:
@@ -512,7 +541,7 @@ class Watcher:
                 # A nested repository: one gitlink to git, never its files (see _on_work_event).
                 self._drop_work(rel, include_self=True)
                 if seen is not None:
-                    seen.discard(_Watch("work", rel))
+                    seen.discard(Watch("work", rel))
                 if collect:
                     found.path(rel)
                 continue
@@ -525,7 +554,7 @@ class Watcher:
                 except OSError:
                     continue
                 if is_dir or collect:
-                    asks.append((_join(rel, e.name), is_dir))
+                    asks.append((child_path(rel, e.name), is_dir))
             if not asks:
                 continue
             try:
@@ -545,32 +574,32 @@ class Watcher:
                 else:
                     found.path(path)
 
-    def _walk_git(self, found: _Found, seen: set[_Watch]) -> None:
+    def _walk_git(self, found: Found, seen: set[Watch]) -> None:
         """Watch the git dir(s), ``info/``, and the refs directories that can hold branches/tags."""
         common = self._common_dir
         if not common:
             return
         for d in dict.fromkeys((self._git_dir, common)):
-            seen.add(_Watch("git", d))
-            self._watch_dir(_Watch("git", d), d, _GIT_MASK)
+            seen.add(Watch("git", d))
+            self._watch_dir(Watch("git", d), d)
         for sub in ("info", "refs"):
             d = os.path.join(common, sub)
             if os.path.isdir(d):
-                seen.add(_Watch("git", d))
-                self._watch_dir(_Watch("git", d), d, _GIT_MASK)
+                seen.add(Watch("git", d))
+                self._watch_dir(Watch("git", d), d)
         for sub in ("heads", "tags"):
             d = os.path.join(common, "refs", sub)
             if os.path.isdir(d):
                 self._walk_refs(d, found, seen=seen, report=False)
 
-    def _walk_refs(self, start: str, found: _Found, *, seen: set[_Watch] | None = None,
+    def _walk_refs(self, start: str, found: Found, *, seen: set[Watch] | None = None,
                    report: bool = True) -> None:
         stack = [start]
         while stack:
             d = stack.pop()
             if seen is not None:
-                seen.add(_Watch("git", d))
-            if not self._watch_dir(_Watch("git", d), d, _GIT_MASK):
+                seen.add(Watch("git", d))
+            if not self._watch_dir(Watch("git", d), d):
                 continue
             try:
                 with os.scandir(d) as it:
@@ -585,16 +614,16 @@ class Watcher:
 
     # -- the watch table -------------------------------------------------------------------------
 
-    def _watch_dir(self, w: _Watch, full: str, mask: int) -> bool:
+    def _watch_dir(self, w: Watch, full: str) -> bool:
         """Add (or refresh) one watch; False when the directory cannot be watched."""
-        inotify = self._require()
+        old = self._watches.get(w)
         try:
-            if (self._max_watches is not None and w not in self._wd_of
-                    and len(self._by_wd) >= self._max_watches):
+            if (self._max_watches is not None and old is None
+                    and len(self._watches) >= self._max_watches):
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-            wd = inotify.add_watch(full, mask)
+            handle = self._add(w, full, old)
         except OSError as exc:
-            if exc.errno == errno.ENOSPC:
+            if exc.errno in (errno.ENOSPC, errno.EMFILE):
                 self._limit_hits += 1
                 if w.kind == "work":
                     self._unwatched.add(w.path)
@@ -608,44 +637,18 @@ class Watcher:
             log.warning("watch.unwatchable", path=w.path or ".", error=exc.strerror)
             self._unwatch(w)
             return False
-        old_w = self._by_wd.get(wd)
-        if old_w is not None and old_w != w:
-            # The same inode under a new path (a move we have not processed yet): the path moved.
-            self._wd_of.pop(old_w, None)
-        old_wd = self._wd_of.get(w)
-        if old_wd is not None and old_wd != wd:
-            # A different directory now has this name; the old one is gone or elsewhere.
-            self._by_wd.pop(old_wd, None)
-            self._rm_watch(old_wd)
-        self._by_wd[wd] = w
-        self._wd_of[w] = wd
-        self._deleted.discard(wd)
+        self._watches[w] = handle
         return True
 
-    def _unwatch(self, w: _Watch) -> None:
-        wd = self._wd_of.pop(w, None)
-        if wd is not None:
-            self._by_wd.pop(wd, None)
-            self._deleted.discard(wd)
-            self._rm_watch(wd)
-
-    def _forget(self, wd: int) -> None:
-        w = self._by_wd.pop(wd, None)
-        if w is not None and self._wd_of.get(w) == wd:
-            del self._wd_of[w]
-
-    def _rm_watch(self, wd: int) -> None:
-        if self._inotify is None:
-            return
-        try:
-            self._inotify.rm_watch(wd)
-        except OSError:
-            pass  # EINVAL: the kernel dropped it already (directory deleted)
+    def _unwatch(self, w: Watch) -> None:
+        handle = self._watches.pop(w, None)
+        if handle is not None:
+            self._remove(handle)
 
     def _drop_work(self, rel: str, *, include_self: bool) -> None:
         """Drop the watches of ``rel`` and everything below it (moved away, deleted, nested repo).
 
-        On a move inside the tree the kernel would keep watching under the new name; dropping and
+        On a move inside the tree the OS may keep watching under the new name; dropping and
         re-walking the destination is simpler than patching paths, and just as cheap.
         """
         for w in list(self._subtree("work", rel, include_self)):
@@ -658,27 +661,33 @@ class Watcher:
         for w in list(self._subtree("git", path, True)):
             self._unwatch(w)
 
-    def _subtree(self, kind: str, path: str, include_self: bool) -> Iterator[_Watch]:
+    def _subtree(self, kind: str, path: str, include_self: bool) -> Iterator[Watch]:
         prefix = path + ("/" if kind == "work" else os.sep)
-        for w in self._wd_of:
+        for w in self._watches:
             if w.kind == kind and (w.path.startswith(prefix) or (include_self and w.path == path)):
                 yield w
 
-    def _note_limit(self, found: _Found, *, rescan: bool) -> None:
+    def _note_limit(self, found: Found, *, rescan: bool) -> None:
         """Some directory could not be watched: say so once in the log, always in the status."""
-        limit = self._max_watches if self._max_watches is not None else _kernel_watch_limit()
         message = (f"watch limit reached: {self.watch_count} watches placed, "
-                   f"{len(self._unwatched)} directories unwatched; raise "
-                   f"fs.inotify.max_user_watches (now {limit}), e.g. "
-                   f"sysctl -w fs.inotify.max_user_watches={_suggest(limit)}")
+                   f"{len(self._unwatched)} directories unwatched; {self._limit_advice()}")
         if "limit" not in self._degraded:
             log.warning("watch.limit_reached", watches=self.watch_count,
-                        unwatched=len(self._unwatched), limit=limit)
+                        unwatched=len(self._unwatched), advice=self._limit_advice())
         self._degraded["limit"] = message
         if rescan:
             found.rescan["watch limit reached"] = None
 
-def _join(parent: str, name: str) -> str:
+
+def inotify_limit_advice(max_watches: int | None) -> str:
+    """What to raise when inotify refuses a watch (``max_watches``: the test seam, if set)."""
+    limit = max_watches if max_watches is not None else _kernel_watch_limit()
+    return (f"raise fs.inotify.max_user_watches (now {limit}), e.g. "
+            f"sysctl -w fs.inotify.max_user_watches={_suggest(limit)}")
+
+
+def child_path(parent: str, name: str) -> str:
+    """``name`` in the work-tree directory ``parent`` (relative, "" for the root)."""
     return f"{parent}/{name}" if parent else name
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from watcherd import config, log
+from watcherd import config, log, watch
 from watcherd.cli.common import command_parser, say
 from watcherd.errors import WatcherdError
 from watcherd.store import check_backend
@@ -48,11 +48,20 @@ def run(args: argparse.Namespace, cfg: config.Config) -> int:
         # describe() masks the token and URL passwords; redact() also catches a known secret
         # pasted into some other key.
         say(log.redact(f"{line:<{width}}  # {source}"))
+    say(f"\n# watching: {_watching(cfg)}")
     for warning in warnings(cfg):
         say(f"\n# warning: {warning}")
     if cfg.store.url.scheme == "s3" and not args.no_store:
         say(log.redact(f"\n# store: {_probe(cfg)}"))
     return 0
+
+
+def _watching(cfg: config.Config) -> str:
+    """Which watch backend ``run`` would use and why; a ConfigError when it is not installed."""
+    choice = watch.choose(cfg.watch.backend)
+    if choice.backend == "watchdog":
+        return f"watchdog ({choice.why}; {watch.watchdog_backend().describe()})"
+    return f"{choice.backend} ({choice.why})"
 
 
 def warnings(cfg: config.Config) -> list[str]:

@@ -31,7 +31,7 @@ more on SIGTERM or SIGINT. Its logs go to stdout.""",
                        1: "the final save did not finish, or the daemon failed (a supervisor "
                           "restarts it)",
                        2: "fix the config: a bad key, no such workspace.path, s3:// without the "
-                          "S3 extra"})
+                          "S3 extra, watch.backend = \"watchdog\" without the watchdog extra"})
     p.set_defaults(handler=run)
 
 
