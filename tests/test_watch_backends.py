@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+import watcherd as watcherd_package
 import structlog
 import test_watch as tw
 from daemon_fixture import make_workspace, run_cli, watcherd  # noqa: F401  (a fixture)
@@ -58,6 +60,7 @@ def test_the_watchdog_backend_without_its_extra_is_a_config_error_saying_what_to
         monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "watchdog", None)  # as if not installed
     monkeypatch.delitem(sys.modules, "watcherd.watch_watchdog", raising=False)
+    monkeypatch.delattr(watcherd_package, "watch_watchdog", raising=False)  # imported earlier
     with pytest.raises(ConfigError, match=r"pip install 'watcherd\[watchdog\]'") as info:
         watch.watchdog_backend()
     assert ConfigError.exit_status == 2 and "watch.backend" in str(info.value)
