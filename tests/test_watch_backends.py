@@ -15,13 +15,12 @@ import time
 from pathlib import Path
 
 import pytest
-
-import watcherd as watcherd_package
 import structlog
 import test_watch as tw
 from daemon_fixture import make_workspace, run_cli, watcherd  # noqa: F401  (a fixture)
 from helpers import wait_for
 
+import watcherd as watcherd_package
 from watcherd import watch
 from watcherd.errors import ConfigError
 from watcherd.watch import Batch, Choice
@@ -58,7 +57,9 @@ def test_auto_is_inotify_on_linux_and_watchdog_elsewhere() -> None:
 
 def test_the_watchdog_backend_without_its_extra_is_a_config_error_saying_what_to_install(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(sys.modules, "watchdog", None)  # as if not installed
+    for name in [m for m in sys.modules if m == "watchdog" or m.startswith("watchdog.")]:
+        monkeypatch.setitem(sys.modules, name, None)  # as if not installed (imported earlier)
+    monkeypatch.setitem(sys.modules, "watchdog", None)
     monkeypatch.delitem(sys.modules, "watcherd.watch_watchdog", raising=False)
     monkeypatch.delattr(watcherd_package, "watch_watchdog", raising=False)  # imported earlier
     with pytest.raises(ConfigError, match=r"pip install 'watcherd\[watchdog\]'") as info:
