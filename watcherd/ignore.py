@@ -270,11 +270,17 @@ class IgnoreOracle:
             self._buf = bytearray(rest)
 
 
+# What a rollback builds in the workspace root for a moment (watcherd.rollback).
+ROLLBACK_ENTRIES = b"/.watcherd-rollback-*"
+
+
 def write_rules(repo: Repo, exclude: bytes, internal: tuple[str, ...]) -> bool:
     """Make watcherd's ``info/exclude`` the workspace's rules, plus the git directories that live
-    in the work tree under another name than ``.git`` (never part of a snapshot). True when it
-    changed (cached answers are stale then)."""
-    text = exclude + b"".join(b"\n/" + os.fsencode(p) + b"/" for p in internal) + b"\n"
+    in the work tree under another name than ``.git`` and the git directory a rollback builds
+    beside ``.git`` (never part of a snapshot). True when it changed (cached answers are stale
+    then)."""
+    text = exclude + b"".join(b"\n/" + os.fsencode(p) + b"/" for p in internal) + \
+        b"\n" + ROLLBACK_ENTRIES + b"\n"
     path = repo.git_dir / "info" / "exclude"
     try:
         if path.read_bytes() == text:

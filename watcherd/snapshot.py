@@ -134,19 +134,24 @@ def take(repo: Repo, mode: str = "shadow", cache: Cache | None = None) -> Snapsh
     Raises :class:`~watcherd.errors.WorkspaceError` when the workspace directory is gone,
     :class:`GitError` when git fails on watcherd's own repository (full disk, timeout).
     """
+    with repo.lock():
+        return take_locked(repo, mode, cache)
+
+
+def take_locked(repo: Repo, mode: str = "shadow", cache: Cache | None = None) -> Snapshot:
+    """:func:`take` for a caller that holds :meth:`Repo.lock` already (a rollback)."""
     cache = cache if cache is not None else Cache()
     started = time.monotonic()
-    with repo.lock():
-        _log.debug("snapshot.started", mode=mode)  # a trace of the save's steps, for post-mortems
-        if repo.pairing() is not None and not repo.paired_with(repo.workspace):
-            raise WorkspaceError(f"the history in {repo.dir} no longer belongs to "
-                                 f"{repo.workspace} (another process paired it with "
-                                 f"{repo.pairing().path}); restart watcherd")
-        layout = ws.locate(repo.workspace)
-        before = None
-        if mode == "branch" and layout.is_repository:
-            before = _commit_on_branch(repo, layout)
-        snap = _take(repo, layout, cache, before)
+    _log.debug("snapshot.started", mode=mode)  # a trace of the save's steps, for post-mortems
+    if repo.pairing() is not None and not repo.paired_with(repo.workspace):
+        raise WorkspaceError(f"the history in {repo.dir} no longer belongs to "
+                             f"{repo.workspace} (another process paired it with "
+                             f"{repo.pairing().path}); restart watcherd")
+    layout = ws.locate(repo.workspace)
+    before = None
+    if mode == "branch" and layout.is_repository:
+        before = _commit_on_branch(repo, layout)
+    snap = _take(repo, layout, cache, before)
     if snap.commit:
         _log.info("snapshot.committed", commit=snap.commit, files=snap.files, mode=mode,
                   head=snap.head, paths=list(snap.paths[:10]),

@@ -10,12 +10,19 @@ from __future__ import annotations
 
 import re
 from dataclasses import asdict, dataclass
-from datetime import datetime
-from typing import Any
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any
 
+from watcherd import log
 from watcherd import manifest as mf
+from watcherd.errors import WatcherdError
 from watcherd.git import Git
+from watcherd.units import parse_duration
 from watcherd.workspace import printable
+
+if TYPE_CHECKING:
+    from watcherd.generations import Generations
+    from watcherd.repo import Repo
 
 _SUBJECT = re.compile(r"watcherd: snapshot \((\d+) files\)")
 #: Paths listed per entry (a snapshot's message holds up to 50).
@@ -36,6 +43,15 @@ class Entry:
         doc["paths"] = list(self.paths)
         doc["checkpoints"] = list(self.checkpoints)
         return doc
+
+
+def parse_moment(text: str) -> datetime:
+    """A moment given as an RFC 3339 time (``2026-11-26T10:00:00Z``; naive is UTC) or as an age
+    (``"2h"``, ``"90m"``: that long ago). Raises :class:`ValueError`."""
+    try:
+        return datetime.now(UTC) - timedelta(seconds=parse_duration(text))
+    except ValueError:
+        return mf.parse_time(text)
 
 
 def read(git: Git, head: str, manifest: mf.Manifest | None, *, since: datetime | None = None,
@@ -83,3 +99,30 @@ def _entry(commit: tuple[str, str, int, tuple[str, ...]], generation: int | None
            labels: dict[str, list[str]]) -> Entry:
     oid, at, files, paths = commit
     return Entry(oid, at, files, paths, generation, tuple(labels.get(oid, ())))
+
+
+def report(repo: Repo, generations: Generations, *, since: datetime | None = None,
+           limit: int = 1000) -> dict[str, Any]:
+    """The timeline as ``watcherd log --json`` and ``GET /snapshots`` give it::
+
+        {"status": "ok", "key": str, "head": snapshot id | None,
+         "snapshots": [Entry.to_dict(), ...] (newest first),
+         "checkpoints": [{"name", "generation", "snapshot", "created_at", "note"}, ...],
+         "forked_from": {"key", "generation", "snapshot"} | None,
+         "store_error": str (only when the store could not be read: no generations then)}
+
+    Raises :class:`GitError` when watcherd's repository cannot be read."""
+    doc: dict[str, Any] = {"status": "ok", "key": generations.key}
+    try:
+        manifest, _ = generations.read_manifest()
+    except WatcherdError as exc:
+        manifest = None
+        doc["store_error"] = log.redact(str(exc))
+    head = repo.snapshot_head()
+    entries = read(repo.bare, head, manifest, since=since, limit=limit) if head else []
+    doc["head"] = head
+    doc["snapshots"] = [e.to_dict() for e in entries]
+    doc["checkpoints"] = [asdict(c) for c in (manifest.checkpoints if manifest else ())]
+    doc["forked_from"] = asdict(manifest.forked_from) if manifest and manifest.forked_from \
+        else None
+    return doc

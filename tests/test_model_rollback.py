@@ -1,0 +1,101 @@
+"""A model-based test of rollback in place: for every sequence of file operations, the user's
+git, snapshots and rollbacks, a rollback to a snapshot gives back exactly the state recorded when
+it was taken, and ``--undo`` gives back exactly the state the rollback started from.
+
+The workspace model's rules (files, ignore rules, the user's git, restarts) drive a real
+workspace; ``mark`` snapshots it and records its state with plain git; ``roll_back`` returns to
+a random mark and ``undo`` to where the last rollback started. What a rollback leaves as it is,
+by design, is left out of the comparison: files the rules ignored before the rollback (no
+snapshot holds them), and the user's git config (remotes, branch tracking), which stays theirs.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import precondition, rule
+from test_model_workspace import WorkspaceModel, recorded_state
+
+from watcherd import rollback, snapshot
+
+
+def ignored(path) -> set[str]:
+    out = subprocess.run(["git", "ls-files", "-z", "--others", "--ignored", "--exclude-standard"],
+                         cwd=path, capture_output=True).stdout
+    return {p.decode("utf-8", "surrogateescape") for p in out.split(b"\0") if p}
+
+
+def comparable(state: dict, leave_out: set[str]) -> dict:
+    """``state`` without what a rollback keeps as it is."""
+    state = dict(state)
+    state.pop("remotes")
+    state.pop("tracking")
+    state["files"] = {k: v for k, v in state["files"].items() if k not in leave_out}
+    state["status"] = "".join(
+        line for line in state["status"].splitlines(keepends=True)
+        if not line.startswith(("# branch.upstream", "# branch.ab"))
+        and not (line.startswith("? ") and line[2:].rstrip("\n") in leave_out))
+    return state
+
+
+class RollbackModel(WorkspaceModel):
+    """The workspace model, with snapshots to return to."""
+
+    marks: list
+
+    @rule()
+    def mark(self) -> None:
+        expected = recorded_state(self.ws)
+        snap = snapshot.take(self.repo, "shadow", self.cache)
+        if snap.snapshot_head is not None:
+            if not hasattr(self, "marks"):
+                self.marks = []
+            self.marks.append((snap.snapshot_head, expected))
+
+    @precondition(lambda self: getattr(self, "marks", None))
+    @rule(data=st.data())
+    def roll_back(self, data) -> None:
+        target, expected = data.draw(st.sampled_from(self.marks))
+        self._roll(rollback.Target(target, None, "mark"), expected)
+
+    @precondition(lambda self: getattr(self, "before_rollback", None) is not None)
+    @rule()
+    def undo(self) -> None:
+        undo, expected = self.before_rollback
+        self._roll(rollback.Target(undo, None, "--undo"), expected)
+
+    def _roll(self, target: rollback.Target, expected: dict) -> None:
+        leave_out = ignored(self.ws)
+        before = recorded_state(self.ws)
+        with self.repo.lock():
+            came_from = rollback.apply(self.repo, target, cache=self.cache)
+        self.before_rollback = (came_from, before)
+        assert comparable(recorded_state(self.ws), leave_out) == comparable(expected, leave_out)
+        assert not [p for p in os.listdir(self.ws) if p.startswith(".watcherd-")]
+        fsck = subprocess.run(["git", "fsck", "--no-progress", "--no-dangling"], cwd=self.ws,
+                              capture_output=True, text=True)
+        assert fsck.returncode == 0, fsck.stdout + fsck.stderr
+
+    # Restores are the workspace model's business; here they only slow the search down.
+    check_restore = None
+    save = None
+
+
+RollbackModel.TestCase.settings = settings(
+    max_examples=int(os.environ.get("WATCHERD_MODEL_EXAMPLES", "12")), stateful_step_count=25,
+    deadline=None, suppress_health_check=[HealthCheck.too_slow])
+test_every_sequence_rolls_back_to_exactly_the_state_recorded = RollbackModel.TestCase
+
+
+class LongRollbackModel(RollbackModel):
+    pass
+
+
+LongRollbackModel.TestCase.settings = settings(
+    max_examples=300, stateful_step_count=60, deadline=None,
+    suppress_health_check=[HealthCheck.too_slow])
+test_long_profile = pytest.mark.slow(pytest.mark.timeout(3600)(LongRollbackModel.TestCase))
