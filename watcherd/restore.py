@@ -37,7 +37,7 @@ from datetime import datetime
 from pathlib import Path
 
 from watcherd import bundle as bundles
-from watcherd import log, protocol, state
+from watcherd import log, protocol, rollback, state
 from watcherd import manifest as mf
 from watcherd.config import Config
 from watcherd.errors import (
@@ -78,31 +78,49 @@ class Request:
     generation: int | None = None
     before: datetime | None = None
     force: bool = False  # restore even while a daemon watches the workspace
+    checkpoint: str | None = None  # a checkpoint's name (time travel by label)
+    fork: bool = False  # the generations read are another key's: this one starts its own line
 
     @property
     def explicit(self) -> bool:
-        return self.generation is not None or self.before is not None
+        return self.generation is not None or self.before is not None or \
+            self.checkpoint is not None
 
 
-def restore(config: Config, generations: Generations, request: Request = Request()) -> Outcome:
-    """Run the restore decision for ``config.workspace.path``; raise on failure."""
+def restore(config: Config, generations: Generations, request: Request = Request(),
+            source: Generations | None = None) -> Outcome:
+    """Run the restore decision for ``config.workspace.path``; raise on failure.
+
+    ``source``: another key's generations to fork from (``--from-key``): the workspace gets that
+    key's state, and this key (which must hold nothing yet) starts its own line of history from
+    it, never writing the source.
+    """
     started = time.monotonic()
     ws = config.workspace.path
     _check_parent(ws)
     repo = open_repo(config)
     repo.ensure_dirs()
     _refuse_under_a_daemon(repo, ws, request)
+    if source is not None:
+        if generations.holds_anything():
+            raise UsageError(f"store.key {generations.key} already holds generations: fork into "
+                             "a new key, so neither line of history is mixed into the other")
+        request = Request(request.generation, request.before, request.force, request.checkpoint,
+                          fork=True)
     try:
+        rollback.recover(repo)  # a rollback killed half-way is finished first, as it would be
         _recover(repo, ws)
-        manifest = _read_manifest(generations)
+        manifest = _read_manifest(source or generations)
         if manifest is None:
             why = "nothing stored for this key"
+            if request.fork:
+                raise RestoreError(f"{source.where(source.key)}: {why}; nothing to fork from")
             if request.explicit:
                 raise RestoreError(f"{generations.where(generations.key)}: {why}; "
                                    "no generation to travel to")
             outcome = _on_missing(config, repo, generations, why)
         else:
-            outcome = _restore_stored(config, repo, generations, manifest, request)
+            outcome = _restore_stored(config, repo, source or generations, manifest, request)
     except OSError as exc:
         # A read-only or full disk is the usual cause: one line that names it, not a traceback.
         raise RestoreError(f"workspace.path {ws}: restore could not write "
@@ -166,6 +184,13 @@ def _read_manifest(generations: Generations) -> mf.Manifest | None:
 
 def _candidates(manifest: mf.Manifest, request: Request) -> list[mf.Generation]:
     gens = list(manifest.generations)
+    if request.checkpoint is not None:
+        label = manifest.checkpoint(request.checkpoint)
+        if label is None:
+            names = ", ".join(c.name for c in manifest.checkpoints) or "none"
+            raise UsageError(f"--checkpoint {request.checkpoint}: no such checkpoint (there are: "
+                             f"{names})")
+        return [g for g in gens if g.generation == label.generation]
     if request.generation is not None:
         chosen = manifest.find(request.generation)
         if chosen is None:
@@ -185,7 +210,7 @@ def _restore_stored(config: Config, repo: Repo, generations: Generations, manife
                     request: Request) -> Outcome:
     ws = config.workspace.path
     candidates = _candidates(manifest, request)
-    if _already_holds(repo, ws, candidates[0], exact=request.explicit):
+    if not request.fork and _already_holds(repo, ws, candidates[0], exact=request.explicit):
         return Outcome("skipped", candidates[0].generation,
                        detail="the workspace already holds this history")
     if config.restore.on_conflict == "fail" and ws.is_dir() and any(ws.iterdir()):
@@ -213,6 +238,11 @@ def _restore_stored(config: Config, repo: Repo, generations: Generations, manife
                            next="trying the generation before it" if gen is not candidates[-1]
                            else "no older generation left")
                 continue
+            if request.fork:
+                repo.record_fork(mf.Fork(generations.key, gen.generation, gen.snapshot))
+                _log.info("restore.forked", source_key=generations.key, generation=gen.generation,
+                          note="this key's history starts here as its own line")
+                return Outcome("forked", gen.generation, aside)
             repo.record_stored(gen.generation, gen.snapshot)
             if gen is not candidates[0]:
                 _log.warning("restore.fell_back", key=generations.key, generation=gen.generation,
