@@ -64,15 +64,17 @@ def make_workspace(path: Path) -> Path:
 
 def write_config(path: Path, *, workspace: Path, store: Path, key: str, listen: str,
                  token: str = "", watch: dict[str, str] | None = None,
-                 log_level: str = "info", state_dir: Path | None = None) -> Path:
+                 log_level: str = "info", state_dir: Path | None = None,
+                 store_options: dict[str, Any] | None = None) -> Path:
     """A daemon's config; its state directory is ``<config name>-state`` beside it unless given
-    (each pod has its own)."""
+    (each pod has its own). ``store_options``: more ``[store]`` keys (``{"keep": 2}``)."""
     timings = {**FAST, **(watch or {})}
     state_dir = state_dir or path.with_name(f"{path.stem}-state")
     lines = [
         "[workspace]", f'path = "{workspace}"', f'state_dir = "{state_dir}"', "",
         "[watch]", *(f'{k} = "{v}"' for k, v in timings.items()), "",
-        "[store]", f'url = "file://{store}"', f'key = "{key}"', "",
+        "[store]", f'url = "file://{store}"', f'key = "{key}"',
+        *(f"{k} = {json.dumps(v)}" for k, v in (store_options or {}).items()), "",
         "[control]", f'listen = "{listen}"', f'token = "{token}"', "",
         "[log]", f'level = "{log_level}"', 'format = "json"', "",
     ]
@@ -183,7 +185,8 @@ class Daemon:
     def __init__(self, base: Path, *, name: str = "d", workspace: Path | None = None,
                  store: Path | None = None, key: str = "acme/sandbox-1/main",
                  listen: str | None = None, token: str = "", watch: dict[str, str] | None = None,
-                 log_level: str = "info", state_dir: Path | None = None) -> None:
+                 log_level: str = "info", state_dir: Path | None = None,
+                 store_options: dict[str, Any] | None = None) -> None:
         self.base = base
         self.name = name
         self.workspace = workspace or make_workspace(base / f"{name}-ws")
@@ -195,7 +198,8 @@ class Daemon:
         self.state_dir = state_dir or base / f"{name}-state"
         self.config = write_config(base / f"{name}.toml", workspace=self.workspace,
                                    store=self.store, key=key, listen=self.listen, token=token,
-                                   watch=watch, log_level=log_level, state_dir=self.state_dir)
+                                   watch=watch, log_level=log_level, state_dir=self.state_dir,
+                                   store_options=store_options)
         self.proc: subprocess.Popen | None = None
         self.log: LogLines | None = None
         self.runs: list[tuple[LogLines, Path]] = []  # every run's log, for the teardown report
@@ -262,10 +266,11 @@ class Daemon:
     # -- the control endpoint --------------------------------------------------------------------
 
     def request(self, method: str, path: str, *, token: str | None = None,
-                timeout: float = 20.0) -> tuple[int, bytes]:
+                timeout: float = 20.0, body: Any = None) -> tuple[int, bytes]:
         host = "127.0.0.1"
-        req = urllib.request.Request(f"http://{host}:{self.port}{path}", method=method,
-                                     data=b"" if method == "POST" else None)
+        data = json.dumps(body).encode() if body is not None else \
+            (b"" if method == "POST" else None)
+        req = urllib.request.Request(f"http://{host}:{self.port}{path}", method=method, data=data)
         token = self.token if token is None else token
         if token:
             req.add_header("Authorization", f"Bearer {token}")
@@ -280,9 +285,10 @@ class Daemon:
         assert code == 200, (code, body)
         return json.loads(body)
 
-    def post(self, path: str) -> tuple[int, Any]:
-        code, body = self.request("POST", path)
-        return code, json.loads(body) if body else None
+    def post(self, path: str, body: Any = None) -> tuple[int, Any]:
+        """POST ``path`` (with ``body`` as JSON if given); (status, the JSON answer)."""
+        code, answer = self.request("POST", path, body=body)
+        return code, json.loads(answer) if answer else None
 
     def metrics(self) -> dict[str, float]:
         """Sample name -> value, parsed as Prometheus would."""

@@ -1,7 +1,8 @@
 """The control endpoint: a small HTTP server beside the daemon, and the client the CLI uses.
 
 ``GET /healthz``, ``GET /status`` (JSON), ``POST /snapshot``, ``POST /activity``, ``GET /metrics``
-(Prometheus text). The server runs in its own threads and reaches the daemon's event loop only
+(Prometheus text); checkpoints and rollback: ``POST /checkpoint``, ``GET /snapshots``,
+``POST /rollback`` (JSON in and out, see docs/operations.md). The server runs in its own threads and reaches the daemon's event loop only
 through an anyio blocking portal, so a slow scrape never stalls the watcher.
 
 Loopback by default; any other address requires ``control.token``, sent as
@@ -24,6 +25,7 @@ import sys
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -62,6 +64,12 @@ class DaemonAPI(Protocol):
     def activity(self) -> None: ...
 
     async def snapshot_now(self) -> dict[str, Any]: ...
+
+    async def checkpoint_now(self, name: str, note: str) -> dict[str, Any]: ...
+
+    async def snapshots(self, since: str | None) -> dict[str, Any]: ...
+
+    async def rollback_now(self, request: dict[str, Any]) -> dict[str, Any]: ...
 
 
 class DaemonNotRunning(WatcherdError):
@@ -203,7 +211,7 @@ def _handler(server: ControlServer) -> type[BaseHTTPRequestHandler]:
         timeout = READ_TIMEOUT  # socketserver applies it to every read and write
 
         def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
-            if not self._read_body():
+            if self._read_body() is None:
                 return None
             if self.path == "/healthz":
                 ok, why = server.call(server.api.healthy)
@@ -214,21 +222,41 @@ def _handler(server: ControlServer) -> type[BaseHTTPRequestHandler]:
                 return self._json(200, server.call(server.api.status))
             if self.path == "/metrics":
                 return self._send(200, generate_latest(server.registry), CONTENT_TYPE_LATEST)
+            path, _, query = self.path.partition("?")
+            if path == "/snapshots":
+                if not self._authorised():  # file names of the workspace: the token's to read
+                    return None
+                since = urllib.parse.parse_qs(query).get("since", [None])[0]
+                return self._answer(server.call(server.api.snapshots, since))
             return self._json(404, {"error": f"no such endpoint: GET {self.path}"})
 
         def do_POST(self) -> None:  # noqa: N802
-            if not self._read_body():
+            body = self._read_body()
+            if body is None:
                 return None
             if not self._authorised():
                 return None
+            if self.path in ("/checkpoint", "/rollback"):
+                try:
+                    doc = json.loads(body or b"{}")
+                    if not isinstance(doc, dict):
+                        raise ValueError("not an object")
+                except ValueError as exc:
+                    return self._json(400, {"status": "invalid",
+                                            "error": f"the body must be a JSON object ({exc})"})
+                if self.path == "/checkpoint":
+                    name, note = doc.get("name"), doc.get("note", "")
+                    if not isinstance(name, str) or not isinstance(note, str) or \
+                            set(doc) - {"name", "note"}:
+                        return self._json(400, {"status": "invalid",
+                                                "error": 'send {"name": "...", "note": "..."}'})
+                    return self._answer(server.call(server.api.checkpoint_now, name, note))
+                return self._answer(server.call(server.api.rollback_now, doc))
             if self.path == "/activity":
                 server.call(server.api.activity)
                 return self._send(204, b"", "text/plain")
             if self.path == "/snapshot":
-                result = server.call(server.api.snapshot_now)
-                code = {"saved": 200, "unchanged": 200, "conflict": 409,
-                        "shutting_down": 503}.get(result.get("status"), 500)
-                return self._json(code, result)
+                return self._answer(server.call(server.api.snapshot_now))
             return self._json(404, {"error": f"no such endpoint: POST {self.path}"})
 
         def _authorised(self) -> bool:
@@ -240,26 +268,32 @@ def _handler(server: ControlServer) -> type[BaseHTTPRequestHandler]:
             self._json(401, {"error": "missing or wrong bearer token (control.token)"})
             return False
 
-        def _read_body(self) -> bool:
-            """Read (and drop) the request's body, so the next request on the connection starts
-            where it should; False after refusing one that cannot be read safely."""
+        def _read_body(self) -> bytes | None:
+            """Read the request's body, so the next request on the connection starts where it
+            should; None after refusing one that cannot be read safely."""
             if self.headers.get("Transfer-Encoding") is not None:
                 return self._refuse(411, "send the body with a Content-Length, not chunked")
             lengths = self.headers.get_all("Content-Length") or []
             if not lengths:
-                return True
+                return b""
             if len(lengths) > 1 or not re.fullmatch(r"[0-9]{1,20}", lengths[0].strip()):
                 return self._refuse(400, "Content-Length must be one byte count")
             length = int(lengths[0])
             if length > MAX_BODY:
                 return self._refuse(413, f"request body of {length} bytes; at most {MAX_BODY}")
-            if length:
-                self.rfile.read(length)
-            return True
+            return self.rfile.read(length) if length else b""
 
-        def _refuse(self, code: int, why: str) -> bool:
+        def _refuse(self, code: int, why: str) -> None:
             self._json(code, {"error": why}, close=True)
-            return False
+            return None
+
+        def _answer(self, result: dict[str, Any]) -> None:
+            """A daemon operation's outcome, with the HTTP status its ``status`` field means."""
+            code = {"saved": 200, "unchanged": 200, "ok": 200, "rolled_back": 200,
+                    "invalid": 400, "conflict": 409, "refused": 409,
+                    "shutting_down": 503}.get(
+                result.get("status"), 500)
+            return self._json(code, result)
 
         def _json(self, code: int, doc: Any, close: bool = False) -> None:
             self._send(code, (json.dumps(doc, indent=2) + "\n").encode(), "application/json",
@@ -365,11 +399,26 @@ class ControlClient:
     def snapshot(self, timeout: float) -> tuple[int, dict[str, Any]]:
         return self._request("POST", "/snapshot", timeout=timeout)
 
-    def _request(self, method: str, path: str, timeout: float | None = None) -> tuple[int, Any]:
+    def checkpoint(self, name: str, note: str, timeout: float) -> tuple[int, dict[str, Any]]:
+        return self._request("POST", "/checkpoint", timeout=timeout,
+                             body={"name": name, "note": note})
+
+    def snapshots(self, since: str | None) -> tuple[int, dict[str, Any]]:
+        query = f"?{urllib.parse.urlencode({'since': since})}" if since else ""
+        return self._request("GET", f"/snapshots{query}")
+
+    def rollback(self, request: dict[str, Any], timeout: float) -> tuple[int, dict[str, Any]]:
+        return self._request("POST", "/rollback", timeout=timeout, body=request)
+
+    def _request(self, method: str, path: str, timeout: float | None = None,
+                 body: dict[str, Any] | None = None) -> tuple[int, Any]:
         if self.base is None:
             raise DaemonNotRunning('the control endpoint is off (control.listen = "")')
-        req = urllib.request.Request(self.base + path, method=method,
-                                     data=b"" if method == "POST" else None)
+        data = json.dumps(body).encode() if body is not None else \
+            (b"" if method == "POST" else None)
+        req = urllib.request.Request(self.base + path, method=method, data=data)
+        if body is not None:
+            req.add_header("Content-Type", "application/json")
         if self.config.token:
             req.add_header("Authorization", f"Bearer {self.config.token}")
         timeout = timeout or self.timeout

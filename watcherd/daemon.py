@@ -13,8 +13,10 @@ Kubernetes restarts it, never a half-alive daemon.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
+import select
 import signal
 import time
 from dataclasses import dataclass
@@ -26,7 +28,9 @@ import anyio
 import anyio.from_thread
 import anyio.to_thread
 
-from watcherd import __version__, log, snapshot
+from watcherd import __version__, log, rollback, snapshot, timeline
+from watcherd import manifest as mf
+from watcherd import workspace as wsp
 from watcherd import git as gitdoor
 from watcherd.config import Config
 from watcherd.control import ControlServer
@@ -35,6 +39,7 @@ from watcherd.errors import (
     ConflictError,
     PreconditionFailed,
     StoreUnavailable,
+    UsageError,
     WatcherdError,
     WorkspaceError,
 )
@@ -99,6 +104,7 @@ class Daemon:
         self._over = False  # the loop has ended: no new save can be waited for
         self._local_head: str | None = None  # the newest snapshot, as the last one reported it
         self._final_failure: str | None = None  # why the final save cannot succeed, if so
+        self._rolling_back = False
 
     # -- life ------------------------------------------------------------------------------------
 
@@ -135,6 +141,7 @@ class Daemon:
         s = self.cfg.store
         self.store = open_store(s)  # first: a store that cannot be opened is a config error
         self._daemon_lock = self.repo.hold_daemon_lock()
+        rollback.recover(self.repo)  # a rollback killed half-way: finished (or discarded) first
         snapshot.prepare(self.repo)
         self._abort_stale_uploads()
         self.generations = Generations(self.store, s.key,
@@ -515,6 +522,108 @@ class Daemon:
         await done.wait()
         return result
 
+    async def checkpoint_now(self, name: str, note: str) -> dict[str, Any]:
+        """Snapshot and save now, then label the generation that holds it ``name``."""
+        if not mf.CHECKPOINT_NAME.fullmatch(name):
+            return {"status": "invalid", "error": f"checkpoint name {wsp.printable(name)[:140]!r}: "
+                    "1 to 128 letters, digits, '.', '_' or '-', starting with a letter or digit"}
+        if len(note) > mf.MAX_NOTE:
+            return {"status": "invalid", "error": f"note: at most {mf.MAX_NOTE} characters"}
+        saved = await self.snapshot_now()
+        if saved.get("status") not in ("saved", "unchanged"):
+            return {**saved, "error": "not labelled: the state could not be saved: "
+                    f"{saved.get('error') or saved.get('status')}"}
+        if saved.get("generation") is None:
+            return {"status": "refused", "error": "nothing to label: the workspace is empty "
+                    "and nothing is stored"}
+        try:
+            label = await anyio.to_thread.run_sync(self.generations.label, saved["generation"],
+                                                   name, note)
+        except UsageError as exc:  # pruned meanwhile: a race with another writer
+            return {"status": "refused", "error": str(exc)}
+        except WatcherdError as exc:
+            return {"status": "failed", "error": log.redact(str(exc))}
+        return {"status": "ok", "checkpoint": label.name, "generation": label.generation,
+                "snapshot": label.snapshot, "created_at": label.created_at, "note": label.note}
+
+    async def snapshots(self, since: str | None) -> dict[str, Any]:
+        """The snapshot timeline (``watcherd log``): ``{"status", "key", "snapshots": [...],
+        "checkpoints": [...]}``, newest first; ``store_error`` when the store could not say which
+        generation holds what."""
+        try:
+            when = timeline.parse_moment(since) if since else None
+        except ValueError:
+            return {"status": "invalid", "error": f"since {wsp.printable(since or '')[:60]!r}: "
+                    "not a time (2026-11-26T10:00:00Z) or an age (\"2h\")"}
+        return await anyio.to_thread.run_sync(
+            functools.partial(timeline.report, self.repo, self.generations, since=when))
+
+    async def rollback_now(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Save the current state, put the workspace back to the state ``request`` names (see
+        :func:`watcherd.rollback.parse_request`), save that. One at a time."""
+        if self._signals or self._over:
+            return {"status": "shutting_down"}
+        try:
+            name, before, undo = rollback.parse_request(request)
+        except UsageError as exc:
+            return {"status": "invalid", "error": str(exc)}
+        if self._rolling_back:
+            return {"status": "refused", "error": "a rollback is already running"}
+        self._rolling_back = True
+        try:
+            return await self._rollback(name, before, undo)
+        except rollback.RollbackRefused as exc:
+            return {"status": "refused", "error": str(exc)}
+        except UsageError as exc:
+            return {"status": "invalid", "error": str(exc)}
+        except (WatcherdError, OSError) as exc:
+            _log.warning("rollback.failed", error=str(exc), kind=type(exc).__name__)
+            return {"status": "failed", "error": log.redact(str(exc))}
+        finally:
+            self._rolling_back = False
+
+    async def _rollback(self, name: str | None, before: Any, undo: bool) -> dict[str, Any]:
+        ws = self.cfg.workspace.path
+        rollback.refuse_read_only(ws)
+        manifest, _ = await anyio.to_thread.run_sync(self.generations.read_manifest)
+        target = await anyio.to_thread.run_sync(functools.partial(
+            rollback.resolve, self.repo, manifest, name, before=before, undo=undo))
+        await anyio.to_thread.run_sync(rollback.fetch_target, self.repo, self.generations,
+                                       manifest, target)
+        await anyio.to_thread.run_sync(lambda: rollback.check_quiet(wsp.locate(ws)))
+        saved = await self.snapshot_now()
+        if saved.get("status") not in ("saved", "unchanged"):
+            return {**saved, "error": "the rollback did not start: the current state could not be "
+                    f"saved first ({saved.get('error') or saved.get('status')})"}
+        # The watcher waits meanwhile; the events of the rollback's own writes are read and
+        # dropped before it goes on: they are not activity.
+        async with self._watch_lock:
+            try:
+                came_from = await anyio.to_thread.run_sync(self._apply_rollback, target)
+            finally:
+                await anyio.to_thread.run_sync(self._drop_own_events)
+        saved = await self.snapshot_now()
+        result = {"status": "rolled_back", "target": target.snapshot, "said": target.said,
+                  "undo": came_from, "generation": saved.get("generation"),
+                  "saved": saved.get("status")}
+        if saved.get("status") not in ("saved", "unchanged"):
+            result["error"] = f"rolled back, but not saved yet: {saved.get('error')}"
+        return result
+
+    def _apply_rollback(self, target: rollback.Target) -> str:
+        with self.repo.lock():
+            return rollback.apply(self.repo, target, mode=self.mode, cache=self.cache)
+
+    def _drop_own_events(self) -> None:
+        """Read what the watcher queued (the rollback's writes) without acting on it, then
+        re-walk: the git directory is a new one, its watches must be too."""
+        fd = self.watcher.fileno()
+        for _ in range(10_000):  # bounded: edits racing the rollback are found by the next save
+            if not select.select([fd], [], [], 0)[0]:
+                break
+            self.watcher.read()
+        self.watcher.resync()
+
     def status(self) -> dict[str, Any]:
         now_m, now_w = time.monotonic(), time.time()
         s = self.sched.status(now_m)
@@ -536,6 +645,7 @@ class Daemon:
             "oldest_unsaved_change_age_ms": age_ms(s.dirty_since),
             "snapshotting": s.snapshotting,
             "uploading": s.uploading,
+            "rolling_back": self._rolling_back,
             "last_snapshot": self.last_snapshot,
             "last_upload": self.last_upload,
             "pending_retries": {"upload": s.upload_failures, "snapshot": s.snapshot_failures,

@@ -17,9 +17,13 @@ from collections.abc import Sequence
 
 from watcherd import __version__, config, log
 from watcherd.cli import (
+    checkpoint_cmd,
     config_cmd,
+    export_cmd,
     list_cmd,
+    log_cmd,
     restore_cmd,
+    rollback_cmd,
     run_cmd,
     snapshot_cmd,
     status_cmd,
@@ -28,7 +32,8 @@ from watcherd.cli import (
 from watcherd.cli.common import CONFIG_OPTION, note
 from watcherd.errors import WatcherdError
 
-_COMMANDS = (run_cmd, restore_cmd, snapshot_cmd, status_cmd, list_cmd, verify_cmd, config_cmd)
+_COMMANDS = (run_cmd, restore_cmd, snapshot_cmd, status_cmd, list_cmd, verify_cmd, checkpoint_cmd,
+             log_cmd, rollback_cmd, export_cmd, config_cmd)
 
 
 def parser() -> argparse.ArgumentParser:

@@ -1,0 +1,413 @@
+"""Checkpoints, the timeline, rollback in place, fork and export, on the real daemon.
+
+The daemon runs as a process with real inotify and a local store; the commands run as a person
+or a platform would run them (the CLI, or the control endpoint's JSON routes). "The exact state"
+is the working tree's files (bytes, modes, links) and the user's git: HEAD, every ref, the index
+(stage, mode, blob of each entry) and the stash.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+from daemon_fixture import Daemon, run_cli, watcherd, write_config  # noqa: F401 (fixture)
+from helpers import git, store_files, tree_state, wait_for
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="inotify is Linux-only")
+
+
+def exact_state(ws: Path) -> dict:
+    """The workspace as a user sees it: files, HEAD, refs, index, stash."""
+    return {
+        "files": {k: v for k, v in tree_state(ws).items() if not k.startswith("node_modules")},
+        "head": git(ws, "symbolic-ref", "-q", "HEAD") if (ws / ".git").exists() else None,
+        "head_commit": git(ws, "rev-parse", "HEAD"),
+        "refs": git(ws, "for-each-ref", "--format=%(objectname) %(objecttype) %(refname)"),
+        "index": git(ws, "ls-files", "--stage"),
+        "stash": git(ws, "stash", "list", "--format=%H %s"),
+    }
+
+
+def busy_workspace(d: Daemon) -> None:
+    """A user's state with every kind of git state: a branch, a tag, a stash, a staged file, an
+    unstaged edit, an untracked file, an ignored directory."""
+    ws = d.workspace
+    git(ws, "branch", "feature")
+    git(ws, "tag", "-a", "v1", "-m", "release one")
+    (ws / "src" / "app.py").write_text("print('stashed')\n")
+    git(ws, "stash", "--quiet")
+    (ws / "staged.txt").write_text("staged\n")
+    git(ws, "add", "staged.txt")
+    (ws / "README.md").write_text("# app, edited\n")
+    (ws / "untracked.txt").write_text("mine\n")
+    (ws / "node_modules").mkdir()
+    (ws / "node_modules" / "dep.js").write_text("ignored\n")
+
+
+def edit_everything(d: Daemon) -> None:
+    """Change every part of that state."""
+    ws = d.workspace
+    git(ws, "add", "-A")
+    git(ws, "commit", "--quiet", "-m", "work")
+    git(ws, "checkout", "--quiet", "-b", "topic")
+    (ws / "src" / "app.py").write_text("print('rewritten')\n")
+    (ws / "src" / "new.py").write_text("x = 1\n")
+    os.symlink("new.py", ws / "src" / "link.py")
+    (ws / "untracked.txt").unlink()
+    git(ws, "branch", "-D", "feature")
+    git(ws, "tag", "v2")
+    git(ws, "stash", "drop", "--quiet")
+    (ws / "tool.sh").write_text("#!/bin/sh\n")
+    (ws / "tool.sh").chmod(0o755)
+    git(ws, "add", "tool.sh")
+
+
+def cli_json(d: Daemon, *args: str) -> dict:
+    r = run_cli(d.config, *args, "--json", timeout=120)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def test_checkpoint_edits_rollback_and_undo_each_give_back_the_exact_state(watcherd):
+    d = watcherd().start()
+    busy_workspace(d)
+    label = cli_json(d, "checkpoint", "before-refactor", "--note", "green tests")
+    assert label["status"] == "ok" and label["checkpoint"] == "before-refactor"
+    checkpointed = exact_state(d.workspace)
+    assert d.manifest()["checkpoints"][0]["name"] == "before-refactor"
+    assert d.manifest()["checkpoints"][0]["note"] == "green tests"
+
+    edit_everything(d)
+    d.settle()
+    edited = exact_state(d.workspace)
+    assert edited != checkpointed
+    activity_before = d.status()["last_activity_at"]
+    snapshots_before = len(d.snapshots())
+
+    back = cli_json(d, "rollback", "before-refactor")
+    assert back["status"] == "rolled_back" and back["target"] == label["snapshot"]
+    assert exact_state(d.workspace) == checkpointed
+    # Ignored files are no snapshot's: the rollback leaves them.
+    assert (d.workspace / "node_modules" / "dep.js").read_text() == "ignored\n"
+    # The rollback's own writes were not activity: no change was seen, no snapshot scheduled.
+    status = d.settle()
+    assert status["last_activity_at"] == activity_before
+    # The edited state and the rolled-back one, nothing else (the save before found the
+    # edited state saved already).
+    assert len(d.snapshots()) == snapshots_before + 1
+    assert d.manifest()["snapshot"] == d.snapshots()[0]
+    assert git(d.workspace, "fsck", "--no-progress", "--no-dangling") == ""
+
+    undone = cli_json(d, "rollback", "--undo")
+    assert undone["status"] == "rolled_back" and undone["target"] == back["undo"]
+    assert exact_state(d.workspace) == edited
+    d.settle()
+    assert d.stop() == 0
+
+
+def test_the_routes_speak_json_and_say_what_is_wrong(watcherd):
+    d = watcherd().start()
+    (d.workspace / "a.txt").write_text("a\n")
+    code, body = d.post("/checkpoint", {"name": "first", "note": "n"})
+    assert code == 200 and body["status"] == "ok" and body["generation"] >= 1
+    for bad in ({"name": "../x"}, {"name": ""}, {"name": "x" * 129}, {"name": 7},
+                {"name": "ok", "note": ["no"]}, {"name": "ok", "extra": 1}):
+        code, body = d.post("/checkpoint", bad)
+        assert code == 400 and body["status"] == "invalid", bad
+    code, body = d.request("POST", "/checkpoint", body=None)
+    assert code == 400
+    for bad in ({}, {"target": "first", "undo": True}, {"before": "yesterday-ish"},
+                {"target": 3}, {"undo": "yes"}, {"target": "first", "color": "red"}):
+        code, body = d.post("/rollback", bad)
+        assert code == 400 and body["status"] == "invalid", (bad, body)
+    code, body = d.post("/rollback", {"target": "no-such-label"})
+    assert code == 409 and body["status"] == "refused" and "first" in body["error"]
+    code, body = d.post("/rollback", {"undo": True})
+    assert code == 409 and "nothing to undo" in body["error"]
+
+    (d.workspace / "b.txt").write_text("b\n")
+    d.settle()
+    code, raw = d.request("GET", "/snapshots")
+    doc = json.loads(raw)
+    assert code == 200 and doc["status"] == "ok" and doc["key"] == d.key
+    newest, *older = doc["snapshots"]
+    assert newest["paths"] == ["b.txt"] and newest["files"] == 1
+    assert newest["generation"] == d.generation()
+    labelled = [e for e in doc["snapshots"] if e["checkpoints"]]
+    assert labelled[0]["checkpoints"] == ["first"] and "a.txt" in labelled[0]["paths"]
+    assert doc["checkpoints"][0]["name"] == "first"
+    code, raw = d.request("GET", "/snapshots?since=2999-01-01T00:00:00Z")
+    assert code == 200 and json.loads(raw)["snapshots"] == []
+    code, raw = d.request("GET", "/snapshots?since=soon")
+    assert code == 400
+    # The CLI gives the same timeline.
+    assert cli_json(d, "log")["snapshots"][0]["snapshot"] == newest["snapshot"]
+
+
+def test_a_rollback_is_refused_while_the_users_git_holds_a_lock_and_nothing_changes(watcherd):
+    d = watcherd().start()
+    cli_json(d, "checkpoint", "base")
+    (d.workspace / "src" / "app.py").write_text("print('later')\n")
+    d.settle()
+    before = exact_state(d.workspace)
+    lock = d.workspace / ".git" / "index.lock"
+    lock.write_text("")
+    r = run_cli(d.config, "rollback", "base")
+    assert r.returncode == 2, r.stderr
+    assert "index.lock" in r.stderr and "busy" in r.stderr
+    lock.unlink()
+    assert exact_state(d.workspace) == before
+    (d.workspace / ".git" / "rebase-merge").mkdir()
+    r = run_cli(d.config, "rollback", "base")
+    assert r.returncode == 2 and "rebase-merge" in r.stderr
+    (d.workspace / ".git" / "rebase-merge").rmdir()
+    assert run_cli(d.config, "rollback", "base").returncode == 0
+
+
+def test_a_rollback_during_continuous_edits_completes_and_keeps_what_was_written(watcherd):
+    d = watcherd().start()
+    label = cli_json(d, "checkpoint", "clean")
+    stop = threading.Event()
+    written: list[int] = []
+    notes = d.workspace / "notes"
+
+    def agent() -> None:
+        n = 0
+        while not stop.is_set():
+            notes.mkdir(exist_ok=True)
+            with open(notes / "log.txt", "a") as f:
+                f.write(f"{n}\n")
+            (notes / f"{n % 20}.txt").write_text(f"{n}\n")
+            written.append(n)
+            n += 1
+            stop.wait(0.003)
+
+    thread = threading.Thread(target=agent)
+    thread.start()
+    try:
+        wait_for(lambda: len(written) > 50, message="the agent to be writing")
+        code, body = d.post("/rollback", {"target": "clean"})
+    finally:
+        stop.set()
+        thread.join()
+    assert code == 200 and body["status"] == "rolled_back", body
+    # Nothing the agent wrote is lost: each line is in the snapshot --undo returns to (edits
+    # made while the rollback ran included), or was written after it, into the workspace.
+    saved = d.git("show", f"{body['undo']}:notes/log.txt").split()
+    assert saved == [str(n) for n in range(len(saved))] and len(saved) > 50
+    after = (notes / "log.txt").read_text().split() if (notes / "log.txt").exists() else []
+    assert saved + after == [str(n) for n in written]
+    # The files the checkpoint holds are exactly the checkpoint's.
+    for path in d.git("ls-tree", "-r", "--name-only", label["snapshot"]).splitlines():
+        blob = subprocess.run(["git", f"--git-dir={d.repo}", "cat-file", "blob",
+                               f"{label['snapshot']}:{path}"], capture_output=True, check=True)
+        assert (d.workspace / path).read_bytes() == blob.stdout
+    status = d.settle(timeout=30)
+    assert status["last_error"] is None
+    assert set(d.git("ls-tree", "-r", "--name-only", d.manifest()["snapshot"]).splitlines()) \
+        == {p for p in tree_state(d.workspace) if not (d.workspace / p).is_dir()}
+
+
+def test_fork_to_a_new_key_then_both_keys_move_forward_independently(watcherd, tmp_path):
+    a = watcherd(key="acme/app/main").start()
+    (a.workspace / "feature.py").write_text("v = 1\n")
+    label = cli_json(a, "checkpoint", "demo")
+    (a.workspace / "later.py").write_text("after the checkpoint\n")
+    a.settle()
+    source_before = {k: v for k, v in store_files(a.store).items() if k.startswith("acme/app/")}
+
+    fork_ws = tmp_path / "fork-ws"
+    b = watcherd(key="acme/app/experiment", workspace=fork_ws, store=a.store)
+    r = run_cli(b.config, "restore", "--from-key", "acme/app/main", "--checkpoint", "demo",
+                "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["action"] == "forked"
+    assert (fork_ws / "feature.py").read_text() == "v = 1\n"
+    assert not (fork_ws / "later.py").exists()
+    assert git(fork_ws, "rev-parse", "HEAD") == git(a.workspace, "rev-parse", "HEAD")
+
+    b.start()
+    (fork_ws / "experiment.py").write_text("try this\n")
+    (a.workspace / "main-only.py").write_text("main\n")
+    b.settle()
+    a.settle()
+    mb, ma = b.manifest(), a.manifest()
+    assert mb["forked_from"] == {"key": "acme/app/main", "generation": label["generation"],
+                                 "snapshot": label["snapshot"]}
+    assert "forked_from" not in ma
+    assert b.git("merge-base", "--is-ancestor", label["snapshot"], mb["snapshot"]) == ""
+    assert b.shown("experiment.py", mb["snapshot"]) == "try this"
+    assert b.shown("main-only.py", mb["snapshot"]) is None
+    assert a.shown("main-only.py", ma["snapshot"]) == "main"
+    assert a.shown("experiment.py", ma["snapshot"]) is None
+    # The fork only read the source key: what was there is still there, byte for byte.
+    source_now = store_files(a.store)
+    assert all(source_now[k] == v for k, v in source_before.items()
+               if not k.endswith("manifest.json"))
+    # A fork into a key that already holds generations is refused: histories never mix.
+    again = tmp_path / "again-ws"
+    c = watcherd(key="acme/app/experiment", workspace=again, store=a.store)
+    again.mkdir()
+    r = run_cli(c.config, "restore", "--from-key", "acme/app/main")
+    assert r.returncode == 2 and "already holds" in r.stderr
+    assert list(again.iterdir()) == []
+
+
+def test_export_is_cloned_by_plain_git_to_what_restore_gives(watcherd, tmp_path):
+    d = watcherd().start()
+    busy_workspace(d)
+    d.settle()
+    out = tmp_path / "app.bundle"
+    r = run_cli(d.config, "export", "--output", str(out))
+    assert r.returncode == 0, r.stderr
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "--quiet", str(out), str(clone)], check=True)
+    restored = tmp_path / "restored"
+    restored.mkdir()
+    d.restore_into(restored)
+    assert tree_state(clone) == tree_state(restored)
+    assert git(clone, "log", "-1", "--format=%s") == "watcherd: working state"
+    assert git(clone, "rev-parse", "HEAD^") == git(d.workspace, "rev-parse", "HEAD")
+    heads = git(clone, "ls-remote", str(out))
+    assert "refs/heads/feature" in heads and "refs/tags/v1" in heads and "refs/stash" in heads
+    # The same generation exports to the same bytes, to a file or to stdout.
+    streamed = subprocess.run([str(Path(sys.executable).with_name("watcherd")), "--config",
+                               str(d.config), "export", "-o", "-"], capture_output=True)
+    assert streamed.returncode == 0 and streamed.stdout == out.read_bytes()
+    # An unknown generation or checkpoint is a usage error and writes nothing.
+    missing = tmp_path / "none.bundle"
+    r = run_cli(d.config, "export", "--checkpoint", "nope", "-o", str(missing))
+    assert r.returncode == 2 and not missing.exists()
+
+
+def test_labelled_generations_survive_keep_and_keep_checkpoints_bounds_them(watcherd, tmp_path):
+    d = watcherd(store_options={"keep": 2, "keep_checkpoints": 2}).start()
+    (d.workspace / "v.txt").write_text("pinned\n")
+    pinned = cli_json(d, "checkpoint", "pinned")
+    for n in range(5):
+        (d.workspace / "v.txt").write_text(f"later {n}\n")
+        assert run_cli(d.config, "snapshot").returncode == 0
+    gens = [g["generation"] for g in d.manifest()["history"]] + [d.generation()]
+    assert pinned["generation"] in gens and len(gens) == 3
+    target = tmp_path / "back"
+    target.mkdir()
+    d.restore_into(target, "--checkpoint", "pinned")
+    assert (target / "v.txt").read_text() == "pinned\n"
+
+    cli_json(d, "checkpoint", "two")
+    (d.workspace / "v.txt").write_text("three\n")
+    cli_json(d, "checkpoint", "three")
+    names = [c["name"] for c in d.manifest()["checkpoints"]]
+    assert names == ["three", "two"]
+    (d.workspace / "v.txt").write_text("after\n")
+    assert run_cli(d.config, "snapshot").returncode == 0
+    kept = {g["generation"] for g in d.manifest()["history"]} | {d.generation()}
+    assert pinned["generation"] not in kept  # no longer pinned: keep pruned it
+
+
+def test_rollback_without_a_daemon_and_the_git_directorys_own_entries_kept(tmp_path):
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    git(ws, "init", "--quiet")
+    (ws / "a.txt").write_text("one\n")
+    git(ws, "add", "a.txt")
+    git(ws, "commit", "--quiet", "-m", "one")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep.txt").write_text("not watcherd's\n")
+    os.symlink(outside, ws / ".git" / "modules")  # an agent's planted link
+    hook = ws / ".git" / "hooks" / "pre-commit"
+    hook.write_text("#!/bin/sh\nexit 0\n")
+    config = write_config(tmp_path / "w.toml", workspace=ws, store=tmp_path / "store",
+                          key="solo/main", listen="")
+    assert run_cli(config, "checkpoint", "one").returncode == 0
+    (ws / "a.txt").write_text("two\n")
+    git(ws, "commit", "--quiet", "-am", "two")
+    git(ws, "config", "user.note", "set after the checkpoint")
+    r = run_cli(config, "rollback", "one")
+    assert r.returncode == 0, r.stderr
+    assert (ws / "a.txt").read_text() == "one\n"
+    assert git(ws, "log", "--format=%s") == "one"
+    # The user's config, hooks and planted link are theirs, kept as they are; nothing outside
+    # the workspace was touched or followed.
+    assert git(ws, "config", "user.note") == "set after the checkpoint"
+    assert hook.read_text() == "#!/bin/sh\nexit 0\n"
+    assert os.readlink(ws / ".git" / "modules") == str(outside)
+    assert (outside / "keep.txt").read_text() == "not watcherd's\n"
+    assert sorted(p.name for p in ws.iterdir()) == [".git", "a.txt"]
+    r = run_cli(config, "rollback", "--undo")
+    assert r.returncode == 0 and (ws / "a.txt").read_text() == "two\n"
+    assert git(ws, "log", "--format=%s") == "two\none"
+
+
+def test_a_rollback_killed_while_swapping_is_finished_by_the_next_run(tmp_path, monkeypatch):
+    from helpers import state_repo
+
+    from watcherd import rollback, snapshot
+
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    git(ws, "init", "--quiet")
+    (ws / "a.txt").write_text("one\n")
+    git(ws, "add", "a.txt")
+    git(ws, "commit", "--quiet", "-m", "one")
+    repo = state_repo(ws)
+    snapshot.prepare(repo)
+    first = snapshot.take(repo).snapshot_head
+    (ws / "a.txt").write_text("two\n")
+    git(ws, "commit", "--quiet", "-am", "two")
+    snapshot.take(repo)
+
+    def killed(root: Path, staging: str, old: str) -> None:
+        os.rename(root / ".git", root / old)  # the first rename, then the process dies
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(rollback, "_swap", killed)
+    with pytest.raises(KeyboardInterrupt), repo.lock():
+        rollback.apply(repo, rollback.Target(first, None, "test"))
+    assert not (ws / ".git").exists()
+    monkeypatch.undo()
+    rollback.recover(repo)
+    assert git(ws, "log", "--format=%s") == "one"
+    assert (ws / "a.txt").read_text() == "one\n"
+    assert sorted(p.name for p in ws.iterdir()) == [".git", "a.txt"]
+    assert not (repo.dir / rollback.JOURNAL).exists()
+
+
+def test_a_generation_no_longer_in_watchers_repository_is_fetched_from_the_store(tmp_path):
+    from watcherd import rollback, snapshot
+    from watcherd.generations import Generations
+    from watcherd.repo import Repo
+    from watcherd.store.local import LocalStore
+
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    git(ws, "init", "--quiet")
+    (ws / "a.txt").write_text("one\n")
+    git(ws, "add", "a.txt")
+    git(ws, "commit", "--quiet", "-m", "one")
+    generations = Generations(LocalStore(tmp_path / "store"), "k/main")
+    first = Repo(tmp_path / "state-1", "k/main", ws)
+    snapshot.prepare(first)
+    snapshot.take(first)
+    saved = generations.save(first)
+    expected = exact_state(ws)
+    # The state directory is lost (a new pod without its volume): a new history starts there.
+    (ws / "a.txt").write_text("two\n")
+    git(ws, "commit", "--quiet", "-am", "two")
+    repo = Repo(tmp_path / "state-2", "k/main", ws)
+    snapshot.prepare(repo)
+    snapshot.take(repo)
+    assert not repo.bare.has_commit(saved.snapshot)
+    manifest, _ = generations.read_manifest()
+    target = rollback.resolve(repo, manifest, str(saved.generation))
+    rollback.fetch_target(repo, generations, manifest, target)
+    with repo.lock():
+        rollback.apply(repo, target)
+    assert exact_state(ws) == expected
