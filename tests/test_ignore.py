@@ -133,6 +133,28 @@ def test_tracked_ignored_is_empty_without_a_repository_or_an_index(tmp_path: Pat
     assert ignore.tracked_ignored(repo, ws.locate(plain)) == frozenset()
 
 
+def test_after_an_index_change_only_the_paths_that_came_or_went_change_the_answer(
+        root: Path, repo: Repo) -> None:
+    # What the watcher does on each write of the user's index: the same answer as a full pass,
+    # without matching every tracked path against the rules again.
+    (root / "build" / "deep").mkdir(parents=True)
+    for name in ("build/deep/a.txt", "build/b.txt", "debug.log", "keep.log", "src.js", ":odd"):
+        (root / name).write_text("x")
+    git(root, "add", "src.js")
+    git(root, "add", "-f", "build/b.txt")
+    tracked = ignore.TrackedIgnored()
+    layout = ws.locate(root)
+    assert tracked.full(repo, layout) == {"build/b.txt"}
+    git(root, "--literal-pathspecs", "add", "-f", "build/deep/a.txt", "debug.log", "keep.log",
+        ":odd")
+    assert tracked.index_changed(repo, layout) == {"build/b.txt", "build/deep/a.txt", "debug.log"}
+    git(root, "rm", "-q", "--cached", "build/b.txt")
+    (root / "src.js").write_text("y")
+    git(root, "add", "src.js")  # the same paths: nothing to ask
+    assert tracked.index_changed(repo, layout) == {"build/deep/a.txt", "debug.log"}
+    assert tracked.index_changed(repo, layout) == ignore.tracked_ignored(repo, layout)
+
+
 def test_rules_are_replaced_whole_while_git_reads_them(root: Path, repo: Repo) -> None:
     # The watcher's thread (sync_rules) and a snapshot's (write_rules) both write watcherd's copy
     # of info/exclude while git children start and read it: a git that reads a half-written

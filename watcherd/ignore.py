@@ -30,7 +30,9 @@ from __future__ import annotations
 import os
 import select
 import subprocess
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
 
 import structlog
 
@@ -310,20 +312,115 @@ def sync_rules(repo: Repo, layout: ws.Layout) -> bool:
 def tracked_ignored(repo: Repo, layout: ws.Layout) -> frozenset[str]:
     """Paths of the user's index that the ignore rules match (force-added with ``git add -f``):
     git snapshots them although the rules say otherwise. Read from a copy of the index."""
+    return TrackedIgnored().full(repo, layout)
+
+
+class TrackedIgnored:
+    """:func:`tracked_ignored`, remembered between calls, so that a change of the user's index
+    alone costs what it changed.
+
+    Matching every path of the index against the rules is what costs: ~90 ms at 50,000 tracked
+    files (``ls-files --ignored``), for each ``git add`` or ``git status`` of the user's. Their
+    paths (``ls-files --cached``, ~8 ms) mostly stay the same; then the answer does too, and
+    only paths that came into the index are asked about. Only valid while the rules stay the
+    same: the caller calls :meth:`full` whenever they may have changed (a ``.gitignore``, the
+    exclude file), :meth:`index_changed` when only the index did.
+    """
+
+    # More new paths than this: one pass over the whole index is cheaper than asking each.
+    MAX_ASKED = 2000
+
+    def __init__(self) -> None:
+        self._paths: frozenset[bytes] | None = None
+        self._result: frozenset[str] = frozenset()
+        self._rules: bytes | None = None
+
+    def full(self, repo: Repo, layout: ws.Layout) -> frozenset[str]:
+        """Match every path of the user's index against the rules."""
+        self._paths = None
+        with _index_copy(repo, layout) as copy:
+            if copy is None:
+                self._result = frozenset()
+                return self._result
+            r = repo.git.run("ls-files", "-z", "--cached", "--ignored", "--exclude-standard",
+                             env={"GIT_INDEX_FILE": str(copy)}, check=False)
+            if r.returncode != 0:
+                self._result = frozenset()
+                return self._result
+            self._result = frozenset(_decode(p) for p in r.stdout.split(b"\0") if p)
+            self._paths = _paths(repo, copy)
+            self._rules = _rules(repo)
+        return self._result
+
+    def index_changed(self, repo: Repo, layout: ws.Layout) -> frozenset[str]:
+        """The same answer after a change of the user's index, the rules unchanged: paths that
+        left the index leave it, paths that came in are asked about (``check-ignore
+        --no-index``, which also says so of a path under an ignored directory)."""
+        if self._paths is None or self._rules != _rules(repo):
+            return self.full(repo, layout)
+        with _index_copy(repo, layout) as copy:
+            paths = _paths(repo, copy) if copy is not None else frozenset()
+        if paths is None:
+            return self.full(repo, layout)
+        came = paths - self._paths
+        if len(came) > self.MAX_ASKED:
+            return self.full(repo, layout)
+        result = self._result
+        if self._paths - paths:
+            gone = {_decode(p) for p in self._paths - paths}
+            result = frozenset(p for p in result if p not in gone)
+        if came:
+            r = repo.git.run("check-ignore", "--no-index", "--stdin", "-z",
+                             input=b"".join(p + b"\0" for p in sorted(came)),
+                             env={"GIT_LITERAL_PATHSPECS": "1"}, check=False)
+            if r.returncode not in (0, 1):  # a path in a submodule, beyond a symlink...
+                return self.full(repo, layout)
+            result = result | {_decode(p) for p in r.stdout.split(b"\0") if p}
+        self._paths, self._result = paths, result
+        return result
+
+
+@contextmanager
+def _index_copy(repo: Repo, layout: ws.Layout) -> Iterator[Path | None]:
+    """A copy of the user's index for git to read (git never reads the workspace's file), or
+    None when there is none. A scratch file: not fsynced, removed after use."""
     if layout.git_dir is None:
-        return frozenset()
+        yield None
+        return
     try:
         index = ws.read_file(layout.root, layout.git_dir / "index", ws.MAX_INDEX)
     except (FileNotFoundError, ws.Unsafe):
-        return frozenset()
+        yield None
+        return
     copy = repo.dir / "watch-index"
-    write_private(copy, index)
-    r = repo.git.run("ls-files", "-z", "--cached", "--ignored", "--exclude-standard",
-                     env={"GIT_INDEX_FILE": str(copy)}, check=False)
-    copy.unlink(missing_ok=True)
-    if r.returncode != 0:
-        return frozenset()
-    return frozenset(p.decode("utf-8", "surrogateescape") for p in r.stdout.split(b"\0") if p)
+    fd = os.open(copy, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW,
+                 0o660)
+    try:
+        os.write(fd, index)
+    finally:
+        os.close(fd)
+    try:
+        yield copy
+    finally:
+        copy.unlink(missing_ok=True)
+
+
+def _paths(repo: Repo, index: Path) -> frozenset[bytes] | None:
+    r = repo.git.run("ls-files", "-z", "--cached", env={"GIT_INDEX_FILE": str(index)},
+                     check=False)
+    return frozenset(p for p in r.stdout.split(b"\0") if p) if r.returncode == 0 else None
+
+
+def _rules(repo: Repo) -> bytes | None:
+    """watcherd's copy of the exclude file (the .gitignore files are the caller's to watch)."""
+    try:
+        return (repo.git_dir / "info" / "exclude").read_bytes()
+    except OSError:
+        return None
+
+
+def _decode(path: bytes) -> str:
+    return path.decode("utf-8", "surrogateescape")
 
 
 def _read(fd: int) -> bytes | None:

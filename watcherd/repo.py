@@ -53,6 +53,11 @@ _log = log.get(__name__)
 SNAPSHOT_REF = "refs/watcherd/snapshots"
 #: Above this many packs in watcherd's repository, a geometric repack merges the small ones.
 MAX_PACKS = 8
+# Files above 1 MiB are streamed by `git add` straight into a pack (bulk checkin) and never
+# delta-compressed: without it each big blob is written loose, then inflated, delta-searched and
+# deflated again by the repack before a bundle (100 MB of new files: the repack alone took 6.7 s
+# of a 9.7 s first save). Raw git's fastest way to save big files does the same.
+_REPO_OPTIONS = ("-c", "core.bigFileThreshold=1m")
 _FANOUT = tuple(f"{i:02x}" for i in range(256))
 # Pack files git reads; ".promisor" (lazy fetch) and ".keep" are of no use to a reader here.
 _PACK_SUFFIXES = (".pack", ".idx", ".rev", ".bitmap")
@@ -89,7 +94,7 @@ class Repo:
         self.objects_link = self.dir / "workspace-objects"
         self.identity = identity or Identity()
         self.git = Git(self.git_dir, home=self.home, work_tree=self.workspace,
-                       identity=self.identity)
+                       identity=self.identity, options=_REPO_OPTIONS)
         self.bare = self.git.with_work_tree(None)
         self._linked: dict[str, tuple] = {}
         self._format: str | None = None

@@ -226,6 +226,7 @@ class Judge:
         # Tracked paths the rules ignore (git add -f), and the directories that lead to them.
         self._forced: frozenset[str] = frozenset()
         self._forced_dirs: frozenset[str] = frozenset()
+        self._tracked = ignore.TrackedIgnored()
         self._watches: dict[Watch, Any] = {}  # what the backend's _add returned for each
         self._unwatched: set[str] = set()  # work dirs that should be watched but hit the limit
         self._limit_hits = 0  # "too many watches" answers so far
@@ -347,7 +348,7 @@ class Judge:
             log.warning("watch.git_dir_refused", problem=ws.printable(lay.problem),
                         note="the git state is not watched; the working tree still is")
         ignore.sync_rules(self._repo, lay)
-        self._set_forced(ignore.tracked_ignored(self._repo, lay))
+        self._set_forced(self._tracked.full(self._repo, lay))
 
     def _set_forced(self, forced: frozenset[str]) -> tuple[set[str], set[str]]:
         """Take a new set of force-added paths; the directories that start and stop leading to
@@ -470,7 +471,7 @@ class Judge:
     def _on_index_changed(self, found: Found) -> None:
         """Watch the directories that now lead to a force-added path, drop the ones that no
         longer do; the rest of the tree is not looked at."""
-        added, gone = self._set_forced(ignore.tracked_ignored(self._repo, self._layout))
+        added, gone = self._set_forced(self._tracked.index_changed(self._repo, self._layout))
         for rel in sorted(gone, key=len, reverse=True):
             if self._ignored(rel, True, found):
                 self._drop_work(rel, include_self=True)
