@@ -411,3 +411,43 @@ def test_a_generation_no_longer_in_watchers_repository_is_fetched_from_the_store
     with repo.lock():
         rollback.apply(repo, target)
     assert exact_state(ws) == expected
+
+
+def test_a_forced_rollback_never_follows_a_directory_swapped_for_a_link(tmp_path, monkeypatch):
+    from helpers import state_repo
+
+    from watcherd import rollback, snapshot
+
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    git(ws, "init", "--quiet")
+    (ws / "a.txt").write_text("one\n")
+    git(ws, "add", "a.txt")
+    git(ws, "commit", "--quiet", "-m", "one")
+    repo = state_repo(ws)
+    snapshot.prepare(repo)
+    first = snapshot.take(repo).snapshot_head
+    (ws / "dir").mkdir()
+    (ws / "dir" / "c.txt").write_text("the agent's\n")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "c.txt").write_text("not the workspace's\n")
+    taken = snapshot.take_locked
+
+    def then_swapped(*args, **kwargs):
+        snap = taken(*args, **kwargs)  # the undo snapshot holds dir/c.txt
+        (ws / "dir" / "c.txt").unlink()
+        (ws / "dir").rmdir()
+        os.symlink(outside, ws / "dir")  # ...and the agent swaps the directory for a link
+        return snap
+
+    monkeypatch.setattr(snapshot, "take_locked", then_swapped)
+    with repo.lock():
+        rollback.apply(repo, rollback.Target(first, None, "test"), attempts=1)  # forced at once
+    assert (outside / "c.txt").read_text() == "not the workspace's\n"
+    assert sorted(p.name for p in outside.iterdir()) == ["c.txt"]
+    # Nothing outside was read into watcherd's history either.
+    blob = git(tmp_path, "hash-object", "--stdin", input=b"not the workspace's\n")
+    assert repo.bare.run("cat-file", "-e", blob, check=False).returncode != 0
+    assert (ws / "a.txt").read_text() == "one\n"
+    assert not [p for p in os.listdir(ws) if p.startswith(".watcherd-")]

@@ -4,16 +4,17 @@ The state the workspace is left in is first snapshotted and saved (the caller do
 daemon, or the command standalone), so every rollback can itself be undone (``--undo``). Then,
 without moving the workspace directory (a dev server and an agent are running in it):
 
-* a new git directory is built beside ``.git`` from watcherd's own repository: the objects the
-  recorded state needs, its refs, HEAD, stash and index;
+* a new git directory is built in the state directory from watcherd's own repository: the
+  objects the recorded state needs, its refs, HEAD, stash and index;
 * under watcherd's lock, the state is snapshotted once more (the undo snapshot) and the working
   tree changed from its tree to the target's with one two-tree ``read-tree -m -u``: only files
   that differ are written, files the target lacks are removed, ignored files are not touched,
   and a file edited in between stops it before anything is written (snapshot again, retry);
-* the new git directory takes the place of ``.git`` in two renames, and the user's own entries
-  of the old one (config, hooks, ``info/``, submodules' repositories, LFS objects) are moved
-  into it, never read; all of it journalled in the state directory so a rerun after a crash
-  finishes it.
+* the new git directory is put beside ``.git`` and takes its place in two renames, and the
+  user's own entries of the old one (config, hooks, ``info/``, submodules' repositories, LFS
+  objects) are moved into it, never read; every step goes through descriptors opened with
+  ``O_NOFOLLOW`` (a link the agent plants is never followed out of the workspace), and all of
+  it is journalled in the state directory so a rerun after a crash finishes it.
 
 Refused while the user's git holds a lock (an ``index.lock``, a ref being written) or is in the
 middle of a rebase or merge: the user's git and a rollback must not both write the repository.
@@ -21,6 +22,7 @@ middle of a rebase or merge: the user's git and a rollback must not both write t
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -48,6 +50,7 @@ ATTEMPTS = 5  # snapshot-and-change pairs tried while files keep changing under 
 JOURNAL = "rollback.json"
 LAST = "last-rollback.json"
 TARGET_REF = "refs/watcherd/rollback-target"
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _OPERATIONS = ("rebase-merge", "rebase-apply", "MERGE_HEAD", "CHERRY_PICK_HEAD", "REVERT_HEAD")
 # The user's own entries of the git directory, kept as they are (moved, never read): config,
 # hooks, info/, submodules' repositories, LFS objects, linked worktrees' records.
@@ -89,6 +92,11 @@ def resolve(repo: Repo, manifest: mf.Manifest | None, name: str | None = None, *
     assert name is not None
     checkpoint = manifest.checkpoint(name) if manifest else None
     if checkpoint is not None:
+        gen = manifest.find(checkpoint.generation)
+        if gen is None or gen.snapshot != checkpoint.snapshot:
+            raise IntegrityError(f"checkpoint {name} names snapshot {checkpoint.snapshot[:12]}, "
+                                 f"which generation {checkpoint.generation} does not hold: the "
+                                 "manifest was altered")
         return Target(checkpoint.snapshot, checkpoint.generation, f"checkpoint {name}")
     if name.isdigit() and manifest is not None and (len(name) < 7 or manifest.find(int(name))):
         gen = manifest.find(int(name))
@@ -192,23 +200,27 @@ def apply(repo: Repo, target: Target, *, mode: str = "shadow",
     names = {part: f".watcherd-rollback-{token}.{part}" for part in ("git", "old", "rescue")}
     journal = {"staging": names["git"], "old": names["old"], "rescue": names["rescue"],
                "target": target.snapshot, "phase": "building"}
-    staging = layout.root / names["git"]
+    # Built in watcherd's own directory, where nothing of the agent's can redirect a write,
+    # then put into the workspace root through a descriptor (:func:`_place`).
+    staging = repo.spool / f"rollback-{token}.git"
     _journal(repo, journal)
     try:
         if s_commit is not None:
             _build_git_dir(repo, staging, s_commit, state.read(git, s_commit))
-        undo, seen = _update_files(repo, target, layout, mode, cache, attempts,
-                                   layout.root / names["rescue"])
+        undo, seen = _update_files(repo, target, layout, mode, cache, attempts, names["rescue"])
         if s_commit is not None:
             # The new index's stat data, from the files as they are now: no rehash by the
             # user's next git command.
             repo.git.run("update-index", "--refresh", "-q",
                          env={"GIT_INDEX_FILE": str(staging / "index")}, ok=(0, 1))
+            _place(staging, layout.root, names["git"])
     except BaseException:
         _remove(layout.root, names["git"])
         _remove(layout.root, names["rescue"])
         _journal(repo, None)
         raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     if s_commit is None:
         # A snapshot of a workspace that had no repository (or of an older watcherd): the
         # files go back, the git directory is left as it is.
@@ -242,7 +254,7 @@ def _git_state(layout: ws.Layout) -> ws.GitState | None:
 
 def _update_files(repo: Repo, target: Target, layout: ws.Layout, mode: str,
                   cache: snapshot.Cache, attempts: int,
-                  rescue: Path) -> tuple[str, ws.GitState | None]:
+                  rescue: str) -> tuple[str, ws.GitState | None]:
     """Snapshot, then change the working tree from that snapshot's tree to the target's;
     (the snapshot ``--undo`` returns to, the git state it saw).
 
@@ -291,12 +303,15 @@ def _record_last(repo: Repo, undo: str, target: Target) -> None:
 
 
 def _forced(repo: Repo, undo: str, target: Target, env: dict[str, str], root: Path,
-            rescue: Path) -> str:
+            rescue: str) -> str:
     """Change the files from ``undo``'s tree to the target's even if some were edited since
-    ``undo``, keeping those edits: each file about to change is hard-linked into ``rescue`` (in
-    the workspace root, ignored) before git replaces it; what the links hold afterwards that
-    ``undo`` does not is committed as one more snapshot on top of it. Returns that snapshot, or
-    ``undo`` when nothing was edited in between."""
+    ``undo``, keeping those edits: each file about to change is hard-linked into directory
+    ``rescue`` of the workspace root (ignored by the rules) before git replaces it; what the
+    links hold afterwards that ``undo`` does not is committed as one more snapshot on top of it.
+    Returns that snapshot, or ``undo`` when nothing was edited in between.
+
+    Every path is reached through directory descriptors opened with ``O_NOFOLLOW``: a directory
+    the agent swapped for a link is skipped, never followed out of the workspace."""
     git = repo.git
     raw = git.run("diff-tree", "-r", "-z", "--no-renames", f"{undo}^{{tree}}",
                   f"{target.snapshot}^{{tree}}").stdout
@@ -305,37 +320,83 @@ def _forced(repo: Repo, undo: str, target: Target, env: dict[str, str], root: Pa
     for meta, path in zip(fields[0::2], fields[1::2]):
         old_mode, _, old_oid, _, _ = meta.lstrip(b":").decode().split(" ")
         changes.append((path, old_mode, old_oid))
-    os.mkdir(rescue)
-    linked = []
-    for n, (path, old_mode, old_oid) in enumerate(changes):
-        full = root / os.fsdecode(path)
+    rfd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.mkdir(rescue, 0o700, dir_fd=rfd)
+        kfd = os.open(rescue, _DIR_FLAGS, dir_fd=rfd)
+    except BaseException:
+        os.close(rfd)
+        raise
+    try:
+        linked = []
+        for n, (path, old_mode, old_oid) in enumerate(changes):
+            if _link_aside(rfd, path, kfd, str(n), remove=set(old_oid) == {"0"}):
+                linked.append((path, old_mode, old_oid, str(n)))
+        git.run("read-tree", "--reset", "-u", f"{undo}^{{tree}}", f"{target.snapshot}^{{tree}}",
+                env=env)
+        kept = []
+        for path, old_mode, old_oid, name in linked:
+            mode, oid = _hash_at(repo, kfd, name)
+            if (mode, oid) != (old_mode, old_oid):
+                kept.append((mode, oid, path))
+    finally:
+        os.close(kfd)
         try:
-            st = os.lstat(full)
-            if stat.S_ISDIR(st.st_mode):
-                continue
-            os.link(full, rescue / str(n), follow_symlinks=False)
-        except FileNotFoundError:
-            continue
-        if set(old_oid) == {"0"}:
-            os.unlink(full)  # created since, where the target has a file: out of git's way
-        linked.append((path, old_mode, old_oid, rescue / str(n)))
-    git.run("read-tree", "--reset", "-u", f"{undo}^{{tree}}", f"{target.snapshot}^{{tree}}",
-            env=env)
-    kept = []
-    for path, old_mode, old_oid, link in linked:
-        st = os.lstat(link)
-        if stat.S_ISLNK(st.st_mode):
-            mode = "120000"
-            oid = repo.bare.out("hash-object", "-w", "--stdin", input=os.fsencode(os.readlink(link)))
-        else:
-            mode = "100755" if st.st_mode & 0o100 else "100644"
-            oid = repo.bare.out("hash-object", "-w", "--no-filters", "--", str(link))
-        if (mode, oid) != (old_mode, old_oid):
-            kept.append((mode, oid, path))
-    shutil.rmtree(rescue)
-    if not kept:
-        return undo
-    # One more snapshot: ``undo`` with the edits made while the rollback ran.
+            _remove_at(rfd, rescue)
+        finally:
+            os.close(rfd)
+    return _keep_edits(repo, undo, kept) if kept else undo
+
+
+
+def _link_aside(root_fd: int, path: bytes, dest_fd: int, name: str, *, remove: bool) -> bool:
+    """Hard-link work-tree file ``path`` as ``name`` in directory ``dest_fd``, every leading
+    directory opened without following links; with ``remove``, unlink the original (git must
+    write a file there). False when there is nothing (or only a directory) there, or a leading
+    directory is not a plain one."""
+    *dirs, leaf = path.split(b"/")
+    fd = os.dup(root_fd)
+    try:
+        for part in dirs:
+            nfd = os.open(part, _DIR_FLAGS, dir_fd=fd)
+            os.close(fd)
+            fd = nfd
+        st = os.stat(leaf, dir_fd=fd, follow_symlinks=False)
+        if stat.S_ISDIR(st.st_mode):
+            return False
+        os.link(leaf, name, src_dir_fd=fd, dst_dir_fd=dest_fd, follow_symlinks=False)
+        if remove:
+            os.unlink(leaf, dir_fd=fd)
+        return True
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:  # a leading directory is a link
+            return False
+        raise
+    finally:
+        os.close(fd)
+
+
+def _hash_at(repo: Repo, dir_fd: int, name: str) -> tuple[str, str]:
+    """(git mode, blob id) of entry ``name`` of ``dir_fd``, written into watcherd's
+    repository; read through a descriptor, never by path."""
+    st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    if stat.S_ISLNK(st.st_mode):
+        data = os.fsencode(os.readlink(name, dir_fd=dir_fd))
+        mode = "120000"
+    else:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                     dir_fd=dir_fd)
+        with os.fdopen(fd, "rb") as f:
+            data = f.read()
+        mode = "100755" if st.st_mode & 0o100 else "100644"
+    return mode, repo.bare.out("hash-object", "-w", "--stdin", input=data)
+
+
+def _keep_edits(repo: Repo, undo: str, kept: list[tuple[str, str, bytes]]) -> str:
+    """One more snapshot: ``undo``'s tree with the ``kept`` (mode, blob, path) entries, the same
+    git state; the snapshot history moves to it."""
     index = {"GIT_INDEX_FILE": str(repo.dir / f"rollback-rescue-index-{os.getpid()}")}
     try:
         repo.bare.run("read-tree", f"{undo}^{{tree}}", env=index)
@@ -356,6 +417,39 @@ def _forced(repo: Repo, undo: str, target: Target, env: dict[str, str], root: Pa
                  note="files edited while the rollback ran are kept in this snapshot; "
                       "`watcherd rollback --undo` returns to it")
     return commit
+
+
+def _place(src: Path, root: Path, name: str) -> None:
+    """Put git directory ``src`` (in the state directory) at ``name`` in the workspace root: a
+    rename on the same filesystem, else a copy whose every directory and file is created
+    through descriptors (``O_EXCL``, ``O_NOFOLLOW``), so a link planted meanwhile is never
+    written through."""
+    rfd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        if os.stat(src).st_dev == os.fstat(rfd).st_dev:
+            os.rename(src, name, dst_dir_fd=rfd)
+        else:
+            _copy_tree(src, rfd, name)
+    finally:
+        os.close(rfd)
+
+
+def _copy_tree(src: Path, parent_fd: int, name: str) -> None:
+    os.mkdir(name, 0o777, dir_fd=parent_fd)
+    fd = os.open(name, _DIR_FLAGS, dir_fd=parent_fd)
+    try:
+        for entry in os.scandir(src):
+            if entry.is_dir(follow_symlinks=False):
+                _copy_tree(Path(entry.path), fd, entry.name)
+                continue
+            mode = stat.S_IMODE(entry.stat(follow_symlinks=False).st_mode)
+            out = os.open(entry.name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW |
+                          os.O_CLOEXEC, 0o600, dir_fd=fd)
+            with open(entry.path, "rb") as f_in, os.fdopen(out, "wb") as f_out:
+                shutil.copyfileobj(f_in, f_out, 1 << 20)
+                os.fchmod(f_out.fileno(), mode)
+    finally:
+        os.close(fd)
 
 
 def run(repo: Repo, target: Target, save: Callable[[], object], *, mode: str = "shadow") -> str:
@@ -408,12 +502,12 @@ def recover(repo: Repo) -> None:
 
 
 def _build_git_dir(repo: Repo, staging: Path, s_commit: str, rec: state.Recorded) -> None:
-    """A new git directory at ``staging`` holding what state commit ``s_commit`` recorded: the
-    objects its refs, stash and index reach, the refs, HEAD, stash, and the index. Only watcherd
-    writes it, and git reads nothing of the user's while building it (the user's config,
-    hooks and ``info/`` are moved in at the swap)."""
+    """A new git directory at ``staging`` (in the state directory) holding what state commit
+    ``s_commit`` recorded: the objects its refs, stash and index reach, the refs, HEAD, stash,
+    and the index. git reads nothing of the user's while building it (the user's config, hooks
+    and ``info/`` are moved in at the swap)."""
     git = repo.bare
-    os.mkdir(staging, 0o777)  # fails if the name was planted: nothing is written through it
+    staging.mkdir(0o777)
     new = Git(staging, home=repo.home, identity=repo.identity)
     new.run("init", "--bare", "--quiet", "--template=", f"--object-format={repo.object_format()}",
             str(staging))
@@ -444,10 +538,8 @@ def _swap(root: Path, staging: str, old: str) -> None:
         if not _exists(rfd, old):
             return
         try:
-            ofd = os.open(old, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
-                          dir_fd=rfd)
-            nfd = os.open(".git", os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
-                          dir_fd=rfd)
+            ofd = os.open(old, _DIR_FLAGS, dir_fd=rfd)
+            nfd = os.open(".git", _DIR_FLAGS, dir_fd=rfd)
         except OSError:
             ofd = nfd = -1  # the old .git was a link or a file: nothing of it is kept
         try:
