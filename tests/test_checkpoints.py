@@ -146,8 +146,17 @@ def test_the_routes_speak_json_and_say_what_is_wrong(watcherd):
     assert code == 200 and json.loads(raw)["snapshots"] == []
     code, raw = d.request("GET", "/snapshots?since=soon")
     assert code == 400
-    # The CLI gives the same timeline.
+    # The CLI gives the same timeline; so does a machine with only the store (no state
+    # directory, no daemon): it reads the newest generation's history.
     assert cli_json(d, "log")["snapshots"][0]["snapshot"] == newest["snapshot"]
+    elsewhere = write_config(d.base / "laptop.toml", workspace=d.base / "laptop-ws",
+                             store=d.store, key=d.key, listen="")
+    r = run_cli(elsewhere, "log", "--json")
+    assert r.returncode == 0, r.stderr
+    remote = json.loads(r.stdout)
+    assert remote["source"] == "store"
+    assert [e["snapshot"] for e in remote["snapshots"]] == [e["snapshot"] for e in doc["snapshots"]]
+    assert remote["snapshots"][0]["generation"] == d.generation()
 
 
 def test_a_rollback_is_refused_while_the_users_git_holds_a_lock_and_nothing_changes(watcherd):

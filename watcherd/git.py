@@ -219,7 +219,7 @@ class Git:
                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                     stderr=subprocess.PIPE, start_new_session=True)
         except FileNotFoundError as exc:
-            raise GitError("git is not installed (no 'git' on PATH)") from exc
+            raise _not_started(cwd) from exc
         _register(proc)
         return proc
 
@@ -311,6 +311,13 @@ def _register(proc: subprocess.Popen) -> None:
             _live.discard(done)
 
 
+def _not_started(cwd: Path | None) -> GitError:
+    """Why git could not start: its directory is gone, or there is no git."""
+    if cwd is not None and not os.path.isdir(cwd):
+        return GitError(f"git cannot start in {cwd}: the directory does not exist")
+    return GitError("git is not installed (no 'git' on PATH)")
+
+
 def _communicate(argv: list[str], cwd: Path, env: dict[str, str], input: bytes | None,
                  timeout: float) -> tuple[int | None, bytes, bytes]:
     """Run one git child to its end, or kill its whole process group after ``timeout``.
@@ -323,7 +330,7 @@ def _communicate(argv: list[str], cwd: Path, env: dict[str, str], input: bytes |
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 start_new_session=True)
     except FileNotFoundError as exc:
-        raise GitError("git is not installed (no 'git' on PATH)") from exc
+        raise _not_started(cwd) from exc
     _register(proc)
     try:
         out, err = proc.communicate(input, timeout=timeout)

@@ -166,6 +166,8 @@ class Repo:
         try:
             text = (self.git_dir / SNAPSHOT_REF).read_text().strip()
         except FileNotFoundError:
+            if not (self.git_dir / "HEAD").exists():
+                return None  # no repository yet (a machine that never snapshotted this key)
             return self.bare.rev(SNAPSHOT_REF)
         except OSError:
             return self.bare.rev(SNAPSHOT_REF)

@@ -9,20 +9,23 @@ watcherd writes as ``watcherd: snapshot (N files)`` followed by the first change
 from __future__ import annotations
 
 import re
+import tempfile
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from watcherd import bundle as bundles
 from watcherd import log
 from watcherd import manifest as mf
 from watcherd.errors import WatcherdError
 from watcherd.git import Git
+from watcherd.repo import SNAPSHOT_REF, Repo
 from watcherd.units import parse_duration
 from watcherd.workspace import printable
 
 if TYPE_CHECKING:
     from watcherd.generations import Generations
-    from watcherd.repo import Repo
 
 _SUBJECT = re.compile(r"watcherd: snapshot \((\d+) files\)")
 #: Paths listed per entry (a snapshot's message holds up to 50).
@@ -106,12 +109,16 @@ def report(repo: Repo, generations: Generations, *, since: datetime | None = Non
     """The timeline as ``watcherd log --json`` and ``GET /snapshots`` give it::
 
         {"status": "ok", "key": str, "head": snapshot id | None,
+         "source": "state_dir" | "store" (where the history was read),
          "snapshots": [Entry.to_dict(), ...] (newest first),
          "checkpoints": [{"name", "generation", "snapshot", "created_at", "note"}, ...],
          "forked_from": {"key", "generation", "snapshot"} | None,
          "store_error": str (only when the store could not be read: no generations then)}
 
-    Raises :class:`GitError` when watcherd's repository cannot be read."""
+    Read from watcherd's repository in the state directory; where there is none (a machine
+    with only the store), from the newest generation's bundles, downloaded and checked like a
+    restore's. Raises :class:`GitError` when the history cannot be read, :class:`IntegrityError`
+    when the newest generation's bundles are corrupt."""
     doc: dict[str, Any] = {"status": "ok", "key": generations.key}
     try:
         manifest, _ = generations.read_manifest()
@@ -119,10 +126,30 @@ def report(repo: Repo, generations: Generations, *, since: datetime | None = Non
         manifest = None
         doc["store_error"] = log.redact(str(exc))
     head = repo.snapshot_head()
-    entries = read(repo.bare, head, manifest, since=since, limit=limit) if head else []
+    doc["source"] = "state_dir"
+    if head is not None:
+        entries = read(repo.bare, head, manifest, since=since, limit=limit)
+    elif manifest is not None:
+        head, doc["source"] = manifest.current.snapshot, "store"
+        with tempfile.TemporaryDirectory(prefix="watcherd-log-") as scratch:
+            git = _fetched(generations, manifest.current, Path(scratch))
+            entries = read(git, head, manifest, since=since, limit=limit)
+    else:
+        entries = []
     doc["head"] = head
     doc["snapshots"] = [e.to_dict() for e in entries]
     doc["checkpoints"] = [asdict(c) for c in (manifest.checkpoints if manifest else ())]
     doc["forked_from"] = asdict(manifest.forked_from) if manifest and manifest.forked_from \
         else None
     return doc
+
+
+def _fetched(generations: Generations, gen: mf.Generation, scratch: Path) -> Git:
+    """A bare repository in ``scratch`` holding generation ``gen``'s snapshot history."""
+    chain = generations.fetch(gen, scratch)
+    git = Git(scratch / "history.git", home=scratch)
+    git.run("init", "--bare", "--quiet", "--template=",
+            f"--object-format={bundles.object_format(chain[0])}", str(scratch / "history.git"))
+    for path in chain:
+        bundles.fetch_bundle(git, path, refspec=f"+{SNAPSHOT_REF}:{SNAPSHOT_REF}")
+    return git
