@@ -34,6 +34,16 @@ def exact_state(ws: Path) -> dict:
     }
 
 
+def one_commit(ws: Path) -> Path:
+    """A repository whose one commit ("one") holds ``a.txt``."""
+    ws.mkdir()
+    git(ws, "init", "--quiet")
+    (ws / "a.txt").write_text("one\n")
+    git(ws, "add", "a.txt")
+    git(ws, "commit", "--quiet", "-m", "one")
+    return ws
+
+
 def busy_workspace(d: Daemon) -> None:
     """A user's state with every kind of git state: a branch, a tag, a stash, a staged file, an
     unstaged edit, an untracked file, an ignored directory."""
@@ -321,12 +331,7 @@ def test_labelled_generations_survive_keep_and_keep_checkpoints_bounds_them(watc
 
 
 def test_rollback_without_a_daemon_and_the_git_directorys_own_entries_kept(tmp_path):
-    ws = tmp_path / "ws"
-    ws.mkdir()
-    git(ws, "init", "--quiet")
-    (ws / "a.txt").write_text("one\n")
-    git(ws, "add", "a.txt")
-    git(ws, "commit", "--quiet", "-m", "one")
+    ws = one_commit(tmp_path / "ws")
     outside = tmp_path / "outside"
     outside.mkdir()
     (outside / "keep.txt").write_text("not watcherd's\n")
@@ -360,12 +365,7 @@ def test_a_rollback_killed_while_swapping_is_finished_by_the_next_run(tmp_path, 
 
     from watcherd import rollback, snapshot
 
-    ws = tmp_path / "ws"
-    ws.mkdir()
-    git(ws, "init", "--quiet")
-    (ws / "a.txt").write_text("one\n")
-    git(ws, "add", "a.txt")
-    git(ws, "commit", "--quiet", "-m", "one")
+    ws = one_commit(tmp_path / "ws")
     repo = state_repo(ws)
     snapshot.prepare(repo)
     first = snapshot.take(repo).snapshot_head
@@ -395,12 +395,7 @@ def test_a_generation_no_longer_in_watchers_repository_is_fetched_from_the_store
     from watcherd.repo import Repo
     from watcherd.store.local import LocalStore
 
-    ws = tmp_path / "ws"
-    ws.mkdir()
-    git(ws, "init", "--quiet")
-    (ws / "a.txt").write_text("one\n")
-    git(ws, "add", "a.txt")
-    git(ws, "commit", "--quiet", "-m", "one")
+    ws = one_commit(tmp_path / "ws")
     generations = Generations(LocalStore(tmp_path / "store"), "k/main")
     first = Repo(tmp_path / "state-1", "k/main", ws)
     snapshot.prepare(first)
@@ -427,12 +422,7 @@ def test_a_forced_rollback_never_follows_a_directory_swapped_for_a_link(tmp_path
 
     from watcherd import rollback, snapshot
 
-    ws = tmp_path / "ws"
-    ws.mkdir()
-    git(ws, "init", "--quiet")
-    (ws / "a.txt").write_text("one\n")
-    git(ws, "add", "a.txt")
-    git(ws, "commit", "--quiet", "-m", "one")
+    ws = one_commit(tmp_path / "ws")
     repo = state_repo(ws)
     snapshot.prepare(repo)
     first = snapshot.take(repo).snapshot_head

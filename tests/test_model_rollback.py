@@ -15,10 +15,9 @@ import os
 import subprocess
 
 import pytest
-from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import precondition, rule
-from test_model_workspace import WorkspaceModel, recorded_state
+from test_model_workspace import BOUNDED, LONG, WorkspaceModel, recorded_state
 
 from watcherd import rollback, snapshot
 
@@ -85,9 +84,7 @@ class RollbackModel(WorkspaceModel):
     save = None
 
 
-RollbackModel.TestCase.settings = settings(
-    max_examples=int(os.environ.get("WATCHERD_MODEL_EXAMPLES", "12")), stateful_step_count=25,
-    deadline=None, suppress_health_check=[HealthCheck.too_slow])
+RollbackModel.TestCase.settings = BOUNDED
 test_every_sequence_rolls_back_to_exactly_the_state_recorded = RollbackModel.TestCase
 
 
@@ -95,7 +92,5 @@ class LongRollbackModel(RollbackModel):
     pass
 
 
-LongRollbackModel.TestCase.settings = settings(
-    max_examples=300, stateful_step_count=60, deadline=None,
-    suppress_health_check=[HealthCheck.too_slow])
+LongRollbackModel.TestCase.settings = LONG
 test_long_profile = pytest.mark.slow(pytest.mark.timeout(3600)(LongRollbackModel.TestCase))

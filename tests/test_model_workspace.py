@@ -237,9 +237,14 @@ class WorkspaceModel(RuleBasedStateMachine):
         shutil.rmtree(target)
 
 
-WorkspaceModel.TestCase.settings = settings(
+# The default run, bounded (WATCHERD_MODEL_EXAMPLES raises it), and the long profile (-m slow).
+BOUNDED = settings(
     max_examples=int(os.environ.get("WATCHERD_MODEL_EXAMPLES", "12")), stateful_step_count=25,
     deadline=None, suppress_health_check=[HealthCheck.too_slow])
+LONG = settings(max_examples=300, stateful_step_count=60, deadline=None,
+                suppress_health_check=[HealthCheck.too_slow])
+
+WorkspaceModel.TestCase.settings = BOUNDED
 test_every_sequence_restores_the_state_recorded_at_the_last_save = WorkspaceModel.TestCase
 
 
@@ -247,7 +252,5 @@ class LongWorkspaceModel(WorkspaceModel):
     pass
 
 
-LongWorkspaceModel.TestCase.settings = settings(
-    max_examples=300, stateful_step_count=60, deadline=None,
-    suppress_health_check=[HealthCheck.too_slow])
+LongWorkspaceModel.TestCase.settings = LONG
 test_long_profile = pytest.mark.slow(pytest.mark.timeout(3600)(LongWorkspaceModel.TestCase))

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from watcherd.errors import IntegrityError
+from watcherd.errors import IntegrityError, UsageError
 
 FORMAT = 2
 #: Formats this watcherd reads: 1 (one full bundle per generation) and 2 (a chain per generation).
@@ -134,6 +134,16 @@ class Manifest:
 
     def checkpoint(self, name: str) -> Checkpoint | None:
         return next((c for c in self.checkpoints if c.name == name), None)
+
+    def labelled(self, name: str) -> Generation:
+        """The generation checkpoint ``name`` labels. Raises :class:`UsageError` naming the
+        checkpoints there are when there is no such one."""
+        label = self.checkpoint(name)
+        gen = self.find(label.generation) if label else None
+        if gen is None:
+            names = ", ".join(c.name for c in self.checkpoints) or "none"
+            raise UsageError(f"--checkpoint {name}: no such checkpoint (there are: {names})")
+        return gen
 
     def find(self, generation: int) -> Generation | None:
         return next((g for g in self.generations if g.generation == generation), None)

@@ -400,6 +400,23 @@ class Repo:
 
     # -- forks and rollbacks -----------------------------------------------------------------------
 
+    def read_journal(self, name: str) -> dict | None:
+        """Journal ``name`` of this state directory (what a restore or a rollback was doing
+        when it was killed), None when there is none or it does not parse as an object."""
+        try:
+            doc = json.loads((self.dir / name).read_text())
+        except (OSError, ValueError):
+            return None
+        return doc if isinstance(doc, dict) else None
+
+    def write_journal(self, name: str, doc: dict | None) -> None:
+        """Write journal ``name`` whole (None: remove it, the operation is over)."""
+        path = self.dir / name
+        if doc is None:
+            path.unlink(missing_ok=True)
+        else:
+            _write_atomic(path, json.dumps(doc).encode())
+
     def forked_from(self) -> Fork | None:
         """Where the restored history came from, when it was forked from another key and not
         saved under this one yet."""

@@ -185,12 +185,7 @@ def _read_manifest(generations: Generations) -> mf.Manifest | None:
 def _candidates(manifest: mf.Manifest, request: Request) -> list[mf.Generation]:
     gens = list(manifest.generations)
     if request.checkpoint is not None:
-        label = manifest.checkpoint(request.checkpoint)
-        if label is None:
-            names = ", ".join(c.name for c in manifest.checkpoints) or "none"
-            raise UsageError(f"--checkpoint {request.checkpoint}: no such checkpoint (there are: "
-                             f"{names})")
-        return [g for g in gens if g.generation == label.generation]
+        return [manifest.labelled(request.checkpoint)]
     if request.generation is not None:
         chosen = manifest.find(request.generation)
         if chosen is None:

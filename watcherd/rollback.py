@@ -203,7 +203,7 @@ def apply(repo: Repo, target: Target, *, mode: str = "shadow",
     # Built in watcherd's own directory, where nothing of the agent's can redirect a write,
     # then put into the workspace root through a descriptor (:func:`_place`).
     staging = repo.spool / f"rollback-{token}.git"
-    _journal(repo, journal)
+    repo.write_journal(JOURNAL, journal)
     try:
         if s_commit is not None:
             _build_git_dir(repo, staging, s_commit, state.read(git, s_commit))
@@ -217,14 +217,14 @@ def apply(repo: Repo, target: Target, *, mode: str = "shadow",
     except BaseException:
         _remove(layout.root, names["git"])
         _remove(layout.root, names["rescue"])
-        _journal(repo, None)
+        repo.write_journal(JOURNAL, None)
         raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     if s_commit is None:
         # A snapshot of a workspace that had no repository (or of an older watcherd): the
         # files go back, the git directory is left as it is.
-        _journal(repo, None)
+        repo.write_journal(JOURNAL, None)
         _log.warning("rollback.done", target=target.snapshot, said=target.said, undo=undo,
                      git_state="left as it is: the target recorded none",
                      note="the files are back to that state; `watcherd rollback --undo` returns")
@@ -237,9 +237,9 @@ def apply(repo: Repo, target: Target, *, mode: str = "shadow",
                      note="the user's git wrote during the rollback; that state is snapshot "
                           f"{kept}: `watcherd rollback {(kept or '')[:12]}` returns to it")
     journal["phase"] = "swapping"
-    _journal(repo, journal)
+    repo.write_journal(JOURNAL, journal)
     _swap(layout.root, journal["staging"], journal["old"])
-    _journal(repo, None)
+    repo.write_journal(JOURNAL, None)
     _log.warning("rollback.done", target=target.snapshot, said=target.said, undo=undo,
                  note="the workspace is back to that state; `watcherd rollback --undo` returns")
     return undo
@@ -477,14 +477,16 @@ def recover(repo: Repo) -> None:
     """Finish (or discard) what a killed rollback left, as its journal says: once the working
     tree was changed (phase ``swapping``) the new git directory is put in place, else the
     half-built one goes and the workspace keeps its git directory."""
+    journal = repo.read_journal(JOURNAL)
+    if journal is None:
+        return
     try:
-        journal = json.loads((repo.dir / JOURNAL).read_text())
         staging, old, rescue = journal["staging"], journal["old"], journal["rescue"]
         names_ok = all(isinstance(n, str) and
                        re.fullmatch(r"\.watcherd-rollback-[0-9a-f]+\.(git|old|rescue)", n)
                        for n in (staging, old, rescue))
-    except (OSError, ValueError, KeyError, TypeError):
-        return
+    except (KeyError, TypeError):
+        names_ok = False
     if names_ok:
         _remove(repo.workspace, rescue)
         if journal.get("phase") == "swapping":
@@ -498,7 +500,7 @@ def recover(repo: Repo) -> None:
                          note="a rollback was killed before it changed the git directory; some "
                               "files may already be the target's: run it again, or "
                               "`watcherd rollback --undo`")
-    _journal(repo, None)
+    repo.write_journal(JOURNAL, None)
 
 
 def _build_git_dir(repo: Repo, staging: Path, s_commit: str, rec: state.Recorded) -> None:
@@ -583,14 +585,6 @@ def _remove(root: Path, name: str) -> None:
         _remove_at(rfd, name)
     finally:
         os.close(rfd)
-
-
-def _journal(repo: Repo, doc: dict | None) -> None:
-    path = repo.dir / JOURNAL
-    if doc is None:
-        path.unlink(missing_ok=True)
-    else:
-        write_private(path, json.dumps(doc).encode())
 
 
 def refuse_read_only(root: Path) -> None:

@@ -58,12 +58,7 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
                 raise UsageError(f"--generation {args.generation} is not in the store "
                                  f"(kept: {have})")
         elif args.checkpoint is not None:
-            label = manifest.checkpoint(args.checkpoint)
-            if label is None:
-                names = ", ".join(c.name for c in manifest.checkpoints) or "none"
-                raise UsageError(f"--checkpoint {args.checkpoint}: no such checkpoint (there "
-                                 f"are: {names})")
-            gen = manifest.find(label.generation)
+            gen = manifest.labelled(args.checkpoint)
         with tempfile.TemporaryDirectory(prefix="watcherd-export-") as scratch:
             if args.output == "-":
                 done = export.export(generations, gen, sys.stdout.buffer, Path(scratch))
