@@ -295,6 +295,7 @@ def test_export_is_cloned_by_plain_git_to_what_restore_gives(watcherd, tmp_path)
     assert git(clone, "rev-parse", "HEAD^") == git(d.workspace, "rev-parse", "HEAD")
     heads = git(clone, "ls-remote", str(out))
     assert "refs/heads/feature" in heads and "refs/tags/v1" in heads and "refs/stash" in heads
+    assert "refs/watcherd" not in heads  # the history (and its recorded config) stays home
     # The same generation exports to the same bytes, to a file or to stdout.
     streamed = subprocess.run([str(Path(sys.executable).with_name("watcherd")), "--config",
                                str(d.config), "export", "-o", "-"], capture_output=True)
@@ -360,31 +361,41 @@ def test_rollback_without_a_daemon_and_the_git_directorys_own_entries_kept(tmp_p
     assert git(ws, "log", "--format=%s") == "two\none"
 
 
-def test_a_rollback_killed_while_swapping_is_finished_by_the_next_run(tmp_path, monkeypatch):
+@pytest.mark.parametrize("step", ["exchanged", "renamed"])
+def test_a_rollback_killed_while_swapping_is_finished_by_the_next_run(tmp_path, monkeypatch, step):
     from helpers import state_repo
 
-    from watcherd import rollback, snapshot
+    from watcherd import dirfd, rollback, snapshot
 
     ws = one_commit(tmp_path / "ws")
+    git(ws, "config", "user.note", "the user's")
     repo = state_repo(ws)
     snapshot.prepare(repo)
     first = snapshot.take(repo).snapshot_head
     (ws / "a.txt").write_text("two\n")
     git(ws, "commit", "--quiet", "-am", "two")
+    two = git(ws, "rev-parse", "HEAD")
     snapshot.take(repo)
 
-    def killed(root: Path, staging: str, old: str) -> None:
-        os.rename(root / ".git", root / old)  # the first rename, then the process dies
+    def killed(root: Path, journal: dict) -> None:
+        # One step of the swap (the exchange, or the first of the two renames), then the
+        # process dies.
+        with dirfd.opened(root) as rfd:
+            if step == "exchanged":
+                assert dirfd.exchange(rfd, journal["staging"], ".git")
+            else:
+                os.rename(".git", journal["old"], src_dir_fd=rfd, dst_dir_fd=rfd)
         raise KeyboardInterrupt
 
     monkeypatch.setattr(rollback, "_swap", killed)
     with pytest.raises(KeyboardInterrupt), repo.lock():
         rollback.apply(repo, rollback.Target(first, None, "test"))
-    assert not (ws / ".git").exists()
     monkeypatch.undo()
     rollback.recover(repo)
     assert git(ws, "log", "--format=%s") == "one"
     assert (ws / "a.txt").read_text() == "one\n"
+    assert git(ws, "config", "user.note") == "the user's"  # the user's config came back
+    assert git(ws, "cat-file", "-t", two) == "commit"  # and so did their objects
     assert sorted(p.name for p in ws.iterdir()) == [".git", "a.txt"]
     assert not (repo.dir / rollback.JOURNAL).exists()
 
@@ -450,3 +461,178 @@ def test_a_forced_rollback_never_follows_a_directory_swapped_for_a_link(tmp_path
     assert repo.bare.run("cat-file", "-e", blob, check=False).returncode != 0
     assert (ws / "a.txt").read_text() == "one\n"
     assert not [p for p in os.listdir(ws) if p.startswith(".watcherd-")]
+
+
+# -- what an agent in the workspace (or a careless user) can do to a rollback ---------------------
+
+
+def library_workspace(tmp_path: Path):
+    """A workspace with one commit, watcherd's repository for it, and its first snapshot."""
+    from helpers import state_repo
+
+    from watcherd import snapshot
+
+    ws = one_commit(tmp_path / "ws")
+    repo = state_repo(ws)
+    snapshot.prepare(repo)
+    return ws, repo, snapshot.take(repo).snapshot_head
+
+
+def roll(repo, snapshot_id: str, **kwargs) -> str:
+    from watcherd import rollback
+
+    with repo.lock():
+        return rollback.apply(repo, rollback.Target(snapshot_id, None, "test"), **kwargs)
+
+
+def test_names_planted_beside_git_never_wedge_a_rollback_or_the_next_start(tmp_path, monkeypatch):
+    from watcherd import dirfd, rollback, snapshot
+
+    ws, repo, first = library_workspace(tmp_path)
+    (ws / "a.txt").write_text("two\n")
+    snapshot.take(repo)
+    placed = dirfd.place
+
+    def and_planted(src, dir_fd, name):
+        placed(src, dir_fd, name)
+        # The agent sees the staged name and plants every name it could derive from it.
+        token = name.split("-")[-1].split(".")[0]
+        for kind in ("old", "rescue", "git-2"):
+            (ws / f".watcherd-rollback-{token}.{kind}").mkdir()
+            (ws / f".watcherd-rollback-{token}.{kind}" / "mine").write_text("x")
+
+    monkeypatch.setattr(dirfd, "place", and_planted)
+    roll(repo, first)
+    assert (ws / "a.txt").read_text() == "one\n" and git(ws, "log", "--format=%s") == "one"
+    # A journal that cannot be acted on is reported, never raised into the daemon's start.
+    monkeypatch.undo()
+    repo.write_journal(rollback.JOURNAL, {"staging": ".watcherd-rollback-00.git",
+                                          "old": ".watcherd-rollback-01.old",
+                                          "rescue": ".watcherd-rollback-02.rescue",
+                                          "phase": "swapping", "new": [1, 2]})
+    (ws / ".watcherd-rollback-00.git").mkdir()
+
+    def broken(root, journal):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(rollback, "_swap", broken)
+    rollback.recover(repo)  # logs rollback.recovery_failed
+
+
+def test_a_rollback_never_overwrites_files_the_rules_ignore(tmp_path):
+    from watcherd import rollback, snapshot
+
+    ws, repo, _ = library_workspace(tmp_path)
+    (ws / ".env").write_text("TEMPLATE=1\n")
+    (ws / "data").write_text("a tracked file\n")
+    git(ws, "add", ".env", "data")
+    git(ws, "commit", "--quiet", "-m", "template")
+    tracked = snapshot.take(repo).snapshot_head
+    # Later: .env and data/ are ignored, and hold what no snapshot keeps.
+    git(ws, "rm", "--cached", "--quiet", ".env", "data")
+    (ws / ".gitignore").write_text(".env\ndata/\n")
+    (ws / ".env").write_text("SECRET=hunter2\n")
+    (ws / "data").unlink()
+    (ws / "data").mkdir()
+    (ws / "data" / "app.db").write_bytes(b"\x00rows")
+    git(ws, "add", ".gitignore")
+    git(ws, "commit", "--quiet", "-m", "ignore them")
+    snapshot.take(repo)
+    before = tree_state(ws)
+    with pytest.raises(rollback.RollbackRefused, match=r"ignored.*\.env.*data"):
+        roll(repo, tracked)
+    assert tree_state(ws) == before
+    assert git(ws, "log", "-1", "--format=%s") == "ignore them"
+
+
+def test_a_rollback_keeps_the_users_reflogs_and_every_object_their_git_holds(tmp_path):
+    ws, repo, first = library_workspace(tmp_path)
+    (ws / "a.txt").write_text("two\n")
+    git(ws, "commit", "--quiet", "-am", "two")
+    lost = git(ws, "rev-parse", "HEAD")
+    git(ws, "reset", "--quiet", "--hard", "HEAD~1")  # "two" is reachable from the reflog only
+    from watcherd import snapshot
+
+    snapshot.take(repo)
+    roll(repo, first)
+    assert git(ws, "cat-file", "-t", lost) == "commit"
+    assert lost in git(ws, "reflog", "--format=%H")
+    assert git(ws, "rev-parse", "ORIG_HEAD") == lost
+    assert git(ws, "fsck", "--no-progress", "--no-dangling") == ""
+
+
+def test_edits_an_interrupted_forced_rollback_had_linked_aside_are_kept(
+        tmp_path, monkeypatch):
+    from watcherd import rollback, snapshot
+
+    ws, repo, first = library_workspace(tmp_path)
+    (ws / "a.txt").write_text("two\n")
+    snapshot.take(repo)
+    taken = snapshot.take_locked
+
+    def then_edited(*args, **kwargs):
+        snap = taken(*args, **kwargs)
+        (ws / "a.txt").write_text("written while the rollback ran\n")
+        return snap
+
+    kept_edits, calls = rollback._kept_edits, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:  # after git changed the files, before the edits were kept
+            raise KeyboardInterrupt
+        return kept_edits(*args, **kwargs)
+
+    monkeypatch.setattr(snapshot, "take_locked", then_edited)
+    monkeypatch.setattr(rollback, "_kept_edits", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        roll(repo, first, attempts=1)
+    head = repo.snapshot_head()
+    assert sgit_show(repo, head, "a.txt") == "written while the rollback ran\n"
+    assert not [p for p in os.listdir(ws) if p.startswith(".watcherd-")]
+
+
+def sgit_show(repo, commit: str, path: str) -> str:
+    return repo.bare.run("show", f"{commit}:{path}").stdout.decode()
+
+
+def test_the_lock_check_never_walks_out_of_the_workspace(tmp_path):
+    from watcherd import rollback
+    from watcherd import workspace as wsp
+
+    ws, repo, first = library_workspace(tmp_path)
+    outside = tmp_path / "outside"
+    (outside / "heads").mkdir(parents=True)
+    (outside / "heads" / "main.lock").write_text("")
+    os.rename(ws / ".git" / "refs", tmp_path / "real-refs")
+    os.symlink(outside, ws / ".git" / "refs")
+    rollback.check_quiet(wsp.locate(ws))  # the link is not followed: no lock is found there
+
+
+def test_a_git_file_or_a_linked_git_directory_is_refused_and_left_as_it_is(tmp_path):
+    from watcherd import rollback
+
+    ws, repo, first = library_workspace(tmp_path)
+    os.rename(ws / ".git", tmp_path / "elsewhere.git")
+    (ws / ".git").write_text(f"gitdir: {tmp_path / 'elsewhere.git'}\n")
+    with pytest.raises(rollback.RollbackRefused, match="gitdir"):
+        roll(repo, first)
+    assert (ws / ".git").read_text().startswith("gitdir:")
+    (ws / ".git").unlink()
+    os.symlink(tmp_path / "elsewhere.git", ws / ".git")
+    with pytest.raises(rollback.RollbackRefused, match="link"):
+        roll(repo, first)
+    assert (ws / ".git").is_symlink()
+
+
+def test_file_names_with_control_characters_neither_break_nor_forge_the_timeline(tmp_path):
+    from watcherd import snapshot, timeline
+
+    ws, repo, _ = library_workspace(tmp_path)
+    for name in ("evil\x01name", "z\nREADME.md", "cr\rname", "\n... and 3 more"):
+        (ws / name).write_text("x")
+    snapshot.take(repo)
+    [newest, _] = timeline.read(repo.bare, repo.snapshot_head(), None)
+    assert newest.files == 4
+    assert sorted(newest.paths) == sorted(["\\n... and 3 more", "cr\\rname", "evil\\x01name",
+                                           "z\\nREADME.md"])

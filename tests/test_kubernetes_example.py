@@ -286,6 +286,19 @@ def test_store_role_reaches_watcherd_but_not_the_app(manifest: list[Json], pod: 
     assert {c["name"] for c in pod["spec"]["containers"]} <= {s.strip() for s in skipped}
 
 
+def test_the_control_token_reaches_watcherd_but_not_the_app(pod: Json) -> None:
+    """The app's containers share the loopback with the daemon: only the token keeps its POST
+    routes (checkpoint, rollback) from the agent."""
+    def token_env(container: Json) -> list[Json]:
+        return [e for e in container.get("env", []) if e["name"] == "WATCHERD_CONTROL_TOKEN"]
+
+    for kind in ("restore", "run"):
+        _, container = watcherd_container(pod, kind)
+        [env] = token_env(container)
+        assert "secretKeyRef" in env["valueFrom"], "a token belongs in a Secret, not the manifest"
+    assert token_env(app_container(pod)) == []
+
+
 def test_restore_runs_as_the_apps_user_and_the_daemon_as_a_user_of_its_own(pod: Json) -> None:
     users = {c["name"]: effective_security(pod, c, "runAsUser") for c in all_containers(pod)}
     assert None not in users.values() and 0 not in users.values(), users

@@ -524,11 +524,9 @@ class Daemon:
 
     async def checkpoint_now(self, name: str, note: str) -> dict[str, Any]:
         """Snapshot and save now, then label the generation that holds it ``name``."""
-        if not mf.CHECKPOINT_NAME.fullmatch(name):
-            return {"status": "invalid", "error": f"checkpoint name {wsp.printable(name)[:140]!r}: "
-                    "1 to 128 letters, digits, '.', '_' or '-', starting with a letter or digit"}
-        if len(note) > mf.MAX_NOTE:
-            return {"status": "invalid", "error": f"note: at most {mf.MAX_NOTE} characters"}
+        problem = mf.checkpoint_name_problem(name, note)
+        if problem:
+            return {"status": "invalid", "error": problem}
         saved = await self.snapshot_now()
         if saved.get("status") not in ("saved", "unchanged"):
             return {**saved, "error": "not labelled: the state could not be saved: "

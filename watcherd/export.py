@@ -2,11 +2,13 @@
 
 A stored generation is a chain of bundles of watcherd's snapshot history, which plain git cannot
 turn into the user's repository. The export consolidates the chain into one bundle holding what
-the snapshot recorded — every branch and tag, the stash, HEAD — plus the snapshot history under
-``refs/watcherd/``, and, when the working tree held changes no commit has, one commit on top of
-HEAD with exactly that tree ("watcherd: working state"), so that ``git clone`` of the file checks
-out the files as they were. The user's own commits are untouched: that commit is a child of
-HEAD. The bundle is proven by a real clone before it is handed over.
+the snapshot recorded — every branch and tag, the stash, HEAD — and, when the working tree held
+changes no commit has, one commit on top of HEAD with exactly that tree ("watcherd: working
+state"), so that ``git clone`` of the file checks out the files as they were. The user's own
+commits are untouched: that commit is a child of HEAD. watcherd's snapshot history stays out
+(its state commits hold the recorded config, remote URLs with their credentials included: an
+export is made to be handed over). The bundle is proven by a real clone before it is handed
+over.
 """
 
 from __future__ import annotations
@@ -51,8 +53,9 @@ def export(generations: Generations, gen: mf.Generation, out: BinaryIO, scratch:
             bundles.fetch_bundle(git, path, refspec="+refs/*:refs/*")
         s_commit = state.state_parent(git, gen.snapshot)
         if s_commit is not None:
-            state.apply_refs(git, state.read(git, s_commit))
-        git.run("update-ref", SNAPSHOT_REF, gen.snapshot)
+            state.apply_refs(git, state.read(git, s_commit))  # every other ref goes
+        else:  # an older watcherd's generation: its refs are the user's, the history is not
+            git.run("update-ref", "-d", SNAPSHOT_REF, check=False)
         working = _working_state(git, gen)
         dest = scratch / "export.bundle"
         git.run("bundle", "create", "--quiet", str(dest), "--all", timeout=bundles.BUNDLE_TIMEOUT)

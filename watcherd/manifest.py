@@ -23,9 +23,26 @@ MAX_SIZE = 1 * 2**20
 _BUNDLE_NAME = re.compile(r"[0-9]{1,12}-[0-9a-f]{7,64}\.bundle")
 _OID = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+MAX_NOTE = 1000  # characters of a checkpoint's note
 #: A checkpoint's name: what a store key's part may be (letters, digits, ".", "_", "-").
 CHECKPOINT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-MAX_NOTE = 1000
+
+
+def checkpoint_name_problem(name: str, note: str = "") -> str | None:
+    """Why ``name`` (and ``note``) cannot label a new checkpoint, None when they can. A name is
+    a store key's segment (1 to 128 letters, digits, ``.``, ``_``, ``-``, starting with a letter
+    or digit) that cannot be read as the other things ``watcherd rollback`` takes: a generation
+    number or a snapshot id."""
+    shown = "".join(c if c.isprintable() else "?" for c in name[:140])
+    if not CHECKPOINT_NAME.fullmatch(name):
+        return (f"checkpoint name {shown!r}: 1 to 128 letters, digits, '.', '_' or '-', "
+                "starting with a letter or digit")
+    if name.isdigit() or re.fullmatch(r"[0-9a-f]{7,64}", name):
+        return (f"checkpoint name {shown!r} reads as a generation number or a snapshot id; "
+                "use a name with a letter beyond a-f (before-refactor, v2-green)")
+    if len(note) > MAX_NOTE:
+        return f"note: at most {MAX_NOTE} characters"
+    return None
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,6 @@ middle of a rebase or merge: the user's git and a rollback must not both write t
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import re
@@ -31,13 +30,14 @@ import shutil
 import stat
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
 from watcherd import bundle as bundles
-from watcherd import log, snapshot, state, timeline
+from watcherd import dirfd, log, snapshot, state, timeline
 from watcherd import manifest as mf
 from watcherd import workspace as ws
 from watcherd.errors import IntegrityError, UsageError, WatcherdError
@@ -50,11 +50,13 @@ ATTEMPTS = 5  # snapshot-and-change pairs tried while files keep changing under 
 JOURNAL = "rollback.json"
 LAST = "last-rollback.json"
 TARGET_REF = "refs/watcherd/rollback-target"
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+LOCK_WAIT = 2.0  # seconds to wait for a lock the user's git holds before the swap
+_LOCKS = ("index.lock", "HEAD.lock", "packed-refs.lock", "config.lock")
 _OPERATIONS = ("rebase-merge", "rebase-apply", "MERGE_HEAD", "CHERRY_PICK_HEAD", "REVERT_HEAD")
-# The user's own entries of the git directory, kept as they are (moved, never read): config,
-# hooks, info/, submodules' repositories, LFS objects, linked worktrees' records.
-_KEPT = ("config", "description", "info", "hooks", "modules", "lfs", "worktrees", "rr-cache")
+# What a rollback builds of the git directory (the recorded state), and what of the old one
+# replaces what was built (the user's own settings, never read by watcherd).
+_BUILT = ("refs", "packed-refs", "HEAD", "index", "shallow")
+_THEIRS = ("config", "description", "info", "hooks")
 
 
 class RollbackRefused(WatcherdError):
@@ -158,21 +160,32 @@ def parse_request(doc: dict) -> tuple[str | None, datetime | None, bool]:
 
 
 def check_quiet(layout: ws.Layout) -> None:
-    """Refuse while the user's git holds a lock or is in the middle of an operation."""
+    """Refuse while the user's git holds a lock or is in the middle of an operation. The git
+    directory is walked through descriptors (a ``refs`` linked elsewhere is not followed) and
+    at most :data:`~watcherd.workspace.MAX_REFS` entries deep."""
     if layout.git_dir is None:
         return
-    for d in {layout.git_dir, layout.common_dir}:
-        for name in ("index.lock", "HEAD.lock", "packed-refs.lock", "config.lock", *_OPERATIONS):
-            if os.path.lexists(d / name):
-                raise RollbackRefused(f"the user's git is busy in the workspace ({d / name} "
-                                      "exists); try again once it is done")
-        refs = d / "refs"
-        if refs.is_dir():
-            for dirpath, _, files in os.walk(refs):
-                for f in files:
-                    if f.endswith(".lock"):
-                        raise RollbackRefused(f"the user's git is writing a ref ({dirpath}/{f}); "
+    with dirfd.opened(layout.root) as rfd:
+        for d in {layout.git_dir, layout.common_dir}:
+            rel = os.fsencode(os.path.relpath(d, layout.root))
+            with dirfd.parent(rfd, rel + b"/x") as found:
+                if found is None:
+                    continue
+                gfd, _ = found
+                for name in (*_LOCKS, *_OPERATIONS):
+                    if dirfd.exists(gfd, name):
+                        raise RollbackRefused(f"the user's git is busy in the workspace "
+                                              f"({ws.printable(os.fsdecode(rel))}/{name} exists); "
                                               "try again once it is done")
+                try:
+                    with dirfd.opened_at(gfd, "refs") as refs:
+                        lock = dirfd.find(refs, lambda n: n.endswith(".lock"), limit=ws.MAX_REFS,
+                                          prefix="refs/")
+                except OSError:
+                    lock = None
+                if lock:
+                    raise RollbackRefused(f"the user's git is writing a ref ({ws.printable(lock)});"
+                                          " try again once it is done")
 
 
 def apply(repo: Repo, target: Target, *, mode: str = "shadow",
@@ -185,39 +198,48 @@ def apply(repo: Repo, target: Target, *, mode: str = "shadow",
     since the save are in that snapshot too); a file edited between that snapshot and the change
     makes git refuse before it writes anything, and the pair is tried again, ``attempts`` times.
 
-    Raises :class:`RollbackRefused` when the workspace's ``.git`` is not a plain directory of it
-    (a ``gitdir:`` file, a linked worktree), the user's git is busy, or the files kept changing.
+    Raises :class:`RollbackRefused` (nothing changed) when ``.git`` is not a plain directory of
+    the workspace (a link, a ``gitdir:`` file, a linked worktree), the user's git is busy, or the
+    target would overwrite files the rules ignore (no snapshot holds them).
     """
     layout = ws.locate(repo.workspace)
-    if layout.git_dir is not None and layout.git_dir != layout.root / ".git":
+    dotgit = repo.workspace / ".git"
+    if os.path.lexists(dotgit) and (dotgit.is_symlink() or not dotgit.is_dir() or
+                                    layout.git_dir != dotgit):
         raise RollbackRefused("rollback in place needs the workspace's .git to be a directory "
-                              "in it (not a gitdir: file or a linked worktree)")
+                              "in it (not a link, a gitdir: file or a linked worktree)"
+                              + (f": {layout.problem}" if layout.problem else ""))
     check_quiet(layout)
     cache = cache if cache is not None else snapshot.Cache()
     git = repo.bare
     s_commit = state.state_parent(git, target.snapshot)
-    token = secrets.token_hex(4)
-    names = {part: f".watcherd-rollback-{token}.{part}" for part in ("git", "old", "rescue")}
-    journal = {"staging": names["git"], "old": names["old"], "rescue": names["rescue"],
-               "target": target.snapshot, "phase": "building"}
+    # Each name its own random token: the staging name shows in the workspace before the swap,
+    # and must not tell the agent where the old directory will go.
+    journal: dict = {"staging": _name("git"), "old": _name("old"), "rescue": _name("rescue"),
+                     "target": target.snapshot, "phase": "building"}
     # Built in watcherd's own directory, where nothing of the agent's can redirect a write,
-    # then put into the workspace root through a descriptor (:func:`_place`).
-    staging = repo.spool / f"rollback-{token}.git"
+    # then put into the workspace root through a descriptor.
+    staging = repo.spool / journal["staging"].lstrip(".")
     repo.write_journal(JOURNAL, journal)
     try:
         if s_commit is not None:
             _build_git_dir(repo, staging, s_commit, state.read(git, s_commit))
-        undo, seen = _update_files(repo, target, layout, mode, cache, attempts, names["rescue"])
+        undo, seen = _update_files(repo, target, layout, mode, cache, attempts, journal)
         if s_commit is not None:
             # The new index's stat data, from the files as they are now: no rehash by the
             # user's next git command.
             repo.git.run("update-index", "--refresh", "-q",
                          env={"GIT_INDEX_FILE": str(staging / "index")}, ok=(0, 1))
-            _place(staging, layout.root, names["git"])
+            with dirfd.opened(layout.root) as rfd:
+                dirfd.place(staging, rfd, journal["staging"])
+                journal["new"] = dirfd.identity(rfd, journal["staging"])
     except BaseException:
-        _remove(layout.root, names["git"])
-        _remove(layout.root, names["rescue"])
-        repo.write_journal(JOURNAL, None)
+        with dirfd.opened(layout.root) as rfd:
+            try:
+                _salvage(repo, rfd, journal)  # edits a forced change had linked aside
+            finally:
+                dirfd.remove(rfd, journal["staging"])
+                repo.write_journal(JOURNAL, None)
         raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -229,20 +251,26 @@ def apply(repo: Repo, target: Target, *, mode: str = "shadow",
                      git_state="left as it is: the target recorded none",
                      note="the files are back to that state; `watcherd rollback --undo` returns")
         return undo
-    if _git_state(layout) != seen:
-        # The user's git wrote between the snapshot and now (a commit in those milliseconds):
-        # what it wrote is kept in one more snapshot before its git directory goes.
-        kept = snapshot.take_locked(repo, mode, cache).snapshot_head
-        _log.warning("rollback.git_changed", snapshot=kept,
-                     note="the user's git wrote during the rollback; that state is snapshot "
-                          f"{kept}: `watcherd rollback {(kept or '')[:12]}` returns to it")
     journal["phase"] = "swapping"
     repo.write_journal(JOURNAL, journal)
-    _swap(layout.root, journal["staging"], journal["old"])
+    # From here the user's git waits for us (its own lock files), and nothing it wrote since
+    # the snapshot is lost: a changed state is snapshotted, and the old git directory's objects
+    # and reflogs go into the new one.
+    with _holding_users_locks(layout.root):
+        if _git_state(layout) != seen:
+            kept = snapshot.take_locked(repo, mode, cache).snapshot_head
+            _log.warning("rollback.git_changed", snapshot=kept,
+                         note="the user's git wrote during the rollback; that state is snapshot "
+                              f"{kept}: `watcherd rollback {(kept or '')[:12]}` returns to it")
+        _swap(layout.root, journal)
     repo.write_journal(JOURNAL, None)
     _log.warning("rollback.done", target=target.snapshot, said=target.said, undo=undo,
                  note="the workspace is back to that state; `watcherd rollback --undo` returns")
     return undo
+
+
+def _name(kind: str) -> str:
+    return f".watcherd-rollback-{secrets.token_hex(8)}.{kind}"
 
 
 def _git_state(layout: ws.Layout) -> ws.GitState | None:
@@ -252,18 +280,56 @@ def _git_state(layout: ws.Layout) -> ws.GitState | None:
         return None
 
 
+@contextmanager
+def _holding_users_locks(root: Path) -> Iterator[None]:
+    """Hold the user's ``index.lock`` and ``HEAD.lock`` (git's own lock files, created with
+    ``O_EXCL``): a git command started meanwhile waits or fails as it would for another git.
+    Waits up to :data:`LOCK_WAIT` seconds for one the user's git holds, then goes on without."""
+    held: list[str] = []
+    with dirfd.opened(root) as rfd:
+        try:
+            gfd = os.open(".git", dirfd.DIR_FLAGS, dir_fd=rfd)
+        except OSError:
+            yield
+            return
+        try:
+            deadline = time.monotonic() + LOCK_WAIT
+            for name in ("index.lock", "HEAD.lock"):
+                while True:
+                    try:
+                        os.close(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL |
+                                         os.O_NOFOLLOW | os.O_CLOEXEC, 0o644, dir_fd=gfd))
+                        held.append(name)
+                        break
+                    except FileExistsError:
+                        if time.monotonic() > deadline:
+                            break
+                        time.sleep(0.02)
+            yield
+        finally:
+            # Through the descriptor: after a swap they are in the old directory (gone, or left
+            # over), before it in the user's .git, where they must not stay.
+            for name in held:
+                try:
+                    os.unlink(name, dir_fd=gfd)
+                except FileNotFoundError:
+                    pass
+            os.close(gfd)
+
+
 def _update_files(repo: Repo, target: Target, layout: ws.Layout, mode: str,
                   cache: snapshot.Cache, attempts: int,
-                  rescue: str) -> tuple[str, ws.GitState | None]:
+                  journal: dict) -> tuple[str, ws.GitState | None]:
     """Snapshot, then change the working tree from that snapshot's tree to the target's;
     (the snapshot ``--undo`` returns to, the git state it saw).
 
     Only what differs is written, files only the snapshot has are removed, what neither has
-    (ignored files, files created since) is left alone. A two-tree merge (git-read-tree(1),
-    "Two Tree Merge") checks every file it would touch against the snapshot before it writes
-    any: an edit in between makes it refuse, and the pair is tried again. The last attempt,
-    for a workspace written faster than a snapshot takes, forces the change and keeps what was
-    edited in between (:func:`_forced`).
+    (files created since) is left alone; files the rules ignore are never overwritten (refused
+    instead: no snapshot holds them). A two-tree merge (git-read-tree(1), "Two Tree Merge")
+    checks every file it would touch against the snapshot before it writes any: an edit in
+    between makes it refuse, and the pair is tried again. The last attempt, for a workspace
+    written faster than a snapshot takes, forces the change and keeps what was edited in between
+    (:func:`_forced`).
     """
     tmp = repo.dir / f"rollback-index-{os.getpid()}"
     env = {"GIT_INDEX_FILE": str(tmp)}
@@ -279,10 +345,13 @@ def _update_files(repo: Repo, target: Target, layout: ws.Layout, mode: str,
             if git.out("write-tree", env=env) != git.out("rev-parse", f"{undo}^{{tree}}"):
                 git.run("read-tree", f"{undo}^{{tree}}", env=env)
             git.run("update-index", "--refresh", "-q", env=env, ok=(0, 1))
+            changes = _changes(git, undo, target.snapshot)
+            _refuse_ignored_in_the_way(git, env, changes)
             # Before any file changes: should the rest fail or be killed, --undo knows the way.
             _record_last(repo, undo, target)
             if attempt == attempts - 1:
-                undo = _forced(repo, undo, target, env, layout.root, rescue)
+                journal["undo"] = undo
+                undo = _forced(repo, undo, target, env, layout.root, changes, journal)
                 _record_last(repo, undo, target)
                 return undo, seen
             r = git.run("read-tree", "-m", "-u", f"{undo}^{{tree}}", f"{target.snapshot}^{{tree}}",
@@ -296,6 +365,45 @@ def _update_files(repo: Repo, target: Target, layout: ws.Layout, mode: str,
     raise AssertionError("unreachable: the last attempt forces")
 
 
+def _changes(git: Git, undo: str, target: str) -> list[tuple[bytes, str, str, str]]:
+    """(path, mode in undo, blob in undo, status) of every path the rollback writes or removes:
+    ``git diff-tree -r`` of the two trees (an added path has mode 000000 and a zero id)."""
+    raw = git.run("diff-tree", "-r", "-z", "--no-renames", f"{undo}^{{tree}}",
+                  f"{target}^{{tree}}").stdout
+    fields = raw.split(b"\0")
+    out = []
+    for meta, path in zip(fields[0::2], fields[1::2]):
+        old_mode, _, old_oid, _, status = meta.lstrip(b":").decode().split(" ")
+        out.append((path, old_mode, old_oid, status))
+    return out
+
+
+def _refuse_ignored_in_the_way(git: Git, env: dict[str, str],
+                               changes: list[tuple[bytes, str, str, str]]) -> None:
+    """git overwrites ignored files in a checkout's way (they count as expendable); for the
+    user they are not: a ``.env``, a database under an ignored ``data/``. No snapshot holds
+    them, so a rollback that would write over one, or put a file where an ignored directory is,
+    is refused and names them."""
+    added = {path for path, _, _, status in changes if status == "A"}
+    if not added:
+        return
+    listed = git.run("ls-files", "-z", "--others", "--ignored", "--exclude-standard",
+                     "--directory", env=env).stdout
+    hits = []
+    for entry in filter(None, listed.split(b"\0")):
+        entry = entry.rstrip(b"/")
+        parts = entry.split(b"/")
+        # the ignored entry is an added path, lies under one, or holds one
+        if any(b"/".join(parts[:i]) in added for i in range(1, len(parts) + 1)) or \
+                any(p.startswith(entry + b"/") for p in added):
+            hits.append(ws.printable(os.fsdecode(entry)))
+    if hits:
+        more = f" and {len(hits) - 5} more" if len(hits) > 5 else ""
+        raise RollbackRefused(f"the target has files where the workspace holds ignored ones, which "
+                              f"no snapshot keeps ({', '.join(hits[:5])}{more}); move them "
+                              "away first, then roll back again")
+
+
 def _record_last(repo: Repo, undo: str, target: Target) -> None:
     write_private(repo.dir / LAST, json.dumps(
         {"undo": undo, "target": target.snapshot, "said": target.said,
@@ -303,153 +411,123 @@ def _record_last(repo: Repo, undo: str, target: Target) -> None:
 
 
 def _forced(repo: Repo, undo: str, target: Target, env: dict[str, str], root: Path,
-            rescue: str) -> str:
+            changes: list[tuple[bytes, str, str, str]], journal: dict) -> str:
     """Change the files from ``undo``'s tree to the target's even if some were edited since
-    ``undo``, keeping those edits: each file about to change is hard-linked into directory
-    ``rescue`` of the workspace root (ignored by the rules) before git replaces it; what the
+    ``undo``, keeping those edits: each file about to change is hard-linked into the rescue
+    directory of the workspace root (ignored by the rules) before git replaces it; what the
     links hold afterwards that ``undo`` does not is committed as one more snapshot on top of it.
-    Returns that snapshot, or ``undo`` when nothing was edited in between.
-
-    Every path is reached through directory descriptors opened with ``O_NOFOLLOW``: a directory
-    the agent swapped for a link is skipped, never followed out of the workspace."""
-    git = repo.git
-    raw = git.run("diff-tree", "-r", "-z", "--no-renames", f"{undo}^{{tree}}",
-                  f"{target.snapshot}^{{tree}}").stdout
-    fields = raw.split(b"\0")
-    changes = []  # (path, mode in undo, blob in undo): what the rollback replaces or removes
-    for meta, path in zip(fields[0::2], fields[1::2]):
-        old_mode, _, old_oid, _, _ = meta.lstrip(b":").decode().split(" ")
-        changes.append((path, old_mode, old_oid))
-    rfd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
+    Returns that snapshot, or ``undo`` when nothing was edited in between. A file watcherd
+    cannot read is refused before anything changes (its edit could not be kept). A kill
+    midway leaves the links and the journal: :func:`recover` keeps them the same way."""
+    rescue = journal["rescue"]
+    with dirfd.opened(root) as rfd:
         os.mkdir(rescue, 0o700, dir_fd=rfd)
-        kfd = os.open(rescue, _DIR_FLAGS, dir_fd=rfd)
-    except BaseException:
-        os.close(rfd)
-        raise
-    try:
-        linked = []
-        for n, (path, old_mode, old_oid) in enumerate(changes):
-            if _link_aside(rfd, path, kfd, str(n), remove=set(old_oid) == {"0"}):
-                linked.append((path, old_mode, old_oid, str(n)))
-        git.run("read-tree", "--reset", "-u", f"{undo}^{{tree}}", f"{target.snapshot}^{{tree}}",
-                env=env)
-        kept = []
-        for path, old_mode, old_oid, name in linked:
-            mode, oid = _hash_at(repo, kfd, name)
-            if (mode, oid) != (old_mode, old_oid):
-                kept.append((mode, oid, path))
-    finally:
-        os.close(kfd)
         try:
-            _remove_at(rfd, rescue)
-        finally:
-            os.close(rfd)
+            with dirfd.opened_at(rfd, rescue) as kfd:
+                linked = []
+                for n, (path, old_mode, old_oid, _) in enumerate(changes):
+                    if _link_aside(rfd, path, kfd, str(n), remove=set(old_oid) == {"0"}):
+                        linked.append([str(n), os.fsdecode(path), old_mode, old_oid])
+                journal["rescued"] = linked
+                repo.write_journal(JOURNAL, journal)
+                git = repo.git
+                git.run("read-tree", "--reset", "-u", f"{undo}^{{tree}}",
+                        f"{target.snapshot}^{{tree}}", env=env)
+                kept = _kept_edits(repo, kfd, linked)
+        except BaseException:
+            if "rescued" not in journal:
+                dirfd.remove(rfd, rescue)
+            raise
+        dirfd.remove(rfd, rescue)
+    journal.pop("rescued", None)
     return _keep_edits(repo, undo, kept) if kept else undo
 
 
-
 def _link_aside(root_fd: int, path: bytes, dest_fd: int, name: str, *, remove: bool) -> bool:
-    """Hard-link work-tree file ``path`` as ``name`` in directory ``dest_fd``, every leading
-    directory opened without following links; with ``remove``, unlink the original (git must
-    write a file there). False when there is nothing (or only a directory) there, or a leading
-    directory is not a plain one."""
-    *dirs, leaf = path.split(b"/")
-    fd = os.dup(root_fd)
-    try:
-        for part in dirs:
-            nfd = os.open(part, _DIR_FLAGS, dir_fd=fd)
-            os.close(fd)
-            fd = nfd
-        st = os.stat(leaf, dir_fd=fd, follow_symlinks=False)
+    """Hard-link work-tree file ``path`` as ``name`` in directory ``dest_fd`` (every leading
+    directory opened without following links); with ``remove``, unlink the original (git must
+    write a file there). False when there is nothing, a directory, or a leading directory that
+    is not a plain one. Raises :class:`RollbackRefused` when watcherd cannot read the file:
+    what was written to it could not be kept."""
+    with dirfd.parent(root_fd, path) as found:
+        if found is None:
+            return False
+        fd, leaf = found
+        try:
+            st = os.stat(leaf, dir_fd=fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return False
         if stat.S_ISDIR(st.st_mode):
             return False
+        if stat.S_ISREG(st.st_mode):
+            try:
+                os.close(os.open(leaf, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                                 dir_fd=fd))
+            except PermissionError:
+                raise RollbackRefused(f"{ws.printable(os.fsdecode(path))} keeps changing and "
+                                      "watcherd cannot read it to keep what is written to it; "
+                                      "stop writing it, or make it readable, and retry") from None
         os.link(leaf, name, src_dir_fd=fd, dst_dir_fd=dest_fd, follow_symlinks=False)
         if remove:
             os.unlink(leaf, dir_fd=fd)
         return True
-    except (FileNotFoundError, NotADirectoryError):
-        return False
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:  # a leading directory is a link
-            return False
-        raise
-    finally:
-        os.close(fd)
+
+
+def _kept_edits(repo: Repo, kfd: int, linked: list) -> list[tuple[str, str, bytes]]:
+    """(mode, blob, path) of each rescued file whose content is not what ``undo`` held."""
+    kept = []
+    for name, path, old_mode, old_oid in linked:
+        try:
+            mode, oid = _hash_at(repo, kfd, name)
+        except FileNotFoundError:
+            continue
+        if (mode, oid) != (old_mode, old_oid):
+            kept.append((mode, oid, os.fsencode(path)))
+    return kept
 
 
 def _hash_at(repo: Repo, dir_fd: int, name: str) -> tuple[str, str]:
     """(git mode, blob id) of entry ``name`` of ``dir_fd``, written into watcherd's
-    repository; read through a descriptor, never by path."""
+    repository; read through a descriptor (never by path), streamed through a file of the state
+    directory (never whole in memory)."""
     st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
     if stat.S_ISLNK(st.st_mode):
-        data = os.fsencode(os.readlink(name, dir_fd=dir_fd))
-        mode = "120000"
-    else:
-        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
-                     dir_fd=dir_fd)
-        with os.fdopen(fd, "rb") as f:
-            data = f.read()
-        mode = "100755" if st.st_mode & 0o100 else "100644"
-    return mode, repo.bare.out("hash-object", "-w", "--stdin", input=data)
+        target = os.fsencode(os.readlink(name, dir_fd=dir_fd))
+        return "120000", repo.bare.out("hash-object", "-w", "--stdin", input=target)
+    mode = "100755" if st.st_mode & 0o100 else "100644"
+    fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
+    copy = repo.spool / f"rescued-{os.getpid()}"
+    try:
+        with os.fdopen(fd, "rb") as f_in, open(copy, "wb") as f_out:
+            shutil.copyfileobj(f_in, f_out, 1 << 20)
+        return mode, repo.bare.out("hash-object", "-w", "--no-filters", "--", str(copy))
+    finally:
+        copy.unlink(missing_ok=True)
 
 
-def _keep_edits(repo: Repo, undo: str, kept: list[tuple[str, str, bytes]]) -> str:
-    """One more snapshot: ``undo``'s tree with the ``kept`` (mode, blob, path) entries, the same
+def _keep_edits(repo: Repo, base: str, kept: list[tuple[str, str, bytes]]) -> str:
+    """One more snapshot: ``base``'s tree with the ``kept`` (mode, blob, path) entries, the same
     git state; the snapshot history moves to it."""
     index = {"GIT_INDEX_FILE": str(repo.dir / f"rollback-rescue-index-{os.getpid()}")}
     try:
-        repo.bare.run("read-tree", f"{undo}^{{tree}}", env=index)
+        repo.bare.run("read-tree", f"{base}^{{tree}}", env=index)
         repo.bare.run("update-index", "-z", "--index-info", env=index, input=b"".join(
             f"{mode} {oid}\t".encode() + path + b"\0" for mode, oid, path in kept))
         tree = repo.bare.out("write-tree", env=index)
     finally:
         Path(index["GIT_INDEX_FILE"]).unlink(missing_ok=True)
     listed = "\n".join(ws.printable(os.fsdecode(p)) for _, _, p in kept[:50])
-    parents = repo.bare.out("rev-list", "--parents", "-n", "1", undo).split()[1:]
+    parents = repo.bare.out("rev-list", "--parents", "-n", "1", base).split()[1:]
     args = ["commit-tree", tree, "-m", f"watcherd: snapshot ({len(kept)} files)\n\n{listed}\n",
-            "-p", undo]
-    for parent in parents[1:]:  # its HEAD and state commit: the git state is undo's
+            "-p", base]
+    for parent in parents[1:]:  # its HEAD and state commit: the git state is base's
         args += ["-p", parent]
     commit = repo.bare.out(*args)
-    repo.bare.update_ref(SNAPSHOT_REF, commit, undo, "watcherd: edits made during a rollback")
+    repo.bare.update_ref(SNAPSHOT_REF, commit, base, "watcherd: edits made during a rollback")
     _log.warning("rollback.kept_edits", snapshot=commit, files=len(kept),
                  note="files edited while the rollback ran are kept in this snapshot; "
                       "`watcherd rollback --undo` returns to it")
     return commit
-
-
-def _place(src: Path, root: Path, name: str) -> None:
-    """Put git directory ``src`` (in the state directory) at ``name`` in the workspace root: a
-    rename on the same filesystem, else a copy whose every directory and file is created
-    through descriptors (``O_EXCL``, ``O_NOFOLLOW``), so a link planted meanwhile is never
-    written through."""
-    rfd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        if os.stat(src).st_dev == os.fstat(rfd).st_dev:
-            os.rename(src, name, dst_dir_fd=rfd)
-        else:
-            _copy_tree(src, rfd, name)
-    finally:
-        os.close(rfd)
-
-
-def _copy_tree(src: Path, parent_fd: int, name: str) -> None:
-    os.mkdir(name, 0o777, dir_fd=parent_fd)
-    fd = os.open(name, _DIR_FLAGS, dir_fd=parent_fd)
-    try:
-        for entry in os.scandir(src):
-            if entry.is_dir(follow_symlinks=False):
-                _copy_tree(Path(entry.path), fd, entry.name)
-                continue
-            mode = stat.S_IMODE(entry.stat(follow_symlinks=False).st_mode)
-            out = os.open(entry.name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW |
-                          os.O_CLOEXEC, 0o600, dir_fd=fd)
-            with open(entry.path, "rb") as f_in, os.fdopen(out, "wb") as f_out:
-                shutil.copyfileobj(f_in, f_out, 1 << 20)
-                os.fchmod(f_out.fileno(), mode)
-    finally:
-        os.close(fd)
 
 
 def run(repo: Repo, target: Target, save: Callable[[], object], *, mode: str = "shadow") -> str:
@@ -474,33 +552,59 @@ def last_rollback(repo: Repo) -> dict | None:
 
 
 def recover(repo: Repo) -> None:
-    """Finish (or discard) what a killed rollback left, as its journal says: once the working
-    tree was changed (phase ``swapping``) the new git directory is put in place, else the
-    half-built one goes and the workspace keeps its git directory."""
-    journal = repo.read_journal(JOURNAL)
-    if journal is None:
+    """Finish what a killed rollback left, as its journal says, under watcherd's lock (so never
+    under a rollback still running): edits it had linked aside are kept as a snapshot; once the
+    working tree was changed (phase ``swapping``) the new git directory is put in place, else
+    the staged one goes and the workspace keeps its git directory. Never raises: a journal that
+    cannot be acted on is logged (``rollback.recovery_failed``) and kept for a person."""
+    if repo.read_journal(JOURNAL) is None:
         return
     try:
-        staging, old, rescue = journal["staging"], journal["old"], journal["rescue"]
-        names_ok = all(isinstance(n, str) and
-                       re.fullmatch(r"\.watcherd-rollback-[0-9a-f]+\.(git|old|rescue)", n)
-                       for n in (staging, old, rescue))
-    except (KeyError, TypeError):
-        names_ok = False
-    if names_ok:
-        _remove(repo.workspace, rescue)
+        with repo.lock():
+            journal = repo.read_journal(JOURNAL)
+            if journal is not None:
+                _recover(repo, journal)
+                repo.write_journal(JOURNAL, None)
+    except (OSError, WatcherdError) as exc:
+        _log.error("rollback.recovery_failed", error=str(exc), journal=str(repo.dir / JOURNAL),
+                   note="what a killed rollback left could not be finished; the workspace is "
+                        "saved as it is; see docs/operations.md")
+
+
+def _recover(repo: Repo, journal: dict) -> None:
+    pattern = r"\.watcherd-rollback-[0-9a-f]+\.(git|old|rescue)"
+    names = [journal.get(k) for k in ("staging", "old", "rescue")]
+    if not all(isinstance(n, str) and re.fullmatch(pattern, n) for n in names):
+        return
+    with dirfd.opened(repo.workspace) as rfd:
+        _salvage(repo, rfd, journal)
         if journal.get("phase") == "swapping":
-            _swap(repo.workspace, staging, old)
+            _swap(repo.workspace, journal)
             _log.warning("rollback.resumed", target=journal.get("target"),
                          note="finished a rollback that was killed while swapping the git "
                               "directory")
         else:
-            _remove(repo.workspace, staging)
+            dirfd.remove(rfd, journal["staging"])
             _log.warning("rollback.discarded", target=journal.get("target"),
                          note="a rollback was killed before it changed the git directory; some "
                               "files may already be the target's: run it again, or "
                               "`watcherd rollback --undo`")
-    repo.write_journal(JOURNAL, None)
+
+
+def _salvage(repo: Repo, rfd: int, journal: dict) -> None:
+    """Keep, as one more snapshot, what files a forced change had linked aside hold that the
+    snapshot before it did not (the journal's ``rescued`` list), then remove the links."""
+    rescued = journal.get("rescued")
+    if isinstance(rescued, list) and dirfd.is_dir(rfd, journal["rescue"]):
+        try:
+            with dirfd.opened_at(rfd, journal["rescue"]) as kfd:
+                kept = _kept_edits(repo, kfd, rescued)
+            head = repo.snapshot_head()
+            if kept and head:
+                _keep_edits(repo, head, kept)
+        except (ValueError, TypeError) as exc:  # a journal watcherd did not write
+            _log.warning("rollback.rescue_unreadable", error=str(exc))
+    dirfd.remove(rfd, journal["rescue"])
 
 
 def _build_git_dir(repo: Repo, staging: Path, s_commit: str, rec: state.Recorded) -> None:
@@ -520,71 +624,62 @@ def _build_git_dir(repo: Repo, staging: Path, s_commit: str, rec: state.Recorded
     if shallow.exists():  # the boundary the history stops at (a shallow clone's)
         shutil.copyfile(shallow, staging / "shallow")
     new.run("config", "core.bare", "false")
+    # No reflog entries of watcherd's building: the user's own reflogs are moved in at the swap
+    # (the stash's, which is state, apply_refs writes itself).
+    new.run("config", "core.logAllRefUpdates", "false")
     state.apply_refs(new, rec)
+    new.run("config", "--unset", "core.logAllRefUpdates")
     base = rec.index_tree or rec.head.oid
     env = {"GIT_INDEX_FILE": str(staging / "index")}
     git.run("read-tree", *((base,) if base else ("--empty",)), env=env)
 
 
-def _swap(root: Path, staging: str, old: str) -> None:
-    """Put git directory ``staging`` in the place of ``.git`` (two renames in the workspace
-    root), give it back the user's own entries of the old one, remove the old one. Idempotent:
-    a rerun after a kill finishes it. Every step goes through directory descriptors opened with
-    ``O_NOFOLLOW``, so a link swapped in meanwhile never moves anything outside the workspace."""
-    rfd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        if _exists(rfd, staging):
-            if _exists(rfd, ".git") and not _exists(rfd, old):
+def _swap(root: Path, journal: dict) -> None:
+    """Put the git directory staged at ``journal["staging"]`` in the place of ``.git`` (one
+    ``renameat2`` exchange, or two renames where the filesystem cannot), give the user's own
+    entries of the old one back to it, and remove what is left of the old one. Idempotent: a
+    rerun after a kill finishes it (the journal's ``new`` is the staged directory's identity)."""
+    staging, old, new = journal["staging"], journal["old"], journal.get("new")
+    new = tuple(new) if isinstance(new, list | tuple) else None
+    with dirfd.opened(root) as rfd:
+        if new is None or dirfd.identity(rfd, ".git") != new:
+            if not dirfd.exists(rfd, staging):
+                return  # nothing staged (it was never placed): the workspace keeps its .git
+            if not dirfd.exists(rfd, ".git"):
+                os.rename(staging, ".git", src_dir_fd=rfd, dst_dir_fd=rfd)
+            elif not dirfd.exchange(rfd, staging, ".git"):
                 os.rename(".git", old, src_dir_fd=rfd, dst_dir_fd=rfd)
-            os.rename(staging, ".git", src_dir_fd=rfd, dst_dir_fd=rfd)
-        if not _exists(rfd, old):
-            return
-        try:
-            ofd = os.open(old, _DIR_FLAGS, dir_fd=rfd)
-            nfd = os.open(".git", _DIR_FLAGS, dir_fd=rfd)
-        except OSError:
-            ofd = nfd = -1  # the old .git was a link or a file: nothing of it is kept
-        try:
-            if ofd >= 0:
-                for name in _KEPT:
-                    if _exists(ofd, name):
-                        _remove_at(nfd, name)
-                        os.rename(name, name, src_dir_fd=ofd, dst_dir_fd=nfd)
-        finally:
-            for fd in (ofd, nfd):
-                if fd >= 0:
-                    os.close(fd)
-        _remove_at(rfd, old)
-    finally:
-        os.close(rfd)
+                os.rename(staging, ".git", src_dir_fd=rfd, dst_dir_fd=rfd)
+        # The old git directory is at the staging name (exchanged) or the old one (renamed).
+        for name in (staging, old):
+            if dirfd.is_dir(rfd, name) and dirfd.identity(rfd, name) != new:
+                try:
+                    with dirfd.opened_at(rfd, name) as ofd, dirfd.opened_at(rfd, ".git") as nfd:
+                        _give_back(ofd, nfd)
+                except OSError as exc:
+                    _log.warning("rollback.old_git_dir_left", path=name, error=str(exc),
+                                 note="what the old git directory held could not all be moved "
+                                      "into the new one; it is left in the workspace")
+                    continue
+            dirfd.remove(rfd, name)
 
 
-def _exists(dir_fd: int, name: str) -> bool:
-    try:
-        os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-        return True
-    except FileNotFoundError:
-        return False
-
-
-def _remove_at(dir_fd: int, name: str) -> None:
-    """Remove entry ``name`` of a directory: a tree (no link followed), or a file or link."""
-    try:
-        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-    except FileNotFoundError:
-        return
-    if stat.S_ISDIR(st.st_mode):
-        shutil.rmtree(name, dir_fd=dir_fd)
-    else:
-        os.unlink(name, dir_fd=dir_fd)
-
-
-def _remove(root: Path, name: str) -> None:
-    rfd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        _remove_at(rfd, name)
-    finally:
-        os.close(rfd)
+def _give_back(old_fd: int, new_fd: int) -> None:
+    """Move the user's own entries of the old git directory into the new one: its config,
+    hooks, ``info/`` and description replace the built ones; its objects and reflogs are merged
+    in (nothing the user's git wrote is lost: commits made meanwhile, what the reflogs reach);
+    anything else the new one lacks (``ORIG_HEAD``, submodules' repositories, LFS objects)
+    moves as it is. Its refs, HEAD, index and lock files are the old state's and stay behind."""
+    for name in os.listdir(old_fd):
+        if name in _BUILT or name.endswith(".lock"):
+            continue
+        if name in _THEIRS:
+            dirfd.remove(new_fd, name)
+        if not dirfd.exists(new_fd, name):
+            os.rename(name, name, src_dir_fd=old_fd, dst_dir_fd=new_fd)
+        elif dirfd.is_dir(old_fd, name) and dirfd.is_dir(new_fd, name):
+            with dirfd.opened_at(old_fd, name) as s, dirfd.opened_at(new_fd, name) as d:
+                dirfd.move_missing(s, d)
 
 
 def refuse_read_only(root: Path) -> None:

@@ -458,8 +458,11 @@ def _paths(entries: list[tuple[bytes, bytes, bytes]], cache: Cache) -> list[str]
 
 
 def _message(paths: list[str], moved_head: str | None) -> str:
+    """The snapshot's message: ``watcherd: snapshot (N files)``, a blank line, then the first
+    :data:`_MESSAGE_PATHS` paths one per line, control characters escaped (a name holding a
+    newline must not read as two)."""
     lines = [f"watcherd: snapshot ({len(paths)} files)", ""]
-    lines += paths[:_MESSAGE_PATHS]
+    lines += [ws.printable(p) for p in paths[:_MESSAGE_PATHS]]
     if len(paths) > _MESSAGE_PATHS:
         lines.append(f"... and {len(paths) - _MESSAGE_PATHS} more")
     if moved_head:

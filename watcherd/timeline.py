@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 _SUBJECT = re.compile(r"watcherd: snapshot \((\d+) files\)")
 #: Paths listed per entry (a snapshot's message holds up to 50).
 PATHS_SHOWN = 10
+_LISTED = 50  # paths a snapshot's message lists (watcherd.snapshot)
 
 
 @dataclass(frozen=True)
@@ -61,24 +62,19 @@ def read(git: Git, head: str, manifest: mf.Manifest | None, *, since: datetime |
          limit: int = 1000) -> list[Entry]:
     """The snapshots from ``head`` back along the snapshot history (first parents), newest
     first, at most ``limit``, none older than ``since``."""
-    out = git.run("log", "--first-parent", f"--max-count={limit}",
-                  "--format=%H%x00%cI%x00%B%x01", head).stdout.decode("utf-8", "surrogateescape")
+    # -z: one NUL after each commit; a commit message cannot hold a NUL.
+    out = git.run("log", "-z", "--first-parent", f"--max-count={limit}", "--format=%H %cI%n%B",
+                  head).stdout.decode("utf-8", "surrogateescape")
     commits: list[tuple[str, str, int, tuple[str, ...]]] = []
-    for record in out.split("\x01"):
-        record = record.strip("\n")
-        if not record:
-            continue
-        oid, at, message = record.split("\x00", 2)
-        lines = message.splitlines()
-        m = _SUBJECT.fullmatch(lines[0]) if lines else None
+    for record in out.split("\0"):
+        lines = record.split("\n")
+        ident = lines[0].split(" ")
+        m = _SUBJECT.fullmatch(lines[1]) if len(lines) > 1 and len(ident) == 2 else None
         if m is None:
             break  # the user's own commit the first snapshot sits on: the history's start
-        paths = []
-        for line in lines[2:]:
-            if not line or line.startswith("... and "):
-                break
-            paths.append(printable(line))
-        commits.append((oid, at, int(m[1]), tuple(paths[:PATHS_SHOWN])))
+        listed = min(int(m[1]), _LISTED)  # the message lists this many paths, one per line
+        paths = tuple(printable(line) for line in lines[3:3 + min(listed, PATHS_SHOWN)])
+        commits.append((ident[0], ident[1], int(m[1]), paths))
     by_snapshot = {g.snapshot: g.generation for g in (manifest.generations if manifest else ())}
     labels: dict[str, list[str]] = {}
     for c in manifest.checkpoints if manifest else ():

@@ -34,7 +34,8 @@ state. `watcherd rollback NAME` returns to it; `watcherd restore --checkpoint NA
                        2: "fix the name, the config or the command line",
                        3: "the save was refused as a conflict: nothing labelled"})
     p.add_argument("name", metavar="NAME",
-                   help="1 to 128 letters, digits, '.', '_' or '-', starting with a letter or digit")
+                   help="1 to 128 letters, digits, '.', '_' or '-', starting with a letter or "
+                        "digit; not all digits or hex (those name generations and snapshots)")
     p.add_argument("--note", default="", metavar="TEXT", help="what this state is, for people")
     p.add_argument("--standalone", action="store_true",
                    help="do it in this process even if a daemon is running")
@@ -43,11 +44,9 @@ state. `watcherd rollback NAME` returns to it; `watcherd restore --checkpoint NA
 
 
 def run(args: argparse.Namespace, cfg: Config) -> int:
-    if not mf.CHECKPOINT_NAME.fullmatch(args.name):
-        raise UsageError(f"checkpoint name {args.name!r}: 1 to 128 letters, digits, '.', '_' or "
-                         "'-', starting with a letter or digit")
-    if len(args.note) > mf.MAX_NOTE:
-        raise UsageError(f"--note: at most {mf.MAX_NOTE} characters")
+    problem = mf.checkpoint_name_problem(args.name, args.note)
+    if problem:
+        raise UsageError(problem)
     result = None
     if not args.standalone and cfg.control.address is not None:
         try:

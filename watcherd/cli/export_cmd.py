@@ -40,6 +40,9 @@ stdout; a FILE is written whole or not at all.""",
 
 
 def run(args: argparse.Namespace, cfg: Config) -> int:
+    if args.output != "-" and Path(args.output).is_dir():
+        raise UsageError(f"--output {args.output} is a directory; name the bundle file "
+                         f"({Path(args.output) / 'workspace.bundle'})")
     if args.output != "-" and not Path(args.output).parent.is_dir():
         raise UsageError(f"--output {args.output}: its directory does not exist")
     if args.output == "-" and sys.stdout is None:

@@ -51,7 +51,8 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
     chosen = [o for o, v in (("--generation", args.generation), ("--before", args.before),
                              ("--checkpoint", args.checkpoint)) if v is not None]
     if len(chosen) > 1:
-        raise UsageError(f"use one of {', '.join(chosen)}, not several")
+        raise UsageError(f"use {' or '.join(chosen)}, not both" if len(chosen) == 2 else
+                         f"use one of {', '.join(chosen)}, not several")
     if args.generation is not None and args.generation < 1:
         raise UsageError("--generation must be 1 or more")
     source_key = None

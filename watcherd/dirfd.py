@@ -1,0 +1,178 @@
+"""Work inside the workspace through directory descriptors, never by path.
+
+The workspace is the agent's: between two steps of watcherd's, any directory in it may be
+swapped for a link to somewhere else. Every operation here starts from a descriptor of a
+directory watcherd trusts (the workspace root, opened once) and opens each further directory
+with ``O_NOFOLLOW``, so a planted link is refused (``ELOOP``, ``ENOTDIR``), never followed out of
+the workspace. Names are single path components unless a function says otherwise.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import shutil
+import stat
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+@contextmanager
+def opened(path: Path) -> Iterator[int]:
+    """A descriptor of directory ``path`` (the workspace root: the operator's path, trusted)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def opened_at(dir_fd: int, name: str | bytes) -> Iterator[int]:
+    """A descriptor of directory ``name`` of ``dir_fd``; :class:`OSError` when it is a link,
+    not a directory, or missing."""
+    fd = os.open(name, DIR_FLAGS, dir_fd=dir_fd)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def identity(dir_fd: int, name: str | bytes) -> tuple[int, int] | None:
+    """(device, inode) of entry ``name`` (the entry itself, no link followed); None if absent."""
+    try:
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def exists(dir_fd: int, name: str | bytes) -> bool:
+    return identity(dir_fd, name) is not None
+
+
+def is_dir(dir_fd: int, name: str | bytes) -> bool:
+    """True when ``name`` is a directory itself (a link to one is not)."""
+    try:
+        return stat.S_ISDIR(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode)
+    except FileNotFoundError:
+        return False
+
+
+def remove(dir_fd: int, name: str | bytes) -> None:
+    """Remove entry ``name``: a tree (``shutil.rmtree`` through descriptors, no link followed),
+    or a file or link. Nothing there is fine."""
+    if is_dir(dir_fd, name):
+        shutil.rmtree(name, dir_fd=dir_fd)
+    else:
+        try:
+            os.unlink(name, dir_fd=dir_fd)
+        except FileNotFoundError:
+            pass
+
+
+@contextmanager
+def parent(root_fd: int, path: bytes) -> Iterator[tuple[int, bytes] | None]:
+    """(descriptor of the directory holding ``path``, its last component), every leading
+    directory of the relative ``path`` opened without following links; None when one of them is
+    missing, a link or not a directory."""
+    *dirs, leaf = path.split(b"/")
+    fd = os.dup(root_fd)
+    try:
+        for part in dirs:
+            nfd = os.open(part, DIR_FLAGS, dir_fd=fd)
+            os.close(fd)
+            fd = nfd
+    except OSError as exc:
+        os.close(fd)
+        if exc.errno not in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
+            raise
+        yield None
+        return
+    try:
+        yield fd, leaf
+    finally:
+        os.close(fd)
+
+
+def exchange(dir_fd: int, a: str, b: str) -> bool:
+    """Swap entries ``a`` and ``b`` of ``dir_fd`` in one step (``renameat2(RENAME_EXCHANGE)``,
+    rename(2)); False where the kernel or the filesystem cannot."""
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is None:
+        return False
+    rename_exchange = 2
+    if renameat2(dir_fd, os.fsencode(a), dir_fd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), b)
+
+
+def place(src: Path, dir_fd: int, name: str) -> None:
+    """Put directory ``src`` (watcherd's, in the state directory) at ``name`` of ``dir_fd``: a
+    rename on the same filesystem, else a copy whose every directory and file is created
+    through descriptors (``O_EXCL``, ``O_NOFOLLOW``), so a link planted meanwhile is never
+    written through. Raises :class:`OSError` when ``name`` exists."""
+    if os.stat(src).st_dev == os.fstat(dir_fd).st_dev:
+        if exists(dir_fd, name):
+            raise FileExistsError(errno.EEXIST, "exists", name)
+        os.rename(src, name, dst_dir_fd=dir_fd)
+    else:
+        _copy_tree(src, dir_fd, name)
+
+
+def _copy_tree(src: Path, parent_fd: int, name: str) -> None:
+    os.mkdir(name, 0o777, dir_fd=parent_fd)
+    with opened_at(parent_fd, name) as fd:
+        for entry in os.scandir(src):
+            if entry.is_dir(follow_symlinks=False):
+                _copy_tree(Path(entry.path), fd, entry.name)
+                continue
+            mode = stat.S_IMODE(entry.stat(follow_symlinks=False).st_mode)
+            out = os.open(entry.name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW |
+                          os.O_CLOEXEC, 0o600, dir_fd=fd)
+            with open(entry.path, "rb") as f_in, os.fdopen(out, "wb") as f_out:
+                shutil.copyfileobj(f_in, f_out, 1 << 20)
+                os.fchmod(f_out.fileno(), mode)
+
+
+def move_missing(src_fd: int, dst_fd: int, *, depth: int = 8) -> None:
+    """Move every entry of directory ``src_fd`` that ``dst_fd`` lacks into it; directories both
+    have are merged the same way (what ``dst_fd`` holds wins), up to ``depth`` levels."""
+    for name in os.listdir(src_fd):
+        if not exists(dst_fd, name):
+            os.rename(name, name, src_dir_fd=src_fd, dst_dir_fd=dst_fd)
+        elif depth > 0 and is_dir(src_fd, name) and is_dir(dst_fd, name):
+            with opened_at(src_fd, name) as s, opened_at(dst_fd, name) as d:
+                move_missing(s, d, depth=depth - 1)
+
+
+def find(dir_fd: int, predicate, *, limit: int = 100_000, prefix: str = "") -> str | None:
+    """The relative path of the first entry under ``dir_fd`` whose name satisfies
+    ``predicate``, walking directories without following links, at most ``limit`` entries."""
+    budget = [limit]
+
+    def walk(fd: int, at: str) -> str | None:
+        for name in os.listdir(fd):
+            budget[0] -= 1
+            if budget[0] < 0:
+                return None
+            if predicate(name):
+                return at + name
+            if is_dir(fd, name):
+                try:
+                    with opened_at(fd, name) as sub:
+                        hit = walk(sub, f"{at}{name}/")
+                except OSError:
+                    continue
+                if hit:
+                    return hit
+        return None
+
+    return walk(dir_fd, prefix)
