@@ -127,6 +127,7 @@ def test_the_routes_speak_json_and_say_what_is_wrong(watcherd):
     code, body = d.post("/checkpoint", {"name": "first", "note": "n"})
     assert code == 200 and body["status"] == "ok" and body["generation"] >= 1
     for bad in ({"name": "../x"}, {"name": ""}, {"name": "x" * 129}, {"name": 7},
+                {"name": "12"}, {"name": "deadbeef"}, {"name": "ok", "note": "n" * 1001},
                 {"name": "ok", "note": ["no"]}, {"name": "ok", "extra": 1}):
         code, body = d.post("/checkpoint", bad)
         assert code == 400 and body["status"] == "invalid", bad
@@ -300,7 +301,9 @@ def test_export_is_cloned_by_plain_git_to_what_restore_gives(watcherd, tmp_path)
     streamed = subprocess.run([str(Path(sys.executable).with_name("watcherd")), "--config",
                                str(d.config), "export", "-o", "-"], capture_output=True)
     assert streamed.returncode == 0 and streamed.stdout == out.read_bytes()
-    # An unknown generation or checkpoint is a usage error and writes nothing.
+    # A directory, an unknown generation or checkpoint are usage errors and write nothing.
+    r = run_cli(d.config, "export", "-o", str(tmp_path))
+    assert r.returncode == 2 and "is a directory" in r.stderr
     missing = tmp_path / "none.bundle"
     r = run_cli(d.config, "export", "--checkpoint", "nope", "-o", str(missing))
     assert r.returncode == 2 and not missing.exists()
