@@ -14,7 +14,9 @@ same new ids and the store's fast-forward checks keep working.
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import os
 import re
 import shutil
 import tempfile
@@ -33,6 +35,9 @@ _log = log.get(__name__)
 REPACK_LOOSE_OBJECTS = 256
 UNSHALLOW_TIMEOUT = 120.0
 BUNDLE_TIMEOUT = 1800.0
+# Local write failures git reports in its own words (its messages end in strerror): the disk at
+# fault, not the bundle.
+_LOCAL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO)
 
 
 @dataclass(frozen=True)
@@ -166,9 +171,27 @@ def prove(bundle: Path, scratch: Path) -> None:
         git.run("bundle", "verify", "--quiet", str(bundle), timeout=BUNDLE_TIMEOUT)
         fetch_bundle(git, bundle)
     except GitError as exc:
+        local = local_failure(exc, scratch)
+        if local is not None:
+            raise local from None
         raise IntegrityError(f"bundle does not restore: {exc}") from None
     finally:
         shutil.rmtree(repo, ignore_errors=True)
+
+
+def local_failure(exc: GitError, where: Path) -> OSError | None:
+    """The local write failure (a full, read-only or failing disk) that made git fail, as an
+    :class:`OSError` naming ``where``; None when git failed for another reason.
+
+    A bundle that cannot be fetched or checked out because the disk is full is not corrupt:
+    taking it for corrupt would fall back to an older generation, or to ``on_missing`` (an empty
+    workspace), where the restore must fail and be retried instead.
+    """
+    text = str(exc)
+    for code in _LOCAL_ERRNOS:
+        if f": {os.strerror(code)}" in text:
+            return OSError(code, os.strerror(code), str(where))
+    return None
 
 
 def fetch_bundle(git: Git, bundle: Path, *, refspec: str = "refs/*:refs/*") -> None:

@@ -246,11 +246,15 @@ def build_tree(staging: Path, bundle: Path, gen: mf.Generation, config: Config, 
     """A repository and work tree in ``staging`` equal to what ``gen`` recorded; its file count.
 
     ``home`` is a directory of watcherd's for git's HOME (never one inside the tree being built).
-    A bundle that fetched but cannot be checked out is as bad as a corrupt one.
+    A bundle that fetched but cannot be checked out is as bad as a corrupt one; a disk that is
+    full (or read-only, or failing) is a local failure, raised as :class:`OSError`.
     """
     try:
         return _build(staging, bundle, gen, config, home)
     except GitError as exc:
+        local = bundles.local_failure(exc, staging)
+        if local is not None:
+            raise local from None
         raise IntegrityError(f"generation {gen.generation} does not check out: {exc}") from None
 
 
