@@ -183,7 +183,7 @@ class Daemon:
     def __init__(self, base: Path, *, name: str = "d", workspace: Path | None = None,
                  store: Path | None = None, key: str = "acme/sandbox-1/main",
                  listen: str | None = None, token: str = "", watch: dict[str, str] | None = None,
-                 log_level: str = "info") -> None:
+                 log_level: str = "info", state_dir: Path | None = None) -> None:
         self.base = base
         self.name = name
         self.workspace = workspace or make_workspace(base / f"{name}-ws")
@@ -192,7 +192,7 @@ class Daemon:
         self.listen = listen or f"127.0.0.1:{free_port()}"
         self.port = int(self.listen.rpartition(":")[2])
         self.token = token
-        self.state_dir = base / f"{name}-state"
+        self.state_dir = state_dir or base / f"{name}-state"
         self.config = write_config(base / f"{name}.toml", workspace=self.workspace,
                                    store=self.store, key=key, listen=self.listen, token=token,
                                    watch=watch, log_level=log_level, state_dir=self.state_dir)
