@@ -502,6 +502,13 @@ def _recover(repo: Repo, ws: Path) -> None:
         repo.pair(ws)
     elif ours:
         shutil.rmtree(staging, ignore_errors=True)  # never got as far as moving anything
+    elif "staging_id" not in journal:
+        # Killed between making the staging directory and recording it: nothing was built in it
+        # yet. rmdir removes only an empty directory (never a link, never anything in one).
+        try:
+            os.rmdir(staging)
+        except OSError:
+            pass
     _journal(repo, None)
 
 
