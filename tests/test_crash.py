@@ -9,15 +9,18 @@ that publish, swap, prune and place, which a timer almost never hits). After eac
 the rerun that follows it:
 
 - the store's manifest parses and names complete bundles whose size and sha256 match;
-- the stored generation moved only forward, to a commit of ``refs/watcherd/snapshots``;
+- the stored generation moved only forward, to a commit of watcherd's snapshot history (in its
+  own repository, in the state directory);
 - a restore into an empty directory gives exactly that snapshot commit's tree (never a mix);
 - every edit a generation held is still in every later generation (the writer only appends, so a
   file in a later generation must extend the same file in an earlier one), and after the last
   restart every edit reaches the store;
-- the workspace's repository passes ``git fsck --no-dangling``; no lock left by the killed process
-  makes a later snapshot or save fail;
-- a killed restore left the workspace untouched, fully restored, or (in a mount point) marked
-  complete and resumable, and a rerun finishes the job without losing what was there before.
+- watcherd's repository and the workspace's pass ``git fsck --no-dangling``; no lock left by the
+  killed process makes a later snapshot or save fail;
+- a killed restore left the workspace untouched, fully restored, or (in a mount point) resumable
+  as its journal in the state directory says, and a rerun (the same pod: the same state
+  directory) finishes the job without losing what was there before, and leaves a history the
+  daemon continues without a new snapshot.
 
 The default run kills a few times per scenario. The long runs (``make test-long``, marker
 ``slow``) kill ``WATCHERD_CRASH_RUNS`` times per scenario (default 300) and print a table: kills,
@@ -46,10 +49,12 @@ from helpers import git, tree_state, wait_for
 from structlog.testing import capture_logs
 
 from watcherd import manifest as mf
+from watcherd import snapshot
 from watcherd.bundle import file_digest
 from watcherd.config import Config, RestoreConfig, StoreConfig, WorkspaceConfig, parse_store_url
 from watcherd.generations import Generations
-from watcherd.restore import Request, restore
+from watcherd.repo import Repo
+from watcherd.restore import JOURNAL, Request, restore
 from watcherd.store.local import LocalStore
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="inotify is Linux-only")
@@ -290,8 +295,8 @@ RESTORE_STEPS = {
 }
 
 
-def write_config(path: Path, ws: Path, store: Path, *, keep: int = 3) -> Path:
-    lines = ["[workspace]", f'path = "{ws}"', "", "[watch]",
+def write_config(path: Path, ws: Path, store: Path, state_dir: Path, *, keep: int = 3) -> Path:
+    lines = ["[workspace]", f'path = "{ws}"', f'state_dir = "{state_dir}"', "", "[watch]",
              *(f'{k} = "{v}"' for k, v in TIMINGS.items()), "",
              "[store]", f'url = "file://{store}"', f'key = "{KEY}"', f"keep = {keep}", "",
              "[control]", 'listen = ""', "", "[log]", 'level = "debug"', 'format = "json"', ""]
@@ -299,17 +304,23 @@ def write_config(path: Path, ws: Path, store: Path, *, keep: int = 3) -> Path:
     return path
 
 
-def lib_config(ws: Path, store: Path) -> Config:
-    return Config(workspace=WorkspaceConfig(path=ws),
+def lib_config(ws: Path, store: Path, state_dir: Path) -> Config:
+    return Config(workspace=WorkspaceConfig(path=ws, state_dir=state_dir),
                   store=StoreConfig(url=parse_store_url(f"file://{store}"), key=KEY),
                   restore=RestoreConfig())
 
 
-def lib_restore(ws: Path, store: Path):
+def lib_restore(ws: Path, store: Path, state_dir: Path):
     """``watcherd restore`` in this process (quicker than a new one): outcome and its log events."""
     with capture_logs() as logs:
-        outcome = restore(lib_config(ws, store), Generations(LocalStore(store), KEY), Request())
+        outcome = restore(lib_config(ws, store, state_dir), Generations(LocalStore(store), KEY),
+                          Request())
     return outcome, logs
+
+
+def state_git_dir(state_dir: Path) -> Path:
+    """watcherd's own repository (the snapshot history) in ``state_dir``."""
+    return state_dir / KEY / "repo.git"
 
 
 # -- what is in a commit, the store, the repository ------------------------------------------------
@@ -318,17 +329,18 @@ def lib_restore(ws: Path, store: Path):
 _BLOBS: dict[str, bytes] = {}  # blob id -> content; the megabytes of assets are read once
 
 
-def commit_state(repo: Path, commit: str) -> dict[str, tuple]:
-    """What :func:`helpers.tree_state` gives for a checkout of ``commit``."""
-    out = subprocess.run(["git", "ls-tree", "-r", "-z", "--full-tree", commit], cwd=repo,
-                         capture_output=True, check=True).stdout
+def commit_state(git_dir: Path, commit: str) -> dict[str, tuple]:
+    """What :func:`helpers.tree_state` gives for a checkout of ``commit`` (in ``git_dir``)."""
+    out = subprocess.run(["git", f"--git-dir={git_dir}", "ls-tree", "-r", "-z", "--full-tree",
+                          commit], capture_output=True, check=True).stdout
     entries = []
     for record in filter(None, out.split(b"\0")):
         meta, path = record.split(b"\t", 1)
         mode, _, oid = meta.split()
         entries.append((mode, oid.decode(), os.fsdecode(path)))
     missing = sorted({oid for _, oid, _ in entries if oid not in _BLOBS})
-    batch = subprocess.run(["git", "cat-file", "--batch"], cwd=repo, check=True, capture_output=True,
+    batch = subprocess.run(["git", f"--git-dir={git_dir}", "cat-file", "--batch"], check=True,
+                           capture_output=True,
                            input="".join(f"{oid}\n" for oid in missing).encode()).stdout
     pos = 0
     for oid in missing:
@@ -347,29 +359,32 @@ def commit_state(repo: Path, commit: str) -> dict[str, tuple]:
     return state
 
 
-def fsck(repo: Path) -> tuple[list[str], list[str]]:
+def fsck(git_dir: Path) -> tuple[list[str], list[str]]:
     """What ``git fsck --no-dangling`` says is wrong, and the garbage it only warns about.
 
     A killed git can leave temporary object files (``tmp_obj_*``, ``tmp_pack_*``): fsck warns
     "garbage found", git ignores them and ``git gc`` removes them after two weeks. They are
-    counted, not failed on; anything else fsck says, or a non-zero exit, is corruption.
+    counted, not failed on; so are fsck's notices (watcherd's bare repository has no branch for
+    its HEAD: "notice: HEAD points to an unborn branch"). Anything else fsck says, or a non-zero
+    exit, is corruption.
     """
-    r = subprocess.run(["git", "fsck", "--no-dangling", "--no-progress"], cwd=repo,
+    r = subprocess.run(["git", f"--git-dir={git_dir}", "fsck", "--no-dangling", "--no-progress"],
                        capture_output=True, text=True)
     lines = (r.stdout + r.stderr).splitlines()
     garbage = [line for line in lines if line.startswith("warning: garbage found:")]
-    errors = [line for line in lines if line not in garbage]
+    errors = [line for line in lines if line not in garbage and not line.startswith("notice:")]
     if r.returncode != 0 and not errors:
         errors = [f"git fsck exited {r.returncode}"]
     return errors, garbage
 
 
-def lock_files(repo: Path) -> list[str]:
-    return sorted(p.relative_to(repo).as_posix() for p in (repo / ".git").rglob("*.lock"))
+def lock_files(*roots: Path) -> list[str]:
+    """Lock files under each of ``roots`` (watcherd's state directory, the workspace's .git)."""
+    return sorted(p.as_posix() for root in roots for p in root.rglob("*.lock"))
 
 
-def snapshot_chain(repo: Path) -> list[str]:
-    r = subprocess.run(["git", "rev-list", "--first-parent", SNAPSHOT_REF], cwd=repo,
+def snapshot_chain(git_dir: Path) -> list[str]:
+    r = subprocess.run(["git", f"--git-dir={git_dir}", "rev-list", "--first-parent", SNAPSHOT_REF],
                        capture_output=True, text=True)
     return r.stdout.split() if r.returncode == 0 else []
 
@@ -444,21 +459,28 @@ class Tally:
 
 
 class StoreChecker:
-    """Checks the store, the workspace's repository and a restore after each kill of a saver."""
+    """Checks the store, watcherd's repository (and the workspace's) and a restore after each
+    kill of a saver."""
 
-    def __init__(self, ws: Path, store: Path, scratch: Path, writer: Writer, tally: Tally) -> None:
+    def __init__(self, ws: Path, store: Path, state_dir: Path, scratch: Path, writer: Writer,
+                 tally: Tally) -> None:
         self.ws, self.store, self.scratch, self.writer, self.tally = ws, store, scratch, writer, tally
+        self.state_dir = state_dir
+        self.repo = state_git_dir(state_dir)
         self.seen: mf.Generation | None = None
         self.seen_state: dict[str, tuple] | None = None
         self.gens: set[int] = set()
 
     def check(self, context: str) -> None:
         t = self.tally
-        errors, garbage = fsck(self.ws)
-        if errors:
-            t.problem("corrupt", f"{context}: git fsck of the workspace: {errors[:5]}")
-        t.fsck_garbage += bool(garbage)
-        t.locks_left += any("/spool/" not in lock for lock in lock_files(self.ws))
+        for name, git_dir in (("watcherd's repository", self.repo),
+                              ("the workspace's repository", self.ws / ".git")):
+            errors, garbage = fsck(git_dir)
+            if errors:
+                t.problem("corrupt", f"{context}: git fsck of {name}: {errors[:5]}")
+            t.fsck_garbage += bool(garbage)
+        t.locks_left += any("/spool/" not in lock
+                            for lock in lock_files(self.state_dir, self.ws / ".git"))
         blob = self.store / KEY / "manifest.json"
         if not blob.exists():
             if self.seen is not None:
@@ -478,7 +500,7 @@ class StoreChecker:
                 t.problem("corrupt", f"{context}: generation {gen.generation}'s bundle does not "
                                      "match the manifest's size and sha256")
         current = manifest.current
-        chain = snapshot_chain(self.ws)
+        chain = snapshot_chain(self.repo)
         if self.seen is not None:
             if current.generation < self.seen.generation:
                 t.problem("lost", f"{context}: generation went back from "
@@ -494,11 +516,11 @@ class StoreChecker:
                 continue
             if gen.snapshot not in chain:
                 t.problem("corrupt", f"{context}: generation {gen.generation}'s snapshot "
-                                     f"{gen.snapshot[:12]} is not a commit of the workspace's "
-                                     "refs/watcherd/snapshots")
+                                     f"{gen.snapshot[:12]} is not a commit of watcherd's "
+                                     "snapshot history")
                 return
             self.gens.add(gen.generation)
-            state = commit_state(self.ws, gen.snapshot)
+            state = commit_state(self.repo, gen.snapshot)
             for p in lost_edits(self.writer, self.seen_state, state):
                 t.problem("lost", f"{context}: generation {gen.generation}: {p}")
             self.seen, self.seen_state = gen, state
@@ -506,9 +528,11 @@ class StoreChecker:
         self.check_restore(current, self.seen_state, context)
 
     def check_restore(self, gen: mf.Generation, state: dict[str, tuple], context: str) -> None:
+        """A new pod restores ``gen`` (a state directory of its own)."""
         target = self.scratch / f"restored-{gen.generation}"
+        state_dir = self.scratch / f"restored-{gen.generation}-state"
         try:
-            outcome, logs = lib_restore(target, self.store)
+            outcome, logs = lib_restore(target, self.store, state_dir)
         except Exception as exc:  # noqa: BLE001
             self.tally.problem("corrupt", f"{context}: restore of generation {gen.generation} "
                                           f"failed: {exc}")
@@ -520,9 +544,15 @@ class StoreChecker:
         elif tree_state(target) != state:
             self.tally.problem("corrupt", f"{context}: restored tree of generation "
                                           f"{gen.generation} differs from its snapshot commit")
-        elif git(target, "rev-parse", SNAPSHOT_REF) != gen.snapshot:
-            self.tally.problem("corrupt", f"{context}: restored snapshot ref is not {gen.snapshot}")
+        elif git(target, f"--git-dir={state_git_dir(state_dir)}", "rev-parse",
+                 SNAPSHOT_REF) != gen.snapshot:
+            self.tally.problem("corrupt", f"{context}: the restored snapshot history does not "
+                                          f"end at {gen.snapshot}")
+        elif git(target, "for-each-ref", "refs/watcherd"):
+            self.tally.problem("corrupt", f"{context}: the restored workspace holds watcherd's "
+                                          "refs")
         shutil.rmtree(target)
+        shutil.rmtree(state_dir)
 
 
 # -- killing savers ----------------------------------------------------------------------------------
@@ -538,7 +568,8 @@ def settle_and_check_everything_saved(ws: Path, store: Path, writer: Writer, che
         blob = store / KEY / "manifest.json"
         if not blob.exists():
             return False
-        state = commit_state(ws, mf.parse(blob.read_bytes(), "manifest").current.snapshot)
+        state = commit_state(checker.repo,
+                             mf.parse(blob.read_bytes(), "manifest").current.snapshot)
         return all(state.get(rel, (None,))[-1] == data for rel, data in final.items())
 
     try:
@@ -551,23 +582,26 @@ def settle_and_check_everything_saved(ws: Path, store: Path, writer: Writer, che
         tally.problem("lost", "the last generation's tree is not the workspace's tree")
 
 
-def check_nothing_left_behind(ws: Path, store: Path, tally: Tally) -> None:
+def check_nothing_left_behind(ws: Path, store: Path, state_dir: Path, tally: Tally) -> None:
     left = [p.relative_to(store).as_posix() for p in store.rglob(".tmp-*")]
-    left += [p.relative_to(ws).as_posix() for p in (ws / ".git" / "watcherd" / "spool").glob("*")
+    left += [p.relative_to(state_dir).as_posix() for p in (state_dir / KEY / "spool").glob("*")
              if not p.name.startswith(".")]
     if left:
         tally.problem("leak", f"killed saves left files that nothing removes: {left}")
-    if lock_files(ws):
-        tally.problem("leak", f"lock files left after a clean run: {lock_files(ws)}")
+    locks = lock_files(state_dir, ws / ".git")
+    if locks:
+        tally.problem("leak", f"lock files left after a clean run: {locks}")
 
 
 def saver_setup(tmp_path: Path, seed: int, tally: Tally):
     ws = make_workspace(tmp_path / "ws")
     store = tmp_path / "store"
-    config = write_config(tmp_path / "watcherd.toml", ws, store)
+    state_dir = tmp_path / "state"
+    config = write_config(tmp_path / "watcherd.toml", ws, store, state_dir)
     (tmp_path / "scratch").mkdir()
     writer = Writer(ws, seed)
-    return ws, store, config, writer, StoreChecker(ws, store, tmp_path / "scratch", writer, tally)
+    return ws, store, config, writer, StoreChecker(ws, store, state_dir, tmp_path / "scratch",
+                                                   writer, tally)
 
 
 def typical_seconds(logs: list[dict], event: str, default: float) -> float:
@@ -636,7 +670,7 @@ def kill_daemon_repeatedly(tmp_path: Path, runs: int, seed: int) -> Tally:
         d.proc.send_signal(signal.SIGTERM)
         if d.wait(30) != 0 or d.failures():
             tally.problem("exit", f"the last daemon did not stop cleanly:\n{d.text()}")
-        check_nothing_left_behind(ws, store, tally)
+        check_nothing_left_behind(ws, store, checker.state_dir, tally)
     finally:
         writer.stop()
         tally.edits = writer.edits
@@ -708,7 +742,7 @@ def kill_snapshot_command_repeatedly(tmp_path: Path, runs: int, seed: int) -> Ta
         if p.wait(60) != 0:
             tally.problem("exit", f"the last snapshot failed:\n{p.text()}")
         settle_and_check_everything_saved(ws, store, writer, checker, tally)
-        check_nothing_left_behind(ws, store, tally)
+        check_nothing_left_behind(ws, store, checker.state_dir, tally)
     finally:
         writer.stop()
         tally.edits = writer.edits
@@ -753,10 +787,8 @@ def full_state(root: Path, skip=lambda name: False) -> dict[str, tuple] | None:
 
 def make_stored_workspace(path: Path, store: Path) -> mf.Generation:
     """A workspace with enough files that checking it out takes a while, saved as generation 1;
-    with an uncommitted edit, an untracked file and a deleted file, as a real snapshot has."""
-    from watcherd import snapshot
-    from watcherd.git import Git
-
+    with an uncommitted edit, an untracked file and a deleted file, as a real snapshot has. Its
+    state directory is ``<path>-state``."""
     make_workspace(path)
     for d in range(10):
         (path / "src" / f"pkg{d:02}").mkdir(parents=True)
@@ -767,10 +799,11 @@ def make_stored_workspace(path: Path, store: Path) -> mf.Generation:
     (path / "README.md").write_text("# app, edited\n")
     (path / "untracked.txt").write_text("not committed yet\n")
     (path / "src" / "pkg00" / "m00.py").unlink()
+    repo = Repo(path.with_name(f"{path.name}-state"), KEY, path)
     with capture_logs():
-        snapshot.take(Git(path))
-        Generations(LocalStore(store), KEY).save(Git(path), "shadow",
-                                                 path / ".git" / "watcherd" / "spool")
+        snapshot.prepare(repo)
+        snapshot.take(repo)
+        Generations(LocalStore(store), KEY).save(repo)
     return mf.parse((store / KEY / "manifest.json").read_bytes(), "manifest").current
 
 
@@ -785,16 +818,19 @@ def make_foreign(path: Path, entries: int) -> None:
 
 
 class RestoreChecker:
-    """What a killed ``watcherd restore`` may leave in a workspace, and what its rerun must give."""
+    """What a killed ``watcherd restore`` may leave in a workspace and in its state directory,
+    and what its rerun (the same pod again: the same state directory) must give."""
 
-    def __init__(self, target: Path, store: Path, gen: mf.Generation, expected: dict, mount: bool,
-                 tally: Tally) -> None:
+    def __init__(self, target: Path, store: Path, state_dir: Path, gen: mf.Generation,
+                 expected: dict, mount: bool, tally: Tally) -> None:
         self.target, self.store, self.gen, self.expected = target, store, gen, expected
+        self.state_dir = state_dir
         self.mount, self.tally = mount, tally
 
     def scratch(self, name: str) -> bool:
-        """Names a killed restore may leave inside a mount point until its rerun."""
-        return self.mount and name.startswith((".watcherd-restore", ".watcherd-download-"))
+        """Names a killed restore may leave inside a mount point until its rerun (its staging
+        tree; downloads go to the state directory)."""
+        return self.mount and name.startswith(".watcherd-restore-")
 
     def not_the_workspace(self, name: str) -> bool:
         return self.scratch(name) or (self.mount and name.startswith(".watcherd-aside-"))
@@ -804,20 +840,36 @@ class RestoreChecker:
             return sorted(self.target.glob(".watcherd-aside-*"))
         return sorted(self.target.parent.glob(f"{self.target.name}.watcherd-*"))
 
-    def restored(self, *, markers_cleared: bool = True) -> bool:
-        """The stored tree, HEAD and snapshot history are in place; ``markers_cleared``: and the
-        restore finished (right after a kill, the markers of a mount point's move may remain
-        for the rerun to clear)."""
+    def journal(self) -> dict | None:
+        """The restore's journal in the state directory, None when there is none."""
+        try:
+            return json.loads((self.state_dir / KEY / JOURNAL).read_text())
+        except FileNotFoundError:
+            return None
+
+    def resumable(self) -> bool:
+        """A mount point's move stopped half-way, and the journal says how to finish it: the
+        staged tree is complete (phase ready or moving) and still where the journal says."""
+        j = self.journal()
+        return bool(self.mount and j and j.get("phase") in ("ready", "moving")
+                    and Path(j["staging"]).is_dir() and Path(j["staging"]).parent == self.target)
+
+    def restored(self, *, finished: bool = True) -> bool:
+        """The stored tree, HEAD and snapshot history are in place (the history in watcherd's
+        repository, none of watcherd's refs in the workspace's); ``finished``: and the restore's
+        journal is cleared (right after a kill it may remain, for the rerun to clear)."""
         t = self.target
         if not (t / ".git").is_dir():
             return False
-        if markers_cleared and any((t / ".git" / "watcherd" / m).exists()
-                                   for m in ("READY", "MOVING", "SWAPPED")):
+        if finished and self.journal() is not None:
             return False
         now = {k: v for k, v in tree_state(t).items()
                if not self.not_the_workspace(k.split("/")[0])}
+        history = subprocess.run(["git", f"--git-dir={state_git_dir(self.state_dir)}",
+                                  "rev-parse", "--verify", "-q", SNAPSHOT_REF],
+                                 capture_output=True, text=True).stdout.strip()
         return (now == self.expected and git(t, "rev-parse", "HEAD") == self.gen.head
-                and git(t, "rev-parse", SNAPSHOT_REF) == self.gen.snapshot)
+                and history == self.gen.snapshot and git(t, "for-each-ref", "refs/watcherd") == "")
 
     def old_contents_kept(self, before: dict | None, context: str, *, killed: bool = False) -> None:
         """The workspace's old contents are whole in one place: still there, or in an aside (or,
@@ -834,26 +886,27 @@ class RestoreChecker:
                                        f"anywhere (asides: {[a.name for a in self.asides()]})")
 
     def after_kill(self, before: dict | None, context: str) -> None:
-        """Untouched, restored, or (mount point) marked complete for the rerun to finish."""
+        """Untouched, restored, or (mount point) resumable as the journal says."""
         now = full_state(self.target, self.not_the_workspace)
         if now == before:
             verdict = "untouched"
-        elif self.restored(markers_cleared=False):
+        elif self.restored(finished=False):
             verdict = "restored"
-        elif self.mount and (self.target / STAGING_READY).exists():
+        elif self.resumable():
             verdict = "resumable"
         else:
             verdict = "neither"
             what = "missing" if now is None else f"{len(now)} entries"
             self.tally.problem("corrupt", f"{context}: the workspace is neither untouched nor "
-                                          f"restored nor resumable ({what})")
+                                          f"restored nor resumable ({what}; journal "
+                                          f"{self.journal()})")
         self.tally.left[verdict] += 1
         if verdict != "resumable":
             self.old_contents_kept(before, context, killed=True)
 
     def after_rerun(self, before: dict | None, context: str) -> None:
         try:
-            outcome, _ = lib_restore(self.target, self.store)
+            outcome, _ = lib_restore(self.target, self.store, self.state_dir)
         except Exception as exc:  # noqa: BLE001 - counted and reported
             self.tally.problem("corrupt", f"{context}: the rerun failed: {exc}")
             return
@@ -875,11 +928,23 @@ class RestoreChecker:
         else:
             left = [p.name for p in self.target.parent.iterdir()
                     if p.name.startswith(f".{self.target.name}.watcherd-")]
+        left += [p.name for p in (self.state_dir / KEY).glob("download-*")]
         if left:
             self.tally.problem("leak", f"{context}: the rerun left {left}")
+        # The daemon of this pod (the same state directory) continues from the restored history:
+        # its first snapshot finds nothing new, and starts no new history.
+        repo = Repo(self.state_dir, KEY, self.target)
+        with capture_logs() as logs:
+            snapshot.prepare(repo)
+            snap = snapshot.take(repo)
+        if snap.commit is not None or repo.snapshot_head() != self.gen.snapshot:
+            self.tally.problem("corrupt", f"{context}: the daemon would not continue the restored "
+                                          f"history (snapshot {snap.commit}, log "
+                                          f"{[e['event'] for e in logs]})")
 
     def reset(self, variant: str) -> dict | None:
-        """Put the workspace in ``variant``'s state; what it holds then."""
+        """A new pod: put the workspace in ``variant``'s state, with a new state directory; what
+        the workspace holds then."""
         t = self.target
         for aside in self.asides():
             shutil.rmtree(aside)
@@ -888,14 +953,12 @@ class RestoreChecker:
                 shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
         elif t.exists():
             shutil.rmtree(t)
+        shutil.rmtree(self.state_dir, ignore_errors=True)
         if variant == "empty":
             t.mkdir(exist_ok=True)
         elif variant == "foreign":
             make_foreign(t, 200)
         return full_state(t)
-
-
-STAGING_READY = Path(".watcherd-restore") / ".git" / "watcherd" / "READY"
 
 
 def kill_restore_repeatedly(tmp_path: Path, target: Path, runs: int, seed: int,
@@ -910,9 +973,12 @@ def kill_restore_repeatedly(tmp_path: Path, target: Path, runs: int, seed: int,
                   f"slow tests/test_crash.py -k restore_{'mount' if mount else 'beside'})",
                   restore=True)
     store = tmp_path / "store"
-    gen = make_stored_workspace(tmp_path / "source", store)
-    config = write_config(tmp_path / "restore.toml", target, store)
-    checker = RestoreChecker(target, store, gen, commit_state(tmp_path / "source", gen.snapshot),
+    source = tmp_path / "source"
+    gen = make_stored_workspace(source, store)
+    state_dir = tmp_path / "restore-state"
+    config = write_config(tmp_path / "restore.toml", target, store, state_dir)
+    checker = RestoreChecker(target, store, state_dir, gen,
+                             commit_state(state_git_dir(source.with_name("source-state")), gen.snapshot),
                              mount, tally)
     variants = ["empty", "foreign"] if mount else ["absent", "empty", "foreign"]
     started = time.monotonic()
