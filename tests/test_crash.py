@@ -1,12 +1,13 @@
 """Crash consistency: SIGKILL at random points of a save or a restore, then check what is left.
 
 Each run kills a real process — ``watcherd run``, ``watcherd snapshot``, ``watcherd restore`` — at a
-random point, together with the git processes it started (the whole process group, as a container
-runtime or systemd's ``KillMode=mixed`` does), while a writer keeps editing the workspace. The point
-is a random delay (after start-up, or after the process logged that a save or a snapshot began), or
-just before a random one of watcherd's own file operations (renames, links, unlinks: the short steps
-that publish, swap, prune and place, which a timer almost never hits). After each kill, and after
-the rerun that follows it:
+random point, together with the git processes it started (every process of its tree, as a
+container runtime or systemd's final SIGKILL to a unit's cgroup does: watcherd starts each git in
+a session of its own, so its process group is not the whole of it), while a writer keeps editing
+the workspace. The point is a random delay (after start-up, or after the process logged that a
+save or a snapshot began), or just before a random one of watcherd's own file operations (renames,
+links, unlinks: the short steps that publish, swap, prune and place, which a timer almost never
+hits). After each kill, and after the rerun that follows it:
 
 - the store's manifest parses and names complete bundles whose size and sha256 match;
 - the stored generation moved only forward, to a commit of watcherd's snapshot history (in its
@@ -15,8 +16,10 @@ the rerun that follows it:
 - every edit a generation held is still in every later generation (the writer only appends, so a
   file in a later generation must extend the same file in an earlier one), and after the last
   restart every edit reaches the store;
-- watcherd's repository and the workspace's pass ``git fsck --no-dangling``; no lock left by the
-  killed process makes a later snapshot or save fail;
+- watcherd's repository passes ``git fsck --no-dangling`` on its own objects (without the
+  workspace's, which it reads through a link farm: every object its history needs is in its own
+  packs), and so does the workspace's repository; no lock left by the killed process makes a
+  later snapshot or save fail;
 - a killed restore left the workspace untouched, fully restored, or (in a mount point) resumable
   as its journal in the state directory says, and a rerun (the same pod: the same state
   directory) finishes the job without losing what was there before, and leaves a history the
@@ -36,6 +39,7 @@ import os
 import random
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import threading
@@ -180,13 +184,33 @@ def lost_edits(writer: Writer, earlier: dict[str, tuple] | None, later: dict[str
 
 
 # Runs watcherd with every file operation of its own code logged and counted (renames, links,
-# unlinks, mkdir, rmdir, chmod: the steps that place, publish and prune); at the N-th the whole
-# process group is killed, just before the operation. A kill at a random time mostly lands in git
-# or in Python's start-up; this one lands on the boundaries between watcherd's own steps. N = 0
-# only counts.
+# unlinks, mkdir, rmdir, chmod: the steps that place, publish and prune); at the N-th, just before
+# the operation, it stops its children and itself (SIGSTOP: no thread of it runs on) and says so,
+# and the test kills the whole tree (Proc.kill). A kill at a random time mostly lands in git or in
+# Python's start-up; this one lands on the boundaries between watcherd's own steps. N = 0 only
+# counts.
 _KILL_AT_OP = r"""
 import json, os, signal, sys
 n, count = int(sys.argv[1]), 0
+def children(pid):
+    found = []
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            found += [int(c) for c in open(f"/proc/{pid}/task/{tid}/children").read().split()]
+        except OSError:
+            pass
+    return found
+def halt():
+    print(json.dumps({"event": "test.halted", "n": count}), flush=True)
+    stack = children(os.getpid())
+    while stack:
+        pid = stack.pop()
+        try:
+            os.kill(pid, signal.SIGSTOP)
+            stack += children(pid)
+        except OSError:
+            pass
+    os.kill(os.getpid(), signal.SIGSTOP)
 def counted(name):
     real = getattr(os, name)
     def op(*args, **kwargs):
@@ -195,7 +219,7 @@ def counted(name):
         print(json.dumps({"event": "test.op", "n": count, "op": name, "path": str(args[0])}),
               flush=True)
         if count == n:
-            os.killpg(0, signal.SIGKILL)
+            halt()
         return real(*args, **kwargs)
     setattr(os, name, op)
 for name in ("rename", "replace", "link", "unlink", "remove", "mkdir", "rmdir", "chmod"):
@@ -204,6 +228,55 @@ from watcherd.cli import main
 sys.argv[1:] = sys.argv[2:]
 sys.exit(main())
 """
+
+
+def _children(pid: int) -> list[int]:
+    found: list[int] = []
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return found
+    for tid in tids:
+        try:
+            found += [int(c) for c in Path(f"/proc/{pid}/task/{tid}/children").read_text().split()]
+        except OSError:
+            pass
+    return found
+
+
+def _stopped(pid: int) -> bool:
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True  # gone
+    return raw[raw.rindex(")") + 2] in "TtZX"
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL ``pid`` and every process it started, as a container runtime (or systemd's
+    cgroup) ends every process of a container at once.
+
+    Its process group is not enough: watcherd starts each git in a session of its own (to kill it
+    on a timeout), and a git that outlived its watcherd would go on writing (into a staging tree a
+    rerun has removed, into an index) as no real kill allows. The tree is stopped first, so
+    nothing in it starts another process while it is collected."""
+    seen: list[int] = []
+    new = [pid]
+    while new:
+        for p in new:
+            try:
+                os.kill(p, signal.SIGSTOP)
+            except ProcessLookupError:
+                pass
+        seen += new
+        wait_for(lambda: all(_stopped(p) for p in new), timeout=10, interval=0.001,
+                 message=f"processes {new} to stop")
+        new = [c for p in seen for c in _children(p) if c not in seen]
+    for p in seen:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 class Proc:
@@ -233,14 +306,24 @@ class Proc:
             first = 1 + sum(1 for line in self.log.lines[:at] if line.get("event") == "test.op")
         return range(first, len(ops) + 1)
 
+    def halted(self, timeout: float) -> bool:
+        """Whether a run with ``kill_at_op`` reached its operation and stopped there (for
+        :meth:`kill`), or ended, within ``timeout`` seconds."""
+        try:
+            self.log.wait("test.halted", timeout=timeout)
+            return True
+        except AssertionError:  # its output ended, or the time is up
+            try:
+                self.proc.wait(1)
+                return True
+            except subprocess.TimeoutExpired:
+                return False
+
     def kill(self) -> bool:
         """SIGKILL the process and every git it started; True if that is how it ended (by this
-        kill or by its own injected one), False if it had exited by itself."""
+        kill, at a random time or where it halted), False if it had exited by itself."""
         if self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            kill_tree(self.proc.pid)
         self.proc.wait(10)
         self.log.join()
         return self.proc.returncode == -signal.SIGKILL
@@ -252,8 +335,9 @@ class Proc:
 
     def last_op(self) -> str:
         """`` (rename)`` for a run killed at a file operation: the one it was about to make."""
+        halted = any(line.get("event") == "test.halted" for line in self.log.lines)
         ops = [line["op"] for line in self.log.lines if line.get("event") == "test.op"]
-        return f" ({ops[-1]})" if ops and self.proc.returncode == -signal.SIGKILL else ""
+        return f" ({ops[-1]})" if ops and halted else ""
 
     def last_step(self, steps: dict[str, str], before: str) -> str:
         """The step the last logged event in ``steps`` says the process was in."""
@@ -378,6 +462,21 @@ def fsck(git_dir: Path) -> tuple[list[str], list[str]]:
     return errors, garbage
 
 
+def fsck_own(git_dir: Path, scratch: Path) -> tuple[list[str], list[str]]:
+    """:func:`fsck` of watcherd's repository on its own objects: a hard-linked copy without its
+    alternate (the workspace's objects, read through ``workspace-objects/``, which a kill may
+    leave half rebuilt and the next snapshot rebuilds). A user's ``git gc`` may delete any of
+    the workspace's objects, so watcherd's history must not need one."""
+    copy = scratch / "fsck-own.git"
+    shutil.rmtree(copy, ignore_errors=True)
+    subprocess.run(["cp", "-al", str(git_dir), str(copy)], check=True)
+    (copy / "objects" / "info" / "alternates").unlink(missing_ok=True)
+    try:
+        return fsck(copy)
+    finally:
+        shutil.rmtree(copy)
+
+
 def lock_files(*roots: Path) -> list[str]:
     """Lock files under each of ``roots`` (watcherd's state directory, the workspace's .git)."""
     return sorted(p.as_posix() for root in roots for p in root.rglob("*.lock"))
@@ -473,9 +572,9 @@ class StoreChecker:
 
     def check(self, context: str) -> None:
         t = self.tally
-        for name, git_dir in (("watcherd's repository", self.repo),
-                              ("the workspace's repository", self.ws / ".git")):
-            errors, garbage = fsck(git_dir)
+        for name, (errors, garbage) in (
+                ("watcherd's repository (its own objects)", fsck_own(self.repo, self.scratch)),
+                ("the workspace's repository", fsck(self.ws / ".git"))):
             if errors:
                 t.problem("corrupt", f"{context}: git fsck of {name}: {errors[:5]}")
             t.fsck_garbage += bool(garbage)
@@ -620,24 +719,24 @@ def kill_daemon_repeatedly(tmp_path: Path, runs: int, seed: int) -> Tally:
                   "(or: .venv/bin/python -m pytest -m slow tests/test_crash.py -k daemon)")
     ws, store, config, writer, checker = saver_setup(tmp_path, seed, tally)
     logs: list[dict] = []
-    startup_ops, cycle_ops = 0, 10
+    # How many file operations a start makes up to READY (the last run's), from READY to its first
+    # save, and in a save: every run counts them, so that a file-operation kill aims at the save
+    # cycles that follow a restart, past the first snapshot's rebuild of workspace-objects/.
+    ready_ops, to_save_ops, cycle_ops = 0, [0], [10]
     started = time.monotonic()
     writer.start()
     try:
         for n in range(runs):
             tally.runs += 1
             aim = ("anywhere", "save", "snapshot", "file operation")[n % 4]
-            kill_at = None
+            kill_at = 0  # only counts
             if aim == "file operation":
-                kill_at = startup_ops + rng.randint(1, 2 * cycle_ops)
-            elif n == 0:
-                kill_at = 0  # only counts: how many file operations a start and a save make
-            d = Proc(config, "run", kill_at_op=kill_at)
+                kill_at = (ready_ops + statistics.median(to_save_ops)
+                           + rng.randint(1, 2 * int(statistics.median(cycle_ops))))
+            d = Proc(config, "run", kill_at_op=int(kill_at))
             d.log.wait("daemon.ready", timeout=20)
             if aim == "file operation":
-                try:
-                    d.proc.wait(10)
-                except subprocess.TimeoutExpired:
+                if not d.halted(10):
                     aim = "anywhere"  # fewer operations than expected: a kill now will do
             elif aim == "anywhere":
                 time.sleep(rng.uniform(0, DAEMON_KILL_WINDOW))  # the random point
@@ -651,10 +750,11 @@ def kill_daemon_repeatedly(tmp_path: Path, runs: int, seed: int) -> Tally:
                 time.sleep(rng.uniform(0, 1.2 * typical_seconds(logs, event, 0.3)))
             if not d.kill():
                 tally.problem("exit", f"the daemon exited by itself:\n{d.text()}")
-            if n == 0:
-                startup_ops = len(d.file_operations(after="daemon.ready"))
-                startup_ops = len(d.file_operations()) - startup_ops
-                cycle_ops = max(cycle_ops, _ops_per_save(d.log.lines))
+            ready_ops = d.file_operations(after="daemon.ready").start - 1
+            if saving := d.file_operations(after="generation.saving"):
+                to_save_ops.append(saving.start - 1 - ready_ops)
+            if per_save := _ops_per_save(d.log.lines):
+                cycle_ops.append(per_save)
             tally.kills += 1
             tally.how[aim if aim == "file operation" else f"timer ({aim})"] += 1
             tally.steps[d.last_step(SAVE_STEPS, "waiting") + d.last_op()] += 1
@@ -719,7 +819,7 @@ def kill_snapshot_command_repeatedly(tmp_path: Path, runs: int, seed: int) -> Ta
                 every, last_steps = max(ops, key=lambda o: len(o[1]))
                 at = rng.choice(every if n % 4 == 1 or not last_steps else last_steps)
                 p = Proc(config, "snapshot", "--standalone", kill_at_op=at)
-                p.proc.wait(60)
+                p.halted(60)
                 how = "file operation"
             else:
                 p = Proc(config, "snapshot", "--standalone")
@@ -1002,7 +1102,7 @@ def kill_restore_repeatedly(tmp_path: Path, target: Path, runs: int, seed: int,
         if (n // len(variants)) % 2:
             every, placing = ops[variant]
             p = Proc(config, "restore", kill_at_op=rng.choice(every if rng.random() < 0.5 else placing))
-            p.proc.wait(60)
+            p.halted(60)
             how = "file operation"
         else:
             p = Proc(config, "restore")
