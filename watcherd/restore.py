@@ -416,8 +416,10 @@ def _install(repo: Repo, ws: Path, build) -> Path | None:
                 os.rename(staging, ws)
             _log.warning("restore.moved_aside", workspace=str(ws), moved_to=str(aside),
                          reason="the workspace held something that is not the stored history")
-    _journal(repo, None)
+    # Paired before the journal goes: a kill between the two leaves the journal, and the rerun
+    # pairs. The other way round, the rerun found neither and took the restored tree for foreign.
     repo.pair(ws)
+    _journal(repo, None)
     return aside
 
 
