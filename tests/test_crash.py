@@ -1014,9 +1014,12 @@ class RestoreChecker:
             self.tally.problem("corrupt", f"{context}: the rerun did not restore the workspace "
                                           f"({outcome})")
         self.old_contents_kept(before, context)
-        if before and len(self.asides()) != 1:
-            self.tally.problem("corrupt", f"{context}: the old contents are split over "
-                                          f"{[a.name for a in self.asides()]}")
+        # One aside for old contents, none for an empty or absent workspace: a second one holds
+        # what the restore should not have moved (its own tree, taken for foreign).
+        if len(self.asides()) != (1 if before else 0):
+            self.tally.problem("corrupt", f"{context}: the rerun left "
+                                          f"{[a.name for a in self.asides()]} (expected "
+                                          f"{'one aside' if before else 'none'})")
         for aside in self.asides() if self.mount else ():
             ignored = subprocess.run(["git", "check-ignore", "-q", f"{aside.name}/"],
                                      cwd=self.target).returncode == 0
