@@ -494,6 +494,11 @@ def _recover(repo: Repo, ws: Path) -> None:
             _log.warning("restore.resumed", workspace=str(ws), moved_to=str(aside),
                          note="gave the previous workspace its aside name")
         repo.pair(ws)
+    elif phase == "moving" and journal.get("mount") and not os.path.lexists(staging) and \
+            os.path.isdir(ws / ".git") and not os.path.islink(ws / ".git"):
+        # Killed after the last entry (.git) moved up and the emptied staging directory was
+        # removed, before the pairing: the tree is in place.
+        repo.pair(ws)
     elif phase in ("ready", "moving") and journal.get("mount") and ours:
         _log.warning("restore.resumed", workspace=str(ws), note="finishing an interrupted restore")
         _finish_mount(repo, journal)
