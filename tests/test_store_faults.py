@@ -828,6 +828,7 @@ def workspace_disk_full(lab: Lab, rng: random.Random, fills: int) -> Figures:
         assert os.statvfs(mnt).f_bavail == 0, "the disk was freed before the edits were saved"
         filler.unlink()
     fig.faults = edits.refused
+    fig.attempts = 1  # every upload succeeded at its first attempt (checked next)
     assert d.log.events("upload.failed", after=mark) == []
     assert d.log.events("snapshot.failed", after=mark) == []
     return check_everything_saved(d, view, fig, auditor=auditor, edits=edits, started=started)
