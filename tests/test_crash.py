@@ -1,23 +1,29 @@
 """Crash consistency: SIGKILL at random points of a save or a restore, then check what is left.
 
 Each run kills a real process — ``watcherd run``, ``watcherd snapshot``, ``watcherd restore`` — at a
-random point, together with the git processes it started (the whole process group, as a container
-runtime or systemd's ``KillMode=mixed`` does), while a writer keeps editing the workspace. The point
-is a random delay (after start-up, or after the process logged that a save or a snapshot began), or
-just before a random one of watcherd's own file operations (renames, links, unlinks: the short steps
-that publish, swap, prune and place, which a timer almost never hits). After each kill, and after
-the rerun that follows it:
+random point, together with the git processes it started (every process of its tree, as a
+container runtime or systemd's final SIGKILL to a unit's cgroup does: watcherd starts each git in
+a session of its own, so its process group is not the whole of it), while a writer keeps editing
+the workspace. The point is a random delay (after start-up, or after the process logged that a
+save or a snapshot began), or just before a random one of watcherd's own file operations (renames,
+links, unlinks: the short steps that publish, swap, prune and place, which a timer almost never
+hits). After each kill, and after the rerun that follows it:
 
 - the store's manifest parses and names complete bundles whose size and sha256 match;
-- the stored generation moved only forward, to a commit of ``refs/watcherd/snapshots``;
+- the stored generation moved only forward, to a commit of watcherd's snapshot history (in its
+  own repository, in the state directory);
 - a restore into an empty directory gives exactly that snapshot commit's tree (never a mix);
 - every edit a generation held is still in every later generation (the writer only appends, so a
   file in a later generation must extend the same file in an earlier one), and after the last
   restart every edit reaches the store;
-- the workspace's repository passes ``git fsck --no-dangling``; no lock left by the killed process
-  makes a later snapshot or save fail;
-- a killed restore left the workspace untouched, fully restored, or (in a mount point) marked
-  complete and resumable, and a rerun finishes the job without losing what was there before.
+- watcherd's repository passes ``git fsck --no-dangling`` on its own objects (without the
+  workspace's, which it reads through a link farm: every object its history needs is in its own
+  packs), and so does the workspace's repository; no lock left by the killed process makes a
+  later snapshot or save fail;
+- a killed restore left the workspace untouched, fully restored, or (in a mount point) resumable
+  as its journal in the state directory says, and a rerun (the same pod: the same state
+  directory) finishes the job without losing what was there before, and leaves a history the
+  daemon continues without a new snapshot.
 
 The default run kills a few times per scenario. The long runs (``make test-long``, marker
 ``slow``) kill ``WATCHERD_CRASH_RUNS`` times per scenario (default 300) and print a table: kills,
@@ -33,6 +39,7 @@ import os
 import random
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import threading
@@ -46,10 +53,12 @@ from helpers import git, tree_state, wait_for
 from structlog.testing import capture_logs
 
 from watcherd import manifest as mf
+from watcherd import snapshot
 from watcherd.bundle import file_digest
 from watcherd.config import Config, RestoreConfig, StoreConfig, WorkspaceConfig, parse_store_url
 from watcherd.generations import Generations
-from watcherd.restore import Request, restore
+from watcherd.repo import Repo
+from watcherd.restore import JOURNAL, Request, restore
 from watcherd.store.local import LocalStore
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="inotify is Linux-only")
@@ -175,13 +184,33 @@ def lost_edits(writer: Writer, earlier: dict[str, tuple] | None, later: dict[str
 
 
 # Runs watcherd with every file operation of its own code logged and counted (renames, links,
-# unlinks, mkdir, rmdir, chmod: the steps that place, publish and prune); at the N-th the whole
-# process group is killed, just before the operation. A kill at a random time mostly lands in git
-# or in Python's start-up; this one lands on the boundaries between watcherd's own steps. N = 0
-# only counts.
+# unlinks, mkdir, rmdir, chmod: the steps that place, publish and prune); at the N-th, just before
+# the operation, it stops its children and itself (SIGSTOP: no thread of it runs on) and says so,
+# and the test kills the whole tree (Proc.kill). A kill at a random time mostly lands in git or in
+# Python's start-up; this one lands on the boundaries between watcherd's own steps. N = 0 only
+# counts.
 _KILL_AT_OP = r"""
 import json, os, signal, sys
 n, count = int(sys.argv[1]), 0
+def children(pid):
+    found = []
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            found += [int(c) for c in open(f"/proc/{pid}/task/{tid}/children").read().split()]
+        except OSError:
+            pass
+    return found
+def halt():
+    print(json.dumps({"event": "test.halted", "n": count}), flush=True)
+    stack = children(os.getpid())
+    while stack:
+        pid = stack.pop()
+        try:
+            os.kill(pid, signal.SIGSTOP)
+            stack += children(pid)
+        except OSError:
+            pass
+    os.kill(os.getpid(), signal.SIGSTOP)
 def counted(name):
     real = getattr(os, name)
     def op(*args, **kwargs):
@@ -190,7 +219,7 @@ def counted(name):
         print(json.dumps({"event": "test.op", "n": count, "op": name, "path": str(args[0])}),
               flush=True)
         if count == n:
-            os.killpg(0, signal.SIGKILL)
+            halt()
         return real(*args, **kwargs)
     setattr(os, name, op)
 for name in ("rename", "replace", "link", "unlink", "remove", "mkdir", "rmdir", "chmod"):
@@ -199,6 +228,55 @@ from watcherd.cli import main
 sys.argv[1:] = sys.argv[2:]
 sys.exit(main())
 """
+
+
+def _children(pid: int) -> list[int]:
+    found: list[int] = []
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return found
+    for tid in tids:
+        try:
+            found += [int(c) for c in Path(f"/proc/{pid}/task/{tid}/children").read_text().split()]
+        except OSError:
+            pass
+    return found
+
+
+def _stopped(pid: int) -> bool:
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True  # gone
+    return raw[raw.rindex(")") + 2] in "TtZX"
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL ``pid`` and every process it started, as a container runtime (or systemd's
+    cgroup) ends every process of a container at once.
+
+    Its process group is not enough: watcherd starts each git in a session of its own (to kill it
+    on a timeout), and a git that outlived its watcherd would go on writing (into a staging tree a
+    rerun has removed, into an index) as no real kill allows. The tree is stopped first, so
+    nothing in it starts another process while it is collected."""
+    seen: list[int] = []
+    new = [pid]
+    while new:
+        for p in new:
+            try:
+                os.kill(p, signal.SIGSTOP)
+            except ProcessLookupError:
+                pass
+        seen += new
+        wait_for(lambda: all(_stopped(p) for p in new), timeout=10, interval=0.001,
+                 message=f"processes {new} to stop")
+        new = [c for p in seen for c in _children(p) if c not in seen]
+    for p in seen:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 class Proc:
@@ -228,14 +306,24 @@ class Proc:
             first = 1 + sum(1 for line in self.log.lines[:at] if line.get("event") == "test.op")
         return range(first, len(ops) + 1)
 
+    def halted(self, timeout: float) -> bool:
+        """Whether a run with ``kill_at_op`` reached its operation and stopped there (for
+        :meth:`kill`), or ended, within ``timeout`` seconds."""
+        try:
+            self.log.wait("test.halted", timeout=timeout)
+            return True
+        except AssertionError:  # its output ended, or the time is up
+            try:
+                self.proc.wait(1)
+                return True
+            except subprocess.TimeoutExpired:
+                return False
+
     def kill(self) -> bool:
         """SIGKILL the process and every git it started; True if that is how it ended (by this
-        kill or by its own injected one), False if it had exited by itself."""
+        kill, at a random time or where it halted), False if it had exited by itself."""
         if self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            kill_tree(self.proc.pid)
         self.proc.wait(10)
         self.log.join()
         return self.proc.returncode == -signal.SIGKILL
@@ -247,8 +335,9 @@ class Proc:
 
     def last_op(self) -> str:
         """`` (rename)`` for a run killed at a file operation: the one it was about to make."""
+        halted = any(line.get("event") == "test.halted" for line in self.log.lines)
         ops = [line["op"] for line in self.log.lines if line.get("event") == "test.op"]
-        return f" ({ops[-1]})" if ops and self.proc.returncode == -signal.SIGKILL else ""
+        return f" ({ops[-1]})" if ops and halted else ""
 
     def last_step(self, steps: dict[str, str], before: str) -> str:
         """The step the last logged event in ``steps`` says the process was in."""
@@ -290,8 +379,8 @@ RESTORE_STEPS = {
 }
 
 
-def write_config(path: Path, ws: Path, store: Path, *, keep: int = 3) -> Path:
-    lines = ["[workspace]", f'path = "{ws}"', "", "[watch]",
+def write_config(path: Path, ws: Path, store: Path, state_dir: Path, *, keep: int = 3) -> Path:
+    lines = ["[workspace]", f'path = "{ws}"', f'state_dir = "{state_dir}"', "", "[watch]",
              *(f'{k} = "{v}"' for k, v in TIMINGS.items()), "",
              "[store]", f'url = "file://{store}"', f'key = "{KEY}"', f"keep = {keep}", "",
              "[control]", 'listen = ""', "", "[log]", 'level = "debug"', 'format = "json"', ""]
@@ -299,17 +388,23 @@ def write_config(path: Path, ws: Path, store: Path, *, keep: int = 3) -> Path:
     return path
 
 
-def lib_config(ws: Path, store: Path) -> Config:
-    return Config(workspace=WorkspaceConfig(path=ws),
+def lib_config(ws: Path, store: Path, state_dir: Path) -> Config:
+    return Config(workspace=WorkspaceConfig(path=ws, state_dir=state_dir),
                   store=StoreConfig(url=parse_store_url(f"file://{store}"), key=KEY),
                   restore=RestoreConfig())
 
 
-def lib_restore(ws: Path, store: Path):
+def lib_restore(ws: Path, store: Path, state_dir: Path):
     """``watcherd restore`` in this process (quicker than a new one): outcome and its log events."""
     with capture_logs() as logs:
-        outcome = restore(lib_config(ws, store), Generations(LocalStore(store), KEY), Request())
+        outcome = restore(lib_config(ws, store, state_dir), Generations(LocalStore(store), KEY),
+                          Request())
     return outcome, logs
+
+
+def state_git_dir(state_dir: Path) -> Path:
+    """watcherd's own repository (the snapshot history) in ``state_dir``."""
+    return state_dir / KEY / "repo.git"
 
 
 # -- what is in a commit, the store, the repository ------------------------------------------------
@@ -318,17 +413,18 @@ def lib_restore(ws: Path, store: Path):
 _BLOBS: dict[str, bytes] = {}  # blob id -> content; the megabytes of assets are read once
 
 
-def commit_state(repo: Path, commit: str) -> dict[str, tuple]:
-    """What :func:`helpers.tree_state` gives for a checkout of ``commit``."""
-    out = subprocess.run(["git", "ls-tree", "-r", "-z", "--full-tree", commit], cwd=repo,
-                         capture_output=True, check=True).stdout
+def commit_state(git_dir: Path, commit: str) -> dict[str, tuple]:
+    """What :func:`helpers.tree_state` gives for a checkout of ``commit`` (in ``git_dir``)."""
+    out = subprocess.run(["git", f"--git-dir={git_dir}", "ls-tree", "-r", "-z", "--full-tree",
+                          commit], capture_output=True, check=True).stdout
     entries = []
     for record in filter(None, out.split(b"\0")):
         meta, path = record.split(b"\t", 1)
         mode, _, oid = meta.split()
         entries.append((mode, oid.decode(), os.fsdecode(path)))
     missing = sorted({oid for _, oid, _ in entries if oid not in _BLOBS})
-    batch = subprocess.run(["git", "cat-file", "--batch"], cwd=repo, check=True, capture_output=True,
+    batch = subprocess.run(["git", f"--git-dir={git_dir}", "cat-file", "--batch"], check=True,
+                           capture_output=True,
                            input="".join(f"{oid}\n" for oid in missing).encode()).stdout
     pos = 0
     for oid in missing:
@@ -347,29 +443,50 @@ def commit_state(repo: Path, commit: str) -> dict[str, tuple]:
     return state
 
 
-def fsck(repo: Path) -> tuple[list[str], list[str]]:
+def fsck(git_dir: Path) -> tuple[list[str], list[str]]:
     """What ``git fsck --no-dangling`` says is wrong, and the garbage it only warns about.
 
     A killed git can leave temporary object files (``tmp_obj_*``, ``tmp_pack_*``): fsck warns
     "garbage found", git ignores them and ``git gc`` removes them after two weeks. They are
-    counted, not failed on; anything else fsck says, or a non-zero exit, is corruption.
+    counted, not failed on; so are fsck's notices (watcherd's bare repository has no branch for
+    its HEAD: "notice: HEAD points to an unborn branch"). Anything else fsck says, or a non-zero
+    exit, is corruption.
     """
-    r = subprocess.run(["git", "fsck", "--no-dangling", "--no-progress"], cwd=repo,
+    r = subprocess.run(["git", f"--git-dir={git_dir}", "fsck", "--no-dangling", "--no-progress"],
                        capture_output=True, text=True)
     lines = (r.stdout + r.stderr).splitlines()
     garbage = [line for line in lines if line.startswith("warning: garbage found:")]
-    errors = [line for line in lines if line not in garbage]
+    errors = [line for line in lines if line not in garbage and not line.startswith("notice:")]
     if r.returncode != 0 and not errors:
         errors = [f"git fsck exited {r.returncode}"]
     return errors, garbage
 
 
-def lock_files(repo: Path) -> list[str]:
-    return sorted(p.relative_to(repo).as_posix() for p in (repo / ".git").rglob("*.lock"))
+def fsck_own(git_dir: Path, scratch: Path) -> tuple[list[str], list[str]]:
+    """:func:`fsck` of watcherd's repository on its own objects: a hard-linked copy without its
+    alternate (the workspace's objects, read through ``workspace-objects/``, which a kill may
+    leave half rebuilt and the next snapshot rebuilds). A user's ``git gc`` may delete any of
+    the workspace's objects, so watcherd's history must not need one."""
+    copy = scratch / "fsck-own.git"
+    shutil.rmtree(copy, ignore_errors=True)
+    subprocess.run(["cp", "-al", str(git_dir), str(copy)], check=True)
+    (copy / "objects" / "info" / "alternates").unlink(missing_ok=True)
+    try:
+        return fsck(copy)
+    finally:
+        shutil.rmtree(copy)
 
 
-def snapshot_chain(repo: Path) -> list[str]:
-    r = subprocess.run(["git", "rev-list", "--first-parent", SNAPSHOT_REF], cwd=repo,
+def lock_files(*roots: Path) -> list[str]:
+    """Lock files under each of ``roots`` (watcherd's state directory, the workspace's .git)
+    that a killed process leaves: git's ``*.lock`` files. Not ``daemon.lock``: it is held with
+    flock(2), its existence means nothing (the kernel releases it with the process)."""
+    return sorted(p.as_posix() for root in roots for p in root.rglob("*.lock")
+                  if p.name != "daemon.lock")
+
+
+def snapshot_chain(git_dir: Path) -> list[str]:
+    r = subprocess.run(["git", f"--git-dir={git_dir}", "rev-list", "--first-parent", SNAPSHOT_REF],
                        capture_output=True, text=True)
     return r.stdout.split() if r.returncode == 0 else []
 
@@ -444,21 +561,28 @@ class Tally:
 
 
 class StoreChecker:
-    """Checks the store, the workspace's repository and a restore after each kill of a saver."""
+    """Checks the store, watcherd's repository (and the workspace's) and a restore after each
+    kill of a saver."""
 
-    def __init__(self, ws: Path, store: Path, scratch: Path, writer: Writer, tally: Tally) -> None:
+    def __init__(self, ws: Path, store: Path, state_dir: Path, scratch: Path, writer: Writer,
+                 tally: Tally) -> None:
         self.ws, self.store, self.scratch, self.writer, self.tally = ws, store, scratch, writer, tally
+        self.state_dir = state_dir
+        self.repo = state_git_dir(state_dir)
         self.seen: mf.Generation | None = None
         self.seen_state: dict[str, tuple] | None = None
         self.gens: set[int] = set()
 
     def check(self, context: str) -> None:
         t = self.tally
-        errors, garbage = fsck(self.ws)
-        if errors:
-            t.problem("corrupt", f"{context}: git fsck of the workspace: {errors[:5]}")
-        t.fsck_garbage += bool(garbage)
-        t.locks_left += any("/spool/" not in lock for lock in lock_files(self.ws))
+        for name, (errors, garbage) in (
+                ("watcherd's repository (its own objects)", fsck_own(self.repo, self.scratch)),
+                ("the workspace's repository", fsck(self.ws / ".git"))):
+            if errors:
+                t.problem("corrupt", f"{context}: git fsck of {name}: {errors[:5]}")
+            t.fsck_garbage += bool(garbage)
+        t.locks_left += any("/spool/" not in lock
+                            for lock in lock_files(self.state_dir, self.ws / ".git"))
         blob = self.store / KEY / "manifest.json"
         if not blob.exists():
             if self.seen is not None:
@@ -478,7 +602,7 @@ class StoreChecker:
                 t.problem("corrupt", f"{context}: generation {gen.generation}'s bundle does not "
                                      "match the manifest's size and sha256")
         current = manifest.current
-        chain = snapshot_chain(self.ws)
+        chain = snapshot_chain(self.repo)
         if self.seen is not None:
             if current.generation < self.seen.generation:
                 t.problem("lost", f"{context}: generation went back from "
@@ -494,11 +618,11 @@ class StoreChecker:
                 continue
             if gen.snapshot not in chain:
                 t.problem("corrupt", f"{context}: generation {gen.generation}'s snapshot "
-                                     f"{gen.snapshot[:12]} is not a commit of the workspace's "
-                                     "refs/watcherd/snapshots")
+                                     f"{gen.snapshot[:12]} is not a commit of watcherd's "
+                                     "snapshot history")
                 return
             self.gens.add(gen.generation)
-            state = commit_state(self.ws, gen.snapshot)
+            state = commit_state(self.repo, gen.snapshot)
             for p in lost_edits(self.writer, self.seen_state, state):
                 t.problem("lost", f"{context}: generation {gen.generation}: {p}")
             self.seen, self.seen_state = gen, state
@@ -506,9 +630,11 @@ class StoreChecker:
         self.check_restore(current, self.seen_state, context)
 
     def check_restore(self, gen: mf.Generation, state: dict[str, tuple], context: str) -> None:
+        """A new pod restores ``gen`` (a state directory of its own)."""
         target = self.scratch / f"restored-{gen.generation}"
+        state_dir = self.scratch / f"restored-{gen.generation}-state"
         try:
-            outcome, logs = lib_restore(target, self.store)
+            outcome, logs = lib_restore(target, self.store, state_dir)
         except Exception as exc:  # noqa: BLE001
             self.tally.problem("corrupt", f"{context}: restore of generation {gen.generation} "
                                           f"failed: {exc}")
@@ -520,9 +646,15 @@ class StoreChecker:
         elif tree_state(target) != state:
             self.tally.problem("corrupt", f"{context}: restored tree of generation "
                                           f"{gen.generation} differs from its snapshot commit")
-        elif git(target, "rev-parse", SNAPSHOT_REF) != gen.snapshot:
-            self.tally.problem("corrupt", f"{context}: restored snapshot ref is not {gen.snapshot}")
+        elif git(target, f"--git-dir={state_git_dir(state_dir)}", "rev-parse",
+                 SNAPSHOT_REF) != gen.snapshot:
+            self.tally.problem("corrupt", f"{context}: the restored snapshot history does not "
+                                          f"end at {gen.snapshot}")
+        elif git(target, "for-each-ref", "refs/watcherd"):
+            self.tally.problem("corrupt", f"{context}: the restored workspace holds watcherd's "
+                                          "refs")
         shutil.rmtree(target)
+        shutil.rmtree(state_dir)
 
 
 # -- killing savers ----------------------------------------------------------------------------------
@@ -538,7 +670,8 @@ def settle_and_check_everything_saved(ws: Path, store: Path, writer: Writer, che
         blob = store / KEY / "manifest.json"
         if not blob.exists():
             return False
-        state = commit_state(ws, mf.parse(blob.read_bytes(), "manifest").current.snapshot)
+        state = commit_state(checker.repo,
+                             mf.parse(blob.read_bytes(), "manifest").current.snapshot)
         return all(state.get(rel, (None,))[-1] == data for rel, data in final.items())
 
     try:
@@ -551,23 +684,26 @@ def settle_and_check_everything_saved(ws: Path, store: Path, writer: Writer, che
         tally.problem("lost", "the last generation's tree is not the workspace's tree")
 
 
-def check_nothing_left_behind(ws: Path, store: Path, tally: Tally) -> None:
+def check_nothing_left_behind(ws: Path, store: Path, state_dir: Path, tally: Tally) -> None:
     left = [p.relative_to(store).as_posix() for p in store.rglob(".tmp-*")]
-    left += [p.relative_to(ws).as_posix() for p in (ws / ".git" / "watcherd" / "spool").glob("*")
+    left += [p.relative_to(state_dir).as_posix() for p in (state_dir / KEY / "spool").glob("*")
              if not p.name.startswith(".")]
     if left:
         tally.problem("leak", f"killed saves left files that nothing removes: {left}")
-    if lock_files(ws):
-        tally.problem("leak", f"lock files left after a clean run: {lock_files(ws)}")
+    locks = lock_files(state_dir, ws / ".git")
+    if locks:
+        tally.problem("leak", f"lock files left after a clean run: {locks}")
 
 
 def saver_setup(tmp_path: Path, seed: int, tally: Tally):
     ws = make_workspace(tmp_path / "ws")
     store = tmp_path / "store"
-    config = write_config(tmp_path / "watcherd.toml", ws, store)
+    state_dir = tmp_path / "state"
+    config = write_config(tmp_path / "watcherd.toml", ws, store, state_dir)
     (tmp_path / "scratch").mkdir()
     writer = Writer(ws, seed)
-    return ws, store, config, writer, StoreChecker(ws, store, tmp_path / "scratch", writer, tally)
+    return ws, store, config, writer, StoreChecker(ws, store, state_dir, tmp_path / "scratch",
+                                                   writer, tally)
 
 
 def typical_seconds(logs: list[dict], event: str, default: float) -> float:
@@ -586,24 +722,24 @@ def kill_daemon_repeatedly(tmp_path: Path, runs: int, seed: int) -> Tally:
                   "(or: .venv/bin/python -m pytest -m slow tests/test_crash.py -k daemon)")
     ws, store, config, writer, checker = saver_setup(tmp_path, seed, tally)
     logs: list[dict] = []
-    startup_ops, cycle_ops = 0, 10
+    # How many file operations a start makes up to READY (the last run's), from READY to its first
+    # save, and in a save: every run counts them, so that a file-operation kill aims at the save
+    # cycles that follow a restart, past the first snapshot's rebuild of workspace-objects/.
+    ready_ops, to_save_ops, cycle_ops = 0, [0], [10]
     started = time.monotonic()
     writer.start()
     try:
         for n in range(runs):
             tally.runs += 1
             aim = ("anywhere", "save", "snapshot", "file operation")[n % 4]
-            kill_at = None
+            kill_at = 0  # only counts
             if aim == "file operation":
-                kill_at = startup_ops + rng.randint(1, 2 * cycle_ops)
-            elif n == 0:
-                kill_at = 0  # only counts: how many file operations a start and a save make
-            d = Proc(config, "run", kill_at_op=kill_at)
+                kill_at = (ready_ops + statistics.median(to_save_ops)
+                           + rng.randint(1, 2 * int(statistics.median(cycle_ops))))
+            d = Proc(config, "run", kill_at_op=int(kill_at))
             d.log.wait("daemon.ready", timeout=20)
             if aim == "file operation":
-                try:
-                    d.proc.wait(10)
-                except subprocess.TimeoutExpired:
+                if not d.halted(10):
                     aim = "anywhere"  # fewer operations than expected: a kill now will do
             elif aim == "anywhere":
                 time.sleep(rng.uniform(0, DAEMON_KILL_WINDOW))  # the random point
@@ -617,10 +753,11 @@ def kill_daemon_repeatedly(tmp_path: Path, runs: int, seed: int) -> Tally:
                 time.sleep(rng.uniform(0, 1.2 * typical_seconds(logs, event, 0.3)))
             if not d.kill():
                 tally.problem("exit", f"the daemon exited by itself:\n{d.text()}")
-            if n == 0:
-                startup_ops = len(d.file_operations(after="daemon.ready"))
-                startup_ops = len(d.file_operations()) - startup_ops
-                cycle_ops = max(cycle_ops, _ops_per_save(d.log.lines))
+            ready_ops = d.file_operations(after="daemon.ready").start - 1
+            if saving := d.file_operations(after="generation.saving"):
+                to_save_ops.append(saving.start - 1 - ready_ops)
+            if per_save := _ops_per_save(d.log.lines):
+                cycle_ops.append(per_save)
             tally.kills += 1
             tally.how[aim if aim == "file operation" else f"timer ({aim})"] += 1
             tally.steps[d.last_step(SAVE_STEPS, "waiting") + d.last_op()] += 1
@@ -636,7 +773,7 @@ def kill_daemon_repeatedly(tmp_path: Path, runs: int, seed: int) -> Tally:
         d.proc.send_signal(signal.SIGTERM)
         if d.wait(30) != 0 or d.failures():
             tally.problem("exit", f"the last daemon did not stop cleanly:\n{d.text()}")
-        check_nothing_left_behind(ws, store, tally)
+        check_nothing_left_behind(ws, store, checker.state_dir, tally)
     finally:
         writer.stop()
         tally.edits = writer.edits
@@ -685,7 +822,7 @@ def kill_snapshot_command_repeatedly(tmp_path: Path, runs: int, seed: int) -> Ta
                 every, last_steps = max(ops, key=lambda o: len(o[1]))
                 at = rng.choice(every if n % 4 == 1 or not last_steps else last_steps)
                 p = Proc(config, "snapshot", "--standalone", kill_at_op=at)
-                p.proc.wait(60)
+                p.halted(60)
                 how = "file operation"
             else:
                 p = Proc(config, "snapshot", "--standalone")
@@ -708,7 +845,7 @@ def kill_snapshot_command_repeatedly(tmp_path: Path, runs: int, seed: int) -> Ta
         if p.wait(60) != 0:
             tally.problem("exit", f"the last snapshot failed:\n{p.text()}")
         settle_and_check_everything_saved(ws, store, writer, checker, tally)
-        check_nothing_left_behind(ws, store, tally)
+        check_nothing_left_behind(ws, store, checker.state_dir, tally)
     finally:
         writer.stop()
         tally.edits = writer.edits
@@ -753,10 +890,8 @@ def full_state(root: Path, skip=lambda name: False) -> dict[str, tuple] | None:
 
 def make_stored_workspace(path: Path, store: Path) -> mf.Generation:
     """A workspace with enough files that checking it out takes a while, saved as generation 1;
-    with an uncommitted edit, an untracked file and a deleted file, as a real snapshot has."""
-    from watcherd import snapshot
-    from watcherd.git import Git
-
+    with an uncommitted edit, an untracked file and a deleted file, as a real snapshot has. Its
+    state directory is ``<path>-state``."""
     make_workspace(path)
     for d in range(10):
         (path / "src" / f"pkg{d:02}").mkdir(parents=True)
@@ -767,10 +902,11 @@ def make_stored_workspace(path: Path, store: Path) -> mf.Generation:
     (path / "README.md").write_text("# app, edited\n")
     (path / "untracked.txt").write_text("not committed yet\n")
     (path / "src" / "pkg00" / "m00.py").unlink()
+    repo = Repo(path.with_name(f"{path.name}-state"), KEY, path)
     with capture_logs():
-        snapshot.take(Git(path))
-        Generations(LocalStore(store), KEY).save(Git(path), "shadow",
-                                                 path / ".git" / "watcherd" / "spool")
+        snapshot.prepare(repo)
+        snapshot.take(repo)
+        Generations(LocalStore(store), KEY).save(repo)
     return mf.parse((store / KEY / "manifest.json").read_bytes(), "manifest").current
 
 
@@ -785,16 +921,19 @@ def make_foreign(path: Path, entries: int) -> None:
 
 
 class RestoreChecker:
-    """What a killed ``watcherd restore`` may leave in a workspace, and what its rerun must give."""
+    """What a killed ``watcherd restore`` may leave in a workspace and in its state directory,
+    and what its rerun (the same pod again: the same state directory) must give."""
 
-    def __init__(self, target: Path, store: Path, gen: mf.Generation, expected: dict, mount: bool,
-                 tally: Tally) -> None:
+    def __init__(self, target: Path, store: Path, state_dir: Path, gen: mf.Generation,
+                 expected: dict, mount: bool, tally: Tally) -> None:
         self.target, self.store, self.gen, self.expected = target, store, gen, expected
+        self.state_dir = state_dir
         self.mount, self.tally = mount, tally
 
     def scratch(self, name: str) -> bool:
-        """Names a killed restore may leave inside a mount point until its rerun."""
-        return self.mount and name.startswith((".watcherd-restore", ".watcherd-download-"))
+        """Names a killed restore may leave inside a mount point until its rerun (its staging
+        tree; downloads go to the state directory)."""
+        return self.mount and name.startswith(".watcherd-restore-")
 
     def not_the_workspace(self, name: str) -> bool:
         return self.scratch(name) or (self.mount and name.startswith(".watcherd-aside-"))
@@ -804,20 +943,36 @@ class RestoreChecker:
             return sorted(self.target.glob(".watcherd-aside-*"))
         return sorted(self.target.parent.glob(f"{self.target.name}.watcherd-*"))
 
-    def restored(self, *, markers_cleared: bool = True) -> bool:
-        """The stored tree, HEAD and snapshot history are in place; ``markers_cleared``: and the
-        restore finished (right after a kill, the markers of a mount point's move may remain
-        for the rerun to clear)."""
+    def journal(self) -> dict | None:
+        """The restore's journal in the state directory, None when there is none."""
+        try:
+            return json.loads((self.state_dir / KEY / JOURNAL).read_text())
+        except FileNotFoundError:
+            return None
+
+    def resumable(self) -> bool:
+        """A mount point's move stopped half-way, and the journal says how to finish it: the
+        staged tree is complete (phase ready or moving) and still where the journal says."""
+        j = self.journal()
+        return bool(self.mount and j and j.get("phase") in ("ready", "moving")
+                    and Path(j["staging"]).is_dir() and Path(j["staging"]).parent == self.target)
+
+    def restored(self, *, finished: bool = True) -> bool:
+        """The stored tree, HEAD and snapshot history are in place (the history in watcherd's
+        repository, none of watcherd's refs in the workspace's); ``finished``: and the restore's
+        journal is cleared (right after a kill it may remain, for the rerun to clear)."""
         t = self.target
         if not (t / ".git").is_dir():
             return False
-        if markers_cleared and any((t / ".git" / "watcherd" / m).exists()
-                                   for m in ("READY", "MOVING", "SWAPPED")):
+        if finished and self.journal() is not None:
             return False
         now = {k: v for k, v in tree_state(t).items()
                if not self.not_the_workspace(k.split("/")[0])}
+        history = subprocess.run(["git", f"--git-dir={state_git_dir(self.state_dir)}",
+                                  "rev-parse", "--verify", "-q", SNAPSHOT_REF],
+                                 capture_output=True, text=True).stdout.strip()
         return (now == self.expected and git(t, "rev-parse", "HEAD") == self.gen.head
-                and git(t, "rev-parse", SNAPSHOT_REF) == self.gen.snapshot)
+                and history == self.gen.snapshot and git(t, "for-each-ref", "refs/watcherd") == "")
 
     def old_contents_kept(self, before: dict | None, context: str, *, killed: bool = False) -> None:
         """The workspace's old contents are whole in one place: still there, or in an aside (or,
@@ -834,26 +989,27 @@ class RestoreChecker:
                                        f"anywhere (asides: {[a.name for a in self.asides()]})")
 
     def after_kill(self, before: dict | None, context: str) -> None:
-        """Untouched, restored, or (mount point) marked complete for the rerun to finish."""
+        """Untouched, restored, or (mount point) resumable as the journal says."""
         now = full_state(self.target, self.not_the_workspace)
         if now == before:
             verdict = "untouched"
-        elif self.restored(markers_cleared=False):
+        elif self.restored(finished=False):
             verdict = "restored"
-        elif self.mount and (self.target / STAGING_READY).exists():
+        elif self.resumable():
             verdict = "resumable"
         else:
             verdict = "neither"
             what = "missing" if now is None else f"{len(now)} entries"
             self.tally.problem("corrupt", f"{context}: the workspace is neither untouched nor "
-                                          f"restored nor resumable ({what})")
+                                          f"restored nor resumable ({what}; journal "
+                                          f"{self.journal()})")
         self.tally.left[verdict] += 1
         if verdict != "resumable":
             self.old_contents_kept(before, context, killed=True)
 
     def after_rerun(self, before: dict | None, context: str) -> None:
         try:
-            outcome, _ = lib_restore(self.target, self.store)
+            outcome, _ = lib_restore(self.target, self.store, self.state_dir)
         except Exception as exc:  # noqa: BLE001 - counted and reported
             self.tally.problem("corrupt", f"{context}: the rerun failed: {exc}")
             return
@@ -861,9 +1017,12 @@ class RestoreChecker:
             self.tally.problem("corrupt", f"{context}: the rerun did not restore the workspace "
                                           f"({outcome})")
         self.old_contents_kept(before, context)
-        if before and len(self.asides()) != 1:
-            self.tally.problem("corrupt", f"{context}: the old contents are split over "
-                                          f"{[a.name for a in self.asides()]}")
+        # One aside for old contents, none for an empty or absent workspace: a second one holds
+        # what the restore should not have moved (its own tree, taken for foreign).
+        if len(self.asides()) != (1 if before else 0):
+            self.tally.problem("corrupt", f"{context}: the rerun left "
+                                          f"{[a.name for a in self.asides()]} (expected "
+                                          f"{'one aside' if before else 'none'})")
         for aside in self.asides() if self.mount else ():
             ignored = subprocess.run(["git", "check-ignore", "-q", f"{aside.name}/"],
                                      cwd=self.target).returncode == 0
@@ -875,11 +1034,23 @@ class RestoreChecker:
         else:
             left = [p.name for p in self.target.parent.iterdir()
                     if p.name.startswith(f".{self.target.name}.watcherd-")]
+        left += [p.name for p in (self.state_dir / KEY).glob("download-*")]
         if left:
             self.tally.problem("leak", f"{context}: the rerun left {left}")
+        # The daemon of this pod (the same state directory) continues from the restored history:
+        # its first snapshot finds nothing new, and starts no new history.
+        repo = Repo(self.state_dir, KEY, self.target)
+        with capture_logs() as logs:
+            snapshot.prepare(repo)
+            snap = snapshot.take(repo)
+        if snap.commit is not None or repo.snapshot_head() != self.gen.snapshot:
+            self.tally.problem("corrupt", f"{context}: the daemon would not continue the restored "
+                                          f"history (snapshot {snap.commit}, log "
+                                          f"{[e['event'] for e in logs]})")
 
     def reset(self, variant: str) -> dict | None:
-        """Put the workspace in ``variant``'s state; what it holds then."""
+        """A new pod: put the workspace in ``variant``'s state, with a new state directory; what
+        the workspace holds then."""
         t = self.target
         for aside in self.asides():
             shutil.rmtree(aside)
@@ -888,14 +1059,12 @@ class RestoreChecker:
                 shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
         elif t.exists():
             shutil.rmtree(t)
+        shutil.rmtree(self.state_dir, ignore_errors=True)
         if variant == "empty":
             t.mkdir(exist_ok=True)
         elif variant == "foreign":
             make_foreign(t, 200)
         return full_state(t)
-
-
-STAGING_READY = Path(".watcherd-restore") / ".git" / "watcherd" / "READY"
 
 
 def kill_restore_repeatedly(tmp_path: Path, target: Path, runs: int, seed: int,
@@ -910,9 +1079,12 @@ def kill_restore_repeatedly(tmp_path: Path, target: Path, runs: int, seed: int,
                   f"slow tests/test_crash.py -k restore_{'mount' if mount else 'beside'})",
                   restore=True)
     store = tmp_path / "store"
-    gen = make_stored_workspace(tmp_path / "source", store)
-    config = write_config(tmp_path / "restore.toml", target, store)
-    checker = RestoreChecker(target, store, gen, commit_state(tmp_path / "source", gen.snapshot),
+    source = tmp_path / "source"
+    gen = make_stored_workspace(source, store)
+    state_dir = tmp_path / "restore-state"
+    config = write_config(tmp_path / "restore.toml", target, store, state_dir)
+    checker = RestoreChecker(target, store, state_dir, gen,
+                             commit_state(state_git_dir(source.with_name("source-state")), gen.snapshot),
                              mount, tally)
     variants = ["empty", "foreign"] if mount else ["absent", "empty", "foreign"]
     started = time.monotonic()
@@ -936,7 +1108,7 @@ def kill_restore_repeatedly(tmp_path: Path, target: Path, runs: int, seed: int,
         if (n // len(variants)) % 2:
             every, placing = ops[variant]
             p = Proc(config, "restore", kill_at_op=rng.choice(every if rng.random() < 0.5 else placing))
-            p.proc.wait(60)
+            p.halted(60)
             how = "file operation"
         else:
             p = Proc(config, "restore")

@@ -1,5 +1,6 @@
 """Store faults at the daemon level: the real ``watcherd run`` (and ``watcherd restore``) against S3
-through a fault-injecting proxy, and against a local store or a workspace on a disk that fills up.
+through a fault-injecting proxy, and against a local store, a workspace or a state directory on a
+disk that fills up.
 
 Each scenario injects one kind of fault while edits keep coming, and checks what the reliability
 issue asks:
@@ -13,9 +14,13 @@ issue asks:
 - once the fault clears, the next attempt succeeds, no orphan is left, and a restore into an empty
   directory holds every edit (``tree_state``), made before, during and after the fault.
 
-Downloads are ``watcherd restore`` through the proxy (or onto a full disk): a fault it cannot ride
-out ends it with exit 1 and one line, nothing installed and nothing left beside the workspace, and
-the rerun once the fault has cleared restores every edit.
+Downloads are ``watcherd restore`` through the proxy (or onto a full disk: the workspace's, or the
+state directory's that holds the download): a fault it cannot ride out ends it with exit 1 and one
+line, nothing installed and nothing left beside the workspace, and the rerun once the fault has
+cleared restores every edit.
+
+Each daemon and each restore has a state directory of its own (``workspace.state_dir``, a pod's
+emptyDir), never the system default.
 
 The default run does a short version of each scenario. ``make test-long`` (``-m slow``) repeats
 them with random parameters (``$WATCHERD_FAULT_REPS`` times, default 6) and stalls one daemon past
@@ -307,10 +312,14 @@ class Figures:
 
 
 def s3_config(path: Path, *, workspace: Path, bucket: str, endpoint: str, max_attempts: int,
-              listen: str = "", watch: dict[str, str] | None = None) -> Path:
+              listen: str = "", watch: dict[str, str] | None = None,
+              state_dir: Path | None = None) -> Path:
+    """A config on the S3 store; its state directory is ``<config name>-state`` beside it unless
+    given (each pod has its own), as :func:`daemon_fixture.write_config` does."""
     timings = {**QUICK, **(watch or {})}
+    state_dir = state_dir or path.with_name(f"{path.stem}-state")
     path.write_text("\n".join([
-        "[workspace]", f'path = "{workspace}"', "",
+        "[workspace]", f'path = "{workspace}"', f'state_dir = "{state_dir}"', "",
         "[watch]", *(f'{k} = "{v}"' for k, v in timings.items()), "",
         "[store]", f'url = "s3://{bucket}/{PREFIX}"', f'key = "{KEY}"', "",
         "[store.s3]", f'endpoint_url = "{endpoint}"', "force_path_style = true",
@@ -332,7 +341,8 @@ class S3Daemon(Daemon):
         self.read_timeout = read_timeout
         self.env = env or {}
         s3_config(self.config, workspace=self.workspace, bucket=view.bucket, endpoint=endpoint,
-                  max_attempts=max_attempts, listen=self.listen, watch=kwargs.get("watch"))
+                  max_attempts=max_attempts, listen=self.listen, watch=kwargs.get("watch"),
+                  state_dir=self.state_dir)
 
     def start(self, *, env: dict[str, str] | None = None, wait_ready: bool = True) -> Daemon:
         env = {**self.env, **(env or {})}
@@ -390,10 +400,11 @@ class Lab:
         return d, view
 
     def local_daemon(self, *, store: Path | None = None, workspace: Path | None = None,
+                     state_dir: Path | None = None,
                      watch: dict[str, str] | None = None) -> tuple[Daemon, LocalView]:
         base = self.dir("local")
         d = Daemon(base, name="d", key=KEY, store=store or base / "store", workspace=workspace,
-                   watch={**QUICK, **(watch or {})})
+                   state_dir=state_dir, watch={**QUICK, **(watch or {})})
         self.daemons.append(d)
         return d, LocalView(d.store)
 
@@ -453,15 +464,18 @@ def lab(tmp_path: Path, moto: MotoS3, monkeypatch: pytest.MonkeyPatch) -> Iterat
 
 
 def restore(d: Daemon, target: Path, *, endpoint: str | None = None, max_attempts: int = 3,
-            read_timeout: float | None = None) -> subprocess.CompletedProcess:
+            read_timeout: float | None = None,
+            state_dir: Path | None = None) -> subprocess.CompletedProcess:
     """``watcherd restore`` into ``target`` from ``d``'s store (S3: through ``endpoint``, by
-    default straight to moto)."""
+    default straight to moto), as a new pod: its state directory is ``<target
+    name>-restore-state`` in ``d``'s base directory unless given."""
     cfg = d.base / f"{target.name}-restore.toml"
     if isinstance(d, S3Daemon):
         s3_config(cfg, workspace=target, bucket=d.view.bucket,
-                  endpoint=endpoint or d.view.moto.endpoint, max_attempts=max_attempts)
+                  endpoint=endpoint or d.view.moto.endpoint, max_attempts=max_attempts,
+                  state_dir=state_dir)
     else:
-        write_config(cfg, workspace=target, store=d.store, key=KEY, listen="")
+        write_config(cfg, workspace=target, store=d.store, key=KEY, listen="", state_dir=state_dir)
     return subprocess.run([*watcherd_command(read_timeout), "--config", str(cfg), "restore"],
                           capture_output=True, text=True, timeout=300, env=_env())
 
@@ -488,17 +502,17 @@ def ride_out(d: Daemon, view: View, fig: Figures, *, lab: Lab, rng: random.Rando
     long one failed attempt, or the recovery, may take."""
     started = time.monotonic()
     edits = Edits(d.workspace, rng)
-    if big:
-        edits.write("assets/big.bin", rng.randbytes(big))  # every bundle carries it
     edits.write("src/before.txt")
     d.start()
     auditor = lab.auditor(view)
     d.settle(timeout=30)
     first = auditor.check()
-    assert first is not None and first["snapshot"] == git(d.workspace, "rev-parse", SNAPSHOT_REF)
+    assert first is not None and first["snapshot"] == d.git("rev-parse", SNAPSHOT_REF)
 
     mark = d.log.mark()
     inject(edits)
+    if big:  # written now: a save uploads only what is new, so every failing attempt carries it
+        edits.write("assets/big.bin", rng.randbytes(big))
     edits.write("src/app.py", b"print('edited while the store fails')\n")
     edits.write("src/during-0.txt")
     if while_failing:
@@ -543,10 +557,24 @@ def ride_out(d: Daemon, view: View, fig: Figures, *, lab: Lab, rng: random.Rando
     status, manifest = d.status(), view.manifest()
     assert status["last_upload"]["generation"] == manifest["generation"], (status, manifest)
 
+    failed_lines = d.log.events("upload.failed", after=mark)
+    fig.upload_failures = len(failed_lines)
+    fig.snapshot_failures = len(d.log.events("snapshot.failed", after=mark))
+    fig.attempts = fig.upload_failures + 1
+    fig.retry_in_s = [line["retry_in_s"] for line in failed_lines]
+    return check_everything_saved(d, view, fig, auditor=auditor, edits=edits, started=started)
+
+
+def check_everything_saved(d: Daemon, view: View, fig: Figures, *, auditor: Auditor,
+                           edits: Edits, started: float) -> Figures:
+    """The end of every daemon scenario, once the fault is over: an edit after it reaches the
+    store, the daemon reports no error, every generation is whole, a restore into an empty
+    directory holds every edit, nothing is orphaned or left half-written, and the daemon stops
+    cleanly."""
     edits.write("src/after.txt")  # the daemon goes on saving
-    local = git(d.workspace, "rev-parse", SNAPSHOT_REF)
+    local = d.git("rev-parse", SNAPSHOT_REF)
     wait_for(lambda: (m := view.manifest()) and m["snapshot"] ==
-             git(d.workspace, "rev-parse", SNAPSHOT_REF) != local and d.status()["state"] == "idle",
+             d.git("rev-parse", SNAPSHOT_REF) != local and d.status()["state"] == "idle",
              timeout=FAIL_WITHIN, message="the edit after recovery in the store")
     auditor.stop()
     manifest = auditor.check(everything=True)
@@ -555,11 +583,6 @@ def ride_out(d: Daemon, view: View, fig: Figures, *, lab: Lab, rng: random.Rando
     assert status["last_upload"]["generation"] == manifest["generation"], (status, manifest)
     assert status["last_upload"]["snapshot"] == manifest["snapshot"], (status, manifest)
 
-    failed_lines = d.log.events("upload.failed", after=mark)
-    fig.upload_failures = len(failed_lines)
-    fig.snapshot_failures = len(d.log.events("snapshot.failed", after=mark))
-    fig.attempts = fig.upload_failures + 1
-    fig.retry_in_s = [line["retry_in_s"] for line in failed_lines]
     fig.edits = len(edits.made)
     fig.manifests_seen = auditor.manifests_seen
     fig.generations_checked = len(auditor.checked)
@@ -766,35 +789,97 @@ def store_disk_full(lab: Lab, rng: random.Random, failures: int) -> Figures:
     return fig
 
 
-def workspace_disk_full(lab: Lab, rng: random.Random, failures: int) -> Figures:
-    """The spool (``.git/watcherd/spool``) is on the workspace's filesystem: when the workspace
-    disk is full (a dev server's cache under an ignored directory), the bundle cannot be written
-    and nor can git commit new snapshots. The user can still rewrite files in place."""
+def workspace_disk_full(lab: Lab, rng: random.Random, fills: int) -> Figures:
+    """The workspace's disk fills up (a dev server's cache under an ignored directory) ``fills``
+    times. Nothing of watcherd's is on it any more (its repository, index and spool are in the
+    state directory), so nothing waits for the space: a snapshot committed just before the disk
+    filled is uploaded while it is full, and so is every edit that still fits (a file rewritten in
+    place); writes the disk refuses are the writer's to see, not edits. No upload or snapshot
+    fails, and after the disk is freed everything is in the store."""
     mnt = lab.tmpfs("24m")
     ws = make_workspace(mnt / "ws")
     d, view = lab.local_daemon(workspace=ws, watch={"idle_timeout": "2s"})
     filler = ws / "node_modules" / ".cache" / "filler"  # ignored: no activity, no snapshot
-    fig = Figures("workspace (spool) disk full", "local", params={"failures": failures})
-
-    def inject(edits: Edits) -> None:
+    fig = Figures("workspace disk full", "local", params={"fills": fills})
+    started = time.monotonic()
+    edits = Edits(ws, rng)
+    edits.write("src/before.txt")
+    d.start()
+    auditor = lab.auditor(view)
+    d.settle(timeout=30)
+    assert auditor.check()["snapshot"] == d.git("rev-parse", SNAPSHOT_REF)
+    mark = d.log.mark()
+    for n in range(fills):
         # An edit is committed (a snapshot), then the disk fills before its upload (2 s idle).
-        mark = d.log.mark()
-        edits.write("src/committed-before-full.txt", size=2000)
-        d.log.wait("snapshot.committed", after=mark, timeout=10)
-        assert not d.log.events("generation.saved", after=mark), "uploaded before the disk filled"
+        at = d.log.mark()
+        edits.write(f"src/committed-before-full-{n}.txt", size=2000)
+        d.log.wait("snapshot.committed", after=at, timeout=10)
+        assert not d.log.events("generation.saved", after=at), "uploaded before the disk filled"
         filler.parent.mkdir(parents=True, exist_ok=True)
         fill(filler)
-
-    def edit_during(edits: Edits, n: int) -> None:
         assert not edits.write(f"src/refused-{n}.txt", size=64 * 1024)  # the disk is full
-        edits.rewrite_in_place("src/app.py")  # fits, but git cannot commit it yet
+        edits.rewrite_in_place("src/app.py")  # fits: an edit made while the disk is full
+        # Both edits reach the store while the disk is still full.
+        wait_for(lambda: (m := view.manifest()) and m["snapshot"] == d.git(
+                 "rev-parse", SNAPSHOT_REF) and d.shown("src/app.py") ==
+                 edits.made["src/app.py"].decode() and d.status()["state"] == "idle",
+                 timeout=FAIL_WITHIN, message="the edits made before and while the disk was "
+                 "full in the store, with the disk still full")
+        assert os.statvfs(mnt).f_bavail == 0, "the disk was freed before the edits were saved"
+        filler.unlink()
+    fig.faults = edits.refused
+    fig.attempts = 1  # every upload succeeded at its first attempt (checked next)
+    assert d.log.events("upload.failed", after=mark) == []
+    assert d.log.events("snapshot.failed", after=mark) == []
+    return check_everything_saved(d, view, fig, auditor=auditor, edits=edits, started=started)
 
-    fig = ride_out(d, view, fig, lab=lab, rng=rng, failures=failures, inject=inject,
-                   clear=filler.unlink, edit_during=edit_during,
-                   faults=lambda: len(d.log.events("upload.failed"))
-                   + len(d.log.events("snapshot.failed")))
-    spool = ws / ".git" / "watcherd" / "spool"
-    assert [p.name for p in spool.iterdir() if p.name != ".in-use"] == []
+
+def state_disk_full(lab: Lab, rng: random.Random, failures: int) -> Figures:
+    """The state directory's disk fills up (another tenant of the volume, or watcherd's own
+    history grown too large for it). The snapshot committed just before is still saved: its
+    bundle goes to a spool with room (``spool.fallback``). New snapshots cannot be committed:
+    the daemon retries them with backoff and says why, the workspace's edits keep coming, and
+    once space is freed the next attempt saves every one of them; the spool is left empty."""
+    mnt = lab.tmpfs("24m")
+    d, view = lab.local_daemon(state_dir=mnt / "state", watch={"idle_timeout": "2s"})
+    filler = mnt / "filler"
+    fig = Figures("state directory disk full", "local", params={"failures": failures})
+    started = time.monotonic()
+    edits = Edits(d.workspace, rng)
+    edits.write("src/before.txt")
+    d.start()
+    auditor = lab.auditor(view)
+    d.settle(timeout=30)
+
+    mark = d.log.mark()
+    edits.write("src/committed-before-full.txt", size=2000)
+    committed = d.log.wait("snapshot.committed", after=mark, timeout=10)
+    assert not d.log.events("generation.saved", after=mark), "uploaded before the disk filled"
+    fill(filler)
+    saved = d.log.wait("generation.saved", after=mark, timeout=FAIL_WITHIN)
+    assert saved["snapshot"] == committed["commit"], (saved, committed)
+    assert d.log.events("spool.fallback", after=mark), "the bundle was not written elsewhere"
+
+    failing = d.log.mark()
+    for n in range(1, failures + 1):
+        edits.write(f"src/during-{n}.txt")
+        failed = d.log.wait("snapshot.failed", after=failing, timeout=FAIL_WITHIN)
+        assert "No space left on device" in failed["error"], failed
+        failing = d.log.mark()
+        assert d.proc.poll() is None, "the daemon exited while the disk was full"
+    cleared = time.monotonic()
+    filler.unlink()
+    fig.snapshot_failures = len(d.log.events("snapshot.failed", after=mark))
+    fig.faults = fig.snapshot_failures
+    wait_for(lambda: (m := view.manifest()) and m["snapshot"] == d.git("rev-parse", SNAPSHOT_REF)
+             and d.status()["state"] == "idle", timeout=FAIL_WITHIN,
+             message="the edits made while the disk was full in the store")
+    fig.recover_s = round(time.monotonic() - cleared, 3)
+    failed = d.log.events("upload.failed") + d.log.events("snapshot.failed")
+    assert failed and all("No space left on device" in line["error"] for line in failed), failed
+    fig = check_everything_saved(d, view, fig, auditor=auditor, edits=edits, started=started)
+    spool = d.state_dir / KEY / "spool"
+    assert [p.name for p in spool.iterdir()] == []
     return fig
 
 
@@ -892,29 +977,41 @@ def stall_mid_download(lab: Lab, rng: random.Random, stalls: int) -> Figures:
     return fig
 
 
-def restore_disk_full(lab: Lab, rng: random.Random, big: int) -> Figures:
-    """``watcherd restore`` into a disk too small for the download (it goes beside the
-    workspace): exit 1 in one line, nothing installed or left behind; once the disk is grown
-    (an operator resizing the volume), the rerun restores every edit."""
+def restore_disk_full(lab: Lab, rng: random.Random, big: int, disk: str) -> Figures:
+    """``watcherd restore`` with a disk too small for the generation: the workspace's (where the
+    tree is built, beside the workspace) or the state directory's (where the bundle is downloaded
+    and proven). Exit 1 in one line naming the full disk, nothing installed, nothing left beside
+    the workspace or in the state directory, no fallback to an older generation or to
+    ``on_missing``; once the disk is grown (an operator resizing the volume), the rerun restores
+    every edit."""
     d, view = lab.local_daemon()
     edits = Edits(d.workspace, rng)
     edits.write("assets/big.bin", rng.randbytes(big))
     d.start()
     d.settle(timeout=30)
     assert d.stop() == 0
-    fig = Figures("restore: disk full beside the workspace", "local", params={"big": big})
+    fig = Figures(f"restore: {disk} disk full", "local", params={"big": big, "disk": disk})
     started = time.monotonic()
     mnt = lab.tmpfs(f"{big // 2}")
-    target = mnt / "app"
-    result = restore(d, target)
-    assert result.returncode == 1, (result.returncode, result.stderr)
+    if disk == "workspace":
+        target, state_dir = mnt / "app", d.base / "app-restore-state"
+    else:
+        target, state_dir = d.base / "app", mnt / "state"
+    result = restore(d, target, state_dir=state_dir)
+    assert result.returncode == 1, (result.returncode, result.stdout, result.stderr)
     assert "No space left on device" in result.stderr and len(said(result.stderr)) == 1
-    left = [p for p in mnt.iterdir() if p != target or any(target.iterdir())]
+    assert "restore.done" not in result.stdout, "it says it restored something"
+    left = [p for p in target.parent.iterdir() if p.name.startswith(f".{target.name}.")]
+    left += [p for p in mnt.iterdir() if p not in (target, state_dir)]
     assert left == [], f"left behind: {left}"
+    assert not target.exists() or not any(target.iterdir()), "installed something"
+    scratch = [p.name for p in (state_dir / KEY).iterdir()
+               if p.name.startswith(("download-", "restore.json"))]
+    assert scratch == [], f"left in the state directory: {scratch}"
     fig.faults = 1
     cleared = time.monotonic()
     subprocess.run(["mount", "-o", f"remount,size={4 * big}", str(mnt)], check=True)
-    result = restore(d, target)
+    result = restore(d, target, state_dir=state_dir)
     assert result.returncode == 0, result.stderr
     fig.recover_s = round(time.monotonic() - cleared, 3)
     fig.attempts = 2
@@ -973,8 +1070,12 @@ def test_a_full_store_disk_is_retried_until_space_is_freed_and_nothing_partial_s
     store_disk_full(lab, random.Random(10), failures=1)
 
 
-def test_a_full_workspace_disk_blocks_the_spool_until_freed_and_no_committed_edit_is_lost(lab):
-    workspace_disk_full(lab, random.Random(11), failures=1)
+def test_a_full_workspace_disk_blocks_no_upload_and_every_edit_that_fits_is_saved(lab):
+    workspace_disk_full(lab, random.Random(11), fills=1)
+
+
+def test_a_full_state_disk_is_retried_until_freed_and_no_committed_edit_is_lost(lab):
+    state_disk_full(lab, random.Random(15), failures=1)
 
 
 def test_a_restore_resumes_a_broken_download_and_fails_cleanly_while_it_keeps_breaking(lab):
@@ -985,8 +1086,9 @@ def test_a_restore_whose_download_stalls_past_the_read_timeout_retries_and_finis
     stall_mid_download(lab, random.Random(13), stalls=1)
 
 
-def test_a_restore_onto_a_full_disk_fails_cleanly_and_the_rerun_after_resizing_restores(lab):
-    restore_disk_full(lab, random.Random(14), big=3 * MiB)
+@pytest.mark.parametrize("disk", ["workspace", "state"])
+def test_a_restore_onto_a_full_disk_fails_cleanly_and_the_rerun_after_resizing_restores(lab, disk):
+    restore_disk_full(lab, random.Random(14), big=3 * MiB, disk=disk)
 
 
 # -- the long run ----------------------------------------------------------------------------------
@@ -1004,9 +1106,13 @@ LONG = {
     "403": lambda lab, rng: access_denied_then_policy_fixed(lab, rng, rng.randint(1, 3)),
     "store-disk-full": lambda lab, rng: store_disk_full(lab, rng, rng.randint(1, 3)),
     "workspace-disk-full": lambda lab, rng: workspace_disk_full(lab, rng, rng.randint(1, 3)),
+    "state-disk-full": lambda lab, rng: state_disk_full(lab, rng, rng.randint(1, 3)),
     "reset-download": lambda lab, rng: reset_mid_download(lab, rng, rng.randint(1, 4)),
     "stall-download": lambda lab, rng: stall_mid_download(lab, rng, rng.randint(1, 2)),
-    "restore-disk-full": lambda lab, rng: restore_disk_full(lab, rng, rng.randrange(2, 8) * MiB),
+    "restore-disk-full": lambda lab, rng: restore_disk_full(lab, rng, rng.randrange(2, 8) * MiB,
+                                                           "workspace"),
+    "restore-state-disk-full": lambda lab, rng: restore_disk_full(
+        lab, rng, rng.randrange(2, 8) * MiB, "state"),
 }
 
 

@@ -15,6 +15,7 @@ same new ids and the store's fast-forward checks keep working.
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import shutil
 import tempfile
@@ -33,6 +34,8 @@ _log = log.get(__name__)
 REPACK_LOOSE_OBJECTS = 256
 UNSHALLOW_TIMEOUT = 120.0
 BUNDLE_TIMEOUT = 1800.0
+# Local write failures git reports in its own words (its messages end in strerror): the disk at
+# fault, not the bundle.
 
 
 @dataclass(frozen=True)

@@ -504,8 +504,10 @@ def _install(repo: Repo, ws: Path, build) -> Path | None:
                 os.rename(staging, ws)
             _log.warning("restore.moved_aside", workspace=str(ws), moved_to=str(aside),
                          reason="the workspace held something that is not the stored history")
-    _journal(repo, None)
+    # Paired before the journal goes: a kill between the two leaves the journal, and the rerun
+    # pairs. The other way round, the rerun found neither and took the restored tree for foreign.
     repo.pair()
+    _journal(repo, None)
     return aside
 
 
@@ -580,6 +582,11 @@ def _recover(repo: Repo, ws: Path) -> None:
             _log.warning("restore.resumed", workspace=str(ws), moved_to=str(aside),
                          note="gave the previous workspace its aside name")
         repo.pair()
+    elif phase == "moving" and journal.get("mount") and not os.path.lexists(staging) and \
+            os.path.isdir(ws / ".git") and not os.path.islink(ws / ".git"):
+        # Killed after the last entry (.git) moved up and the emptied staging directory was
+        # removed, before the pairing: the tree is in place.
+        repo.pair()
     elif phase in ("ready", "moving") and journal.get("mount") and ours:
         _log.warning("restore.resumed", workspace=str(ws), note="finishing an interrupted restore")
         _finish_mount(repo, journal)
@@ -590,6 +597,13 @@ def _recover(repo: Repo, ws: Path) -> None:
         repo.pair()
     elif ours:
         shutil.rmtree(staging, ignore_errors=True)  # never got as far as moving anything
+    elif "staging_id" not in journal:
+        # Killed between making the staging directory and recording it: nothing was built in it
+        # yet. rmdir removes only an empty directory (never a link, never anything in one).
+        try:
+            os.rmdir(staging)
+        except OSError:
+            pass
     _journal(repo, None)
 
 
