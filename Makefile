@@ -40,7 +40,7 @@ demo: $(BIN)/watcherd
 	  '[log]' 'format = "console"' > $(DEMO)/watcherd.toml
 	$(BIN)/watcherd --config $(DEMO)/watcherd.toml restore
 	@test -n "$$(ls $(DEMO)/workspace)" || printf '# demo\nEdit me: watcherd snapshots each quiet period and saves when idle.\n' > $(DEMO)/workspace/README.md
-	@echo "--- watching $(DEMO)/workspace: edit a file there; 'watcherd --config $(DEMO)/watcherd.toml status' in another terminal; Ctrl-C to stop"
+	@echo "--- watching $(DEMO)/workspace: edit a file there; '.venv/bin/watcherd --config demo/watcherd.toml status' in another terminal; Ctrl-C to stop"
 	$(BIN)/watcherd --config $(DEMO)/watcherd.toml run
 
 clean:

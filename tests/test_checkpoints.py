@@ -639,3 +639,21 @@ def test_file_names_with_control_characters_neither_break_nor_forge_the_timeline
     assert newest.files == 4
     assert sorted(newest.paths) == sorted(["\\n... and 3 more", "cr\\rname", "evil\\x01name",
                                            "z\\nREADME.md"])
+
+
+def test_a_command_never_lands_on_a_daemon_that_watches_another_workspace(watcherd, tmp_path):
+    d = watcherd().start()
+    d.settle()
+    before = d.manifest()
+    other_ws = tmp_path / "other-ws"
+    other_ws.mkdir()
+    # The person changed the workspace and key, and forgot control.listen.
+    other = write_config(tmp_path / "other.toml", workspace=other_ws, store=d.store,
+                         key="acme/other/main", listen=d.listen)
+    for args in (("checkpoint", "mine"), ("rollback", "--undo"), ("snapshot",), ("log",)):
+        r = run_cli(other, *args)
+        assert r.returncode == 2, (args, r.stderr)
+        assert f"watches {d.workspace}" in r.stderr and "control.listen" in r.stderr, r.stderr
+    assert d.manifest() == before
+    status = run_cli(other, "status")
+    assert status.returncode == 0 and f"watches {d.workspace}" in status.stderr

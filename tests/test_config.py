@@ -457,6 +457,15 @@ def test_unknown_variable_in_a_watcherd_section_is_an_error_with_a_suggestion():
         config.from_mapping({}, {"WATCHERD_STORE_S3_REGOIN": "x"}, None)
 
 
+@pytest.mark.parametrize("name, meant", [("WATCHERD_STOR_KEY", "WATCHERD_STORE_KEY"),
+                                         ("WATCHERD_CONTROLL_LISTEN", "WATCHERD_CONTROL_LISTEN"),
+                                         ("WATCHERD_KEY", "WATCHERD_STORE_KEY")])
+def test_a_typo_in_the_section_of_a_variable_is_an_error_not_a_silent_default(name, meant):
+    # Left at its default, a mistyped control.listen would send a rollback to another daemon.
+    with pytest.raises(ConfigError, match=f"{name}: unknown setting.*did you mean {meant}"):
+        config.from_mapping({}, {name: "x"}, None)
+
+
 def test_unrelated_watcherd_variables_are_ignored():
     cfg = config.from_mapping({}, {"WATCHERD_TEST_X": "1", "WATCHERD_TEST_S3_BUCKET": "b",
                                    "WATCHERD_CONFIG": "/x.toml", "WATCHERD_WATCHDOG": "1"}, None)

@@ -428,11 +428,21 @@ def _flatten(raw: Mapping[str, Any], where: str) -> dict[str, Any]:
 
 
 def _check_env_names(environ: Mapping[str, str], known_env: Mapping[str, _Key]) -> None:
+    """An unknown ``WATCHERD_<SECTION>_...`` variable is an error; so is any other
+    ``WATCHERD_...`` close to a setting's name (``WATCHERD_STOR_KEY``): a typo there would
+    silently leave the setting at its default. Other ``WATCHERD_`` names are not settings
+    (``WATCHERD_CONFIG``; ``WATCHERD_TEST_*`` is the test suite's) and are left alone."""
+    import difflib
+
     prefixes = tuple(
         "WATCHERD_" + s.replace(".", "_").upper() + "_" for s in _SECTIONS
     )
+    known = sorted(known_env)
     for name in environ:
-        if name.startswith(prefixes) and name not in known_env:
+        if name in known_env or not name.startswith("WATCHERD_") or name == "WATCHERD_CONFIG" \
+                or name.startswith("WATCHERD_TEST_"):
+            continue
+        if name.startswith(prefixes) or difflib.get_close_matches(name, known, n=1, cutoff=0.8):
             raise ConfigError(f"environment variable {name}: unknown setting"
                               f"{_suggest(name, set(known_env))}")
 

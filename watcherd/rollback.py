@@ -176,7 +176,8 @@ def check_quiet(layout: ws.Layout) -> None:
                     if dirfd.exists(gfd, name):
                         raise RollbackRefused(f"the user's git is busy in the workspace "
                                               f"({ws.printable(os.fsdecode(rel))}/{name} exists); "
-                                              "try again once it is done")
+                                              "try again once it is done (if no git runs there, "
+                                              "a killed one left it: remove it)")
                 try:
                     with dirfd.opened_at(gfd, "refs") as refs:
                         lock = dirfd.find(refs, lambda n: n.endswith(".lock"), limit=ws.MAX_REFS,

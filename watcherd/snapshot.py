@@ -277,8 +277,7 @@ def _record_state(repo: Repo, found: ws.GitState, index_file: Path | None,
     if cache.state_key == key and cache.state_commit and prev_state == cache.state_commit:
         return cache.state_commit, cache.state_notes
     config = state.parse_config(repo.bare, found.config, repo.dir)
-    given = state.Input(config, index_file,
-                        None if index_file else "the workspace has no index yet")
+    given = state.Input(config, index_file)
     commit, rec = state.record(repo.bare, found, given, previous=prev_state)
     cache.state_key, cache.state_commit, cache.state_notes = key, commit, rec.notes
     cache.heads[commit] = (rec.head.oid, rec.head.ref)

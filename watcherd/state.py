@@ -153,7 +153,10 @@ def record(git: Git, state: GitState, given: Input, *, previous: str | None) -> 
 def _index_tree(git: Git, given: Input) -> tuple[str | None, str | None]:
     """The index as a tree (its staged content), or None and why it is not recorded."""
     if given.index_file is None:
-        return None, given.index_problem
+        if given.index_problem:
+            return None, given.index_problem
+        # No index file yet (a repository nothing was ever added to): to git, an empty index.
+        return git.out("mktree", input=b""), None
     r = git.run("write-tree", env={"GIT_INDEX_FILE": str(given.index_file)}, check=False)
     if r.returncode == 0 and r.text:
         return r.text, None

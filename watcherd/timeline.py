@@ -39,7 +39,7 @@ class Entry:
     at: str  # RFC 3339, the snapshot's commit time
     files: int  # paths changed since the snapshot before it
     paths: tuple[str, ...]  # the first of them
-    generation: int | None  # the first generation that holds it; None: not in the store yet
+    generation: int | None  # the oldest kept generation that holds it; None: not stored yet
     checkpoints: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:

@@ -10,11 +10,11 @@ import argparse
 
 from watcherd import manifest as mf
 from watcherd import snapshot
-from watcherd.cli.common import check_workspace, command_parser, note, say, say_json
+from watcherd.cli.common import check_workspace, command_parser, daemon_for, note, say, say_json
 from watcherd.cli.restore_cmd import generations_for
 from watcherd.cli.snapshot_cmd import DAEMON_SAVE_TIMEOUT
 from watcherd.config import Config
-from watcherd.control import ControlClient, DaemonNotRunning
+from watcherd.control import DaemonNotRunning
 from watcherd.errors import ConflictError, UsageError, WatcherdError
 from watcherd.repo import open_repo
 from watcherd.store import open_store
@@ -50,7 +50,7 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
     result = None
     if not args.standalone and cfg.control.address is not None:
         try:
-            code, result = ControlClient(cfg.control).checkpoint(args.name, args.note,
+            code, result = daemon_for(cfg).checkpoint(args.name, args.note,
                                                                  timeout=DAEMON_SAVE_TIMEOUT)
         except DaemonNotRunning as exc:
             note(f"{exc}; checkpointing in this process instead")

@@ -11,12 +11,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from watcherd import log
-from watcherd.errors import WatcherdError, WorkspaceNotFound
+from watcherd.errors import UsageError, WatcherdError, WorkspaceNotFound
+
+if TYPE_CHECKING:
+    from watcherd.config import Config
+    from watcherd.control import ControlClient
 
 # --config is accepted before the command (``watcherd --config x run``) and after it
 # (``watcherd run --config x``). SUPPRESS: a subcommand that was not given it must not reset what
@@ -84,3 +89,31 @@ def check_workspace(path: Path, *, may_be_missing: bool = False) -> None:
         raise WorkspaceNotFound(f"workspace.path {path}: its parent directory {path.parent} "
                                 "does not exist; create it (or mount the volume), or fix "
                                 "workspace.path")
+
+
+def daemon_for(cfg: Config) -> ControlClient:
+    """A client of the daemon on ``control.listen``, once that daemon said (``GET /status``)
+    that it watches this config's ``workspace.path`` with its ``store.key``.
+
+    Raises :class:`~watcherd.control.DaemonNotRunning` when none answers, and
+    :class:`UsageError` (exit 2) when the one that answers watches another workspace or key: a
+    checkpoint or a rollback must never land on a workspace the person did not name.
+    """
+    from watcherd.control import ControlClient
+
+    client = ControlClient(cfg.control)  # imported here: most commands never talk to a daemon
+    other = elsewhere(client.status(), cfg)
+    if other:
+        raise UsageError(f"{other}: set control.listen to this workspace's daemon, or stop "
+                         "that one (or pass --standalone where the command has it)")
+    return client
+
+
+def elsewhere(status: dict, cfg: Config) -> str | None:
+    """What differs between the daemon that gave ``status`` and ``cfg``, None when nothing."""
+    ws, key = status.get("workspace"), (status.get("store") or {}).get("key")
+    mine = os.path.realpath(cfg.workspace.path)
+    if isinstance(ws, str) and os.path.realpath(ws) == mine and key == cfg.store.key:
+        return None
+    return (f"the daemon on {cfg.control.listen} watches {log.redact(str(ws))} (store.key "
+            f"{log.redact(str(key))}), not {cfg.workspace.path} (store.key {cfg.store.key})")

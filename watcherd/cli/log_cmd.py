@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 
 from watcherd import timeline
-from watcherd.cli.common import command_parser, say, say_json
+from watcherd.cli.common import command_parser, daemon_for, say, say_json
 from watcherd.cli.restore_cmd import generations_for, parse_before
 from watcherd.config import Config
-from watcherd.control import ControlClient, DaemonNotRunning
+from watcherd.control import DaemonNotRunning
 from watcherd.errors import UsageError, WatcherdError
 from watcherd.repo import open_repo
 from watcherd.store import open_store
@@ -20,7 +20,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         sub, "log", summary="show the snapshot timeline",
         description="""\
 Every snapshot of the workspace's history, newest first: when it was taken, how many files
-it changed and the first of them, the generation that first saved it (none yet: not in the
+it changed and the first of them, the oldest kept generation that holds it (none yet: not in the
 store), and the checkpoints that name it. From the running daemon when one answers, else
 from watcherd's state directory and the store.""",
         exit_statuses={0: "listed",
@@ -38,7 +38,7 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
     doc = None
     if cfg.control.address is not None:
         try:
-            code, doc = ControlClient(cfg.control).snapshots(args.since and since.isoformat())
+            code, doc = daemon_for(cfg).snapshots(args.since and since.isoformat())
         except DaemonNotRunning:
             doc = None
         else:
@@ -61,7 +61,8 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
     if doc.get("store_error"):
         say(f"(the store could not be read: {doc['store_error']}; generations unknown)")
     if not doc["snapshots"]:
-        say(f"no snapshots of {cfg.workspace.path} yet")
+        say(f"no snapshots of {cfg.workspace.path} since {args.since}" if args.since else
+            f"no snapshots of {cfg.workspace.path} yet")
         return 0
     say(f"{'SNAPSHOT':<12}  {'TIME':<25}  {'GEN':>4}  {'FILES':>5}  CHANGED")
     for e in doc["snapshots"]:
@@ -71,4 +72,8 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
         gen = str(e["generation"]) if e["generation"] is not None else "-"
         say(f"{e['snapshot'][:12]:<12}  {printable(e['at']):<25}  {gen:>4}  {e['files']:>5}  "
             f"{paths}{more}{labels}")
+    fork = doc.get("forked_from")
+    if fork:
+        say(f"(this history was forked from {printable(str(fork.get('key')))} generation "
+            f"{fork.get('generation')}: the snapshots before it are that key's)")
     return 0

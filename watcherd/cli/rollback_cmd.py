@@ -10,11 +10,11 @@ from __future__ import annotations
 import argparse
 
 from watcherd import rollback, snapshot
-from watcherd.cli.common import check_workspace, command_parser, note, say, say_json
+from watcherd.cli.common import check_workspace, command_parser, daemon_for, note, say, say_json
 from watcherd.cli.restore_cmd import generations_for, parse_before
 from watcherd.cli.snapshot_cmd import DAEMON_SAVE_TIMEOUT
 from watcherd.config import Config
-from watcherd.control import ControlClient, DaemonNotRunning
+from watcherd.control import DaemonNotRunning
 from watcherd.errors import ConflictError, UsageError, WatcherdError
 from watcherd.repo import open_repo
 from watcherd.store import open_store
@@ -59,11 +59,14 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
         request["before"] = args.before
     if args.undo:
         request["undo"] = True
+    if not request or len(request) > 1:
+        raise UsageError("give one of: TARGET (a checkpoint, a generation, a snapshot id), "
+                         "--before TIME, --undo")
     name, before, undo = rollback.parse_request(request)
     result = None
     if not args.standalone and cfg.control.address is not None:
         try:
-            code, result = ControlClient(cfg.control).rollback(request, timeout=DAEMON_SAVE_TIMEOUT)
+            code, result = daemon_for(cfg).rollback(request, timeout=DAEMON_SAVE_TIMEOUT)
         except DaemonNotRunning as exc:
             note(f"{exc}; rolling back in this process instead")
         else:

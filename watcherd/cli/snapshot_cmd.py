@@ -9,10 +9,10 @@ from __future__ import annotations
 import argparse
 
 from watcherd import snapshot
-from watcherd.cli.common import check_workspace, command_parser, note, say
+from watcherd.cli.common import check_workspace, command_parser, daemon_for, note, say
 from watcherd.cli.restore_cmd import generations_for
 from watcherd.config import Config
-from watcherd.control import ControlClient, DaemonNotRunning
+from watcherd.control import DaemonNotRunning
 from watcherd.errors import ConflictError, WatcherdError
 from watcherd.repo import open_repo
 from watcherd.store import open_store
@@ -42,7 +42,7 @@ DAEMON_SAVE_TIMEOUT = 900.0
 def run(args: argparse.Namespace, cfg: Config) -> int:
     if not args.standalone and cfg.control.address is not None:
         try:
-            code, result = ControlClient(cfg.control).snapshot(timeout=DAEMON_SAVE_TIMEOUT)
+            code, result = daemon_for(cfg).snapshot(timeout=DAEMON_SAVE_TIMEOUT)
         except DaemonNotRunning as exc:
             # Said, because a daemon that should be running is news, and the save happens
             # here instead, with this process's permissions and environment.

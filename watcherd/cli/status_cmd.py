@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from watcherd.cli.common import command_parser, say, say_json
+from watcherd.cli.common import command_parser, elsewhere, note, say, say_json
 from watcherd.config import Config
 from watcherd.control import ControlClient
 from watcherd.units import format_size
@@ -27,6 +27,9 @@ degraded watching. Also what the Kubernetes example's probes run.""",
 
 def run(args: argparse.Namespace, cfg: Config) -> int:
     status = ControlClient(cfg.control).status()
+    other = elsewhere(status, cfg)
+    if other:
+        note(f"{other}; its status follows")
     if args.json:
         say_json(status)
     else:
