@@ -220,7 +220,8 @@ def _restore_stored(config: Config, repo: Repo, generations: Generations, manife
             try:
                 paths = generations.fetch(gen, Path(tmp), downloaded)
                 aside = _install(repo, ws, lambda staging, p=paths, g=gen: (
-                    build_tree(staging, p, g, config, home=repo.home), _seed(repo, staging, g)))
+                    build_tree(staging, p, g, config, home=repo.home),
+                    _seed(repo, staging, g, bundles.object_format(p[0]))))
             except LocalIOError as exc:
                 # The disk here, not the generation: an older one would be no better, and
                 # restoring it would pass off old work as the newest.
@@ -327,11 +328,11 @@ def build_tree(staging: Path, chain: list[Path], gen: mf.Generation, config: Con
     """A repository and work tree in ``staging`` equal to what ``gen`` recorded; its file count.
 
     ``chain`` is the generation's bundles, base first (checked against the manifest already):
-    each is verified and fetched in turn, so the staging repository's own ``index-pack`` and
-    connectivity check are the proof that the chain restores. ``home`` is a directory of
-    watcherd's for git's HOME (never one inside the tree being built). A chain that does not
-    fetch or check out is as bad as a corrupt one; a full or broken local disk is a
-    :class:`LocalIOError`, not a reason to try an older generation.
+    each is fetched in turn, so the staging repository's own ``index-pack`` and connectivity
+    check are the proof that the chain restores. ``home`` is a directory of watcherd's for git's
+    HOME (never one inside the tree being built). A chain that does not fetch or check out is as
+    bad as a corrupt one; a full or broken local disk is a :class:`LocalIOError`, not a reason to
+    try an older generation.
     """
     try:
         return _build(staging, chain, gen, config, home)
@@ -348,35 +349,38 @@ def _build(staging: Path, chain: list[Path], gen: mf.Generation, config: Config,
     git.run("init", "--quiet", "--template=",
             f"--object-format={bundles.object_format(chain[0])}", str(staging))
     for link, path in zip(gen.links, chain):
-        # `bundle verify` does not read the pack, but says whether an increment's prerequisites
-        # (the links before it) are there; the fetch reads and checks every object.
+        # The fetch reads and checks every object, and refuses an increment whose prerequisites
+        # (the links before it) are missing, in the words `git bundle verify` would use.
         try:
-            git.run("bundle", "verify", "--quiet", str(path), timeout=bundles.BUNDLE_TIMEOUT)
             bundles.fetch_bundle(git, path, refspec="+refs/*:refs/*")
         except LocalIOError:
             raise
         except GitError as exc:
             raise IntegrityError(f"generation {gen.generation}: bundle {link.bundle} does not "
                                  f"restore: {exc}") from None
-    if not git.has_commit(gen.snapshot):
+    # One question says whether the snapshot is there and names its tree. The fetched refs
+    # need no update: the recorded state replaces them all.
+    r = git.run("rev-parse", "--verify", "--quiet", "--end-of-options",
+                f"{gen.snapshot}^{{commit}}^{{tree}}", check=False)
+    if r.returncode != 0 or not r.text:
         raise IntegrityError(f"generation {gen.generation}: the bundles do not hold the "
                              f"snapshot {gen.snapshot[:12]} its manifest names")
-    git.run("update-ref", SNAPSHOT_REF, gen.snapshot)
+    tree = r.text
     s_commit = state.state_parent(git, gen.snapshot)
     (staging / ".git" / "info").mkdir(exist_ok=True)
     attributes = staging / ".git" / "info" / "attributes"
     attributes.write_text(RAW_ATTRIBUTES)  # lay the recorded bytes exactly; removed below
     try:
         if s_commit is not None:
-            _apply_state(git, gen.snapshot, state.read(git, s_commit))
+            _apply_state(git, tree, state.read(git, s_commit))
         else:
-            _apply_legacy(git, gen)
+            _apply_legacy(git, gen, tree)
     finally:
         attributes.unlink(missing_ok=True)
     return git.run("ls-tree", "-r", "--name-only", "-z", gen.snapshot).stdout.count(b"\0")
 
 
-def _apply_state(git: Git, snapshot: str, rec: state.Recorded) -> None:
+def _apply_state(git: Git, tree: str, rec: state.Recorded) -> None:
     """Refs, HEAD, config, stash, index and work tree as ``rec`` recorded them."""
     state.apply_refs(git, rec)
     # The index first (what is staged), then the work tree laid over it through an index of its
@@ -386,10 +390,10 @@ def _apply_state(git: Git, snapshot: str, rec: state.Recorded) -> None:
         git.run("read-tree", rec.index_tree)
     elif rec.head.oid is not None:
         git.run("read-tree", rec.head.oid)
-    _lay_tree(git, snapshot)
+    _lay_tree(git, tree)
 
 
-def _apply_legacy(git: Git, gen: mf.Generation) -> None:
+def _apply_legacy(git: Git, gen: mf.Generation, tree: str) -> None:
     """A generation written before state commits: the bundle's refs are the user's."""
     git.run("update-ref", "-d", SNAPSHOT_REF, check=False)
     if gen.head_ref and git.rev(gen.head_ref):
@@ -400,21 +404,21 @@ def _apply_legacy(git: Git, gen: mf.Generation) -> None:
         git.run("symbolic-ref", "HEAD", gen.head_ref)  # a branch with no commit yet, as saved
     if git.rev("HEAD"):
         git.run("read-tree", "HEAD")
-    _lay_tree(git, gen.snapshot)
+    _lay_tree(git, tree)
 
 
-def _lay_tree(git: Git, snapshot: str) -> None:
-    """Write ``snapshot``'s tree into the (empty) work tree, each file once, and refresh the real
-    index's stat data so ``git status`` sees exactly the recorded differences."""
+def _lay_tree(git: Git, tree: str) -> None:
+    """Write ``tree`` into the (empty) work tree, each file once, and refresh the real index's
+    stat data so ``git status`` sees exactly the recorded differences."""
     laid = git.git_dir / "watcherd-laid-index"
     env = {"GIT_INDEX_FILE": str(laid)}
-    git.run("read-tree", f"{snapshot}^{{tree}}", env=env)
+    git.run("read-tree", tree, env=env)
     git.run("checkout-index", "--all", "--force", "-u", env=env)
     laid.unlink(missing_ok=True)
     git.run("update-index", "--refresh", "-q", ok=(0, 1))
 
 
-def _seed(repo: Repo, staging: Path, gen: mf.Generation) -> None:
+def _seed(repo: Repo, staging: Path, gen: mf.Generation, object_format: str) -> None:
     """Give watcherd's repository the restored history (the daemon's next save moves the store
     forward from it). The pairing follows once the tree is in place.
 
@@ -422,8 +426,9 @@ def _seed(repo: Repo, staging: Path, gen: mf.Generation) -> None:
     as they are, instead of reading the bundles a second time.
     """
     packs = staging / ".git" / "objects" / "pack"
-    repo.ensure(_object_format_of(staging))
-    if repo.snapshot_head() is not None:
+    fresh = not (repo.git_dir / "HEAD").exists()  # a repository created now holds no history
+    repo.ensure(object_format)
+    if not fresh and repo.snapshot_head() is not None:
         repo.forget_history("the workspace was restored from the store")
     dest = repo.git_dir / "objects" / "pack"
     for path in sorted(packs.glob("pack-*"), key=lambda p: p.suffix == ".idx"):  # .idx last
@@ -433,10 +438,6 @@ def _seed(repo: Repo, staging: Path, gen: mf.Generation) -> None:
             os.replace(tmp, dest / path.name)
     repo.bare.run("update-ref", SNAPSHOT_REF, gen.snapshot)
     repo.index.unlink(missing_ok=True)  # of the tree that was there; the next snapshot re-reads
-
-
-def _object_format_of(staging: Path) -> str:
-    return Git(staging / ".git", home=staging).object_format()
 
 
 def _clone_template(staging: Path, url: str, repo: Repo) -> None:
