@@ -32,6 +32,8 @@ import shutil
 import stat
 import tempfile
 import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -219,9 +221,8 @@ def _restore_stored(config: Config, repo: Repo, generations: Generations, manife
         for gen in candidates:
             try:
                 paths = generations.fetch(gen, Path(tmp), downloaded)
-                aside = _install(repo, ws, lambda staging, p=paths, g=gen: (
-                    build_tree(staging, p, g, config, home=repo.home),
-                    _seed(repo, staging, g, bundles.object_format(p[0]))))
+                aside = _install(repo, ws, lambda staging, p=paths, g=gen:
+                                 _build_and_seed(repo, config, staging, p, g))
             except LocalIOError as exc:
                 # The disk here, not the generation: an older one would be no better, and
                 # restoring it would pass off old work as the newest.
@@ -324,7 +325,7 @@ def _init(ws: Path, repo: Repo) -> None:
 
 
 def build_tree(staging: Path, chain: list[Path], gen: mf.Generation, config: Config, *,
-               home: Path) -> int:
+               home: Path, alongside: Callable[[], None] | None = None) -> int:
     """A repository and work tree in ``staging`` equal to what ``gen`` recorded; its file count.
 
     ``chain`` is the generation's bundles, base first (checked against the manifest already):
@@ -333,9 +334,13 @@ def build_tree(staging: Path, chain: list[Path], gen: mf.Generation, config: Con
     HOME (never one inside the tree being built). A chain that does not fetch or check out is as
     bad as a corrupt one; a full or broken local disk is a :class:`LocalIOError`, not a reason to
     try an older generation.
+
+    ``alongside``, when given, runs in a thread from the moment the staging repository holds
+    every object until the tree is built (a restore copies the packs into watcherd's repository
+    meanwhile); what it raises is raised here.
     """
     try:
-        return _build(staging, chain, gen, config, home)
+        return _build(staging, chain, gen, config, home, alongside)
     except LocalIOError:
         raise
     except GitError as exc:
@@ -343,7 +348,7 @@ def build_tree(staging: Path, chain: list[Path], gen: mf.Generation, config: Con
 
 
 def _build(staging: Path, chain: list[Path], gen: mf.Generation, config: Config,
-           home: Path) -> int:
+           home: Path, alongside: Callable[[], None] | None) -> int:
     ident = Identity(config.workspace.author_name, config.workspace.author_email)
     git = Git(staging / ".git", home=home, work_tree=staging, identity=ident)
     git.run("init", "--quiet", "--template=",
@@ -358,33 +363,60 @@ def _build(staging: Path, chain: list[Path], gen: mf.Generation, config: Config,
         except GitError as exc:
             raise IntegrityError(f"generation {gen.generation}: bundle {link.bundle} does not "
                                  f"restore: {exc}") from None
-    # One question says whether the snapshot is there and names its tree. The fetched refs
-    # need no update: the recorded state replaces them all.
-    r = git.run("rev-parse", "--verify", "--quiet", "--end-of-options",
-                f"{gen.snapshot}^{{commit}}^{{tree}}", check=False)
-    if r.returncode != 0 or not r.text:
-        raise IntegrityError(f"generation {gen.generation}: the bundles do not hold the "
-                             f"snapshot {gen.snapshot[:12]} its manifest names")
-    tree = r.text
-    s_commit = state.state_parent(git, gen.snapshot)
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="restore") as pool:
+        beside = pool.submit(alongside) if alongside is not None else None
+        files = _lay_out(git, staging, gen, pool)
+        if beside is not None:
+            beside.result()
+    return files
+
+
+def _lay_out(git: Git, staging: Path, gen: mf.Generation, pool: ThreadPoolExecutor) -> int:
+    """Refs, HEAD, config, stash, index and work tree of the fetched generation; the file count.
+
+    The work tree and then the index are written (in ``pool``) while the recorded state is read
+    and applied: they touch different files of the staging repository (the checkout reads
+    objects and ``info/attributes`` and writes the index; the state writes refs, HEAD, the config
+    and the stash's log), and the index waits only for the state to say what was staged. A
+    snapshot missing from the bundles fails both; the checkout says so plainly, so its error is
+    the one raised.
+    """
+    laid = git.git_dir / "watcherd-laid-index"
     (staging / ".git" / "info").mkdir(exist_ok=True)
     attributes = staging / ".git" / "info" / "attributes"
     attributes.write_text(RAW_ATTRIBUTES)  # lay the recorded bytes exactly; removed below
-    laid = git.git_dir / "watcherd-laid-index"
+    staged: Future[str | None] = Future()
+    work = pool.submit(_lay_work_tree, git, gen, laid, staged)
     try:
+        s_commit = state.state_parent(git, gen.snapshot)
         if s_commit is not None:
             rec = state.read(git, s_commit)
+            staged.set_result(rec.index_tree if rec.index_tree is not None else rec.head.oid)
             state.apply_refs(git, rec)
-            staged = rec.index_tree if rec.index_tree is not None else rec.head.oid
         else:
-            staged = _apply_legacy(git, gen)
-        files = _checkout(git, tree, laid)
+            staged.set_result(_apply_legacy(git, gen))
+        return work.result()
+    except GitError:
+        staged.cancel()
+        if isinstance(work.exception(), IntegrityError):
+            raise work.exception() from None
+        raise
+    except BaseException:
+        staged.cancel()
+        raise
     finally:
+        wait([work])
         attributes.unlink(missing_ok=True)
+
+
+def _lay_work_tree(git: Git, gen: mf.Generation, laid: Path, staged: Future[str | None]) -> int:
+    """The work tree (:func:`_checkout`), then the index (:func:`_stage`) once ``staged`` says
+    what it holds; the file count."""
+    tree, files = _checkout(git, gen, laid)
     # What is staged (the real index) and the work tree (the snapshot) as they were: files the
     # snapshot has that the index lacks come back untracked, files the index has that the
     # snapshot lacks come back deleted.
-    _stage(git, laid, tree, staged)
+    _stage(git, laid, tree, staged.result())
     return files
 
 
@@ -401,17 +433,25 @@ def _apply_legacy(git: Git, gen: mf.Generation) -> str | None:
     return git.rev("HEAD")
 
 
-def _checkout(git: Git, tree: str, laid: Path) -> int:
-    """Write ``tree`` into the (empty) work tree, each file once, recording it in the index file
-    ``laid`` (which must not exist yet); the file count.
+def _checkout(git: Git, gen: mf.Generation, laid: Path) -> tuple[str, int]:
+    """Write the tree of ``gen``'s snapshot into the (empty) work tree, each file once,
+    recording it in the index file ``laid`` (which must not exist yet); the tree and its file
+    count.
 
     A one-way merge into an index that does not exist yet, as a clone's checkout is: git records
     each file's stat data as it writes it, and an index read from no file has no racily clean
     entries, so no file is read back (`checkout-index -u` from an index just written, then
     `update-index --refresh`, read every file again: 0.35 s of 1.8 s at 50,000 files).
     """
-    git.run("read-tree", "--reset", "-u", tree, env={"GIT_INDEX_FILE": str(laid)})
-    return _index_entries(laid)
+    # One question says whether the snapshot is there and names its tree. The fetched refs
+    # need no update: the recorded state replaces them all.
+    r = git.run("rev-parse", "--verify", "--quiet", "--end-of-options",
+                f"{gen.snapshot}^{{commit}}^{{tree}}", check=False)
+    if r.returncode != 0 or not r.text:
+        raise IntegrityError(f"generation {gen.generation}: the bundles do not hold the "
+                             f"snapshot {gen.snapshot[:12]} its manifest names")
+    git.run("read-tree", "--reset", "-u", r.text, env={"GIT_INDEX_FILE": str(laid)})
+    return r.text, _index_entries(laid)
 
 
 def _stage(git: Git, laid: Path, tree: str, staged: str | None) -> None:
@@ -445,26 +485,67 @@ def _index_entries(path: Path) -> int:
     return int.from_bytes(header[8:12], "big")
 
 
-def _seed(repo: Repo, staging: Path, gen: mf.Generation, object_format: str) -> None:
+def _build_and_seed(repo: Repo, config: Config, staging: Path, chain: list[Path],
+                    gen: mf.Generation) -> None:
+    """Build ``gen`` in ``staging`` and give watcherd's repository its history."""
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="seed") as pool:
+        seed = _Seed(repo, staging, bundles.object_format(chain[0]), pool)
+        try:
+            build_tree(staging, chain, gen, config, home=repo.home, alongside=seed.copy)
+        except BaseException:
+            seed.discard()
+            raise
+    seed.commit(gen)
+
+
+class _Seed:
     """Give watcherd's repository the restored history (the daemon's next save moves the store
     forward from it). The pairing follows once the tree is in place.
 
-    The staging repository fetched (and checked) the chain already: its pack files are copied
-    as they are, instead of reading the bundles a second time.
+    The repository is created (in ``pool``) while the staging repository fetches the chain.
+    The staging repository checks every object it fetches: its pack files are then copied as
+    they are, instead of reading the bundles a second time, while the tree is laid out
+    (:meth:`copy`, run beside the build). The snapshot ref moves only once the tree is built
+    (:meth:`commit`); a build that fails takes the copied packs back (:meth:`discard`).
+
+    Copied, never hard-linked: the staging repository becomes the workspace's, which the agent
+    writes, and a pack file shared with watcherd's repository could then be rewritten in place.
     """
-    packs = staging / ".git" / "objects" / "pack"
-    fresh = not (repo.git_dir / "HEAD").exists()  # a repository created now holds no history
-    repo.ensure(object_format)
-    if not fresh and repo.snapshot_head() is not None:
-        repo.forget_history("the workspace was restored from the store")
-    dest = repo.git_dir / "objects" / "pack"
-    for path in sorted(packs.glob("pack-*"), key=lambda p: p.suffix == ".idx"):  # .idx last
-        if path.suffix in (".pack", ".idx", ".rev") and not (dest / path.name).exists():
-            tmp = dest / f".tmp-{path.name}"
-            shutil.copyfile(path, tmp)
-            os.replace(tmp, dest / path.name)
-    repo.bare.run("update-ref", SNAPSHOT_REF, gen.snapshot)
-    repo.index.unlink(missing_ok=True)  # of the tree that was there; the next snapshot re-reads
+
+    def __init__(self, repo: Repo, staging: Path, object_format: str,
+                 pool: ThreadPoolExecutor) -> None:
+        self.repo = repo
+        self.packs = staging / ".git" / "objects" / "pack"
+        self.copied: list[Path] = []
+        # A repository created now holds no history (spares asking git in commit()).
+        self.fresh = not (repo.git_dir / "HEAD").exists()
+        self.created = pool.submit(repo.ensure, object_format)
+
+    def copy(self) -> None:
+        self.created.result()
+        dest = self.repo.git_dir / "objects" / "pack"
+        for path in sorted(self.packs.glob("pack-*"), key=lambda p: p.suffix == ".idx"):
+            # .idx last: git sees a pack once its index is there.
+            if path.suffix in (".pack", ".idx", ".rev") and not (dest / path.name).exists():
+                tmp = dest / f".tmp-{path.name}"
+                try:
+                    shutil.copyfile(path, tmp)
+                    os.replace(tmp, dest / path.name)
+                finally:
+                    tmp.unlink(missing_ok=True)
+                self.copied.append(dest / path.name)
+
+    def commit(self, gen: mf.Generation) -> None:
+        if not self.fresh and self.repo.snapshot_head() is not None:
+            self.repo.forget_history("the workspace was restored from the store")
+        self.repo.bare.run("update-ref", SNAPSHOT_REF, gen.snapshot)
+        # The private index described the tree that was there; the next snapshot re-reads.
+        self.repo.index.unlink(missing_ok=True)
+
+    def discard(self) -> None:
+        for path in self.copied:
+            path.unlink(missing_ok=True)
+        self.copied.clear()
 
 
 def _clone_template(staging: Path, url: str, repo: Repo) -> None:
