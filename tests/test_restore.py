@@ -354,6 +354,71 @@ def test_restore_falls_back_to_the_previous_generation_when_the_newest_is_corrup
     assert store_files(store_dir) == before
 
 
+def test_a_generation_that_fetches_but_lacks_its_snapshot_falls_back_and_seeds_none_of_it(
+        tmp_path, ws, store_dir, target):
+    # The newest generation's last bundle is a sound bundle of another repository (its manifest
+    # agrees with its bytes): it fetches, but does not hold the snapshot the manifest names.
+    edit_and_save(ws, store_dir, "generation one\n")
+    edit_and_save(ws, store_dir, "generation two\n")
+    other = make_repo(tmp_path / "other", "another project\n")
+    other_store = tmp_path / "other-store"
+    foreign = save(other, other_store).snapshot
+    newest = bundle_path(store_dir, manifest(store_dir).current)
+    shutil.copyfile(bundle_path(other_store, manifest(other_store).current), newest)
+    mpath = store_dir / KEY / "manifest.json"
+    doc = json.loads(mpath.read_bytes())
+    doc["size"], doc["sha256"] = file_digest(newest)
+    doc["chain"][-1]["size"], doc["chain"][-1]["sha256"] = doc["size"], doc["sha256"]
+    mpath.write_text(json.dumps(doc))
+
+    with capture_logs() as logs:
+        outcome = restore(config_for(target, store_dir), gens_for(store_dir))
+
+    assert outcome.generation == 1
+    assert (target / "readme.md").read_text() == "generation one\n"
+    bad = events(logs, "restore.generation_bad")
+    assert [e["generation"] for e in bad] == [2]
+    assert "do not hold the snapshot" in bad[0]["error"]
+    # What the failed build had copied into watcherd's repository went with it.
+    repo = state_repo(target, KEY)
+    assert not repo.bare.has_commit(foreign)
+    assert sgit(target, "rev-parse", SNAPSHOT_REF, key=KEY) == manifest(store_dir).find(1).snapshot
+
+
+def test_the_restored_index_keeps_the_stat_data_of_the_files_laid_as_staged(ws, store_dir, target):
+    # Restore writes each file once and records it as it goes: a file laid as it is staged needs
+    # no second read (by a refresh, or by the first `git status`) to be known clean; one that
+    # differs from the index has no stat data, so git compares its content.
+    (ws / "clean.txt").write_text("committed and unchanged\n")
+    (ws / "staged.txt").write_text("committed\n")
+    git(ws, "add", "-A")
+    git(ws, "commit", "-q", "-m", "two more")
+    (ws / "staged.txt").write_text("staged\n")
+    git(ws, "add", "staged.txt")
+    (ws / "staged.txt").write_text("staged, then edited\n")
+    (ws / "readme.md").write_text("modified, not staged\n")
+    (ws / "untracked.txt").write_text("new\n")
+    status_before = status(ws)
+    save(ws, store_dir)
+
+    restore(config_for(target, store_dir), gens_for(store_dir))
+
+    debug = subprocess.run(["git", "ls-files", "--debug"], cwd=target, capture_output=True,
+                           text=True, check=True,
+                           env={**os.environ, "GIT_OPTIONAL_LOCKS": "0"}).stdout
+    sizes = {}
+    name = None
+    for line in debug.splitlines():
+        if not line.startswith("  "):
+            name = line
+        elif line.strip().startswith("size:"):
+            sizes[name] = int(line.split()[1])
+    assert sizes["clean.txt"] == len("committed and unchanged\n")
+    assert sizes["staged.txt"] == 0 and sizes["readme.md"] == 0
+    assert "untracked.txt" not in sizes
+    assert status(target) == status_before
+
+
 def test_restore_generation_n_restores_exactly_that_one_even_over_a_newer_workspace(ws, store_dir):
     edit_and_save(ws, store_dir, "generation one\n")
     edit_and_save(ws, store_dir, "generation two\n")
