@@ -42,8 +42,8 @@ from pathlib import Path
 
 from watcherd import log
 from watcherd.config import Config
-from watcherd.errors import WorkspaceError
-from watcherd.git import Git, Identity
+from watcherd.errors import GitError, WorkspaceError
+from watcherd.git import Git, Identity, LocalIOError
 from watcherd.manifest import Fork
 from watcherd.protocol import BadGenerations
 from watcherd.workspace import Layout, is_plain_dir
@@ -170,6 +170,59 @@ class Repo:
         except OSError:
             return self.bare.rev(SNAPSHOT_REF)
         return text if len(text) in (40, 64) else self.bare.rev(SNAPSHOT_REF)
+
+    def move_snapshot_head(self, new: str, old: str | None, message: str) -> None:
+        """Move ``refs/watcherd/snapshots`` from ``old`` to ``new`` (``git update-ref`` with
+        ``old`` as the expected value; None: the ref must not exist).
+
+        A snapshot does this each time, and a git process costs more than the rest of the
+        update: when the ref is a loose file with no reflog (``core.logAllRefUpdates`` is false
+        here, so git writes none), the file is replaced the way git replaces it: ``<ref>.lock``
+        created exclusively (a git updating the ref at the same moment fails on it, as it would
+        against another git), the expected value checked under that lock, the lock renamed over
+        the ref. Not fsynced, as git does not fsync refs by default. Anything else (the first
+        snapshot, a packed ref, a reflog someone created) goes through git, which also appends
+        to the reflog. ``message`` is the reflog's, when there is one.
+        """
+        ref = self.git_dir / SNAPSHOT_REF
+        if old is None or (self.git_dir / "logs" / SNAPSHOT_REF).exists():
+            self.bare.update_ref(SNAPSHOT_REF, new, old, message)
+            return
+        lock = ref.with_name(f"{ref.name}.lock")
+        try:
+            fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+        except FileExistsError:
+            raise GitError(f"cannot lock ref '{SNAPSHOT_REF}': {lock} exists: another process "
+                           "is updating it") from None
+        except OSError as exc:
+            raise LocalIOError(f"cannot lock ref '{SNAPSHOT_REF}' in {self.git_dir}: "
+                               f"{exc.strerror}") from None
+        try:
+            try:
+                # What git gives a ref with core.sharedRepository = group: the group may write.
+                os.fchmod(fd, stat.S_IMODE(os.fstat(fd).st_mode) | 0o660)
+                os.write(fd, f"{new}\n".encode())
+            finally:
+                os.close(fd)
+            try:
+                current: str | None = ref.read_text().strip()
+            except FileNotFoundError:
+                current = None
+            if current is None:
+                lock.unlink()
+                self.bare.update_ref(SNAPSHOT_REF, new, old, message)  # packed, or gone
+                return
+            if current != old:
+                raise GitError(f"cannot lock ref '{SNAPSHOT_REF}': is at {current} but expected "
+                               f"{old}")
+            os.rename(lock, ref)
+        except OSError as exc:
+            lock.unlink(missing_ok=True)
+            raise LocalIOError(f"cannot update ref '{SNAPSHOT_REF}' in {self.git_dir}: "
+                               f"{exc.strerror}") from None
+        except BaseException:
+            lock.unlink(missing_ok=True)
+            raise
 
     @contextmanager
     def lock(self) -> Iterator[None]:

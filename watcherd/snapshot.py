@@ -235,7 +235,7 @@ def _take(repo: Repo, layout: ws.Layout, cache: Cache, before: str | None = None
     for parent in dict.fromkeys(p for p in (prev, head, s_commit) if p):
         args += ["-p", parent]
     commit = repo.bare.out(*args)
-    repo.bare.update_ref(SNAPSHOT_REF, commit, prev, "watcherd: snapshot")
+    repo.move_snapshot_head(commit, prev, "watcherd: snapshot")
     cache.state_of[commit] = s_commit
     cache.tree_of[commit] = tree
     return Snapshot(commit, commit, head, head_ref, len(paths), tuple(paths), tuple(problems))
