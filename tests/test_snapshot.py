@@ -144,6 +144,29 @@ def test_user_commit_of_the_same_tree_gives_a_snapshot_whose_second_parent_is_th
     assert f"HEAD: {new_head}" in sgit(ws, "log", "-1", "--format=%B", snap.commit)
 
 
+def test_a_snapshot_lists_exactly_the_paths_that_changed_since_the_previous_one(tmp_path):
+    # Read from the private index while its tree is written (two gits at once): the same list
+    # as a diff of the two snapshots' trees, whatever the kind of change.
+    ws = make_repo(tmp_path / "ws")
+    (ws / "sub").mkdir()
+    (ws / "sub" / "kept.txt").write_text("kept\n")
+    first = take(ws)
+    (ws / "gone.txt").unlink()
+    (ws / "run.sh").chmod(0o755)
+    (ws / "readme.md").unlink()
+    (ws / "readme.md").symlink_to("sub/kept.txt")
+    (ws / "sub" / "new file.txt").write_text("new\n")
+    (ws / "sub" / "kept.txt").write_text("changed\n")
+
+    snap = take(ws)
+
+    changed = sgit(ws, "diff-tree", "-r", "--name-only", "-z", first.commit, snap.commit)
+    assert list(snap.paths) == [p for p in changed.split("\0") if p]
+    assert set(snap.paths) == {"gone.txt", "run.sh", "readme.md", "sub/kept.txt",
+                               "sub/new file.txt"}
+    assert snap.files == 5
+
+
 def test_snapshot_message_counts_files_and_truncates_the_path_list_beyond_50(tmp_path):
     ws = make_repo(tmp_path / "ws")
     take(ws)
