@@ -59,6 +59,8 @@ MAX_PACKS = 8
 # of a 9.7 s first save). Raw git's fastest way to save big files does the same.
 _REPO_OPTIONS = ("-c", "core.bigFileThreshold=1m")
 _FANOUT = tuple(f"{i:02x}" for i in range(256))
+_LINKED = (*_FANOUT, "pack")  # what workspace-objects/ links to, in objects/
+_LINKED_SET = frozenset(_LINKED)
 # Pack files git reads; ".promisor" (lazy fetch) and ".keep" are of no use to a reader here.
 _PACK_SUFFIXES = (".pack", ".idx", ".rev", ".bitmap")
 # Files of ours in the state directory are shared with `watcherd restore`, which may run as
@@ -282,7 +284,8 @@ class Repo:
         """Bring ``workspace-objects/`` up to date with the workspace's ``objects/``.
 
         Only the directories whose modification time changed are looked at again: a snapshot pays
-        for 257 ``lstat`` calls, not for listing every loose object.
+        for listing ``objects/`` and an ``lstat`` of each fan-out directory there, not for listing
+        every loose object.
         """
         link = self.objects_link
         if not link.is_dir() or self._linked.get("") != (str(objects),):
@@ -290,16 +293,14 @@ class Repo:
             _mkdir(link)
             _mkdir(link / "info")
             self._linked = {"": (str(objects),)}
-        for name in (*_FANOUT, "pack"):
-            src = objects / name
-            try:
-                st = os.lstat(src)
-            except FileNotFoundError:
-                st = None
+        present = _present(objects)
+        linked = self._linked
+        for name in _LINKED:
+            st = present.get(name)
             key = (st.st_ino, st.st_mtime_ns, st.st_mode) if st else None
-            if self._linked.get(name, "unset") == key:
+            if linked.get(name, "unset") == key:
                 continue
-            dest = link / name
+            src, dest = objects / name, link / name
             _remove(dest)
             if st is not None and stat.S_ISDIR(st.st_mode):
                 self._link_dir(src, dest, pack=name == "pack")
@@ -575,6 +576,30 @@ def _share(fd: int) -> None:
             os.fchmod(fd, _FILE_MODE)
     except OSError:
         pass
+
+
+def _present(objects: Path) -> dict[str, os.stat_result]:
+    """The ``lstat`` of each entry of ``objects`` that ``workspace-objects/`` links to.
+
+    One listing, then an ``lstat`` of what is there (a packed repository has few fan-out
+    directories; 256 failing ``lstat`` calls cost ten times more); by name when the directory
+    cannot be listed.
+    """
+    present: dict[str, os.stat_result] = {}
+    try:
+        with os.scandir(objects) as it:
+            names = [e.name for e in it if e.name in _LINKED_SET]
+    except (FileNotFoundError, NotADirectoryError):
+        return present
+    except OSError:
+        names = list(_LINKED)  # searchable, not readable: look each one up
+    base = f"{objects}{os.sep}"
+    for name in names:
+        try:
+            present[name] = os.lstat(base + name)
+        except (FileNotFoundError, NotADirectoryError):
+            pass
+    return present
 
 
 def _mkdir(path: Path) -> None:
