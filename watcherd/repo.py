@@ -117,11 +117,15 @@ class Repo:
                                  f"({exc.strerror}); watcherd keeps its own repository there, "
                                  "give it a writable directory") from None
 
+    def exists(self) -> bool:
+        """Whether the repository has been created (:meth:`ensure`)."""
+        return (self.git_dir / "HEAD").exists()
+
     def ensure(self, object_format: str = "sha1") -> None:
         """Create the state directory and the repository (in ``object_format``, the workspace's)
         if they do not exist yet; see :meth:`ensure_dirs` for the errors."""
         self.ensure_dirs()
-        if (self.git_dir / "HEAD").exists():
+        if self.exists():
             return
         try:
             tmp = self.dir / f"repo.git.new-{os.getpid()}"

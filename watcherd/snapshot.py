@@ -78,7 +78,12 @@ def prepare(repo: Repo) -> None:
     this workspace's, or start a new one; adopt a history an older watcherd kept in the workspace.
     """
     layout = ws.locate(repo.workspace)
-    repo.ensure(_object_format(layout))
+    if repo.exists():
+        repo.ensure_dirs()
+    else:
+        # Only a new repository needs the workspace's object format: reading it reads the whole
+        # git state, the user's index included (megabytes at 50,000 files), on every start.
+        repo.ensure(_object_format(layout))
     root = repo.workspace
     other = repo.paired_elsewhere()
     if other is not None:
