@@ -247,6 +247,31 @@ def test_ignored_tree_gets_no_watch_and_its_writes_are_not_reported(root: Path,
     assert news(barrier(watcher, root, "src")) == set()
 
 
+def test_the_walk_asks_git_once_per_depth_not_once_per_directory(
+        root: Path, backend: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Each question to check-ignore is a round trip to another process: a tree of many
+    # directories costs as many round trips as it is deep. Every directory is still judged.
+    for i in range(20):
+        (root / "src" / f"m{i}" / "deep").mkdir(parents=True)
+        (root / "src" / f"m{i}" / "node_modules").mkdir()
+    write(root / "src" / ".gitignore", "node_modules/\n")
+    w = watcher_of(root, backend)
+    exchanges: list[int] = []
+    real = w._oracle._exchange
+
+    def counting(keys):
+        exchanges.append(len(keys))
+        return real(keys)
+
+    monkeypatch.setattr(w._oracle, "_exchange", counting)
+    with w:
+        inodes = watched_inodes(w)
+        assert len(exchanges) <= 4, exchanges  # root, src/, src/m*/, src/m*/deep: 4 levels
+        assert all((root / "src" / f"m{i}" / "deep").stat().st_ino in inodes for i in range(20))
+        assert not any((root / "src" / f"m{i}" / "node_modules").stat().st_ino in inodes
+                       for i in range(20))
+
+
 def test_nested_gitignore_is_respected(root: Path, watcher: Judge) -> None:
     write(root / "src" / ".gitignore", ".cache/\n*.tmp\n")
     reported(watcher, "src/.gitignore")

@@ -435,14 +435,15 @@ def _key(rel_path: str, is_dir: bool) -> str:
     path = rel_path.strip("/")
     if not path:
         raise ValueError("the work tree root is not a question for check-ignore")
-    if os.path.isabs(rel_path) or ".." in path.split("/"):
+    # (Asked for every entry a walk meets: the substring tests spare most paths the split.)
+    if rel_path.startswith("/") or (".." in path and ".." in path.split("/")):
         raise ValueError(f"{rel_path!r} is not a path inside the work tree")
     # A trailing slash tells git it is a directory, so `dir/` patterns match even if it is gone.
     return path + "/" if is_dir else path
 
 
 def _inside_git_dir(key: str) -> bool:
-    return ".git" in key.rstrip("/").split("/")
+    return ".git" in key and ".git" in key.rstrip("/").split("/")
 
 
 def _wire(key: str) -> bytes:

@@ -519,45 +519,38 @@ class Judge:
         Each directory is watched *before* it is listed: whatever appears after the watch is an
         event, whatever was there before is in the listing. ``collect`` reports the files found
         (for a directory that just appeared, whose files were never reported).
+
+        Level by level: git is asked about the entries of all the directories of one depth at
+        once, one round trip to ``check-ignore`` per level instead of one per directory.
         """
-        stack = [start]
-        while stack:
-            rel = stack.pop()
-            if seen is not None:
-                seen.add(Watch("work", rel))
-            full = os.path.join(self.root, rel) if rel else str(self.root)
-            if not self._watch_dir(Watch("work", rel), full):
-                continue
-            try:
-                with os.scandir(full) as it:
-                    entries = list(it)
-            except (FileNotFoundError, NotADirectoryError):
-                # Gone already; the event on its parent tells the rest.
-                self._drop_work(rel, include_self=True)
-                continue
-            except OSError as exc:
-                log.warning("watch.unreadable", path=rel or ".", error=exc.strerror)
-                continue
-            if rel and any(e.name == ".git" for e in entries):
-                # A nested repository: one gitlink to git, never its files (see _on_work_event).
-                self._drop_work(rel, include_self=True)
-                if seen is not None:
-                    seen.discard(Watch("work", rel))
-                if collect:
-                    found.path(rel)
-                continue
+        root = str(self.root)
+        prefix = os.path.join(root, "")
+        level = [start]
+        while level:
             asks: list[tuple[str, bool]] = []
-            for e in entries:
-                if e.name == ".git":
+            for rel in level:
+                w = Watch("work", rel)
+                if seen is not None:
+                    seen.add(w)
+                full = prefix + rel if rel else root
+                if not self._watch_dir(w, full):
                     continue
-                try:
-                    is_dir = e.is_dir(follow_symlinks=False)  # a symlink is a file to git
-                except OSError:
+                listed = self._list(rel, full, collect)
+                if listed is None:
                     continue
-                if is_dir or collect:
-                    asks.append((child_path(rel, e.name), is_dir))
+                entries, nested = listed
+                if nested:
+                    # A nested repository: one gitlink to git, never its files (see
+                    # _on_work_event).
+                    self._drop_work(rel, include_self=True)
+                    if seen is not None:
+                        seen.discard(w)
+                    if collect:
+                        found.path(rel)
+                    continue
+                asks += entries
             if not asks:
-                continue
+                return
             try:
                 answers = self._ignored_many(asks)
             except GitError as exc:
@@ -566,14 +559,44 @@ class Judge:
                         if not is_dir:
                             found.path(path)
                 self._oracle_failed(exc, found)
-                continue
+                return
+            level = []
             for (path, is_dir), ignored in zip(asks, answers):
                 if ignored:
                     continue
                 if is_dir:
-                    stack.append(path)
+                    level.append(path)
                 else:
                     found.path(path)
+
+    def _list(self, rel: str, full: str, collect: bool
+              ) -> tuple[list[tuple[str, bool]], bool] | None:
+        """What to ask git about in the work-tree directory ``rel`` (at ``full``): its
+        directories, and its files too when ``collect``; and whether it is a nested repository
+        (it holds a ``.git``). None when it cannot be listed."""
+        asks: list[tuple[str, bool]] = []
+        try:
+            with os.scandir(full) as it:
+                for e in it:
+                    name = e.name
+                    if name == ".git":
+                        if rel:
+                            return [], True
+                        continue
+                    try:
+                        is_dir = e.is_dir(follow_symlinks=False)  # a symlink is a file to git
+                    except OSError:
+                        continue
+                    if is_dir or collect:
+                        asks.append((f"{rel}/{name}" if rel else name, is_dir))
+        except (FileNotFoundError, NotADirectoryError):
+            # Gone already; the event on its parent tells the rest.
+            self._drop_work(rel, include_self=True)
+            return None
+        except OSError as exc:
+            log.warning("watch.unreadable", path=rel or ".", error=exc.strerror)
+            return None
+        return asks, False
 
     def _walk_git(self, found: Found, seen: set[Watch]) -> None:
         """Watch the git dir(s), ``info/``, and the refs directories that can hold branches/tags."""
