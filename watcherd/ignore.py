@@ -370,12 +370,14 @@ class TrackedIgnored:
             gone = {_decode(p) for p in self._paths - paths}
             result = frozenset(p for p in result if p not in gone)
         if came:
+            # As the oracle asks (_wire): check-ignore refuses GIT_LITERAL_PATHSPECS, and only a
+            # leading ':' is magic to it; it answers with each path as it was asked.
+            asked = {_wire(_decode(p)): p for p in came}
             r = repo.git.run("check-ignore", "--no-index", "--stdin", "-z",
-                             input=b"".join(p + b"\0" for p in sorted(came)),
-                             env={"GIT_LITERAL_PATHSPECS": "1"}, check=False)
+                             input=b"".join(w + b"\0" for w in sorted(asked)), check=False)
             if r.returncode not in (0, 1):  # a path in a submodule, beyond a symlink...
                 return self.full(repo, layout)
-            result = result | {_decode(p) for p in r.stdout.split(b"\0") if p}
+            result = result | {_decode(asked[w]) for w in r.stdout.split(b"\0") if w in asked}
         self._paths, self._result = paths, result
         return result
 
