@@ -124,6 +124,7 @@ class InotifyWatcher(Judge):
         self._by_wd.clear()
         self._watches.clear()
         self._oracle.close()
+        self._tracked.close()
 
     # -- events ----------------------------------------------------------------------------------
 
