@@ -418,6 +418,26 @@ def test_a_tracked_file_a_new_rule_matches_stays_watched(root: Path, watcher: Ju
     assert (root / "src").stat().st_ino in watched_inodes(watcher)
 
 
+def test_force_added_files_found_at_start_are_watched_and_their_edits_reported(
+        root: Path, backend: str) -> None:
+    # The index is matched against the rules while the tree is walked: what it finds is watched
+    # as if the walk had known it, under an ignored directory as beside watched files.
+    patched = root / "node_modules" / "pkg0" / "dist" / "patched.js"
+    write(patched, "v1")
+    write(root / "src" / "trace.log", "v1")
+    git(root, "add", "-f", "node_modules/pkg0/dist/patched.js", "src/trace.log")
+    with watcher_of(root, backend) as w:
+        inodes = watched_inodes(w)
+        assert patched.parent.stat().st_ino in inodes
+        assert (root / "node_modules" / "pkg1").stat().st_ino not in inodes
+        write(patched, "v2")
+        write(root / "src" / "trace.log", "v2")
+        write(root / "node_modules" / "pkg0" / "dist" / "other.js", "ignored")
+        got = reported(w, "node_modules/pkg0/dist/patched.js", "src/trace.log")
+        got += barrier(w, root, "src")
+        assert news(got) == {"node_modules/pkg0/dist/patched.js", "src/trace.log"}
+
+
 def test_a_force_added_file_under_an_ignored_directory_is_watched_alone_without_a_rewalk(
         root: Path, watcher: Judge, monkeypatch: pytest.MonkeyPatch) -> None:
     # `git add -f` makes a file under node_modules/ part of every snapshot (a tracked file is

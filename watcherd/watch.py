@@ -47,6 +47,7 @@ from __future__ import annotations
 import errno
 import os
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -339,7 +340,8 @@ class Judge:
     def _locate(self) -> None:
         """Where HEAD/index live, and where refs/packed-refs/info live (differ in a linked
         worktree); "" when the workspace is not a repository (yet). Also the rules: watcherd's copy
-        of ``info/exclude``, and the tracked paths the rules ignore."""
+        of ``info/exclude`` (the tracked paths the rules ignore are the caller's:
+        :meth:`_resync_all`)."""
         self._layout = ws.locate(self.root)
         lay = self._layout
         self._git_dir = str(lay.git_dir) if lay.git_dir else ""
@@ -348,7 +350,6 @@ class Judge:
             log.warning("watch.git_dir_refused", problem=ws.printable(lay.problem),
                         note="the git state is not watched; the working tree still is")
         ignore.sync_rules(self._repo, lay)
-        self._set_forced(self._tracked.full(self._repo, lay))
 
     def _set_forced(self, forced: frozenset[str]) -> tuple[set[str], set[str]]:
         """Take a new set of force-added paths; the directories that start and stop leading to
@@ -468,6 +469,20 @@ class Judge:
             elif mask & _REF_WRITTEN:
                 found.refs[os.path.relpath(path, common)] = None
 
+    def _apply_forced(self, forced: frozenset[str], found: Found, seen: set[Watch]) -> None:
+        """Take the force-added paths looked for while a re-walk walked (with the ones known
+        before): watch the ignored directories that lead to one now, as the walk would have if it
+        had known them, and drop those that led to one before and no longer do."""
+        added, gone = self._set_forced(forced)
+        for rel in sorted(gone, key=len, reverse=True):
+            if Watch("work", rel) in self._watches and self._ignored(rel, True, found):
+                self._drop_work(rel, include_self=True)
+        for rel in sorted(added, key=len):
+            parent = str(Path(rel).parent) if "/" in rel else ""
+            if (Watch("work", rel) not in seen and Watch("work", parent) in seen
+                    and Watch("work", parent) in self._watches):
+                self._walk_work(rel, found, collect=False, seen=seen)
+
     def _on_index_changed(self, found: Found) -> None:
         """Watch the directories that now lead to a force-added path, drop the ones that no
         longer do; the rest of the tree is not looked at."""
@@ -490,13 +505,21 @@ class Judge:
         """
         t0 = time.perf_counter()
         self._locate()  # the git directory may have appeared, gone or moved; the rules changed
+        # Matching the user's index against the rules is git's work, for the other CPU (at 50,000
+        # tracked files it costs more than the walk): it runs while the walk does, and its answer
+        # is applied after it, as a change of the user's index is.
+        forced = _Pending(self._tracked.full, self._repo, self._layout)
         seen: set[Watch] = set()
         hits = self._limit_hits
         unwatched_before, self._unwatched = self._unwatched, set()
         self._degraded.pop("ignore", None)
-        # The few git directories first: if the limit bites, missing a user's commit is worse.
-        self._walk_git(found, seen)
-        self._walk_work("", found, collect=False, seen=seen)
+        try:
+            # The few git directories first: if the limit bites, missing a user's commit is worse.
+            self._walk_git(found, seen)
+            self._walk_work("", found, collect=False, seen=seen)
+        finally:
+            paths = forced.result()
+        self._apply_forced(paths, found, seen)
         for w in [w for w in self._watches if w not in seen]:
             self._unwatch(w)
         if self._limit_hits > hits:
@@ -701,6 +724,30 @@ class Judge:
         self._degraded["limit"] = message
         if rescan:
             found.rescan["watch limit reached"] = None
+
+
+class _Pending:
+    """``call(*args)`` running in a thread from now on; :meth:`result` waits for it (and raises
+    what it raised)."""
+
+    def __init__(self, call, *args: Any) -> None:
+        self._value: Any = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(call, args),
+                                        name="watcherd-watch", daemon=True)
+        self._thread.start()
+
+    def _run(self, call, args: tuple) -> None:
+        try:
+            self._value = call(*args)
+        except BaseException as exc:  # handed to the caller by result()
+            self._error = exc
+
+    def result(self) -> Any:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._value
 
 
 def inotify_limit_advice(max_watches: int | None) -> str:
