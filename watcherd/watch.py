@@ -30,6 +30,10 @@ What the OS does not say, and how it is covered:
 * A queue overflow, a watch limit, or a watch the OS dropped on its own lose events. They come
   back as :attr:`Batch.rescan` reasons ("something may be missed: snapshot with a full scan")
   and, while the condition lasts, as :attr:`Watcher.degraded`.
+* The inotify backend is ready before the force-added paths are known (matching the user's
+  index against the rules costs more than the walk on a large tree). When they are, the
+  directories that lead to them are watched and every one of them is reported as changed, so
+  an edit made to one in between is in the next snapshot (:meth:`Judge._settle`).
 
 Inside ``.git`` only the refs matter (a user's commit, a branch switch): ``HEAD``, ``packed-refs``,
 ``refs/heads/**`` and ``refs/tags/**``. Objects, the index, logs and lock files are not activity. The
@@ -108,8 +112,9 @@ class Watcher(Protocol):
     """What the daemon uses of a backend.
 
     ``read()`` can take a few milliseconds (it walks new directories and asks git about new
-    names); it is synchronous and not thread-safe: call it, and ``resync()``, from one task or
-    thread at a time.
+    names; the first one after start may wait for the rest of the pass over the user's index,
+    see :attr:`Judge.defer_forced`); it is synchronous and not thread-safe: call it, and
+    ``resync()``, from one task or thread at a time.
     """
 
     root: Path
@@ -213,6 +218,11 @@ class Judge:
     """
 
     backend = ""
+    #: Whether :meth:`start` may return before the force-added paths are known (the first
+    #: walk's pass over the user's index then goes on in its thread; see :meth:`_settle`). A
+    #: backend that sets it makes ``fileno()`` readable when :meth:`_wake` is called, from any
+    #: thread, and calls :meth:`_settle` first in ``read``.
+    defer_forced = False
 
     def __init__(self, root: Path, repo: Repo, *, max_watches: int | None = None) -> None:
         root = Path(root)
@@ -228,6 +238,7 @@ class Judge:
         self._forced: frozenset[str] = frozenset()
         self._forced_dirs: frozenset[str] = frozenset()
         self._tracked = ignore.TrackedIgnored()
+        self._pending: _Pending | None = None  # the first walk's pass, until settled
         self._watches: dict[Watch, Any] = {}  # what the backend's _add returned for each
         self._unwatched: set[str] = set()  # work dirs that should be watched but hit the limit
         self._limit_hits = 0  # "too many watches" answers so far
@@ -293,12 +304,19 @@ class Judge:
         """What to raise when the OS refuses more watches."""
         raise NotImplementedError
 
+    def _wake(self) -> None:
+        """Make ``fileno()`` readable (called from the pass's thread; see
+        :attr:`defer_forced`)."""
+
+    def _unwake(self) -> None:
+        """Undo :meth:`_wake` (called once the pass is settled)."""
+
     # -- the first walk, the end of a read --------------------------------------------------------
 
     def _place_all(self, **facts: Any) -> None:
         """The first walk, at start: refuse to run blind, then say what is watched."""
         t0 = time.perf_counter()
-        self._resync_all(Found())
+        self._resync_all(Found(), first=True)
         if "ignore" in self._degraded:
             # Without git's answers the choice is watching node_modules or missing edits: refuse.
             message = self._degraded["ignore"]
@@ -469,6 +487,12 @@ class Judge:
             elif mask & _REF_WRITTEN:
                 found.refs[os.path.relpath(path, common)] = None
 
+    def _forced_known(self, forced: frozenset[str] | None) -> None:
+        """In the pass's thread, as it ends: wake the reader when there is something to settle
+        (a failure, or force-added paths other than the ones judged with so far)."""
+        if forced is None or forced != self._forced:
+            self._wake()
+
     def _apply_forced(self, forced: frozenset[str], found: Found, seen: set[Watch]) -> None:
         """Take the force-added paths looked for while a re-walk walked (with the ones known
         before): watch the ignored directories that lead to one now, as the walk would have if it
@@ -483,9 +507,46 @@ class Judge:
                     and Watch("work", parent) in self._watches):
                 self._walk_work(rel, found, collect=False, seen=seen)
 
+    def _settle(self, found: Found) -> None:
+        """Apply the force-added paths the first walk left to its thread, once they are known
+        (waiting for them if need be).
+
+        Until then the judgement went by the rules alone: an ignored directory that leads to a
+        force-added path was not watched, and the events of a force-added file beside watched
+        ones were judged ignored. So, besides watching those directories now, every force-added
+        path is reported as changed: an edit made to one meanwhile is in the snapshot this asks
+        for (which finds nothing new when there was none)."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        try:
+            forced = pending.result()
+        except (GitError, OSError) as exc:
+            # Not known: snapshot with a full scan, and stay degraded (the daemon's safety
+            # re-walk looks again) rather than end the daemon, whose workspace may be going.
+            reason = "cannot list the force-added paths"
+            log.warning("watch.force_added_unknown", error=str(exc))
+            found.rescan[reason] = None
+            self._degraded["ignore"] = f"{reason} (their directories are not watched): {exc}"
+            return
+        finally:
+            self._unwake()
+        self._apply_forced(forced, found, set(self._watches))
+        for path in sorted(forced):
+            found.path(path)
+        log.debug("watch.force_added", paths=len(forced), watches=self.watch_count)
+
+    def _forget_pending(self) -> None:
+        """Closing: wait for the pass's thread (it may still wake us), keep nothing of it."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.join()
+            self._unwake()
+
     def _on_index_changed(self, found: Found) -> None:
         """Watch the directories that now lead to a force-added path, drop the ones that no
         longer do; the rest of the tree is not looked at."""
+        self._settle(found)  # the pass of the first walk uses what this would change
         added, gone = self._set_forced(self._tracked.index_changed(self._repo, self._layout))
         for rel in sorted(gone, key=len, reverse=True):
             if self._ignored(rel, True, found):
@@ -497,18 +558,22 @@ class Judge:
 
     # -- walking ---------------------------------------------------------------------------------
 
-    def _resync_all(self, found: Found) -> None:
+    def _resync_all(self, found: Found, *, first: bool = False) -> None:
         """Walk the whole tree again, keep what is still wanted, add what is missing, drop the rest.
 
         Cheap by construction (ignored trees are never entered), so it is the answer to every "the
         watches may be wrong" situation rather than trying to patch them up.
         """
+        self._settle(found)
         t0 = time.perf_counter()
         self._locate()  # the git directory may have appeared, gone or moved; the rules changed
         # Matching the user's index against the rules is git's work, for the other CPU (at 50,000
         # tracked files it costs more than the walk): it runs while the walk does, and its answer
-        # is applied after it, as a change of the user's index is.
-        forced = _Pending(self._tracked.full, self._repo, self._layout)
+        # is applied after it, as a change of the user's index is. The first walk need not wait
+        # for it where the backend can be woken (defer_forced): READY does not wait for it.
+        defer = first and self.defer_forced
+        forced = _Pending(self._tracked.full, self._repo, self._layout,
+                          done=self._forced_known if defer else None)
         seen: set[Watch] = set()
         hits = self._limit_hits
         unwatched_before, self._unwatched = self._unwatched, set()
@@ -517,9 +582,13 @@ class Judge:
             # The few git directories first: if the limit bites, missing a user's commit is worse.
             self._walk_git(found, seen)
             self._walk_work("", found, collect=False, seen=seen)
-        finally:
-            paths = forced.result()
-        self._apply_forced(paths, found, seen)
+        except BaseException:
+            forced.join()
+            raise
+        if defer:
+            self._pending = forced
+        else:
+            self._apply_forced(forced.result(), found, seen)
         for w in [w for w in self._watches if w not in seen]:
             self._unwatch(w)
         if self._limit_hits > hits:
@@ -728,20 +797,26 @@ class Judge:
 
 class _Pending:
     """``call(*args)`` running in a thread from now on; :meth:`result` waits for it (and raises
-    what it raised)."""
+    what it raised). ``done``, if given, is called in that thread as it ends, with the result
+    (None when the call raised)."""
 
-    def __init__(self, call, *args: Any) -> None:
+    def __init__(self, call, *args: Any, done=None) -> None:
         self._value: Any = None
         self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, args=(call, args),
+        self._thread = threading.Thread(target=self._run, args=(call, args, done),
                                         name="watcherd-watch", daemon=True)
         self._thread.start()
 
-    def _run(self, call, args: tuple) -> None:
+    def _run(self, call, args: tuple, done) -> None:
         try:
             self._value = call(*args)
         except BaseException as exc:  # handed to the caller by result()
             self._error = exc
+        if done is not None:
+            done(None if self._error is not None else self._value)
+
+    def join(self) -> None:
+        self._thread.join()
 
     def result(self) -> Any:
         self._thread.join()
