@@ -175,6 +175,46 @@ def test_new_and_renamed_in_directories_are_watched_and_renamed_out_ones_dropped
     assert d.status()["watches"] == base + 2
 
 
+def test_an_edit_right_after_ready_is_snapshotted_while_the_index_is_still_being_matched(
+        watcherd, tmp_path: Path) -> None:
+    # READY does not wait for the pass over the user's index that finds force-added files (git
+    # add -f): until it is done, the directory of one under node_modules/ is not watched. An
+    # edit made there right after READY must be snapshotted all the same. A git that holds that
+    # pass's answer back until the test opens a gate keeps the window open.
+    d = watcherd()
+    patched = d.workspace / "node_modules" / "pkg" / "patched.js"
+    patched.parent.mkdir(parents=True)
+    patched.write_text("v1\n")
+    git(d.workspace, "add", "-f", "node_modules/pkg/patched.js")
+    git(d.workspace, "commit", "-q", "-m", "a patched dependency")
+    gate, done, held = tmp_path / "gate", tmp_path / "pass-done", tmp_path / "held"
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "git").write_text(f"""#!/bin/sh
+# The watcher's pass reads a copy of the user's index named watch-index: hold its answer back.
+case "$GIT_INDEX_FILE:$*" in
+*/watch-index:*--ignored*)
+    "{shutil.which('git')}" "$@" > "{held}"; status=$?
+    n=0; while [ ! -e "{gate}" ] && [ $n -lt 300 ]; do sleep 0.1; n=$((n + 1)); done
+    cat "{held}"; : > "{done}"; exit $status;;
+esac
+exec "{shutil.which('git')}" "$@"
+""")
+    (fake / "git").chmod(0o755)
+    d.start(env={"PATH": f"{fake}{os.pathsep}{os.environ['PATH']}"})
+    d.log.wait("snapshot.committed")  # the start-up snapshot: patched.js as committed
+    mark = d.log.mark()
+    assert not done.exists()  # READY came before the pass's answer, and it is not in yet
+
+    patched.write_text("v2\n")
+    gate.touch()
+
+    line = d.log.wait("snapshot.committed", after=mark, timeout=15)
+    assert "node_modules/pkg/patched.js" in line["paths"]
+    assert d.show("node_modules/pkg/patched.js") == "v2"
+    assert done.exists()
+
+
 def test_a_queue_overflow_is_rescanned_and_loses_no_edit(watcherd) -> None:
     d = watcherd(watch={"shutdown_timeout": "20s"}).start()
     d.settle()

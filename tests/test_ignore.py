@@ -121,6 +121,7 @@ def test_tracked_ignored_lists_exactly_the_force_added_paths(root: Path, repo: R
         assert oracle.is_ignored("build/other.txt")
     git(root, "rm", "-q", "--cached", "build/keep.txt")
     assert ignore.tracked_ignored(repo, ws.locate(root)) == frozenset()
+    assert not list(repo.dir.glob("watch-index*"))  # its copies of the index are gone
 
 
 def test_tracked_ignored_is_empty_without_a_repository_or_an_index(tmp_path: Path) -> None:
@@ -134,7 +135,7 @@ def test_tracked_ignored_is_empty_without_a_repository_or_an_index(tmp_path: Pat
 
 
 def test_after_an_index_change_only_the_paths_that_came_or_went_change_the_answer(
-        root: Path, repo: Repo) -> None:
+        root: Path, repo: Repo, monkeypatch: pytest.MonkeyPatch) -> None:
     # What the watcher does on each write of the user's index: the same answer as a full pass,
     # without matching every tracked path against the rules again.
     (root / "build" / "deep").mkdir(parents=True)
@@ -145,6 +146,11 @@ def test_after_an_index_change_only_the_paths_that_came_or_went_change_the_answe
     tracked = ignore.TrackedIgnored()
     layout = ws.locate(root)
     assert tracked.full(repo, layout) == {"build/b.txt"}
+
+    def no_full_pass(*args):
+        raise AssertionError("a full pass, where only the paths that changed were to be asked")
+
+    monkeypatch.setattr(tracked, "full", no_full_pass)
     git(root, "--literal-pathspecs", "add", "-f", "build/deep/a.txt", "debug.log", "keep.log",
         ":odd")
     assert tracked.index_changed(repo, layout) == {"build/b.txt", "build/deep/a.txt", "debug.log"}
@@ -153,6 +159,28 @@ def test_after_an_index_change_only_the_paths_that_came_or_went_change_the_answe
     git(root, "add", "src.js")  # the same paths: nothing to ask
     assert tracked.index_changed(repo, layout) == {"build/deep/a.txt", "debug.log"}
     assert tracked.index_changed(repo, layout) == ignore.tracked_ignored(repo, layout)
+    tracked.close()
+    assert not list(repo.dir.glob("watch-index*"))
+
+
+def test_a_full_pass_keeps_the_index_it_read_until_the_first_change_is_compared(
+        root: Path, repo: Repo) -> None:
+    # A start-up pays for matching the index against the rules only: the paths the first change
+    # is compared with are listed then, from the index the full pass read, not the one of the
+    # moment (which already holds the change).
+    (root / "build").mkdir()
+    for name in ("build/a.txt", "build/b.txt", "src.js"):
+        (root / name).write_text("x")
+    git(root, "add", "src.js")
+    git(root, "add", "-f", "build/a.txt")
+    tracked = ignore.TrackedIgnored()
+    layout = ws.locate(root)
+    assert tracked.full(repo, layout) == {"build/a.txt"}
+    assert len(list(repo.dir.glob("watch-index*"))) == 1
+    git(root, "add", "-f", "build/b.txt")
+    git(root, "rm", "-q", "--cached", "build/a.txt")
+    assert tracked.index_changed(repo, layout) == {"build/b.txt"}
+    assert not list(repo.dir.glob("watch-index*"))
 
 
 def test_rules_are_replaced_whole_while_git_reads_them(root: Path, repo: Repo) -> None:

@@ -144,6 +144,29 @@ def test_user_commit_of_the_same_tree_gives_a_snapshot_whose_second_parent_is_th
     assert f"HEAD: {new_head}" in sgit(ws, "log", "-1", "--format=%B", snap.commit)
 
 
+def test_a_snapshot_lists_exactly_the_paths_that_changed_since_the_previous_one(tmp_path):
+    # Read from the private index while its tree is written (two gits at once): the same list
+    # as a diff of the two snapshots' trees, whatever the kind of change.
+    ws = make_repo(tmp_path / "ws")
+    (ws / "sub").mkdir()
+    (ws / "sub" / "kept.txt").write_text("kept\n")
+    first = take(ws)
+    (ws / "gone.txt").unlink()
+    (ws / "run.sh").chmod(0o755)
+    (ws / "readme.md").unlink()
+    (ws / "readme.md").symlink_to("sub/kept.txt")
+    (ws / "sub" / "new file.txt").write_text("new\n")
+    (ws / "sub" / "kept.txt").write_text("changed\n")
+
+    snap = take(ws)
+
+    changed = sgit(ws, "diff-tree", "-r", "--name-only", "-z", first.commit, snap.commit)
+    assert list(snap.paths) == [p for p in changed.split("\0") if p]
+    assert set(snap.paths) == {"gone.txt", "run.sh", "readme.md", "sub/kept.txt",
+                               "sub/new file.txt"}
+    assert snap.files == 5
+
+
 def test_snapshot_message_counts_files_and_truncates_the_path_list_beyond_50(tmp_path):
     ws = make_repo(tmp_path / "ws")
     take(ws)
@@ -194,6 +217,64 @@ def test_stale_watcherd_locks_left_by_a_killed_process_do_not_block_the_next_sna
     assert not (repo.dir / "index.lock").exists()
     assert not (repo.git_dir / "refs" / "watcherd" / "snapshots.lock").exists()
     assert sum(e["event"] == "state.stale_lock_removed" for e in logs) == 2
+
+
+def test_snapshot_ref_is_written_as_git_writes_it(tmp_path):
+    # After the first snapshot, watcherd replaces the ref's file itself (a git process saved):
+    # git must read the very same ref, with the same file mode, and no reflog, as update-ref
+    # writes none with core.logAllRefUpdates = false.
+    ws = make_repo(tmp_path / "ws")
+    repo = state_repo(ws)
+    take(ws)
+    path = repo.git_dir / REF
+    mode = path.stat().st_mode & 0o777
+    for i in range(3):
+        (ws / "readme.md").write_text(f"edit {i}\n")
+        snap = take(ws)
+        assert snap.commit and snap.snapshot_head == snap.commit
+        assert path.read_text() == f"{snap.commit}\n"
+        assert sgit(ws, "rev-parse", "--verify", REF) == snap.commit
+    assert path.stat().st_mode & 0o777 == mode
+    assert sgit(ws, "for-each-ref", "--format=%(refname)", "refs/watcherd/") == REF
+    assert not path.with_name("snapshots.lock").exists()
+    assert not (repo.git_dir / "logs" / REF).exists()
+    sgit(ws, "fsck", "--no-dangling")
+
+
+def test_a_reflog_of_the_snapshot_ref_keeps_growing(tmp_path):
+    # None is written by default; one that exists (an operator's, an older repository's) is
+    # appended to, as git would.
+    ws = make_repo(tmp_path / "ws")
+    take(ws)
+    reflog = state_repo(ws).git_dir / "logs" / REF
+    reflog.parent.mkdir(parents=True)
+    reflog.touch()  # git appends to a reflog that exists, whatever logAllRefUpdates says
+    for i in range(2):
+        (ws / "readme.md").write_text(f"edit {i}\n")
+        take(ws)
+    log = sgit(ws, "reflog", "show", "--format=%H %gs", REF).splitlines()
+    assert log == [f"{sgit(ws, 'rev-parse', f'{REF}~{n}')} watcherd: snapshot" for n in (0, 1)]
+
+
+def test_the_snapshot_ref_moves_only_from_the_value_expected_and_never_past_a_held_lock(tmp_path):
+    ws = make_repo(tmp_path / "ws")
+    first = take(ws)
+    (ws / "readme.md").write_text("edited\n")
+    second = take(ws)
+    repo = state_repo(ws)
+    path = repo.git_dir / REF
+    lock = path.with_name("snapshots.lock")
+
+    with pytest.raises(GitError, match="expected"):
+        repo.move_snapshot_head(first.commit, first.commit, "stale expectation")
+    assert path.read_text() == f"{second.commit}\n"
+    assert not lock.exists()
+
+    lock.write_text("another writer's\n")  # a git update-ref holding the ref right now
+    with pytest.raises(GitError, match="another process"):
+        repo.move_snapshot_head(first.commit, second.commit, "must wait")
+    assert lock.read_text() == "another writer's\n"  # theirs: left alone
+    assert path.read_text() == f"{second.commit}\n"
 
 
 # -- workspaces that are not (yet) a repository -------------------------------------------------------

@@ -226,6 +226,33 @@ def test_a_fifo_posing_as_an_object_does_not_block_the_snapshot(tmp_path):
     assert recorded(ws, snap.commit).head.oid is None  # HEAD's commit could not be read
 
 
+def test_a_fifo_planted_among_the_objects_after_a_snapshot_does_not_block_the_next(tmp_path):
+    # A daemon's snapshots bring the links to the workspace's objects up to date from a listing
+    # of objects/ and the fan-out directories' times: one that changed since the last snapshot
+    # is looked into again, entry by entry, in an old fan-out directory as in a new one.
+    ws = make_repo(tmp_path / "ws")
+    repo = state_repo(ws, KEY)  # one for the daemon's life, as the daemon keeps it
+    snapshot.prepare(repo)
+    snapshot.take(repo)
+    objects = ws / ".git" / "objects"
+    linked = {d.name for d in objects.iterdir() if len(d.name) == 2}
+    commits = [git(ws, "commit", "-q", "--allow-empty", "-m", "1") or git(ws, "rev-parse", "HEAD")]
+    while commits[-1][:2] not in linked:  # until HEAD's commit is in a directory linked before
+        git(ws, "commit", "-q", "--allow-empty", "-m", str(len(commits) + 1))
+        commits.append(git(ws, "rev-parse", "HEAD"))
+    assert any(c[:2] not in linked for c in commits[:-1]) or len(commits) == 1
+    for commit in commits:  # old and new fan-out directories
+        obj = objects / commit[:2] / commit[2:]
+        obj.unlink()
+        os.mkfifo(obj)
+    (ws / "new.txt").write_text("still saved\n")
+
+    snap = snapshot.take(repo)  # pytest-timeout would end a test that blocks for ever
+
+    assert snap.commit and "new.txt" in files_of(ws, snap.commit)
+    assert recorded(ws, snap.commit).head.oid is None  # HEAD's commit could not be read
+
+
 def test_a_git_symlink_to_another_workspace_is_refused_and_never_read(tmp_path):
     other = make_repo(tmp_path / "other", "another sandbox's secret history\n")
     ws = tmp_path / "ws"

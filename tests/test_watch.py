@@ -25,6 +25,7 @@ import select
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -35,8 +36,8 @@ import structlog
 
 from helpers import git, state_repo
 
-from watcherd import snapshot
-from watcherd.errors import WorkspaceError
+from watcherd import ignore, snapshot
+from watcherd.errors import GitError, WorkspaceError
 from watcherd.watch import Batch, Judge
 from watcherd.watch_inotify import InotifyWatcher
 
@@ -247,6 +248,31 @@ def test_ignored_tree_gets_no_watch_and_its_writes_are_not_reported(root: Path,
     assert news(barrier(watcher, root, "src")) == set()
 
 
+def test_the_walk_asks_git_once_per_depth_not_once_per_directory(
+        root: Path, backend: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Each question to check-ignore is a round trip to another process: a tree of many
+    # directories costs as many round trips as it is deep. Every directory is still judged.
+    for i in range(20):
+        (root / "src" / f"m{i}" / "deep").mkdir(parents=True)
+        (root / "src" / f"m{i}" / "node_modules").mkdir()
+    write(root / "src" / ".gitignore", "node_modules/\n")
+    w = watcher_of(root, backend)
+    exchanges: list[int] = []
+    real = w._oracle._exchange
+
+    def counting(keys):
+        exchanges.append(len(keys))
+        return real(keys)
+
+    monkeypatch.setattr(w._oracle, "_exchange", counting)
+    with w:
+        inodes = watched_inodes(w)
+        assert len(exchanges) <= 4, exchanges  # root, src/, src/m*/, src/m*/deep: 4 levels
+        assert all((root / "src" / f"m{i}" / "deep").stat().st_ino in inodes for i in range(20))
+        assert not any((root / "src" / f"m{i}" / "node_modules").stat().st_ino in inodes
+                       for i in range(20))
+
+
 def test_nested_gitignore_is_respected(root: Path, watcher: Judge) -> None:
     write(root / "src" / ".gitignore", ".cache/\n*.tmp\n")
     reported(watcher, "src/.gitignore")
@@ -391,6 +417,80 @@ def test_a_tracked_file_a_new_rule_matches_stays_watched(root: Path, watcher: Ju
     got += barrier(watcher, root, "src")
     assert "src/scratch.js" not in paths(got)
     assert (root / "src").stat().st_ino in watched_inodes(watcher)
+
+
+def test_force_added_files_found_at_start_are_watched_and_their_edits_reported(
+        root: Path, backend: str) -> None:
+    # The index is matched against the rules while the tree is walked (the inotify backend is
+    # ready before that is done): what it finds is watched as if the walk had known it, under
+    # an ignored directory as beside watched files, and edits made meanwhile are reported.
+    patched = root / "node_modules" / "pkg0" / "dist" / "patched.js"
+    write(patched, "v1")
+    write(root / "src" / "trace.log", "v1")
+    git(root, "add", "-f", "node_modules/pkg0/dist/patched.js", "src/trace.log")
+    with watcher_of(root, backend) as w:
+        write(patched, "v2")
+        write(root / "src" / "trace.log", "v2")
+        reported(w, "node_modules/pkg0/dist/patched.js", "src/trace.log")
+        inodes = watched_inodes(w)
+        assert patched.parent.stat().st_ino in inodes
+        assert (root / "node_modules" / "pkg1").stat().st_ino not in inodes
+        write(root / "node_modules" / "pkg0" / "dist" / "other.js", "ignored")
+        got = touched(w, root, "node_modules/pkg0/dist/patched.js", "src/trace.log")
+        got += barrier(w, root, "src")
+        assert news(got) == {"node_modules/pkg0/dist/patched.js", "src/trace.log"}
+
+
+def test_an_edit_to_a_force_added_file_before_the_index_is_matched_is_reported(
+        root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The inotify backend is ready before the force-added paths are known (READY does not wait
+    # for the pass over the user's index), so the directory of one under node_modules/ is not
+    # watched yet: what is edited there meanwhile must be reported once they are known, with no
+    # other event to wake the reader.
+    patched = root / "node_modules" / "pkg0" / "dist" / "patched.js"
+    write(patched, "v1")
+    git(root, "add", "-f", "node_modules/pkg0/dist/patched.js")
+    known = threading.Event()
+    real = ignore.TrackedIgnored.full
+
+    def held_back(self, repo, layout):
+        assert known.wait(10), "the test never let the pass finish"
+        return real(self, repo, layout)
+
+    monkeypatch.setattr(ignore.TrackedIgnored, "full", held_back)
+    with watcher_of(root) as w:
+        write(patched, "v2")  # the pass is not done: no watch on its directory yet
+        known.set()
+        assert select.select([w.fileno()], [], [], 5)[0], "never woken"
+        batch = w.read()
+        assert "node_modules/pkg0/dist/patched.js" in batch.paths and batch.relevant
+        assert patched.parent.stat().st_ino in watched_inodes(w)
+        write(patched, "v3")  # and from now on through its directory's watch
+        reported(w, "node_modules/pkg0/dist/patched.js")
+
+
+def test_force_added_paths_that_cannot_be_listed_ask_for_a_full_scan_and_a_rewalk(
+        root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The pass the inotify backend finishes after start can fail (git timed out, the user's
+    # index unreadable, the workspace going): a snapshot with a full scan, and degraded (the
+    # daemon's safety re-walk looks again), not the end of the daemon.
+    real = ignore.TrackedIgnored.full
+    calls: list[int] = []
+
+    def failing_once(self, repo, layout):
+        calls.append(1)
+        if len(calls) == 1:
+            raise GitError("git ls-files timed out after 60s")
+        return real(self, repo, layout)
+
+    monkeypatch.setattr(ignore.TrackedIgnored, "full", failing_once)
+    with watcher_of(root) as w:
+        assert select.select([w.fileno()], [], [], 5)[0], "never woken"
+        batch = w.read()
+        assert batch.relevant and batch.rescan
+        assert any("force-added" in d for d in w.degraded)
+        w.resync()
+        assert w.degraded == ()
 
 
 def test_a_force_added_file_under_an_ignored_directory_is_watched_alone_without_a_rewalk(

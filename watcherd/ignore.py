@@ -312,7 +312,11 @@ def sync_rules(repo: Repo, layout: ws.Layout) -> bool:
 def tracked_ignored(repo: Repo, layout: ws.Layout) -> frozenset[str]:
     """Paths of the user's index that the ignore rules match (force-added with ``git add -f``):
     git snapshots them although the rules say otherwise. Read from a copy of the index."""
-    return TrackedIgnored().full(repo, layout)
+    tracked = TrackedIgnored()
+    try:
+        return tracked.full(repo, layout)
+    finally:
+        tracked.close()
 
 
 class TrackedIgnored:
@@ -320,11 +324,16 @@ class TrackedIgnored:
     alone costs what it changed.
 
     Matching every path of the index against the rules is what costs: ~90 ms at 50,000 tracked
-    files (``ls-files --ignored``), for each ``git add`` or ``git status`` of the user's. Their
-    paths (``ls-files --cached``, ~8 ms) mostly stay the same; then the answer does too, and
-    only paths that came into the index are asked about. Only valid while the rules stay the
-    same: the caller calls :meth:`full` whenever they may have changed (a ``.gitignore``, the
-    exclude file), :meth:`index_changed` when only the index did.
+    files (``ls-files --ignored``, which stats every tracked file), for each ``git add`` or
+    ``git status`` of the user's. Their paths (``ls-files --cached``, ~8 ms) mostly stay the
+    same; then the answer does too, and only paths that came into the index are asked about.
+    Only valid while the rules stay the same: the caller calls :meth:`full` whenever they may
+    have changed (a ``.gitignore``, the exclude file), :meth:`index_changed` when only the index
+    did.
+
+    The paths a change is compared with are listed when the first change comes, from the copy
+    of the index :meth:`full` read (kept in the state directory until then): a start-up pays
+    for the match only. :meth:`close` removes that copy.
     """
 
     # More new paths than this: one pass over the whole index is cheaper than asking each.
@@ -332,52 +341,72 @@ class TrackedIgnored:
 
     def __init__(self) -> None:
         self._paths: frozenset[bytes] | None = None
+        self._base: Path | None = None  # the index full() read, until its paths are listed
         self._result: frozenset[str] = frozenset()
         self._rules: bytes | None = None
 
     def full(self, repo: Repo, layout: ws.Layout) -> frozenset[str]:
         """Match every path of the user's index against the rules."""
-        self._paths = None
+        self.close()
+        self._result = frozenset()
+        self._rules = _rules(repo)
         with _index_copy(repo, layout) as copy:
             if copy is None:
-                self._result = frozenset()
                 return self._result
             r = repo.git.run("ls-files", "-z", "--cached", "--ignored", "--exclude-standard",
                              env={"GIT_INDEX_FILE": str(copy)}, check=False)
             if r.returncode != 0:
-                self._result = frozenset()
                 return self._result
             self._result = frozenset(_decode(p) for p in r.stdout.split(b"\0") if p)
-            self._paths = _paths(repo, copy)
-            self._rules = _rules(repo)
+            self._base = repo.dir / "watch-index-base"
+            os.replace(copy, self._base)
         return self._result
 
     def index_changed(self, repo: Repo, layout: ws.Layout) -> frozenset[str]:
         """The same answer after a change of the user's index, the rules unchanged: paths that
         left the index leave it, paths that came in are asked about (``check-ignore
         --no-index``, which also says so of a path under an ignored directory)."""
-        if self._paths is None or self._rules != _rules(repo):
+        before = self._baseline(repo)
+        if before is None or self._rules != _rules(repo):
             return self.full(repo, layout)
         with _index_copy(repo, layout) as copy:
             paths = _paths(repo, copy) if copy is not None else frozenset()
         if paths is None:
             return self.full(repo, layout)
-        came = paths - self._paths
+        came = paths - before
         if len(came) > self.MAX_ASKED:
             return self.full(repo, layout)
         result = self._result
-        if self._paths - paths:
-            gone = {_decode(p) for p in self._paths - paths}
+        if before - paths:
+            gone = {_decode(p) for p in before - paths}
             result = frozenset(p for p in result if p not in gone)
         if came:
+            # As the oracle asks (_wire): check-ignore refuses GIT_LITERAL_PATHSPECS, and only a
+            # leading ':' is magic to it; it answers with each path as it was asked.
+            asked = {_wire(_decode(p)): p for p in came}
             r = repo.git.run("check-ignore", "--no-index", "--stdin", "-z",
-                             input=b"".join(p + b"\0" for p in sorted(came)),
-                             env={"GIT_LITERAL_PATHSPECS": "1"}, check=False)
+                             input=b"".join(w + b"\0" for w in sorted(asked)), check=False)
             if r.returncode not in (0, 1):  # a path in a submodule, beyond a symlink...
                 return self.full(repo, layout)
-            result = result | {_decode(p) for p in r.stdout.split(b"\0") if p}
+            result = result | {_decode(asked[w]) for w in r.stdout.split(b"\0") if w in asked}
         self._paths, self._result = paths, result
         return result
+
+    def close(self) -> None:
+        """Forget the paths, and remove the copy of the index kept for listing them."""
+        base, self._base, self._paths = self._base, None, None
+        if base is not None:
+            base.unlink(missing_ok=True)
+
+    def _baseline(self, repo: Repo) -> frozenset[bytes] | None:
+        """The paths of the index the answer is for (None: not known, a full pass is due)."""
+        if self._paths is None and self._base is not None:
+            base, self._base = self._base, None
+            try:
+                self._paths = _paths(repo, base) if base.exists() else None
+            finally:
+                base.unlink(missing_ok=True)
+        return self._paths
 
 
 @contextmanager
@@ -406,8 +435,10 @@ def _index_copy(repo: Repo, layout: ws.Layout) -> Iterator[Path | None]:
 
 
 def _paths(repo: Repo, index: Path) -> frozenset[bytes] | None:
-    r = repo.git.run("ls-files", "-z", "--cached", env={"GIT_INDEX_FILE": str(index)},
-                     check=False)
+    # Without the work tree: listing an index needs none, and this runs in the state directory
+    # even while the workspace is being removed (a git cannot start in a vanished directory).
+    r = repo.bare.run("ls-files", "-z", "--cached", env={"GIT_INDEX_FILE": str(index)},
+                      check=False)
     return frozenset(p for p in r.stdout.split(b"\0") if p) if r.returncode == 0 else None
 
 
@@ -435,14 +466,15 @@ def _key(rel_path: str, is_dir: bool) -> str:
     path = rel_path.strip("/")
     if not path:
         raise ValueError("the work tree root is not a question for check-ignore")
-    if os.path.isabs(rel_path) or ".." in path.split("/"):
+    # (Asked for every entry a walk meets: the substring tests spare most paths the split.)
+    if rel_path.startswith("/") or (".." in path and ".." in path.split("/")):
         raise ValueError(f"{rel_path!r} is not a path inside the work tree")
     # A trailing slash tells git it is a directory, so `dir/` patterns match even if it is gone.
     return path + "/" if is_dir else path
 
 
 def _inside_git_dir(key: str) -> bool:
-    return ".git" in key.rstrip("/").split("/")
+    return ".git" in key and ".git" in key.rstrip("/").split("/")
 
 
 def _wire(key: str) -> bytes:

@@ -42,8 +42,8 @@ from pathlib import Path
 
 from watcherd import log
 from watcherd.config import Config
-from watcherd.errors import WorkspaceError
-from watcherd.git import Git, Identity
+from watcherd.errors import GitError, WorkspaceError
+from watcherd.git import Git, Identity, LocalIOError
 from watcherd.manifest import Fork
 from watcherd.protocol import BadGenerations
 from watcherd.workspace import Layout, is_plain_dir
@@ -59,6 +59,8 @@ MAX_PACKS = 8
 # of a 9.7 s first save). Raw git's fastest way to save big files does the same.
 _REPO_OPTIONS = ("-c", "core.bigFileThreshold=1m")
 _FANOUT = tuple(f"{i:02x}" for i in range(256))
+_LINKED = (*_FANOUT, "pack")  # what workspace-objects/ links to, in objects/
+_LINKED_SET = frozenset(_LINKED)
 # Pack files git reads; ".promisor" (lazy fetch) and ".keep" are of no use to a reader here.
 _PACK_SUFFIXES = (".pack", ".idx", ".rev", ".bitmap")
 # Files of ours in the state directory are shared with `watcherd restore`, which may run as
@@ -115,11 +117,15 @@ class Repo:
                                  f"({exc.strerror}); watcherd keeps its own repository there, "
                                  "give it a writable directory") from None
 
+    def exists(self) -> bool:
+        """Whether the repository has been created (:meth:`ensure`)."""
+        return (self.git_dir / "HEAD").exists()
+
     def ensure(self, object_format: str = "sha1") -> None:
         """Create the state directory and the repository (in ``object_format``, the workspace's)
         if they do not exist yet; see :meth:`ensure_dirs` for the errors."""
         self.ensure_dirs()
-        if (self.git_dir / "HEAD").exists():
+        if self.exists():
             return
         try:
             tmp = self.dir / f"repo.git.new-{os.getpid()}"
@@ -172,6 +178,59 @@ class Repo:
         except OSError:
             return self.bare.rev(SNAPSHOT_REF)
         return text if len(text) in (40, 64) else self.bare.rev(SNAPSHOT_REF)
+
+    def move_snapshot_head(self, new: str, old: str | None, message: str) -> None:
+        """Move ``refs/watcherd/snapshots`` from ``old`` to ``new`` (``git update-ref`` with
+        ``old`` as the expected value; None: the ref must not exist).
+
+        A snapshot does this each time, and a git process costs more than the rest of the
+        update: when the ref is a loose file with no reflog (``core.logAllRefUpdates`` is false
+        here, so git writes none), the file is replaced the way git replaces it: ``<ref>.lock``
+        created exclusively (a git updating the ref at the same moment fails on it, as it would
+        against another git), the expected value checked under that lock, the lock renamed over
+        the ref. Not fsynced, as git does not fsync refs by default. Anything else (the first
+        snapshot, a packed ref, a reflog someone created) goes through git, which also appends
+        to the reflog. ``message`` is the reflog's, when there is one.
+        """
+        ref = self.git_dir / SNAPSHOT_REF
+        if old is None or (self.git_dir / "logs" / SNAPSHOT_REF).exists():
+            self.bare.update_ref(SNAPSHOT_REF, new, old, message)
+            return
+        lock = ref.with_name(f"{ref.name}.lock")
+        try:
+            fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+        except FileExistsError:
+            raise GitError(f"cannot lock ref '{SNAPSHOT_REF}': {lock} exists: another process "
+                           "is updating it") from None
+        except OSError as exc:
+            raise LocalIOError(f"cannot lock ref '{SNAPSHOT_REF}' in {self.git_dir}: "
+                               f"{exc.strerror}") from None
+        try:
+            try:
+                # What git gives a ref with core.sharedRepository = group: the group may write.
+                os.fchmod(fd, stat.S_IMODE(os.fstat(fd).st_mode) | 0o660)
+                os.write(fd, f"{new}\n".encode())
+            finally:
+                os.close(fd)
+            try:
+                current: str | None = ref.read_text().strip()
+            except FileNotFoundError:
+                current = None
+            if current is None:
+                lock.unlink()
+                self.bare.update_ref(SNAPSHOT_REF, new, old, message)  # packed, or gone
+                return
+            if current != old:
+                raise GitError(f"cannot lock ref '{SNAPSHOT_REF}': is at {current} but expected "
+                               f"{old}")
+            os.rename(lock, ref)
+        except OSError as exc:
+            lock.unlink(missing_ok=True)
+            raise LocalIOError(f"cannot update ref '{SNAPSHOT_REF}' in {self.git_dir}: "
+                               f"{exc.strerror}") from None
+        except BaseException:
+            lock.unlink(missing_ok=True)
+            raise
 
     @contextmanager
     def lock(self) -> Iterator[None]:
@@ -231,7 +290,8 @@ class Repo:
         """Bring ``workspace-objects/`` up to date with the workspace's ``objects/``.
 
         Only the directories whose modification time changed are looked at again: a snapshot pays
-        for 257 ``lstat`` calls, not for listing every loose object.
+        for listing ``objects/`` and an ``lstat`` of each fan-out directory there, not for listing
+        every loose object.
         """
         link = self.objects_link
         if not link.is_dir() or self._linked.get("") != (str(objects),):
@@ -239,16 +299,14 @@ class Repo:
             _mkdir(link)
             _mkdir(link / "info")
             self._linked = {"": (str(objects),)}
-        for name in (*_FANOUT, "pack"):
-            src = objects / name
-            try:
-                st = os.lstat(src)
-            except FileNotFoundError:
-                st = None
+        present = _present(objects)
+        linked = self._linked
+        for name in _LINKED:
+            st = present.get(name)
             key = (st.st_ino, st.st_mtime_ns, st.st_mode) if st else None
-            if self._linked.get(name, "unset") == key:
+            if linked.get(name, "unset") == key:
                 continue
-            dest = link / name
+            src, dest = objects / name, link / name
             _remove(dest)
             if st is not None and stat.S_ISDIR(st.st_mode):
                 self._link_dir(src, dest, pack=name == "pack")
@@ -541,6 +599,30 @@ def _share(fd: int) -> None:
             os.fchmod(fd, _FILE_MODE)
     except OSError:
         pass
+
+
+def _present(objects: Path) -> dict[str, os.stat_result]:
+    """The ``lstat`` of each entry of ``objects`` that ``workspace-objects/`` links to.
+
+    One listing, then an ``lstat`` of what is there (a packed repository has few fan-out
+    directories; 256 failing ``lstat`` calls cost ten times more); by name when the directory
+    cannot be listed.
+    """
+    present: dict[str, os.stat_result] = {}
+    try:
+        with os.scandir(objects) as it:
+            names = [e.name for e in it if e.name in _LINKED_SET]
+    except (FileNotFoundError, NotADirectoryError):
+        return present
+    except OSError:
+        names = list(_LINKED)  # searchable, not readable: look each one up
+    base = f"{objects}{os.sep}"
+    for name in names:
+        try:
+            present[name] = os.lstat(base + name)
+        except (FileNotFoundError, NotADirectoryError):
+            pass
+    return present
 
 
 def _mkdir(path: Path) -> None:

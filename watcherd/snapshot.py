@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,7 +78,12 @@ def prepare(repo: Repo) -> None:
     this workspace's, or start a new one; adopt a history an older watcherd kept in the workspace.
     """
     layout = ws.locate(repo.workspace)
-    repo.ensure(_object_format(layout))
+    if repo.exists():
+        repo.ensure_dirs()
+    else:
+        # Only a new repository needs the workspace's object format: reading it reads the whole
+        # git state, the user's index included (megabytes at 50,000 files), on every start.
+        repo.ensure(_object_format(layout))
     root = repo.workspace
     other = repo.paired_elsewhere()
     if other is not None:
@@ -193,8 +199,10 @@ def _take(repo: Repo, layout: ws.Layout, cache: Cache, before: str | None = None
     prev = repo.snapshot_head()
     prev_state = _state_of(repo, prev, cache)
     prev_tree = _tree_of(repo, prev, cache)
-    tree = _worktree_tree(repo, prev, found.head.oid if found else None, index_file, cache)
-    entries = _diff(repo.bare, prev_tree, tree) if prev_tree and tree != prev_tree else None
+    tree, entries = _worktree_tree(repo, prev, prev_tree, found.head.oid if found else None,
+                                   index_file, cache)
+    if tree == prev_tree:
+        entries = None
     # Entries of the private index that the rules ignore now are dropped, but only looked for
     # when something that decides it changed: the rules (info/exclude, a .gitignore), the
     # user's index (git rm --cached of a force-added file), or a new process.
@@ -235,7 +243,7 @@ def _take(repo: Repo, layout: ws.Layout, cache: Cache, before: str | None = None
     for parent in dict.fromkeys(p for p in (prev, head, s_commit) if p):
         args += ["-p", parent]
     commit = repo.bare.out(*args)
-    repo.bare.update_ref(SNAPSHOT_REF, commit, prev, "watcherd: snapshot")
+    repo.move_snapshot_head(commit, prev, "watcherd: snapshot")
     cache.state_of[commit] = s_commit
     cache.tree_of[commit] = tree
     return Snapshot(commit, commit, head, head_ref, len(paths), tuple(paths), tuple(problems))
@@ -314,10 +322,12 @@ def _report(problems: list[str], cache: Cache) -> None:
 # -- the working tree ------------------------------------------------------------------------------
 
 
-def _worktree_tree(repo: Repo, prev: str | None, head: str | None, index_file: Path | None,
-                   cache: Cache) -> str:
-    """The tree of the working tree as git sees it, through the private index. ``head``: the
-    user's HEAD commit as read from the workspace (unchecked: it may not exist)."""
+def _worktree_tree(repo: Repo, prev: str | None, prev_tree: str | None, head: str | None,
+                   index_file: Path | None, cache: Cache
+                   ) -> tuple[str, list[tuple[bytes, bytes, bytes]] | None]:
+    """The tree of the working tree as git sees it, through the private index, and what
+    differs in it from ``prev_tree`` (None without one). ``head``: the user's HEAD commit as
+    read from the workspace (unchecked: it may not exist)."""
     git = repo.git
     env = {"GIT_INDEX_FILE": str(repo.index)}
     if not repo.index.exists():
@@ -331,7 +341,14 @@ def _worktree_tree(repo: Repo, prev: str | None, head: str | None, index_file: P
             git.run("read-tree", f"{head}^{{tree}}", env=env, check=False)
     _add_all(git, env)
     _user_paths(repo, index_file, cache)
-    return git.out("write-tree", env=env)
+    if not prev_tree:
+        return git.out("write-tree", env=env), None
+    # The tree and what changed since the previous one are two questions about the same index,
+    # asked at once: starting a git is most of what each costs on a small change, and with two
+    # of them running the second one's start overlaps the first's. (write-tree only adds the
+    # cache-tree to the index, renamed into place whole: the reader sees the same entries.)
+    return _at_once(lambda: git.out("write-tree", env=env),
+                    lambda: _diff_index(repo.bare, env, prev_tree))
 
 
 def _user_paths(repo: Repo, index_file: Path | None, cache: Cache) -> frozenset[bytes]:
@@ -423,6 +440,33 @@ def _report_skipped(said: str) -> None:
                      hint="files git could not read are left out of this snapshot")
 
 
+def _diff_index(git: Git, env: dict[str, str], old_tree: str) -> list[tuple[bytes, bytes, bytes]]:
+    """:func:`_diff` of ``old_tree`` and the tree the index ``env`` names would write."""
+    raw = git.run("diff-index", "--cached", "-z", "--no-renames", old_tree, env=env).stdout
+    return _raw_entries(raw)
+
+
+def _at_once(first, second):
+    """``first()`` here and ``second()`` in a thread, at the same time: (first's, second's)."""
+    box: dict[str, object] = {}
+
+    def run() -> None:
+        try:
+            box["value"] = second()
+        except BaseException as exc:  # handed to the caller below
+            box["error"] = exc
+
+    helper = threading.Thread(target=run, name="watcherd-snapshot", daemon=True)
+    helper.start()
+    try:
+        value = first()
+    finally:
+        helper.join()
+    if "error" in box:
+        raise box["error"]  # type: ignore[misc]
+    return value, box["value"]
+
+
 def _empty_tree(git: Git) -> str:
     return git.out("hash-object", "-t", "tree", "--stdin", input=b"")
 
@@ -431,13 +475,19 @@ def _diff(git: Git, old_tree: str | None, new_tree: str) -> list[tuple[bytes, by
     """(new mode, new id, path) of every entry that differs (all of ``new_tree`` without an old
     one)."""
     if old_tree:
-        raw = git.run("diff-tree", "-r", "-z", "--no-renames", old_tree, new_tree).stdout
-        fields = raw.split(b"\0")
-        return [(meta.split()[1], meta.split()[3], path)
-                for meta, path in zip(fields[0::2], fields[1::2]) if meta]
+        return _raw_entries(git.run("diff-tree", "-r", "-z", "--no-renames", old_tree,
+                                    new_tree).stdout)
     records = git.run("ls-tree", "-r", "-z", new_tree).stdout.split(b"\0")
     return [(meta.split()[0], meta.split()[2], path)
             for meta, _, path in (r.partition(b"\t") for r in records if r)]
+
+
+def _raw_entries(raw: bytes) -> list[tuple[bytes, bytes, bytes]]:
+    """(new mode, new id, path) of each record of a raw ``-z`` diff (``:old new old-id new-id
+    status``, then the path)."""
+    fields = raw.split(b"\0")
+    return [(meta.split()[1], meta.split()[3], path)
+            for meta, path in zip(fields[0::2], fields[1::2]) if meta]
 
 
 def _paths(entries: list[tuple[bytes, bytes, bytes]], cache: Cache) -> list[str]:

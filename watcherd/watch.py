@@ -30,6 +30,10 @@ What the OS does not say, and how it is covered:
 * A queue overflow, a watch limit, or a watch the OS dropped on its own lose events. They come
   back as :attr:`Batch.rescan` reasons ("something may be missed: snapshot with a full scan")
   and, while the condition lasts, as :attr:`Watcher.degraded`.
+* The inotify backend is ready before the force-added paths are known (matching the user's
+  index against the rules costs more than the walk on a large tree). When they are, the
+  directories that lead to them are watched and every one of them is reported as changed, so
+  an edit made to one in between is in the next snapshot (:meth:`Judge._settle`).
 
 Inside ``.git`` only the refs matter (a user's commit, a branch switch): ``HEAD``, ``packed-refs``,
 ``refs/heads/**`` and ``refs/tags/**``. Objects, the index, logs and lock files are not activity. The
@@ -47,6 +51,7 @@ from __future__ import annotations
 import errno
 import os
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -107,8 +112,9 @@ class Watcher(Protocol):
     """What the daemon uses of a backend.
 
     ``read()`` can take a few milliseconds (it walks new directories and asks git about new
-    names); it is synchronous and not thread-safe: call it, and ``resync()``, from one task or
-    thread at a time.
+    names; the first one after start may wait for the rest of the pass over the user's index,
+    see :attr:`Judge.defer_forced`); it is synchronous and not thread-safe: call it, and
+    ``resync()``, from one task or thread at a time.
     """
 
     root: Path
@@ -212,6 +218,11 @@ class Judge:
     """
 
     backend = ""
+    #: Whether :meth:`start` may return before the force-added paths are known (the first
+    #: walk's pass over the user's index then goes on in its thread; see :meth:`_settle`). A
+    #: backend that sets it makes ``fileno()`` readable when :meth:`_wake` is called, from any
+    #: thread, and calls :meth:`_settle` first in ``read``.
+    defer_forced = False
 
     def __init__(self, root: Path, repo: Repo, *, max_watches: int | None = None) -> None:
         root = Path(root)
@@ -227,6 +238,7 @@ class Judge:
         self._forced: frozenset[str] = frozenset()
         self._forced_dirs: frozenset[str] = frozenset()
         self._tracked = ignore.TrackedIgnored()
+        self._pending: _Pending | None = None  # the first walk's pass, until settled
         self._watches: dict[Watch, Any] = {}  # what the backend's _add returned for each
         self._unwatched: set[str] = set()  # work dirs that should be watched but hit the limit
         self._limit_hits = 0  # "too many watches" answers so far
@@ -292,12 +304,19 @@ class Judge:
         """What to raise when the OS refuses more watches."""
         raise NotImplementedError
 
+    def _wake(self) -> None:
+        """Make ``fileno()`` readable (called from the pass's thread; see
+        :attr:`defer_forced`)."""
+
+    def _unwake(self) -> None:
+        """Undo :meth:`_wake` (called once the pass is settled)."""
+
     # -- the first walk, the end of a read --------------------------------------------------------
 
     def _place_all(self, **facts: Any) -> None:
         """The first walk, at start: refuse to run blind, then say what is watched."""
         t0 = time.perf_counter()
-        self._resync_all(Found())
+        self._resync_all(Found(), first=True)
         if "ignore" in self._degraded:
             # Without git's answers the choice is watching node_modules or missing edits: refuse.
             message = self._degraded["ignore"]
@@ -339,7 +358,8 @@ class Judge:
     def _locate(self) -> None:
         """Where HEAD/index live, and where refs/packed-refs/info live (differ in a linked
         worktree); "" when the workspace is not a repository (yet). Also the rules: watcherd's copy
-        of ``info/exclude``, and the tracked paths the rules ignore."""
+        of ``info/exclude`` (the tracked paths the rules ignore are the caller's:
+        :meth:`_resync_all`)."""
         self._layout = ws.locate(self.root)
         lay = self._layout
         self._git_dir = str(lay.git_dir) if lay.git_dir else ""
@@ -348,7 +368,6 @@ class Judge:
             log.warning("watch.git_dir_refused", problem=ws.printable(lay.problem),
                         note="the git state is not watched; the working tree still is")
         ignore.sync_rules(self._repo, lay)
-        self._set_forced(self._tracked.full(self._repo, lay))
 
     def _set_forced(self, forced: frozenset[str]) -> tuple[set[str], set[str]]:
         """Take a new set of force-added paths; the directories that start and stop leading to
@@ -468,9 +487,66 @@ class Judge:
             elif mask & _REF_WRITTEN:
                 found.refs[os.path.relpath(path, common)] = None
 
+    def _forced_known(self, forced: frozenset[str] | None) -> None:
+        """In the pass's thread, as it ends: wake the reader when there is something to settle
+        (a failure, or force-added paths other than the ones judged with so far)."""
+        if forced is None or forced != self._forced:
+            self._wake()
+
+    def _apply_forced(self, forced: frozenset[str], found: Found, seen: set[Watch]) -> None:
+        """Take the force-added paths looked for while a re-walk walked (with the ones known
+        before): watch the ignored directories that lead to one now, as the walk would have if it
+        had known them, and drop those that led to one before and no longer do."""
+        added, gone = self._set_forced(forced)
+        for rel in sorted(gone, key=len, reverse=True):
+            if Watch("work", rel) in self._watches and self._ignored(rel, True, found):
+                self._drop_work(rel, include_self=True)
+        for rel in sorted(added, key=len):
+            parent = str(Path(rel).parent) if "/" in rel else ""
+            if (Watch("work", rel) not in seen and Watch("work", parent) in seen
+                    and Watch("work", parent) in self._watches):
+                self._walk_work(rel, found, collect=False, seen=seen)
+
+    def _settle(self, found: Found) -> None:
+        """Apply the force-added paths the first walk left to its thread, once they are known
+        (waiting for them if need be).
+
+        Until then the judgement went by the rules alone: an ignored directory that leads to a
+        force-added path was not watched, and the events of a force-added file beside watched
+        ones were judged ignored. So, besides watching those directories now, every force-added
+        path is reported as changed: an edit made to one meanwhile is in the snapshot this asks
+        for (which finds nothing new when there was none)."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        try:
+            forced = pending.result()
+        except (GitError, OSError) as exc:
+            # Not known: snapshot with a full scan, and stay degraded (the daemon's safety
+            # re-walk looks again) rather than end the daemon, whose workspace may be going.
+            reason = "cannot list the force-added paths"
+            log.warning("watch.force_added_unknown", error=str(exc))
+            found.rescan[reason] = None
+            self._degraded["ignore"] = f"{reason} (their directories are not watched): {exc}"
+            return
+        finally:
+            self._unwake()
+        self._apply_forced(forced, found, set(self._watches))
+        for path in sorted(forced):
+            found.path(path)
+        log.debug("watch.force_added", paths=len(forced), watches=self.watch_count)
+
+    def _forget_pending(self) -> None:
+        """Closing: wait for the pass's thread (it may still wake us), keep nothing of it."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.join()
+            self._unwake()
+
     def _on_index_changed(self, found: Found) -> None:
         """Watch the directories that now lead to a force-added path, drop the ones that no
         longer do; the rest of the tree is not looked at."""
+        self._settle(found)  # the pass of the first walk uses what this would change
         added, gone = self._set_forced(self._tracked.index_changed(self._repo, self._layout))
         for rel in sorted(gone, key=len, reverse=True):
             if self._ignored(rel, True, found):
@@ -482,21 +558,37 @@ class Judge:
 
     # -- walking ---------------------------------------------------------------------------------
 
-    def _resync_all(self, found: Found) -> None:
+    def _resync_all(self, found: Found, *, first: bool = False) -> None:
         """Walk the whole tree again, keep what is still wanted, add what is missing, drop the rest.
 
         Cheap by construction (ignored trees are never entered), so it is the answer to every "the
         watches may be wrong" situation rather than trying to patch them up.
         """
+        self._settle(found)
         t0 = time.perf_counter()
         self._locate()  # the git directory may have appeared, gone or moved; the rules changed
+        # Matching the user's index against the rules is git's work, for the other CPU (at 50,000
+        # tracked files it costs more than the walk): it runs while the walk does, and its answer
+        # is applied after it, as a change of the user's index is. The first walk need not wait
+        # for it where the backend can be woken (defer_forced): READY does not wait for it.
+        defer = first and self.defer_forced
+        forced = _Pending(self._tracked.full, self._repo, self._layout,
+                          done=self._forced_known if defer else None)
         seen: set[Watch] = set()
         hits = self._limit_hits
         unwatched_before, self._unwatched = self._unwatched, set()
         self._degraded.pop("ignore", None)
-        # The few git directories first: if the limit bites, missing a user's commit is worse.
-        self._walk_git(found, seen)
-        self._walk_work("", found, collect=False, seen=seen)
+        try:
+            # The few git directories first: if the limit bites, missing a user's commit is worse.
+            self._walk_git(found, seen)
+            self._walk_work("", found, collect=False, seen=seen)
+        except BaseException:
+            forced.join()
+            raise
+        if defer:
+            self._pending = forced
+        else:
+            self._apply_forced(forced.result(), found, seen)
         for w in [w for w in self._watches if w not in seen]:
             self._unwatch(w)
         if self._limit_hits > hits:
@@ -519,45 +611,38 @@ class Judge:
         Each directory is watched *before* it is listed: whatever appears after the watch is an
         event, whatever was there before is in the listing. ``collect`` reports the files found
         (for a directory that just appeared, whose files were never reported).
+
+        Level by level: git is asked about the entries of all the directories of one depth at
+        once, one round trip to ``check-ignore`` per level instead of one per directory.
         """
-        stack = [start]
-        while stack:
-            rel = stack.pop()
-            if seen is not None:
-                seen.add(Watch("work", rel))
-            full = os.path.join(self.root, rel) if rel else str(self.root)
-            if not self._watch_dir(Watch("work", rel), full):
-                continue
-            try:
-                with os.scandir(full) as it:
-                    entries = list(it)
-            except (FileNotFoundError, NotADirectoryError):
-                # Gone already; the event on its parent tells the rest.
-                self._drop_work(rel, include_self=True)
-                continue
-            except OSError as exc:
-                log.warning("watch.unreadable", path=rel or ".", error=exc.strerror)
-                continue
-            if rel and any(e.name == ".git" for e in entries):
-                # A nested repository: one gitlink to git, never its files (see _on_work_event).
-                self._drop_work(rel, include_self=True)
-                if seen is not None:
-                    seen.discard(Watch("work", rel))
-                if collect:
-                    found.path(rel)
-                continue
+        root = str(self.root)
+        prefix = os.path.join(root, "")
+        level = [start]
+        while level:
             asks: list[tuple[str, bool]] = []
-            for e in entries:
-                if e.name == ".git":
+            for rel in level:
+                w = Watch("work", rel)
+                if seen is not None:
+                    seen.add(w)
+                full = prefix + rel if rel else root
+                if not self._watch_dir(w, full):
                     continue
-                try:
-                    is_dir = e.is_dir(follow_symlinks=False)  # a symlink is a file to git
-                except OSError:
+                listed = self._list(rel, full, collect)
+                if listed is None:
                     continue
-                if is_dir or collect:
-                    asks.append((child_path(rel, e.name), is_dir))
+                entries, nested = listed
+                if nested:
+                    # A nested repository: one gitlink to git, never its files (see
+                    # _on_work_event).
+                    self._drop_work(rel, include_self=True)
+                    if seen is not None:
+                        seen.discard(w)
+                    if collect:
+                        found.path(rel)
+                    continue
+                asks += entries
             if not asks:
-                continue
+                return
             try:
                 answers = self._ignored_many(asks)
             except GitError as exc:
@@ -566,14 +651,44 @@ class Judge:
                         if not is_dir:
                             found.path(path)
                 self._oracle_failed(exc, found)
-                continue
+                return
+            level = []
             for (path, is_dir), ignored in zip(asks, answers):
                 if ignored:
                     continue
                 if is_dir:
-                    stack.append(path)
+                    level.append(path)
                 else:
                     found.path(path)
+
+    def _list(self, rel: str, full: str, collect: bool
+              ) -> tuple[list[tuple[str, bool]], bool] | None:
+        """What to ask git about in the work-tree directory ``rel`` (at ``full``): its
+        directories, and its files too when ``collect``; and whether it is a nested repository
+        (it holds a ``.git``). None when it cannot be listed."""
+        asks: list[tuple[str, bool]] = []
+        try:
+            with os.scandir(full) as it:
+                for e in it:
+                    name = e.name
+                    if name == ".git":
+                        if rel:
+                            return [], True
+                        continue
+                    try:
+                        is_dir = e.is_dir(follow_symlinks=False)  # a symlink is a file to git
+                    except OSError:
+                        continue
+                    if is_dir or collect:
+                        asks.append((f"{rel}/{name}" if rel else name, is_dir))
+        except (FileNotFoundError, NotADirectoryError):
+            # Gone already; the event on its parent tells the rest.
+            self._drop_work(rel, include_self=True)
+            return None
+        except OSError as exc:
+            log.warning("watch.unreadable", path=rel or ".", error=exc.strerror)
+            return None
+        return asks, False
 
     def _walk_git(self, found: Found, seen: set[Watch]) -> None:
         """Watch the git dir(s), ``info/``, and the refs directories that can hold branches/tags."""
@@ -678,6 +793,36 @@ class Judge:
         self._degraded["limit"] = message
         if rescan:
             found.rescan["watch limit reached"] = None
+
+
+class _Pending:
+    """``call(*args)`` running in a thread from now on; :meth:`result` waits for it (and raises
+    what it raised). ``done``, if given, is called in that thread as it ends, with the result
+    (None when the call raised)."""
+
+    def __init__(self, call, *args: Any, done=None) -> None:
+        self._value: Any = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(call, args, done),
+                                        name="watcherd-watch", daemon=True)
+        self._thread.start()
+
+    def _run(self, call, args: tuple, done) -> None:
+        try:
+            self._value = call(*args)
+        except BaseException as exc:  # handed to the caller by result()
+            self._error = exc
+        if done is not None:
+            done(None if self._error is not None else self._value)
+
+    def join(self) -> None:
+        self._thread.join()
+
+    def result(self) -> Any:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._value
 
 
 def inotify_limit_advice(max_watches: int | None) -> str:

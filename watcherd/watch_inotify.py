@@ -6,8 +6,10 @@ ones ``git add -A`` would look into. A workspace of 20,000 directories is usuall
 limit, and CPU on every ``npm install``, and a recursive rebuild after a queue overflow can livelock.
 Here ignored directories never get a watch; git's own rules decide (:class:`watcherd.watch.Judge`).
 
-The descriptor the daemon waits on is inotify's own, and an idle workspace costs no wakeups at
-all. The kernel's masks go to the shared judgement as they are; this module handles only what
+The descriptor the daemon waits on is an epoll set of inotify's own descriptor and of an
+eventfd that says "the force-added paths are known" once after start (the first walk does not
+wait for them: :attr:`~watcherd.watch.Judge.defer_forced`); an idle workspace costs no wakeups
+at all. The kernel's masks go to the shared judgement as they are; this module handles only what
 is inotify's: the watch descriptors, ``IN_Q_OVERFLOW``, ``IN_IGNORED`` (a watch the kernel
 dropped), a moved or removed root, and ENOSPC at ``fs.inotify.max_user_watches``.
 """
@@ -15,6 +17,8 @@ dropped), a moved or removed root, and ENOSPC at ``fs.inotify.max_user_watches``
 from __future__ import annotations
 
 import errno
+import os
+import select
 import sys
 from pathlib import Path
 
@@ -60,6 +64,7 @@ class InotifyWatcher(Judge):
     """
 
     backend = "inotify"
+    defer_forced = True
 
     def __init__(self, root: Path, repo: Repo, *, max_watches: int | None = None) -> None:
         if INotify is None or not sys.platform.startswith("linux"):
@@ -68,6 +73,8 @@ class InotifyWatcher(Judge):
                 "set watch.backend = \"auto\" or \"watchdog\" (pip install 'watcherd[watchdog]')")
         super().__init__(root, repo, max_watches=max_watches)
         self._inotify: INotify | None = None
+        self._ready: select.epoll | None = None  # what fileno() is: inotify's fd and _known
+        self._known = -1  # an eventfd: the force-added paths are known (Judge._wake)
         self._by_wd: dict[int, Watch] = {}
         self._deleted: set[int] = set()  # wds whose directory reported DELETE_SELF
 
@@ -86,20 +93,29 @@ class InotifyWatcher(Judge):
                     "fs.inotify.max_user_instances (sysctl -w fs.inotify.max_user_instances=512)"
                 ) from exc
             raise WorkspaceError(f"cannot create an inotify instance: {exc}") from exc
+        self._known = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._ready = select.epoll()
+        self._ready.register(self._inotify.fileno(), select.EPOLLIN)
+        self._ready.register(self._known, select.EPOLLIN)
         self._place_all()
 
     def fileno(self) -> int:
-        """The inotify descriptor: readable when :meth:`read` has something to return."""
-        return self._require().fileno()
+        """Readable when :meth:`read` has something to return (an epoll descriptor)."""
+        self._require()
+        assert self._ready is not None
+        return self._ready.fileno()
 
     def read(self) -> Batch:
-        """Drain the events queued now and say what they mean. Never waits for new events."""
+        """Drain the events queued now and say what they mean. Never waits for new events
+        (but for the force-added paths, right after start, while they are still looked for)."""
         inotify = self._require()
-        events = inotify.read(timeout=0)
-        if not events:
-            return Batch()
         found = Found()
         hits = self._limit_hits
+        settling = self._pending is not None
+        self._settle(found)
+        events = inotify.read(timeout=0)
+        if not events:
+            return self._finish(found, hits) if settling else Batch()
         by_wd = self._by_wd
         asks = []
         for ev in events:
@@ -118,12 +134,20 @@ class InotifyWatcher(Judge):
 
     def close(self) -> None:
         """Drop every watch (closing the descriptor does) and stop git check-ignore."""
+        self._forget_pending()
+        if self._ready is not None:
+            self._ready.close()
+            self._ready = None
+        if self._known >= 0:
+            os.close(self._known)
+            self._known = -1
         if self._inotify is not None:
             self._inotify.close()
             self._inotify = None
         self._by_wd.clear()
         self._watches.clear()
         self._oracle.close()
+        self._tracked.close()
 
     # -- events ----------------------------------------------------------------------------------
 
@@ -205,3 +229,12 @@ class InotifyWatcher(Judge):
 
     def _limit_advice(self) -> str:
         return inotify_limit_advice(self._max_watches)
+
+    def _wake(self) -> None:
+        os.eventfd_write(self._known, 1)
+
+    def _unwake(self) -> None:
+        try:
+            os.eventfd_read(self._known)
+        except BlockingIOError:
+            pass  # not woken
