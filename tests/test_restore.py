@@ -434,6 +434,35 @@ def test_restore_generation_n_restores_exactly_that_one_even_over_a_newer_worksp
     assert again.action == "skipped"
 
 
+def test_restore_keeps_the_state_history_it_continues_and_sets_aside_one_it_does_not(ws, store_dir):
+    edit_and_save(ws, store_dir, "generation one\n")
+    edit_and_save(ws, store_dir, "generation two\n")
+    one, two = manifest(store_dir).history[0], manifest(store_dir).current
+    # The state directory outlived the workspace and still points at generation one.
+    sgit(ws, "update-ref", SNAPSHOT_REF, one.snapshot, key=KEY)
+    shutil.rmtree(ws)
+    ws.mkdir()
+
+    with capture_logs() as logs:
+        outcome = restore(config_for(ws, store_dir), gens_for(store_dir))
+
+    assert outcome.action == "restored" and outcome.generation == 2
+    assert sgit(ws, "rev-parse", SNAPSHOT_REF, key=KEY) == two.snapshot
+    assert sgit(ws, "for-each-ref", "refs/watcherd/previous/", key=KEY) == ""
+    assert not events(logs, "state.new_history")
+
+    # Back to generation one: that does not continue generation two, so two is set aside (info,
+    # not a warning: restore replacing the workspace is what was asked for).
+    with capture_logs() as logs:
+        restore(config_for(ws, store_dir), gens_for(store_dir), Request(generation=1))
+
+    [event] = events(logs, "state.new_history")
+    assert event["log_level"] == "info" and event["previous"] == two.snapshot
+    kept = sgit(ws, "for-each-ref", "--format=%(objectname)", "refs/watcherd/previous/", key=KEY)
+    assert kept == two.snapshot
+    assert sgit(ws, "rev-parse", SNAPSHOT_REF, key=KEY) == one.snapshot
+
+
 def test_restore_before_a_time_picks_the_newest_generation_older_than_it(ws, store_dir, target):
     edit_and_save(ws, store_dir, "generation one\n")
     edit_and_save(ws, store_dir, "generation two\n")

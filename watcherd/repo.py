@@ -540,8 +540,12 @@ class Repo:
                "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         _write_atomic(self.dir / "pairing.json", json.dumps(doc).encode())
 
-    def forget_history(self, reason: str) -> None:
-        """Start a new line of history (the workspace is not this history's any more)."""
+    def forget_history(self, reason: str, *, expected: bool = False) -> None:
+        """Start a new line of history (the workspace is not this history's any more).
+
+        ``expected`` logs ``state.new_history`` at info instead of warning: restore replacing the
+        workspace with a stored generation is the normal case, not a surprise.
+        """
         old = self.snapshot_head()
         if old:
             # Kept under another name: nothing watcherd recorded is deleted.
@@ -551,7 +555,7 @@ class Repo:
         self.index.unlink(missing_ok=True)
         for name in ("stored.json", "bad-generations.json"):
             (self.dir / name).unlink(missing_ok=True)
-        _log.warning("state.new_history", previous=old, reason=reason)
+        (_log.info if expected else _log.warning)("state.new_history", previous=old, reason=reason)
 
 
 def open_repo(config: Config) -> Repo:

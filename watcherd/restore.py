@@ -304,7 +304,7 @@ def _on_missing(config: Config, repo: Repo, generations: Generations, why: str) 
     def clone(staging: Path) -> None:
         _clone_template(staging, config.restore.template_url, repo)
         if repo.snapshot_head() is not None:
-            repo.forget_history("the workspace was cloned from restore.template_url")
+            repo.forget_history("the workspace was cloned from restore.template_url", expected=True)
 
     _install(repo, ws, clone)
     return Outcome("template", detail=config.restore.template_url)
@@ -536,8 +536,10 @@ class _Seed:
                 self.copied.append(dest / path.name)
 
     def commit(self, gen: mf.Generation) -> None:
-        if not self.fresh and self.repo.snapshot_head() is not None:
-            self.repo.forget_history("the workspace was restored from the store")
+        old = None if self.fresh else self.repo.snapshot_head()
+        if old is not None and not self.repo.bare.is_ancestor(old, gen.snapshot):
+            # The restored generation does not continue this history: keep it aside, start anew.
+            self.repo.forget_history("the workspace was restored from the store", expected=True)
         self.repo.bare.run("update-ref", SNAPSHOT_REF, gen.snapshot)
         # The private index described the tree that was there; the next snapshot re-reads.
         self.repo.index.unlink(missing_ok=True)
