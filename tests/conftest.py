@@ -36,7 +36,7 @@ def _state_listing() -> set[tuple[str, int]]:
     return {(str(p), p.stat().st_mtime_ns) for p in _DEFAULT_STATE.rglob("*") if p.is_dir()}
 
 
-@pytest.fixture(autouse=False)
+@pytest.fixture(autouse=True)
 def no_machine_wide_state():
     """A test must give every watcherd its own workspace.state_dir: the machine-wide default is
     shared by every test (and every worktree) on this machine."""

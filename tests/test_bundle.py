@@ -254,3 +254,45 @@ def test_prove_accepts_a_bundle_of_a_sha256_repository(tmp_path):
     scratch = tmp_path / "scratch"
     scratch.mkdir()
     bundles.prove(path, scratch)
+
+
+# -- reading objects back --------------------------------------------------------------------------
+
+
+def test_cat_objects_answers_each_name_in_order_and_none_for_what_is_not_there(tmp_path):
+    from watcherd.git import Git
+
+    ws = make_origin(tmp_path / "ws", commits=1)
+    (ws / "tricky.txt").write_bytes(b"abc blob 12\n\nmissing\n")  # reads like batch output
+    git(ws, "add", "tricky.txt")
+    git(ws, "commit", "-q", "-m", "tricky")
+    head = git(ws, "rev-parse", "HEAD")
+    door = Git(ws / ".git", home=tmp_path)
+
+    found = door.cat_objects([f"{head}:tricky.txt", f"{head}:nope.txt", f"{head}^{{commit}}",
+                              f"{head}:file0.txt", "0" * 40])
+
+    blob = git(ws, "rev-parse", f"{head}:tricky.txt")
+    assert found[0] == (blob, "blob", b"abc blob 12\n\nmissing\n")
+    assert found[1] is None and found[4] is None
+    assert found[2][:2] == (head, "commit") and found[2][2].startswith(b"tree ")
+    assert found[3][1:] == ("blob", b"0\n")
+
+
+@pytest.mark.parametrize("message", ["watcherd: state\nbut a second line", "watcherd: state"])
+def test_a_user_commit_with_the_state_subject_is_not_taken_for_a_state_commit(tmp_path, message):
+    # An older watcherd's snapshot had HEAD as its last parent: a user's commit titled like a
+    # state commit, without state.json, is not one (and a two-line title is not that title).
+    from watcherd import state
+    from watcherd.git import Git
+
+    ws = make_origin(tmp_path / "ws", commits=1)
+    git(ws, "commit", "-q", "--allow-empty", "-m", message)
+    tree = git(ws, "rev-parse", "HEAD^{tree}")
+    snap = git(ws, "commit-tree", tree, "-p", "HEAD~1", "-p", "HEAD", "-m", "watcherd: snapshot")
+    door = Git(ws / ".git", home=tmp_path)
+
+    found = state.load(door, snap)
+
+    assert (found.tree, found.state_commit, found.recorded) == (tree, None, None)
+    assert state.state_parent(door, snap) is None

@@ -20,6 +20,7 @@ import re
 import shutil
 import tempfile
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -28,6 +29,7 @@ from watcherd import log, state
 from watcherd.errors import GitError, IntegrityError
 from watcherd.git import Git, LocalIOError
 from watcherd.repo import SNAPSHOT_REF, Repo
+from watcherd.workspace import valid_ref_name
 
 _log = log.get(__name__)
 # Above this many loose objects a full bundle gets slow (hundreds of ms); a repack keeps it ~20 ms.
@@ -131,6 +133,20 @@ def bundle_heads(path: Path) -> dict[str, str]:
             oid, _, name = line.decode("utf-8", "replace").rstrip("\n").partition(" ")
             heads[name] = oid
     return heads
+
+
+def fetched_refs(chain: Iterable[Path]) -> set[str] | None:
+    """The refs that fetching every bundle of ``chain`` with ``+refs/*:refs/*`` leaves in an
+    empty repository: the ``refs/`` names of their headers. None when a header lists a name
+    that is not a valid ref name (git skips it, or not: the caller then asks git)."""
+    names: set[str] = set()
+    for path in chain:
+        for name in bundle_heads(path):
+            if name.startswith("refs/"):
+                if "\ufffd" in name or not valid_ref_name(name):
+                    return None
+                names.add(name)
+    return names
 
 
 def recorded_head(git: Git, snapshot: str) -> tuple[str | None, str | None]:
@@ -342,17 +358,11 @@ def _rewrite_tags(blob: bytes, mapping: dict[str, str], fmt: str) -> bytes:
 
 
 def _cat(git: Git, commits: list[str]) -> dict[str, bytes]:
-    out = git.run("cat-file", "--batch", input=("\n".join(commits) + "\n").encode()).stdout
     raw: dict[str, bytes] = {}
-    pos = 0
-    while pos < len(out):
-        nl = out.index(b"\n", pos)
-        oid, kind, size = out[pos:nl].decode().split()
-        if kind != "commit":
-            raise GitError(f"expected a commit, {oid} is a {kind}")
-        start = nl + 1
-        raw[oid] = out[start:start + int(size)]
-        pos = start + int(size) + 1
+    for name, found in zip(commits, git.cat_objects(commits)):
+        if found is None or found[1] != "commit":
+            raise GitError(f"expected a commit, {name} is {found[1] if found else 'missing'}")
+        raw[found[0]] = found[2]
     return raw
 
 

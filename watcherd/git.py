@@ -241,6 +241,29 @@ class Git:
         r = self.run("merge-base", "--is-ancestor", ancestor, descendant, check=False)
         return r.returncode == 0
 
+    def cat_objects(self, names: Sequence[str]) -> list[tuple[str, str, bytes] | None]:
+        """Each object ``names`` names, in order, read by one ``git cat-file --batch``:
+        ``(id, type, body)``, or None for a name that names nothing here (git-cat-file(1),
+        "BATCH OUTPUT": ``<id> <type> <size>`` then the body, or ``<name> missing``).
+
+        The names are watcherd's own (object ids, ``<id>:<fixed path>``): none may hold a newline.
+        """
+        out = self.run("cat-file", "--batch",
+                       input="".join(f"{n}\n" for n in names).encode()).stdout
+        found: list[tuple[str, str, bytes] | None] = []
+        pos = 0
+        for _ in names:
+            nl = out.index(b"\n", pos)
+            header = out[pos:nl].decode("utf-8", "replace").rsplit(" ", 2)
+            if len(header) != 3 or not header[2].isdigit():  # "<name> missing", "... ambiguous"
+                found.append(None)
+                pos = nl + 1
+                continue
+            size = int(header[2])
+            found.append((header[0], header[1], out[nl + 1:nl + 1 + size]))
+            pos = nl + 1 + size + 1
+        return found
+
     def is_shallow(self) -> bool:
         return self.out("rev-parse", "--is-shallow-repository") == "true"
 

@@ -67,6 +67,16 @@ _PACK_SUFFIXES = (".pack", ".idx", ".rev", ".bitmap")
 # another uid of the same group (the app's): group-writable, not world-readable.
 _FILE_MODE = 0o660
 _DIR_MODE = 0o2770
+# watcherd's repository: group-writable (restore may run as the app's uid), never a gc of git's
+# own choosing, no reflogs, reverse indexes for bundles.
+_OWN_CONFIG = """[core]
+\tsharedRepository = group
+\tlogAllRefUpdates = false
+[gc]
+\tauto = 0
+[pack]
+\twriteReverseIndex = true
+"""
 
 
 @dataclass(frozen=True)
@@ -135,12 +145,12 @@ class Repo:
             Git(tmp, home=self.home).run("init", "--bare", "--quiet", "--template=",
                                          "--shared=group", f"--object-format={object_format}",
                                          str(tmp))
-            cfg = Git(tmp, home=self.home)
-            for key, value in (("core.sharedRepository", "group"), ("gc.auto", "0"),
-                               ("core.logAllRefUpdates", "false"),
-                               ("pack.writeReverseIndex", "true")):
-                cfg.run("config", key, value)
+            # Appended to what init wrote (a later section's value wins, git-config(1)) rather
+            # than four `git config` processes: a restore waits for this repository.
+            with open(tmp / "config", "a") as f:
+                f.write(_OWN_CONFIG)
             _mkdir(tmp / "info")
+            _mkdir(tmp / Path(SNAPSHOT_REF).parent)  # so the first snapshot needs no git
             # The workspace's .gitattributes never change what is stored: raw bytes, no filter,
             # no end-of-line conversion, no working-tree-encoding (info/attributes wins over the
             # tree's own files; gitattributes(5), "precedence").
@@ -188,12 +198,15 @@ class Repo:
         here, so git writes none), the file is replaced the way git replaces it: ``<ref>.lock``
         created exclusively (a git updating the ref at the same moment fails on it, as it would
         against another git), the expected value checked under that lock, the lock renamed over
-        the ref. Not fsynced, as git does not fsync refs by default. Anything else (the first
-        snapshot, a packed ref, a reflog someone created) goes through git, which also appends
-        to the reflog. ``message`` is the reflog's, when there is one.
+        the ref. Not fsynced, as git does not fsync refs by default. The first snapshot of a
+        repository with no ``packed-refs`` is created the same way (under the lock, the ref must
+        not exist yet). Anything else (a packed ref, a reflog someone created, a repository
+        older than ``refs/watcherd/``) goes through git, which also appends to the reflog.
+        ``message`` is the reflog's, when there is one.
         """
         ref = self.git_dir / SNAPSHOT_REF
-        if old is None or (self.git_dir / "logs" / SNAPSHOT_REF).exists():
+        if (self.git_dir / "logs" / SNAPSHOT_REF).exists() or (old is None and (
+                (self.git_dir / "packed-refs").exists() or not ref.parent.is_dir())):
             self.bare.update_ref(SNAPSHOT_REF, new, old, message)
             return
         lock = ref.with_name(f"{ref.name}.lock")
@@ -216,7 +229,7 @@ class Repo:
                 current: str | None = ref.read_text().strip()
             except FileNotFoundError:
                 current = None
-            if current is None:
+            if current is None and old is not None:
                 lock.unlink()
                 self.bare.update_ref(SNAPSHOT_REF, new, old, message)  # packed, or gone
                 return

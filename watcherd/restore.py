@@ -365,42 +365,44 @@ def _build(staging: Path, chain: list[Path], gen: mf.Generation, config: Config,
                                  f"restore: {exc}") from None
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix="restore") as pool:
         beside = pool.submit(alongside) if alongside is not None else None
-        files = _lay_out(git, staging, gen, pool)
+        files = _lay_out(git, staging, gen, pool, bundles.fetched_refs(chain))
         if beside is not None:
             beside.result()
     return files
 
 
-def _lay_out(git: Git, staging: Path, gen: mf.Generation, pool: ThreadPoolExecutor) -> int:
-    """Refs, HEAD, config, stash, index and work tree of the fetched generation; the file count.
+def _lay_out(git: Git, staging: Path, gen: mf.Generation, pool: ThreadPoolExecutor,
+             fetched: set[str] | None) -> int:
+    """Refs, HEAD, config, stash, index and work tree of the fetched generation (whose fetch
+    left the refs ``fetched``, None: unknown); the file count.
 
     The work tree and then the index are written (in ``pool``) while the recorded state is read
     and applied: they touch different files of the staging repository (the checkout reads
     objects and ``info/attributes`` and writes the index; the state writes refs, HEAD, the config
     and the stash's log), and the index waits only for the state to say what was staged. A
-    snapshot missing from the bundles fails both; the checkout says so plainly, so its error is
-    the one raised.
+    snapshot missing from the bundles fails both; the state's reading says so plainly, so its
+    error is the one raised.
     """
     laid = git.git_dir / "watcherd-laid-index"
     (staging / ".git" / "info").mkdir(exist_ok=True)
     attributes = staging / ".git" / "info" / "attributes"
     attributes.write_text(RAW_ATTRIBUTES)  # lay the recorded bytes exactly; removed below
-    staged: Future[str | None] = Future()
+    staged: Future[tuple[str, str | None]] = Future()
     work = pool.submit(_lay_work_tree, git, gen, laid, staged)
     try:
-        s_commit = state.state_parent(git, gen.snapshot)
-        if s_commit is not None:
-            rec = state.read(git, s_commit)
-            staged.set_result(rec.index_tree if rec.index_tree is not None else rec.head.oid)
-            state.apply_refs(git, rec)
+        try:
+            found = state.load(git, gen.snapshot)
+        except GitError:
+            raise IntegrityError(f"generation {gen.generation}: the bundles do not hold the "
+                                 f"snapshot {gen.snapshot[:12]} its manifest names") from None
+        if found.recorded is not None:
+            rec = found.recorded
+            staged.set_result((found.tree,
+                               rec.index_tree if rec.index_tree is not None else rec.head.oid))
+            state.apply_refs(git, rec, fetched)
         else:
-            staged.set_result(_apply_legacy(git, gen))
+            staged.set_result((found.tree, _apply_legacy(git, gen)))
         return work.result()
-    except GitError:
-        staged.cancel()
-        if isinstance(work.exception(), IntegrityError):
-            raise work.exception() from None
-        raise
     except BaseException:
         staged.cancel()
         raise
@@ -409,14 +411,15 @@ def _lay_out(git: Git, staging: Path, gen: mf.Generation, pool: ThreadPoolExecut
         attributes.unlink(missing_ok=True)
 
 
-def _lay_work_tree(git: Git, gen: mf.Generation, laid: Path, staged: Future[str | None]) -> int:
+def _lay_work_tree(git: Git, gen: mf.Generation, laid: Path,
+                   staged: Future[tuple[str, str | None]]) -> int:
     """The work tree (:func:`_checkout`), then the index (:func:`_stage`) once ``staged`` says
-    what it holds; the file count."""
-    tree, files = _checkout(git, gen, laid)
+    what it holds (the snapshot's tree, what was staged); the file count."""
+    files = _checkout(git, gen, laid)
     # What is staged (the real index) and the work tree (the snapshot) as they were: files the
     # snapshot has that the index lacks come back untracked, files the index has that the
     # snapshot lacks come back deleted.
-    _stage(git, laid, tree, staged.result())
+    _stage(git, laid, *staged.result())
     return files
 
 
@@ -433,25 +436,18 @@ def _apply_legacy(git: Git, gen: mf.Generation) -> str | None:
     return git.rev("HEAD")
 
 
-def _checkout(git: Git, gen: mf.Generation, laid: Path) -> tuple[str, int]:
+def _checkout(git: Git, gen: mf.Generation, laid: Path) -> int:
     """Write the tree of ``gen``'s snapshot into the (empty) work tree, each file once,
-    recording it in the index file ``laid`` (which must not exist yet); the tree and its file
-    count.
+    recording it in the index file ``laid`` (which must not exist yet); the file count.
 
     A one-way merge into an index that does not exist yet, as a clone's checkout is: git records
     each file's stat data as it writes it, and an index read from no file has no racily clean
     entries, so no file is read back (`checkout-index -u` from an index just written, then
-    `update-index --refresh`, read every file again: 0.35 s of 1.8 s at 50,000 files).
+    `update-index --refresh`, read every file again: 0.35 s of 1.8 s at 50,000 files). The
+    snapshot (a commit id from the manifest) is given as it is: read-tree peels it to its tree.
     """
-    # One question says whether the snapshot is there and names its tree. The fetched refs
-    # need no update: the recorded state replaces them all.
-    r = git.run("rev-parse", "--verify", "--quiet", "--end-of-options",
-                f"{gen.snapshot}^{{commit}}^{{tree}}", check=False)
-    if r.returncode != 0 or not r.text:
-        raise IntegrityError(f"generation {gen.generation}: the bundles do not hold the "
-                             f"snapshot {gen.snapshot[:12]} its manifest names")
-    git.run("read-tree", "--reset", "-u", r.text, env={"GIT_INDEX_FILE": str(laid)})
-    return r.text, _index_entries(laid)
+    git.run("read-tree", "--reset", "-u", gen.snapshot, env={"GIT_INDEX_FILE": str(laid)})
+    return _index_entries(laid)
 
 
 def _stage(git: Git, laid: Path, tree: str, staged: str | None) -> None:
@@ -540,7 +536,8 @@ class _Seed:
         if old is not None and not self.repo.bare.is_ancestor(old, gen.snapshot):
             # The restored generation does not continue this history: keep it aside, start anew.
             self.repo.forget_history("the workspace was restored from the store", expected=True)
-        self.repo.bare.run("update-ref", SNAPSHOT_REF, gen.snapshot)
+            old = None
+        self.repo.move_snapshot_head(gen.snapshot, old, "watcherd restore")
         # The private index described the tree that was there; the next snapshot re-reads.
         self.repo.index.unlink(missing_ok=True)
 
