@@ -145,7 +145,7 @@ def test_list_json_against_s3_is_exactly_one_json_document_and_its_logs_go_to_st
         bucket = moto.new_bucket()
         ws = make_workspace(tmp_path / "ws")
         cfg = tmp_path / "s3.toml"
-        cfg.write_text(f'[workspace]\npath = "{ws}"\n'
+        cfg.write_text(f'[workspace]\npath = "{ws}"\nstate_dir = "{tmp_path / "state"}"\n'
                        f'[store]\nurl = "s3://{bucket}/p"\nkey = "{KEY}"\n'
                        f'[store.s3]\nendpoint_url = "{moto.endpoint}"\nforce_path_style = true\n'
                        '[control]\nlisten = ""\n[log]\nformat = "json"\n')

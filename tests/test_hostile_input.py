@@ -999,7 +999,8 @@ def test_a_manifest_naming_a_bundle_outside_its_key_is_refused_and_nothing_is_do
 def test_a_store_key_from_the_environment_that_could_escape_is_a_config_error(tmp_path, key, command):
     store_dir = tmp_path / "store"
     cfg = tmp_path / "w.toml"
-    cfg.write_text(f'[workspace]\npath = "{tmp_path / "ws"}"\n[store]\nurl = "file://{store_dir}"\n'
+    cfg.write_text(f'[workspace]\npath = "{tmp_path / "ws"}"\nstate_dir = "{tmp_path / "state"}"\n'
+                   f'[store]\nurl = "file://{store_dir}"\n'
                    '[control]\nlisten = ""\n')
     env = {**os.environ, "WATCHERD_STORE_KEY": key}
 

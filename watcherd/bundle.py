@@ -155,10 +155,9 @@ def recorded_head(git: Git, snapshot: str) -> tuple[str | None, str | None]:
     A snapshot of an older watcherd has no state commit: its second parent was HEAD, its branch
     was not recorded.
     """
-    s = state.state_parent(git, snapshot)
-    if s is not None:
-        rec = state.read(git, s)
-        return rec.head.oid, rec.head.ref
+    found = state.load(git, snapshot)
+    if found.recorded is not None:
+        return found.recorded.head.oid, found.recorded.head.ref
     parents = git.out("rev-list", "--parents", "-n", "1", snapshot).split()[1:]
     return (parents[1] if len(parents) > 1 else None), None
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import json
 import os
 import re
 import secrets
@@ -52,7 +51,7 @@ from watcherd.errors import (
 )
 from watcherd.generations import Generations
 from watcherd.git import Git, Identity, LocalIOError
-from watcherd.repo import RAW_ATTRIBUTES, SNAPSHOT_REF, Repo, open_repo, write_private
+from watcherd.repo import RAW_ATTRIBUTES, SNAPSHOT_REF, Repo, open_repo
 
 _log = log.get(__name__)
 STAGING = ".watcherd-restore"
@@ -532,14 +531,17 @@ class _Seed:
                 self.copied.append(dest / path.name)
 
     def commit(self, gen: mf.Generation) -> None:
-        old = None if self.fresh else self.repo.snapshot_head()
-        if old is not None and not self.repo.bare.is_ancestor(old, gen.snapshot):
-            # The restored generation does not continue this history: keep it aside, start anew.
-            self.repo.forget_history("the workspace was restored from the store", expected=True)
-            old = None
-        self.repo.move_snapshot_head(gen.snapshot, old, "watcherd restore")
-        # The private index described the tree that was there; the next snapshot re-reads.
-        self.repo.index.unlink(missing_ok=True)
+        # Under the repository's lock, which also clears a ref lock a killed restore left.
+        with self.repo.lock():
+            old = None if self.fresh else self.repo.snapshot_head()
+            if old is not None and not self.repo.bare.is_ancestor(old, gen.snapshot):
+                # The restored generation does not continue this history: keep it aside.
+                self.repo.forget_history("the workspace was restored from the store",
+                                         expected=True)
+                old = None
+            self.repo.move_snapshot_head(gen.snapshot, old, "watcherd restore")
+            # The private index described the tree that was there; the next snapshot re-reads.
+            self.repo.index.unlink(missing_ok=True)
 
     def discard(self) -> None:
         for path in self.copied:
@@ -716,19 +718,12 @@ def _recover(repo: Repo, ws: Path) -> None:
 
 
 def _journal(repo: Repo, doc: dict | None) -> None:
-    path = repo.dir / JOURNAL
-    if doc is None:
-        path.unlink(missing_ok=True)
-    else:
-        write_private(path, json.dumps(doc).encode())
+    repo.write_journal(JOURNAL, doc)
 
 
 def _read_journal(repo: Repo) -> dict | None:
-    try:
-        doc = json.loads((repo.dir / JOURNAL).read_text())
-    except (OSError, ValueError):
-        return None
-    return doc if isinstance(doc, dict) and isinstance(doc.get("staging"), str) else None
+    doc = repo.read_journal(JOURNAL)
+    return doc if doc is not None and isinstance(doc.get("staging"), str) else None
 
 
 def _identity(path: Path) -> list[int]:

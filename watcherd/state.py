@@ -40,6 +40,7 @@ _CONFIG_KEY = re.compile(r"remote\.[^\n]{1,256}\.(url|pushurl|fetch)|branch\.[^\
                          r"(remote|merge)|user\.(name|email)")
 MAX_CONFIG_ENTRIES = 4096
 _TAG_DEPTH = 8
+_Object = tuple[str, str, bytes]  # (id, type, body), as Git.cat_objects reads it
 
 
 @dataclass(frozen=True)
@@ -356,7 +357,7 @@ def apply_refs(git: Git, rec: Recorded, fetched: Iterable[str] | None = None) ->
 def state_parent(git: Git, snapshot: str) -> str | None:
     """The state commit of snapshot ``snapshot`` (its last parent), None for a snapshot written
     before state commits existed. :class:`GitError` when ``snapshot`` is not a commit here."""
-    return load(git, snapshot).state_commit
+    return _locate(git, snapshot)[1]
 
 
 @dataclass(frozen=True)
@@ -375,6 +376,13 @@ def load(git: Git, snapshot: str) -> Loaded:
     Raises :class:`GitError` when ``snapshot`` is not a commit here, :class:`IntegrityError` when
     its state commit does not parse as one watcherd wrote (a tampered store, a bug).
     """
+    tree, last, objects = _locate(git, snapshot)
+    return Loaded(tree, last, None if last is None else _parse(last, *objects))
+
+
+def _locate(git: Git, snapshot: str) -> tuple[str, str | None, list[_Object | None]]:
+    """(the snapshot's tree, its state commit or None, that commit's state.json, index and tags
+    objects)."""
     [found] = git.cat_objects([f"{snapshot}^{{commit}}"])
     if found is None:
         raise GitError(f"{git.git_dir}: no commit {snapshot[:12]}")
@@ -384,15 +392,15 @@ def load(git: Git, snapshot: str) -> Loaded:
         raise IntegrityError(f"snapshot {snapshot[:12]} is not a well-formed commit")
     parents = headers.get("parent", [])
     if not parents:
-        return Loaded(tree, None, None)
+        return tree, None, []
     last = parents[-1]
-    commit, doc, index, tags = git.cat_objects([f"{last}^{{commit}}", f"{last}:state.json",
-                                               f"{last}:index", f"{last}:tags"])
+    commit, *objects = git.cat_objects([f"{last}^{{commit}}", f"{last}:state.json",
+                                        f"{last}:index", f"{last}:tags"])
     # A state commit says so in its subject and holds state.json; a user's commit that happens
     # to carry the same subject (the HEAD parent of an older watcherd's snapshot) does not.
-    if commit is None or _commit_parts(commit[2])[1] != SUBJECT or doc is None:
-        return Loaded(tree, None, None)
-    return Loaded(tree, last, _parse(last, doc, index, tags))
+    if commit is None or _commit_parts(commit[2])[1] != SUBJECT or objects[0] is None:
+        return tree, None, []
+    return tree, last, objects
 
 
 def read(git: Git, state_commit: str) -> Recorded:
@@ -401,9 +409,6 @@ def read(git: Git, state_commit: str) -> Recorded:
     doc, index, tags = git.cat_objects([f"{state_commit}:state.json", f"{state_commit}:index",
                                        f"{state_commit}:tags"])
     return _parse(state_commit, doc, index, tags)
-
-
-_Object = tuple[str, str, bytes]  # (id, type, body)
 
 
 def _commit_parts(body: bytes) -> tuple[dict[str, list[str]], str]:
