@@ -20,7 +20,7 @@ test: $(BIN)/watcherd
 
 ## test-long: the long reliability runs (see docs/reliability.md)
 test-long: $(BIN)/watcherd
-	$(BIN)/python -m pytest -m slow -p no:cacheprovider
+	$(BIN)/python -m pytest -m slow -p no:cacheprovider -n 0
 
 ## bench: the benchmarks behind docs/benchmarks.md
 bench: $(BIN)/watcherd

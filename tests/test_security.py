@@ -182,7 +182,8 @@ def test_no_secret_reaches_logs_status_metrics_or_cli_output_while_s3_refuses_th
         assert_no_secret(where, text)
 
 
-@pytest.mark.parametrize("userinfo", [f"deploy:{TEMPLATE_PASSWORD}", TEMPLATE_PASSWORD])
+@pytest.mark.parametrize("userinfo", [f"deploy:{TEMPLATE_PASSWORD}", TEMPLATE_PASSWORD],
+                         ids=["user-and-password", "password-only"])
 def test_a_password_in_template_url_never_reaches_an_error_a_log_or_config_check(tmp_path, userinfo):
     # Both forms carry a secret: user:password, and a token as the user name (GitHub's form).
     store_dir = tmp_path / "store"

@@ -19,6 +19,7 @@ it is checked again there, because what the store returns is untrusted too.
 from __future__ import annotations
 
 import json
+import os
 import re
 import tempfile
 from collections.abc import Iterable
@@ -337,9 +338,13 @@ def apply_refs(git: Git, rec: Recorded, fetched: Iterable[str] | None = None) ->
         if r.target is not None:
             git.run("symbolic-ref", r.name, r.target)
     if rec.head.ref is not None:
-        # What `git symbolic-ref HEAD <branch>` writes (a name read() checked), without a git
-        # process: the repository is watcherd's own until the restore or rollback is done.
-        (git.git_dir / "HEAD").write_text(f"ref: {rec.head.ref}\n")
+        # What `git symbolic-ref HEAD <branch>` writes (a name read() checked), and the way it
+        # does (HEAD.lock renamed over it: a git running beside this must never see HEAD
+        # empty), without a git process: the repository is watcherd's own until the restore
+        # or rollback is done.
+        lock = git.git_dir / "HEAD.lock"
+        lock.write_text(f"ref: {rec.head.ref}\n")
+        os.replace(lock, git.git_dir / "HEAD")
     elif rec.head.oid is not None:
         git.run("update-ref", "--no-deref", "HEAD", rec.head.oid)
     for key, value in rec.config:
