@@ -296,3 +296,17 @@ def test_a_user_commit_with_the_state_subject_is_not_taken_for_a_state_commit(tm
 
     assert (found.tree, found.state_commit, found.recorded) == (tree, None, None)
     assert state.state_parent(door, snap) is None
+
+
+@pytest.mark.parametrize("size", [b"-50", b"-1", b"+5", b"5 ", b"", b"x", b"99999999999999999999", b"4", b"6"])
+def test_a_tag_record_whose_size_is_not_the_count_of_its_bytes_is_refused_at_once(size):
+    # The state commit's "tags" blob comes back from the store: a negative size once sent the
+    # reading back to the start for ever, a wrong one read into the next record.
+    from watcherd import state
+
+    good = b"%s tag 5\nabcde\n" % (b"a" * 40)
+    assert state.tag_records(good + good) == [("a" * 40, b"abcde")] * 2
+    with pytest.raises(ValueError):
+        state.tag_records(good + b"%s tag %s\nabcde\n" % (b"b" * 40, size))
+    with pytest.raises(ValueError):
+        state.tag_records(good[:-1])  # its last line end gone

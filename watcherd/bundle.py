@@ -338,12 +338,8 @@ def _rewrite_state_tree(git: Git, copy: Git, tree: str, mapping: dict[str, str],
 
 
 def _rewrite_tags(blob: bytes, mapping: dict[str, str], fmt: str) -> bytes:
-    out, pos = [], 0
-    while pos < len(blob):
-        nl = blob.index(b"\n", pos)
-        oid, kind, size = blob[pos:nl].decode().split()
-        body = blob[nl + 1:nl + 1 + int(size)]
-        pos = nl + 1 + int(size) + 1
+    out = []
+    for oid, body in state.tag_records(blob):
         m = re.match(rb"object ([0-9a-f]+)\n", body)
         if m and m[1].decode() in mapping:
             body = b"object " + mapping[m[1].decode()].encode() + body[m.end() - 1:]
@@ -352,7 +348,7 @@ def _rewrite_tags(blob: bytes, mapping: dict[str, str], fmt: str) -> bytes:
             _log.warning("history.tag_rewritten", tag=oid, new=new,
                          note="an annotated tag of a rewritten commit now names its new id")
             oid = new
-        out.append(b"%s %s %d\n%s\n" % (oid.encode(), kind.encode(), len(body), body))
+        out.append(b"%s tag %d\n%s\n" % (oid.encode(), len(body), body))
     return b"".join(out)
 
 

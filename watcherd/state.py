@@ -472,19 +472,32 @@ def _parse(state_commit: str, doc_object: _Object | None, index: _Object | None,
 
 
 def _parse_tags(data: bytes, where: str) -> tuple[tuple[str, bytes], ...]:
-    pos, tags = 0, []
     try:
-        while pos < len(data):
-            nl = data.index(b"\n", pos)
-            oid, kind, size = data[pos:nl].decode().split()
-            if kind != "tag" or not _OID.fullmatch(oid):
-                raise ValueError("not a tag record")
-            body = data[nl + 1:nl + 1 + int(size)]
-            tags.append((oid, body))
-            pos = nl + 1 + int(size) + 1
-    except (ValueError, UnicodeDecodeError) as exc:
+        return tuple(tag_records(data))
+    except ValueError as exc:
         raise IntegrityError(f"{where}: its tags do not parse ({exc})") from None
-    return tuple(tags)
+
+
+def tag_records(data: bytes) -> list[tuple[str, bytes]]:
+    """The (id, raw object) records of a state commit's ``tags`` blob: ``<id> tag <size>\\n``,
+    the object's ``<size>`` bytes, ``\\n``, over and over. :class:`ValueError` on anything else
+    (the blob comes back from the store: a size that is not a count of the bytes that follow
+    must not move the reading backwards or past the end)."""
+    pos, tags = 0, []
+    while pos < len(data):
+        nl = data.find(b"\n", pos)
+        if nl < 0:
+            raise ValueError("a record header without its line end")
+        fields = data[pos:nl].split(b" ")
+        if (len(fields) != 3 or fields[1] != b"tag" or not fields[2].isdigit()
+                or not _OID.fullmatch(fields[0].decode("ascii", "replace"))):
+            raise ValueError("not a tag record")
+        end = nl + 1 + int(fields[2])
+        if data[end:end + 1] != b"\n":
+            raise ValueError("a tag record shorter or longer than its size")
+        tags.append((fields[0].decode("ascii"), data[nl + 1:end]))
+        pos = end + 1
+    return tags
 
 
 def _oid(value: object) -> str:
