@@ -310,3 +310,27 @@ def test_a_tag_record_whose_size_is_not_the_count_of_its_bytes_is_refused_at_onc
         state.tag_records(good + b"%s tag %s\nabcde\n" % (b"b" * 40, size))
     with pytest.raises(ValueError):
         state.tag_records(good[:-1])  # its last line end gone
+
+
+@pytest.mark.parametrize("message", [
+    "watcherd: state", "watcherd: state\nmore", "\n \nwatcherd: state", "watcherd:\n  state",
+    "  watcherd: state  \n\nbody", "watcherd: state\t\n", "a\n\n\nb"])
+def test_a_commit_is_read_as_git_reads_it_subject_and_parents(tmp_path, message):
+    # The state commit is recognised by its subject and found as the snapshot's last parent:
+    # both read as git reads them, whatever a tampered store put in the commit.
+    from watcherd import state
+
+    ws = make_origin(tmp_path / "ws", commits=2)
+    tree = git(ws, "rev-parse", "HEAD^{tree}")
+    one, two = git(ws, "rev-parse", "HEAD~1"), git(ws, "rev-parse", "HEAD")
+    ident = "author A <a@x> 0 +0000\ncommitter A <a@x> 0 +0000"
+    # A "parent" line after the committer is no parent to git.
+    body = f"tree {tree}\nparent {one}\n{ident}\nparent {two}\n\n{message}\n".encode()
+    commit = subprocess.run(["git", "hash-object", "-t", "commit", "-w", "--literally", "--stdin"],
+                            cwd=ws, input=body, capture_output=True, check=True).stdout.decode().strip()
+
+    headers, subject = state._commit_parts(body)
+
+    assert subject == plain_git(ws, "log", "-1", "--format=%s", commit).stdout[:-1]
+    assert headers["tree"] == [tree] and headers["parent"] == [one]
+    assert git(ws, "log", "-1", "--format=%P", commit) == one

@@ -20,6 +20,7 @@ from watcherd import snapshot
 from watcherd.bundle import file_digest
 from watcherd.config import Config, RestoreConfig, StoreConfig, WorkspaceConfig, parse_store_url
 from watcherd.errors import RestoreError, UsageError, WorkspaceError
+from watcherd.git import GitTimeout
 from watcherd.generations import Generations
 from watcherd.repo import SNAPSHOT_REF
 from watcherd.restore import Request, restore
@@ -417,6 +418,26 @@ def test_the_restored_index_keeps_the_stat_data_of_the_files_laid_as_staged(ws, 
     assert sizes["staged.txt"] == 0 and sizes["readme.md"] == 0
     assert "untracked.txt" not in sizes
     assert status(target) == status_before
+
+
+def test_a_failure_creating_watcherds_repository_is_local_and_marks_no_generation_bad(
+        ws, store_dir, target, monkeypatch):
+    # Created beside the checkout: its failure (git init timing out, say) is the state
+    # directory's, never a reason to call good generations corrupt and fall back past them.
+    edit_and_save(ws, store_dir, "generation one\n")
+    edit_and_save(ws, store_dir, "generation two\n")
+    before = store_files(store_dir)
+
+    def ensure(self, object_format="sha1"):
+        raise GitTimeout("git init --bare timed out after 30s")
+
+    monkeypatch.setattr(restore_module.Repo, "ensure", ensure)
+    with capture_logs() as logs, pytest.raises(RestoreError, match="local disk"):
+        restore(config_for(target, store_dir), gens_for(store_dir))
+
+    assert not events(logs, "restore.generation_bad")
+    assert not (target.parent / f"{target.name}-state" / KEY / "bad-generations.json").exists()
+    assert not target.exists() and store_files(store_dir) == before
 
 
 def test_restore_generation_n_restores_exactly_that_one_even_over_a_newer_workspace(ws, store_dir):

@@ -277,6 +277,44 @@ def test_the_snapshot_ref_moves_only_from_the_value_expected_and_never_past_a_he
     assert path.read_text() == f"{second.commit}\n"
 
 
+@pytest.mark.parametrize("odd", ["an empty directory where the ref goes",
+                                 "the ref packed, refs/watcherd/ gone"])
+def test_a_snapshot_ref_git_can_update_is_updated_whatever_its_file_looks_like(tmp_path, odd):
+    # watcherd writes the ref's file itself where it can; where the file is not a plain loose
+    # ref it leaves the update to git, as before, rather than fail every snapshot for good.
+    ws = make_repo(tmp_path / "ws")
+    take(ws)
+    ref = state_repo(ws).git_dir / REF
+    if odd.startswith("an empty directory"):
+        sgit(ws, "update-ref", "-d", REF)
+        ref.mkdir()
+    else:
+        sgit(ws, "pack-refs", "--all", "--prune")
+        if ref.parent.exists():
+            ref.parent.rmdir()
+    (ws / "readme.md").write_text("edited\n")
+
+    snap = take(ws)
+
+    assert snap.commit and sgit(ws, "rev-parse", "--verify", REF) == snap.commit
+
+
+def test_a_ref_lock_a_killed_watcherd_left_is_cleared_before_the_first_snapshot(tmp_path):
+    # prepare() may set the history aside (another workspace directory's): under the lock,
+    # which clears the lock file a killed restore or snapshot left.
+    ws = make_repo(tmp_path / "ws")
+    first = take(ws)
+    repo = state_repo(ws)
+    (repo.dir / "pairing.json").write_text('{"path": "/elsewhere", "device": 0, "inode": 0}')
+    (repo.git_dir / f"{REF}.lock").write_text("left by a kill -9\n")
+
+    snapshot.prepare(repo)
+
+    assert sgit(ws, "for-each-ref", "--format=%(objectname)", "refs/watcherd/previous/") \
+        == first.commit
+    assert not (repo.git_dir / f"{REF}.lock").exists()
+
+
 # -- workspaces that are not (yet) a repository -------------------------------------------------------
 
 

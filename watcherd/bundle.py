@@ -20,7 +20,6 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -29,7 +28,6 @@ from watcherd import log, state
 from watcherd.errors import GitError, IntegrityError
 from watcherd.git import Git, LocalIOError
 from watcherd.repo import SNAPSHOT_REF, Repo
-from watcherd.workspace import valid_ref_name
 
 _log = log.get(__name__)
 # Above this many loose objects a full bundle gets slow (hundreds of ms); a repack keeps it ~20 ms.
@@ -133,20 +131,6 @@ def bundle_heads(path: Path) -> dict[str, str]:
             oid, _, name = line.decode("utf-8", "replace").rstrip("\n").partition(" ")
             heads[name] = oid
     return heads
-
-
-def fetched_refs(chain: Iterable[Path]) -> set[str] | None:
-    """The refs that fetching every bundle of ``chain`` with ``+refs/*:refs/*`` leaves in an
-    empty repository: the ``refs/`` names of their headers. None when a header lists a name
-    that is not a valid ref name (git skips it, or not: the caller then asks git)."""
-    names: set[str] = set()
-    for path in chain:
-        for name in bundle_heads(path):
-            if name.startswith("refs/"):
-                if "\ufffd" in name or not valid_ref_name(name):
-                    return None
-                names.add(name)
-    return names
 
 
 def recorded_head(git: Git, snapshot: str) -> tuple[str | None, str | None]:

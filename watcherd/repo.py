@@ -139,7 +139,7 @@ class Repo:
             return
         try:
             tmp = self.dir / f"repo.git.new-{os.getpid()}"
-            shutil.rmtree(tmp, ignore_errors=True)
+            _remove(tmp)  # a killed creation's leftover, whatever it is
             # --shared=group from the start: `watcherd restore` may create this repository as
             # the app's uid, and the daemon (another uid of the same group) must write it.
             Git(tmp, home=self.home).run("init", "--bare", "--quiet", "--template=",
@@ -215,6 +215,10 @@ class Repo:
         except FileExistsError:
             raise GitError(f"cannot lock ref '{SNAPSHOT_REF}': {lock} exists: another process "
                            "is updating it") from None
+        except (FileNotFoundError, NotADirectoryError):
+            # refs/watcherd/ is not a directory (any more): git knows what to make of that.
+            self.bare.update_ref(SNAPSHOT_REF, new, old, message)
+            return
         except OSError as exc:
             raise LocalIOError(f"cannot lock ref '{SNAPSHOT_REF}' in {self.git_dir}: "
                                f"{exc.strerror}") from None
@@ -229,9 +233,11 @@ class Repo:
                 current: str | None = ref.read_text().strip()
             except FileNotFoundError:
                 current = None
-            if current is None and old is not None:
+            except IsADirectoryError:  # git removes an empty directory in a ref's way
+                current = ""
+            if current == "" or (current is None and old is not None):
                 lock.unlink()
-                self.bare.update_ref(SNAPSHOT_REF, new, old, message)  # packed, or gone
+                self.bare.update_ref(SNAPSHOT_REF, new, old, message)  # packed, gone, odd
                 return
             if current != old:
                 raise GitError(f"cannot lock ref '{SNAPSHOT_REF}': is at {current} but expected "

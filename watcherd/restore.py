@@ -364,16 +364,14 @@ def _build(staging: Path, chain: list[Path], gen: mf.Generation, config: Config,
                                  f"restore: {exc}") from None
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix="restore") as pool:
         beside = pool.submit(alongside) if alongside is not None else None
-        files = _lay_out(git, staging, gen, pool, bundles.fetched_refs(chain))
+        files = _lay_out(git, staging, gen, pool)
         if beside is not None:
             beside.result()
     return files
 
 
-def _lay_out(git: Git, staging: Path, gen: mf.Generation, pool: ThreadPoolExecutor,
-             fetched: set[str] | None) -> int:
-    """Refs, HEAD, config, stash, index and work tree of the fetched generation (whose fetch
-    left the refs ``fetched``, None: unknown); the file count.
+def _lay_out(git: Git, staging: Path, gen: mf.Generation, pool: ThreadPoolExecutor) -> int:
+    """Refs, HEAD, config, stash, index and work tree of the fetched generation; the file count.
 
     The work tree and then the index are written (in ``pool``) while the recorded state is read
     and applied: they touch different files of the staging repository (the checkout reads
@@ -398,7 +396,7 @@ def _lay_out(git: Git, staging: Path, gen: mf.Generation, pool: ThreadPoolExecut
             rec = found.recorded
             staged.set_result((found.tree,
                                rec.index_tree if rec.index_tree is not None else rec.head.oid))
-            state.apply_refs(git, rec, fetched)
+            state.apply_refs(git, rec)
         else:
             staged.set_result((found.tree, _apply_legacy(git, gen)))
         return work.result()
@@ -517,7 +515,12 @@ class _Seed:
         self.created = pool.submit(repo.ensure, object_format)
 
     def copy(self) -> None:
-        self.created.result()
+        try:
+            self.created.result()
+        except GitError as exc:
+            # The state directory, not the generation: never a reason to try an older one.
+            raise LocalIOError(f"cannot create watcherd's repository in {self.repo.dir}: "
+                               f"{exc}") from None
         dest = self.repo.git_dir / "objects" / "pack"
         for path in sorted(self.packs.glob("pack-*"), key=lambda p: p.suffix == ".idx"):
             # .idx last: git sees a pack once its index is there.

@@ -90,13 +90,16 @@ def prepare(repo: Repo) -> None:
         raise ConfigError(f"workspace.state_dir {repo.dir} holds the history of another "
                           f"workspace ({other}); give each workspace its own "
                           "workspace.state_dir (or store.key)")
-    if repo.snapshot_head() is not None and not repo.paired_with(root):
-        repo.forget_history(f"the history in {repo.dir} was recorded for another workspace "
-                            f"directory than {root}")
-    if repo.snapshot_head() is None:
-        _adopt_legacy(repo)
-    if not repo.paired_with(root):
-        repo.pair()
+    # Under the lock: another watcherd process may be snapshotting, and one that was killed may
+    # have left a ref lock, which the lock clears.
+    with repo.lock():
+        if repo.snapshot_head() is not None and not repo.paired_with(root):
+            repo.forget_history(f"the history in {repo.dir} was recorded for another workspace "
+                                f"directory than {root}")
+        if repo.snapshot_head() is None:
+            _adopt_legacy(repo)
+        if not repo.paired_with(root):
+            repo.pair()
 
 
 def _object_format(layout: ws.Layout) -> str:

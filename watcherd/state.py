@@ -315,22 +315,17 @@ def _hash(git: Git, kind: str, data: bytes) -> str:
 # -- giving back -----------------------------------------------------------------------------------
 
 
-def apply_refs(git: Git, rec: Recorded, fetched: Iterable[str] | None = None) -> None:
+def apply_refs(git: Git, rec: Recorded) -> None:
     """Make the refs, HEAD, allowlisted config and stash of ``git``'s repository (one watcherd
     just fetched a snapshot into) exactly what ``rec`` recorded: every other ref goes (the
-    snapshot history, and whatever else a tampered bundle listed, are not the user's).
-
-    ``fetched``: every ref the repository holds, when the caller knows them (the bundles'
-    headers); None asks git.
-    """
+    snapshot history, and whatever else a tampered bundle listed, are not the user's)."""
     for oid, raw in rec.tags:
         got = git.out("hash-object", "-t", "tag", "-w", "--stdin", input=raw)
         if got != oid:
             _log.warning("restore.tag_changed", tag=oid, written=got,
                          note="an annotated tag's stored bytes do not hash to its id")
     recorded = {r.name for r in rec.refs}
-    if fetched is None:
-        fetched = git.out("for-each-ref", "--format=%(refname)").splitlines()
+    fetched = git.out("for-each-ref", "--format=%(refname)").splitlines()
     lines = [f"update {r.name} {r.oid}\n" for r in rec.refs if r.oid]
     lines += [f"delete {name}\n" for name in fetched if name not in recorded]
     git.run("update-ref", "--no-deref", "--stdin", input="".join(lines).encode())
@@ -417,16 +412,26 @@ def read(git: Git, state_commit: str) -> Recorded:
 
 
 def _commit_parts(body: bytes) -> tuple[dict[str, list[str]], str]:
-    """A commit object's headers (name: values) and its subject as ``git log --format=%s`` gives
-    it (the first paragraph, its lines joined by spaces)."""
+    """A commit object's headers as git reads them (``tree``, then the ``parent`` lines that
+    follow it, then the rest; a ``parent`` elsewhere is not a parent) and its subject as
+    ``git log --format=%s`` gives it: blank lines skipped, then the first paragraph's lines with
+    their trailing white space stripped, joined by spaces (git's pretty.c, format_subject)."""
     head, _, message = body.partition(b"\n\n")
+    lines = head.decode("utf-8", "replace").split("\n")
     headers: dict[str, list[str]] = {}
-    for line in head.split(b"\n"):
-        if line and not line.startswith(b" "):  # a continuation line (gpgsig) is not a header
-            name, _, value = line.decode("utf-8", "replace").partition(" ")
-            headers.setdefault(name, []).append(value)
-    paragraph = message.decode("utf-8", "replace").lstrip("\n").split("\n\n", 1)[0]
-    return headers, " ".join(line.strip() for line in paragraph.splitlines())
+    for i, line in enumerate(lines):
+        name, _, value = line.partition(" ")
+        if name == "tree" and i == 0:
+            headers["tree"] = [value]
+        elif name == "parent" and i > 0 and all(p.startswith("parent ") for p in lines[1:i]):
+            headers.setdefault("parent", []).append(value)
+    paragraph: list[str] = []
+    for line in message.decode("utf-8", "replace").split("\n"):
+        if line.strip():
+            paragraph.append(line.rstrip())
+        elif paragraph:
+            break
+    return headers, " ".join(paragraph)
 
 
 def _parse(state_commit: str, doc_object: _Object | None, index: _Object | None,
