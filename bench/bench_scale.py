@@ -224,7 +224,7 @@ def gen_mb(ws: Path, mb: int, seed: int = 2) -> dict:
     init_repo(ws)
     rnd = random.Random(seed)
     for i in range(300):
-        d = ws / "src" / f"m00" / f"d{i // 25:02d}"
+        d = ws / "src" / "m00" / f"d{i // 25:02d}"
         d.mkdir(parents=True, exist_ok=True)
         (d / f"f{i:05d}.js").write_bytes(text(rnd, 300))
     commit_all(ws, "template")

@@ -5,7 +5,6 @@ does not."""
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 from pathlib import Path
 

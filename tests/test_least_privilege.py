@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from daemon_fixture import WATCHERD, Daemon, make_workspace, write_config
+from daemon_fixture import Daemon, make_workspace, write_config
 from helpers import wait_for, watcherd_for_any_uid
 from s3server import MotoS3, aws_env
 

@@ -24,7 +24,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, precondition, rule
 
-from helpers import git, make_repo
+from helpers import make_repo
 from watcherd import snapshot
 from watcherd.config import Config, StoreConfig, WorkspaceConfig, parse_store_url
 from watcherd.generations import Generations

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from daemon_fixture import Daemon, run_cli, watcherd, write_config  # noqa: F401 (fixture)
-from helpers import git, make_repo, state_repo, wait_for
+from helpers import git, make_repo, state_repo
 from watcherd import manifest as mf
 from watcherd import snapshot
 from watcherd.config import Config, RestoreConfig, StoreConfig, WorkspaceConfig, parse_store_url

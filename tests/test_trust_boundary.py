@@ -21,7 +21,6 @@ from watcherd import snapshot, state
 from watcherd import workspace as ws_reader
 from watcherd.config import Config, StoreConfig, WorkspaceConfig, parse_store_url
 from watcherd.generations import Generations
-from watcherd.repo import SNAPSHOT_REF
 from watcherd.restore import restore
 from watcherd.store.local import LocalStore
 

@@ -26,7 +26,7 @@ from daemon_fixture import (  # noqa: F401 (fixture)
     watcherd,
     write_config,
 )
-from helpers import git, tree_state, wait_for, watcherd_for_any_uid
+from helpers import git, tree_state, watcherd_for_any_uid
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="inotify is Linux-only")
 

@@ -15,7 +15,6 @@ same new ids and the store's fast-forward checks keep working.
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 import shutil
 import tempfile

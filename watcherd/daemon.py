@@ -21,7 +21,6 @@ import signal
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import anyio
@@ -31,7 +30,6 @@ import anyio.to_thread
 from watcherd import __version__, log, rollback, snapshot, timeline
 from watcherd import manifest as mf
 from watcherd import workspace as wsp
-from watcherd import git as gitdoor
 from watcherd.config import Config
 from watcherd.control import ControlServer
 from watcherd.errors import (
