@@ -57,10 +57,11 @@ def gens_for(store_dir: Path, limits: Limits | None = None) -> Generations:
     return Generations(LocalStore(store_dir), KEY, limits)
 
 
-def take(ws: Path, mode: str = "shadow") -> snapshot.Snapshot:
+def take(ws: Path, mode: str = "shadow", cache: snapshot.Cache | None = None) -> snapshot.Snapshot:
+    """A snapshot, by a new process unless ``cache`` (one process's memory) is given."""
     repo = state_repo(ws, KEY)
     snapshot.prepare(repo)
-    return snapshot.take(repo, mode)
+    return snapshot.take(repo, mode, cache)
 
 
 def save(ws: Path, store_dir: Path, mode: str = "shadow", limits: Limits | None = None):
@@ -378,8 +379,9 @@ def test_a_nested_repository_is_reported_with_its_path_not_silently_dropped(tmp_
     ws = make_repo(tmp_path / "ws")
     nested = nested_repo(ws / "vendor" / "lib", commit=True)
 
+    cache = snapshot.Cache()  # one process
     with capture_logs() as logs:
-        snap = take(ws, mode)
+        snap = take(ws, mode, cache)
 
     files = tree_paths(state_git_dir(ws), snap.commit)
     assert files[b"vendor/lib"] == "160000"  # a gitlink: git records the commit, not the files
@@ -390,11 +392,16 @@ def test_a_nested_repository_is_reported_with_its_path_not_silently_dropped(tmp_
     assert "uncommitted changes are not saved" in reported[0]["note"]
     assert reported[0]["commit"] == git(nested, "rev-parse", "HEAD")
 
-    # Reported when it appears or moves, not on every snapshot.
+    # Reported when it appears or moves, not on every snapshot of a process...
     (ws / "readme.md").write_text("edited\n")
     with capture_logs() as logs:
-        take(ws, mode)
+        take(ws, mode, cache)
     assert not events(logs, "snapshot.nested_repository")
+    # ... and once at the start of every process: a restarted daemon names it again.
+    (ws / "readme.md").write_text("edited again\n")
+    with capture_logs() as logs:
+        take(ws, mode, snapshot.Cache())
+    assert [e["path"] for e in events(logs, "snapshot.nested_repository")] == ["vendor/lib"]
 
 
 @pytest.mark.parametrize("mode", ["shadow", "branch"])

@@ -239,3 +239,30 @@ def test_a_force_added_file_under_an_ignored_directory_is_watched_saved_and_rest
     assert (restored / "node_modules" / "pinned" / "patch.js").read_text() == "rebuilt\n"
     expected = {k: v for k, v in tree_state(d.workspace).items() if k != "node_modules/pinned/other.js"}
     assert tree_state(restored) == expected
+
+
+def test_a_submodule_is_named_at_start_and_shown_degraded_while_its_edits_are_not_saved(
+        watcherd, tmp_path):
+    # A nested repository cannot be saved by these rules (only its commit is): a daemon that
+    # starts on a workspace holding one says so at once, and its status shows it degraded, so an
+    # uncommitted edit inside it is never lost without a word.
+    lib = tmp_path / "lib-origin"
+    lib.mkdir()
+    git(lib, "init", "-q")
+    (lib / "readme.md").write_text("library\n")
+    git(lib, "add", "-A")
+    git(lib, "commit", "-qm", "lib")
+    first = watcherd().start()
+    first.settle()
+    git(first.workspace, "-c", "protocol.file.allow=always", "submodule", "add", "-q", str(lib),
+        "lib")
+    git(first.workspace, "commit", "-qm", "add lib")
+    first.settle()
+    assert first.stop() == 0
+    (first.workspace / "lib" / "readme.md").write_text("edited inside, not committed\n")
+
+    first.start()  # the same workspace, state and store: the gitlink did not move
+    warned = first.log.wait("snapshot.nested_repository", timeout=15)
+
+    assert warned["path"] == "lib" and "not saved" in warned["note"]
+    assert any("nested repository lib" in r for r in first.status()["degraded"])

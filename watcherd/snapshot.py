@@ -67,6 +67,8 @@ class Cache:
     state_notes: tuple[str, ...] = ()
     problems: tuple[str, ...] = ()
     nested: frozenset[str] = field(default_factory=frozenset)
+    nested_at: dict[str, str] = field(default_factory=dict)  # path: the commit warned about
+    nested_listed: bool = False
     dropped_once: bool = False
     state_of: dict[str, str | None] = field(default_factory=dict)
     tree_of: dict[str, str] = field(default_factory=dict)
@@ -225,6 +227,9 @@ def _take(repo: Repo, layout: ws.Layout, cache: Cache, before: str | None = None
         except GitError as exc:
             problems.append(f"the git state is not recorded this time: {exc}")
     _report(problems, cache)
+    if not cache.nested_listed:
+        cache.nested_listed = True
+        _note_nested(repo.bare, tree, cache)
     head, head_ref = _head_of(repo, s_commit, cache)
 
     if prev and tree == prev_tree and s_commit == prev_state:
@@ -493,6 +498,32 @@ def _raw_entries(raw: bytes) -> list[tuple[bytes, bytes, bytes]]:
             for meta, path in zip(fields[0::2], fields[1::2]) if meta]
 
 
+_NESTED_NOTE = ("a nested git repository: the snapshot records only its commit; its files, "
+                "history and uncommitted changes are not saved, and edits inside it are not "
+                "watched (make it part of this repository, or save it separately)")
+
+
+def _note_nested(bare: Git, tree: str, cache: Cache) -> None:
+    """Once per process: name every nested repository (gitlink) the tree holds already, so that
+    a start warns about each and ``status`` shows it degraded (a snapshot warns only about one
+    that appears or moves)."""
+    out = bare.run("ls-tree", "-r", "-z", "--full-tree", tree).stdout
+    for entry in out.split(b"\0"):
+        if entry.startswith(b"160000 "):
+            meta, _, raw_path = entry.partition(b"\t")
+            _warn_nested(raw_path.decode("utf-8", "surrogateescape"), meta.split()[2].decode(),
+                         cache)
+
+
+def _warn_nested(path: str, commit: str, cache: Cache) -> None:
+    """Warn about nested repository ``path`` at ``commit``, once per place and commit."""
+    cache.nested = cache.nested | {path}
+    if cache.nested_at.get(path) != commit:
+        cache.nested_at[path] = commit
+        _log.warning("snapshot.nested_repository", path=ws.printable(path), commit=commit,
+                     note=_NESTED_NOTE)
+
+
 def _paths(entries: list[tuple[bytes, bytes, bytes]], cache: Cache) -> list[str]:
     """The changed paths; warns about every nested repository (gitlink) that appeared or moved,
     whose own files and uncommitted changes a snapshot does not hold."""
@@ -501,11 +532,7 @@ def _paths(entries: list[tuple[bytes, bytes, bytes]], cache: Cache) -> list[str]
         path = raw_path.decode("utf-8", "surrogateescape")
         paths.append(path)
         if mode == b"160000":
-            cache.nested = cache.nested | {path}
-            _log.warning("snapshot.nested_repository", path=path, commit=oid.decode(),
-                         note="a nested git repository: the snapshot records only its commit; "
-                              "its files, history and uncommitted changes are not saved (make it "
-                              "part of this repository, or save it separately)")
+            _warn_nested(path, oid.decode(), cache)
     return paths
 
 
