@@ -13,6 +13,7 @@ import signal
 import sys
 import threading
 import time
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -54,6 +55,30 @@ def test_an_edit_is_snapshotted_one_quiet_period_after_it(watcherd) -> None:
     assert line["commit"] == d.snapshots()[0]
     assert line["paths"] == ["src/app.py"]
     assert d.show("src/app.py") == "print('edited')"
+
+
+def test_the_log_says_what_the_daemon_starts_from_and_when_each_upload_is_due(watcherd) -> None:
+    # "Why no upload yet?" is answered by the log alone: the start names the stored generation,
+    # the config and the timings; every snapshot says when its upload is due.
+    first = watcherd().start()
+    first.settle()
+    stored = first.generation()
+    assert first.stop() == 0
+    d = first.start()
+    ready = d.log.wait("daemon.ready")
+    assert ready["generation"] == stored and ready["config"] == str(d.config)
+    assert ready["timings"]["quiet_period_s"] > 0 and ready["timings"]["idle_timeout_s"] > 0
+    mark = d.log.mark()
+    (d.workspace / "src" / "app.py").write_text("print('edited')\n")
+    committed = d.log.wait("snapshot.committed", after=mark, timeout=5)
+    scheduled = d.log.wait("upload.scheduled", after=mark, timeout=5)
+    due = datetime.fromisoformat(scheduled["due_at"].replace("Z", "+00:00"))
+    at = datetime.fromisoformat(committed["timestamp"].replace("Z", "+00:00"))
+    idle = ready["timings"]["idle_timeout_s"]
+    assert scheduled["commit"] == committed["commit"]
+    assert timedelta(0) < due - at <= timedelta(seconds=idle + 1)
+    saved = d.log.wait("generation.saved", after=mark, timeout=idle + 10)
+    assert datetime.fromisoformat(saved["timestamp"].replace("Z", "+00:00")) >= due
 
 
 def test_a_burst_of_200_edits_makes_few_snapshots_with_every_edit_in_the_last(watcherd) -> None:

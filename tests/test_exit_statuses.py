@@ -99,6 +99,15 @@ def test_restore_into_a_workspace_whose_parent_does_not_exist_exits_2_and_create
     assert not target.parent.exists()
 
 
+def test_status_with_the_control_endpoint_off_exits_2_naming_the_setting(tmp_path):
+    # No daemon of this config can ever answer: a config to fix, not a daemon to wait for.
+    cfg = write_config(tmp_path / "w.toml", workspace=tmp_path / "ws", store=tmp_path / "store",
+                       key=KEY, listen="")
+    proc = run(cfg, "status")
+    refused(proc, "control.listen", "control endpoint is off")
+    assert proc.stdout == ""
+
+
 def test_status_and_snapshot_with_a_token_the_daemon_refuses_exit_2(watcherd):
     token = "the-daemons-token-0123456789"
     d = watcherd(listen=f"0.0.0.0:{free_port()}", token=token).start()

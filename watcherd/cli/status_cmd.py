@@ -8,6 +8,7 @@ from typing import Any
 from watcherd.cli.common import command_parser, elsewhere, note, say, say_json
 from watcherd.config import Config
 from watcherd.control import ControlClient
+from watcherd.errors import ConfigError
 from watcherd.units import format_size
 
 
@@ -20,12 +21,18 @@ oldest change not yet in the store, the last snapshot and upload, retries, error
 degraded watching. Also what the Kubernetes example's probes run.""",
         exit_statuses={0: "the daemon answered",
                        1: "no daemon answers (or it answered with an error)",
-                       2: "fix the config: the daemon refuses control.token"})
+                       2: "fix the config: control.listen is off, or the daemon refuses "
+                          "control.token"})
     p.add_argument("--json", action="store_true", help="the raw /status document")
     p.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace, cfg: Config) -> int:
+    if cfg.control.address is None:
+        # No daemon of this config can answer: only a change of the config mends that.
+        raise ConfigError('control.listen = "": the control endpoint is off, and status asks '
+                          "the running daemon through it; set control.listen (the default is "
+                          "127.0.0.1:7781) in the daemon's config and this one")
     status = ControlClient(cfg.control).status()
     other = elsewhere(status, cfg)
     if other:
