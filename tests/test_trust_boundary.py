@@ -21,7 +21,7 @@ from watcherd import snapshot, state
 from watcherd import workspace as ws_reader
 from watcherd.config import Config, StoreConfig, WorkspaceConfig, parse_store_url
 from watcherd.generations import Generations
-from watcherd.restore import restore
+from watcherd.restore import Request, restore
 from watcherd.store.local import LocalStore
 
 KEY = "acme/sandbox-9/main"
@@ -460,3 +460,32 @@ def test_an_uncommitted_edit_in_a_submodule_is_reported_not_silently_lost(tmp_pa
     warned = [e for e in logs if e["event"] == "snapshot.nested_repository"]
     assert warned and warned[0]["path"] == "lib"
     assert snap.commit
+
+
+def test_a_users_gc_prune_after_reset_hard_breaks_no_later_save_or_restore(tmp_path):
+    # Every object watcherd's history needs is in its own packs: the user's git may drop the
+    # commits it no longer references (reset --hard, then gc --prune=now) at any time.
+    ws = make_repo(tmp_path / "ws")
+    store_dir = tmp_path / "store"
+    (ws / "feature.py").write_text("work the user will throw away\n")
+    git(ws, "add", "feature.py")
+    git(ws, "commit", "-qm", "a commit about to be dropped")
+    dropped = git(ws, "rev-parse", "HEAD")
+    save(ws, store_dir)
+    git(ws, "reset", "-q", "--hard", "HEAD~1")
+    git(ws, "reflog", "expire", "--expire=now", "--all")
+    git(ws, "gc", "-q", "--prune=now")
+    assert subprocess.run(["git", "cat-file", "-e", dropped], cwd=ws).returncode != 0
+    (ws / "readme.md").write_text("edited after the gc\n")
+
+    second = save(ws, store_dir)
+    target = tmp_path / "restored"
+    outcome = restore(config_for(target, store_dir), Generations(LocalStore(store_dir), KEY))
+
+    assert second.generation == 2 and (outcome.action, outcome.generation) == ("restored", 2)
+    assert tree_state(target) == tree_state(ws)
+    older = tmp_path / "older"
+    restore(config_for(older, store_dir), Generations(LocalStore(store_dir), KEY),
+            Request(generation=1))
+    assert (older / "feature.py").read_text() == "work the user will throw away\n"
+    assert git(older, "rev-parse", "HEAD") == dropped
