@@ -34,7 +34,7 @@ import anyio
 import pytest
 import structlog
 
-from helpers import git, state_repo
+from helpers import git, state_repo, wait_for
 
 from watcherd import ignore, snapshot
 from watcherd.errors import GitError, WorkspaceError
@@ -224,6 +224,18 @@ def test_edit_to_a_tracked_file_is_reported(root: Path, watcher: Judge) -> None:
     write(root / "src" / "app.js", "changed")
     batches = reported(watcher, "src/app.js")
     assert all(b.relevant and not b.rescan and not b.refs_changed for b in batches)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_closing_leaves_nothing_of_the_watcher_in_the_state_directory(root: Path,
+                                                                      backend: str) -> None:
+    # Every backend: the copy of the user's index kept for the next change goes with it.
+    w = watcher_of(root, backend)
+    w.start()
+    base = state_repo(root).dir / "watch-index-base"
+    wait_for(base.exists, timeout=5)  # written by the first walk's pass over the index
+    w.close()
+    assert not base.exists()
 
 
 def test_an_idle_watcher_has_nothing_to_read(root: Path, watcher: Judge) -> None:

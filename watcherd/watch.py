@@ -285,6 +285,16 @@ class Judge:
         raise NotImplementedError
 
     def close(self) -> None:
+        """Stop watching: the backend's own handles, then what every backend holds (the first
+        walk's pass, git check-ignore, the copy of the user's index kept for the next change)."""
+        self._forget_pending()
+        self._close_backend()
+        self._watches.clear()
+        self._oracle.close()
+        self._tracked.close()
+
+    def _close_backend(self) -> None:
+        """Release the backend's descriptors and threads (its watches go with them)."""
         raise NotImplementedError
 
     def _require(self) -> Any:

@@ -132,9 +132,8 @@ class InotifyWatcher(Judge):
         """inotify watches in place (the kernel's count: one per watched directory)."""
         return len(self._by_wd)
 
-    def close(self) -> None:
-        """Drop every watch (closing the descriptor does) and stop git check-ignore."""
-        self._forget_pending()
+    def _close_backend(self) -> None:
+        """Drop every watch (closing the descriptor does)."""
         if self._ready is not None:
             self._ready.close()
             self._ready = None
@@ -145,9 +144,6 @@ class InotifyWatcher(Judge):
             self._inotify.close()
             self._inotify = None
         self._by_wd.clear()
-        self._watches.clear()
-        self._oracle.close()
-        self._tracked.close()
 
     # -- events ----------------------------------------------------------------------------------
 

@@ -301,8 +301,8 @@ class WatchdogWatcher(Judge):
                 self._on_git_event(w.path, name, mask, found)
         return self._finish(found, hits)
 
-    def close(self) -> None:
-        """Stop watchdog's threads (their watches go with them) and git check-ignore."""
+    def _close_backend(self) -> None:
+        """Stop watchdog's threads (their watches go with them)."""
         if self._observer is not None:
             self._observer.stop()
             self._observer.join()
@@ -314,9 +314,7 @@ class WatchdogWatcher(Judge):
         if self._bridge is not None:
             self._bridge.close()
             self._bridge = None
-        self._watches.clear()
         self._dirs.clear()
-        self._oracle.close()
 
     # -- setup -----------------------------------------------------------------------------------
 
