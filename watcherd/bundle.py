@@ -33,8 +33,6 @@ _log = log.get(__name__)
 REPACK_LOOSE_OBJECTS = 256
 UNSHALLOW_TIMEOUT = 120.0
 BUNDLE_TIMEOUT = 1800.0
-# Local write failures git reports in its own words (its messages end in strerror): the disk at
-# fault, not the bundle.
 
 
 @dataclass(frozen=True)

@@ -51,9 +51,9 @@ def export(generations: Generations, gen: mf.Generation, out: BinaryIO, scratch:
     try:
         for path in chain:
             bundles.fetch_bundle(git, path, refspec="+refs/*:refs/*")
-        s_commit = state.state_parent(git, gen.snapshot)
-        if s_commit is not None:
-            state.apply_refs(git, state.read(git, s_commit))  # every other ref goes
+        recorded = state.load(git, gen.snapshot).recorded
+        if recorded is not None:
+            state.apply_refs(git, recorded)  # every other ref goes
         else:  # an older watcherd's generation: its refs are the user's, the history is not
             git.run("update-ref", "-d", SNAPSHOT_REF, check=False)
         working = _working_state(git, gen)

@@ -272,8 +272,9 @@ class IgnoreOracle:
             self._buf = bytearray(rest)
 
 
-# What a rollback builds in the workspace root for a moment (watcherd.rollback).
-ROLLBACK_ENTRIES = b"/.watcherd-rollback-*"
+# What a rollback builds in the workspace root for a moment (watcherd.rollback names them).
+ROLLBACK_PREFIX = ".watcherd-rollback-"
+ROLLBACK_ENTRIES = b"/" + ROLLBACK_PREFIX.encode() + b"*"
 
 
 def write_rules(repo: Repo, exclude: bytes, internal: tuple[str, ...]) -> bool:

@@ -85,21 +85,17 @@ def decide_save(stored: mf.Manifest | None, ours: str, contains: Callable[[str],
 
 def next_manifest(stored: mf.Manifest | None, new: mf.Generation, keep: int,
                   supersedes: Sequence[mf.Superseded] = (),
-                  checkpoint: mf.Checkpoint | None = None,
-                  keep_checkpoints: int = 20,
                   forked_from: mf.Fork | None = None) -> mf.Manifest:
     """The manifest after ``new`` is saved: the newest ``keep`` generations, plus every older
-    one a checkpoint pins (newest first); ``checkpoint`` labels ``new`` (see :func:`label`)."""
+    one a checkpoint pins (newest first); ``forked_from`` names where a first generation's
+    history began."""
     if stored is None:
-        base = mf.Manifest(new, (), tuple(supersedes), (), forked_from)
-    else:
-        pinned = {c.generation for c in stored.checkpoints}
-        older = stored.generations
-        history = older[: max(keep - 1, 0)] + tuple(g for g in older[max(keep - 1, 0):]
-                                                    if g.generation in pinned)
-        base = mf.Manifest(new, history, tuple(supersedes), stored.checkpoints,
-                           stored.forked_from)
-    return label(base, checkpoint, keep_checkpoints) if checkpoint else base
+        return mf.Manifest(new, (), tuple(supersedes), (), forked_from)
+    pinned = {c.generation for c in stored.checkpoints}
+    older = stored.generations
+    history = older[: max(keep - 1, 0)] + tuple(g for g in older[max(keep - 1, 0):]
+                                                if g.generation in pinned)
+    return mf.Manifest(new, history, tuple(supersedes), stored.checkpoints, stored.forked_from)
 
 
 def label(manifest: mf.Manifest, checkpoint: mf.Checkpoint, keep_checkpoints: int) -> mf.Manifest:

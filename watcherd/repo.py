@@ -414,7 +414,7 @@ class Repo:
             os.close(fd)
             raise WorkspaceError(f"another watcherd (pid {self.daemon_running()}) runs on "
                                  f"{self.dir}; one daemon per workspace and key") from None
-        _write_atomic_inplace(path, f"{os.getpid()}\n".encode())
+        _overwrite_inplace(path, f"{os.getpid()}\n".encode())
         return fd
 
     def daemon_running(self) -> int | None:
@@ -604,8 +604,9 @@ def _write_atomic(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def _write_atomic_inplace(path: Path, data: bytes) -> None:
-    """Overwrite a small file in place (the lock's inode must stay the one that is locked)."""
+def _overwrite_inplace(path: Path, data: bytes) -> None:
+    """Overwrite a small file in place (the lock's inode must stay the one that is locked); not
+    atomic: a reader may find it empty for a moment, and must take that for "no pid"."""
     fd = os.open(path, os.O_WRONLY | os.O_TRUNC | os.O_CLOEXEC)
     try:
         _share(fd)

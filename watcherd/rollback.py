@@ -10,7 +10,8 @@ without moving the workspace directory (a dev server and an agent are running in
   tree changed from its tree to the target's with one two-tree ``read-tree -m -u``: only files
   that differ are written, files the target lacks are removed, ignored files are not touched,
   and a file edited in between stops it before anything is written (snapshot again, retry);
-* the new git directory is put beside ``.git`` and takes its place in two renames, and the
+* the new git directory is put beside ``.git`` and takes its place in one ``renameat2``
+  exchange (two renames where the file system cannot exchange), and the
   user's own entries of the old one (config, hooks, ``info/``, submodules' repositories, LFS
   objects) are moved into it, never read; every step goes through descriptors opened with
   ``O_NOFOLLOW`` (a link the agent plants is never followed out of the workspace), and all of
@@ -37,7 +38,7 @@ from datetime import datetime
 from pathlib import Path
 
 from watcherd import bundle as bundles
-from watcherd import dirfd, log, snapshot, state, timeline
+from watcherd import dirfd, ignore, log, snapshot, state, timeline
 from watcherd import manifest as mf
 from watcherd import workspace as ws
 from watcherd.errors import IntegrityError, UsageError, WatcherdError
@@ -213,7 +214,8 @@ def apply(repo: Repo, target: Target, *, mode: str = "shadow",
     check_quiet(layout)
     cache = cache if cache is not None else snapshot.Cache()
     git = repo.bare
-    s_commit = state.state_parent(git, target.snapshot)
+    loaded = state.load(git, target.snapshot)
+    s_commit = loaded.state_commit
     # Each name its own random token: the staging name shows in the workspace before the swap,
     # and must not tell the agent where the old directory will go.
     journal: dict = {"staging": _name("git"), "old": _name("old"), "rescue": _name("rescue"),
@@ -224,7 +226,7 @@ def apply(repo: Repo, target: Target, *, mode: str = "shadow",
     repo.write_journal(JOURNAL, journal)
     try:
         if s_commit is not None:
-            _build_git_dir(repo, staging, s_commit, state.read(git, s_commit))
+            _build_git_dir(repo, staging, s_commit, loaded.recorded)
         undo, seen = _update_files(repo, target, layout, mode, cache, attempts, journal)
         if s_commit is not None:
             # The new index's stat data, from the files as they are now: no rehash by the
@@ -271,7 +273,7 @@ def apply(repo: Repo, target: Target, *, mode: str = "shadow",
 
 
 def _name(kind: str) -> str:
-    return f".watcherd-rollback-{secrets.token_hex(8)}.{kind}"
+    return f"{ignore.ROLLBACK_PREFIX}{secrets.token_hex(8)}.{kind}"
 
 
 def _git_state(layout: ws.Layout) -> ws.GitState | None:
@@ -517,9 +519,8 @@ def _keep_edits(repo: Repo, base: str, kept: list[tuple[str, str, bytes]]) -> st
         tree = repo.bare.out("write-tree", env=index)
     finally:
         Path(index["GIT_INDEX_FILE"]).unlink(missing_ok=True)
-    listed = "\n".join(ws.printable(os.fsdecode(p)) for _, _, p in kept[:50])
     parents = repo.bare.out("rev-list", "--parents", "-n", "1", base).split()[1:]
-    args = ["commit-tree", tree, "-m", f"watcherd: snapshot ({len(kept)} files)\n\n{listed}\n",
+    args = ["commit-tree", tree, "-m", snapshot.message([os.fsdecode(p) for *_, p in kept], None),
             "-p", base]
     for parent in parents[1:]:  # its HEAD and state commit: the git state is base's
         args += ["-p", parent]
@@ -573,7 +574,7 @@ def recover(repo: Repo) -> None:
 
 
 def _recover(repo: Repo, journal: dict) -> None:
-    pattern = r"\.watcherd-rollback-[0-9a-f]+\.(git|old|rescue)"
+    pattern = re.escape(ignore.ROLLBACK_PREFIX) + r"[0-9a-f]+\.(git|old|rescue)"
     names = [journal.get(k) for k in ("staging", "old", "rescue")]
     if not all(isinstance(n, str) and re.fullmatch(pattern, n) for n in names):
         return

@@ -34,7 +34,7 @@ from watcherd.errors import ConfigError, GitError, WorkspaceError
 from watcherd.git import Git, for_workspace, retrying
 from watcherd.repo import SNAPSHOT_REF, Repo, write_private
 
-_MESSAGE_PATHS = 50
+MESSAGE_PATHS = 50
 # A lock file left by a git process that died blocks every later commit. One that nobody holds
 # open, with no git of the user's running in the repository, and older than this is removed
 # (branch mode; shadow mode never writes in the workspace).
@@ -66,13 +66,17 @@ class Cache:
     state_commit: str | None = None
     state_notes: tuple[str, ...] = ()
     problems: tuple[str, ...] = ()
-    nested: frozenset[str] = field(default_factory=frozenset)
-    nested_at: dict[str, str] = field(default_factory=dict)  # path: the commit warned about
+    nested_at: dict[str, str] = field(default_factory=dict)  # nested repository: its commit
     nested_listed: bool = False
     dropped_once: bool = False
     state_of: dict[str, str | None] = field(default_factory=dict)
     tree_of: dict[str, str] = field(default_factory=dict)
     heads: dict[str, tuple[str | None, str | None]] = field(default_factory=dict)
+
+    @property
+    def nested(self) -> frozenset[str]:
+        """The nested repositories this process has seen (status lists them degraded)."""
+        return frozenset(self.nested_at)
 
 
 def prepare(repo: Repo) -> None:
@@ -207,7 +211,7 @@ def _take(repo: Repo, layout: ws.Layout, cache: Cache, before: str | None = None
     tree, entries = _worktree_tree(repo, prev, prev_tree, found.head.oid if found else None,
                                    index_file, cache)
     if tree == prev_tree:
-        entries = None
+        entries = []  # the git state alone may have changed: no path did
     # Entries of the private index that the rules ignore now are dropped, but only looked for
     # when something that decides it changed: the rules (info/exclude, a .gitignore), the
     # user's index (git rm --cached of a force-added file), or a new process.
@@ -216,8 +220,8 @@ def _take(repo: Repo, layout: ws.Layout, cache: Cache, before: str | None = None
         cache.dropped_once = True
         if _drop_now_ignored(repo.git, {"GIT_INDEX_FILE": str(repo.index)}, cache.user_paths):
             tree = repo.git.out("write-tree", env={"GIT_INDEX_FILE": str(repo.index)})
-            entries = _diff(repo.bare, prev_tree, tree) if prev_tree and tree != prev_tree \
-                else None
+            entries = [] if tree == prev_tree else \
+                _diff(repo.bare, prev_tree, tree) if prev_tree else None
 
     s_commit = prev_state
     if found is not None:
@@ -247,7 +251,7 @@ def _take(repo: Repo, layout: ws.Layout, cache: Cache, before: str | None = None
         entries = _diff(repo.bare, base, tree)
     paths = _paths(entries, cache)
     moved = head if prev and head != _head_of(repo, prev_state, cache)[0] else None
-    args = ["commit-tree", tree, "-m", _message(paths, moved)]
+    args = ["commit-tree", tree, "-m", message(paths, moved)]
     for parent in dict.fromkeys(p for p in (prev, head, s_commit) if p):
         args += ["-p", parent]
     commit = repo.bare.out(*args)
@@ -415,12 +419,11 @@ def _drop_now_ignored(git: Git, env: dict[str, str], user_paths: frozenset[bytes
     gone = [p for p in listed.split(b"\0") if p and p not in user_paths]
     if not gone:
         return False
-    if gone:
-        git.run("update-index", "-z", "--force-remove", "--stdin", env=env,
-                input=b"".join(p + b"\0" for p in gone))
-        _log.info("snapshot.now_ignored", files=len(gone),
-                  paths=[p.decode("utf-8", "surrogateescape") for p in gone[:10]],
-                  note="ignored since an earlier snapshot and not tracked: no longer snapshotted")
+    git.run("update-index", "-z", "--force-remove", "--stdin", env=env,
+            input=b"".join(p + b"\0" for p in gone))
+    _log.info("snapshot.now_ignored", files=len(gone),
+              paths=[p.decode("utf-8", "surrogateescape") for p in gone[:10]],
+              note="ignored since an earlier snapshot and not tracked: no longer snapshotted")
     return True
 
 
@@ -517,7 +520,6 @@ def _note_nested(bare: Git, tree: str, cache: Cache) -> None:
 
 def _warn_nested(path: str, commit: str, cache: Cache) -> None:
     """Warn about nested repository ``path`` at ``commit``, once per place and commit."""
-    cache.nested = cache.nested | {path}
     if cache.nested_at.get(path) != commit:
         cache.nested_at[path] = commit
         _log.warning("snapshot.nested_repository", path=ws.printable(path), commit=commit,
@@ -536,14 +538,14 @@ def _paths(entries: list[tuple[bytes, bytes, bytes]], cache: Cache) -> list[str]
     return paths
 
 
-def _message(paths: list[str], moved_head: str | None) -> str:
+def message(paths: list[str], moved_head: str | None) -> str:
     """The snapshot's message: ``watcherd: snapshot (N files)``, a blank line, then the first
-    :data:`_MESSAGE_PATHS` paths one per line, control characters escaped (a name holding a
+    :data:`MESSAGE_PATHS` paths one per line, control characters escaped (a name holding a
     newline must not read as two)."""
     lines = [f"watcherd: snapshot ({len(paths)} files)", ""]
-    lines += [ws.printable(p) for p in paths[:_MESSAGE_PATHS]]
-    if len(paths) > _MESSAGE_PATHS:
-        lines.append(f"... and {len(paths) - _MESSAGE_PATHS} more")
+    lines += [ws.printable(p) for p in paths[:MESSAGE_PATHS]]
+    if len(paths) > MESSAGE_PATHS:
+        lines.append(f"... and {len(paths) - MESSAGE_PATHS} more")
     if moved_head:
         lines += ["", f"HEAD: {moved_head}"]
     return "\n".join(lines).rstrip("\n") + "\n"
@@ -593,7 +595,7 @@ def _commit_on_branch(repo: Repo, layout: ws.Layout) -> str | None:
             if not staged:
                 return None
             r = git.run("commit", "--quiet", "--no-verify", "--no-gpg-sign", "-m",
-                        _message(staged, None), check=False)
+                        message(staged, None), check=False)
             if r.returncode == 0:
                 return base
             said = r.stderr.decode("utf-8", "replace").strip()

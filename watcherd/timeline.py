@@ -21,6 +21,7 @@ from watcherd import manifest as mf
 from watcherd.errors import WatcherdError
 from watcherd.git import Git
 from watcherd.repo import SNAPSHOT_REF, Repo
+from watcherd.snapshot import MESSAGE_PATHS
 from watcherd.units import parse_duration
 from watcherd.workspace import printable
 
@@ -30,7 +31,6 @@ if TYPE_CHECKING:
 _SUBJECT = re.compile(r"watcherd: snapshot \((\d+) files\)")
 #: Paths listed per entry (a snapshot's message holds up to 50).
 PATHS_SHOWN = 10
-_LISTED = 50  # paths a snapshot's message lists (watcherd.snapshot)
 
 
 @dataclass(frozen=True)
@@ -72,7 +72,7 @@ def read(git: Git, head: str, manifest: mf.Manifest | None, *, since: datetime |
         m = _SUBJECT.fullmatch(lines[1]) if len(lines) > 1 and len(ident) == 2 else None
         if m is None:
             break  # the user's own commit the first snapshot sits on: the history's start
-        listed = min(int(m[1]), _LISTED)  # the message lists this many paths, one per line
+        listed = min(int(m[1]), MESSAGE_PATHS)  # the message lists this many paths, one per line
         paths = tuple(printable(line) for line in lines[3:3 + min(listed, PATHS_SHOWN)])
         commits.append((ident[0], ident[1], int(m[1]), paths))
     by_snapshot = {g.snapshot: g.generation for g in (manifest.generations if manifest else ())}

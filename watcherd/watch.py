@@ -194,6 +194,7 @@ class Found:
     rescan: dict[str, None] = field(default_factory=dict)
     resync: dict[str, None] = field(default_factory=dict)  # why the watches must be re-walked
     rules_changed: bool = False
+    index_read: bool = False  # the user's index was looked at during this read already
 
     def path(self, rel: str) -> None:
         if len(self.paths) < MAX_PATHS:
@@ -208,7 +209,7 @@ class Judge:
 
     A backend subclasses it and provides :meth:`_add` and :meth:`_remove` (place and drop one
     directory's watch), :meth:`_limit_advice` (what to raise when the OS refuses more watches),
-    ``start``/``fileno``/``read``/``close`` and :meth:`_require`. Its ``read`` turns the OS's
+    ``start``/``fileno``/``read``, :meth:`_close_backend` and :meth:`_require`. Its ``read`` turns the OS's
     events into calls of :meth:`_on_work_event` / :meth:`_on_git_event` (``_lost`` for an
     overflow, ``_root_gone`` for a removed workspace) and ends with :meth:`_finish`.
 
@@ -469,8 +470,12 @@ class Judge:
         if d == self._git_dir and not is_dir:
             if name == "HEAD" and mask & _REF_WRITTEN:
                 found.refs["HEAD"] = None
-            elif name == "index" and mask & _REF_WRITTEN:
+            elif name == "index" and mask & _REF_WRITTEN and not found.index_read \
+                    and not found.resync:
                 # A tracked file is never ignored: `git add -f` can make an ignored path relevant.
+                # Once per read: the index is read as it is now, after every write queued so far
+                # (and a re-walk, when one is due, looks at it anyway).
+                found.index_read = True
                 self._on_index_changed(found)
         if d == common:
             if name == "packed-refs" and not is_dir and mask & _REF_WRITTEN:
@@ -479,7 +484,7 @@ class Judge:
                 found.resync[f"{name}/ appeared"] = None
         elif d == os.path.join(common, "info"):
             if name == "exclude":
-                ignore.sync_rules(self._repo, self._layout)
+                # The re-walk copies the new rules (_locate) before it asks about anything.
                 found.rules_changed = True
                 found.resync["ignore rules changed"] = None
                 found.rescan["ignore rules changed (info/exclude)"] = None
@@ -609,10 +614,8 @@ class Judge:
         elif self._degraded.pop("limit", None) is not None:
             log.info("watch.recovered", watches=self.watch_count)
         if found.resync:  # empty at start: watch.ready says it
-            # The user's `git status`/`git add` rewrite the index often; that re-walk is routine.
-            emit = log.debug if set(found.resync) == {"index changed"} else log.info
-            emit("watch.rescan", reason=", ".join(found.resync), watches=self.watch_count,
-                 duration_ms=_ms(t0))
+            log.info("watch.rescan", reason=", ".join(found.resync), watches=self.watch_count,
+                     duration_ms=_ms(t0))
 
     def _walk_work(self, start: str, found: Found, *, collect: bool,
                    seen: set[Watch] | None = None) -> None:

@@ -73,7 +73,7 @@ def _check_daemon(code: int, result: dict) -> None:
     error = (result or {}).get("error") or status
     if status == "conflict":
         raise ConflictError(str(error))
-    if status == "invalid":
+    if status in ("invalid", "refused"):  # as the standalone checkpoint says the same: exit 2
         raise UsageError(str(error))
     raise WatcherdError(f"the daemon did not checkpoint (HTTP {code}): {error}")
 

@@ -11,7 +11,7 @@ import argparse
 
 from watcherd import rollback, snapshot
 from watcherd.cli.common import check_workspace, command_parser, daemon_for, note, say, say_json
-from watcherd.cli.restore_cmd import generations_for, parse_before
+from watcherd.cli.restore_cmd import generations_for
 from watcherd.cli.snapshot_cmd import DAEMON_SAVE_TIMEOUT
 from watcherd.config import Config
 from watcherd.control import DaemonNotRunning
@@ -55,8 +55,7 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
     if args.target is not None:
         request["target"] = args.target
     if args.before is not None:
-        parse_before(args.before)  # a usage error here, before anything happens
-        request["before"] = args.before
+        request["before"] = args.before  # checked by parse_request below, before anything
     if args.undo:
         request["undo"] = True
     if not request or len(request) > 1:

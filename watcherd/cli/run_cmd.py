@@ -31,7 +31,9 @@ more on SIGTERM or SIGINT. Its logs go to stdout.""",
                        1: "the final save did not finish, or the daemon failed (a supervisor "
                           "restarts it)",
                        2: "fix the config: a bad key, no such workspace.path, s3:// without the "
-                          "S3 extra, watch.backend = \"watchdog\" without the watchdog extra"})
+                          "S3 extra, watch.backend = \"watchdog\" without the watchdog extra",
+                       3: "the store refused this workspace's history: its final state is kept "
+                          "as a conflict copy, not as the stored generation"})
     p.set_defaults(handler=run)
 
 
