@@ -685,6 +685,21 @@ def test_a_workspace_without_git_is_watched_and_a_later_git_init_is_picked_up(
         assert w.degraded == ()
 
 
+def test_a_git_directory_seen_half_created_is_picked_up_when_git_finishes_it(
+        root: Path, watcher: Judge) -> None:
+    # A re-walk can look while `git init` is still writing .git (no HEAD, no objects/ yet): it is
+    # no repository then, but the next step of git's must re-walk, or its refs go unwatched.
+    shutil.rmtree(root / ".git")
+    barrier(watcher, root)
+    (root / ".git").mkdir()
+    barrier(watcher, root)
+    git(root, "init", "-q")
+    read_until(watcher, lambda bs: any(b.refs_changed for b in bs))
+    git(root, "add", "-A")
+    git(root, "commit", "-q", "-m", "a fresh start")
+    read_until(watcher, lambda bs: any(b.refs_changed for b in bs))
+
+
 def test_a_removed_git_directory_leaves_the_work_tree_watched(root: Path,
                                                              watcher: Judge) -> None:
     # `rm -rf .git` is an edit like any other: the files are still the work to protect.

@@ -246,6 +246,7 @@ class Judge:
         self._degraded: dict[str, str] = {}
         self._git_dir = ""
         self._common_dir = ""
+        self._unborn_git = ""  # a .git directory git has not finished creating, when there is one
 
     # -- public ----------------------------------------------------------------------------------
 
@@ -467,6 +468,11 @@ class Judge:
             return
         is_dir = bool(mask & ISDIR)
         common = self._common_dir
+        if d == self._unborn_git:
+            if name in ("HEAD", "objects") and mask & (_CAME | _REF_WRITTEN):
+                found.resync["git directory completed"] = None
+                found.refs[".git"] = None
+            return
         if d == self._git_dir and not is_dir:
             if name == "HEAD" and mask & _REF_WRITTEN:
                 found.refs["HEAD"] = None
@@ -704,8 +710,17 @@ class Judge:
         return asks, False
 
     def _walk_git(self, found: Found, seen: set[Watch]) -> None:
-        """Watch the git dir(s), ``info/``, and the refs directories that can hold branches/tags."""
+        """Watch the git dir(s), ``info/``, and the refs directories that can hold branches/tags.
+
+        A ``.git`` directory that is not a repository yet (``git init`` half-way, when a re-walk
+        looked) is watched itself, so that its ``HEAD`` or ``objects/`` appearing re-walks."""
         common = self._common_dir
+        dotgit = os.path.join(self.root, ".git")
+        self._unborn_git = dotgit if not common and os.path.isdir(dotgit) \
+            and not os.path.islink(dotgit) else ""
+        if self._unborn_git:
+            seen.add(Watch("git", dotgit))
+            self._watch_dir(Watch("git", dotgit), dotgit)
         if not common:
             return
         for d in dict.fromkeys((self._git_dir, common)):
