@@ -466,6 +466,191 @@ def test_a_forced_rollback_never_follows_a_directory_swapped_for_a_link(tmp_path
     assert not [p for p in os.listdir(ws) if p.startswith(".watcherd-")]
 
 
+def test_a_rollback_never_writes_through_a_directory_swapped_for_a_link_while_it_runs(tmp_path):
+    """The agent swaps a directory the rollback writes for a link to outside, and back, as fast
+    as it can, while rollbacks run: whatever each rollback does (finish, retry, refuse), nothing
+    outside the workspace is ever written, removed or read into watcherd's history."""
+    from helpers import state_repo
+
+    from watcherd import dirfd, snapshot
+    from watcherd.errors import WatcherdError
+
+    ws = one_commit(tmp_path / "ws")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "f000.txt").write_text("not the workspace's\n")
+    os.symlink(outside, ws / "link")
+    repo = state_repo(ws)
+    snapshot.prepare(repo)
+    (ws / "dir").mkdir()
+    for i in range(150):
+        (ws / "dir" / f"f{i:03}.txt").write_text(f"first {i}\n")
+    first = snapshot.take(repo).snapshot_head
+    for i in range(150):
+        (ws / "dir" / f"f{i:03}.txt").write_text(f"second {i}\n")
+    second = snapshot.take(repo).snapshot_head
+    stop = threading.Event()
+
+    def agent() -> None:  # dir and link trade places in one step, again and again
+        with dirfd.opened(ws) as rfd:
+            while not stop.is_set():
+                try:
+                    dirfd.exchange(rfd, "dir", "link")
+                except OSError:
+                    pass  # a rollback moved one of them meanwhile: try again
+
+    swapper = threading.Thread(target=agent, daemon=True)
+    swapper.start()
+    outcomes = []
+    try:
+        for n in range(12):
+            try:
+                roll(repo, first if n % 2 == 0 else second, attempts=1 + n % 3)
+                outcomes.append("rolled back")
+            except WatcherdError as exc:  # refused, or a snapshot git could not take: retried
+                outcomes.append(str(exc))
+            assert sorted(p.name for p in outside.iterdir()) == ["f000.txt"]
+            assert (outside / "f000.txt").read_text() == "not the workspace's\n"
+    finally:
+        stop.set()
+        swapper.join(timeout=10)
+    # Some of them changed files while the agent swapped (the race was run, not dodged).
+    assert any(o == "rolled back" or "files changed so far" in o for o in outcomes), outcomes
+    # What git read through the link while it added files is in no snapshot (never saved).
+    blob = git(tmp_path, "hash-object", "--stdin", input=b"not the workspace's\n")
+    assert blob not in repo.bare.out("rev-list", "--objects", "--all")
+    # Once the agent stops, a rollback gives the snapshot's files back, nothing left behind.
+    if (ws / "dir").is_symlink() and (ws / "link").is_dir():
+        with dirfd.opened(ws) as rfd:
+            dirfd.exchange(rfd, "dir", "link")
+    snapshot.take(repo)
+    roll(repo, first)
+    assert {k: v for k, v in tree_state(ws).items() if k.startswith("dir/")} == {
+        f"dir/f{i:03}.txt": ("file", 0, f"first {i}\n".encode()) for i in range(150)}
+    assert os.readlink(ws / "link") == str(outside)
+    assert not [p for p in os.listdir(ws) if p.startswith(".watcherd-")]
+
+
+def test_a_rollback_turns_files_into_directories_links_and_back(tmp_path):
+    """Every kind of change one path can see (a file becomes a directory, a directory a file,
+    a file a link, the executable bit), both ways, gives the exact state back."""
+    ws, repo, _ = library_workspace(tmp_path)
+    from watcherd import snapshot
+
+    (ws / "f").write_text("a file\n")
+    (ws / "d").mkdir()
+    (ws / "d" / "deep").mkdir()
+    (ws / "d" / "deep" / "x.txt").write_text("deep\n")
+    (ws / "tool").write_text("#!/bin/sh\n")
+    (ws / "l").write_text("a file, later a link\n")
+    git(ws, "add", "-A")
+    git(ws, "commit", "--quiet", "-m", "shape one")
+    one, one_state = snapshot.take(repo).snapshot_head, exact_state(ws)
+    (ws / "f").unlink()
+    (ws / "f").mkdir()
+    (ws / "f" / "inner.txt").write_text("now a directory\n")
+    import shutil
+
+    shutil.rmtree(ws / "d")
+    (ws / "d").write_text("now a file\n")
+    (ws / "tool").chmod(0o755)
+    (ws / "l").unlink()
+    os.symlink("a.txt", ws / "l")
+    git(ws, "add", "-A")
+    git(ws, "commit", "--quiet", "-m", "shape two")
+    two, two_state = snapshot.take(repo).snapshot_head, exact_state(ws)
+    roll(repo, one)
+    assert exact_state(ws) == one_state
+    roll(repo, two)
+    assert exact_state(ws) == two_state
+    assert not [p for p in os.listdir(ws) if p.startswith(".watcherd-")]
+
+
+def test_an_edit_made_while_the_files_change_is_kept(tmp_path, monkeypatch):
+    """An agent's edits land after the rollback checked the files and right before it replaced
+    one and removed another: what it wrote becomes one more snapshot, which --undo returns to."""
+    from watcherd import snapshot, worktree
+
+    ws, repo, first = library_workspace(tmp_path)
+    (ws / "a.txt").write_text("two\n")
+    (ws / "b.txt").write_text("b two\n")
+    snapshot.take(repo)
+
+    def edited_first(step):
+        def edited(self, n, change):
+            (ws / os.fsdecode(change.path)).write_text(f"the agent's {change.path.decode()}\n")
+            return step(self, n, change)
+        return edited
+
+    monkeypatch.setattr(worktree.Checkout, "_write", edited_first(worktree.Checkout._write))
+    monkeypatch.setattr(worktree.Checkout, "_remove", edited_first(worktree.Checkout._remove))
+    undo = roll(repo, first)
+    assert (ws / "a.txt").read_text() == "one\n" and not (ws / "b.txt").exists()
+    assert sgit_show(repo, undo, "a.txt") == "the agent's a.txt\n"
+    assert sgit_show(repo, undo, "b.txt") == "the agent's b.txt\n"
+    roll(repo, undo)
+    assert (ws / "a.txt").read_text() == "the agent's a.txt\n"
+
+
+@pytest.mark.parametrize("filesystem", ["no renameat2", "another filesystem under sub/"])
+def test_a_rollback_where_files_cannot_be_exchanged_into_the_rescue_directory(
+        tmp_path, monkeypatch, filesystem):
+    """Where the kernel cannot exchange entries, or a directory is another filesystem than the
+    workspace root (a volume mounted inside it), the files still change exactly, what they held
+    is still compared (an edit kept), and nothing is left behind."""
+    import errno
+
+    from watcherd import dirfd, snapshot, worktree
+
+    ws, repo, _ = library_workspace(tmp_path)
+    (ws / "sub").mkdir()
+    (ws / "sub" / "s.txt").write_text("sub one\n")
+    (ws / "sub" / "gone.txt").write_text("removed by the rollback\n")
+    first = snapshot.take(repo).snapshot_head
+    state_one = tree_state(ws)
+    (ws / "sub" / "s.txt").write_text("sub two\n")
+    (ws / "sub" / "gone.txt").unlink()
+    (ws / "sub" / "new.txt").write_text("only in two\n")
+    snapshot.take(repo)
+    if filesystem == "no renameat2":
+        monkeypatch.setattr(dirfd, "_renameat2", lambda *args: False)
+    else:
+        sub = os.stat(ws / "sub").st_ino
+
+        def crosses(*fds: int) -> bool:
+            kinds = {os.fstat(fd).st_ino == sub for fd in fds}
+            return len(kinds) == 2 and any(".rescue" in os.readlink(f"/proc/self/fd/{fd}")
+                                           for fd in fds)
+
+        real_rename, real_renameat2 = os.rename, dirfd._renameat2
+
+        def rename(src, dst, *, src_dir_fd=None, dst_dir_fd=None):
+            if src_dir_fd is not None and crosses(src_dir_fd, dst_dir_fd):
+                raise OSError(errno.EXDEV, "Invalid cross-device link")
+            return real_rename(src, dst, src_dir_fd=src_dir_fd, dst_dir_fd=dst_dir_fd)
+
+        def renameat2(src_fd, a, dst_fd, b, flags):
+            if crosses(src_fd, dst_fd):
+                raise OSError(errno.EXDEV, "Invalid cross-device link")
+            return real_renameat2(src_fd, a, dst_fd, b, flags)
+
+        monkeypatch.setattr(worktree.os, "rename", rename)
+        monkeypatch.setattr(dirfd, "_renameat2", renameat2)
+    write = worktree.Checkout._write
+
+    def edited_first(self, n, change):
+        if change.path == b"sub/s.txt":
+            (ws / "sub" / "s.txt").write_text("the agent's\n")
+        return write(self, n, change)
+
+    monkeypatch.setattr(worktree.Checkout, "_write", edited_first)
+    undo = roll(repo, first)
+    assert tree_state(ws) == state_one
+    assert sgit_show(repo, undo, "sub/s.txt") == "the agent's\n"
+    assert sorted(os.listdir(ws / "sub")) == ["gone.txt", "s.txt"]
+    assert not [p for p in os.listdir(ws) if p.startswith(".watcherd-")]
+
+
 # -- what an agent in the workspace (or a careless user) can do to a rollback ---------------------
 
 

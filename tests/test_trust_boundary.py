@@ -19,6 +19,7 @@ from structlog.testing import capture_logs
 from helpers import git, make_repo, sgit, state_repo, tree_state
 from watcherd import snapshot, state
 from watcherd import workspace as ws_reader
+from watcherd.errors import GitError
 from watcherd.config import Config, StoreConfig, WorkspaceConfig, parse_store_url
 from watcherd.generations import Generations
 from watcherd.restore import Request, restore
@@ -290,6 +291,55 @@ def test_a_part_of_git_linked_outside_is_never_followed(tmp_path, part):
     assert snap.commit and "readme.md" in files_of(ws, snap.commit)
     assert subprocess.run(["git", f"--git-dir={state_repo(ws, KEY).git_dir}", "cat-file", "-e",
                            other_head]).returncode != 0
+
+
+def test_a_directory_swapped_for_a_link_while_git_adds_never_puts_outside_files_in_a_snapshot(
+        tmp_path):
+    """git add opens files by path: the agent swaps a directory and a link to outside, in one
+    step, over and over, while snapshots run. What git read through the link is recorded again
+    from the workspace's own files, so no snapshot ever holds a byte of outside."""
+    import threading
+
+    from watcherd import dirfd
+
+    secret = b"a token only watcherd's uid may read\n"
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    for i in range(100):
+        (outside / f"f{i:02}.txt").write_bytes(secret)
+    ws = make_repo(tmp_path / "ws")
+    os.symlink(outside, ws / "link")
+    (ws / "dir").mkdir()
+    repo = state_repo(ws, KEY)
+    snapshot.prepare(repo)
+    stop = threading.Event()
+
+    def agent() -> None:
+        with dirfd.opened(ws) as rfd:
+            while not stop.is_set():
+                dirfd.exchange(rfd, "dir", "link")
+
+    real = os.open(ws / "dir", os.O_RDONLY | os.O_DIRECTORY)  # wherever it is moved to
+    swapper = threading.Thread(target=agent, daemon=True)
+    swapper.start()
+    try:
+        for n in range(30):
+            for i in range(100):  # every round, new content for git to read
+                fd = os.open(f"f{i:02}.txt", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644,
+                             dir_fd=real)
+                os.write(fd, f"round {n}\n".encode())
+                os.close(fd)
+            try:
+                snapshot.take(repo)
+            except GitError:
+                pass  # git gave up on a file that vanished under it: the next one is taken
+    finally:
+        stop.set()
+        swapper.join(timeout=10)
+        os.close(real)
+    assert all((outside / f"f{i:02}.txt").read_bytes() == secret for i in range(100))
+    blob = git(tmp_path, "hash-object", "--stdin", input=secret)
+    assert blob not in repo.bare.out("rev-list", "--objects", "--all")
 
 
 def test_read_file_refuses_links_fifos_devices_and_oversized_files(tmp_path):

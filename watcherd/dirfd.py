@@ -99,19 +99,46 @@ def parent(root_fd: int, path: bytes) -> Iterator[tuple[int, bytes] | None]:
         os.close(fd)
 
 
-def exchange(dir_fd: int, a: str, b: str) -> bool:
-    """Swap entries ``a`` and ``b`` of ``dir_fd`` in one step (``renameat2(RENAME_EXCHANGE)``,
-    rename(2)); False where the kernel or the filesystem cannot."""
+_RENAME_NOREPLACE, _RENAME_EXCHANGE = 1, 2  # renameat2(2)
+
+
+def _renameat2(src_fd: int, a: str | bytes, dst_fd: int, b: str | bytes, flags: int) -> bool:
+    """``renameat2(src_fd, a, dst_fd, b, flags)``; False where the kernel or the filesystem
+    cannot (no such call, or the flag unsupported); :class:`OSError` for any other failure."""
     renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
     if renameat2 is None:
         return False
-    rename_exchange = 2
-    if renameat2(dir_fd, os.fsencode(a), dir_fd, os.fsencode(b), rename_exchange) == 0:
+    if renameat2(src_fd, os.fsencode(a), dst_fd, os.fsencode(b), flags) == 0:
         return True
     err = ctypes.get_errno()
     if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
         return False
-    raise OSError(err, os.strerror(err), b)
+    raise OSError(err, os.strerror(err), os.fsdecode(b))
+
+
+def exchange(dir_fd: int, a: str, b: str) -> bool:
+    """Swap entries ``a`` and ``b`` of ``dir_fd`` in one step (``renameat2(RENAME_EXCHANGE)``,
+    rename(2)); False where the kernel or the filesystem cannot."""
+    return _renameat2(dir_fd, a, dir_fd, b, _RENAME_EXCHANGE)
+
+
+def exchange_at(src_fd: int, a: str | bytes, dst_fd: int, b: str | bytes) -> bool:
+    """Swap entry ``a`` of ``src_fd`` and entry ``b`` of ``dst_fd`` in one step (both must
+    exist, on one filesystem); False where the kernel or the filesystem cannot exchange.
+    Raises :class:`FileNotFoundError` when either is missing, ``OSError(EXDEV)`` across
+    filesystems."""
+    return _renameat2(src_fd, a, dst_fd, b, _RENAME_EXCHANGE)
+
+
+def rename_new(src_fd: int, a: str | bytes, dst_fd: int, b: str | bytes) -> None:
+    """Move entry ``a`` of ``src_fd`` to ``b`` of ``dst_fd`` only if nothing is there
+    (``RENAME_NOREPLACE``; where the filesystem lacks it, a hard link, which never replaces
+    either, then an unlink: for files and links only). Raises :class:`FileExistsError` when
+    ``b`` exists."""
+    if _renameat2(src_fd, a, dst_fd, b, _RENAME_NOREPLACE):
+        return
+    os.link(a, b, src_dir_fd=src_fd, dst_dir_fd=dst_fd, follow_symlinks=False)
+    os.unlink(a, dir_fd=src_fd)
 
 
 def place(src: Path, dir_fd: int, name: str) -> None:

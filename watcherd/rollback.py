@@ -7,9 +7,12 @@ without moving the workspace directory (a dev server and an agent are running in
 * a new git directory is built in the state directory from watcherd's own repository: the
   objects the recorded state needs, its refs, HEAD, stash and index;
 * under watcherd's lock, the state is snapshotted once more (the undo snapshot) and the working
-  tree changed from its tree to the target's with one two-tree ``read-tree -m -u``: only files
-  that differ are written, files the target lacks are removed, ignored files are not touched,
-  and a file edited in between stops it before anything is written (snapshot again, retry);
+  tree changed from its tree to the target's (:mod:`watcherd.worktree`): only files that differ
+  are written, files the target lacks are removed, ignored files are not touched, a file edited
+  in between stops it before anything is written (snapshot again, retry), and every directory
+  is opened through descriptors with ``O_NOFOLLOW``, so a directory the agent swaps for a link
+  meanwhile is never written through; what each change replaces is kept aside until compared
+  with the snapshot (an edit made in between becomes one more snapshot, never lost);
 * the new git directory is put beside ``.git`` and takes its place in one ``renameat2``
   exchange (two renames where the file system cannot exchange), and the
   user's own entries of the old one (config, hooks, ``info/``, submodules' repositories, LFS
@@ -28,7 +31,6 @@ import os
 import re
 import secrets
 import shutil
-import stat
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -38,7 +40,7 @@ from datetime import datetime
 from pathlib import Path
 
 from watcherd import bundle as bundles
-from watcherd import dirfd, ignore, log, snapshot, state, timeline
+from watcherd import dirfd, ignore, log, snapshot, state, timeline, worktree
 from watcherd import manifest as mf
 from watcherd import workspace as ws
 from watcherd.errors import IntegrityError, UsageError, WatcherdError
@@ -328,11 +330,10 @@ def _update_files(repo: Repo, target: Target, layout: ws.Layout, mode: str,
 
     Only what differs is written, files only the snapshot has are removed, what neither has
     (files created since) is left alone; files the rules ignore are never overwritten (refused
-    instead: no snapshot holds them). A two-tree merge (git-read-tree(1), "Two Tree Merge")
-    checks every file it would touch against the snapshot before it writes any: an edit in
-    between makes it refuse, and the pair is tried again. The last attempt, for a workspace
-    written faster than a snapshot takes, forces the change and keeps what was edited in between
-    (:func:`_forced`).
+    instead: no snapshot holds them). Every file about to change is first checked against the
+    snapshot: an edit in between stops it before anything is written, and the pair is tried
+    again. The last attempt, for a workspace written faster than a snapshot takes, changes the
+    files all the same; either way what a change replaces is kept (:func:`_change_files`).
     """
     tmp = repo.dir / f"rollback-index-{os.getpid()}"
     env = {"GIT_INDEX_FILE": str(tmp)}
@@ -343,51 +344,42 @@ def _update_files(repo: Repo, target: Target, layout: ws.Layout, mode: str,
             if undo is None:
                 raise RollbackRefused("the workspace is empty and has no snapshot to come back to")
             seen = _git_state(layout)
-            # The snapshot's own index: its stat data spares hashing every file again.
             shutil.copyfile(repo.index, tmp)
             if git.out("write-tree", env=env) != git.out("rev-parse", f"{undo}^{{tree}}"):
                 git.run("read-tree", f"{undo}^{{tree}}", env=env)
-            git.run("update-index", "--refresh", "-q", env=env, ok=(0, 1))
-            changes = _changes(git, undo, target.snapshot)
+            changes = worktree.diff(git, f"{undo}^{{tree}}", f"{target.snapshot}^{{tree}}")
             _refuse_ignored_in_the_way(git, env, changes)
+            with dirfd.opened(layout.root) as rfd:
+                try:
+                    edited = worktree.first_edited(rfd, changes, repo.object_format())
+                except PermissionError as exc:
+                    raise RollbackRefused(
+                        f"{ws.printable(str(exc.filename or ''))} changed and watcherd cannot "
+                        "read it to keep what is written to it; make it readable, and retry"
+                    ) from None
+            forced = attempt == attempts - 1
+            if edited is not None and not forced:
+                _log.info("rollback.retried", attempt=attempt + 1,
+                          edited=ws.printable(os.fsdecode(edited)))
+                continue
             # Before any file changes: should the rest fail or be killed, --undo knows the way.
             _record_last(repo, undo, target)
-            if attempt == attempts - 1:
-                journal["undo"] = undo
-                undo = _forced(repo, undo, target, env, layout.root, changes, journal)
-                _record_last(repo, undo, target)
-                return undo, seen
-            r = git.run("read-tree", "-m", "-u", f"{undo}^{{tree}}", f"{target.snapshot}^{{tree}}",
-                        env=env, check=False)
-            if r.returncode == 0:
-                return undo, seen
-            _log.info("rollback.retried", attempt=attempt + 1,
-                      reason=ws.printable(r.stderr.decode("utf-8", "replace").strip())[:300])
+            journal["undo"] = undo
+            undo = _change_files(repo, undo, target, layout.root, changes, journal)
+            _record_last(repo, undo, target)
+            return undo, seen
     finally:
         tmp.unlink(missing_ok=True)
-    raise AssertionError("unreachable: the last attempt forces")
-
-
-def _changes(git: Git, undo: str, target: str) -> list[tuple[bytes, str, str, str]]:
-    """(path, mode in undo, blob in undo, status) of every path the rollback writes or removes:
-    ``git diff-tree -r`` of the two trees (an added path has mode 000000 and a zero id)."""
-    raw = git.run("diff-tree", "-r", "-z", "--no-renames", f"{undo}^{{tree}}",
-                  f"{target}^{{tree}}").stdout
-    fields = raw.split(b"\0")
-    out = []
-    for meta, path in zip(fields[0::2], fields[1::2]):
-        old_mode, _, old_oid, _, status = meta.lstrip(b":").decode().split(" ")
-        out.append((path, old_mode, old_oid, status))
-    return out
+    raise AssertionError("unreachable: the last attempt changes the files")
 
 
 def _refuse_ignored_in_the_way(git: Git, env: dict[str, str],
-                               changes: list[tuple[bytes, str, str, str]]) -> None:
+                               changes: list[worktree.Change]) -> None:
     """git overwrites ignored files in a checkout's way (they count as expendable); for the
     user they are not: a ``.env``, a database under an ignored ``data/``. No snapshot holds
     them, so a rollback that would write over one, or put a file where an ignored directory is,
     is refused and names them."""
-    added = {path for path, _, _, status in changes if status == "A"}
+    added = {c.path for c in changes if c.added}
     if not added:
         return
     listed = git.run("ls-files", "-z", "--others", "--ignored", "--exclude-standard",
@@ -413,99 +405,78 @@ def _record_last(repo: Repo, undo: str, target: Target) -> None:
          "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}).encode())
 
 
-def _forced(repo: Repo, undo: str, target: Target, env: dict[str, str], root: Path,
-            changes: list[tuple[bytes, str, str, str]], journal: dict) -> str:
-    """Change the files from ``undo``'s tree to the target's even if some were edited since
-    ``undo``, keeping those edits: each file about to change is hard-linked into the rescue
-    directory of the workspace root (ignored by the rules) before git replaces it; what the
-    links hold afterwards that ``undo`` does not is committed as one more snapshot on top of it.
-    Returns that snapshot, or ``undo`` when nothing was edited in between. A file watcherd
-    cannot read is refused before anything changes (its edit could not be kept). A kill
-    midway leaves the links and the journal: :func:`recover` keeps them the same way."""
+def _change_files(repo: Repo, undo: str, target: Target, root: Path,
+                  changes: list[worktree.Change], journal: dict) -> str:
+    """Change the files from ``undo``'s tree to the target's (:class:`watcherd.worktree.Checkout`:
+    through descriptors, never following a link the agent plants), keeping what each change
+    replaces or removes in the rescue directory of the workspace root (ignored by the rules);
+    what those hold that ``undo`` does not (an edit made in between) is committed as one more
+    snapshot on top of it. Returns that snapshot, or ``undo`` when nothing was edited in
+    between. The journal lists every change first: a kill midway leaves the rescue directory,
+    and :func:`recover` keeps its edits the same way."""
     rescue = journal["rescue"]
     with dirfd.opened(root) as rfd:
         os.mkdir(rescue, 0o700, dir_fd=rfd)
         try:
             with dirfd.opened_at(rfd, rescue) as kfd:
-                linked = []
-                for n, (path, old_mode, old_oid, _) in enumerate(changes):
-                    if _link_aside(rfd, path, kfd, str(n), remove=set(old_oid) == {"0"}):
-                        linked.append([str(n), os.fsdecode(path), old_mode, old_oid])
-                journal["rescued"] = linked
+                journal["rescued"] = [[str(n), os.fsdecode(c.path), c.old_mode, c.old_oid,
+                                       c.new_mode, c.new_oid] for n, c in enumerate(changes)]
                 repo.write_journal(JOURNAL, journal)
-                git = repo.git
-                git.run("read-tree", "--reset", "-u", f"{undo}^{{tree}}",
-                        f"{target.snapshot}^{{tree}}", env=env)
-                kept = _kept_edits(repo, kfd, linked)
+
+                def beside() -> None:
+                    journal["beside"] = True
+                    repo.write_journal(JOURNAL, journal)
+
+                try:
+                    with worktree.Checkout(repo.bare, rfd, kfd, rescue, beside) as checkout:
+                        checkout.apply(changes)
+                except worktree.Blocked as exc:
+                    raise RollbackRefused(
+                        f"{ws.printable(os.fsdecode(exc.path))}: {exc}; the files changed so far "
+                        "are the target's (`watcherd rollback --undo` returns), move it and "
+                        "roll back again") from None
+                kept = _kept_edits(repo, rfd, kfd, journal)
         except BaseException:
             if "rescued" not in journal:
                 dirfd.remove(rfd, rescue)
             raise
-        dirfd.remove(rfd, rescue)
+        _discard_rescue(rfd, journal)
     journal.pop("rescued", None)
+    journal.pop("beside", None)
     return _keep_edits(repo, undo, kept) if kept else undo
 
 
-def _link_aside(root_fd: int, path: bytes, dest_fd: int, name: str, *, remove: bool) -> bool:
-    """Hard-link work-tree file ``path`` as ``name`` in directory ``dest_fd`` (every leading
-    directory opened without following links); with ``remove``, unlink the original (git must
-    write a file there). False when there is nothing, a directory, or a leading directory that
-    is not a plain one. Raises :class:`RollbackRefused` when watcherd cannot read the file:
-    what was written to it could not be kept."""
-    with dirfd.parent(root_fd, path) as found:
-        if found is None:
-            return False
-        fd, leaf = found
-        try:
-            st = os.stat(leaf, dir_fd=fd, follow_symlinks=False)
-        except FileNotFoundError:
-            return False
-        if stat.S_ISDIR(st.st_mode):
-            return False
-        if stat.S_ISREG(st.st_mode):
-            try:
-                os.close(os.open(leaf, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
-                                 dir_fd=fd))
-            except PermissionError:
-                raise RollbackRefused(f"{ws.printable(os.fsdecode(path))} keeps changing and "
-                                      "watcherd cannot read it to keep what is written to it; "
-                                      "stop writing it, or make it readable, and retry") from None
-        os.link(leaf, name, src_dir_fd=fd, dst_dir_fd=dest_fd, follow_symlinks=False)
-        if remove:
-            os.unlink(leaf, dir_fd=fd)
-        return True
-
-
-def _kept_edits(repo: Repo, kfd: int, linked: list) -> list[tuple[str, str, bytes]]:
-    """(mode, blob, path) of each rescued file whose content is not what ``undo`` held."""
+def _kept_edits(repo: Repo, rfd: int, kfd: int, journal: dict) -> list[tuple[str, str, bytes]]:
+    """(mode, blob, path) of each entry a change put aside that is neither what ``undo`` held
+    there nor what the target writes (an edit made in between), written into watcherd's
+    repository."""
     kept = []
-    for name, path, old_mode, old_oid in linked:
-        try:
-            mode, oid = _hash_at(repo, kfd, name)
-        except FileNotFoundError:
-            continue
+    fmt = repo.object_format()
+    for entry in journal["rescued"]:
+        name, path, old_mode, old_oid = entry[:4]
+        new = tuple(entry[4:6]) if len(entry) >= 6 else None
+        with worktree.aside(rfd, kfd, journal["rescue"], int(name), os.fsencode(path)) as found:
+            if found is None:
+                continue
+            d, n = found
+            seen = worktree.entry_id(d, os.fsencode(n), fmt)
+            if seen is None or seen[0] == worktree.GITLINK or seen in ((old_mode, old_oid), new):
+                continue
+            try:
+                mode, oid = worktree.store_entry(repo.bare, repo.spool, d, n)
+            except FileNotFoundError:
+                continue
         if (mode, oid) != (old_mode, old_oid):
             kept.append((mode, oid, os.fsencode(path)))
     return kept
 
 
-def _hash_at(repo: Repo, dir_fd: int, name: str) -> tuple[str, str]:
-    """(git mode, blob id) of entry ``name`` of ``dir_fd``, written into watcherd's
-    repository; read through a descriptor (never by path), streamed through a file of the state
-    directory (never whole in memory)."""
-    st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-    if stat.S_ISLNK(st.st_mode):
-        target = os.fsencode(os.readlink(name, dir_fd=dir_fd))
-        return "120000", repo.bare.out("hash-object", "-w", "--stdin", input=target)
-    mode = "100755" if st.st_mode & 0o100 else "100644"
-    fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
-    copy = repo.spool / f"rescued-{os.getpid()}"
-    try:
-        with os.fdopen(fd, "rb") as f_in, open(copy, "wb") as f_out:
-            shutil.copyfileobj(f_in, f_out, 1 << 20)
-        return mode, repo.bare.out("hash-object", "-w", "--no-filters", "--", str(copy))
-    finally:
-        copy.unlink(missing_ok=True)
+def _discard_rescue(rfd: int, journal: dict) -> None:
+    """Remove the rescue directory, and what was put aside beside paths on other filesystems."""
+    if journal.get("beside") and isinstance(journal.get("rescued"), list):
+        worktree.discard_beside(rfd, journal["rescue"],
+                                [os.fsencode(e[1]) for e in journal["rescued"]])
+    dirfd.remove(rfd, journal["rescue"])
 
 
 def _keep_edits(repo: Repo, base: str, kept: list[tuple[str, str, bytes]]) -> str:
@@ -594,19 +565,24 @@ def _recover(repo: Repo, journal: dict) -> None:
 
 
 def _salvage(repo: Repo, rfd: int, journal: dict) -> None:
-    """Keep, as one more snapshot, what files a forced change had linked aside hold that the
-    snapshot before it did not (the journal's ``rescued`` list), then remove the links."""
+    """Keep, as one more snapshot, what the entries a change had put aside hold that neither
+    the snapshot before it nor the target did (the journal's ``rescued`` list), then remove
+    them."""
     rescued = journal.get("rescued")
     if isinstance(rescued, list) and dirfd.is_dir(rfd, journal["rescue"]):
         try:
             with dirfd.opened_at(rfd, journal["rescue"]) as kfd:
-                kept = _kept_edits(repo, kfd, rescued)
+                kept = _kept_edits(repo, rfd, kfd, journal)
             head = repo.snapshot_head()
             if kept and head:
                 _keep_edits(repo, head, kept)
-        except (ValueError, TypeError) as exc:  # a journal watcherd did not write
+        except (ValueError, TypeError, IndexError) as exc:  # a journal watcherd did not write
             _log.warning("rollback.rescue_unreadable", error=str(exc))
-    dirfd.remove(rfd, journal["rescue"])
+    try:
+        _discard_rescue(rfd, journal)
+    except (ValueError, TypeError, IndexError) as exc:
+        _log.warning("rollback.rescue_unreadable", error=str(exc))
+        dirfd.remove(rfd, journal["rescue"])
 
 
 def _build_git_dir(repo: Repo, staging: Path, s_commit: str, rec: state.Recorded) -> None:

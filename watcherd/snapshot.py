@@ -28,7 +28,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from watcherd import ignore, log, state
+from watcherd import dirfd, ignore, log, state, worktree
 from watcherd import workspace as ws
 from watcherd.errors import ConfigError, GitError, WorkspaceError
 from watcherd.git import Git, for_workspace, retrying
@@ -241,6 +241,7 @@ def _take(repo: Repo, layout: ws.Layout, cache: Cache, before: str | None = None
     if not prev and tree == _empty_tree(repo.bare) and s_commit is None:
         return Snapshot(None, None, None, head_ref, problems=tuple(problems))
 
+    base = prev_tree
     if entries is None:
         # The first snapshot lists what differs from the user's HEAD (their commit is no news),
         # as it was before a branch-mode commit watcherd just made (``before``).
@@ -249,6 +250,11 @@ def _take(repo: Repo, layout: ws.Layout, cache: Cache, before: str | None = None
         base = prev_tree or before or \
             (repo.bare.out("rev-parse", f"{head}^{{tree}}") if head else None)
         entries = _diff(repo.bare, base, tree)
+    if _confirm_reads(repo, layout.root, entries):
+        tree = repo.git.out("write-tree", env={"GIT_INDEX_FILE": str(repo.index)})
+        entries = _diff(repo.bare, base, tree)
+        if prev and tree == prev_tree and s_commit == prev_state:
+            return Snapshot(None, prev, head, head_ref, problems=tuple(problems))
     paths = _paths(entries, cache)
     moved = head if prev and head != _head_of(repo, prev_state, cache)[0] else None
     args = ["commit-tree", tree, "-m", message(paths, moved)]
@@ -361,6 +367,50 @@ def _worktree_tree(repo: Repo, prev: str | None, prev_tree: str | None, head: st
     # cache-tree to the index, renamed into place whole: the reader sees the same entries.)
     return _at_once(lambda: git.out("write-tree", env=env),
                     lambda: _diff_index(repo.bare, env, prev_tree))
+
+
+def _confirm_reads(repo: Repo, root: Path, entries: list[tuple[bytes, bytes, bytes]]) -> bool:
+    """Make every file and link the snapshot records as changed what the workspace holds at
+    that path, read through descriptors opened without following links (:mod:`watcherd.dirfd`).
+
+    ``git add`` opens each file by path: an agent that swaps a directory for a link to outside
+    while git runs has git read, at that directory's paths, files of wherever the link points
+    (a token watcherd's uid may read) into the snapshot. An entry whose blob is not what the
+    path holds now is recorded again from what it holds (an edit made meanwhile is simply the
+    newer content), or dropped when nothing is there; True when the index changed. Costs one
+    read of each changed file (gitlinks, whose commits git reads from the nested repository,
+    are left as git recorded them)."""
+    fmt, wrong = repo.object_format(), []
+    with dirfd.opened(root) as rfd:
+        for mode, oid, path in entries:
+            if mode in (b"000000", b"160000"):
+                continue
+            try:
+                found = worktree.entry_id(rfd, path, fmt)
+            except OSError:
+                found = None  # unreadable now: recorded again below, or dropped
+            if found != (mode.decode(), oid.decode()):
+                wrong.append(path)
+        if not wrong:
+            return False
+        lines = []
+        for path in wrong:
+            with dirfd.parent(rfd, path) as where:
+                try:
+                    if where is None:
+                        raise FileNotFoundError(path)
+                    mode, oid = worktree.store_entry(repo.bare, repo.spool, *where)
+                    lines.append(f"{mode} {oid}\t".encode() + path + b"\0")
+                except OSError:
+                    lines.append(b"0 " + b"0" * len(entries[0][1]) + b"\t" + path + b"\0")
+    repo.bare.run("update-index", "-z", "--index-info", input=b"".join(lines),
+                  env={"GIT_INDEX_FILE": str(repo.index)})
+    _log.info("snapshot.reread", files=len(wrong),
+                 paths=[ws.printable(os.fsdecode(p)) for p in wrong[:10]],
+                 note="what git read for these paths was not what they hold (changed while it "
+                      "read them, or a directory swapped for a link): recorded from the files "
+                      "themselves")
+    return True
 
 
 def _user_paths(repo: Repo, index_file: Path | None, cache: Cache) -> frozenset[bytes]:
