@@ -342,6 +342,38 @@ def test_a_directory_swapped_for_a_link_while_git_adds_never_puts_outside_files_
     assert blob not in repo.bare.out("rev-list", "--objects", "--all")
 
 
+def test_a_file_git_read_but_watcherd_cannot_read_again_keeps_its_last_recorded_content(
+        tmp_path, monkeypatch):
+    """What git read cannot be confirmed (the file is unreadable by the time watcherd reads it
+    through descriptors): the snapshot keeps what the last one recorded, as ``git add
+    --ignore-errors`` does for a file it cannot read, never what git read."""
+    from watcherd import worktree
+
+    ws = make_repo(tmp_path / "ws")
+    (ws / "keep.txt").write_text("recorded\n")
+    first = take(ws)
+    (ws / "keep.txt").write_text("git read this, watcherd could not confirm it\n")
+    (ws / "other.txt").write_text("confirmed\n")
+    entry_id, store_entry = worktree.entry_id, worktree.store_entry
+
+    def unreadable(dir_fd, path, fmt):
+        if path == b"keep.txt":
+            raise PermissionError(13, "Permission denied", "keep.txt")
+        return entry_id(dir_fd, path, fmt)
+
+    def unreadable_too(git, spool, dir_fd, name):
+        if name == b"keep.txt":
+            raise PermissionError(13, "Permission denied", "keep.txt")
+        return store_entry(git, spool, dir_fd, name)
+
+    monkeypatch.setattr(worktree, "entry_id", unreadable)
+    monkeypatch.setattr(worktree, "store_entry", unreadable_too)
+    snap = take(ws)
+    assert snap.commit and snap.commit != first.commit
+    assert sgit(ws, "show", f"{snap.commit}:keep.txt", key=KEY) == "recorded"
+    assert sgit(ws, "show", f"{snap.commit}:other.txt", key=KEY) == "confirmed"
+
+
 def test_read_file_refuses_links_fifos_devices_and_oversized_files(tmp_path):
     root = tmp_path / "root"
     root.mkdir()

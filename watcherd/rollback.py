@@ -354,9 +354,9 @@ def _update_files(repo: Repo, target: Target, layout: ws.Layout, mode: str,
                     edited = worktree.first_edited(rfd, changes, repo.object_format())
                 except PermissionError as exc:
                     raise RollbackRefused(
-                        f"{ws.printable(str(exc.filename or ''))} changed and watcherd cannot "
-                        "read it to keep what is written to it; make it readable, and retry"
-                    ) from None
+                        f"{ws.printable(str(exc.filename or ''))}: watcherd cannot read it, so "
+                        "cannot tell whether it changed since the snapshot (nor keep what was "
+                        "written to it); make it readable, and retry") from None
             forced = attempt == attempts - 1
             if edited is not None and not forced:
                 _log.info("rollback.retried", attempt=attempt + 1,

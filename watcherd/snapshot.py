@@ -250,7 +250,7 @@ def _take(repo: Repo, layout: ws.Layout, cache: Cache, before: str | None = None
         base = prev_tree or before or \
             (repo.bare.out("rev-parse", f"{head}^{{tree}}") if head else None)
         entries = _diff(repo.bare, base, tree)
-    if _confirm_reads(repo, layout.root, entries):
+    if _confirm_reads(repo, layout.root, base, entries):
         tree = repo.git.out("write-tree", env={"GIT_INDEX_FILE": str(repo.index)})
         entries = _diff(repo.bare, base, tree)
         if prev and tree == prev_tree and s_commit == prev_state:
@@ -369,7 +369,8 @@ def _worktree_tree(repo: Repo, prev: str | None, prev_tree: str | None, head: st
                     lambda: _diff_index(repo.bare, env, prev_tree))
 
 
-def _confirm_reads(repo: Repo, root: Path, entries: list[tuple[bytes, bytes, bytes]]) -> bool:
+def _confirm_reads(repo: Repo, root: Path, base: str | None,
+                   entries: list[tuple[bytes, bytes, bytes]]) -> bool:
     """Make every file and link the snapshot records as changed what the workspace holds at
     that path, read through descriptors opened without following links (:mod:`watcherd.dirfd`).
 
@@ -377,7 +378,8 @@ def _confirm_reads(repo: Repo, root: Path, entries: list[tuple[bytes, bytes, byt
     while git runs has git read, at that directory's paths, files of wherever the link points
     (a token watcherd's uid may read) into the snapshot. An entry whose blob is not what the
     path holds now is recorded again from what it holds (an edit made meanwhile is simply the
-    newer content), or dropped when nothing is there; True when the index changed. Costs one
+    newer content), or dropped when nothing is there (one that cannot be read keeps what
+    ``base``, the tree the entries differ from, holds); True when the index changed. Costs one
     read of each changed file (gitlinks, whose commits git reads from the nested repository,
     are left as git recorded them)."""
     fmt, wrong = repo.object_format(), []
@@ -393,7 +395,8 @@ def _confirm_reads(repo: Repo, root: Path, entries: list[tuple[bytes, bytes, byt
                 wrong.append(path)
         if not wrong:
             return False
-        lines = []
+        lines, unreadable = [], []
+        gone = b"0 " + b"0" * len(entries[0][1]) + b"\t"  # --index-info's "remove this path"
         for path in wrong:
             with dirfd.parent(rfd, path) as where:
                 try:
@@ -401,15 +404,28 @@ def _confirm_reads(repo: Repo, root: Path, entries: list[tuple[bytes, bytes, byt
                         raise FileNotFoundError(path)
                     mode, oid = worktree.store_entry(repo.bare, repo.spool, *where)
                     lines.append(f"{mode} {oid}\t".encode() + path + b"\0")
+                except PermissionError:
+                    unreadable.append(path)
                 except OSError:
-                    lines.append(b"0 " + b"0" * len(entries[0][1]) + b"\t" + path + b"\0")
+                    lines.append(gone + path + b"\0")
+    if unreadable:  # as git add --ignore-errors leaves them: the last recorded content stays
+        known = {}
+        if base:
+            out = repo.bare.run("ls-tree", "-z", base, "--", *map(os.fsdecode, unreadable),
+                                env={"GIT_LITERAL_PATHSPECS": "1"}).stdout
+            known = {path: meta for meta, _, path in
+                     (rec.partition(b"\t") for rec in out.split(b"\0") if rec)}
+        for path in unreadable:
+            meta = known.get(path)
+            lines.append((b"%s %s\t" % (meta.split()[0], meta.split()[2]) if meta else gone)
+                         + path + b"\0")
     repo.bare.run("update-index", "-z", "--index-info", input=b"".join(lines),
                   env={"GIT_INDEX_FILE": str(repo.index)})
     _log.info("snapshot.reread", files=len(wrong),
-                 paths=[ws.printable(os.fsdecode(p)) for p in wrong[:10]],
-                 note="what git read for these paths was not what they hold (changed while it "
-                      "read them, or a directory swapped for a link): recorded from the files "
-                      "themselves")
+              paths=[ws.printable(os.fsdecode(p)) for p in wrong[:10]],
+              note="what git read for these paths was not what they hold (changed while it "
+                   "read them, or a directory swapped for a link): recorded from the files "
+                   "themselves")
     return True
 
 

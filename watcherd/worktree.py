@@ -22,6 +22,7 @@ import hashlib
 import os
 import shutil
 import stat
+import subprocess
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -88,7 +89,11 @@ def first_edited(root_fd: int, changes: list[Change], object_format: str) -> byt
             if not _way_clear(root_fd, change.path, removed):
                 return change.path
             continue
-        found = entry_id(root_fd, change.path, object_format)
+        try:
+            found = entry_id(root_fd, change.path, object_format)
+        except PermissionError:
+            raise PermissionError(errno.EACCES, "cannot be read",
+                                  os.fsdecode(change.path)) from None
         if change.old_mode == GITLINK:  # a submodule's directory: its files are not the change's
             if found is None or found[0] != GITLINK:
                 return change.path
@@ -234,10 +239,10 @@ class Checkout:
 
     def __exit__(self, *exc) -> None:
         proc, self._cat = self._cat, None
-        proc.stdin.close()
         try:
+            proc.stdin.close()
             proc.wait(timeout=10)
-        except Exception:
+        except (OSError, subprocess.TimeoutExpired):
             proc.kill()
             proc.wait()
         proc.stdout.close()
@@ -306,9 +311,11 @@ class Checkout:
         *dirs, leaf = change.path.split(b"/")
         fd = self._directory(dirs, change.path)
         try:
-            if change.new_mode == GITLINK:
+            if change.new_mode == GITLINK:  # as git checks a submodule out: a directory
+                if dirfd.exists(fd, leaf) and not dirfd.is_dir(fd, leaf):
+                    self._put_aside(n, fd, leaf, change.path)
                 if not dirfd.exists(fd, leaf):
-                    os.mkdir(leaf, 0o777, dir_fd=fd)  # as git checks a submodule out: empty
+                    os.mkdir(leaf, 0o777, dir_fd=fd)
                 return
             where, new = self._rescue_fd, f"{n}.new"
             dirfd.remove(where, new)
