@@ -10,6 +10,7 @@ secret in its environment are in ``test_trust_boundary_daemon.py``.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -251,6 +252,50 @@ def test_a_fifo_planted_among_the_objects_after_a_snapshot_does_not_block_the_ne
 
     assert snap.commit and "new.txt" in files_of(ws, snap.commit)
     assert recorded(ws, snap.commit).head.oid is None  # HEAD's commit could not be read
+
+
+@pytest.mark.parametrize("swapped", ["an object", "a fan-out directory"])
+def test_objects_swapped_for_links_after_the_check_are_never_followed(tmp_path, monkeypatch,
+                                                                      swapped):
+    """The agent knows a commit of another repository watcherd's uid may read, points a branch
+    at it, and right after watcherd looked at the objects (the race an agent wins by looping)
+    turns that object, or its whole fan-out directory, into a link to the other repository's.
+    Nothing of the other repository enters the history: no commit, tree or blob."""
+    from watcherd.repo import Repo
+
+    other = make_repo(tmp_path / "other", "another sandbox's secret history\n")
+    stolen = git(other, "rev-parse", "HEAD")
+    secret = git(other, "rev-parse", "HEAD:readme.md")
+    theirs = [line.split()[0]  # its commit, tree and blob
+              for line in git(other, "rev-list", "--objects", "--all").splitlines()]
+    ws = make_repo(tmp_path / "ws")
+    objects = ws / ".git" / "objects"
+    for oid in theirs:  # regular files when watcherd looks
+        (objects / oid[:2]).mkdir(exist_ok=True)
+        (objects / oid[:2] / oid[2:]).write_bytes(b"a decoy")
+    (ws / ".git" / "refs" / "heads" / "stolen").write_text(stolen + "\n")
+    attach = Repo.attach
+
+    def then_swapped(self, layout, shallow=()):
+        said = attach(self, layout, shallow)
+        for oid in theirs:
+            if swapped == "an object":
+                (objects / oid[:2] / oid[2:]).unlink(missing_ok=True)
+                os.symlink(other / ".git" / "objects" / oid[:2] / oid[2:],
+                           objects / oid[:2] / oid[2:])
+            elif not (objects / oid[:2]).is_symlink():
+                shutil.rmtree(objects / oid[:2])
+                os.symlink(other / ".git" / "objects" / oid[:2], objects / oid[:2])
+        return said
+
+    monkeypatch.setattr(Repo, "attach", then_swapped)
+    snap = take(ws)
+    assert snap.commit and "readme.md" in files_of(ws, snap.commit)
+    own = state_repo(ws, KEY).git_dir
+    history = git(tmp_path, f"--git-dir={own}", "rev-list", "--objects", "--all")
+    assert stolen not in history and secret not in history
+    assert subprocess.run(["git", f"--git-dir={own}", "cat-file", "blob", secret],
+                          capture_output=True).returncode != 0
 
 
 def test_a_git_symlink_to_another_workspace_is_refused_and_never_read(tmp_path):

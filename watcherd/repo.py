@@ -4,7 +4,8 @@ Per workspace key, ``<workspace.state_dir>/<key>/`` holds::
 
     repo.git/            the repository: the snapshot history (refs/watcherd/snapshots), its packs,
                          a config only watcherd writes
-    workspace-objects/   the workspace's objects as git may read them (a read-only alternate)
+    workspace-objects/   the workspace's objects as git may read them (an alternate: copies of
+                         its loose objects, links to its packs)
     index                the private index of snapshots (the working tree as git sees it)
     spool/               bundles being written
     lock                 one watcherd process at a time per key (flock)
@@ -16,14 +17,15 @@ Per workspace key, ``<workspace.state_dir>/<key>/`` holds::
 
 Nothing of watcherd's lives under the workspace, so nothing planted there is ever acted on.
 
-The workspace's objects are read through ``workspace-objects/``, a directory of watcherd's that
-links to the workspace's ``objects/`` fan-out directories and pack files. Built this way rather
+The workspace's objects are read through ``workspace-objects/``, a directory of watcherd's
+named as the alternate: it holds a copy of each loose object (read through descriptors opened
+without following links, regular files only) and links to the pack files. Built this way rather
 than naming the workspace's ``objects/`` as the alternate, git never reads the workspace's own
-``objects/info/alternates`` (which could chain to another repository) or its commit-graph, and a
-fan-out directory that holds anything but regular files (a FIFO posing as an object would block
-git for ever) is linked file by file, the odd entries left out. Every object a snapshot's history
-needs is then copied into watcherd's own packs, so a user's ``git gc --prune=now`` cannot break a
-later save or restore.
+``objects/info/alternates`` (which could chain to another repository) or its commit-graph, never
+follows a fan-out directory or an object swapped for a link to another repository's objects, and
+a FIFO posing as an object (which would block git for ever) is left out. Every object a
+snapshot's history needs is then copied into watcherd's own packs, so a user's
+``git gc --prune=now`` cannot break a later save or restore.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
 import shutil
 import stat
 import threading
@@ -40,7 +43,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from watcherd import log
+from watcherd import dirfd, log
 from watcherd.config import Config
 from watcherd.errors import GitError, WorkspaceError
 from watcherd.git import Git, Identity, LocalIOError
@@ -63,6 +66,7 @@ _LINKED = (*_FANOUT, "pack")  # what workspace-objects/ links to, in objects/
 _LINKED_SET = frozenset(_LINKED)
 # Pack files git reads; ".promisor" (lazy fetch) and ".keep" are of no use to a reader here.
 _PACK_SUFFIXES = (".pack", ".idx", ".rev", ".bitmap")
+_LOOSE = re.compile(r"[0-9a-f]{38}|[0-9a-f]{62}")  # a loose object's name in its fan-out dir
 # Files of ours in the state directory are shared with `watcherd restore`, which may run as
 # another uid of the same group (the app's): group-writable, not world-readable.
 _FILE_MODE = 0o660
@@ -297,7 +301,7 @@ class Repo:
             if objects is None:
                 return layout.problem or "the workspace is not a git repository"
             return f"{objects} is not a plain directory inside the workspace"
-        self._link_objects(objects)
+        self._link_objects(layout.root, objects)
         want = f"{self.objects_link}\n"
         if not alternates.exists() or alternates.read_text() != want:
             alternates.parent.mkdir(parents=True, exist_ok=True)
@@ -305,51 +309,47 @@ class Repo:
         self._write_shallow(shallow)
         return None
 
-    def _link_objects(self, objects: Path) -> None:
+    def _link_objects(self, root: Path, objects: Path) -> None:
         """Bring ``workspace-objects/`` up to date with the workspace's ``objects/``.
 
         Only the directories whose modification time changed are looked at again: a snapshot pays
-        for listing ``objects/`` and an ``lstat`` of each fan-out directory there, not for listing
-        every loose object.
+        for listing ``objects/`` and an ``lstat`` of each fan-out directory there, then for what
+        is new in those that changed, not for every loose object.
         """
         link = self.objects_link
-        if not link.is_dir() or self._linked.get("") != (str(objects),):
-            shutil.rmtree(link, ignore_errors=True)
+        if link.is_symlink() or not link.is_dir():
+            _remove(link)
             _mkdir(link)
             _mkdir(link / "info")
+        if self._linked.get("") != (str(objects),):
             self._linked = {"": (str(objects),)}
         present = _present(objects)
         linked = self._linked
+        rel = os.fsencode(os.path.relpath(objects, root))
         for name in _LINKED:
             st = present.get(name)
             key = (st.st_ino, st.st_mtime_ns, st.st_mode) if st else None
             if linked.get(name, "unset") == key:
                 continue
-            src, dest = objects / name, link / name
-            _remove(dest)
-            if st is not None and stat.S_ISDIR(st.st_mode):
-                self._link_dir(src, dest, pack=name == "pack")
+            dest = link / name
+            if name == "pack":
+                _remove(dest)
+                if st is not None and stat.S_ISDIR(st.st_mode):
+                    self._link_packs(objects / name, dest)
+            else:
+                _copy_loose(root, rel + b"/" + name.encode(), dest)
             self._linked[name] = key
 
-    def _link_dir(self, src: Path, dest: Path, *, pack: bool) -> None:
+    def _link_packs(self, src: Path, dest: Path) -> None:
         try:
             with os.scandir(src) as it:
                 entries = list(it)
         except OSError:
             return
-        regular = [e for e in entries if e.is_file(follow_symlinks=False)
-                   and (not pack or e.name.endswith(_PACK_SUFFIXES))]
-        odd = [e.name for e in entries if not e.is_file(follow_symlinks=False)]
-        if not pack and not odd:
-            os.symlink(src, dest)  # the common case: one link for the whole directory
-            return
         _mkdir(dest)
-        for e in regular:
-            os.symlink(e.path, dest / e.name)
-        if odd:
-            _log.warning("state.objects_skipped", directory=str(src), entries=odd[:10],
-                         count=len(odd), reason="not regular files: git would block or follow "
-                         "them, so they are not read (objects in them count as missing)")
+        for e in entries:
+            if e.is_file(follow_symlinks=False) and e.name.endswith(_PACK_SUFFIXES):
+                os.symlink(e.path, dest / e.name)
 
     def _write_shallow(self, shallow: tuple[str, ...]) -> None:
         """The workspace's shallow boundary, less the commits whose parents watcherd fetched."""
@@ -647,6 +647,50 @@ def _present(objects: Path) -> dict[str, os.stat_result]:
         except (FileNotFoundError, NotADirectoryError):
             pass
     return present
+
+
+def _copy_loose(root: Path, rel: bytes, dest: Path) -> None:
+    """Make ``dest`` hold a copy of each loose object of the workspace's fan-out directory
+    ``rel`` (relative to the workspace ``root``) and nothing else: new ones copied, gone ones
+    removed. Read through descriptors opened without following links (:mod:`watcherd.dirfd`),
+    regular files only: a directory or an object swapped for a link to outside, at any moment,
+    is never followed (git reading through a link to the directory would have read, by id,
+    another repository's objects). What is not a regular file is left out with a warning (a
+    FIFO posing as an object would block git for ever)."""
+    with dirfd.opened(root) as rfd, dirfd.parent(rfd, rel + b"/-") as found:
+        if found is None:
+            _remove(dest)
+            return
+        src = found[0]
+        names = {n for n in os.listdir(src) if _LOOSE.fullmatch(n)}
+        if dest.is_symlink() or (dest.exists() and not dest.is_dir()):
+            _remove(dest)
+        _mkdir(dest)
+        have = set(os.listdir(dest))
+        odd = []
+        for name in sorted(names - have):
+            try:
+                fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                             dir_fd=src)
+            except FileNotFoundError:
+                continue  # packed meanwhile
+            except OSError:
+                odd.append(name)  # a link (ELOOP), or unreadable
+                continue
+            with os.fdopen(fd, "rb") as f_in:
+                if not stat.S_ISREG(os.fstat(f_in.fileno()).st_mode):
+                    odd.append(name)
+                    continue
+                tmp = dest / f".{name}.tmp"
+                with open(tmp, "wb") as f_out:
+                    shutil.copyfileobj(f_in, f_out, 1 << 20)
+                os.replace(tmp, dest / name)
+        for name in have - names:
+            (dest / name).unlink(missing_ok=True)
+    if odd:
+        _log.warning("state.objects_skipped", directory=os.fsdecode(rel), entries=odd[:10],
+                     count=len(odd), reason="not regular files: git would block on them or "
+                     "follow them, so they are not read (objects in them count as missing)")
 
 
 def _mkdir(path: Path) -> None:
