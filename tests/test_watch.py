@@ -391,14 +391,33 @@ def test_symlinked_directory_is_a_file_and_is_not_followed(root: Path, watcher: 
     assert news(barrier(watcher, root, "src")) == set()
 
 
-def test_nested_repository_is_not_entered(root: Path, watcher: Judge) -> None:
+def test_a_change_inside_a_nested_repository_names_it_and_is_warned_about(
+        root: Path, watcher: Judge) -> None:
+    """git records a nested repository as one gitlink, never its files: a change inside it is
+    reported as the repository (a snapshot then records its commit if it moved), never as its
+    own paths (git's check-ignore would die on them), and warned about every time. Its commit
+    moving is seen too, and once it is no repository any more its files are the workspace's."""
     nested = root / "vendor" / "lib"
     nested.mkdir(parents=True)
     git(nested, "init", "-q")
     barrier(watcher, root)
-    assert nested.stat().st_ino not in watched_inodes(watcher)
-    write(nested / "inner.c")
-    assert "vendor/lib/inner.c" not in paths(barrier(watcher, root))
+    with structlog.testing.capture_logs() as logs:
+        write(nested / "src" / "inner.c")
+        got = reported(watcher, "vendor/lib")
+    assert not [p for p in paths(got) if p.startswith("vendor/lib/")]
+    assert [e["path"] for e in logs if e["event"] == "watch.nested_repository_changed"] \
+        == ["vendor/lib"]
+    with structlog.testing.capture_logs() as logs:
+        write(nested / "src" / "deeper" / "more.c")  # in a directory made after the walk
+        reported(watcher, "vendor/lib")
+    assert "watch.nested_repository_changed" in [e["event"] for e in logs]
+    git(nested, "add", "-A")
+    git(nested, "commit", "-qm", "inside")  # rewrites its index
+    reported(watcher, "vendor/lib")
+    shutil.rmtree(nested / ".git")
+    barrier(watcher, root)  # the removal read and judged: vendor/lib walked as the work tree's
+    write(nested / "src" / "inner.c", "saved now")
+    reported(watcher, "vendor/lib/src/inner.c")
 
 
 def test_changed_gitignore_takes_effect(root: Path, watcher: Judge) -> None:

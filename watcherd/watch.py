@@ -71,6 +71,11 @@ log = structlog.get_logger(__name__)
 # A batch carries at most this many path hints (for logs and commit messages); a `cp -r` of a large
 # tree is still one relevant batch, it just does not list every file.
 MAX_PATHS = 1000
+#: Directories watched inside one nested repository (whose own ignore rules git does not give
+#: watcherd: a `node_modules/` in it would be walked whole); past it, changes deeper are unseen.
+NESTED_MAX_WATCHES = 2000
+# What of a nested repository's git directory says its commit may have moved.
+_NESTED_GIT_NAMES = frozenset({"HEAD", "index", "packed-refs"})
 
 # Event masks: inotify's bit values (see inotify(7)), whatever the backend.
 MODIFY = 0x2
@@ -181,7 +186,9 @@ def watchdog_backend():
 class Watch(NamedTuple):
     """One watched directory."""
 
-    kind: str  # "work": path relative to the root ("" is the root); "git": absolute path
+    # "work": path relative to the root ("" is the root); "git": absolute path; "nested": a
+    # directory of a repository nested in the work tree (relative, like "work")
+    kind: str
     path: str
 
 
@@ -195,6 +202,7 @@ class Found:
     resync: dict[str, None] = field(default_factory=dict)  # why the watches must be re-walked
     rules_changed: bool = False
     index_read: bool = False  # the user's index was looked at during this read already
+    nested: dict[str, None] = field(default_factory=dict)  # nested repositories changed inside
 
     def path(self, rel: str) -> None:
         if len(self.paths) < MAX_PATHS:
@@ -247,6 +255,7 @@ class Judge:
         self._git_dir = ""
         self._common_dir = ""
         self._unborn_git = ""  # a .git directory git has not finished creating, when there is one
+        self._nested: dict[str, int] = {}  # each nested repository's root: directories watched
 
     # -- public ----------------------------------------------------------------------------------
 
@@ -343,6 +352,11 @@ class Judge:
 
     def _finish(self, found: Found, hits: int) -> Batch:
         """After a read's events: re-walk when they asked for it, say what they meant."""
+        for root in found.nested:
+            log.warning("watch.nested_repository_changed", path=ws.printable(root),
+                        note="a change inside a nested repository: only its commit is saved, "
+                             "not its files or uncommitted changes (make it part of this "
+                             "repository, or save it separately)")
         if found.rules_changed:
             self._oracle.invalidate()
         if found.resync:
@@ -400,6 +414,15 @@ class Judge:
             except GitError:
                 pass  # handled per event, where it can be turned into a rescan
 
+    def _on_event(self, w: Watch, name: str, mask: int, found: Found) -> None:
+        """One event of watched directory ``w``: ``name`` in it changed as ``mask`` says."""
+        if w.kind == "work":
+            self._on_work_event(w.path, name, mask, found)
+        elif w.kind == "nested":
+            self._on_nested_event(w.path, name, mask, found)
+        else:
+            self._on_git_event(w.path, name, mask, found)
+
     def _on_work_event(self, d: str, name: str, mask: int, found: Found) -> None:
         """``name`` in the watched work-tree directory ``d`` (relative) changed as ``mask`` says."""
         if not name:
@@ -418,6 +441,7 @@ class Judge:
                 # `git init`/`git clone` made this directory a nested repository: git records it
                 # as one gitlink and never looks inside, and check-ignore dies on paths in it.
                 self._drop_work(d, include_self=True)
+                self._walk_nested(d)
                 found.path(d)
             return
         if name == ".gitignore":
@@ -435,6 +459,81 @@ class Judge:
             return
         if mask & _CHANGED and not self._ignored(rel, False, found):
             found.path(rel)
+
+    def _on_nested_event(self, d: str, name: str, mask: int, found: Found) -> None:
+        """``name`` in ``d``, a directory of a nested repository, changed. Its files are not
+        saved (git records the repository as one gitlink): a change is said in the log
+        (``watch.nested_repository_changed``, once per read) and starts a snapshot, which
+        records the repository's commit if it moved."""
+        root = self._nested_root(d)
+        if root is None or not name:
+            return
+        if d == f"{root}/.git":
+            if name in _NESTED_GIT_NAMES:
+                found.path(root)  # a commit, checkout or reset in it
+            return
+        rel = child_path(d, name)
+        if name == ".git":
+            if d == root and mask & _GONE:  # no longer a repository: its files are saved again
+                self._drop_nested(root)
+                found.resync["a nested repository's .git went"] = None
+            return
+        if mask & ISDIR:
+            if mask & _GONE:
+                self._drop_subtree("nested", rel, include_self=True)
+            if mask & _CAME:
+                self._walk_nested(root, start=rel)
+        found.path(root)
+        found.nested[root] = None
+
+    def _nested_root(self, d: str) -> str | None:
+        for root in self._nested:
+            if d == root or d.startswith(root + "/"):
+                return root
+        return None
+
+    def _walk_nested(self, root: str, seen: set[Watch] | None = None, *,
+                     start: str | None = None) -> None:
+        """Watch nested repository ``root`` (relative): its directories, not ignored ones (its
+        rules are not git's to tell here) up to :data:`NESTED_MAX_WATCHES`, and its git
+        directory's top (a commit there rewrites the index). ``start``: only that new directory
+        of it."""
+        count = self._nested.get(root, 0) if start is not None else 0
+        self._nested[root] = count
+        prefix = os.path.join(str(self.root), "")
+        stack = [start if start is not None else root]
+        if start is None and os.path.isdir(prefix + root + "/.git") and \
+                not os.path.islink(prefix + root + "/.git"):
+            stack.append(f"{root}/.git")
+        while stack:
+            rel = stack.pop()
+            if count >= NESTED_MAX_WATCHES:
+                if "nested" not in self._degraded:
+                    log.warning("watch.nested_partial", path=ws.printable(root),
+                                watches=NESTED_MAX_WATCHES,
+                                note="changes deeper in this nested repository are not seen")
+                self._degraded["nested"] = (f"nested repository {root}: more than "
+                                            f"{NESTED_MAX_WATCHES} directories, not all watched")
+                break
+            w = Watch("nested", rel)
+            if seen is not None:
+                seen.add(w)
+            if not self._watch_dir(w, prefix + rel):
+                continue
+            count += 1
+            if rel.endswith("/.git"):
+                continue  # its top only
+            try:
+                with os.scandir(prefix + rel) as it:
+                    stack += [child_path(rel, e.name) for e in it
+                              if e.name != ".git" and e.is_dir(follow_symlinks=False)]
+            except OSError:
+                continue
+        self._nested[root] = count
+
+    def _drop_nested(self, root: str) -> None:
+        self._drop_subtree("nested", root, include_self=True)
+        self._nested.pop(root, None)
 
     def _ignored_many(self, asks: list[tuple[str, bool]]) -> list[bool]:
         """git's answers, except that a force-added path, and a directory leading to one, are
@@ -599,6 +698,8 @@ class Judge:
         hits = self._limit_hits
         unwatched_before, self._unwatched = self._unwatched, set()
         self._degraded.pop("ignore", None)
+        self._degraded.pop("nested", None)
+        self._nested = {}
         try:
             # The few git directories first: if the limit bites, missing a user's commit is worse.
             self._walk_git(found, seen)
@@ -652,10 +753,11 @@ class Judge:
                 entries, nested = listed
                 if nested:
                     # A nested repository: one gitlink to git, never its files (see
-                    # _on_work_event).
+                    # _on_work_event); watched only to say when its files change.
                     self._drop_work(rel, include_self=True)
                     if seen is not None:
                         seen.discard(w)
+                    self._walk_nested(rel, seen)
                     if collect:
                         found.path(rel)
                     continue
@@ -797,18 +899,28 @@ class Judge:
         """
         for w in list(self._subtree("work", rel, include_self)):
             self._unwatch(w)
+        self._drop_subtree("nested", rel, include_self=include_self)
+        for root in [r for r in self._nested if r.startswith(rel + "/") or
+                     (include_self and r == rel) or not rel]:
+            self._nested.pop(root, None)
         prefix = rel + "/"
         self._unwatched = {p for p in self._unwatched
                            if not (p.startswith(prefix) or (include_self and p == rel))}
+
+    def _drop_subtree(self, kind: str, rel: str, *, include_self: bool) -> None:
+        for w in list(self._subtree(kind, rel, include_self)):
+            self._unwatch(w)
 
     def _drop_git_tree(self, path: str) -> None:
         for w in list(self._subtree("git", path, True)):
             self._unwatch(w)
 
     def _subtree(self, kind: str, path: str, include_self: bool) -> Iterator[Watch]:
-        prefix = path + ("/" if kind == "work" else os.sep)
+        prefix = path + (os.sep if kind == "git" else "/")
+        everything = kind == "nested" and not path  # under the root: every nested repository
         for w in self._watches:
-            if w.kind == kind and (w.path.startswith(prefix) or (include_self and w.path == path)):
+            if w.kind == kind and (everything or w.path.startswith(prefix)
+                                   or (include_self and w.path == path)):
                 yield w
 
     def _note_limit(self, found: Found, *, rescan: bool) -> None:

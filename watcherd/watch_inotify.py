@@ -170,10 +170,8 @@ class InotifyWatcher(Judge):
                 self._degraded["root"] = (f"workspace {self.root} was moved away; "
                                           "restart watcherd to watch the new tree")
                 found.rescan["workspace directory moved"] = None
-        elif w.kind == "work":
-            self._on_work_event(w.path, ev.name, ev.mask, found)
         else:
-            self._on_git_event(w.path, ev.name, ev.mask, found)
+            self._on_event(w, ev.name, ev.mask, found)
 
     def _on_watch_gone(self, wd: int, w: Watch, found: Found) -> None:
         """The kernel removed a watch we did not remove: its directory is gone (or unmounted)."""
@@ -196,7 +194,7 @@ class InotifyWatcher(Judge):
     # -- the watch table -------------------------------------------------------------------------
 
     def _add(self, w: Watch, full: str, old: int | None) -> int:
-        wd = self._require().add_watch(full, _WORK_MASK if w.kind == "work" else _GIT_MASK)
+        wd = self._require().add_watch(full, _GIT_MASK if w.kind == "git" else _WORK_MASK)
         old_w = self._by_wd.get(wd)
         if old_w is not None and old_w != w:
             # The same inode under a new path (a move we have not processed yet): the path moved.

@@ -295,10 +295,7 @@ class WatchdogWatcher(Judge):
         self._prefetch([(child_path(w.path, name), bool(mask & ISDIR))
                         for w, name, mask in events if w.kind == "work" and name != ".git"])
         for w, name, mask in events:
-            if w.kind == "work":
-                self._on_work_event(w.path, name, mask, found)
-            else:
-                self._on_git_event(w.path, name, mask, found)
+            self._on_event(w, name, mask, found)
         return self._finish(found, hits)
 
     def _close_backend(self) -> None:
