@@ -780,6 +780,156 @@ def test_edits_an_interrupted_forced_rollback_had_linked_aside_are_kept(
     assert not [p for p in os.listdir(ws) if p.startswith(".watcherd-")]
 
 
+def test_an_object_swapped_for_a_fifo_mid_rollback_blocks_nothing(tmp_path, monkeypatch):
+    """A blob the snapshot found among the workspace's own objects (``git hash-object -w``) is
+    not written again by git; the agent swaps that loose object for a FIFO while the rollback
+    runs. watcherd reads its own copy (taken through a descriptor, regular files only), never
+    the workspace's entry: the rollback completes."""
+    from watcherd import snapshot, worktree
+
+    ws, repo, _ = library_workspace(tmp_path)
+    (ws / "f.txt").write_text("content only in a dangling object\n")
+    blob = git(ws, "hash-object", "-w", "f.txt")
+    target = snapshot.take(repo).snapshot_head
+    (ws / "f.txt").write_text("later\n")
+    snapshot.take(repo)
+    loose = ws / ".git" / "objects" / blob[:2] / blob[2:]
+    apply = worktree.Checkout.apply
+
+    def then_fifo(self, changes):
+        loose.chmod(0o644)
+        loose.unlink()
+        os.mkfifo(loose)
+        return apply(self, changes)
+
+    monkeypatch.setattr(worktree.Checkout, "apply", then_fifo)
+    roll(repo, target, attempts=1)
+    assert (ws / "f.txt").read_text() == "content only in a dangling object\n"
+
+
+def test_a_git_that_never_answers_fails_the_rollback_in_bounded_time(tmp_path, monkeypatch):
+    """Whatever makes git's blob reader block (a file it opens that never answers), the
+    rollback waits the door's timeout, not for ever, and leaves nothing half done."""
+    import subprocess
+    import time
+
+    from watcherd import snapshot, worktree
+
+    ws, repo, first = library_workspace(tmp_path)
+    (ws / "a.txt").write_text("two\n")
+    snapshot.take(repo)
+
+    def silent(self):
+        self._cat = subprocess.Popen(["sleep", "120"], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        return self
+
+    monkeypatch.setattr(worktree.Checkout, "__enter__", silent)
+    repo.bare.timeout = 2
+    started = time.monotonic()
+    with pytest.raises(OSError, match="said nothing for 2s"):
+        roll(repo, first, attempts=1)
+    assert time.monotonic() - started < 30
+    assert (ws / "a.txt").read_text() == "two\n"
+    assert not [p for p in os.listdir(ws) if p.startswith(".watcherd-")]
+
+
+def test_a_tree_thousands_of_levels_deep_never_stops_a_rollback_or_the_next_start(tmp_path):
+    """The agent plants a directory 3,000 levels deep among the git directory's lock names
+    (left behind in the old one, removed after the swap): the rollback finishes, and a journal
+    that cannot be acted on is reported, never raised into a start."""
+    from watcherd import rollback, snapshot
+
+    ws, repo, first = library_workspace(tmp_path)
+    (ws / "a.txt").write_text("two\n")
+    snapshot.take(repo)
+    os.mkdir(ws / ".git" / "x.lock")
+    fd = os.open(ws / ".git" / "x.lock", os.O_RDONLY)
+    for _ in range(3000):
+        os.mkdir("d", dir_fd=fd)
+        deeper = os.open("d", os.O_RDONLY, dir_fd=fd)
+        os.close(fd)
+        fd = deeper
+    os.close(fd)
+    roll(repo, first)
+    assert (ws / "a.txt").read_text() == "one\n"
+    assert not [p for p in os.listdir(ws) if p.startswith(".watcherd-")]
+
+    def broken(root, journal):
+        raise RecursionError("maximum recursion depth exceeded")
+
+    repo.write_journal(rollback.JOURNAL, {"staging": ".watcherd-rollback-00.git",
+                                          "old": ".watcherd-rollback-01.old",
+                                          "rescue": ".watcherd-rollback-02.rescue",
+                                          "phase": "swapping", "new": [1, 2]})
+    (ws / ".watcherd-rollback-00.git").mkdir()
+    real = rollback._swap
+    rollback._swap = broken
+    try:
+        rollback.recover(repo)  # logs rollback.recovery_failed, raises nothing
+    finally:
+        rollback._swap = real
+
+
+def test_an_edit_is_kept_even_when_what_was_put_aside_cannot_be_removed(tmp_path, monkeypatch):
+    """The agent keeps filling the rescue directory so that removing it fails: the edit made
+    during the rollback is in a snapshot all the same, and the rollback completes."""
+    from watcherd import dirfd, rollback, snapshot, worktree
+
+    ws, repo, first = library_workspace(tmp_path)
+    (ws / "a.txt").write_text("two\n")
+    snapshot.take(repo)
+    write = worktree.Checkout._write
+
+    def edited(self, n, change):
+        (ws / "a.txt").write_text("typed during the rollback\n")
+        return write(self, n, change)
+
+    discard = rollback._discard_rescue
+
+    def refill_first(rfd, journal):
+        raise OSError(39, "Directory not empty")
+
+    monkeypatch.setattr(worktree.Checkout, "_write", edited)
+    monkeypatch.setattr(rollback, "_discard_rescue", refill_first)
+    undo = roll(repo, first, attempts=1)
+    assert (ws / "a.txt").read_text() == "one\n"
+    assert sgit_show(repo, undo, "a.txt") == "typed during the rollback\n"
+    assert rollback.last_rollback(repo)["undo"] == undo
+    monkeypatch.undo()
+    with dirfd.opened(ws) as rfd:
+        for name in [p for p in os.listdir(ws) if p.endswith(".rescue")]:
+            discard(rfd, {"rescue": name})
+
+
+def test_a_sparse_file_put_aside_costs_the_state_directory_what_it_holds(tmp_path, monkeypatch):
+    """An edit during a rollback makes a file a 512 MiB hole: keeping it copies its data, not
+    its size, through the state directory."""
+    from watcherd import snapshot, worktree
+
+    ws, repo, first = library_workspace(tmp_path)
+    (ws / "a.txt").write_text("two\n")
+    snapshot.take(repo)
+    write, copy = worktree.Checkout._write, worktree._copy_data
+    peak = []
+
+    def edited(self, n, change):
+        with open(ws / "a.txt", "r+b") as f:
+            f.truncate(1 << 29)
+        return write(self, n, change)
+
+    def measured(src, dst):
+        copy(src, dst)
+        peak.append(os.fstat(dst).st_blocks * 512)
+
+    monkeypatch.setattr(worktree.Checkout, "_write", edited)
+    monkeypatch.setattr(worktree, "_copy_data", measured)
+    undo = roll(repo, first, attempts=1)
+    assert peak and max(peak) < 1 << 20
+    size = repo.bare.out("cat-file", "-s", f"{undo}:a.txt")
+    assert int(size) == 1 << 29
+
+
 def sgit_show(repo, commit: str, path: str) -> str:
     return repo.bare.run("show", f"{commit}:{path}").stdout.decode()
 

@@ -589,6 +589,28 @@ def test_an_uncommitted_edit_in_a_submodule_is_reported_not_silently_lost(tmp_pa
     assert snap.commit
 
 
+def test_a_blob_git_found_among_the_workspaces_objects_is_kept_when_they_drop_it(tmp_path):
+    """git does not write a blob it finds through the alternate: a file whose content the
+    workspace already holds as a dangling object (``git hash-object -w``) would leave the
+    snapshot depending on it. watcherd copies it, so the workspace dropping it (a prune) breaks
+    nothing: the snapshot still reads, and a rollback to it works."""
+    from watcherd import rollback
+
+    ws = make_repo(tmp_path / "ws")
+    (ws / "f.txt").write_text("only in a dangling object\n")
+    blob = git(ws, "hash-object", "-w", "f.txt")
+    first = take(ws)
+    (ws / "f.txt").write_text("later\n")
+    (ws / ".git" / "objects" / blob[:2] / blob[2:]).unlink()
+    take(ws)  # watcherd's copies of the workspace's loose objects follow: that one is gone
+    assert sgit(ws, "cat-file", "-p", f"{first.commit}:f.txt", key=KEY) == \
+        "only in a dangling object"
+    repo = state_repo(ws, KEY)
+    with repo.lock():
+        rollback.apply(repo, rollback.Target(first.commit, None, "test"))
+    assert (ws / "f.txt").read_text() == "only in a dangling object\n"
+
+
 def test_a_users_gc_prune_after_reset_hard_breaks_no_later_save_or_restore(tmp_path):
     # Every object watcherd's history needs is in its own packs: the user's git may drop the
     # commits it no longer references (reset --hard, then gc --prune=now) at any time.

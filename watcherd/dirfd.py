@@ -64,15 +64,74 @@ def is_dir(dir_fd: int, name: str | bytes) -> bool:
 
 
 def remove(dir_fd: int, name: str | bytes) -> None:
-    """Remove entry ``name``: a tree (``shutil.rmtree`` through descriptors, no link followed),
-    or a file or link. Nothing there is fine."""
+    """Remove entry ``name``: a tree (:func:`remove_tree`), or a file or link. Nothing there is
+    fine."""
     if is_dir(dir_fd, name):
-        shutil.rmtree(name, dir_fd=dir_fd)
+        remove_tree(dir_fd, name)
     else:
         try:
             os.unlink(name, dir_fd=dir_fd)
         except FileNotFoundError:
             pass
+
+
+def remove_tree(dir_fd: int, name: str | bytes) -> None:
+    """Remove directory ``name`` of ``dir_fd`` and everything in it, through descriptors (no
+    link followed), without recursion: a tree the agent made thousands of levels deep neither
+    overflows Python's stack (``shutil.rmtree`` recurses per level) nor holds a descriptor per
+    level. Going back up, each parent is checked to be the directory it came from (the agent
+    may move a directory away midway): removal stops with :class:`OSError` rather than go on
+    in a directory outside the tree."""
+    names: list[str | bytes] = [name]
+    ids = [None]
+    fd = os.open(name, DIR_FLAGS, dir_fd=dir_fd)
+    try:
+        st = os.fstat(fd)
+        ids = [(st.st_dev, st.st_ino)]
+        while True:
+            deeper = None
+            with os.scandir(fd) as it:
+                for e in it:
+                    if e.is_dir(follow_symlinks=False):
+                        deeper = e.name
+                        break
+                    try:
+                        os.unlink(e.name, dir_fd=fd)
+                    except FileNotFoundError:
+                        pass
+            if deeper is not None:
+                try:
+                    nfd = os.open(deeper, DIR_FLAGS, dir_fd=fd)
+                except FileNotFoundError:
+                    continue
+                except OSError as exc:  # became a link or a file since the listing
+                    if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
+                        raise
+                    os.unlink(deeper, dir_fd=fd)
+                    continue
+                os.close(fd)
+                fd = nfd
+                st = os.fstat(fd)
+                names.append(deeper)
+                ids.append((st.st_dev, st.st_ino))
+                continue
+            if len(names) == 1:
+                break
+            up = os.open("..", DIR_FLAGS, dir_fd=fd)
+            st = os.fstat(up)
+            os.close(fd)
+            fd = up
+            if (st.st_dev, st.st_ino) != ids[-2]:
+                raise OSError(errno.EXDEV, "a directory was moved out of the tree being removed",
+                              os.fsdecode(names[-1]))
+            try:
+                os.rmdir(names.pop(), dir_fd=fd)
+            except FileNotFoundError:
+                pass
+            ids.pop()
+    finally:
+        os.close(fd)
+    os.rmdir(name, dir_fd=dir_fd)
 
 
 @contextmanager
@@ -180,26 +239,28 @@ def move_missing(src_fd: int, dst_fd: int, *, depth: int = 8) -> None:
                 move_missing(s, d, depth=depth - 1)
 
 
-def find(dir_fd: int, predicate, *, limit: int = 100_000, prefix: str = "") -> str | None:
+def find(dir_fd: int, predicate, *, limit: int = 100_000, prefix: str = "",
+         depth: int = 64) -> str | None:
     """The relative path of the first entry under ``dir_fd`` whose name satisfies
-    ``predicate``, walking directories without following links, at most ``limit`` entries."""
+    ``predicate``, walking directories without following links, at most ``limit`` entries and
+    ``depth`` levels (deeper ones are not looked into: the recursion stays bounded)."""
     budget = [limit]
 
-    def walk(fd: int, at: str) -> str | None:
+    def walk(fd: int, at: str, level: int) -> str | None:
         for name in os.listdir(fd):
             budget[0] -= 1
             if budget[0] < 0:
                 return None
             if predicate(name):
                 return at + name
-            if is_dir(fd, name):
+            if level < depth and is_dir(fd, name):
                 try:
                     with opened_at(fd, name) as sub:
-                        hit = walk(sub, f"{at}{name}/")
+                        hit = walk(sub, f"{at}{name}/", level + 1)
                 except OSError:
                     continue
                 if hit:
                     return hit
         return None
 
-    return walk(dir_fd, prefix)
+    return walk(dir_fd, prefix, 0)

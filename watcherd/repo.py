@@ -351,6 +351,34 @@ class Repo:
             if e.is_file(follow_symlinks=False) and e.name.endswith(_PACK_SUFFIXES):
                 os.symlink(e.path, dest / e.name)
 
+    def keep_objects(self, oids: list[str]) -> int:
+        """Make watcherd's repository hold objects ``oids`` itself, not only through
+        ``workspace-objects/``: git writes no object that it finds there already (a blob the user
+        wrote with ``git hash-object -w``, a file they staged then changed back), and the user's
+        ``git gc --prune=now`` may drop it from the workspace afterwards. The ones held as loose
+        objects are known by a ``stat``; the rest are asked about with the alternate left out
+        (``GIT_OBJECT_DIRECTORY`` naming a view of watcherd's own objects only) and the missing
+        ones packed. Returns how many were copied."""
+        objects = self.git_dir / "objects"
+        unsure = [o for o in oids if not os.path.exists(objects / o[:2] / o[2:])]
+        if not unsure:
+            return 0
+        view = self.dir / "own-objects"
+        if not (view / "pack").is_symlink():
+            _mkdir(view)
+            for name in _LINKED:
+                if not (view / name).is_symlink():
+                    os.symlink(objects / name, view / name)
+        out = self.bare.run("cat-file", "--batch-check=%(objectname)",
+                            env={"GIT_OBJECT_DIRECTORY": str(view)},
+                            input="".join(f"{o}\n" for o in unsure).encode()).stdout
+        missing = [line.split()[0].decode() for line in out.splitlines()
+                   if line.endswith(b" missing")]
+        if missing:
+            self.bare.run("pack-objects", "-q", "--delta-base-offset", str(objects / "pack" / "pack"),
+                          input="".join(f"{o}\n" for o in missing).encode())
+        return len(missing)
+
     def _write_shallow(self, shallow: tuple[str, ...]) -> None:
         """The workspace's shallow boundary, less the commits whose parents watcherd fetched."""
         path = self.git_dir / "shallow"

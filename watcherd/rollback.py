@@ -349,6 +349,7 @@ def _update_files(repo: Repo, target: Target, layout: ws.Layout, mode: str,
                 git.run("read-tree", f"{undo}^{{tree}}", env=env)
             changes = worktree.diff(git, f"{undo}^{{tree}}", f"{target.snapshot}^{{tree}}")
             _refuse_ignored_in_the_way(git, env, changes)
+            _refuse_missing_blobs(repo, target, changes)
             with dirfd.opened(layout.root) as rfd:
                 try:
                     edited = worktree.first_edited(rfd, changes, repo.object_format())
@@ -399,6 +400,23 @@ def _refuse_ignored_in_the_way(git: Git, env: dict[str, str],
                               "away first, then roll back again")
 
 
+def _refuse_missing_blobs(repo: Repo, target: Target, changes: list[worktree.Change]) -> None:
+    """Every file the rollback writes must be readable before it changes any: a blob of the
+    target that is nowhere any more (a snapshot that borrowed it from the workspace's objects,
+    which the user's ``git gc --prune=now`` dropped) refuses it, nothing changed."""
+    wanted = sorted({c.new_oid for c in changes if not c.removed and c.new_mode != worktree.GITLINK})
+    if not wanted:
+        return
+    out = repo.bare.run("cat-file", "--batch-check=%(objectname) %(objecttype)",
+                        input="".join(f"{o}\n" for o in wanted).encode()).stdout
+    missing = [line.split()[0].decode() for line in out.splitlines()
+               if not line.endswith(b" blob")]
+    if missing:
+        raise RollbackRefused(f"{target.said}: {len(missing)} of its files are not in watcherd's "
+                              f"repository any more (blob {missing[0][:12]}); restore that "
+                              "generation from the store instead (watcherd restore --generation N)")
+
+
 def _record_last(repo: Repo, undo: str, target: Target) -> None:
     write_private(repo.dir / LAST, json.dumps(
         {"undo": undo, "target": target.snapshot, "said": target.said,
@@ -436,14 +454,23 @@ def _change_files(repo: Repo, undo: str, target: Target, root: Path,
                         "are the target's (`watcherd rollback --undo` returns), move it and "
                         "roll back again") from None
                 kept = _kept_edits(repo, rfd, kfd, journal)
+                # Kept before anything put aside is removed: a removal that fails (the agent
+                # keeps filling the directory) must not take an edit with it.
+                head = _keep_edits(repo, undo, kept) if kept else undo
         except BaseException:
             if "rescued" not in journal:
                 dirfd.remove(rfd, rescue)
             raise
-        _discard_rescue(rfd, journal)
-    journal.pop("rescued", None)
+        rescued = journal.pop("rescued")
+        repo.write_journal(JOURNAL, journal)
+        try:
+            _discard_rescue(rfd, {**journal, "rescued": rescued})
+        except OSError as exc:
+            _log.warning("rollback.rescue_left", path=rescue, error=str(exc),
+                         note="what the rollback put aside could not all be removed; every "
+                              "edit in it is kept in a snapshot, the directory can be deleted")
     journal.pop("beside", None)
-    return _keep_edits(repo, undo, kept) if kept else undo
+    return head
 
 
 def _kept_edits(repo: Repo, rfd: int, kfd: int, journal: dict) -> list[tuple[str, str, bytes]]:
@@ -538,8 +565,9 @@ def recover(repo: Repo) -> None:
             if journal is not None:
                 _recover(repo, journal)
                 repo.write_journal(JOURNAL, None)
-    except (OSError, WatcherdError) as exc:
-        _log.error("rollback.recovery_failed", error=str(exc), journal=str(repo.dir / JOURNAL),
+    except Exception as exc:  # noqa: BLE001 (a start must never die of what a rollback left)
+        _log.error("rollback.recovery_failed", error=str(exc), kind=type(exc).__name__,
+                   journal=str(repo.dir / JOURNAL),
                    note="what a killed rollback left could not be finished; the workspace is "
                         "saved as it is; see docs/operations.md")
 

@@ -255,6 +255,10 @@ def _take(repo: Repo, layout: ws.Layout, cache: Cache, before: str | None = None
         entries = _diff(repo.bare, base, tree)
         if prev and tree == prev_tree and s_commit == prev_state:
             return Snapshot(None, prev, head, head_ref, problems=tuple(problems))
+    # What git found among the workspace's objects and did not write again is copied, so that
+    # the history never depends on the workspace keeping it.
+    repo.keep_objects([oid.decode() for mode, oid, _ in entries
+                       if mode in (b"100644", b"100755", b"120000")])
     paths = _paths(entries, cache)
     moved = head if prev and head != _head_of(repo, prev_state, cache)[0] else None
     args = ["commit-tree", tree, "-m", message(paths, moved)]

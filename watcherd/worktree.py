@@ -20,7 +20,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
-import shutil
+import select
 import stat
 import subprocess
 import threading
@@ -144,10 +144,36 @@ def store_entry(git: Git, spool: Path, dir_fd: int, name: str | bytes) -> tuple[
     copy = spool / f"entry-{os.getpid()}-{threading.get_ident()}"
     try:
         with os.fdopen(fd, "rb") as f_in, open(copy, "wb") as f_out:
-            shutil.copyfileobj(f_in, f_out, _CHUNK)
+            _copy_data(f_in.fileno(), f_out.fileno())
         return mode, git.out("hash-object", "-w", "--no-filters", "--", str(copy))
     finally:
         copy.unlink(missing_ok=True)
+
+
+def _copy_data(src: int, dst: int) -> None:
+    """Copy file ``src`` into the empty file ``dst``, holes kept as holes (lseek(2),
+    ``SEEK_DATA``/``SEEK_HOLE``): a sparse file of terabytes the agent made costs watcherd's disk
+    what it holds, not its size. Where the filesystem cannot tell, every byte is copied."""
+    size = os.fstat(src).st_size
+    pos = 0
+    while pos < size:
+        try:
+            start = os.lseek(src, pos, os.SEEK_DATA)
+            end = os.lseek(src, start, os.SEEK_HOLE)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:
+                break  # no data after pos: the rest is a hole
+            if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
+                raise
+            start, end = pos, size
+        while start < end:
+            chunk = os.pread(src, min(_CHUNK, end - start), start)
+            if not chunk:
+                break
+            os.pwrite(dst, chunk, start)
+            start += len(chunk)
+        pos = end
+    os.ftruncate(dst, max(size, os.fstat(dst).st_size))
 
 
 def _file_id(dir_fd: int, name: bytes | str, object_format: str) -> str | None:
@@ -208,13 +234,14 @@ def aside(root_fd: int, rescue_fd: int, rescue: str, n: int, path: bytes
     """Where change ``n`` (of ``path``) put what it replaced or removed: (directory
     descriptor, name), in the rescue directory, or beside ``path`` where that is on another
     filesystem; None when neither holds anything. A ``.new`` name is an entry a kill caught
-    between its writing and its exchange: either the new content or what it replaced."""
-    for name in (str(n), f"{n}.new"):
+    between its writing and its exchange: either the new content or what it replaced (``.old``:
+    the link that keeps it where the filesystem cannot exchange)."""
+    for name in (str(n), f"{n}.new", f"{n}.new.old"):
         if dirfd.exists(rescue_fd, name):
             yield rescue_fd, name
             return
     with dirfd.parent(root_fd, path) as found:
-        for name in (f"{rescue}.{n}", f"{rescue}.{n}.new"):
+        for name in (f"{rescue}.{n}", f"{rescue}.{n}.new", f"{rescue}.{n}.new.old"):
             if found is not None and dirfd.exists(found[0], name):
                 yield found[0], name
                 return
@@ -232,6 +259,7 @@ class Checkout:
         self._git, self._root, self._rescue_fd, self._rescue = git, root_fd, rescue_fd, rescue
         self._on_beside, self._beside = on_beside, False
         self._cat = None
+        self._buf = bytearray()
 
     def __enter__(self) -> Checkout:
         self._cat = self._git.popen("cat-file", "--batch")
@@ -321,7 +349,7 @@ class Checkout:
             dirfd.remove(where, new)
             try:
                 self._create(where, new, change)
-                self._place(where, new, fd, leaf)
+                self._place(where, new, fd, leaf, change.path)
             except OSError as exc:
                 if exc.errno != errno.EXDEV:
                     raise
@@ -329,7 +357,7 @@ class Checkout:
                 where, new = fd, self._beside_name(n, ".new")
                 _unlink(where, new, change.path)
                 self._create(where, new, change)
-                self._place(where, new, fd, leaf)
+                self._place(where, new, fd, leaf, change.path)
             old = str(n) if where == self._rescue_fd else f"{self._rescue}.{n}"
             if dirfd.exists(where, new):  # what was replaced: kept under the change's number
                 if dirfd.is_dir(where, new):
@@ -354,7 +382,7 @@ class Checkout:
             raise Blocked(change.path, "a directory holding files is where the target has a "
                                        "file") from None
 
-    def _place(self, where: int, new: str, fd: int, leaf: bytes) -> None:
+    def _place(self, where: int, new: str, fd: int, leaf: bytes, path: bytes) -> None:
         """Put ``new`` at ``leaf``: exchanged with what is there (which is left at ``new``),
         or moved where nothing is."""
         for _ in range(3):
@@ -362,6 +390,10 @@ class Checkout:
                 if dirfd.exchange_at(where, new, fd, leaf):
                     return
                 # No exchange here: keep the old entry by a link, then replace it.
+                if where == self._rescue_fd:
+                    dirfd.remove(where, f"{new}.old")
+                else:
+                    _unlink(where, f"{new}.old", path)
                 try:
                     os.link(leaf, f"{new}.old", src_dir_fd=fd, dst_dir_fd=where,
                             follow_symlinks=False)
@@ -378,7 +410,7 @@ class Checkout:
                 return
             except FileExistsError:
                 continue  # made meanwhile: exchange with it
-        raise Blocked(leaf, "an entry kept appearing and disappearing under the rollback")
+        raise Blocked(path, "an entry kept appearing and disappearing under the rollback")
 
     def _directory(self, dirs: list[bytes], path: bytes) -> int:
         """A descriptor of the directory ``dirs`` names under the root, each component opened
@@ -417,26 +449,48 @@ class Checkout:
 
     def _blob(self, oid: str, out=None) -> bytes:
         """Blob ``oid``'s bytes, streamed into ``out`` when given (never whole in memory then)
-        (git-cat-file(1), "BATCH OUTPUT": ``<oid> blob <size>``, the body, a newline)."""
+        (git-cat-file(1), "BATCH OUTPUT": ``<oid> blob <size>``, the body, a newline). Raises
+        :class:`OSError` when git has no such blob, or says nothing for the door's timeout (a
+        pack file of the workspace's swapped for a FIFO blocks it): it is killed then."""
         cat = self._cat
         cat.stdin.write(f"{oid}\n".encode())
         cat.stdin.flush()
-        header = cat.stdout.readline().split()
+        header = self._read(None).split()
         if len(header) != 3 or header[1] != b"blob" or not header[2].isdigit():
             raise OSError(errno.EIO, f"blob {oid} is not in watcherd's repository: "
                                      f"{b' '.join(header).decode(errors='replace')}")
-        left, parts = int(header[2]), []
+        left, parts = int(header[2]) + 1, []  # the body, then a newline
         while left > 0:
-            chunk = cat.stdout.read(min(left, _CHUNK))
-            if not chunk:
-                raise OSError(errno.EIO, f"git cat-file ended while reading blob {oid}")
+            chunk = self._read(min(left, _CHUNK))
+            left -= len(chunk)
+            if left == 0:
+                chunk = chunk[:-1]
             if out is None:
                 parts.append(chunk)
             else:
                 out.write(chunk)
-            left -= len(chunk)
-        cat.stdout.read(1)
         return b"".join(parts)
+
+    def _read(self, size: int | None) -> bytes:
+        """Up to ``size`` bytes of cat-file's answer (a line when None), waiting at most the
+        door's timeout for each piece."""
+        fd = self._cat.stdout.fileno()
+        while (b"\n" not in self._buf) if size is None else not self._buf:
+            if not select.select([fd], [], [], self._git.timeout)[0]:
+                self._cat.kill()
+                raise OSError(errno.ETIMEDOUT, f"git cat-file said nothing for "
+                                               f"{self._git.timeout:g}s (a file it reads blocks)")
+            data = os.read(fd, _CHUNK)
+            if not data:
+                raise OSError(errno.EIO, "git cat-file ended in the middle of an answer")
+            self._buf += data
+        if size is None:
+            line, _, rest = bytes(self._buf).partition(b"\n")
+            self._buf = bytearray(rest)
+            return line
+        piece = bytes(self._buf[:size])
+        del self._buf[:size]
+        return piece
 
 
 def discard_beside(root_fd: int, rescue: str, paths: list[bytes]) -> None:
@@ -445,7 +499,7 @@ def discard_beside(root_fd: int, rescue: str, paths: list[bytes]) -> None:
     for n, path in enumerate(paths):
         with dirfd.parent(root_fd, path) as found:
             if found is not None:
-                for name in (f"{rescue}.{n}", f"{rescue}.{n}.new"):
+                for name in (f"{rescue}.{n}", f"{rescue}.{n}.new", f"{rescue}.{n}.new.old"):
                     try:
                         os.unlink(name, dir_fd=found[0])
                     except (FileNotFoundError, IsADirectoryError, PermissionError):
