@@ -850,9 +850,9 @@ def report(res: dict) -> str:
         w(f"Latency = `timestamp` of the `snapshot.committed` log line naming the file − the wall "
           f"time right after the write, − {QUIET_PERIOD_S * 1000:.0f} ms. Of it, the snapshot "
           f"itself (`duration_ms`, shadow mode: the workspace's git state read as data, add "
-          f"through the private index in the state directory, write-tree, state commit, "
-          f"commit-tree, update-ref) took median {ms(median(snap))}. Measured at line arrival "
-          f"on the pipe "
+          f"through the private index in the state directory, write-tree and diff-index, the "
+          f"changed files read again, the commit object written by watcherd, the ref) took "
+          f"median {ms(median(snap))}. Measured at line arrival on the pipe "
           f"instead: median {ms(median(seen))}, p95 {ms(p95(seen))}. Raw `git status --porcelain` "
           f"alone: median {ms(median(st))}.")
         w("")

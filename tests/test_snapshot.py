@@ -488,3 +488,41 @@ def test_signing_config_in_the_workspace_does_not_run_a_gpg_program(tmp_path):
     snap = take(ws, "shadow")
 
     assert snap.commit and not marker.exists()
+
+
+@pytest.mark.parametrize("name, email", [("watcherd", "watcherd@localhost"),
+                                         (" Ada, Lovelace. ", "ada@example.org;"),
+                                         ("Zoë “the agent”", "z@exämple.org")])
+@pytest.mark.parametrize("tz", ["UTC", "Asia/Kolkata", "America/St_Johns"])
+def test_a_commit_watcherd_writes_itself_is_the_one_git_commit_tree_writes(
+        tmp_path, monkeypatch, name, email, tz):
+    """A snapshot's commit is written without starting git (Repo.commit_tree): byte for byte
+    what ``git commit-tree`` writes for the same tree, parents, message, identity and moment,
+    in every time zone, with names git trims; and git's fsck finds nothing wrong with it."""
+    from watcherd.git import Identity
+    from watcherd.repo import Repo
+
+    monkeypatch.setenv("TZ", tz)
+    time.tzset()
+    try:
+        ws = make_repo(tmp_path / "ws")
+        repo = Repo(tmp_path / "state", "k", ws, Identity(name, email))
+        snapshot.prepare(repo)
+        first = snapshot.take(repo).snapshot_head
+        tree = repo.bare.out("rev-parse", f"{first}^{{tree}}")
+        when = 1796100000
+        off = time.localtime(when).tm_gmtoff // 60
+        date = f"{when} {'-' if off < 0 else '+'}{abs(off) // 60:02d}{abs(off) % 60:02d}"
+        for parents, message in (([], "one line"), ([first], "watcherd: snapshot (2 files)\n\na\nb"),
+                                 ([first, first], "ends in a newline\n")):  # git: one parent
+            ours = repo.commit_tree(tree, parents, message, when=when)
+            args = ["commit-tree", tree, "-m", message.removesuffix("\n")]
+            for p in parents:
+                args += ["-p", p]
+            theirs = repo.bare.out(*args, env={"GIT_AUTHOR_DATE": date,
+                                               "GIT_COMMITTER_DATE": date})
+            assert ours == theirs
+        assert repo.bare.run("fsck", "--strict", "--no-dangling").returncode == 0
+    finally:
+        monkeypatch.undo()
+        time.tzset()

@@ -261,10 +261,8 @@ def _take(repo: Repo, layout: ws.Layout, cache: Cache, before: str | None = None
                        if mode in (b"100644", b"100755", b"120000")])
     paths = _paths(entries, cache)
     moved = head if prev and head != _head_of(repo, prev_state, cache)[0] else None
-    args = ["commit-tree", tree, "-m", message(paths, moved)]
-    for parent in dict.fromkeys(p for p in (prev, head, s_commit) if p):
-        args += ["-p", parent]
-    commit = repo.bare.out(*args)
+    commit = repo.commit_tree(tree, list(dict.fromkeys(p for p in (prev, head, s_commit) if p)),
+                              message(paths, moved))
     repo.move_snapshot_head(commit, prev, "watcherd: snapshot")
     cache.state_of[commit] = s_commit
     cache.tree_of[commit] = tree
