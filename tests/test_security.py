@@ -704,3 +704,43 @@ def test_core_bare_in_the_workspace_config_does_not_stop_snapshots(tmp_path, mod
     assert result.status == "saved"
     assert sgit(ws, "show", f"{result.snapshot}:readme.md", key=KEY) == \
         "edited after core.bare was set"
+
+
+def test_shallow_swapped_for_a_link_during_the_unshallow_fetch_is_never_read(
+        tmp_path, upstream, monkeypatch):
+    """While the unshallow fetch runs, the agent swaps the workspace's ``.git/shallow`` for a
+    link to a file only watcherd's uid may read. The fetch works on watcherd's own copy of the
+    boundary (taken as data at the snapshot): the file's first line appears in no log line, no
+    status, no snapshot; the next snapshot refuses the link and still saves."""
+    from watcherd.git import Git
+
+    secret = tmp_path / "sidecar-only.txt"
+    secret.write_text("TOPSECRET-first-line\n")
+    ws = shallow_clone(tmp_path, upstream)
+    (ws / "readme.md").write_text("edited in a shallow clone\n")
+    run, swapped = Git.run, []
+
+    def swap_during_fetch(self, *args, **kwargs):
+        if "fetch" in args and not swapped:
+            (ws / ".git" / "shallow").unlink()
+            os.symlink(secret, ws / ".git" / "shallow")
+            swapped.append(args)
+        return run(self, *args, **kwargs)
+
+    monkeypatch.setattr(Git, "run", swap_during_fetch)
+    with capture_logs() as logs:
+        result = save(ws, tmp_path / "store", template_url=f"file://{upstream}")
+        assert swapped, "no unshallow fetch ran: the test proves nothing"
+        (ws / "readme.md").write_text("edited again\n")
+        again = save(ws, tmp_path / "store", template_url=f"file://{upstream}")
+    assert result.status == "saved" and again.status == "saved"
+    assert events(logs, "history.unshallowed")
+    assert "TOPSECRET" not in repr(logs)
+    repo = state_repo(ws, KEY)
+    shallow = repo.git_dir / "shallow"
+    assert not shallow.exists() or "TOPSECRET" not in shallow.read_text()
+    history = git(tmp_path, f"--git-dir={repo.git_dir}", "log", "--all", "--format=%B")
+    assert "TOPSECRET" not in history
+    target = tmp_path / "restored"
+    restore(config_for(target, tmp_path / "store"), gens_for(tmp_path / "store"))
+    assert (target / "readme.md").read_text() == "edited again\n"

@@ -611,6 +611,35 @@ def test_a_blob_git_found_among_the_workspaces_objects_is_kept_when_they_drop_it
     assert (ws / "f.txt").read_text() == "only in a dangling object\n"
 
 
+def test_a_linked_worktree_inside_the_workspace_is_a_nested_repository_named_in_the_log(
+        tmp_path):
+    """``git worktree add wt`` inside the workspace: ``wt/.git`` is a file naming
+    ``.git/worktrees/wt``. The snapshot records the workspace, its branches (the worktree's
+    one included) and ``wt`` as one gitlink, as git does; the worktree's own files are not saved,
+    and the log names it. Nothing of it is followed outside the workspace, and a restore gives
+    back the workspace and the branch."""
+    ws = make_repo(tmp_path / "ws")
+    git(ws, "worktree", "add", "-q", "-b", "side", "wt")
+    (ws / "wt" / "only-in-the-worktree.txt").write_text("not saved\n")
+    (ws / "main.txt").write_text("saved\n")
+    with capture_logs() as logs:
+        snap = take(ws)
+    assert snap.commit
+    files = files_of(ws, snap.commit)
+    assert "main.txt" in files and "wt" in files
+    assert not [f for f in files if f.startswith("wt/")]
+    assert [e["path"] for e in logs if e["event"] == "snapshot.nested_repository"] == ["wt"]
+    assert "refs/heads/side" in {r.name for r in recorded(ws, snap.commit).refs}
+    store_dir = tmp_path / "store"
+    assert Generations(LocalStore(store_dir), KEY).save(state_repo(ws, KEY)).status == "saved"
+    target = tmp_path / "restored"
+    config = Config(workspace=WorkspaceConfig(path=target, state_dir=tmp_path / "pod-2"),
+                    store=StoreConfig(url=parse_store_url(f"file://{store_dir}"), key=KEY))
+    restore(config, Generations(LocalStore(store_dir), KEY))
+    assert (target / "main.txt").read_text() == "saved\n"
+    assert git(target, "rev-parse", "--verify", "-q", "refs/heads/side")
+
+
 def test_a_users_gc_prune_after_reset_hard_breaks_no_later_save_or_restore(tmp_path):
     # Every object watcherd's history needs is in its own packs: the user's git may drop the
     # commits it no longer references (reset --hard, then gc --prune=now) at any time.
