@@ -77,7 +77,9 @@ def test_status_command_prints_the_daemon_state_then_exits_1_when_none_answers(w
 
 
 def test_post_activity_postpones_idle(watcherd) -> None:
-    d = watcherd().start()
+    # idle_timeout 2s: a signal every 300ms keeps it away even on a loaded machine, where one
+    # round trip (POST, then GET /status) can take several hundred milliseconds.
+    d = watcherd(watch={"idle_timeout": "2s"}).start()
     d.settle()
     mark = d.log.mark()
     (d.workspace / "src" / "app.py").write_text("print('the user is still here')\n")
@@ -91,10 +93,10 @@ def test_post_activity_postpones_idle(watcherd) -> None:
         return code == 204 and not s["idle"] and s["state"] == "dirty" \
             and not d.log.events("generation.saved", after=mark)
 
-    # Signals every 300ms for twice idle_timeout: without them the upload would come after 1s.
-    holds_for(still_active, 2.0, "uploaded while the user was active", interval=0.3)
-    saved = d.log.wait("generation.saved", after=mark, timeout=5)
-    assert saved["_t"] - last[0] >= 0.9
+    # Signals every 300ms for twice idle_timeout: without them the upload would come after 2s.
+    holds_for(still_active, 4.0, "uploaded while the user was active", interval=0.3)
+    saved = d.log.wait("generation.saved", after=mark, timeout=8)
+    assert saved["_t"] - last[0] >= 1.9
 
 
 def test_post_snapshot_returns_the_new_generation_then_unchanged(watcherd) -> None:

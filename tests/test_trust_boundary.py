@@ -298,6 +298,43 @@ def test_objects_swapped_for_links_after_the_check_are_never_followed(tmp_path, 
                           capture_output=True).returncode != 0
 
 
+def test_a_pack_directory_swapped_for_a_link_after_the_check_is_never_followed(
+        tmp_path, monkeypatch):
+    """The agent names its own pack files after another repository's packs (regular files,
+    when watcherd looks), points a branch at that repository's commit, and then swaps its
+    whole ``objects/pack`` for a link to the other repository's. watcherd's git children read
+    the files watcherd opened (through ``/proc/self/fd``), never what the path holds later:
+    nothing of the other repository enters the history."""
+    from watcherd.repo import Repo
+
+    other = make_repo(tmp_path / "other", "another sandbox's secret history\n")
+    git(other, "repack", "-a", "-d", "-q")
+    stolen = git(other, "rev-parse", "HEAD")
+    secret = git(other, "rev-parse", "HEAD:readme.md")
+    ws = make_repo(tmp_path / "ws")
+    pack_dir = ws / ".git" / "objects" / "pack"
+    pack_dir.mkdir(exist_ok=True)
+    for name in os.listdir(other / ".git" / "objects" / "pack"):
+        (pack_dir / name).write_bytes(b"a decoy")
+    (ws / ".git" / "refs" / "heads" / "stolen").write_text(stolen + "\n")
+    attach = Repo.attach
+
+    def then_swapped(self, layout, shallow=()):
+        said = attach(self, layout, shallow)
+        shutil.rmtree(pack_dir)
+        os.symlink(other / ".git" / "objects" / "pack", pack_dir)
+        return said
+
+    monkeypatch.setattr(Repo, "attach", then_swapped)
+    snap = take(ws)
+    assert snap.commit and "readme.md" in files_of(ws, snap.commit)
+    own = state_repo(ws, KEY).git_dir
+    history = git(tmp_path, f"--git-dir={own}", "rev-list", "--objects", "--all")
+    assert stolen not in history and secret not in history
+    assert subprocess.run(["git", f"--git-dir={own}", "cat-file", "blob", secret],
+                          capture_output=True).returncode != 0
+
+
 def test_a_git_symlink_to_another_workspace_is_refused_and_never_read(tmp_path):
     other = make_repo(tmp_path / "other", "another sandbox's secret history\n")
     ws = tmp_path / "ws"
@@ -589,7 +626,8 @@ def test_an_uncommitted_edit_in_a_submodule_is_reported_not_silently_lost(tmp_pa
     assert snap.commit
 
 
-def test_a_blob_git_found_among_the_workspaces_objects_is_kept_when_they_drop_it(tmp_path):
+@pytest.mark.parametrize("held", ["loose", "packed"])
+def test_a_blob_git_found_among_the_workspaces_objects_is_kept_when_they_drop_it(tmp_path, held):
     """git does not write a blob it finds through the alternate: a file whose content the
     workspace already holds as a dangling object (``git hash-object -w``) would leave the
     snapshot depending on it. watcherd copies it, so the workspace dropping it (a prune) breaks
@@ -599,10 +637,18 @@ def test_a_blob_git_found_among_the_workspaces_objects_is_kept_when_they_drop_it
     ws = make_repo(tmp_path / "ws")
     (ws / "f.txt").write_text("only in a dangling object\n")
     blob = git(ws, "hash-object", "-w", "f.txt")
+    pack = ws / ".git" / "objects" / "pack" / "pack"
+    if held == "packed":
+        name = git(ws, "pack-objects", "-q", str(pack), input=f"{blob}\n".encode())
+        git(ws, "prune-packed")
     first = take(ws)
     (ws / "f.txt").write_text("later\n")
-    (ws / ".git" / "objects" / blob[:2] / blob[2:]).unlink()
-    take(ws)  # watcherd's copies of the workspace's loose objects follow: that one is gone
+    if held == "packed":
+        for suffix in (".pack", ".idx"):
+            os.unlink(f"{pack}-{name}{suffix}")
+    else:
+        (ws / ".git" / "objects" / blob[:2] / blob[2:]).unlink()
+    take(ws)  # watcherd follows the workspace's objects: that one is gone
     assert sgit(ws, "cat-file", "-p", f"{first.commit}:f.txt", key=KEY) == \
         "only in a dangling object"
     repo = state_repo(ws, KEY)

@@ -20,7 +20,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from watcherd.errors import GitError
@@ -131,6 +131,26 @@ _LOCAL_IO = ("No space left on device", "Disk quota exceeded", "Input/output err
              "Read-only file system")
 
 
+@dataclass(frozen=True)
+class Inherited:
+    """What each git child gets besides its environment: variables and descriptors
+    (``pass_fds``, same numbers in the child), for what only this process holds open (the
+    workspace's pack files: :meth:`watcherd.repo.Repo.attach`)."""
+
+    env: Mapping[str, str] = field(default_factory=dict)
+    fds: tuple[int, ...] = ()
+
+
+class Shared:
+    """The :class:`Inherited` of every :class:`Git` made from one (:meth:`Git.with_work_tree`,
+    ``shared=``), replaced whole. Children are started under :attr:`lock`, so whoever replaces
+    it and then closes descriptors no longer named knows no child is being given them."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.current = Inherited()
+
+
 class Git:
     """git bound to one repository (``git_dir``), optionally with a work tree.
 
@@ -140,13 +160,14 @@ class Git:
 
     def __init__(self, git_dir: Path, *, home: Path, work_tree: Path | None = None,
                  identity: Identity | None = None, timeout: float = DEFAULT_TIMEOUT,
-                 options: Sequence[str] = ()) -> None:
+                 options: Sequence[str] = (), shared: Shared | None = None) -> None:
         self.git_dir = Path(git_dir)
         self.work_tree = Path(work_tree) if work_tree is not None else None
         self.home = Path(home)
         self.identity = identity or Identity()
         self.timeout = timeout
         self._options = tuple(options)
+        self.shared = shared or Shared()
 
     def __repr__(self) -> str:
         return f"Git({str(self.git_dir)!r}, work_tree={str(self.work_tree) if self.work_tree else None!r})"
@@ -154,7 +175,7 @@ class Git:
     def with_work_tree(self, work_tree: Path | None) -> Git:
         """The same repository with another (or no) work tree."""
         return Git(self.git_dir, home=self.home, work_tree=work_tree, identity=self.identity,
-                   timeout=self.timeout, options=self._options)
+                   timeout=self.timeout, options=self._options, shared=self.shared)
 
     # -- running ---------------------------------------------------------------------------------
 
@@ -193,7 +214,8 @@ class Git:
         limit = self.timeout if timeout is None else timeout
         cwd = self.work_tree if self.work_tree is not None and self.work_tree.is_dir() \
             else self.home
-        code, out, err = _communicate(self.argv(args), cwd, self.env(env), input, limit)
+        code, out, err = _communicate(self.argv(args), cwd, self.env(env), input, limit,
+                                      self.shared)
         if code is None:
             raise GitTimeout(f"git {_show(args)} timed out after {limit:g}s "
                              f"({self.work_tree or self.git_dir})")
@@ -214,14 +236,7 @@ class Git:
         it and must end it. It is registered, so :func:`kill_all` ends it too."""
         cwd = self.work_tree if self.work_tree is not None and self.work_tree.is_dir() \
             else self.home
-        try:
-            proc = subprocess.Popen(self.argv(args), cwd=cwd, env=self.env(env),
-                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE, start_new_session=True)
-        except FileNotFoundError as exc:
-            raise _not_started(cwd) from exc
-        _register(proc)
-        return proc
+        return _start(self.argv(args), cwd, self.env(env), self.shared)
 
     # -- typed questions -------------------------------------------------------------------------
 
@@ -341,20 +356,35 @@ def _not_started(cwd: Path | None) -> GitError:
     return GitError("git is not installed (no 'git' on PATH)")
 
 
+def _start(argv: list[str], cwd: Path, env: dict[str, str], shared: Shared) -> subprocess.Popen:
+    """Start one git child with pipes, in a session of its own, given what ``shared`` says (a
+    variable the call sets itself wins)."""
+    with shared.lock:
+        given = shared.current
+        try:
+            proc = subprocess.Popen(argv, cwd=cwd, env={**given.env, **env}, stdin=subprocess.PIPE,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    start_new_session=True, pass_fds=given.fds)
+        except FileNotFoundError as exc:
+            raise _not_started(cwd) from exc
+        _register(proc)
+    return proc
+
+
+def children_running() -> bool:
+    """Whether any git child of this process may still be running."""
+    with _live_lock:
+        return any(p.poll() is None for p in _live)
+
+
 def _communicate(argv: list[str], cwd: Path, env: dict[str, str], input: bytes | None,
-                 timeout: float) -> tuple[int | None, bytes, bytes]:
+                 timeout: float, shared: Shared) -> tuple[int | None, bytes, bytes]:
     """Run one git child to its end, or kill its whole process group after ``timeout``.
 
     (None, out, err) on a timeout. git's own children (``index-pack``, a remote helper) live in
     the same process group, so they go with it.
     """
-    try:
-        proc = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                start_new_session=True)
-    except FileNotFoundError as exc:
-        raise _not_started(cwd) from exc
-    _register(proc)
+    proc = _start(argv, cwd, env, shared)
     try:
         out, err = proc.communicate(input, timeout=timeout)
     except subprocess.TimeoutExpired:

@@ -4,8 +4,10 @@ Per workspace key, ``<workspace.state_dir>/<key>/`` holds::
 
     repo.git/            the repository: the snapshot history (refs/watcherd/snapshots), its packs,
                          a config only watcherd writes
-    workspace-objects/   the workspace's objects as git may read them (an alternate: copies of
-                         its loose objects, links to its packs)
+    workspace-objects/   the workspace's loose objects as git may read them (an alternate:
+                         copies, taken through descriptors)
+    packs/<pid>-<token>/ a process's links to the workspace's pack files it holds open
+                         (``/proc/self/fd/N``), named to its git children only
     index                the private index of snapshots (the working tree as git sees it)
     spool/               bundles being written
     lock                 one watcherd process at a time per key (flock)
@@ -18,13 +20,14 @@ Per workspace key, ``<workspace.state_dir>/<key>/`` holds::
 Nothing of watcherd's lives under the workspace, so nothing planted there is ever acted on.
 
 The workspace's objects are read through ``workspace-objects/``, a directory of watcherd's
-named as the alternate: it holds a copy of each loose object (read through descriptors opened
-without following links, regular files only) and links to the pack files. Built this way rather
+named as the alternate, holding a copy of each loose object (read through descriptors opened
+without following links, regular files only), and through the pack files the process holds open,
+shown to its own git children as ``/proc/self/fd/N`` (:meth:`Repo.attach`). Built this way rather
 than naming the workspace's ``objects/`` as the alternate, git never reads the workspace's own
 ``objects/info/alternates`` (which could chain to another repository) or its commit-graph, never
-follows a fan-out directory or an object swapped for a link to another repository's objects, and
-a FIFO posing as an object (which would block git for ever) is left out. Every object a
-snapshot's history needs is then copied into watcherd's own packs, so a user's
+follows an object, a fan-out directory or ``objects/pack`` swapped for a link to another
+repository's, and a FIFO posing as an object (which would block git for ever) is left out. Every
+object a snapshot's history needs is then copied into watcherd's own packs, so a user's
 ``git gc --prune=now`` cannot break a later save or restore.
 """
 
@@ -35,6 +38,7 @@ import hashlib
 import json
 import os
 import re
+import secrets
 import shutil
 import stat
 import threading
@@ -48,7 +52,7 @@ from pathlib import Path
 from watcherd import dirfd, log
 from watcherd.config import Config
 from watcherd.errors import GitError, WorkspaceError
-from watcherd.git import Git, Identity, LocalIOError
+from watcherd.git import Git, Identity, Inherited, LocalIOError, Shared, children_running
 from watcherd.manifest import Fork
 from watcherd.protocol import BadGenerations
 from watcherd.workspace import Layout, is_plain_dir
@@ -68,6 +72,10 @@ _LINKED = (*_FANOUT, "pack")  # what workspace-objects/ links to, in objects/
 _LINKED_SET = frozenset(_LINKED)
 # Pack files git reads; ".promisor" (lazy fetch) and ".keep" are of no use to a reader here.
 _PACK_SUFFIXES = (".pack", ".idx", ".rev", ".bitmap")
+# Where a git child finds the descriptors it was given as files of their own (Linux's procfs: each
+# open is a new open file of the same inode; BSD's /dev/fd would share one file offset).
+_FD_DIR = "/proc/self/fd"
+MAX_PACK_FILES = 1024  # the workspace's pack files held open at most (.pack, .idx, .rev, .bitmap)
 _LOOSE = re.compile(r"[0-9a-f]{38}|[0-9a-f]{62}")  # a loose object's name in its fan-out dir
 # Files of ours in the state directory are shared with `watcherd restore`, which may run as
 # another uid of the same group (the app's): group-writable, not world-readable.
@@ -112,11 +120,14 @@ class Repo:
         self.objects_link = self.dir / "workspace-objects"
         self.identity = identity or Identity()
         self.git = Git(self.git_dir, home=self.home, work_tree=self.workspace,
-                       identity=self.identity, options=_REPO_OPTIONS)
+                       identity=self.identity, options=_REPO_OPTIONS, shared=Shared())
         self.bare = self.git.with_work_tree(None)
         self._linked: dict[str, tuple] = {}
         self._format: str | None = None
         self._ident: str | None = None
+        self._packs: dict[str, int] = {}  # the workspace's pack files held open, by name
+        self._retired: list[int] = []  # descriptors of packs gone, closed once no git child runs
+        self._packs_token: str | None = None
 
     def __repr__(self) -> str:
         return f"Repo({str(self.dir)!r})"
@@ -300,6 +311,7 @@ class Repo:
         if objects is None or not is_plain_dir(layout.root, objects):
             alternates.unlink(missing_ok=True)
             self._linked.clear()
+            self._show_packs({})
             self._write_shallow(())
             if objects is None:
                 return layout.problem or "the workspace is not a git repository"
@@ -336,23 +348,108 @@ class Repo:
                 continue
             dest = link / name
             if name == "pack":
-                _remove(dest)
-                if st is not None and stat.S_ISDIR(st.st_mode):
-                    self._link_packs(objects / name, dest)
+                _remove(dest)  # an older watcherd linked the pack files here by path
+                self._open_packs(root, rel + b"/pack")
             else:
                 _copy_loose(root, rel + b"/" + name.encode(), dest)
             self._linked[name] = key
 
-    def _link_packs(self, src: Path, dest: Path) -> None:
+    def _open_packs(self, root: Path, rel: bytes) -> None:
+        """Hold the workspace's pack files open, and show those very files to this process's
+        git children.
+
+        Each pack file is opened through descriptors without following links (regular files
+        only; a name seen before keeps its descriptor, pack names never change content), and
+        ``packs/<pid>-<token>/pack/<name>`` links to ``/proc/self/fd/<n>``: in a git child
+        given descriptor ``n`` (:class:`~watcherd.git.Shared`), the file opened here, whatever
+        the workspace's directory holds by the time git reads it (a link to another
+        repository's packs swapped in is never followed). That directory reaches the children
+        in ``GIT_ALTERNATE_OBJECT_DIRECTORIES``, not in the alternates file: another process's
+        children hold other descriptors. A pack gone from the workspace is let go once no git
+        child of this process runs (one may still be reading it)."""
+        found_names: dict[str, int] = {}
+        if not os.path.isdir(_FD_DIR):
+            self._link_packs_by_path(root / os.fsdecode(rel))  # macOS: see docs/security.md
+            return
+        with dirfd.opened(root) as rfd, dirfd.parent(rfd, rel + b"/-") as found:
+            if found is not None:
+                pfd = found[0]
+                listing = sorted(n for n in os.listdir(pfd)
+                                 if n.startswith("pack-") and n.endswith(_PACK_SUFFIXES))
+                if len(listing) > MAX_PACK_FILES:
+                    _log.warning("state.packs_skipped", count=len(listing) - MAX_PACK_FILES,
+                                 note="the workspace has more pack files than watcherd holds "
+                                      "open; objects only in the others count as missing "
+                                      "(a `git gc` in the workspace merges them)")
+                for name in listing[:MAX_PACK_FILES]:
+                    if name in self._packs:
+                        found_names[name] = self._packs[name]
+                        continue
+                    try:
+                        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK |
+                                     os.O_CLOEXEC, dir_fd=pfd)
+                    except OSError:
+                        continue  # a link (ELOOP), unreadable, or gone
+                    if stat.S_ISREG(os.fstat(fd).st_mode):
+                        found_names[name] = fd
+                    else:
+                        os.close(fd)
+        self._show_packs(found_names)
+
+    def _link_packs_by_path(self, src: Path) -> None:
+        """Where no ``/proc/self/fd`` is: link the pack files by path, after checking them."""
+        dest = self.objects_link / "pack"
         try:
             with os.scandir(src) as it:
-                entries = list(it)
+                entries = [e for e in it if e.is_file(follow_symlinks=False)
+                           and e.name.endswith(_PACK_SUFFIXES)]
         except OSError:
             return
         _mkdir(dest)
         for e in entries:
-            if e.is_file(follow_symlinks=False) and e.name.endswith(_PACK_SUFFIXES):
-                os.symlink(e.path, dest / e.name)
+            os.symlink(e.path, dest / e.name)
+
+    def _show_packs(self, found_names: dict[str, int]) -> None:
+        """Make ``found_names`` (name: descriptor) the pack files this Repo's git children see;
+        the descriptors of the others are closed once no child runs."""
+        mine = self._packs_dir()
+        shown = mine / "pack"
+        _mkdir(shown)
+        linked = set(os.listdir(shown))
+        for name in linked - found_names.keys():
+            (shown / name).unlink(missing_ok=True)
+        for name in found_names.keys() - linked:
+            os.symlink(f"{_FD_DIR}/{found_names[name]}", shown / name)
+        retired = [fd for name, fd in self._packs.items() if name not in found_names]
+        self._packs = found_names
+        shared = self.git.shared
+        with shared.lock:  # no child is being started meanwhile
+            shared.current = Inherited(
+                {"GIT_ALTERNATE_OBJECT_DIRECTORIES": str(mine)} if found_names else {},
+                tuple(sorted(found_names.values())))
+            self._retired += retired
+            if self._retired and not children_running():
+                for fd in self._retired:
+                    os.close(fd)
+                self._retired = []
+
+    def _packs_dir(self) -> Path:
+        """This Repo's own directory of links to pack descriptors, made empty the first time;
+        those of processes gone for a day are removed then too."""
+        if self._packs_token is None:
+            self._packs_token = f"{os.getpid()}-{secrets.token_hex(4)}"
+            top = self.dir / "packs"
+            _mkdir(top)
+            for entry in top.iterdir():
+                pid = entry.name.split("-")[0]
+                try:
+                    stale = time.time() - entry.lstat().st_mtime > 86400 and \
+                        not (pid.isdigit() and _alive(int(pid)))
+                except FileNotFoundError:
+                    continue
+                if stale:
+                    shutil.rmtree(entry, ignore_errors=True)
+        return self.dir / "packs" / self._packs_token
 
     def commit_tree(self, tree: str, parents: list[str], message: str, *,
                     when: int | None = None) -> str:
@@ -402,9 +499,9 @@ class Repo:
         ``workspace-objects/``: git writes no object that it finds there already (a blob the user
         wrote with ``git hash-object -w``, a file they staged then changed back), and the user's
         ``git gc --prune=now`` may drop it from the workspace afterwards. The ones held as loose
-        objects are known by a ``stat``; the rest are asked about with the alternate left out
-        (``GIT_OBJECT_DIRECTORY`` naming a view of watcherd's own objects only) and the missing
-        ones packed. Returns how many were copied."""
+        objects are known by a ``stat``; the rest are asked about with the alternates left out
+        (``GIT_OBJECT_DIRECTORY`` naming a view of watcherd's own objects only, none of the
+        workspace's packs) and the missing ones packed. Returns how many were copied."""
         objects = self.git_dir / "objects"
         unsure = [o for o in oids if not os.path.exists(objects / o[:2] / o[2:])]
         if not unsure:
@@ -416,7 +513,8 @@ class Repo:
                 if not (view / name).is_symlink():
                     os.symlink(objects / name, view / name)
         out = self.bare.run("cat-file", "--batch-check=%(objectname)",
-                            env={"GIT_OBJECT_DIRECTORY": str(view)},
+                            env={"GIT_OBJECT_DIRECTORY": str(view),
+                                 "GIT_ALTERNATE_OBJECT_DIRECTORIES": ""},
                             input="".join(f"{o}\n" for o in unsure).encode()).stdout
         missing = [line.split()[0].decode() for line in out.splitlines()
                    if line.endswith(b" missing")]
@@ -765,6 +863,16 @@ def _copy_loose(root: Path, rel: bytes, dest: Path) -> None:
         _log.warning("state.objects_skipped", directory=os.fsdecode(rel), entries=odd[:10],
                      count=len(odd), reason="not regular files: git would block on them or "
                      "follow them, so they are not read (objects in them count as missing)")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _mkdir(path: Path) -> None:
