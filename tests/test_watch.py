@@ -392,11 +392,13 @@ def test_symlinked_directory_is_a_file_and_is_not_followed(root: Path, watcher: 
 
 
 def test_a_change_inside_a_nested_repository_names_it_and_is_warned_about(
-        root: Path, watcher: Judge) -> None:
+        root: Path, watcher: Judge, monkeypatch) -> None:
     """git records a nested repository as one gitlink, never its files: a change inside it is
     reported as the repository (a snapshot then records its commit if it moved), never as its
-    own paths (git's check-ignore would die on them), and warned about every time. Its commit
-    moving is seen too, and once it is no repository any more its files are the workspace's."""
+    own paths (git's check-ignore would die on them), and warned about: at once, then at most
+    every NESTED_WARN_INTERVAL, counting the changes in between. Its commit moving is seen too,
+    and once it is no repository any more its files are the workspace's."""
+    from watcherd import watch
     nested = root / "vendor" / "lib"
     nested.mkdir(parents=True)
     git(nested, "init", "-q")
@@ -410,7 +412,13 @@ def test_a_change_inside_a_nested_repository_names_it_and_is_warned_about(
     with structlog.testing.capture_logs() as logs:
         write(nested / "src" / "deeper" / "more.c")  # in a directory made after the walk
         reported(watcher, "vendor/lib")
-    assert "watch.nested_repository_changed" in [e["event"] for e in logs]
+    assert "watch.nested_repository_changed" not in [e["event"] for e in logs]  # counted
+    monkeypatch.setattr(watch, "NESTED_WARN_INTERVAL", 0.0)
+    with structlog.testing.capture_logs() as logs:
+        write(nested / "src" / "deeper" / "more.c", "again")
+        reported(watcher, "vendor/lib")
+    said = [e for e in logs if e["event"] == "watch.nested_repository_changed"]
+    assert said and said[0]["changes_not_logged"] >= 1
     git(nested, "add", "-A")
     git(nested, "commit", "-qm", "inside")  # rewrites its index
     reported(watcher, "vendor/lib")

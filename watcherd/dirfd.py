@@ -75,60 +75,75 @@ def remove(dir_fd: int, name: str | bytes) -> None:
             pass
 
 
-def remove_tree(dir_fd: int, name: str | bytes) -> None:
+def remove_tree(dir_fd: int, name: str | bytes, *, budget: int = 2_000_000) -> None:
     """Remove directory ``name`` of ``dir_fd`` and everything in it, through descriptors (no
     link followed), without recursion: a tree the agent made thousands of levels deep neither
     overflows Python's stack (``shutil.rmtree`` recurses per level) nor holds a descriptor per
-    level. Going back up, each parent is checked to be the directory it came from (the agent
-    may move a directory away midway): removal stops with :class:`OSError` rather than go on
-    in a directory outside the tree."""
-    names: list[str | bytes] = [name]
-    ids = [None]
+    level. Each directory is listed once (and once more when emptied, for what appeared
+    meanwhile); going back up, each parent is checked to be the directory it came from (the
+    agent may move a directory away midway). Raises :class:`OSError` rather than go on in a
+    directory outside the tree, or once ``budget`` entries were removed and more keep coming."""
+    left = [budget]
+
+    def clear(fd: int) -> list[str]:
+        """Unlink what is not a directory; the directories' names."""
+        dirs = []
+        with os.scandir(fd) as it:
+            for e in it:
+                left[0] -= 1
+                if left[0] < 0:
+                    raise OSError(errno.EAGAIN, "entries keep appearing in a tree being removed",
+                                  e.name)
+                if e.is_dir(follow_symlinks=False):
+                    dirs.append(e.name)
+                    continue
+                try:
+                    os.unlink(e.name, dir_fd=fd)
+                except FileNotFoundError:
+                    pass
+        return dirs
+
     fd = os.open(name, DIR_FLAGS, dir_fd=dir_fd)
     try:
         st = os.fstat(fd)
-        ids = [(st.st_dev, st.st_ino)]
+        # Per level, from the top: its name, its identity, the subdirectories still to remove.
+        levels: list[tuple[str | bytes, tuple[int, int], list[str]]] = [
+            (name, (st.st_dev, st.st_ino), clear(fd))]
         while True:
-            deeper = None
-            with os.scandir(fd) as it:
-                for e in it:
-                    if e.is_dir(follow_symlinks=False):
-                        deeper = e.name
-                        break
-                    try:
-                        os.unlink(e.name, dir_fd=fd)
-                    except FileNotFoundError:
-                        pass
-            if deeper is not None:
+            pending = levels[-1][2]
+            if pending:
+                sub = pending.pop()
                 try:
-                    nfd = os.open(deeper, DIR_FLAGS, dir_fd=fd)
+                    nfd = os.open(sub, DIR_FLAGS, dir_fd=fd)
                 except FileNotFoundError:
                     continue
                 except OSError as exc:  # became a link or a file since the listing
                     if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
                         raise
-                    os.unlink(deeper, dir_fd=fd)
+                    os.unlink(sub, dir_fd=fd)
                     continue
                 os.close(fd)
                 fd = nfd
                 st = os.fstat(fd)
-                names.append(deeper)
-                ids.append((st.st_dev, st.st_ino))
+                levels.append((sub, (st.st_dev, st.st_ino), clear(fd)))
                 continue
-            if len(names) == 1:
+            again = clear(fd)  # what appeared since it was listed
+            if again:
+                pending.extend(again)
+                continue
+            if len(levels) == 1:
                 break
             up = os.open("..", DIR_FLAGS, dir_fd=fd)
             st = os.fstat(up)
             os.close(fd)
             fd = up
-            if (st.st_dev, st.st_ino) != ids[-2]:
+            if (st.st_dev, st.st_ino) != levels[-2][1]:
                 raise OSError(errno.EXDEV, "a directory was moved out of the tree being removed",
-                              os.fsdecode(names[-1]))
+                              os.fsdecode(levels[-1][0]))
             try:
-                os.rmdir(names.pop(), dir_fd=fd)
+                os.rmdir(levels.pop()[0], dir_fd=fd)
             except FileNotFoundError:
                 pass
-            ids.pop()
     finally:
         os.close(fd)
     os.rmdir(name, dir_fd=dir_fd)

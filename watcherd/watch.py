@@ -74,6 +74,9 @@ MAX_PATHS = 1000
 #: Directories watched inside one nested repository (whose own ignore rules git does not give
 #: watcherd: a `node_modules/` in it would be walked whole); past it, changes deeper are unseen.
 NESTED_MAX_WATCHES = 2000
+# A nested repository changing continuously is warned about at most this often (seconds); the
+# warning counts the changes in between.
+NESTED_WARN_INTERVAL = 10.0
 # What of a nested repository's git directory says its commit may have moved.
 _NESTED_GIT_NAMES = frozenset({"HEAD", "index", "packed-refs"})
 
@@ -256,6 +259,8 @@ class Judge:
         self._common_dir = ""
         self._unborn_git = ""  # a .git directory git has not finished creating, when there is one
         self._nested: dict[str, int] = {}  # each nested repository's root: directories watched
+        # When each was last warned about, and the changes inside it since (not logged).
+        self._nested_said: dict[str, tuple[float, int]] = {}
 
     # -- public ----------------------------------------------------------------------------------
 
@@ -352,8 +357,15 @@ class Judge:
 
     def _finish(self, found: Found, hits: int) -> Batch:
         """After a read's events: re-walk when they asked for it, say what they meant."""
+        now = time.monotonic()
         for root in found.nested:
+            last, unsaid = self._nested_said.get(root, (None, 0))
+            if last is not None and now - last < NESTED_WARN_INTERVAL:
+                self._nested_said[root] = (last, unsaid + 1)  # said again, counted, once due
+                continue
+            self._nested_said[root] = (now, 0)
             log.warning("watch.nested_repository_changed", path=ws.printable(root),
+                        changes_not_logged=unsaid,
                         note="a change inside a nested repository: only its commit is saved, "
                              "not its files or uncommitted changes (make it part of this "
                              "repository, or save it separately)")
