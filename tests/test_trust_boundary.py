@@ -335,6 +335,148 @@ def test_a_pack_directory_swapped_for_a_link_after_the_check_is_never_followed(
                           capture_output=True).returncode != 0
 
 
+def plant(ws: Path, kind: bytes, wanted: bytes, instead: bytes) -> str:
+    """A loose object in the workspace named for ``kind`` object ``wanted`` but holding
+    ``instead`` (a valid object of the same size: only the name lies); its id."""
+    import hashlib
+    import zlib
+
+    oid = hashlib.sha1(b"%s %d\0" % (kind, len(wanted)) + wanted).hexdigest()
+    fanout = ws / ".git" / "objects" / oid[:2]
+    fanout.mkdir(exist_ok=True)
+    (fanout / oid[2:]).write_bytes(zlib.compress(b"%s %d\0" % (kind, len(instead)) + instead))
+    return oid
+
+
+def test_a_blob_planted_under_the_id_of_a_files_content_never_enters_the_history(tmp_path):
+    """The agent plants a loose object under the id of content C with other bytes, then writes
+    a file holding C: the snapshot writes C itself (git never finds it "already there" among
+    the workspace's objects), so every generation stays whole after the agent removes the
+    plant, and a restore gives back C."""
+    ws = make_repo(tmp_path / "ws")
+    store_dir = tmp_path / "store"
+    wanted = b"the user's important edit\n"
+    oid = plant(ws, b"blob", wanted, b"agent garbage!!!!!!!!!!!!!\n"[:len(wanted)])
+    (ws / "notes.txt").write_bytes(wanted)
+    save(ws, store_dir)
+    (ws / ".git" / "objects" / oid[:2] / oid[2:]).unlink()
+    (ws / "later.txt").write_text("a later edit\n")
+    save(ws, store_dir)
+    own = state_repo(ws, KEY).git_dir
+    assert subprocess.run(["git", f"--git-dir={own}", "fsck", "--no-dangling"],
+                          capture_output=True).returncode == 0
+    target = tmp_path / "restored"
+    config = Config(workspace=WorkspaceConfig(path=target, state_dir=tmp_path / "pod-2"),
+                    store=StoreConfig(url=parse_store_url(f"file://{store_dir}"), key=KEY))
+    outcome = restore(config, Generations(LocalStore(store_dir), KEY))
+    assert outcome.generation == 2
+    assert (target / "notes.txt").read_bytes() == wanted
+    assert (target / "later.txt").read_text() == "a later edit\n"
+
+
+def forge_pack(ws: Path, oid: str, claimed: str) -> None:
+    """Pack object ``oid`` of ``ws``, then make the pack's index call it ``claimed`` (its one
+    name, and the fan-out table that finds it: gitformat-pack(5), "pack-*.idx files have the
+    following format", version 2); the loose object goes."""
+    pack = ws / ".git" / "objects" / "pack" / "pack"
+    name = git(ws, "pack-objects", "-q", str(pack), input=f"{oid}\n".encode())
+    git(ws, "prune-packed")
+    idx = Path(f"{pack}-{name}.idx")
+    raw = bytearray(idx.read_bytes())
+    first = int(claimed[:2], 16)
+    for b in range(256):
+        raw[8 + 4 * b:12 + 4 * b] = (1 if b >= first else 0).to_bytes(4, "big")
+    raw[8 + 1024:8 + 1024 + 20] = bytes.fromhex(claimed)
+    idx.chmod(0o644)
+    idx.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize("held", ["loose", "packed"])
+def test_a_commit_planted_under_another_id_leaves_its_ref_out_not_the_history_broken(
+        tmp_path, held):
+    """A branch points at an id whose object in the workspace holds other bytes (a loose
+    object, or a pack whose index lies): the branch is left out with a note, the rest is saved,
+    watcherd's repository stays whole and nothing of the planted object is in it."""
+    ws = make_repo(tmp_path / "ws")
+    head = git(ws, "rev-parse", "HEAD")
+    tree = git(ws, "rev-parse", "HEAD^{tree}")
+    who = "a <a@b> 1 +0000"
+    claimed = f"tree {tree}\nparent {head}\nauthor {who}\ncommitter {who}\n\nclaimed\n"
+    told = f"tree {tree}\nparent {head}\nauthor {who}\ncommitter {who}\n\nactual\n"
+    if held == "loose":
+        oid = plant(ws, b"commit", claimed.encode(), told.encode())
+    else:
+        oid = git(ws, "hash-object", "-t", "commit", "--stdin", input=claimed.encode())
+        actual = git(ws, "hash-object", "-t", "commit", "-w", "--stdin", input=told.encode())
+        forge_pack(ws, actual, oid)
+    (ws / ".git" / "refs" / "heads" / "planted").write_text(oid + "\n")
+    snap = take(ws)
+    rec = recorded(ws, snap.commit)
+    assert [r.name for r in rec.refs] == ["refs/heads/main"]
+    assert any("refs/heads/planted" in n or oid in n for n in rec.notes), rec.notes
+    own = state_repo(ws, KEY).git_dir
+    assert subprocess.run(["git", f"--git-dir={own}", "fsck", "--no-dangling"],
+                          capture_output=True).returncode == 0
+    assert oid not in git(tmp_path, f"--git-dir={own}", "rev-list", "--objects", "--all")
+    assert Generations(LocalStore(tmp_path / "store"), KEY).save(state_repo(ws, KEY)).status \
+        == "saved"
+
+
+def test_loose_objects_that_are_not_what_their_names_say_cost_the_state_directory_nothing(
+        tmp_path):
+    """A 2 GiB sparse file, three hard links to it under other object names, and a zlib bomb
+    claiming 100 GB, all posing as loose objects: watcherd copies none of them (each is not the
+    object its name says), its state directory grows by kilobytes, and the snapshot is taken."""
+    import zlib
+
+    ws = make_repo(tmp_path / "ws")
+    fanout = ws / ".git" / "objects" / "ab"
+    fanout.mkdir(exist_ok=True)
+    with open(fanout / ("0" * 38), "wb") as f:
+        f.truncate(2 << 30)
+    for i in range(1, 4):
+        os.link(fanout / ("0" * 38), fanout / (str(i) * 38))
+    (fanout / ("9" * 38)).write_bytes(zlib.compress(b"blob 100000000000\0" + b"\0" * (8 << 20)))
+    (ws / "edit.txt").write_text("an edit\n")
+    with capture_logs() as logs:
+        snap = take(ws)
+    assert snap.commit and "edit.txt" in files_of(ws, snap.commit)
+    state_dir = state_repo(ws, KEY).dir
+    used = sum(p.stat().st_blocks * 512 for p in state_dir.rglob("*") if p.is_file())
+    assert used < 50 << 20
+    skipped = [e for e in logs if e["event"] == "state.objects_skipped"]
+    assert skipped and skipped[0]["count"] == 5
+
+
+def test_a_nested_repository_whose_head_is_a_fifo_costs_one_timeout_not_every_snapshot(
+        tmp_path):
+    """git opens a nested repository's HEAD to tell it is one; a FIFO there blocks it until the
+    door's timeout. That snapshot finds why, leaves the repository out (named in the log) and
+    saves the rest; the next ones do not wait again."""
+    import time
+
+    ws = make_repo(tmp_path / "ws")
+    nested = ws / "vendor" / "lib" / ".git"
+    for d in ("objects", "refs/heads"):
+        (nested / d).mkdir(parents=True)
+    os.mkfifo(nested / "HEAD")
+    (ws / "edit.txt").write_text("one\n")
+    repo = state_repo(ws, KEY)
+    snapshot.prepare(repo)
+    repo.git.timeout = 3
+    cache = snapshot.Cache()
+    with capture_logs() as logs:
+        snap = snapshot.take(repo, "shadow", cache)
+    assert snap.commit and "edit.txt" in files_of(ws, snap.commit)
+    refused = [e for e in logs if e["event"] == "snapshot.nested_refused"]
+    assert refused and refused[0]["paths"] == ["vendor/lib"]
+    (ws / "edit.txt").write_text("two\n")
+    started = time.monotonic()
+    snap = snapshot.take(repo, "shadow", cache)
+    assert time.monotonic() - started < 3
+    assert sgit(ws, "show", f"{snap.commit}:edit.txt", key=KEY) == "two"
+
+
 def test_a_git_symlink_to_another_workspace_is_refused_and_never_read(tmp_path):
     other = make_repo(tmp_path / "other", "another sandbox's secret history\n")
     ws = tmp_path / "ws"

@@ -260,7 +260,7 @@ def _self_contained_copy(git: Git, tmp: Path) -> tuple[Git, dict[str, str]]:
     graph = [(parts[0], parts[1:]) for parts in (line.split() for line in lines)]
     raw = _cat(git, [c for c, _ in graph])
 
-    copy = Git(tmp, home=tmp, shared=git.shared)  # the workspace's packs, where they are shown
+    copy = Git(tmp, home=tmp)
     copy.run("init", "--bare", "--quiet", "--template=", f"--object-format={fmt}", str(tmp))
     (tmp / "objects" / "info" / "alternates").write_text(str(git.git_dir / "objects") + "\n")
 

@@ -160,7 +160,8 @@ class Git:
 
     def __init__(self, git_dir: Path, *, home: Path, work_tree: Path | None = None,
                  identity: Identity | None = None, timeout: float = DEFAULT_TIMEOUT,
-                 options: Sequence[str] = (), shared: Shared | None = None) -> None:
+                 options: Sequence[str] = (), shared: Shared | None = None,
+                 workspace_objects: bool = False) -> None:
         self.git_dir = Path(git_dir)
         self.work_tree = Path(work_tree) if work_tree is not None else None
         self.home = Path(home)
@@ -168,6 +169,7 @@ class Git:
         self.timeout = timeout
         self._options = tuple(options)
         self.shared = shared or Shared()
+        self.workspace_objects = workspace_objects
 
     def __repr__(self) -> str:
         return f"Git({str(self.git_dir)!r}, work_tree={str(self.work_tree) if self.work_tree else None!r})"
@@ -175,7 +177,17 @@ class Git:
     def with_work_tree(self, work_tree: Path | None) -> Git:
         """The same repository with another (or no) work tree."""
         return Git(self.git_dir, home=self.home, work_tree=work_tree, identity=self.identity,
-                   timeout=self.timeout, options=self._options, shared=self.shared)
+                   timeout=self.timeout, options=self._options, shared=self.shared,
+                   workspace_objects=self.workspace_objects)
+
+    def reading_workspace_objects(self) -> Git:
+        """The same repository, whose git children also read the workspace's objects (what
+        :class:`Shared` names to them): for reading the user's history, never for writing a
+        snapshot (git skips writing an object it finds there, and the workspace's bytes behind
+        an id are the agent's)."""
+        return Git(self.git_dir, home=self.home, work_tree=self.work_tree,
+                   identity=self.identity, timeout=self.timeout, options=self._options,
+                   shared=self.shared, workspace_objects=True)
 
     # -- running ---------------------------------------------------------------------------------
 
@@ -215,7 +227,7 @@ class Git:
         cwd = self.work_tree if self.work_tree is not None and self.work_tree.is_dir() \
             else self.home
         code, out, err = _communicate(self.argv(args), cwd, self.env(env), input, limit,
-                                      self.shared)
+                                      self.shared, self.workspace_objects)
         if code is None:
             raise GitTimeout(f"git {_show(args)} timed out after {limit:g}s "
                              f"({self.work_tree or self.git_dir})")
@@ -236,7 +248,7 @@ class Git:
         it and must end it. It is registered, so :func:`kill_all` ends it too."""
         cwd = self.work_tree if self.work_tree is not None and self.work_tree.is_dir() \
             else self.home
-        return _start(self.argv(args), cwd, self.env(env), self.shared)
+        return _start(self.argv(args), cwd, self.env(env), self.shared, self.workspace_objects)
 
     # -- typed questions -------------------------------------------------------------------------
 
@@ -356,13 +368,16 @@ def _not_started(cwd: Path | None) -> GitError:
     return GitError("git is not installed (no 'git' on PATH)")
 
 
-def _start(argv: list[str], cwd: Path, env: dict[str, str], shared: Shared) -> subprocess.Popen:
-    """Start one git child with pipes, in a session of its own, given what ``shared`` says (a
-    variable the call sets itself wins)."""
+def _start(argv: list[str], cwd: Path, env: dict[str, str], shared: Shared,
+           workspace_objects: bool) -> subprocess.Popen:
+    """Start one git child with pipes, in a session of its own, given the descriptors
+    ``shared`` holds and, with ``workspace_objects``, its variables (a variable the call sets
+    itself wins)."""
     with shared.lock:
         given = shared.current
+        named = given.env if workspace_objects else {}
         try:
-            proc = subprocess.Popen(argv, cwd=cwd, env={**given.env, **env}, stdin=subprocess.PIPE,
+            proc = subprocess.Popen(argv, cwd=cwd, env={**named, **env}, stdin=subprocess.PIPE,
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                     start_new_session=True, pass_fds=given.fds)
         except FileNotFoundError as exc:
@@ -378,13 +393,14 @@ def children_running() -> bool:
 
 
 def _communicate(argv: list[str], cwd: Path, env: dict[str, str], input: bytes | None,
-                 timeout: float, shared: Shared) -> tuple[int | None, bytes, bytes]:
+                 timeout: float, shared: Shared,
+                 workspace_objects: bool) -> tuple[int | None, bytes, bytes]:
     """Run one git child to its end, or kill its whole process group after ``timeout``.
 
     (None, out, err) on a timeout. git's own children (``index-pack``, a remote helper) live in
     the same process group, so they go with it.
     """
-    proc = _start(argv, cwd, env, shared)
+    proc = _start(argv, cwd, env, shared, workspace_objects)
     try:
         out, err = proc.communicate(input, timeout=timeout)
     except subprocess.TimeoutExpired:

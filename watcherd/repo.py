@@ -4,8 +4,8 @@ Per workspace key, ``<workspace.state_dir>/<key>/`` holds::
 
     repo.git/            the repository: the snapshot history (refs/watcherd/snapshots), its packs,
                          a config only watcherd writes
-    workspace-objects/   the workspace's loose objects as git may read them (an alternate:
-                         copies, taken through descriptors)
+    workspace-objects/   the workspace's loose objects as git may read them (copies, taken
+                         through descriptors and checked against their names)
     packs/<pid>-<token>/ a process's links to the workspace's pack files it holds open
                          (``/proc/self/fd/N``), named to its git children only
     index                the private index of snapshots (the working tree as git sees it)
@@ -19,16 +19,19 @@ Per workspace key, ``<workspace.state_dir>/<key>/`` holds::
 
 Nothing of watcherd's lives under the workspace, so nothing planted there is ever acted on.
 
-The workspace's objects are read through ``workspace-objects/``, a directory of watcherd's
-named as the alternate, holding a copy of each loose object (read through descriptors opened
-without following links, regular files only), and through the pack files the process holds open,
-shown to its own git children as ``/proc/self/fd/N`` (:meth:`Repo.attach`). Built this way rather
-than naming the workspace's ``objects/`` as the alternate, git never reads the workspace's own
-``objects/info/alternates`` (which could chain to another repository) or its commit-graph, never
-follows an object, a fan-out directory or ``objects/pack`` swapped for a link to another
-repository's, and a FIFO posing as an object (which would block git for ever) is left out. Every
-object a snapshot's history needs is then copied into watcherd's own packs, so a user's
-``git gc --prune=now`` cannot break a later save or restore.
+The workspace's objects are read, by :attr:`Repo.reader` only (the git calls that copy the
+user's history), through ``workspace-objects/``, a directory of watcherd's holding a copy of each
+loose object (read through descriptors opened without following links, regular files only,
+checked against its name), and through the pack files the process holds open, shown to its own
+git children as ``/proc/self/fd/N`` (:meth:`Repo.attach`); both are named to those children in
+``GIT_ALTERNATE_OBJECT_DIRECTORIES``, never in an alternates file. So git never reads the
+workspace's own ``objects/info/alternates`` (which could chain to another repository) or its
+commit-graph, never follows an object, a fan-out directory or ``objects/pack`` swapped for a link
+to another repository's, and a FIFO posing as an object (which would block git for ever) is left
+out. Every other git call sees watcherd's objects alone: a snapshot writes every blob and tree
+from the files themselves, and the user's history is copied in with each object indexed by its
+content, as a fetch does (:func:`watcherd.state.copy_objects`): the workspace's bytes behind an
+object id are the agent's. A user's ``git gc --prune=now`` cannot break a later save or restore.
 """
 
 from __future__ import annotations
@@ -72,6 +75,11 @@ _LINKED = (*_FANOUT, "pack")  # what workspace-objects/ links to, in objects/
 _LINKED_SET = frozenset(_LINKED)
 # Pack files git reads; ".promisor" (lazy fetch) and ".keep" are of no use to a reader here.
 _PACK_SUFFIXES = (".pack", ".idx", ".rev", ".bitmap")
+# A loose object larger than git writes loose by default (core.bigFileThreshold: bigger files go
+# to a pack) is not copied; and one snapshot inflates at most this much of new loose objects to
+# check them (the rest waits for the next): a planted zlib bomb costs seconds, once.
+_MAX_LOOSE = 512 << 20
+_INFLATE_BUDGET = 1 << 30
 # Where a git child finds the descriptors it was given as files of their own (Linux's procfs: each
 # open is a new open file of the same inode; BSD's /dev/fd would share one file offset).
 _FD_DIR = "/proc/self/fd"
@@ -122,12 +130,15 @@ class Repo:
         self.git = Git(self.git_dir, home=self.home, work_tree=self.workspace,
                        identity=self.identity, options=_REPO_OPTIONS, shared=Shared())
         self.bare = self.git.with_work_tree(None)
+        # The only view that reads the workspace's objects: the user's history, to copy it.
+        self.reader = self.bare.reading_workspace_objects()
         self._linked: dict[str, tuple] = {}
         self._format: str | None = None
         self._ident: str | None = None
         self._packs: dict[str, int] = {}  # the workspace's pack files held open, by name
         self._retired: list[int] = []  # descriptors of packs gone, closed once no git child runs
         self._packs_token: str | None = None
+        self._attached = False  # the workspace's objects are named to this Repo's git children
 
     def __repr__(self) -> str:
         return f"Repo({str(self.dir)!r})"
@@ -306,21 +317,21 @@ class Repo:
         (no repository, or its ``objects/`` is not a plain directory inside the workspace);
         watcherd's own objects stay readable either way.
         """
-        alternates = self.git_dir / "objects" / "info" / "alternates"
+        # Named only to the git children of this process that read the user's history
+        # (Repo.reader, in GIT_ALTERNATE_OBJECT_DIRECTORIES), never in the alternates file: every
+        # other call sees watcherd's own objects alone. An older watcherd wrote the file.
+        (self.git_dir / "objects" / "info" / "alternates").unlink(missing_ok=True)
         objects = layout.common_dir / "objects" if layout.common_dir else None
         if objects is None or not is_plain_dir(layout.root, objects):
-            alternates.unlink(missing_ok=True)
             self._linked.clear()
+            self._attached = False
             self._show_packs({})
             self._write_shallow(())
             if objects is None:
                 return layout.problem or "the workspace is not a git repository"
             return f"{objects} is not a plain directory inside the workspace"
+        self._attached = True
         self._link_objects(layout.root, objects)
-        want = f"{self.objects_link}\n"
-        if not alternates.exists() or alternates.read_text() != want:
-            alternates.parent.mkdir(parents=True, exist_ok=True)
-            _write_atomic(alternates, want.encode())
         self._write_shallow(shallow)
         return None
 
@@ -340,6 +351,7 @@ class Repo:
             self._linked = {"": (str(objects),)}
         present = _present(objects)
         linked = self._linked
+        fmt, budget = self.object_format(), [_INFLATE_BUDGET]
         rel = os.fsencode(os.path.relpath(objects, root))
         for name in _LINKED:
             st = present.get(name)
@@ -351,7 +363,7 @@ class Repo:
                 _remove(dest)  # an older watcherd linked the pack files here by path
                 self._open_packs(root, rel + b"/pack")
             else:
-                _copy_loose(root, rel + b"/" + name.encode(), dest)
+                _copy_loose(root, rel + b"/" + name.encode(), dest, fmt, budget)
             self._linked[name] = key
 
     def _open_packs(self, root: Path, rel: bytes) -> None:
@@ -370,6 +382,7 @@ class Repo:
         found_names: dict[str, int] = {}
         if not os.path.isdir(_FD_DIR):
             self._link_packs_by_path(root / os.fsdecode(rel))  # macOS: see docs/security.md
+            self._show_packs({})
             return
         with dirfd.opened(root) as rfd, dirfd.parent(rfd, rel + b"/-") as found:
             if found is not None:
@@ -423,9 +436,11 @@ class Repo:
         retired = [fd for name, fd in self._packs.items() if name not in found_names]
         self._packs = found_names
         shared = self.git.shared
+        alternates = ([str(self.objects_link)] if self._attached else []) + \
+            ([str(mine)] if found_names else [])
         with shared.lock:  # no child is being started meanwhile
             shared.current = Inherited(
-                {"GIT_ALTERNATE_OBJECT_DIRECTORIES": str(mine)} if found_names else {},
+                {"GIT_ALTERNATE_OBJECT_DIRECTORIES": ":".join(alternates)} if alternates else {},
                 tuple(sorted(found_names.values())))
             self._retired += retired
             if self._retired and not children_running():
@@ -493,35 +508,6 @@ class Repo:
         finally:
             tmp.unlink(missing_ok=True)
         return oid
-
-    def keep_objects(self, oids: list[str]) -> int:
-        """Make watcherd's repository hold objects ``oids`` itself, not only through
-        ``workspace-objects/``: git writes no object that it finds there already (a blob the user
-        wrote with ``git hash-object -w``, a file they staged then changed back), and the user's
-        ``git gc --prune=now`` may drop it from the workspace afterwards. The ones held as loose
-        objects are known by a ``stat``; the rest are asked about with the alternates left out
-        (``GIT_OBJECT_DIRECTORY`` naming a view of watcherd's own objects only, none of the
-        workspace's packs) and the missing ones packed. Returns how many were copied."""
-        objects = self.git_dir / "objects"
-        unsure = [o for o in oids if not os.path.exists(objects / o[:2] / o[2:])]
-        if not unsure:
-            return 0
-        view = self.dir / "own-objects"
-        if not (view / "pack").is_symlink():
-            _mkdir(view)
-            for name in _LINKED:
-                if not (view / name).is_symlink():
-                    os.symlink(objects / name, view / name)
-        out = self.bare.run("cat-file", "--batch-check=%(objectname)",
-                            env={"GIT_OBJECT_DIRECTORY": str(view),
-                                 "GIT_ALTERNATE_OBJECT_DIRECTORIES": ""},
-                            input="".join(f"{o}\n" for o in unsure).encode()).stdout
-        missing = [line.split()[0].decode() for line in out.splitlines()
-                   if line.endswith(b" missing")]
-        if missing:
-            self.bare.run("pack-objects", "-q", "--delta-base-offset", str(objects / "pack" / "pack"),
-                          input="".join(f"{o}\n" for o in missing).encode())
-        return len(missing)
 
     def _write_shallow(self, shallow: tuple[str, ...]) -> None:
         """The workspace's shallow boundary, less the commits whose parents watcherd fetched."""
@@ -821,14 +807,16 @@ def _present(objects: Path) -> dict[str, os.stat_result]:
     return present
 
 
-def _copy_loose(root: Path, rel: bytes, dest: Path) -> None:
+def _copy_loose(root: Path, rel: bytes, dest: Path, fmt: str, budget: list[int]) -> None:
     """Make ``dest`` hold a copy of each loose object of the workspace's fan-out directory
     ``rel`` (relative to the workspace ``root``) and nothing else: new ones copied, gone ones
     removed. Read through descriptors opened without following links (:mod:`watcherd.dirfd`),
     regular files only: a directory or an object swapped for a link to outside, at any moment,
     is never followed (git reading through a link to the directory would have read, by id,
     another repository's objects). What is not a regular file is left out with a warning (a
-    FIFO posing as an object would block git for ever)."""
+    FIFO posing as an object would block git for ever), and so is what is not the object its
+    name says (:func:`_object_named`): a sparse file or a hard link under many names costs
+    nothing, and a planted object never reaches git as another's."""
     with dirfd.opened(root) as rfd, dirfd.parent(rfd, rel + b"/-") as found:
         if found is None:
             _remove(dest)
@@ -839,7 +827,8 @@ def _copy_loose(root: Path, rel: bytes, dest: Path) -> None:
             _remove(dest)
         _mkdir(dest)
         have = set(os.listdir(dest))
-        odd = []
+        odd: list[str] = []
+        bad: list[str] = []
         for name in sorted(names - have):
             try:
                 fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
@@ -853,6 +842,13 @@ def _copy_loose(root: Path, rel: bytes, dest: Path) -> None:
                 if not stat.S_ISREG(os.fstat(f_in.fileno()).st_mode):
                     odd.append(name)
                     continue
+                verdict = _object_named(f_in.fileno(), os.fsdecode(rel[-2:]) + name, fmt, budget)
+                if verdict is None:
+                    continue  # over this round's inflation budget: looked at again next time
+                if not verdict:
+                    bad.append(name)
+                    continue
+                os.lseek(f_in.fileno(), 0, os.SEEK_SET)
                 tmp = dest / f".{name}.tmp"
                 with open(tmp, "wb") as f_out:
                     shutil.copyfileobj(f_in, f_out, 1 << 20)
@@ -863,6 +859,49 @@ def _copy_loose(root: Path, rel: bytes, dest: Path) -> None:
         _log.warning("state.objects_skipped", directory=os.fsdecode(rel), entries=odd[:10],
                      count=len(odd), reason="not regular files: git would block on them or "
                      "follow them, so they are not read (objects in them count as missing)")
+    if bad:
+        _log.warning("state.objects_skipped", directory=os.fsdecode(rel), entries=bad[:10],
+                     count=len(bad), reason="not the object their name says (or over "
+                     f"{_MAX_LOOSE >> 20} MiB): not read (objects in them count as missing)")
+
+
+def _object_named(fd: int, oid: str, fmt: str, budget: list[int]) -> bool | None:
+    """Whether file ``fd`` is a loose object whose content hashes to ``oid`` (deflated
+    ``<kind> <size>``, a NUL and the body: Pro Git, "Git Internals - Git Objects"), inflated
+    in bounded steps: a size over :data:`_MAX_LOOSE`, bytes that do not inflate (a sparse
+    file's zeros), or more than the header says are a no at once. None when ``budget`` (bytes
+    left to inflate in this round, decreased) would run out first."""
+    inflater, digest = zlib.decompressobj(), hashlib.new(fmt)
+    header, expected, seen = b"", None, 0
+    while not inflater.eof:
+        data = inflater.unconsumed_tail or os.read(fd, 1 << 20)
+        try:
+            out = inflater.decompress(data, 1 << 20)
+        except zlib.error:
+            return False
+        if not data and not out:
+            return False  # the file ends before the stream does
+        if expected is None:
+            header += out
+            if b"\0" not in header:
+                if len(header) > 64:
+                    return False
+                continue
+            head, _, out = header.partition(b"\0")
+            kind, _, size = head.partition(b" ")
+            if kind not in (b"blob", b"tree", b"commit", b"tag") or not size.isdigit() or \
+                    int(size) > _MAX_LOOSE:
+                return False
+            expected = int(size)
+            if expected > budget[0]:
+                return None
+            budget[0] -= expected
+            digest.update(head + b"\0")
+        seen += len(out)
+        if seen > expected:
+            return False
+        digest.update(out)
+    return expected is not None and seen == expected and digest.hexdigest() == oid
 
 
 def _alive(pid: int) -> bool:

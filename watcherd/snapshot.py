@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import stat
 import threading
 import time
 from dataclasses import dataclass, field
@@ -31,7 +32,7 @@ from pathlib import Path
 from watcherd import dirfd, ignore, log, state, worktree
 from watcherd import workspace as ws
 from watcherd.errors import ConfigError, GitError, WorkspaceError
-from watcherd.git import Git, for_workspace, retrying
+from watcherd.git import Git, GitTimeout, for_workspace, retrying
 from watcherd.repo import SNAPSHOT_REF, Repo, write_private
 
 MESSAGE_PATHS = 50
@@ -68,6 +69,7 @@ class Cache:
     problems: tuple[str, ...] = ()
     nested_at: dict[str, str] = field(default_factory=dict)  # nested repository: its commit
     nested_listed: bool = False
+    refused: set[str] = field(default_factory=set)  # nested repositories git blocked on
     dropped_once: bool = False
     state_of: dict[str, str | None] = field(default_factory=dict)
     tree_of: dict[str, str] = field(default_factory=dict)
@@ -131,10 +133,8 @@ def _adopt_legacy(repo: Repo) -> None:
     legacy = found.legacy_snapshot
     if legacy is None or repo.attach(layout, found.shallow) is not None:
         return
-    r = repo.bare.run("pack-objects", "--revs", "--quiet", "--delta-base-offset",
-                      str(repo.git_dir / "objects" / "pack" / "pack"),
-                      input=f"{legacy}\n".encode(), check=False)
-    if r.returncode != 0 or not repo.bare.has_commit(legacy):
+    broken = state.copy_objects(repo.reader, repo.bare, {legacy: "commit"}, None)
+    if broken or not repo.bare.has_commit(legacy):
         _log.warning("state.legacy_unreadable", snapshot=legacy,
                      reason="the workspace's old snapshot history is incomplete; starting anew")
         return
@@ -219,7 +219,8 @@ def _take(repo: Repo, layout: ws.Layout, cache: Cache, before: str | None = None
             any(path.endswith(b".gitignore") for _, _, path in entries or ()):
         cache.dropped_once = True
         if _drop_now_ignored(repo.git, {"GIT_INDEX_FILE": str(repo.index)}, cache.user_paths):
-            tree = repo.git.out("write-tree", env={"GIT_INDEX_FILE": str(repo.index)})
+            tree = repo.git.out("write-tree", "--missing-ok",
+                                env={"GIT_INDEX_FILE": str(repo.index)})
             entries = [] if tree == prev_tree else \
                 _diff(repo.bare, prev_tree, tree) if prev_tree else None
 
@@ -248,17 +249,14 @@ def _take(repo: Repo, layout: ws.Layout, cache: Cache, before: str | None = None
         if before and repo.bare.run("cat-file", "-e", before, check=False).returncode != 0:
             before = None  # the workspace's objects are not readable this time
         base = prev_tree or before or \
-            (repo.bare.out("rev-parse", f"{head}^{{tree}}") if head else None)
+            (repo.reader.out("rev-parse", f"{head}^{{tree}}") if head else None)
         entries = _diff(repo.bare, base, tree)
     if _confirm_reads(repo, layout.root, base, entries):
-        tree = repo.git.out("write-tree", env={"GIT_INDEX_FILE": str(repo.index)})
+        tree = repo.git.out("write-tree", "--missing-ok",
+                            env={"GIT_INDEX_FILE": str(repo.index)})
         entries = _diff(repo.bare, base, tree)
         if prev and tree == prev_tree and s_commit == prev_state:
             return Snapshot(None, prev, head, head_ref, problems=tuple(problems))
-    # What git found among the workspace's objects and did not write again is copied, so that
-    # the history never depends on the workspace keeping it.
-    repo.keep_objects([oid.decode() for mode, oid, _ in entries
-                       if mode in (b"100644", b"100755", b"120000")])
     paths = _paths(entries, cache)
     moved = head if prev and head != _head_of(repo, prev_state, cache)[0] else None
     commit = repo.commit_tree(tree, list(dict.fromkeys(p for p in (prev, head, s_commit) if p)),
@@ -306,7 +304,7 @@ def _record_state(repo: Repo, found: ws.GitState, index_file: Path | None,
         return cache.state_commit, cache.state_notes
     config = state.parse_config(repo.bare, found.config, repo.dir)
     given = state.Input(config, index_file)
-    commit, rec = state.record(repo.bare, found, given, previous=prev_state)
+    commit, rec = state.record(repo.bare, found, given, previous=prev_state, reader=repo.reader)
     cache.state_key, cache.state_commit, cache.state_notes = key, commit, rec.notes
     cache.heads[commit] = (rec.head.oid, rec.head.ref)
     return commit, rec.notes
@@ -349,6 +347,9 @@ def _worktree_tree(repo: Repo, prev: str | None, prev_tree: str | None, head: st
     differs in it from ``prev_tree`` (None without one). ``head``: the user's HEAD commit as
     read from the workspace (unchecked: it may not exist)."""
     git = repo.git
+    # ``repo.git`` sees watcherd's objects alone: every blob and tree is written from the files
+    # themselves, never skipped because the workspace's objects claim to hold it already (their
+    # bytes are the agent's).
     env = {"GIT_INDEX_FILE": str(repo.index)}
     if not repo.index.exists():
         # An empty index would record whatever git cannot read right now (a directory without
@@ -357,17 +358,33 @@ def _worktree_tree(repo: Repo, prev: str | None, prev_tree: str | None, head: st
             git.run("read-tree", f"{prev}^{{tree}}", env=env)
         elif head:
             # The first snapshot has no recorded state: the user's HEAD stands in for it (when
-            # its objects cannot be read, the index starts empty, as before).
-            git.run("read-tree", f"{head}^{{tree}}", env=env, check=False)
-    _add_all(git, env)
+            # its objects cannot be read, the index starts empty, as before). Its trees are the
+            # workspace's: read through the alternates.
+            repo.reader.run("read-tree", f"{head}^{{tree}}",
+                            env={"GIT_INDEX_FILE": str(repo.index)}, check=False)
+    try:
+        _add_all(git, env, refused=frozenset(cache.refused))
+    except GitTimeout:
+        blocking = _blocking_repositories(repo.workspace) - cache.refused
+        if not blocking:
+            raise
+        cache.refused |= blocking
+        # The killed git's lock on watcherd's private index (nothing else writes it: the
+        # caller holds watcherd's lock).
+        Path(f"{repo.index}.lock").unlink(missing_ok=True)
+        _log.warning("snapshot.nested_refused", paths=sorted(map(ws.printable, blocking))[:10],
+                     note="git blocked on a nested repository whose HEAD or .git is not a "
+                          "regular file (a FIFO); it is left out of every snapshot of this "
+                          "process")
+        _add_all(git, env, refused=frozenset(cache.refused))
     _user_paths(repo, index_file, cache)
     if not prev_tree:
-        return git.out("write-tree", env=env), None
+        return git.out("write-tree", "--missing-ok", env=env), None
     # The tree and what changed since the previous one are two questions about the same index,
     # asked at once: starting a git is most of what each costs on a small change, and with two
     # of them running the second one's start overlaps the first's. (write-tree only adds the
     # cache-tree to the index, renamed into place whole: the reader sees the same entries.)
-    return _at_once(lambda: git.out("write-tree", env=env),
+    return _at_once(lambda: git.out("write-tree", "--missing-ok", env=env),
                     lambda: _diff_index(repo.bare, env, prev_tree))
 
 
@@ -455,12 +472,15 @@ def _user_paths(repo: Repo, index_file: Path | None, cache: Cache) -> frozenset[
     return paths
 
 
-def _add_all(git: Git, env: dict[str, str], *, attempts: int = 3, report: bool = True) -> None:
+def _add_all(git: Git, env: dict[str, str], *, attempts: int = 3, report: bool = True,
+             refused: frozenset[str] = frozenset()) -> None:
     """``git add --all`` of the work tree into the index ``env`` names; ``report``: warn about
-    the paths it had to leave out."""
+    the paths it had to leave out; ``refused``: nested repositories left out (see
+    :func:`_blocking_repositories`)."""
+    specs = [".", *(f":(exclude,literal){p}" for p in sorted(refused))]
     for attempt in range(attempts):
         # --ignore-errors: an unreadable file must not stop every other edit from being saved.
-        r = git.run("add", "--all", "--ignore-errors", "--", ".", env=env, check=False)
+        r = git.run("add", "--all", "--ignore-errors", "--", *specs, env=env, check=False)
         if r.returncode == 0:
             return
         said = r.stderr.decode("utf-8", "replace").strip()
@@ -472,6 +492,47 @@ def _add_all(git: Git, env: dict[str, str], *, attempts: int = 3, report: bool =
         if report:
             _report_skipped(said)
         return
+
+
+def _blocking_repositories(root: Path, *, budget: int = 500_000) -> set[str]:
+    """Nested repositories of the work tree under ``root`` (walked through descriptors, no link
+    followed, at most ``budget`` entries) on which ``git add`` would block: a ``.git`` that is
+    neither a directory nor a file, or whose ``HEAD`` is not a regular file (git opens it to
+    tell a repository, and a FIFO never answers)."""
+    found: set[str] = set()
+    left = [budget]
+
+    def odd(fd: int, name: str) -> bool:
+        try:
+            mode = os.stat(name, dir_fd=fd, follow_symlinks=False).st_mode
+        except FileNotFoundError:
+            return False
+        return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
+
+    def walk(fd: int, at: str, depth: int) -> None:
+        names = os.listdir(fd)
+        left[0] -= len(names)
+        if at and ".git" in names:
+            if odd(fd, ".git"):
+                found.add(at.rstrip("/"))
+            elif dirfd.is_dir(fd, ".git"):
+                with dirfd.opened_at(fd, ".git") as gfd:
+                    if odd(gfd, "HEAD"):
+                        found.add(at.rstrip("/"))
+            return  # git does not look further into a repository
+        for name in names:
+            if left[0] < 0 or depth > 64:
+                return
+            if name != ".git" and dirfd.is_dir(fd, name):
+                try:
+                    with dirfd.opened_at(fd, name) as sub:
+                        walk(sub, f"{at}{name}/", depth + 1)
+                except OSError:
+                    continue
+
+    with dirfd.opened(root) as rfd:
+        walk(rfd, "", 0)
+    return found
 
 
 def _drop_now_ignored(git: Git, env: dict[str, str], user_paths: frozenset[bytes]) -> bool:

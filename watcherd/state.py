@@ -90,8 +90,10 @@ def parse_config(git: Git, raw: bytes, scratch: Path) -> tuple[tuple[str, str], 
     return tuple(entries[:MAX_CONFIG_ENTRIES])
 
 
-def record(git: Git, state: GitState, given: Input, *, previous: str | None) -> tuple[str, Recorded]:
+def record(git: Git, state: GitState, given: Input, *, previous: str | None,
+           reader: Git | None = None) -> tuple[str, Recorded]:
     """Write the state commit for ``state`` into ``git``'s repository; (its id, what it holds).
+    ``reader``: the same repository reading the workspace's objects too (default ``git``).
 
     Every object the record needs is copied into the repository's own packs first (``previous``,
     the last state commit, bounds the copy to what is new). A ref whose object is missing, or
@@ -107,8 +109,9 @@ def record(git: Git, state: GitState, given: Input, *, previous: str | None) -> 
     wanted = {r.oid for r in refs if r.oid} | {e.new for e in stash}
     if head.ref is None and head.oid:
         wanted.add(head.oid)
-    types = _types(git, wanted)
-    tags, peeled = _tags(git, {o for o, t in types.items() if t == "tag"}, types)
+    reader = reader or git
+    types = _types(reader, wanted)
+    tags, peeled = _tags(reader, {o for o, t in types.items() if t == "tag"}, types)
 
     def usable(oid: str | None, what: str) -> bool:
         kind = types.get(oid or "")
@@ -127,7 +130,7 @@ def record(git: Git, state: GitState, given: Input, *, previous: str | None) -> 
 
     index_tree, index_problem = _index_tree(git, given)
     roots = _roots(refs, stash, head, types, peeled, tags, index_tree)
-    broken = _copy(git, roots, previous)
+    broken = copy_objects(reader, git, roots, previous)
     if broken:
         for oid in broken:
             notes.append(f"the history of {oid} is incomplete (objects are missing); "
@@ -140,7 +143,7 @@ def record(git: Git, state: GitState, given: Input, *, previous: str | None) -> 
         if index_tree in broken:
             index_tree, index_problem = None, "the index names objects that do not exist"
         roots = _roots(refs, stash, head, types, peeled, tags, index_tree)
-        if _copy(git, roots, previous):
+        if copy_objects(reader, git, roots, previous):
             raise GitError("copying the workspace's objects failed twice; retrying later")
     if index_problem:
         notes.append(f"index not recorded: {index_problem}")
@@ -159,7 +162,9 @@ def _index_tree(git: Git, given: Input) -> tuple[str | None, str | None]:
             return None, given.index_problem
         # No index file yet (a repository nothing was ever added to): to git, an empty index.
         return git.out("mktree", input=b""), None
-    r = git.run("write-tree", env={"GIT_INDEX_FILE": str(given.index_file)}, check=False)
+    # Its blobs are the workspace's (copied with the rest, copy_objects): only the trees here.
+    r = git.run("write-tree", "--missing-ok", env={"GIT_INDEX_FILE": str(given.index_file)},
+                check=False)
     if r.returncode == 0 and r.text:
         return r.text, None
     said = r.stderr.decode("utf-8", "replace")
@@ -229,23 +234,36 @@ def _roots(refs, stash, head: Head, types, peeled, tags, index_tree) -> dict[str
     return roots
 
 
-def _copy(git: Git, roots: dict[str, str], previous: str | None) -> set[str]:
-    """Copy every object reachable from ``roots`` and not from ``previous`` into a pack of the
-    repository's own (objects read through the alternate included). The roots whose history is
-    incomplete, empty when the copy succeeded."""
+def copy_objects(reader: Git, git: Git, roots: dict[str, str], previous: str | None) -> set[str]:
+    """Copy every object reachable from ``roots`` and not from ``previous`` into a pack of
+    ``git``'s repository's own, read through ``reader`` (the same repository, reading the
+    workspace's objects too). The roots whose history is incomplete, empty when the copy
+    succeeded.
+
+    The workspace's objects are read by name and their bytes are the agent's: an object whose
+    content is not what its name says (a loose object planted under another object's id) must
+    never enter the history as that object. So, as a fetch does, every copied object gets its id
+    from its content (``git index-pack``), and each root is then checked against watcherd's
+    objects alone: a root that reaches a planted object is incomplete and left out."""
     if not roots:
         return set()
     stop = [f"^{previous}"] if previous else []
     lines = "".join(f"{o}\n" for o in sorted(roots)) + "".join(f"{s}\n" for s in stop)
-    pack_base = git.git_dir / "objects" / "pack" / "pack"
-    r = git.run("pack-objects", "--revs", "--quiet", "--delta-base-offset", str(pack_base),
-                input=lines.encode(), check=False)
-    if r.returncode == 0:
-        _drop_if_empty(pack_base.parent, r.text)
+    with tempfile.TemporaryDirectory(prefix="tmp-copy-", dir=git.git_dir) as tmp:
+        r = reader.run("pack-objects", "--revs", "--quiet", "--delta-base-offset",
+                       f"{tmp}/pack", input=lines.encode(), check=False)
+        if r.returncode == 0 and r.text:
+            _take_pack(git, Path(tmp), r.text)
+    # Missing in the workspace (pack-objects failed), or not what their names say (the copy
+    # indexed them under other ids): either way incomplete in watcherd's repository.
+    checker = git if r.returncode == 0 else reader
+    out = checker.run("rev-list", "--objects", "--quiet", "--stdin", input=lines.encode(),
+                      check=False)
+    if out.returncode == 0:
         return set()
     broken = set()
     for oid in sorted(roots):
-        check = git.run("rev-list", "--objects", "--quiet", oid, *stop, check=False)
+        check = checker.run("rev-list", "--objects", "--quiet", oid, *stop, check=False)
         if check.returncode != 0:
             broken.add(oid)
     if not broken:
@@ -254,18 +272,33 @@ def _copy(git: Git, roots: dict[str, str], previous: str | None) -> set[str]:
     return broken
 
 
-def _drop_if_empty(pack_dir: Path, name: str) -> None:
-    """pack-objects writes a pack even when it has nothing to put in it; remove such a pack."""
-    idx = pack_dir / f"pack-{name}.idx"
+def _take_pack(git: Git, tmp: Path, name: str) -> None:
+    """Index the pack ``pack-<name>`` of ``tmp`` again from its content, then move it into the
+    repository's packs (the pack, then its index: git finds a pack by its index)."""
+    base = tmp / f"pack-{name}"
+    for suffix in (".idx", ".rev"):
+        Path(f"{base}{suffix}").unlink(missing_ok=True)
+    r = git.run("index-pack", f"{base}.pack", check=False)
+    if r.returncode != 0:  # not a pack git accepts: nothing of it is kept (the roots are checked)
+        _log.warning("state.copy_refused", error=r.stderr.decode("utf-8", "replace").strip()[:300])
+        return
+    if _pack_count(Path(f"{base}.idx")) == 0:
+        return  # nothing new: pack-objects writes a pack all the same
+    pack_dir = git.git_dir / "objects" / "pack"
+    for suffix in (".pack", ".rev", ".idx"):
+        if os.path.exists(f"{base}{suffix}"):
+            os.replace(f"{base}{suffix}", pack_dir / f"pack-{name}{suffix}")
+
+
+def _pack_count(idx: Path) -> int:
+    """How many objects pack index ``idx`` lists (idx v2: magic, version, then a fan-out table
+    whose last entry is the count; gitformat-pack(5))."""
     try:
         with open(idx, "rb") as f:
-            f.seek(8 + 255 * 4)  # idx v2: magic, version, fan-out; its last entry is the count
-            count = int.from_bytes(f.read(4), "big")
+            f.seek(8 + 255 * 4)
+            return int.from_bytes(f.read(4), "big")
     except OSError:
-        return
-    if count == 0:
-        for suffix in (".pack", ".idx", ".rev"):
-            (pack_dir / f"pack-{name}{suffix}").unlink(missing_ok=True)
+        return -1
 
 
 def _write(git: Git, rec: Recorded, types: dict[str, str], peeled: dict[str, str]) -> str:

@@ -130,8 +130,9 @@ def entry_id(dir_fd: int, path: bytes, object_format: str) -> tuple[str, str | N
 
 def store_entry(git: Git, spool: Path, dir_fd: int, name: str | bytes) -> tuple[str, str]:
     """(git mode, blob id) of file or link ``name`` of ``dir_fd``, written into ``git``'s
-    repository: read through a descriptor (never by path, no link followed), streamed through a
-    file of ``spool`` (watcherd's; never whole in memory). Raises :class:`OSError` when it is
+    repository itself (never skipped for the workspace's objects claiming it): read through a
+    descriptor (never by path, no link followed), streamed through a file of ``spool``
+    (watcherd's; never whole in memory). Raises :class:`OSError` when it is
     missing, unreadable, or neither a file nor a link."""
     st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
     if stat.S_ISLNK(st.st_mode):
