@@ -477,6 +477,36 @@ def test_a_nested_repository_whose_head_is_a_fifo_costs_one_timeout_not_every_sn
     assert sgit(ws, "show", f"{snap.commit}:edit.txt", key=KEY) == "two"
 
 
+def test_pack_files_the_workspace_drops_are_let_go(tmp_path):
+    """watcherd holds the workspace's pack files open for its git children; a user's repack
+    replaces them again and again: the ones gone are closed (no descriptor of a deleted pack
+    stays open), the ones there are held, and every commit is still saved."""
+    ws = make_repo(tmp_path / "ws")
+    repo = state_repo(ws, KEY)
+    snapshot.prepare(repo)
+    cache = snapshot.Cache()
+
+    def held() -> list[str]:
+        out = []
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                out.append(os.readlink(f"/proc/self/fd/{fd}"))
+            except OSError:
+                continue
+        return [p for p in out if str(ws) in p and "/objects/pack/" in p]
+
+    for i in range(6):
+        (ws / f"f{i}.txt").write_text(f"{i}\n")
+        git(ws, "add", "-A")
+        git(ws, "commit", "-qm", f"commit {i}")
+        git(ws, "repack", "-adq")
+        snap = snapshot.take(repo, "shadow", cache)
+        assert recorded(ws, snap.commit).head.oid == git(ws, "rev-parse", "HEAD")
+    pack_files = sorted(str(p) for p in (ws / ".git" / "objects" / "pack").iterdir())
+    assert not [p for p in held() if p.endswith("(deleted)")]
+    assert sorted(held()) == pack_files
+
+
 def test_a_git_symlink_to_another_workspace_is_refused_and_never_read(tmp_path):
     other = make_repo(tmp_path / "other", "another sandbox's secret history\n")
     ws = tmp_path / "ws"

@@ -143,12 +143,24 @@ class Inherited:
 
 class Shared:
     """The :class:`Inherited` of every :class:`Git` made from one (:meth:`Git.with_work_tree`,
-    ``shared=``), replaced whole. Children are started under :attr:`lock`, so whoever replaces
-    it and then closes descriptors no longer named knows no child is being given them."""
+    ``shared=``), replaced whole, given to the children that read the workspace's objects.
+    Children are started under :attr:`lock`, so whoever replaces it and then closes descriptors
+    no longer named knows no child is being given them (:meth:`readers_running`)."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.current = Inherited()
+        self._readers: set[subprocess.Popen] = set()
+
+    def started_reader(self, proc: subprocess.Popen) -> None:
+        """Note a child given :attr:`current`. Call under :attr:`lock`."""
+        self._readers.add(proc)
+
+    def readers_running(self) -> bool:
+        """Whether a child given :attr:`current` (or an earlier one) may still run. Call under
+        :attr:`lock`."""
+        self._readers = {p for p in self._readers if p.poll() is None}
+        return bool(self._readers)
 
 
 class Git:
@@ -370,26 +382,21 @@ def _not_started(cwd: Path | None) -> GitError:
 
 def _start(argv: list[str], cwd: Path, env: dict[str, str], shared: Shared,
            workspace_objects: bool) -> subprocess.Popen:
-    """Start one git child with pipes, in a session of its own, given the descriptors
-    ``shared`` holds and, with ``workspace_objects``, its variables (a variable the call sets
-    itself wins)."""
+    """Start one git child with pipes, in a session of its own; with ``workspace_objects``,
+    given the descriptors and variables ``shared`` holds (a variable the call sets itself
+    wins)."""
     with shared.lock:
-        given = shared.current
-        named = given.env if workspace_objects else {}
+        given = shared.current if workspace_objects else Inherited()
         try:
-            proc = subprocess.Popen(argv, cwd=cwd, env={**named, **env}, stdin=subprocess.PIPE,
+            proc = subprocess.Popen(argv, cwd=cwd, env={**given.env, **env}, stdin=subprocess.PIPE,
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                     start_new_session=True, pass_fds=given.fds)
         except FileNotFoundError as exc:
             raise _not_started(cwd) from exc
         _register(proc)
+        if workspace_objects:
+            shared.started_reader(proc)
     return proc
-
-
-def children_running() -> bool:
-    """Whether any git child of this process may still be running."""
-    with _live_lock:
-        return any(p.poll() is None for p in _live)
 
 
 def _communicate(argv: list[str], cwd: Path, env: dict[str, str], input: bytes | None,

@@ -55,7 +55,7 @@ from pathlib import Path
 from watcherd import dirfd, log
 from watcherd.config import Config
 from watcherd.errors import GitError, WorkspaceError
-from watcherd.git import Git, Identity, Inherited, LocalIOError, Shared, children_running
+from watcherd.git import Git, Identity, Inherited, LocalIOError, Shared
 from watcherd.manifest import Fork
 from watcherd.protocol import BadGenerations
 from watcherd.workspace import Layout, is_plain_dir
@@ -376,9 +376,9 @@ class Repo:
         given descriptor ``n`` (:class:`~watcherd.git.Shared`), the file opened here, whatever
         the workspace's directory holds by the time git reads it (a link to another
         repository's packs swapped in is never followed). That directory reaches the children
-        in ``GIT_ALTERNATE_OBJECT_DIRECTORIES``, not in the alternates file: another process's
-        children hold other descriptors. A pack gone from the workspace is let go once no git
-        child of this process runs (one may still be reading it)."""
+        of :attr:`reader` in ``GIT_ALTERNATE_OBJECT_DIRECTORIES``, not in an alternates file:
+        another process's children hold other descriptors. A pack gone from the workspace is
+        let go once no such child runs (one may still be reading it)."""
         found_names: dict[str, int] = {}
         if not os.path.isdir(_FD_DIR):
             self._link_packs_by_path(root / os.fsdecode(rel))  # macOS: see docs/security.md
@@ -443,7 +443,7 @@ class Repo:
                 {"GIT_ALTERNATE_OBJECT_DIRECTORIES": ":".join(alternates)} if alternates else {},
                 tuple(sorted(found_names.values())))
             self._retired += retired
-            if self._retired and not children_running():
+            if self._retired and not shared.readers_running():
                 for fd in self._retired:
                     os.close(fd)
                 self._retired = []
