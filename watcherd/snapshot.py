@@ -208,6 +208,15 @@ def _take(repo: Repo, layout: ws.Layout, cache: Cache, before: str | None = None
     prev = repo.snapshot_head()
     prev_state = _state_of(repo, prev, cache)
     prev_tree = _tree_of(repo, prev, cache)
+    # The git state first: copying the user's history in (checked, as a fetch does) gives the
+    # working tree's add most of its blobs already, so it writes only what no commit holds.
+    s_commit = prev_state
+    if found is not None:
+        try:
+            s_commit, notes = _record_state(repo, found, index_file, prev_state, cache)
+            problems.extend(notes)
+        except GitError as exc:
+            problems.append(f"the git state is not recorded this time: {exc}")
     tree, entries = _worktree_tree(repo, prev, prev_tree, found.head.oid if found else None,
                                    index_file, cache)
     if tree == prev_tree:
@@ -224,13 +233,6 @@ def _take(repo: Repo, layout: ws.Layout, cache: Cache, before: str | None = None
             entries = [] if tree == prev_tree else \
                 _diff(repo.bare, prev_tree, tree) if prev_tree else None
 
-    s_commit = prev_state
-    if found is not None:
-        try:
-            s_commit, notes = _record_state(repo, found, index_file, prev_state, cache)
-            problems.extend(notes)
-        except GitError as exc:
-            problems.append(f"the git state is not recorded this time: {exc}")
     _report(problems, cache)
     if not cache.nested_listed:
         cache.nested_listed = True
