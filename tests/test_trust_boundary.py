@@ -422,11 +422,30 @@ def test_a_commit_planted_under_another_id_leaves_its_ref_out_not_the_history_br
         == "saved"
 
 
+def test_tag_bytes_from_a_pack_whose_index_lies_are_not_recorded(tmp_path):
+    """An annotated tag's id, served by a pack whose index names other bytes: neither the tag
+    ref nor those bytes are recorded (a restore would write them under the claimed id)."""
+    ws = make_repo(tmp_path / "ws")
+    head = git(ws, "rev-parse", "HEAD")
+    body = f"object {head}\ntype commit\ntag v9\ntagger a <a@b> 1 +0000\n\n"
+    claimed = git(ws, "hash-object", "-t", "tag", "--stdin", input=(body + "claimed\n").encode())
+    actual = git(ws, "hash-object", "-t", "tag", "-w", "--stdin",
+                 input=(body + "actual\n").encode())
+    forge_pack(ws, actual, claimed)
+    (ws / ".git" / "refs" / "tags" / "v9").write_text(claimed + "\n")
+    snap = take(ws)
+    rec = recorded(ws, snap.commit)
+    assert "refs/tags/v9" not in {r.name for r in rec.refs}
+    assert claimed not in {t for t, _ in rec.tags}
+
+
 def test_loose_objects_that_are_not_what_their_names_say_cost_the_state_directory_nothing(
         tmp_path):
-    """A 2 GiB sparse file, three hard links to it under other object names, and a zlib bomb
-    claiming 100 GB, all posing as loose objects: watcherd copies none of them (each is not the
-    object its name says), its state directory grows by kilobytes, and the snapshot is taken."""
+    """A 2 GiB sparse file, three hard links to it under other object names, a zlib bomb
+    claiming 100 GB, and a 5-byte object padded to 20 MB under 20 names, all posing as loose
+    objects: watcherd copies none of them (each is not the object its name says, or is far
+    bigger than what it holds), its state directory grows by kilobytes, and the snapshot is
+    taken."""
     import zlib
 
     ws = make_repo(tmp_path / "ws")
@@ -437,6 +456,15 @@ def test_loose_objects_that_are_not_what_their_names_say_cost_the_state_director
     for i in range(1, 4):
         os.link(fanout / ("0" * 38), fanout / (str(i) * 38))
     (fanout / ("9" * 38)).write_bytes(zlib.compress(b"blob 100000000000\0" + b"\0" * (8 << 20)))
+    # A valid stream of 5 bytes, padded with 20 MB of empty stored blocks, under 20 names.
+    content = b"blob 5\0hello"
+    with open(tmp_path / "padded", "wb") as f:
+        f.write(b"\x78\x01\x00" + len(content).to_bytes(2, "little") +
+                (0xffff ^ len(content)).to_bytes(2, "little") + content)
+        f.write(b"\x00\x00\x00\xff\xff" * 4_000_000)
+        f.write(b"\x01\x00\x00\xff\xff" + zlib.adler32(content).to_bytes(4, "big"))
+    for i in range(20):
+        os.link(tmp_path / "padded", fanout / f"{i + 100:038x}")
     (ws / "edit.txt").write_text("an edit\n")
     with capture_logs() as logs:
         snap = take(ws)
@@ -445,7 +473,7 @@ def test_loose_objects_that_are_not_what_their_names_say_cost_the_state_director
     used = sum(p.stat().st_blocks * 512 for p in state_dir.rglob("*") if p.is_file())
     assert used < 50 << 20
     skipped = [e for e in logs if e["event"] == "state.objects_skipped"]
-    assert skipped and skipped[0]["count"] == 5
+    assert skipped and skipped[0]["count"] == 25
 
 
 def test_a_nested_repository_whose_head_is_a_fifo_costs_one_timeout_not_every_snapshot(
@@ -505,6 +533,86 @@ def test_pack_files_the_workspace_drops_are_let_go(tmp_path):
     pack_files = sorted(str(p) for p in (ws / ".git" / "objects" / "pack").iterdir())
     assert not [p for p in held() if p.endswith("(deleted)")]
     assert sorted(held()) == pack_files
+
+
+def test_a_damaged_object_in_the_users_history_never_stops_the_saves(tmp_path):
+    """One object of the user's history (a blob only an older commit holds) gets bytes after
+    its stream, which git refuses: the branch that needs it is left out, and every save goes
+    on, each generation restoring with the edit it was saved with."""
+    ws = make_repo(tmp_path / "ws")
+    store_dir = tmp_path / "store"
+    save(ws, store_dir)
+    (ws / "a.txt").write_text("an old version, only in history now\n")
+    git(ws, "add", "-A")
+    git(ws, "commit", "-qm", "two")
+    blob = git(ws, "rev-parse", "HEAD:a.txt")
+    (ws / "a.txt").write_text("current version\n")
+    git(ws, "commit", "-qam", "three")
+    obj = ws / ".git" / "objects" / blob[:2] / blob[2:]
+    obj.chmod(0o644)
+    with open(obj, "ab") as f:
+        f.write(b"trailing")
+    for i in range(1, 4):
+        (ws / "edit.txt").write_text(f"user's edit {i}\n")
+        assert save(ws, store_dir).status == "saved"
+    own = state_repo(ws, KEY).git_dir
+    assert subprocess.run(["git", f"--git-dir={own}", "fsck", "--no-dangling"],
+                          capture_output=True).returncode == 0
+    target = tmp_path / "restored"
+    config = Config(workspace=WorkspaceConfig(path=target, state_dir=tmp_path / "pod-2"),
+                    store=StoreConfig(url=parse_store_url(f"file://{store_dir}"), key=KEY))
+    restore(config, Generations(LocalStore(store_dir), KEY))
+    assert (target / "edit.txt").read_text() == "user's edit 3\n"
+    assert (target / "a.txt").read_text() == "current version\n"
+
+
+def test_an_index_holding_a_path_git_refuses_never_makes_a_generation_unrestorable(tmp_path):
+    """The agent rewrites the index so that an entry's path is ``.git/hooks/post-checkout``:
+    git writes such a tree, but a restore's read-tree refuses it. The index is recorded empty
+    (with a note), so the generation restores, with the edit it was saved with."""
+    import hashlib
+
+    ws = make_repo(tmp_path / "ws")
+    store_dir = tmp_path / "store"
+    save(ws, store_dir)
+    (ws / "agit" / "hooks").mkdir(parents=True)
+    (ws / "agit" / "hooks" / "post-checkout").write_text("#!/bin/sh\n")
+    git(ws, "add", "agit/hooks/post-checkout")
+    raw = (ws / ".git" / "index").read_bytes()[:-20].replace(b"agit/hooks/post-checkout",
+                                                            b".git/hooks/post-checkout")
+    (ws / ".git" / "index").write_bytes(raw + hashlib.sha1(raw).digest())
+    (ws / "edit.txt").write_text("precious, v2\n")
+    snap = take(ws)
+    assert any("refuses to check out" in n for n in recorded(ws, snap.commit).notes)
+    assert Generations(LocalStore(store_dir), KEY).save(state_repo(ws, KEY)).status == "saved"
+    target = tmp_path / "restored"
+    config = Config(workspace=WorkspaceConfig(path=target, state_dir=tmp_path / "pod-2"),
+                    store=StoreConfig(url=parse_store_url(f"file://{store_dir}"), key=KEY))
+    outcome = restore(config, Generations(LocalStore(store_dir), KEY))
+    assert outcome.generation == 2
+    assert (target / "edit.txt").read_text() == "precious, v2\n"
+    assert not (target / ".git" / "hooks" / "post-checkout").exists()
+
+
+def test_a_thousand_empty_pack_files_and_many_packs_hold_few_descriptors(tmp_path):
+    """Lone ``.pack`` files are not opened (git cannot use a pack without its index), and of
+    real-looking pairs watcherd holds at most MAX_PACKS: the process's descriptors stay far
+    below a default limit of 1,024, and the snapshot is taken."""
+    from watcherd import repo as repo_module
+
+    ws = make_repo(tmp_path / "ws")
+    pack_dir = ws / ".git" / "objects" / "pack"
+    pack_dir.mkdir(exist_ok=True)
+    for i in range(1100):
+        (pack_dir / f"pack-{i:040x}.pack").write_bytes(b"")
+    for i in range(300):
+        (pack_dir / f"pack-{i + 5000:040x}.idx").write_bytes(b"")
+        (pack_dir / f"pack-{i + 5000:040x}.pack").write_bytes(b"")
+    before = len(os.listdir("/proc/self/fd"))
+    snap = take(ws)
+    assert snap.commit
+    held = len(os.listdir("/proc/self/fd")) - before
+    assert held <= 3 * repo_module.MAX_PACKS
 
 
 def test_a_git_symlink_to_another_workspace_is_refused_and_never_read(tmp_path):

@@ -36,6 +36,7 @@ object id are the agent's. A user's ``git gc --prune=now`` cannot break a later 
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
@@ -77,13 +78,14 @@ _LINKED_SET = frozenset(_LINKED)
 _PACK_SUFFIXES = (".pack", ".idx", ".rev", ".bitmap")
 # A loose object larger than git writes loose by default (core.bigFileThreshold: bigger files go
 # to a pack) is not copied; and one snapshot inflates at most this much of new loose objects to
-# check them (the rest waits for the next): a planted zlib bomb costs seconds, once.
+# check them (the rest waits for the next; a file counts its size too): a planted zlib bomb
+# costs seconds, once (one found wrong is not read again while it is unchanged).
 _MAX_LOOSE = 512 << 20
 _INFLATE_BUDGET = 1 << 30
 # Where a git child finds the descriptors it was given as files of their own (Linux's procfs: each
 # open is a new open file of the same inode; BSD's /dev/fd would share one file offset).
 _FD_DIR = "/proc/self/fd"
-MAX_PACK_FILES = 1024  # the workspace's pack files held open at most (.pack, .idx, .rev, .bitmap)
+MAX_PACKS = 128  # the workspace's packs held open at most (3 descriptors each: .idx, .pack, .rev)
 _LOOSE = re.compile(r"[0-9a-f]{38}|[0-9a-f]{62}")  # a loose object's name in its fan-out dir
 # Files of ours in the state directory are shared with `watcherd restore`, which may run as
 # another uid of the same group (the app's): group-writable, not world-readable.
@@ -139,6 +141,7 @@ class Repo:
         self._retired: list[int] = []  # descriptors of packs gone, closed once no git child runs
         self._packs_token: str | None = None
         self._attached = False  # the workspace's objects are named to this Repo's git children
+        self._refused_loose: set[tuple] = set()  # loose objects found not to be what they say
 
     def __repr__(self) -> str:
         return f"Repo({str(self.dir)!r})"
@@ -363,7 +366,8 @@ class Repo:
                 _remove(dest)  # an older watcherd linked the pack files here by path
                 self._open_packs(root, rel + b"/pack")
             else:
-                _copy_loose(root, rel + b"/" + name.encode(), dest, fmt, budget)
+                _copy_loose(root, rel + b"/" + name.encode(), dest, fmt, budget,
+                            self._refused_loose)
             self._linked[name] = key
 
     def _open_packs(self, root: Path, rel: bytes) -> None:
@@ -387,21 +391,28 @@ class Repo:
         with dirfd.opened(root) as rfd, dirfd.parent(rfd, rel + b"/-") as found:
             if found is not None:
                 pfd = found[0]
-                listing = sorted(n for n in os.listdir(pfd)
-                                 if n.startswith("pack-") and n.endswith(_PACK_SUFFIXES))
-                if len(listing) > MAX_PACK_FILES:
-                    _log.warning("state.packs_skipped", count=len(listing) - MAX_PACK_FILES,
-                                 note="the workspace has more pack files than watcherd holds "
-                                      "open; objects only in the others count as missing "
-                                      "(a `git gc` in the workspace merges them)")
-                for name in listing[:MAX_PACK_FILES]:
+                names = set(os.listdir(pfd))
+                # A pack git can use has its index: a lone .pack (or a thousand empty ones) is
+                # not opened. Its reverse index, if any, comes with it.
+                packs = sorted(n[:-4] for n in names if n.startswith("pack-") and
+                               n.endswith(".idx") and f"{n[:-4]}.pack" in names)
+                if len(packs) > MAX_PACKS:
+                    _log.warning("state.packs_skipped", count=len(packs) - MAX_PACKS,
+                                 note="the workspace has more packs than watcherd holds open; "
+                                      "objects only in the others count as missing (a `git "
+                                      "gc` in the workspace merges them)")
+                listing = [f"{p}{suffix}" for p in packs[:MAX_PACKS]
+                           for suffix in (".idx", ".pack", ".rev") if f"{p}{suffix}" in names]
+                for name in listing:
                     if name in self._packs:
                         found_names[name] = self._packs[name]
                         continue
                     try:
                         fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK |
                                      os.O_CLOEXEC, dir_fd=pfd)
-                    except OSError:
+                    except OSError as exc:
+                        if exc.errno == errno.EMFILE:
+                            break  # out of descriptors: what is held is shown, no more
                         continue  # a link (ELOOP), unreadable, or gone
                     if stat.S_ISREG(os.fstat(fd).st_mode):
                         found_names[name] = fd
@@ -807,7 +818,8 @@ def _present(objects: Path) -> dict[str, os.stat_result]:
     return present
 
 
-def _copy_loose(root: Path, rel: bytes, dest: Path, fmt: str, budget: list[int]) -> None:
+def _copy_loose(root: Path, rel: bytes, dest: Path, fmt: str, budget: list[int],
+                refused: set[tuple]) -> None:
     """Make ``dest`` hold a copy of each loose object of the workspace's fan-out directory
     ``rel`` (relative to the workspace ``root``) and nothing else: new ones copied, gone ones
     removed. Read through descriptors opened without following links (:mod:`watcherd.dirfd`),
@@ -839,13 +851,20 @@ def _copy_loose(root: Path, rel: bytes, dest: Path, fmt: str, budget: list[int])
                 odd.append(name)  # a link (ELOOP), or unreadable
                 continue
             with os.fdopen(fd, "rb") as f_in:
-                if not stat.S_ISREG(os.fstat(f_in.fileno()).st_mode):
+                st = os.fstat(f_in.fileno())
+                if not stat.S_ISREG(st.st_mode):
                     odd.append(name)
                     continue
+                seen_before = (rel, name, st.st_ino, st.st_size, st.st_mtime_ns)
+                if seen_before in refused:
+                    continue  # found not to be its object already: not read again
                 verdict = _object_named(f_in.fileno(), os.fsdecode(rel[-2:]) + name, fmt, budget)
                 if verdict is None:
                     continue  # over this round's inflation budget: looked at again next time
                 if not verdict:
+                    if len(refused) > 100_000:
+                        refused.clear()
+                    refused.add(seen_before)
                     bad.append(name)
                     continue
                 os.lseek(f_in.fileno(), 0, os.SEEK_SET)
@@ -893,14 +912,21 @@ def _object_named(fd: int, oid: str, fmt: str, budget: list[int]) -> bool | None
                     int(size) > _MAX_LOOSE:
                 return False
             expected = int(size)
-            if expected > budget[0]:
+            # Deflate never grows data by more than a few bytes per block: a file much bigger
+            # than what it says it holds is padding (empty blocks), read for nothing.
+            stored = os.fstat(fd).st_size
+            if stored > expected + expected // 100 + 1024:
+                return False
+            if max(expected, stored) > budget[0]:
                 return None
-            budget[0] -= expected
+            budget[0] -= max(expected, stored)
             digest.update(head + b"\0")
         seen += len(out)
         if seen > expected:
             return False
         digest.update(out)
+    if inflater.unused_data or os.read(fd, 1):
+        return False  # bytes after the stream: git refuses such an object
     return expected is not None and seen == expected and digest.hexdigest() == oid
 
 

@@ -18,10 +18,12 @@ it is checked again there, because what the store returns is untrusted too.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 import tempfile
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -149,9 +151,11 @@ def record(git: Git, state: GitState, given: Input, *, previous: str | None,
         notes.append(f"index not recorded: {index_problem}")
     if head.ref is not None:
         head = Head(head.ref, next((r.oid for r in refs if r.name == head.ref), None))
-    # Every tag object of the kept refs' chains (a tag of a tag needs its inner one back too).
+    # Every tag object of the kept refs' chains (a tag of a tag needs its inner one back too),
+    # only as the bytes its id names: a pack whose index lies is not believed here either.
     rec = Recorded(head, tuple(refs), tuple(stash), given.config, index_tree,
-                   tuple((t, tags[t]) for t in sorted(tags)), tuple(notes))
+                   tuple((t, tags[t]) for t in sorted(tags) if _names(t, b"tag", tags[t])),
+                   tuple(notes))
     return _write(git, rec, types, peeled), rec
 
 
@@ -166,6 +170,12 @@ def _index_tree(git: Git, given: Input) -> tuple[str | None, str | None]:
     r = git.run("write-tree", "--missing-ok", env={"GIT_INDEX_FILE": str(given.index_file)},
                 check=False)
     if r.returncode == 0 and r.text:
+        refused = _refused_paths(git, r.text) if _may_refuse(given.index_file) else None
+        if refused:
+            # A restore reads this tree into the new index, and git refuses it there: the index
+            # is recorded empty instead, so that every generation still restores.
+            return git.out("mktree", input=b""), f"the index holds a path git refuses to " \
+                f"check out ({refused}); recorded as empty"
         return r.text, None
     said = r.stderr.decode("utf-8", "replace")
     if "unmerged" in said:
@@ -174,6 +184,36 @@ def _index_tree(git: Git, given: Input) -> tuple[str | None, str | None]:
         return None, "the index names objects that do not exist"
     return None, "git cannot read the index (" + printable(said.strip().splitlines()[-1][:200] \
         if said.strip() else "no message") + ")"
+
+
+# What a path git refuses to check out has somewhere in an index file (a component ".git", also
+# as NTFS spells it, or "." / ".."): an index without any of it needs no check. Version 4 indexes
+# compress paths against the previous one, so they are always checked.
+_SUSPECT_PATH = re.compile(rb"(?i)\.git[ .]*[/\x00]|git~\d|\.\.?/")
+
+
+def _may_refuse(index_file: Path) -> bool:
+    try:
+        raw = Path(index_file).read_bytes()
+    except OSError:
+        return True
+    return raw[4:8] == b"\x00\x00\x00\x04" or _SUSPECT_PATH.search(raw[12:]) is not None
+
+
+def _refused_paths(git: Git, tree: str) -> str | None:
+    """git's reason to refuse reading ``tree`` into an index (a path such as ``.git/hooks/x``,
+    which an index written by the agent may hold), or None: ``read-tree`` into a scratch index,
+    the very check a restore's ``read-tree`` makes (git's ``verify_path``)."""
+    scratch = git.git_dir / f"index-check-{os.getpid()}-{threading.get_ident()}"
+    try:
+        r = git.run("read-tree", tree, env={"GIT_INDEX_FILE": str(scratch)}, check=False)
+    finally:
+        scratch.unlink(missing_ok=True)
+        Path(f"{scratch}.lock").unlink(missing_ok=True)
+    if r.returncode == 0:
+        return None
+    said = r.stderr.decode("utf-8", "replace").strip().splitlines()
+    return printable(said[0][:200]) if said else "no message"
 
 
 def _types(git: Git, oids: Iterable[str]) -> dict[str, str]:
@@ -249,27 +289,45 @@ def copy_objects(reader: Git, git: Git, roots: dict[str, str], previous: str | N
         return set()
     stop = [f"^{previous}"] if previous else []
     lines = "".join(f"{o}\n" for o in sorted(roots)) + "".join(f"{s}\n" for s in stop)
-    with tempfile.TemporaryDirectory(prefix="tmp-copy-", dir=git.git_dir) as tmp:
-        r = reader.run("pack-objects", "--revs", "--quiet", "--delta-base-offset",
-                       f"{tmp}/pack", input=lines.encode(), check=False)
-        if r.returncode == 0 and r.text:
-            _take_pack(git, Path(tmp), r.text)
-    # Missing in the workspace (pack-objects failed), or not what their names say (the copy
-    # indexed them under other ids): either way incomplete in watcherd's repository.
-    checker = git if r.returncode == 0 else reader
-    out = checker.run("rev-list", "--objects", "--quiet", "--stdin", input=lines.encode(),
-                      check=False)
+    r = _pack_into(reader, git, lines)
+    if r.returncode != 0 and len(roots) > 1:
+        # One root's history cannot be read (missing, corrupt): copy the others one by one.
+        for oid in sorted(roots):
+            _pack_into(reader, git, f"{oid}\n" + "".join(f"{s}\n" for s in stop))
+    # Checked on watcherd's objects alone: missing in the workspace, unreadable there, or not
+    # what their names say (the copy indexed them under other ids), a root is incomplete.
+    out = git.run("rev-list", "--objects", "--quiet", "--stdin", input=lines.encode(),
+                  check=False)
     if out.returncode == 0:
         return set()
     broken = set()
     for oid in sorted(roots):
-        check = checker.run("rev-list", "--objects", "--quiet", oid, *stop, check=False)
+        check = git.run("rev-list", "--objects", "--quiet", oid, *stop, check=False)
         if check.returncode != 0:
             broken.add(oid)
     if not broken:
         raise GitError(f"copying objects into watcherd's repository failed: "
                        f"{r.stderr.decode('utf-8', 'replace').strip()[:300]}")
     return broken
+
+
+def _names(oid: str, kind: bytes, body: bytes) -> bool:
+    """Whether ``oid`` is the id of the ``kind`` object ``body`` (sha1, or sha256 for a
+    64-digit id)."""
+    h = hashlib.new("sha256" if len(oid) == 64 else "sha1")
+    h.update(b"%s %d\0" % (kind, len(body)) + body)
+    return h.hexdigest() == oid
+
+
+def _pack_into(reader: Git, git: Git, revs: str):
+    """``pack-objects --revs`` of ``revs`` through ``reader``, the pack taken into ``git``'s
+    repository (:func:`_take_pack`); git's result."""
+    with tempfile.TemporaryDirectory(prefix="tmp-copy-", dir=git.git_dir) as tmp:
+        r = reader.run("pack-objects", "--revs", "--quiet", "--delta-base-offset",
+                       f"{tmp}/pack", input=revs.encode(), check=False)
+        if r.returncode == 0 and r.text:
+            _take_pack(git, Path(tmp), r.text)
+    return r
 
 
 def _take_pack(git: Git, tmp: Path, name: str) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import os
+import resource
 import sys
 from collections.abc import Sequence
 
@@ -52,6 +53,19 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _more_descriptors() -> None:
+    """Raise the soft limit of open files to the hard one (setrlimit(2)): systemd's default
+    soft limit is 1,024, and watcherd holds the workspace's pack files open for its git
+    children (:meth:`watcherd.repo.Repo.attach`)."""
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard == resource.RLIM_INFINITY or hard > soft:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY
+                                                         else max(soft, 65536), hard))
+    except (ValueError, OSError):
+        pass
+
+
 def _not_dumpable() -> None:
     """Make this process's memory and ``/proc/<pid>/environ`` unreadable to other processes of the
     same uid (``prctl(PR_SET_DUMPABLE, 0)``, prctl(2)): watcherd holds the store's credentials,
@@ -66,6 +80,7 @@ def _not_dumpable() -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     _not_dumpable()
+    _more_descriptors()
     try:
         args = parser().parse_args(argv)
     except BrokenPipeError:  # `watcherd --help | head -1`: the reader had what it wanted
