@@ -254,6 +254,31 @@ def test_a_fifo_planted_among_the_objects_after_a_snapshot_does_not_block_the_ne
     assert recorded(ws, snap.commit).head.oid is None  # HEAD's commit could not be read
 
 
+def restore_into(tmp_path: Path, store_dir: Path):
+    """Restore the newest good generation into a new pod's workspace: (its path, the outcome)."""
+    target = tmp_path / "restored"
+    config = Config(workspace=WorkspaceConfig(path=target, state_dir=tmp_path / "pod-2"),
+                    store=StoreConfig(url=parse_store_url(f"file://{store_dir}"), key=KEY))
+    return target, restore(config, Generations(LocalStore(store_dir), KEY))
+
+
+def assert_whole(ws: Path) -> None:
+    """watcherd's repository for ``ws`` passes git fsck: no object missing or corrupt."""
+    own = state_repo(ws, KEY).git_dir
+    assert subprocess.run(["git", f"--git-dir={own}", "fsck", "--no-dangling"],
+                          capture_output=True).returncode == 0
+
+
+def assert_never_read(ws: Path, commit: str, blob: str) -> None:
+    """Neither ``commit`` nor ``blob`` (another repository's) is in watcherd's history, and
+    the blob is nowhere in its repository."""
+    own = state_repo(ws, KEY).git_dir
+    history = git(ws.parent, f"--git-dir={own}", "rev-list", "--objects", "--all")
+    assert commit not in history and blob not in history
+    assert subprocess.run(["git", f"--git-dir={own}", "cat-file", "blob", blob],
+                          capture_output=True).returncode != 0
+
+
 @pytest.mark.parametrize("swapped", ["an object", "a fan-out directory"])
 def test_objects_swapped_for_links_after_the_check_are_never_followed(tmp_path, monkeypatch,
                                                                       swapped):
@@ -291,11 +316,7 @@ def test_objects_swapped_for_links_after_the_check_are_never_followed(tmp_path, 
     monkeypatch.setattr(Repo, "attach", then_swapped)
     snap = take(ws)
     assert snap.commit and "readme.md" in files_of(ws, snap.commit)
-    own = state_repo(ws, KEY).git_dir
-    history = git(tmp_path, f"--git-dir={own}", "rev-list", "--objects", "--all")
-    assert stolen not in history and secret not in history
-    assert subprocess.run(["git", f"--git-dir={own}", "cat-file", "blob", secret],
-                          capture_output=True).returncode != 0
+    assert_never_read(ws, stolen, secret)
 
 
 def test_a_pack_directory_swapped_for_a_link_after_the_check_is_never_followed(
@@ -328,11 +349,7 @@ def test_a_pack_directory_swapped_for_a_link_after_the_check_is_never_followed(
     monkeypatch.setattr(Repo, "attach", then_swapped)
     snap = take(ws)
     assert snap.commit and "readme.md" in files_of(ws, snap.commit)
-    own = state_repo(ws, KEY).git_dir
-    history = git(tmp_path, f"--git-dir={own}", "rev-list", "--objects", "--all")
-    assert stolen not in history and secret not in history
-    assert subprocess.run(["git", f"--git-dir={own}", "cat-file", "blob", secret],
-                          capture_output=True).returncode != 0
+    assert_never_read(ws, stolen, secret)
 
 
 def plant(ws: Path, kind: bytes, wanted: bytes, instead: bytes) -> str:
@@ -362,13 +379,8 @@ def test_a_blob_planted_under_the_id_of_a_files_content_never_enters_the_history
     (ws / ".git" / "objects" / oid[:2] / oid[2:]).unlink()
     (ws / "later.txt").write_text("a later edit\n")
     save(ws, store_dir)
-    own = state_repo(ws, KEY).git_dir
-    assert subprocess.run(["git", f"--git-dir={own}", "fsck", "--no-dangling"],
-                          capture_output=True).returncode == 0
-    target = tmp_path / "restored"
-    config = Config(workspace=WorkspaceConfig(path=target, state_dir=tmp_path / "pod-2"),
-                    store=StoreConfig(url=parse_store_url(f"file://{store_dir}"), key=KEY))
-    outcome = restore(config, Generations(LocalStore(store_dir), KEY))
+    assert_whole(ws)
+    target, outcome = restore_into(tmp_path, store_dir)
     assert outcome.generation == 2
     assert (target / "notes.txt").read_bytes() == wanted
     assert (target / "later.txt").read_text() == "a later edit\n"
@@ -414,9 +426,8 @@ def test_a_commit_planted_under_another_id_leaves_its_ref_out_not_the_history_br
     rec = recorded(ws, snap.commit)
     assert [r.name for r in rec.refs] == ["refs/heads/main"]
     assert any("refs/heads/planted" in n or oid in n for n in rec.notes), rec.notes
+    assert_whole(ws)
     own = state_repo(ws, KEY).git_dir
-    assert subprocess.run(["git", f"--git-dir={own}", "fsck", "--no-dangling"],
-                          capture_output=True).returncode == 0
     assert oid not in git(tmp_path, f"--git-dir={own}", "rev-list", "--objects", "--all")
     assert Generations(LocalStore(tmp_path / "store"), KEY).save(state_repo(ws, KEY)).status \
         == "saved"
@@ -555,13 +566,8 @@ def test_a_damaged_object_in_the_users_history_never_stops_the_saves(tmp_path):
     for i in range(1, 4):
         (ws / "edit.txt").write_text(f"user's edit {i}\n")
         assert save(ws, store_dir).status == "saved"
-    own = state_repo(ws, KEY).git_dir
-    assert subprocess.run(["git", f"--git-dir={own}", "fsck", "--no-dangling"],
-                          capture_output=True).returncode == 0
-    target = tmp_path / "restored"
-    config = Config(workspace=WorkspaceConfig(path=target, state_dir=tmp_path / "pod-2"),
-                    store=StoreConfig(url=parse_store_url(f"file://{store_dir}"), key=KEY))
-    restore(config, Generations(LocalStore(store_dir), KEY))
+    assert_whole(ws)
+    target, _ = restore_into(tmp_path, store_dir)
     assert (target / "edit.txt").read_text() == "user's edit 3\n"
     assert (target / "a.txt").read_text() == "current version\n"
 
@@ -585,10 +591,7 @@ def test_an_index_holding_a_path_git_refuses_never_makes_a_generation_unrestorab
     snap = take(ws)
     assert any("refuses to check out" in n for n in recorded(ws, snap.commit).notes)
     assert Generations(LocalStore(store_dir), KEY).save(state_repo(ws, KEY)).status == "saved"
-    target = tmp_path / "restored"
-    config = Config(workspace=WorkspaceConfig(path=target, state_dir=tmp_path / "pod-2"),
-                    store=StoreConfig(url=parse_store_url(f"file://{store_dir}"), key=KEY))
-    outcome = restore(config, Generations(LocalStore(store_dir), KEY))
+    target, outcome = restore_into(tmp_path, store_dir)
     assert outcome.generation == 2
     assert (target / "edit.txt").read_text() == "precious, v2\n"
     assert not (target / ".git" / "hooks" / "post-checkout").exists()
@@ -958,10 +961,7 @@ def test_a_linked_worktree_inside_the_workspace_is_a_nested_repository_named_in_
     assert "refs/heads/side" in {r.name for r in recorded(ws, snap.commit).refs}
     store_dir = tmp_path / "store"
     assert Generations(LocalStore(store_dir), KEY).save(state_repo(ws, KEY)).status == "saved"
-    target = tmp_path / "restored"
-    config = Config(workspace=WorkspaceConfig(path=target, state_dir=tmp_path / "pod-2"),
-                    store=StoreConfig(url=parse_store_url(f"file://{store_dir}"), key=KEY))
-    restore(config, Generations(LocalStore(store_dir), KEY))
+    target, _ = restore_into(tmp_path, store_dir)
     assert (target / "main.txt").read_text() == "saved\n"
     assert git(target, "rev-parse", "--verify", "-q", "refs/heads/side")
 
