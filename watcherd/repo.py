@@ -314,7 +314,8 @@ class Repo:
     # -- the workspace's objects -----------------------------------------------------------------
 
     def attach(self, layout: Layout, shallow: tuple[str, ...] = ()) -> str | None:
-        """Make the workspace's objects readable as an alternate, and its shallow boundary known.
+        """Make the workspace's objects readable to :attr:`reader`'s git children (copies of its
+        loose objects, its pack files held open), and its shallow boundary known.
 
         Returns None when attached, else why the workspace's objects are not read this time
         (no repository, or its ``objects/`` is not a plain directory inside the workspace);
