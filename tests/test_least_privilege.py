@@ -208,8 +208,9 @@ def saved(d: Daemon, moto: MotoS3, bucket: str, content: str) -> dict[str, Any]:
     def done():
         m = manifest(moto, bucket)
         snaps = d.snapshots()
+        # The file as the very snapshot the store names: the ref may move between two reads.
         return (m and snaps and m["snapshot"] == snaps[0]
-                and d.shown("src/app.py") == content.strip() and m)
+                and d.shown("src/app.py", snaps[0]) == content.strip() and m)
     return wait_for(done, timeout=30, message="the edit snapshotted and uploaded")
 
 

@@ -820,8 +820,8 @@ def workspace_disk_full(lab: Lab, rng: random.Random, fills: int) -> Figures:
         assert not edits.write(f"src/refused-{n}.txt", size=64 * 1024)  # the disk is full
         edits.rewrite_in_place("src/app.py")  # fits: an edit made while the disk is full
         # Both edits reach the store while the disk is still full.
-        wait_for(lambda: (m := view.manifest()) and m["snapshot"] == d.git(
-                 "rev-parse", SNAPSHOT_REF) and d.shown("src/app.py") ==
+        wait_for(lambda: (m := view.manifest()) and m["snapshot"] == (head := d.git(
+                 "rev-parse", SNAPSHOT_REF)) and d.shown("src/app.py", head) ==
                  edits.made["src/app.py"].decode() and d.status()["state"] == "idle",
                  timeout=FAIL_WITHIN, message="the edits made before and while the disk was "
                  "full in the store, with the disk still full")
