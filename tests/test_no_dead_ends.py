@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from daemon_fixture import Daemon, run_cli, watcherd, write_config  # noqa: F401 (fixture)
-from helpers import git, make_repo, state_repo
+from helpers import git, make_repo, state_repo, wait_for
 from watcherd import manifest as mf
 from watcherd import snapshot
 from watcherd.config import Config, RestoreConfig, StoreConfig, WorkspaceConfig, parse_store_url
@@ -168,7 +168,9 @@ def test_refused_saves_are_reported_refused_by_snapshot_status_metrics_and_the_s
     _diverge(d, tmp_path)
     d.start()
     d.log.wait("generation.conflict", timeout=15)  # the start-up save of the edits
-    s = d.status()
+    # The save logs the conflict, then its result reaches the scheduler: status follows.
+    s = wait_for(lambda: (st := d.status())["refused"] and st, timeout=10,
+                 message="status to say the save was refused")
     assert s["refused"] is True and s["state"] == "conflict"
     assert s["oldest_unsaved_change_age_ms"] is not None
     assert d.metrics()["watcherd_unsaved_conflict"] == 1
@@ -202,7 +204,8 @@ def test_conflict_copies_do_not_pile_up(watcherd, tmp_path):
                     "refs/*:refs/*"], check=True)
     assert git(tmp_path, f"--git-dir={scratch}", "show",
                "refs/watcherd/snapshots:src/app.py") == "print('cycle 5')"
-    assert d.status()["conflict"]["copies"] == len(copies)
+    wait_for(lambda: (d.status()["conflict"] or {}).get("copies") == len(copies), timeout=10,
+             message="status to count the conflict copies")
     # A save with nothing new does not upload another copy.
     before = sorted(p.name for p in (d.store / d.key / "conflicts").iterdir())
     assert run_cli(d.config, "snapshot").returncode == 3
