@@ -618,6 +618,28 @@ def test_a_thousand_empty_pack_files_and_many_packs_hold_few_descriptors(tmp_pat
     assert held <= 3 * repo_module.MAX_PACKS
 
 
+def test_a_nested_git_file_naming_a_repository_outside_records_nothing_of_it(tmp_path):
+    """``sub/.git`` is a ``gitdir:`` file naming another sandbox's repository: git reads that
+    repository's HEAD to record ``sub`` as a gitlink. The snapshot drops that gitlink (named in
+    the log), so the other repository's commit id is in no snapshot; a submodule whose git
+    directory is inside the workspace keeps its gitlink."""
+    other = make_repo(tmp_path / "other", "another sandbox\n")
+    theirs = git(other, "rev-parse", "HEAD")
+    ws = make_repo(tmp_path / "ws")
+    (ws / "sub").mkdir()
+    (ws / "sub" / ".git").write_text(f"gitdir: {other / '.git'}\n")
+    inner = make_repo(tmp_path / "inner-src")
+    os.rename(inner, ws / "vendor")  # a nested repository of the workspace's own
+    (ws / "edit.txt").write_text("saved\n")
+    with capture_logs() as logs:
+        snap = take(ws)
+    files = files_of(ws, snap.commit)
+    assert "edit.txt" in files and "vendor" in files and "sub" not in files
+    assert theirs not in sgit(ws, "ls-tree", "-r", snap.commit, key=KEY)
+    refused = [e for e in logs if e["event"] == "snapshot.nested_refused"]
+    assert refused and refused[0]["paths"] == ["sub"]
+
+
 def test_a_git_symlink_to_another_workspace_is_refused_and_never_read(tmp_path):
     other = make_repo(tmp_path / "other", "another sandbox's secret history\n")
     ws = tmp_path / "ws"

@@ -69,7 +69,7 @@ class Cache:
     problems: tuple[str, ...] = ()
     nested_at: dict[str, str] = field(default_factory=dict)  # nested repository: its commit
     nested_listed: bool = False
-    refused: set[str] = field(default_factory=set)  # nested repositories git blocked on
+    refused: set[str] = field(default_factory=set)  # nested repositories left out of adds
     dropped_once: bool = False
     state_of: dict[str, str | None] = field(default_factory=dict)
     tree_of: dict[str, str] = field(default_factory=dict)
@@ -253,7 +253,7 @@ def _take(repo: Repo, layout: ws.Layout, cache: Cache, before: str | None = None
         base = prev_tree or before or \
             (repo.reader.out("rev-parse", f"{head}^{{tree}}") if head else None)
         entries = _diff(repo.bare, base, tree)
-    if _confirm_reads(repo, layout.root, base, entries):
+    if _confirm_reads(repo, layout.root, base, entries, cache.refused):
         tree = repo.git.out("write-tree", "--missing-ok",
                             env={"GIT_INDEX_FILE": str(repo.index)})
         entries = _diff(repo.bare, base, tree)
@@ -391,7 +391,7 @@ def _worktree_tree(repo: Repo, prev: str | None, prev_tree: str | None, head: st
 
 
 def _confirm_reads(repo: Repo, root: Path, base: str | None,
-                   entries: list[tuple[bytes, bytes, bytes]]) -> bool:
+                   entries: list[tuple[bytes, bytes, bytes]], refused: set[str]) -> bool:
     """Make every file and link the snapshot records as changed what the workspace holds at
     that path, read through descriptors opened without following links (:mod:`watcherd.dirfd`).
 
@@ -401,9 +401,22 @@ def _confirm_reads(repo: Repo, root: Path, base: str | None,
     path holds now is recorded again from what it holds (an edit made meanwhile is simply the
     newer content), or dropped when nothing is there (one that cannot be read keeps what
     ``base``, the tree the entries differ from, holds); True when the index changed. Costs one
-    read of each changed file (gitlinks, whose commits git reads from the nested repository,
-    are left as git recorded them)."""
+    read of each changed file. A gitlink (git reads the nested repository's HEAD for it) is
+    dropped when that repository's ``.git`` names a directory outside the workspace, and added
+    to ``refused`` (left out of this process's next adds); otherwise it stays as git recorded
+    it."""
     fmt, wrong = repo.object_format(), []
+    outside = [path for mode, _, path in entries if mode == b"160000"
+               and _nested_outside(root, path)]
+    if outside:
+        # git read that repository's HEAD to record the gitlink: its id is not the workspace's.
+        refused.update(os.fsdecode(p) for p in outside)
+        repo.git.run("update-index", "-z", "--force-remove", "--stdin", input=b"".join(
+            p + b"\0" for p in outside), env={"GIT_INDEX_FILE": str(repo.index)})
+        _log.warning("snapshot.nested_refused", paths=[ws.printable(os.fsdecode(p))
+                                                       for p in outside[:10]],
+                     note="a nested repository whose .git names a directory outside the "
+                          "workspace: left out of the snapshot (its commit is another's)")
     with dirfd.opened(root) as rfd:
         for mode, oid, path in entries:
             if mode in (b"000000", b"160000"):
@@ -415,7 +428,7 @@ def _confirm_reads(repo: Repo, root: Path, base: str | None,
             if found != (mode.decode(), oid.decode()):
                 wrong.append(path)
         if not wrong:
-            return False
+            return bool(outside)
         lines, unreadable = [], []
         gone = b"0 " + b"0" * len(entries[0][1]) + b"\t"  # --index-info's "remove this path"
         for path in wrong:
@@ -448,6 +461,25 @@ def _confirm_reads(repo: Repo, root: Path, base: str | None,
                    "read them, or a directory swapped for a link): recorded from the files "
                    "themselves")
     return True
+
+
+def _nested_outside(root: Path, rel: bytes) -> bool:
+    """Whether the nested repository at ``rel`` has a ``.git`` (a link, or a ``gitdir:`` file)
+    naming a directory outside the workspace ``root`` (resolved), or one that cannot be read."""
+    dotgit = root / os.fsdecode(rel) / ".git"
+    try:
+        if stat.S_ISREG(os.lstat(dotgit).st_mode):
+            text = ws.read_file(root, dotgit, ws.MAX_SMALL_FILE).decode("utf-8").strip()
+            if not text.startswith("gitdir:"):
+                return True
+            target = Path(text[len("gitdir:"):].strip())
+            dotgit = target if target.is_absolute() else dotgit.parent / target
+        ws.inside(root, dotgit)
+        return False
+    except FileNotFoundError:
+        return False
+    except (ws.Unsafe, UnicodeDecodeError, OSError):
+        return True
 
 
 def _user_paths(repo: Repo, index_file: Path | None, cache: Cache) -> frozenset[bytes]:
