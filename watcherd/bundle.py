@@ -25,7 +25,7 @@ from urllib.parse import urlsplit
 
 from watcherd import log, state
 from watcherd.errors import GitError, IntegrityError
-from watcherd.git import Git, LocalIOError
+from watcherd.git import Git, LocalIOError, object_id
 from watcherd.repo import SNAPSHOT_REF, Repo
 
 _log = log.get(__name__)
@@ -279,7 +279,7 @@ def _self_contained_copy(git: Git, tmp: Path) -> tuple[Git, dict[str, str]]:
         if commit not in boundary and new_parents == parents and new_tree is None:
             continue
         body = _reparent(body, new_parents, new_tree)
-        mapping[commit] = _object_id(fmt, "commit", body)
+        mapping[commit] = object_id(fmt, "commit", body)
         new_objects.append(("commit", body))
     _write_objects(copy, new_objects, tmp)
     head = git.rev(SNAPSHOT_REF)
@@ -324,7 +324,7 @@ def _rewrite_tags(blob: bytes, mapping: dict[str, str], fmt: str) -> bytes:
         m = re.match(rb"object ([0-9a-f]+)\n", body)
         if m and m[1].decode() in mapping:
             body = b"object " + mapping[m[1].decode()].encode() + body[m.end() - 1:]
-            new = _object_id(fmt, "tag", body)
+            new = object_id(fmt, "tag", body)
             mapping[oid] = new
             _log.warning("history.tag_rewritten", tag=oid, new=new,
                          note="an annotated tag of a rewritten commit now names its new id")
@@ -360,11 +360,6 @@ def _reparent(body: bytes, parents: list[str], tree: str | None = None) -> bytes
     return b"\n".join(kept) + sep + message
 
 
-def _object_id(fmt: str, kind: str, body: bytes) -> str:
-    algo = hashlib.sha256 if fmt == "sha256" else hashlib.sha1
-    return algo(b"%s %d\0" % (kind.encode(), len(body)) + body).hexdigest()
-
-
 def _write_objects(copy: Git, objects: list[tuple[str, bytes]], tmp: Path) -> None:
     if not objects:
         return
@@ -376,7 +371,7 @@ def _write_objects(copy: Git, objects: list[tuple[str, bytes]], tmp: Path) -> No
         p = staging / str(i)
         p.write_bytes(body)
         paths.append(str(p))
-        expected.append(_object_id(fmt, kind, body))
+        expected.append(object_id(fmt, kind, body))
     got = copy.out("hash-object", "-t", "commit", "-w", "--no-filters", "--stdin-paths",
                    input=("\n".join(paths) + "\n").encode()).split()
     shutil.rmtree(staging)

@@ -14,6 +14,7 @@ builds that door, for trusted workspaces only.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import subprocess
@@ -129,6 +130,13 @@ class LocalIOError(GitError):
 # How git (through strerror) says the disk, not the data, is at fault.
 _LOCAL_IO = ("No space left on device", "Disk quota exceeded", "Input/output error",
              "Read-only file system")
+
+
+def object_id(fmt: str, kind: str, body: bytes) -> str:
+    """The id git gives the ``kind`` object ``body`` in a ``fmt`` ("sha1", "sha256")
+    repository: the hash of ``<kind> <size>``, a NUL, then the body (gitformat-loose(5))."""
+    algo = hashlib.sha256 if fmt == "sha256" else hashlib.sha1
+    return algo(b"%s %d\0" % (kind.encode(), len(body)) + body).hexdigest()
 
 
 @dataclass(frozen=True)

@@ -56,7 +56,7 @@ from pathlib import Path
 from watcherd import dirfd, log
 from watcherd.config import Config
 from watcherd.errors import GitError, WorkspaceError
-from watcherd.git import Git, Identity, Inherited, LocalIOError, Shared
+from watcherd.git import Git, Identity, Inherited, LocalIOError, Shared, object_id
 from watcherd.manifest import Fork
 from watcherd.protocol import BadGenerations
 from watcherd.workspace import Layout, is_plain_dir
@@ -501,8 +501,8 @@ class Repo:
         """Write one object into watcherd's repository as git does (Pro Git, "Git Internals -
         Git Objects": ``<kind> <size>`` and a NUL, then the body, deflated and named by its
         hash; written aside, then linked into place); its id."""
+        oid = object_id(self.object_format(), kind.decode(), body)
         data = b"%s %d\0" % (kind, len(body)) + body
-        oid = hashlib.new(self.object_format(), data).hexdigest()
         fanout = self.git_dir / "objects" / oid[:2]
         final = fanout / oid[2:]
         if final.exists():

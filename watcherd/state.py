@@ -18,7 +18,6 @@ it is checked again there, because what the store returns is untrusted too.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -30,7 +29,7 @@ from pathlib import Path
 
 from watcherd import log
 from watcherd.errors import GitError, IntegrityError
-from watcherd.git import Git
+from watcherd.git import Git, object_id
 from watcherd.workspace import GitState, Head, Ref, StashEntry, printable, valid_ref_name
 
 _log = log.get(__name__)
@@ -154,7 +153,7 @@ def record(git: Git, state: GitState, given: Input, *, previous: str | None,
     # Every tag object of the kept refs' chains (a tag of a tag needs its inner one back too),
     # only as the bytes its id names: a pack whose index lies is not believed here either.
     rec = Recorded(head, tuple(refs), tuple(stash), given.config, index_tree,
-                   tuple((t, tags[t]) for t in sorted(tags) if _names(t, b"tag", tags[t])),
+                   tuple((t, tags[t]) for t in sorted(tags) if object_id("sha256" if len(t) == 64 else "sha1", "tag", tags[t]) == t),
                    tuple(notes))
     return _write(git, rec, types, peeled), rec
 
@@ -309,14 +308,6 @@ def copy_objects(reader: Git, git: Git, roots: dict[str, str], previous: str | N
         raise GitError(f"copying objects into watcherd's repository failed: "
                        f"{r.stderr.decode('utf-8', 'replace').strip()[:300]}")
     return broken
-
-
-def _names(oid: str, kind: bytes, body: bytes) -> bool:
-    """Whether ``oid`` is the id of the ``kind`` object ``body`` (sha1, or sha256 for a
-    64-digit id)."""
-    h = hashlib.new("sha256" if len(oid) == 64 else "sha1")
-    h.update(b"%s %d\0" % (kind, len(body)) + body)
-    return h.hexdigest() == oid
 
 
 def _pack_into(reader: Git, git: Git, revs: str):

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from watcherd import dirfd
-from watcherd.git import Git
+from watcherd.git import Git, object_id
 
 NONE = "000000"  # git's mode of a path one side of a diff lacks (git-diff-tree(1), "RAW OUTPUT")
 LINK, GITLINK, EXECUTABLE = "120000", "160000", "100755"
@@ -118,7 +118,8 @@ def entry_id(dir_fd: int, path: bytes, object_format: str) -> tuple[str, str | N
         if stat.S_ISDIR(st.st_mode):
             return GITLINK, None
         if stat.S_ISLNK(st.st_mode):
-            return LINK, _blob_id(object_format, [os.fsencode(os.readlink(leaf, dir_fd=fd))])
+            target = os.fsencode(os.readlink(leaf, dir_fd=fd))
+            return LINK, object_id(object_format, "blob", target)
         if not stat.S_ISREG(st.st_mode):
             return None
         mode = EXECUTABLE if st.st_mode & 0o100 else "100644"
@@ -192,14 +193,6 @@ def _file_id(dir_fd: int, name: bytes | str, object_format: str) -> str | None:
             h.update(chunk)
             left -= len(chunk)
         return h.hexdigest() if not f.read(1) else None
-
-
-def _blob_id(object_format: str, parts: list[bytes]) -> str:
-    h = hashlib.new(object_format)
-    h.update(b"blob %d\0" % sum(map(len, parts)))
-    for p in parts:
-        h.update(p)
-    return h.hexdigest()
 
 
 def _way_clear(root_fd: int, path: bytes, removed: set[bytes]) -> bool:
