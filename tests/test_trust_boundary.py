@@ -572,20 +572,31 @@ def test_a_damaged_object_in_the_users_history_never_stops_the_saves(tmp_path):
     assert (target / "a.txt").read_text() == "current version\n"
 
 
-def test_an_index_holding_a_path_git_refuses_never_makes_a_generation_unrestorable(tmp_path):
-    """The agent rewrites the index so that an entry's path is ``.git/hooks/post-checkout``:
-    git writes such a tree, but a restore's read-tree refuses it. The index is recorded empty
-    (with a note), so the generation restores, with the edit it was saved with."""
+@pytest.mark.parametrize("planted, link", [
+    (".git/hooks/post-checkout", False), (".GIT/config", False),
+    (".git::$INDEX_ALLOCATION/x", False), (".git\\hooks\\x", False), ("git~1/config", False),
+    (".gitmodules", True), ("sub/.GITMODULES", True)])
+def test_an_index_holding_a_path_git_refuses_never_makes_a_generation_unrestorable(
+        tmp_path, planted, link):
+    """The agent rewrites the index so that an entry's path is one git refuses to check out
+    (``.git`` as any file system spells it, a ``.gitmodules`` that is a link): git writes such a
+    tree, but a restore's read-tree refuses it. The index is recorded empty (with a note), so
+    the generation restores, with the edit it was saved with."""
     import hashlib
 
     ws = make_repo(tmp_path / "ws")
     store_dir = tmp_path / "store"
     save(ws, store_dir)
-    (ws / "agit" / "hooks").mkdir(parents=True)
-    (ws / "agit" / "hooks" / "post-checkout").write_text("#!/bin/sh\n")
-    git(ws, "add", "agit/hooks/post-checkout")
-    raw = (ws / ".git" / "index").read_bytes()[:-20].replace(b"agit/hooks/post-checkout",
-                                                            b".git/hooks/post-checkout")
+    # A path git takes, as long as the planted one, rewritten in place in the index.
+    real = planted.replace(".git", "agit").replace(".GIT", "aGIT").replace("git~", "gitx")
+    assert len(real) == len(planted) and real != planted
+    (ws / real).parent.mkdir(parents=True, exist_ok=True)
+    if link:
+        os.symlink("a.txt", ws / real)
+    else:
+        (ws / real).write_text("#!/bin/sh\n")
+    git(ws, "add", "--", real)
+    raw = (ws / ".git" / "index").read_bytes()[:-20].replace(real.encode(), planted.encode())
     (ws / ".git" / "index").write_bytes(raw + hashlib.sha1(raw).digest())
     (ws / "edit.txt").write_text("precious, v2\n")
     snap = take(ws)
@@ -594,7 +605,6 @@ def test_an_index_holding_a_path_git_refuses_never_makes_a_generation_unrestorab
     target, outcome = restore_into(tmp_path, store_dir)
     assert outcome.generation == 2
     assert (target / "edit.txt").read_text() == "precious, v2\n"
-    assert not (target / ".git" / "hooks" / "post-checkout").exists()
 
 
 def test_a_thousand_empty_pack_files_and_many_packs_hold_few_descriptors(tmp_path):

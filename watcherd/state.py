@@ -185,10 +185,12 @@ def _index_tree(git: Git, given: Input) -> tuple[str | None, str | None]:
         if said.strip() else "no message") + ")"
 
 
-# What a path git refuses to check out has somewhere in an index file (a component ".git", also
-# as NTFS spells it, or "." / ".."): an index without any of it needs no check. Version 4 indexes
-# compress paths against the previous one, so they are always checked.
-_SUSPECT_PATH = re.compile(rb"(?i)\.git[ .]*[/\x00]|git~\d|\.\.?/")
+# What a path git refuses to check out has somewhere in an index file: ".git" followed by
+# anything but a name's letters (".git/", ".git.", ".git::$INDEX_ALLOCATION", ".git\\"), a short
+# name ("git~1", "gitmod~1"), ".gitmodules" (refused as a link), a backslash, "." or "..". An
+# index without any of it needs no check; git's own read-tree decides for the others. Version 4
+# indexes compress paths against the previous one, so they are always checked.
+_SUSPECT_PATH = re.compile(rb"(?i)\.git(?![a-z0-9_-])|\.gitmodules|git~|gitmod~|\\|\.\.?/")
 
 
 def _may_refuse(index_file: Path) -> bool:
