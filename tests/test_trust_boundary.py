@@ -650,6 +650,117 @@ def test_a_nested_git_file_naming_a_repository_outside_records_nothing_of_it(tmp
     assert refused and refused[0]["paths"] == ["sub"]
 
 
+def _plant_in_nested(nested: Path, other: Path, part: str) -> None:
+    """Make git, reading nested repository ``nested``'s HEAD by path, reach ``other``'s."""
+    dot, theirs = nested / ".git", other / ".git"
+    branch = git(nested, "symbolic-ref", "HEAD")
+    if part == "refs":
+        shutil.rmtree(dot / "refs")
+        os.symlink(theirs / "refs", dot / "refs")
+    elif part == "branch":
+        (dot / branch).unlink()
+        os.symlink(theirs / git(other, "symbolic-ref", "HEAD"), dot / branch)
+    elif part == "packed-refs":
+        git(other, "pack-refs", "--all")
+        (dot / branch).unlink()
+        os.symlink(theirs / "packed-refs", dot / "packed-refs")
+    elif part == "commondir":
+        (dot / "commondir").write_text(f"{theirs}\n")
+    elif part == "HEAD":
+        (dot / "HEAD").unlink()
+        os.symlink(theirs / "HEAD", dot / "HEAD")
+
+
+@pytest.mark.parametrize("part", ["refs", "branch", "packed-refs", "commondir", "HEAD"])
+def test_a_link_inside_a_nested_git_directory_never_puts_anothers_commit_in_a_snapshot(
+        tmp_path, part):
+    """A nested repository's ``.git`` is a directory of the workspace, but its refs, branch,
+    ``packed-refs``, ``commondir`` or HEAD lead to another sandbox's repository: git, reading
+    the HEAD by path to record the gitlink, would record that repository's commit. The gitlink
+    is checked against the HEAD read through descriptors inside the workspace: refused (named
+    in the log), the other commit's id in no snapshot, the rest saved."""
+    other = make_repo(tmp_path / "other", "another sandbox\n")
+    theirs = git(other, "rev-parse", "HEAD")
+    ws = make_repo(tmp_path / "ws")
+    nested = make_repo(ws / "vendor", "the workspace's own nested repository\n")
+    mine = git(nested, "rev-parse", "HEAD")
+    take(ws)
+    (nested / "readme.md").write_text("moved on\n")
+    git(nested, "commit", "-qam", "two")
+    _plant_in_nested(nested, other, part)
+    (ws / "edit.txt").write_text("saved\n")
+    with capture_logs() as logs:
+        snap = take(ws)
+    assert "edit.txt" in files_of(ws, snap.commit)
+    listing = sgit(ws, "ls-tree", "-r", snap.commit, key=KEY)
+    assert theirs not in listing
+    assert f"160000 commit {mine}\tvendor" in listing  # the last checked commit stays
+    refused = [e for e in logs if e["event"] == "snapshot.nested_refused"]
+    assert refused and refused[0]["paths"] == ["vendor"]
+    assert not [e for e in logs if theirs in str(e)]
+
+
+def test_a_gitlink_is_the_commit_the_nested_repository_holds_now(tmp_path):
+    """A submodule whose git directory is in the workspace's ``.git/modules`` (a ``gitdir:``
+    file, as ``git submodule`` lays it out) and a nested clone: each gitlink is the commit its
+    HEAD names, read inside the workspace, after a commit in each."""
+    ws = make_repo(tmp_path / "ws")
+    sub = make_repo(tmp_path / "sub-src", "a submodule\n")
+    (ws / ".git" / "modules").mkdir()
+    os.rename(sub / ".git", ws / ".git" / "modules" / "sub")
+    os.rename(sub, ws / "sub")
+    (ws / "sub" / ".git").write_text("gitdir: ../.git/modules/sub\n")
+    git(ws / "sub", "config", "core.worktree", "../../../sub")
+    nested = make_repo(ws / "vendor", "a clone\n")
+    take(ws)
+    for repo in (ws / "sub", nested):
+        (repo / "readme.md").write_text("changed\n")
+        git(repo, "commit", "-qam", "two")
+    snap = take(ws)
+    listing = sgit(ws, "ls-tree", snap.commit, key=KEY)
+    assert f"160000 commit {git(ws / 'sub', 'rev-parse', 'HEAD')}\tsub" in listing
+    assert f"160000 commit {git(nested, 'rev-parse', 'HEAD')}\tvendor" in listing
+
+
+def test_a_nested_git_file_swapped_while_git_reads_never_records_anothers_commit(tmp_path):
+    """``vendor/.git`` flips between the workspace's own nested repository and a ``gitdir:``
+    file naming another sandbox's, as fast as a thread can, across snapshots: whatever git read
+    meanwhile, no snapshot holds the other commit's id, and each holds the workspace's
+    repository's commit or none."""
+    import threading
+
+    other = make_repo(tmp_path / "other", "another sandbox\n")
+    theirs = git(other, "rev-parse", "HEAD")
+    ws = make_repo(tmp_path / "ws")
+    nested = make_repo(ws / "vendor", "the workspace's own\n")
+    mine = git(nested, "rev-parse", "HEAD")
+    os.rename(nested / ".git", ws / "vendor-git")
+    own, planted = ws / "vendor" / ".own", ws / "vendor" / ".planted"
+    stop = threading.Event()
+
+    def flip() -> None:
+        while not stop.is_set():
+            for text in ("gitdir: ../vendor-git\n", f"gitdir: {other / '.git'}\n"):
+                (own if "vendor-git" in text else planted).write_text(text)
+                os.replace(own if "vendor-git" in text else planted, nested / ".git")
+
+    flipper = threading.Thread(target=flip)
+    flipper.start()
+    try:
+        repo = state_repo(ws, KEY)
+        snapshot.prepare(repo)
+        for i in range(15):
+            (ws / "edit.txt").write_text(f"{i}\n")
+            snap = snapshot.take(repo, "shadow", snapshot.Cache())
+            listing = sgit(ws, "ls-tree", "-r", snap.commit, key=KEY)
+            assert theirs not in listing
+            gitlinks = [line for line in listing.splitlines() if line.startswith("160000")]
+            assert gitlinks in ([], [f"160000 commit {mine}\tvendor"])
+    finally:
+        stop.set()
+        flipper.join()
+
+
 def test_a_git_symlink_to_another_workspace_is_refused_and_never_read(tmp_path):
     other = make_repo(tmp_path / "other", "another sandbox's secret history\n")
     ws = tmp_path / "ws"

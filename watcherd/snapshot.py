@@ -23,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import stat
 import threading
 import time
 from dataclasses import dataclass, field
@@ -32,7 +31,7 @@ from pathlib import Path
 from watcherd import dirfd, ignore, log, state, worktree
 from watcherd import workspace as ws
 from watcherd.errors import ConfigError, GitError, WorkspaceError
-from watcherd.git import Git, GitTimeout, for_workspace, retrying
+from watcherd.git import Git, for_workspace, retrying
 from watcherd.repo import SNAPSHOT_REF, Repo, write_private
 
 MESSAGE_PATHS = 50
@@ -234,12 +233,10 @@ def _take(repo: Repo, layout: ws.Layout, cache: Cache, before: str | None = None
                 _diff(repo.bare, prev_tree, tree) if prev_tree else None
 
     _report(problems, cache)
-    if not cache.nested_listed:
-        cache.nested_listed = True
-        _note_nested(repo.bare, tree, cache)
     head, head_ref = _head_of(repo, s_commit, cache)
 
     if prev and tree == prev_tree and s_commit == prev_state:
+        _note_nested(repo.bare, tree, cache)  # the tree a snapshot recorded: its gitlinks checked
         return Snapshot(None, prev, head, head_ref, problems=tuple(problems))
     if not prev and tree == _empty_tree(repo.bare) and s_commit is None:
         return Snapshot(None, None, None, head_ref, problems=tuple(problems))
@@ -258,7 +255,9 @@ def _take(repo: Repo, layout: ws.Layout, cache: Cache, before: str | None = None
                             env={"GIT_INDEX_FILE": str(repo.index)})
         entries = _diff(repo.bare, base, tree)
         if prev and tree == prev_tree and s_commit == prev_state:
+            _note_nested(repo.bare, tree, cache)
             return Snapshot(None, prev, head, head_ref, problems=tuple(problems))
+    _note_nested(repo.bare, tree, cache)
     paths = _paths(entries, cache)
     moved = head if prev and head != _head_of(repo, prev_state, cache)[0] else None
     commit = repo.commit_tree(tree, list(dict.fromkeys(p for p in (prev, head, s_commit) if p)),
@@ -366,18 +365,20 @@ def _worktree_tree(repo: Repo, prev: str | None, prev_tree: str | None, head: st
                             env={"GIT_INDEX_FILE": str(repo.index)}, check=False)
     try:
         _add_all(git, env, refused=frozenset(cache.refused))
-    except GitTimeout:
-        blocking = _blocking_repositories(repo.workspace) - cache.refused
-        if not blocking:
+    except GitError:  # a timeout too
+        unreadable = {path: why for path, why in _unreadable_repositories(repo.workspace).items()
+                      if path not in cache.refused}
+        if not unreadable:
             raise
-        cache.refused |= blocking
-        # The killed git's lock on watcherd's private index (nothing else writes it: the
+        cache.refused |= set(unreadable)
+        # The failed git's lock on watcherd's private index (nothing else writes it: the
         # caller holds watcherd's lock).
         Path(f"{repo.index}.lock").unlink(missing_ok=True)
-        _log.warning("snapshot.nested_refused", paths=sorted(map(ws.printable, blocking))[:10],
-                     note="git blocked on a nested repository whose HEAD or .git is not a "
-                          "regular file (a FIFO); it is left out of every snapshot of this "
-                          "process")
+        _log.warning("snapshot.nested_refused", paths=sorted(map(ws.printable, unreadable))[:10],
+                     reason=ws.printable(next(iter(unreadable.values()))),
+                     note="git failed or blocked on a nested repository that cannot be read "
+                          "inside the workspace (a FIFO, a link or a .git leading outside it); "
+                          "it is left out of every snapshot of this process")
         _add_all(git, env, refused=frozenset(cache.refused))
     _user_paths(repo, index_file, cache)
     if not prev_tree:
@@ -392,8 +393,9 @@ def _worktree_tree(repo: Repo, prev: str | None, prev_tree: str | None, head: st
 
 def _confirm_reads(repo: Repo, root: Path, base: str | None,
                    entries: list[tuple[bytes, bytes, bytes]], refused: set[str]) -> bool:
-    """Make every file and link the snapshot records as changed what the workspace holds at
-    that path, read through descriptors opened without following links (:mod:`watcherd.dirfd`).
+    """Make every file, link and gitlink the snapshot records as changed what the workspace
+    holds at that path, read through descriptors opened without following links
+    (:mod:`watcherd.dirfd`).
 
     ``git add`` opens each file by path: an agent that swaps a directory for a link to outside
     while git runs has git read, at that directory's paths, files of wherever the link points
@@ -401,23 +403,40 @@ def _confirm_reads(repo: Repo, root: Path, base: str | None,
     path holds now is recorded again from what it holds (an edit made meanwhile is simply the
     newer content), or dropped when nothing is there (one that cannot be read keeps what
     ``base``, the tree the entries differ from, holds); True when the index changed. Costs one
-    read of each changed file. A gitlink (git reads the nested repository's HEAD for it) is
-    dropped when that repository's ``.git`` names a directory outside the workspace, and added
-    to ``refused`` (left out of this process's next adds); otherwise it stays as git recorded
-    it."""
-    fmt, wrong = repo.object_format(), []
-    outside = [path for mode, _, path in entries if mode == b"160000"
-               and _nested_outside(root, path)]
-    if outside:
-        # git read that repository's HEAD to record the gitlink: its id is not the workspace's.
-        refused.update(os.fsdecode(p) for p in outside)
-        repo.git.run("update-index", "-z", "--force-remove", "--stdin", input=b"".join(
-            p + b"\0" for p in outside), env={"GIT_INDEX_FILE": str(repo.index)})
-        _log.warning("snapshot.nested_refused", paths=[ws.printable(os.fsdecode(p))
-                                                       for p in outside[:10]],
-                     note="a nested repository whose .git names a directory outside the "
-                          "workspace: left out of the snapshot (its commit is another's)")
+    read of each changed file.
+
+    A gitlink is git's reading of a nested repository's HEAD, by path too (through its ``.git``
+    file, ``commondir``, refs, ``packed-refs``): one that is not the commit
+    :func:`workspace.nested_head` reads is recorded again with that commit, or dropped when
+    there is none; one of a repository that cannot be read inside the workspace keeps what
+    ``base`` holds, and the repository is added to ``refused`` (left out of this process's next
+    adds, which then keep that gitlink too).
+    """
+    fmt, wrong, lines, unsafe = repo.object_format(), [], [], {}
+    gone = b"0 " + b"0" * len(entries[0][1]) + b"\t" if entries else b""  # "remove this path"
+    for mode, oid, path in entries:
+        if mode != b"160000":
+            continue
+        try:
+            head = ws.nested_head(root, os.fsdecode(path))
+        except ws.Unsafe as exc:
+            unsafe[path] = str(exc)
+            continue
+        if head != oid.decode():
+            wrong.append(path)
+            lines.append((b"160000 %s\t" % head.encode() if head else gone) + path + b"\0")
+    if unsafe:
+        # git read another repository's HEAD, or a part of this one it was not to read.
+        refused.update(map(os.fsdecode, unsafe))
+        _log.warning("snapshot.nested_refused",
+                     paths=[ws.printable(os.fsdecode(p)) for p in list(unsafe)[:10]],
+                     reason=ws.printable(next(iter(unsafe.values()))),
+                     note="a nested repository that cannot be read inside the workspace (a "
+                          "link or a .git leading outside it): its commit as last recorded is "
+                          "kept, and it is left out of every snapshot of this process")
+    unreadable = list(unsafe)  # the last gitlink recorded stays, as git add leaves it later
     with dirfd.opened(root) as rfd:
+        changed = []
         for mode, oid, path in entries:
             if mode in (b"000000", b"160000"):
                 continue
@@ -426,12 +445,9 @@ def _confirm_reads(repo: Repo, root: Path, base: str | None,
             except OSError:
                 found = None  # unreadable now: recorded again below, or dropped
             if found != (mode.decode(), oid.decode()):
-                wrong.append(path)
-        if not wrong:
-            return bool(outside)
-        lines, unreadable = [], []
-        gone = b"0 " + b"0" * len(entries[0][1]) + b"\t"  # --index-info's "remove this path"
-        for path in wrong:
+                changed.append(path)
+        wrong += changed
+        for path in changed:
             with dirfd.parent(rfd, path) as where:
                 try:
                     if where is None:
@@ -453,33 +469,17 @@ def _confirm_reads(repo: Repo, root: Path, base: str | None,
             meta = known.get(path)
             lines.append((b"%s %s\t" % (meta.split()[0], meta.split()[2]) if meta else gone)
                          + path + b"\0")
+    if not lines:
+        return False
     repo.bare.run("update-index", "-z", "--index-info", input=b"".join(lines),
                   env={"GIT_INDEX_FILE": str(repo.index)})
-    _log.info("snapshot.reread", files=len(wrong),
-              paths=[ws.printable(os.fsdecode(p)) for p in wrong[:10]],
-              note="what git read for these paths was not what they hold (changed while it "
-                   "read them, or a directory swapped for a link): recorded from the files "
-                   "themselves")
+    if wrong:
+        _log.info("snapshot.reread", files=len(wrong),
+                  paths=[ws.printable(os.fsdecode(p)) for p in wrong[:10]],
+                  note="what git read for these paths was not what they hold (changed while "
+                       "it read them, or a directory swapped for a link): recorded from the "
+                       "files themselves")
     return True
-
-
-def _nested_outside(root: Path, rel: bytes) -> bool:
-    """Whether the nested repository at ``rel`` has a ``.git`` (a link, or a ``gitdir:`` file)
-    naming a directory outside the workspace ``root`` (resolved), or one that cannot be read."""
-    dotgit = root / os.fsdecode(rel) / ".git"
-    try:
-        if stat.S_ISREG(os.lstat(dotgit).st_mode):
-            text = ws.read_file(root, dotgit, ws.MAX_SMALL_FILE).decode("utf-8").strip()
-            if not text.startswith("gitdir:"):
-                return True
-            target = Path(text[len("gitdir:"):].strip())
-            dotgit = target if target.is_absolute() else dotgit.parent / target
-        ws.inside(root, dotgit)
-        return False
-    except FileNotFoundError:
-        return False
-    except (ws.Unsafe, UnicodeDecodeError, OSError):
-        return True
 
 
 def _user_paths(repo: Repo, index_file: Path | None, cache: Cache) -> frozenset[bytes]:
@@ -510,7 +510,7 @@ def _add_all(git: Git, env: dict[str, str], *, attempts: int = 3, report: bool =
              refused: frozenset[str] = frozenset()) -> None:
     """``git add --all`` of the work tree into the index ``env`` names; ``report``: warn about
     the paths it had to leave out; ``refused``: nested repositories left out (see
-    :func:`_blocking_repositories`)."""
+    :func:`_unreadable_repositories`)."""
     specs = [".", *(f":(exclude,literal){p}" for p in sorted(refused))]
     for attempt in range(attempts):
         # --ignore-errors: an unreadable file must not stop every other edit from being saved.
@@ -528,31 +528,23 @@ def _add_all(git: Git, env: dict[str, str], *, attempts: int = 3, report: bool =
         return
 
 
-def _blocking_repositories(root: Path, *, budget: int = 500_000) -> set[str]:
+def _unreadable_repositories(root: Path, *, budget: int = 500_000) -> dict[str, str]:
     """Nested repositories of the work tree under ``root`` (walked through descriptors, no link
-    followed, at most ``budget`` entries) on which ``git add`` would block: a ``.git`` that is
-    neither a directory nor a file, or whose ``HEAD`` is not a regular file (git opens it to
-    tell a repository, and a FIFO never answers)."""
-    found: set[str] = set()
+    followed, at most ``budget`` entries) that :func:`workspace.nested_head` cannot read inside
+    the workspace, each with why; ``git add``, reading them by path, blocks on them (a FIFO for
+    ``HEAD``: git opens it to tell a repository), fails on them (a ``HEAD`` linked outside is no
+    repository to git) or reads another repository through them."""
+    found: dict[str, str] = {}
     left = [budget]
-
-    def odd(fd: int, name: str) -> bool:
-        try:
-            mode = os.stat(name, dir_fd=fd, follow_symlinks=False).st_mode
-        except FileNotFoundError:
-            return False
-        return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
 
     def walk(fd: int, at: str, depth: int) -> None:
         names = os.listdir(fd)
         left[0] -= len(names)
         if at and ".git" in names:
-            if odd(fd, ".git"):
-                found.add(at.rstrip("/"))
-            elif dirfd.is_dir(fd, ".git"):
-                with dirfd.opened_at(fd, ".git") as gfd:
-                    if odd(gfd, "HEAD"):
-                        found.add(at.rstrip("/"))
+            try:
+                ws.nested_head(root, at.rstrip("/"))
+            except ws.Unsafe as exc:
+                found[at.rstrip("/")] = str(exc)
             return  # git does not look further into a repository
         for name in names:
             if left[0] < 0 or depth > 64:
@@ -564,6 +556,7 @@ def _blocking_repositories(root: Path, *, budget: int = 500_000) -> set[str]:
                 except OSError:
                     continue
 
+    root = Path(os.path.realpath(root))
     with dirfd.opened(root) as rfd:
         walk(rfd, "", 0)
     return found
@@ -672,7 +665,10 @@ _NESTED_NOTE = ("a nested git repository: the snapshot records only its commit; 
 def _note_nested(bare: Git, tree: str, cache: Cache) -> None:
     """Once per process: name every nested repository (gitlink) the tree holds already, so that
     a start warns about each and ``status`` shows it degraded (a snapshot warns only about one
-    that appears or moves)."""
+    that appears or moves). ``tree``: one whose gitlinks were checked (:func:`_confirm_reads`)."""
+    if cache.nested_listed:
+        return
+    cache.nested_listed = True
     out = bare.run("ls-tree", "-r", "-z", "--full-tree", tree).stdout
     for entry in out.split(b"\0"):
         if entry.startswith(b"160000 "):

@@ -133,14 +133,16 @@ class GitState:
 # -- locating --------------------------------------------------------------------------------------
 
 
-def locate(root: Path) -> Layout:
-    """Find the workspace's git directory without following anything out of ``root``.
+def locate(root: Path, *, boundary: Path | None = None) -> Layout:
+    """Find the workspace's git directory without following anything out of ``boundary``
+    (default: ``root``; for a nested repository, the workspace it is in).
 
     Raises :class:`WorkspaceError` when ``root`` itself is missing or not a directory.
     """
     root = Path(os.path.realpath(root))
     if not root.is_dir():
         raise WorkspaceError(f"workspace.path {root} does not exist or is not a directory")
+    top = Path(os.path.realpath(boundary)) if boundary is not None else root
     dotgit = root / ".git"
     try:
         st = os.lstat(dotgit)
@@ -150,27 +152,27 @@ def locate(root: Path) -> Layout:
         return Layout(root, problem=f"{dotgit} cannot be read: {exc.strerror}")
     try:
         if stat.S_ISREG(st.st_mode):
-            text = read_file(root, dotgit, MAX_SMALL_FILE).decode("utf-8", "strict").strip()
+            text = read_file(top, dotgit, MAX_SMALL_FILE).decode("utf-8", "strict").strip()
             if not text.startswith("gitdir:"):
                 raise Unsafe(f"{dotgit} is a file but not a 'gitdir:' link")
-            git_dir = inside(root, _relative_to(root, text[len("gitdir:"):].strip()))
+            git_dir = inside(top, _relative_to(root, text[len("gitdir:"):].strip()))
         elif stat.S_ISDIR(st.st_mode) or stat.S_ISLNK(st.st_mode):
-            git_dir = inside(root, dotgit)
+            git_dir = inside(top, dotgit)
         else:
             raise Unsafe(f"{dotgit} is neither a directory nor a 'gitdir:' file")
         if not git_dir.is_dir():
             raise Unsafe(f"{dotgit} names {git_dir}, which is not a directory")
         common_dir = git_dir
-        common = _small(root, git_dir / "commondir", required=False)
+        common = _small(top, git_dir / "commondir", required=False)
         if common is not None:
-            common_dir = inside(root, _relative_to(git_dir, common.strip()))
+            common_dir = inside(top, _relative_to(git_dir, common.strip()))
         if not (common_dir / "objects").is_dir() and not (common_dir / "HEAD").exists():
             raise Unsafe(f"{common_dir} does not look like a git directory (no objects/, no HEAD)")
     except (Unsafe, UnicodeDecodeError) as exc:
         return Layout(root, problem=str(exc) if isinstance(exc, Unsafe)
                       else f"{dotgit} is not UTF-8 text")
     internal = tuple(sorted({_rel(root, d) for d in (git_dir, common_dir)
-                             if d != dotgit and not _under(d, dotgit)}))
+                             if _under(d, root) and d != dotgit and not _under(d, dotgit)}))
     return Layout(root, git_dir, common_dir, None, internal)
 
 
@@ -180,6 +182,51 @@ def inside(root: Path, path: Path) -> Path:
     if resolved != root and root not in resolved.parents:
         raise Unsafe(f"{path} resolves to {resolved}, outside the workspace {root}")
     return resolved
+
+
+def nested_head(root: Path, rel: str) -> str | None:
+    """The commit checked out in the nested repository at ``rel`` ('/'-separated, relative to
+    the workspace ``root``, resolved), read as data by :func:`read_state`'s rules with the whole
+    workspace as the boundary: its ``.git`` (a directory or a ``gitdir:`` file), ``commondir``,
+    ``HEAD``, the branch's loose ref or ``packed-refs``, never followed out of ``root``.
+
+    None when ``rel`` holds no repository now, or its branch is unborn or missing. Raises
+    :class:`Unsafe` when a part cannot be read safely (reached through a link, outside ``root``,
+    not a regular file, too large, not a ref).
+    """
+    path = root / rel
+    if Path(os.path.realpath(path)) != path:
+        raise Unsafe(f"{rel} is reached through a link")
+    try:
+        layout = locate(path, boundary=root)
+    except WorkspaceError:
+        return None  # gone meanwhile
+    if layout.problem:
+        raise Unsafe(layout.problem)
+    if layout.git_dir is None or layout.common_dir is None:
+        return None
+    config = _optional(root, layout.common_dir / "config", MAX_CONFIG, []) or b""
+    oid = _OID[_object_format(config)]
+    head = _parse_head(_small(root, layout.git_dir / "HEAD", required=True) or "", oid)
+    name = head.ref
+    for _ in range(_REF_DEPTH):
+        if name is None:
+            return head.oid
+        text = _small(root, layout.common_dir / name, required=False)
+        if text is None:
+            try:
+                packed = read_file(root, layout.common_dir / "packed-refs", MAX_PACKED_REFS)
+            except FileNotFoundError:
+                return None
+            return {r.name: r.oid for r in _parse_packed(packed, oid, [])}.get(name)
+        value = text.strip()
+        if value.startswith("ref:") and valid_ref_name(value[4:].strip()):
+            name = value[4:].strip()
+        elif oid.fullmatch(value) and set(value) != {"0"}:
+            return value
+        else:
+            raise Unsafe(f"{rel}: ref {name} does not hold an object id")
+    raise Unsafe(f"{rel}: more than {_REF_DEPTH} symbolic refs in a row")
 
 
 # -- reading ---------------------------------------------------------------------------------------
