@@ -270,6 +270,14 @@ def inotify_watches(pid: int) -> int:
     return n
 
 
+def compile_bytecode() -> None:
+    """Compile watcherd's modules as installing it does (pip compiles every module at install
+    time; an image built from the Containerfile holds the bytecode), so that READY measures a
+    deployed start. An editable install run under ``PYTHONDONTWRITEBYTECODE=1`` would compile
+    all of watcherd at every start: about 100 ms more on this machine."""
+    subprocess.run([PY, "-m", "compileall", "-q", str(REPO / "watcherd")], check=True)
+
+
 # -- the floors ------------------------------------------------------------------------------------
 
 
@@ -1038,6 +1046,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not Path(WATCHERD).exists():
         p.error(f"{WATCHERD} not found: run with the venv's python (.venv/bin/python)")
+    compile_bytecode()
     bench = Bench(args)
     t0 = time.monotonic()
     res = bench.run()

@@ -971,6 +971,7 @@ def main(argv: list[str] | None = None) -> int:
         if not Path(WATCHERD).exists():
             p.error(f"{WATCHERD} not found: run with the venv's python (.venv/bin/python)")
         wlog.configure("warning", "json", sys.stderr)
+        bd.compile_bytecode()
         res = Bench(args).run()
         res["argv"] = list(argv if argv is not None else sys.argv[1:])
         if args.json:
