@@ -250,7 +250,7 @@ def _take(repo: Repo, layout: ws.Layout, cache: Cache, before: str | None = None
         base = prev_tree or before or \
             (repo.reader.out("rev-parse", f"{head}^{{tree}}") if head else None)
         entries = _diff(repo.bare, base, tree)
-    if _confirm_reads(repo, layout.root, base, entries, cache.refused):
+    if _confirm_reads(repo, layout.root, base, entries):
         tree = repo.git.out("write-tree", "--missing-ok",
                             env={"GIT_INDEX_FILE": str(repo.index)})
         entries = _diff(repo.bare, base, tree)
@@ -392,7 +392,7 @@ def _worktree_tree(repo: Repo, prev: str | None, prev_tree: str | None, head: st
 
 
 def _confirm_reads(repo: Repo, root: Path, base: str | None,
-                   entries: list[tuple[bytes, bytes, bytes]], refused: set[str]) -> bool:
+                   entries: list[tuple[bytes, bytes, bytes]]) -> bool:
     """Make every file, link and gitlink the snapshot records as changed what the workspace
     holds at that path, read through descriptors opened without following links
     (:mod:`watcherd.dirfd`).
@@ -409,8 +409,8 @@ def _confirm_reads(repo: Repo, root: Path, base: str | None,
     file, ``commondir``, refs, ``packed-refs``): one that is not the commit
     :func:`workspace.nested_head` reads is recorded again with that commit, or dropped when
     there is none; one of a repository that cannot be read inside the workspace keeps what
-    ``base`` holds, and the repository is added to ``refused`` (left out of this process's next
-    adds, which then keep that gitlink too).
+    ``base`` holds (checked when it was recorded). A race of the agent's costs it a warning,
+    not the repository's next gitlinks: it is checked again at the next snapshot.
     """
     fmt, wrong, lines, unsafe = repo.object_format(), [], [], {}
     gone = b"0 " + b"0" * len(entries[0][1]) + b"\t" if entries else b""  # "remove this path"
@@ -427,13 +427,12 @@ def _confirm_reads(repo: Repo, root: Path, base: str | None,
             lines.append((b"160000 %s\t" % head.encode() if head else gone) + path + b"\0")
     if unsafe:
         # git read another repository's HEAD, or a part of this one it was not to read.
-        refused.update(map(os.fsdecode, unsafe))
         _log.warning("snapshot.nested_refused",
                      paths=[ws.printable(os.fsdecode(p)) for p in list(unsafe)[:10]],
                      reason=ws.printable(next(iter(unsafe.values()))),
                      note="a nested repository that cannot be read inside the workspace (a "
                           "link or a .git leading outside it): its commit as last recorded is "
-                          "kept, and it is left out of every snapshot of this process")
+                          "kept")
     unreadable = list(unsafe)  # the last gitlink recorded stays, as git add leaves it later
     with dirfd.opened(root) as rfd:
         changed = []

@@ -190,7 +190,8 @@ def nested_head(root: Path, rel: str) -> str | None:
     workspace as the boundary: its ``.git`` (a directory or a ``gitdir:`` file), ``commondir``,
     ``HEAD``, the branch's loose ref or ``packed-refs``, never followed out of ``root``.
 
-    None when ``rel`` holds no repository now, or its branch is unborn or missing. Raises
+    None when ``rel`` holds no repository now (no ``.git``, no ``HEAD``), or its branch is
+    unborn or missing. Raises
     :class:`Unsafe` when a part cannot be read safely (reached through a link, outside ``root``,
     not a regular file, too large, not a ref).
     """
@@ -207,7 +208,10 @@ def nested_head(root: Path, rel: str) -> str | None:
         return None
     config = _optional(root, layout.common_dir / "config", MAX_CONFIG, []) or b""
     oid = _OID[_object_format(config)]
-    head = _parse_head(_small(root, layout.git_dir / "HEAD", required=True) or "", oid)
+    head_text = _small(root, layout.git_dir / "HEAD", required=False)
+    if head_text is None:
+        return None  # no repository to git either (being made or removed)
+    head = _parse_head(head_text, oid)
     name = head.ref
     for _ in range(_REF_DEPTH):
         if name is None:
