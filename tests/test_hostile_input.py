@@ -28,7 +28,7 @@ import daemon_fixture
 from daemon_fixture import SNAPSHOT_REF, make_workspace, run_cli, watcherd  # noqa: F401 (fixture)
 from helpers import git, make_repo, publish, said, sgit, state_repo, tree_state, wait_for
 from watcherd import manifest as mf
-from watcherd import snapshot
+from watcherd import snapshot, state
 from watcherd.config import Config, RestoreConfig, StoreConfig, WorkspaceConfig, parse_store_url
 from watcherd.errors import BundleTooLarge, IntegrityError, RestoreError, WatcherdError
 from watcherd.generations import Generations, Limits
@@ -375,33 +375,24 @@ def nested_repo(path: Path, *, commit: bool) -> Path:
 
 
 @pytest.mark.parametrize("mode", ["shadow", "branch"])
-def test_a_nested_repository_is_reported_with_its_path_not_silently_dropped(tmp_path, mode):
+def test_a_nested_repository_is_saved_in_a_snapshot_of_its_own(tmp_path, mode):
     ws = make_repo(tmp_path / "ws")
     nested = nested_repo(ws / "vendor" / "lib", commit=True)
+    (nested / "lib.py").write_text("print('edited, not committed')\n")
 
-    cache = snapshot.Cache()  # one process
     with capture_logs() as logs:
-        snap = take(ws, mode, cache)
+        snap = take(ws, mode, snapshot.Cache())
 
     files = tree_paths(state_git_dir(ws), snap.commit)
-    assert files[b"vendor/lib"] == "160000"  # a gitlink: git records the commit, not the files
+    assert files[b"vendor/lib"] == "160000"  # a gitlink, as git records it...
     assert b"vendor/lib/lib.py" not in files
-    reported = events(logs, "snapshot.nested_repository")
-    assert [e["path"] for e in reported] == ["vendor/lib"]
-    assert reported[0]["log_level"] == "warning"
-    assert "uncommitted changes are not saved" in reported[0]["note"]
-    assert reported[0]["commit"] == git(nested, "rev-parse", "HEAD")
-
-    # Reported when it appears or moves, not on every snapshot of a process...
-    (ws / "readme.md").write_text("edited\n")
-    with capture_logs() as logs:
-        take(ws, mode, cache)
+    own = state.load(state_repo(ws, KEY).bare, snap.commit).nested  # ... and one of its own
+    assert list(own) == ["vendor/lib"]
+    assert in_state(ws, "show", f"{own['vendor/lib']}:lib.py") == "print('edited, not committed')"
+    assert state.load(state_repo(ws, KEY).bare, own["vendor/lib"]).recorded.head.oid == \
+        git(nested, "rev-parse", "HEAD")
+    assert not events(logs, "snapshot.nested_not_saved")
     assert not events(logs, "snapshot.nested_repository")
-    # ... and once at the start of every process: a restarted daemon names it again.
-    (ws / "readme.md").write_text("edited again\n")
-    with capture_logs() as logs:
-        take(ws, mode, snapshot.Cache())
-    assert [e["path"] for e in events(logs, "snapshot.nested_repository")] == ["vendor/lib"]
 
 
 @pytest.mark.parametrize("mode", ["shadow", "branch"])
@@ -423,15 +414,16 @@ def test_a_nested_repository_without_commits_is_reported_and_does_not_stop_snaps
 
 
 @linux_only
-def test_the_daemon_reports_a_nested_repository_and_keeps_saving(watcherd, tmp_path):
+def test_the_daemon_saves_a_nested_repository_reports_one_without_commits_and_keeps_saving(
+        watcherd, tmp_path):
     d = watcherd().start()
     d.settle()
     mark = d.log.mark()
     nested_repo(d.workspace / "packages" / "ui", commit=True)
     nested_repo(d.workspace / "scratch", commit=False)
-    reported = {d.log.wait("snapshot.nested_repository", after=mark, timeout=10,
-                           path=p)["path"] for p in ("packages/ui", "scratch")}
-    assert reported == {"packages/ui", "scratch"}
+    assert d.log.wait("snapshot.nested_repository", after=mark, timeout=10,
+                      path="scratch")["note"].startswith("a nested git repository with no commit")
+    (d.workspace / "packages" / "ui" / "lib.py").write_text("print('edited inside')\n")
     (d.workspace / "src" / "app.py").write_text("print('still saved')\n")
     wait_for(lambda: d.shown("src/app.py") == "print('still saved')" and
              d.status()["state"] == "idle", timeout=15,
@@ -440,6 +432,7 @@ def test_the_daemon_reports_a_nested_repository_and_keeps_saving(watcherd, tmp_p
     target.mkdir()
     d.restore_into(target)
     assert (target / "src" / "app.py").read_text() == "print('still saved')\n"
+    assert (target / "packages" / "ui" / "lib.py").read_text() == "print('edited inside')\n"
     assert d.stop() == 0
 
 

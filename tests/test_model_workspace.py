@@ -1,12 +1,14 @@
 """A model-based test of the whole-state promise (DESIGN, "Workspace state"): for every sequence of
-file operations, the user's git, ``.gitignore`` edits, saves and restarts, a restore of the last
-saved generation equals the state recorded at that save.
+file operations, the user's git, ``.gitignore`` edits, a nested repository (made, edited, committed
+in, stashed in, made plain files again, removed), saves and restarts, a restore of the last saved
+generation equals the state recorded at that save.
 
 Hypothesis drives a real workspace and real git; watcherd snapshots and saves it into a real local
 store with the library the daemon uses. "The state recorded at that save" is read from the
 workspace with plain git at the moment of the save: ``git status --porcelain=v2``, the index, every
 ref, HEAD, the stash, the remotes, branch tracking, and the bytes, modes and link targets of every
-file git would keep (tracked, force-added or untracked-not-ignored).
+file git would keep (tracked, force-added or untracked-not-ignored); the nested repository's the
+same way.
 
 The default run is bounded (a few dozen sequences); ``-m slow`` runs a longer profile.
 """
@@ -37,6 +39,11 @@ NAMES = ["a.txt", "A.txt", "b.txt", "dir/c.txt", "dir/sub/d.txt", "build/e.js", 
          "dir/Link"]
 CONTENTS = [b"", b"one\n", b"two\n", b"\x00\xffbinary\r\n", b"line\r\nwindows\r\n"]
 IGNORES = ["*.log", "build/", "dir/sub/", "!x.log"]
+NESTED = "vendor"  # where the user clones or inits a repository inside the workspace
+NESTED_NAMES = ["n.txt", "deep/m.txt"]
+NESTED_GIT = [("add", "-A"), ("commit", "-qam", "nested commit"), ("stash", "-q"),
+              ("stash", "pop", "-q"), ("reset", "-q", "--hard", "HEAD~1"),
+              ("checkout", "-q", "-b", "topic"), ("tag", "n1")]
 
 
 def quiet_git(path: Path, *args: str) -> bool:
@@ -61,10 +68,10 @@ def kept_files(path: Path) -> dict[str, tuple]:
 
 
 def all_files(path: Path) -> dict[str, tuple]:
-    """Every file and link under ``path`` except ``.git``."""
+    """Every file and link under ``path`` except any ``.git``."""
     files = {}
     for dirpath, dirnames, filenames in os.walk(path):
-        if Path(dirpath) == path and ".git" in dirnames:
+        if ".git" in dirnames:
             dirnames.remove(".git")
         for name in filenames + [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]:
             full = Path(dirpath, name)
@@ -76,7 +83,7 @@ def all_files(path: Path) -> dict[str, tuple]:
     return files
 
 
-def recorded_state(path: Path) -> dict[str, object]:
+def recorded_state(path: Path, nested: bool = True) -> dict[str, object]:
     def out(*args: str) -> str:
         env = {**os.environ, "GIT_OPTIONAL_LOCKS": "0"}
         return subprocess.run(["git", *args], cwd=path, capture_output=True, text=True,
@@ -91,7 +98,16 @@ def recorded_state(path: Path) -> dict[str, object]:
         "remotes": out("remote", "-v"),
         "tracking": out("config", "--get-regexp", r"^branch\."),
         "files": kept_files(path),
+        "nested": recorded_state(path / NESTED, False)
+        if nested and (path / NESTED / ".git").is_dir() else None,
     }
+
+
+def expected_files(state: dict[str, object]) -> dict[str, tuple]:
+    """The files of a recorded state: the workspace's, and its nested repository's."""
+    nested = state["nested"]
+    return {**state["files"], **({f"{NESTED}/{k}": v for k, v in nested["files"].items()}
+                                 if nested else {})}
 
 
 class WorkspaceModel(RuleBasedStateMachine):
@@ -200,6 +216,36 @@ class WorkspaceModel(RuleBasedStateMachine):
             quiet_git(self.ws, "config", f"branch.{head}.remote", "origin")
             quiet_git(self.ws, "config", f"branch.{head}.merge", f"refs/heads/{head}")
 
+    # -- a nested repository ----------------------------------------------------------------------
+
+    @precondition(lambda self: not (self.ws / NESTED).exists())
+    @rule()
+    def nest(self) -> None:
+        make_repo(self.ws / NESTED, "nested\n")
+
+    @precondition(lambda self: (self.ws / NESTED / ".git").is_dir())
+    @rule(name=st.sampled_from(NESTED_NAMES), content=st.sampled_from(CONTENTS))
+    def nested_write(self, name: str, content: bytes) -> None:
+        path = self.ws / NESTED / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(content)
+
+    @precondition(lambda self: (self.ws / NESTED / ".git").is_dir())
+    @rule(args=st.sampled_from(NESTED_GIT))
+    def nested_git(self, args: tuple[str, ...]) -> None:
+        quiet_git(self.ws / NESTED, *args)
+
+    @precondition(lambda self: (self.ws / NESTED / ".git").is_dir())
+    @rule()
+    def unnest(self) -> None:
+        """``rm -rf vendor/.git``: its files are the workspace's now."""
+        shutil.rmtree(self.ws / NESTED / ".git")
+
+    @precondition(lambda self: (self.ws / NESTED).exists())
+    @rule()
+    def remove_nested(self) -> None:
+        shutil.rmtree(self.ws / NESTED)
+
     # -- watcherd ----------------------------------------------------------------------------------
 
     @rule()
@@ -233,7 +279,7 @@ class WorkspaceModel(RuleBasedStateMachine):
         assert outcome.generation == generation
         got = recorded_state(target)
         assert got == expected
-        assert all_files(target) == expected["files"]  # and nothing else in the work tree
+        assert all_files(target) == expected_files(expected)  # and nothing else in the work tree
         shutil.rmtree(target)
 
 

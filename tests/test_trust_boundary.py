@@ -1033,25 +1033,6 @@ def test_restore_gives_back_index_stash_remotes_tracking_tags_and_force_added_fi
                           capture_output=True).returncode == 0
 
 
-def test_an_uncommitted_edit_in_a_submodule_is_reported_not_silently_lost(tmp_path):
-    lib = make_repo(tmp_path / "lib", "library\n")
-    ws = make_repo(tmp_path / "ws")
-    git(ws, "-c", "protocol.file.allow=always", "submodule", "add", "-q", str(lib), "lib")
-    git(ws, "commit", "-qm", "add lib")
-    take(ws)
-    (ws / "lib" / "readme.md").write_text("edited inside the submodule\n")
-    (ws / "lib" / "new.txt").write_text("new inside the submodule\n")
-    git(ws / "lib", "add", "-A")
-    git(ws / "lib", "commit", "-qm", "inner commit")
-
-    with capture_logs() as logs:
-        snap = take(ws)
-
-    warned = [e for e in logs if e["event"] == "snapshot.nested_repository"]
-    assert warned and warned[0]["path"] == "lib"
-    assert snap.commit
-
-
 @pytest.mark.parametrize("held", ["loose", "packed"])
 def test_a_blob_git_found_among_the_workspaces_objects_is_kept_when_they_drop_it(tmp_path, held):
     """git does not write a blob it finds through the alternate: a file whose content the
@@ -1083,16 +1064,15 @@ def test_a_blob_git_found_among_the_workspaces_objects_is_kept_when_they_drop_it
     assert (ws / "f.txt").read_text() == "only in a dangling object\n"
 
 
-def test_a_linked_worktree_inside_the_workspace_is_a_nested_repository_named_in_the_log(
-        tmp_path):
+def test_a_linked_worktree_inside_the_workspace_is_saved_as_a_nested_repository(tmp_path):
     """``git worktree add wt`` inside the workspace: ``wt/.git`` is a file naming
     ``.git/worktrees/wt``. The snapshot records the workspace, its branches (the worktree's
-    one included) and ``wt`` as one gitlink, as git does; the worktree's own files are not saved,
-    and the log names it. Nothing of it is followed outside the workspace, and a restore gives
-    back the workspace and the branch."""
+    one included) and ``wt`` as one gitlink, as git does, and the worktree by the same rules in a
+    snapshot of its own; nothing of it is followed outside the workspace. A restore gives back
+    the workspace, the branch, and the worktree's files and branch as a repository of its own."""
     ws = make_repo(tmp_path / "ws")
     git(ws, "worktree", "add", "-q", "-b", "side", "wt")
-    (ws / "wt" / "only-in-the-worktree.txt").write_text("not saved\n")
+    (ws / "wt" / "only-in-the-worktree.txt").write_text("saved too\n")
     (ws / "main.txt").write_text("saved\n")
     with capture_logs() as logs:
         snap = take(ws)
@@ -1100,13 +1080,16 @@ def test_a_linked_worktree_inside_the_workspace_is_a_nested_repository_named_in_
     files = files_of(ws, snap.commit)
     assert "main.txt" in files and "wt" in files
     assert not [f for f in files if f.startswith("wt/")]
-    assert [e["path"] for e in logs if e["event"] == "snapshot.nested_repository"] == ["wt"]
+    assert "wt/only-in-the-worktree.txt" in snap.paths
+    assert not [e for e in logs if e["event"] == "snapshot.nested_not_saved"]
     assert "refs/heads/side" in {r.name for r in recorded(ws, snap.commit).refs}
     store_dir = tmp_path / "store"
     assert Generations(LocalStore(store_dir), KEY).save(state_repo(ws, KEY)).status == "saved"
     target, _ = restore_into(tmp_path, store_dir)
     assert (target / "main.txt").read_text() == "saved\n"
     assert git(target, "rev-parse", "--verify", "-q", "refs/heads/side")
+    assert (target / "wt" / "only-in-the-worktree.txt").read_text() == "saved too\n"
+    assert git(target / "wt", "symbolic-ref", "HEAD") == "refs/heads/side"
 
 
 def test_a_users_gc_prune_after_reset_hard_breaks_no_later_save_or_restore(tmp_path):

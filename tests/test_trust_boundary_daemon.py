@@ -26,7 +26,7 @@ from daemon_fixture import (  # noqa: F401 (fixture)
     watcherd,
     write_config,
 )
-from helpers import git, tree_state, watcherd_for_any_uid
+from helpers import git, make_repo, tree_state, wait_for, watcherd_for_any_uid
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="inotify is Linux-only")
 
@@ -241,11 +241,8 @@ def test_a_force_added_file_under_an_ignored_directory_is_watched_saved_and_rest
     assert tree_state(restored) == expected
 
 
-def test_a_submodule_is_named_at_start_and_shown_degraded_while_its_edits_are_not_saved(
+def test_a_submodule_edit_made_while_the_daemon_was_down_is_saved_at_start_and_comes_back(
         watcherd, tmp_path):
-    # A nested repository cannot be saved by these rules (only its commit is): a daemon that
-    # starts on a workspace holding one says so at once, and its status shows it degraded, so an
-    # uncommitted edit inside it is never lost without a word.
     lib = tmp_path / "lib-origin"
     lib.mkdir()
     git(lib, "init", "-q")
@@ -262,7 +259,36 @@ def test_a_submodule_is_named_at_start_and_shown_degraded_while_its_edits_are_no
     (first.workspace / "lib" / "readme.md").write_text("edited inside, not committed\n")
 
     first.start()  # the same workspace, state and store: the gitlink did not move
-    warned = first.log.wait("snapshot.nested_repository", timeout=15)
+    saved = first.log.wait("snapshot.committed", timeout=15)
+    assert "lib/readme.md" in saved["paths"]
+    first.settle()
+    assert first.stop() == 0
+    restored = tmp_path / "restored"
+    first.restore_into(restored)
+    assert (restored / "lib" / "readme.md").read_text() == "edited inside, not committed\n"
 
-    assert warned["path"] == "lib" and "not saved" in warned["note"]
-    assert any("nested repository lib" in r for r in first.status()["degraded"])
+
+def test_a_nested_repository_that_cannot_be_saved_is_named_at_start_and_shown_degraded(
+        watcherd, tmp_path):
+    # Its .git names a directory outside the workspace: nothing of it is read, and a daemon that
+    # starts on the workspace says so at once and shows it in status, until it is fixed.
+    elsewhere = make_repo(tmp_path / "elsewhere")
+    d = watcherd()
+    (d.workspace / "vendor").mkdir()
+    (d.workspace / "vendor" / ".git").write_text(f"gitdir: {elsewhere / '.git'}\n")
+    (d.workspace / "vendor" / "edit.txt").write_text("not saved\n")
+    d.start()
+    d.settle()
+    assert first_degraded(d)
+    mark = d.log.mark()
+    (d.workspace / "vendor" / ".git").unlink()
+    git(d.workspace / "vendor", "init", "-q")
+    git(d.workspace / "vendor", "add", "-A")
+    git(d.workspace / "vendor", "commit", "-qm", "now a repository of the workspace")
+    d.log.wait("snapshot.nested_saved", after=mark, timeout=15, path="vendor")
+    wait_for(lambda: not first_degraded(d), timeout=15, message="status no longer degraded")
+    assert d.stop() == 0
+
+
+def first_degraded(d) -> list[str]:
+    return [r for r in d.status()["degraded"] if "nested repository vendor" in r]

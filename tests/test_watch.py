@@ -391,34 +391,22 @@ def test_symlinked_directory_is_a_file_and_is_not_followed(root: Path, watcher: 
     assert news(barrier(watcher, root, "src")) == set()
 
 
-def test_a_change_inside_a_nested_repository_names_it_and_is_warned_about(
-        root: Path, watcher: Judge, monkeypatch) -> None:
-    """git records a nested repository as one gitlink, never its files: a change inside it is
-    reported as the repository (a snapshot then records its commit if it moved), never as its
-    own paths (git's check-ignore would die on them), and warned about: at once, then at most
-    every NESTED_WARN_INTERVAL, counting the changes in between. Its commit moving is seen too,
-    and once it is no repository any more its files are the workspace's."""
-    from watcherd import watch
+def test_a_change_inside_a_nested_repository_reports_the_repository(
+        root: Path, watcher: Judge) -> None:
+    """A nested repository is saved by its own rules (its own ignore rules, which the watcher
+    does not ask git for): a change inside it is reported as the repository, whose snapshot
+    follows, never as its own paths (git's check-ignore would die on them), in directories made
+    after the walk too. Its commit moving is seen, and once it is no repository any more its
+    files are the workspace's."""
     nested = root / "vendor" / "lib"
     nested.mkdir(parents=True)
     git(nested, "init", "-q")
     barrier(watcher, root)
-    with structlog.testing.capture_logs() as logs:
-        write(nested / "src" / "inner.c")
-        got = reported(watcher, "vendor/lib")
+    write(nested / "src" / "inner.c")
+    got = reported(watcher, "vendor/lib")
     assert not [p for p in paths(got) if p.startswith("vendor/lib/")]
-    assert [e["path"] for e in logs if e["event"] == "watch.nested_repository_changed"] \
-        == ["vendor/lib"]
-    with structlog.testing.capture_logs() as logs:
-        write(nested / "src" / "deeper" / "more.c")  # in a directory made after the walk
-        reported(watcher, "vendor/lib")
-    assert "watch.nested_repository_changed" not in [e["event"] for e in logs]  # counted
-    monkeypatch.setattr(watch, "NESTED_WARN_INTERVAL", 0.0)
-    with structlog.testing.capture_logs() as logs:
-        write(nested / "src" / "deeper" / "more.c", "again")
-        reported(watcher, "vendor/lib")
-    said = [e for e in logs if e["event"] == "watch.nested_repository_changed"]
-    assert said and isinstance(said[0]["changes_not_logged"], int)
+    write(nested / "src" / "deeper" / "more.c")  # in a directory made after the walk
+    reported(watcher, "vendor/lib")
     git(nested, "add", "-A")
     git(nested, "commit", "-qm", "inside")  # rewrites its index
     reported(watcher, "vendor/lib")

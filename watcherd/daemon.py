@@ -669,9 +669,9 @@ class Daemon:
 
     def _degraded(self) -> list[str]:
         reasons = list(self.watcher.degraded) if self.watcher else []
-        reasons += [log.redact(p) for p in self.cache.problems]
-        reasons += [f"nested repository {p}: only its commit is saved; its files, history and "
-                    "uncommitted changes are not" for p in sorted(self.cache.nested)]
+        reasons += [log.redact(p) for p in self.cache.problems_all()]
+        reasons += [f"nested repository {p} is not saved: {log.redact(why)}"
+                    for p, why in sorted(self.cache.not_saved().items())]
         if self.too_large:
             reasons.append(self.too_large)
         if self.store is not None and self.store.conditional_writes is False:

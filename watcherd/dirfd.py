@@ -279,3 +279,12 @@ def find(dir_fd: int, predicate, *, limit: int = 100_000, prefix: str = "",
         return None
 
     return walk(dir_fd, prefix, 0)
+
+
+@contextmanager
+def beneath(root_fd: int, rel: bytes) -> Iterator[int | None]:
+    """A descriptor of directory ``rel`` of ``root_fd`` (``b""``, or '/'-separated components
+    each followed by '/'), every component opened without following links; None when one is
+    missing, a link or not a directory."""
+    with parent(root_fd, rel + b"-") as found:
+        yield None if found is None else found[0]

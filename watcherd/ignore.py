@@ -303,7 +303,7 @@ def sync_rules(repo: Repo, layout: ws.Layout) -> bool:
     exclude = b""
     if layout.common_dir is not None:
         try:
-            exclude = ws.read_file(layout.root, layout.common_dir / "info" / "exclude",
+            exclude = ws.read_file(layout.top, layout.common_dir / "info" / "exclude",
                                    ws.MAX_EXCLUDE)
         except (FileNotFoundError, ws.Unsafe):
             pass
@@ -418,7 +418,7 @@ def _index_copy(repo: Repo, layout: ws.Layout) -> Iterator[Path | None]:
         yield None
         return
     try:
-        index = ws.read_file(layout.root, layout.git_dir / "index", ws.MAX_INDEX)
+        index = ws.read_file(layout.top, layout.git_dir / "index", ws.MAX_INDEX)
     except (FileNotFoundError, ws.Unsafe):
         yield None
         return

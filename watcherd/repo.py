@@ -9,6 +9,8 @@ Per workspace key, ``<workspace.state_dir>/<key>/`` holds::
     packs/<pid>-<token>/ a process's links to the workspace's pack files it holds open
                          (``/proc/self/fd/N``), named to its git children only
     index                the private index of snapshots (the working tree as git sees it)
+    nested/<digest>/     the same for each repository nested in the workspace (its repo.git
+                         shares this one's objects: its snapshots belong to this history)
     spool/               bundles being written
     lock                 one watcherd process at a time per key (flock)
     pairing.json         which workspace directory this history belongs to
@@ -120,8 +122,9 @@ class Repo:
     """
 
     def __init__(self, state_dir: Path, key: str, workspace: Path,
-                 identity: Identity | None = None) -> None:
+                 identity: Identity | None = None, *, objects: Path | None = None) -> None:
         self.dir = Path(state_dir) / key
+        self.shared_objects = objects
         self.workspace = Path(os.path.realpath(workspace))
         self.git_dir = self.dir / "repo.git"
         self.index = self.dir / "index"
@@ -181,6 +184,11 @@ class Repo:
             # than four `git config` processes: a restore waits for this repository.
             with open(tmp / "config", "a") as f:
                 f.write(_OWN_CONFIG)
+            if self.shared_objects is not None:
+                # A nested repository's: its objects are the snapshot history's it belongs to.
+                shutil.rmtree(tmp / "objects")
+                os.symlink(os.path.relpath(self.shared_objects, tmp.parent / self.git_dir.name),
+                           tmp / "objects")
             _mkdir(tmp / "info")
             _mkdir(tmp / Path(SNAPSHOT_REF).parent)  # so the first snapshot needs no git
             # The workspace's .gitattributes never change what is stored: raw bytes, no filter,
@@ -199,6 +207,20 @@ class Repo:
             raise WorkspaceError(f"workspace.state_dir: cannot create {self.dir} "
                                  f"({exc.strerror}); watcherd keeps its own repository there, "
                                  "give it a writable directory") from None
+
+    def close(self) -> None:
+        """Let go of the workspace's pack files held open (once no git child reads them): this
+        Repo is not used again (a nested repository that went away)."""
+        if self._packs or self._retired:
+            self._show_packs({})
+
+    def nested(self, rel: str) -> Repo:
+        """The state of the repository nested at ``rel`` ('/'-separated, relative to the
+        workspace): a Repo of its own in ``nested/<sha256 of rel>/`` whose repository shares
+        this one's objects (its snapshots belong to this history and travel in its bundles)."""
+        return Repo(self.dir / "nested", hashlib.sha256(rel.encode("utf-8", "surrogateescape"))
+                    .hexdigest()[:32], self.workspace / rel, self.identity,
+                    objects=self.git_dir / "objects")
 
     def object_format(self) -> str:
         if self._format is None:
@@ -326,7 +348,7 @@ class Repo:
         # other call sees watcherd's own objects alone. An older watcherd wrote the file.
         (self.git_dir / "objects" / "info" / "alternates").unlink(missing_ok=True)
         objects = layout.common_dir / "objects" if layout.common_dir else None
-        if objects is None or not is_plain_dir(layout.root, objects):
+        if objects is None or not is_plain_dir(layout.top, objects):
             self._linked.clear()
             self._attached = False
             self._show_packs({})
@@ -335,7 +357,7 @@ class Repo:
                 return layout.problem or "the workspace is not a git repository"
             return f"{objects} is not a plain directory inside the workspace"
         self._attached = True
-        self._link_objects(layout.root, objects)
+        self._link_objects(layout.top, objects)
         self._write_shallow(shallow)
         return None
 

@@ -52,6 +52,7 @@ from watcherd.errors import (
 from watcherd.generations import Generations
 from watcherd.git import Git, Identity, LocalIOError
 from watcherd.repo import RAW_ATTRIBUTES, SNAPSHOT_REF, Repo, open_repo
+from watcherd.workspace import printable
 
 _log = log.get(__name__)
 STAGING = ".watcherd-restore"
@@ -399,13 +400,68 @@ def _lay_out(git: Git, staging: Path, gen: mf.Generation, pool: ThreadPoolExecut
             state.apply_refs(git, rec)
         else:
             staged.set_result((found.tree, _apply_legacy(git, gen)))
-        return work.result()
+        files = work.result()
     except BaseException:
         staged.cancel()
         raise
     finally:
         wait([work])
         attributes.unlink(missing_ok=True)
+    return files + _lay_out_nested(git, staging, found.nested, gen)
+
+
+def _lay_out_nested(source: Git, root: Path, nested: dict[str, str], gen: mf.Generation,
+                    depth: int = 0) -> int:
+    """Give back each nested repository ``nested`` names (its path in work tree ``root``: its
+    snapshot) by the same rules as the workspace's: a repository of its own in
+    ``<path>/.git`` holding its history (copied from ``source``, the staging repository that
+    fetched the generation, checked as a fetch checks it),
+    refs, HEAD, config, stash, index and work tree; then those nested in it. The file count.
+
+    The snapshot's tree holds a gitlink at each path, which the checkout laid as an empty
+    directory. What the store returned is untrusted: a path that is no such directory, or a
+    snapshot the bundles do not hold whole, fails the generation."""
+    files = 0
+    for path, snap in sorted(nested.items()):
+        where = f"generation {gen.generation}: nested repository {printable(path)}"
+        target = root / path
+        if os.path.realpath(target) != os.path.join(os.path.realpath(root), path) or \
+                not target.is_dir() or \
+                any(target.iterdir()):
+            raise IntegrityError(f"{where} is not an empty directory of the snapshot's tree")
+        try:
+            found = state.load(source, snap)
+        except GitError:
+            raise IntegrityError(f"{where}: the bundles do not hold its snapshot "
+                                 f"{snap[:12]}") from None
+        git = Git(target / ".git", home=source.home, work_tree=target, identity=source.identity)
+        git.run("init", "--quiet", "--template=", f"--object-format={source.object_format()}",
+                str(target))
+        # Its history (the state commit's parents), its index and tags, and the work tree's
+        # objects: not the snapshot history, which is watcherd's.
+        roots = {found.tree: "tree"} | ({found.state_commit: "commit"}
+                                         if found.state_commit else {})
+        if state.copy_objects(source, git, roots, None):
+            raise IntegrityError(f"{where}: the bundles do not hold its objects whole")
+        (git.git_dir / "info").mkdir(exist_ok=True)
+        attributes = git.git_dir / "info" / "attributes"
+        attributes.write_text(RAW_ATTRIBUTES)
+        laid = git.git_dir / "watcherd-laid-index"
+        try:
+            git.run("read-tree", "--reset", "-u", found.tree, env={"GIT_INDEX_FILE": str(laid)})
+            files += _index_entries(laid)
+            rec = found.recorded
+            if rec is not None:
+                state.apply_refs(git, rec)
+            _stage(git, laid, found.tree, None if rec is None else
+                   rec.index_tree if rec.index_tree is not None else rec.head.oid)
+        finally:
+            attributes.unlink(missing_ok=True)
+        if found.nested:
+            if depth + 1 >= state.MAX_NESTED_DEPTH:
+                raise IntegrityError(f"{where}: nested more than {state.MAX_NESTED_DEPTH} deep")
+            files += _lay_out_nested(source, target, found.nested, gen, depth + 1)
+    return files
 
 
 def _lay_work_tree(git: Git, gen: mf.Generation, laid: Path,
@@ -544,7 +600,9 @@ class _Seed:
                 old = None
             self.repo.move_snapshot_head(gen.snapshot, old, "watcherd restore")
             # The private index described the tree that was there; the next snapshot re-reads.
+            # So did the nested repositories' (their histories start again from this one's).
             self.repo.index.unlink(missing_ok=True)
+            shutil.rmtree(self.repo.dir / "nested", ignore_errors=True)
 
     def discard(self) -> None:
         for path in self.copied:

@@ -5,7 +5,10 @@ A snapshot is a commit ``W`` in watcherd's repository (:mod:`watcherd.repo`) on
 user's index, force-added ones included, plus every untracked path git would not ignore; raw
 bytes, exec bits, symlinks), its parents ``[previous snapshot, HEAD, S]``, where ``S`` is the state
 commit (:mod:`watcherd.state`) that records HEAD, every ref, the stash, the index and the
-allowlisted config, all read at the same moment as the tree.
+allowlisted config, all read at the same moment as the tree. A repository nested in the working
+tree (a submodule, a ``git clone`` inside) is a gitlink in that tree, as git records it, and is
+snapshotted by the same rules into a history of its own; a last parent ``N`` names those
+snapshots (:func:`watcherd.state.write_nested`).
 
 ``shadow`` mode (default) reads the workspace and never runs git in it: its git state is read as
 data (:mod:`watcherd.workspace`), its files are added through watcherd's private index. ``branch``
@@ -23,10 +26,14 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import stat
 import threading
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import structlog
 
 from watcherd import dirfd, ignore, log, state, worktree
 from watcherd import workspace as ws
@@ -35,6 +42,8 @@ from watcherd.git import Git, for_workspace, retrying
 from watcherd.repo import SNAPSHOT_REF, Repo, write_private
 
 MESSAGE_PATHS = 50
+#: A nested repository that stays unsaved is warned about again at most this often (seconds).
+NESTED_WARN_INTERVAL = 10.0
 # A lock file left by a git process that died blocks every later commit. One that nobody holds
 # open, with no git of the user's running in the repository, and older than this is removed
 # (branch mode; shadow mode never writes in the workspace).
@@ -62,22 +71,43 @@ class Cache:
 
     index_digest: bytes | None = None
     user_paths: frozenset[bytes] | None = None
+    user_gitlinks: dict[bytes, bytes] = field(default_factory=dict)  # the user's index: commit
     state_key: bytes | None = None
     state_commit: str | None = None
     state_notes: tuple[str, ...] = ()
     problems: tuple[str, ...] = ()
-    nested_at: dict[str, str] = field(default_factory=dict)  # nested repository: its commit
-    nested_listed: bool = False
-    refused: set[str] = field(default_factory=set)  # nested repositories left out of adds
+    depth: int = 0  # 0: the workspace's; n: a repository nested n deep in it
+    at: str = ""  # where that repository is: "" or its path in the workspace and "/"
+    subs: dict[str, tuple[Repo, Cache]] = field(default_factory=dict)  # nested, by path
+    gitlinks: dict[str, str] | None = None  # the last tree's nested repositories: their commits
+    gitlinks_tree: str | None = None
+    unsaved: dict[str, str] = field(default_factory=dict)  # nested repositories not saved: why
+    unsaved_said: dict[str, tuple[str, float]] = field(default_factory=dict)
+    not_saved_before: set[str] = field(default_factory=set)  # as the last snapshot found them
+    nested_of: dict[str, str | None] = field(default_factory=dict)  # snapshot: nested record
+    nested_records: dict[str, dict[str, str]] = field(default_factory=dict)
+    refused: dict[str, str] = field(default_factory=dict)  # left out of adds for good: why
+    left_out: dict[str, str] = field(default_factory=dict)  # git recorded no gitlink now: why
     dropped_once: bool = False
     state_of: dict[str, str | None] = field(default_factory=dict)
     tree_of: dict[str, str] = field(default_factory=dict)
     heads: dict[str, tuple[str | None, str | None]] = field(default_factory=dict)
 
-    @property
-    def nested(self) -> frozenset[str]:
-        """The nested repositories this process has seen (status lists them degraded)."""
-        return frozenset(self.nested_at)
+    def not_saved(self) -> dict[str, str]:
+        """Every nested repository, at any depth, that the last snapshot could not save: its
+        path in the workspace, and why (``status`` shows each as degraded)."""
+        found = {f"{self.at}{path}": why for path, why in
+                 (self.refused | self.left_out | self.unsaved).items()}
+        for _, sub in self.subs.values():
+            found.update(sub.not_saved())
+        return found
+
+    def problems_all(self) -> list[str]:
+        """:attr:`problems`, and those of every nested repository saved, each with its path."""
+        found = list(self.problems)
+        for _, sub in self.subs.values():
+            found += [f"nested repository {sub.at.rstrip('/')}: {p}" for p in sub.problems_all()]
+        return found
 
 
 def prepare(repo: Repo) -> None:
@@ -235,12 +265,8 @@ def _take(repo: Repo, layout: ws.Layout, cache: Cache, before: str | None = None
     _report(problems, cache)
     head, head_ref = _head_of(repo, s_commit, cache)
 
-    if prev and tree == prev_tree and s_commit == prev_state:
-        _note_nested(repo.bare, tree, cache)  # the tree a snapshot recorded: its gitlinks checked
-        return Snapshot(None, prev, head, head_ref, problems=tuple(problems))
-    if not prev and tree == _empty_tree(repo.bare) and s_commit is None:
+    if not prev and s_commit is None and tree == _empty_tree(repo.bare):
         return Snapshot(None, None, None, head_ref, problems=tuple(problems))
-
     base = prev_tree
     if entries is None:
         # The first snapshot lists what differs from the user's HEAD (their commit is no news),
@@ -250,21 +276,23 @@ def _take(repo: Repo, layout: ws.Layout, cache: Cache, before: str | None = None
         base = prev_tree or before or \
             (repo.reader.out("rev-parse", f"{head}^{{tree}}") if head else None)
         entries = _diff(repo.bare, base, tree)
-    if _confirm_reads(repo, layout.root, base, entries):
+    if _confirm_reads(repo, layout, base, entries, cache):
         tree = repo.git.out("write-tree", "--missing-ok",
                             env={"GIT_INDEX_FILE": str(repo.index)})
         entries = _diff(repo.bare, base, tree)
-        if prev and tree == prev_tree and s_commit == prev_state:
-            _note_nested(repo.bare, tree, cache)
-            return Snapshot(None, prev, head, head_ref, problems=tuple(problems))
-    _note_nested(repo.bare, tree, cache)
-    paths = _paths(entries, cache)
+    nested, nested_paths = _save_nested(repo, layout, tree, base, entries, cache)
+    if prev and tree == prev_tree and s_commit == prev_state and \
+            nested == _nested_of(repo, prev, cache):
+        return Snapshot(None, prev, head, head_ref, problems=tuple(problems))
+    paths = [p.decode("utf-8", "surrogateescape") for *_, p in entries] + nested_paths
     moved = head if prev and head != _head_of(repo, prev_state, cache)[0] else None
-    commit = repo.commit_tree(tree, list(dict.fromkeys(p for p in (prev, head, s_commit) if p)),
+    commit = repo.commit_tree(tree, list(dict.fromkeys(p for p in (prev, head, s_commit, nested)
+                                                       if p)),
                               message(paths, moved))
     repo.move_snapshot_head(commit, prev, "watcherd: snapshot")
     cache.state_of[commit] = s_commit
     cache.tree_of[commit] = tree
+    cache.nested_of[commit] = nested
     return Snapshot(commit, commit, head, head_ref, len(paths), tuple(paths), tuple(problems))
 
 
@@ -283,6 +311,15 @@ def _state_of(repo: Repo, snapshot: str | None, cache: Cache) -> str | None:
     if snapshot not in cache.state_of:
         cache.state_of[snapshot] = state.state_parent(repo.bare, snapshot)
     return cache.state_of[snapshot]
+
+
+def _nested_of(repo: Repo, snapshot: str | None, cache: Cache) -> str | None:
+    """The nested record of ``snapshot`` (None for none)."""
+    if snapshot is None:
+        return None
+    if snapshot not in cache.nested_of:
+        cache.nested_of[snapshot] = state.nested_parent(repo.bare, snapshot)
+    return cache.nested_of[snapshot]
 
 
 def _head_of(repo: Repo, s_commit: str | None, cache: Cache) -> tuple[str | None, str | None]:
@@ -363,14 +400,16 @@ def _worktree_tree(repo: Repo, prev: str | None, prev_tree: str | None, head: st
             # workspace's: read through the alternates.
             repo.reader.run("read-tree", f"{head}^{{tree}}",
                             env={"GIT_INDEX_FILE": str(repo.index)}, check=False)
+    if prev_tree:
+        _drop_gone_repositories(repo, prev_tree, env, index_file, cache)
     try:
-        _add_all(git, env, refused=frozenset(cache.refused))
+        cache.left_out = _add_all(git, env, refused=frozenset(cache.refused))
     except GitError:  # a timeout too
         unreadable = {path: why for path, why in _unreadable_repositories(repo.workspace).items()
                       if path not in cache.refused}
         if not unreadable:
             raise
-        cache.refused |= set(unreadable)
+        cache.refused |= unreadable
         # The failed git's lock on watcherd's private index (nothing else writes it: the
         # caller holds watcherd's lock).
         Path(f"{repo.index}.lock").unlink(missing_ok=True)
@@ -379,8 +418,9 @@ def _worktree_tree(repo: Repo, prev: str | None, prev_tree: str | None, head: st
                      note="git failed or blocked on a nested repository that cannot be read "
                           "inside the workspace (a FIFO, a link or a .git leading outside it); "
                           "it is left out of every snapshot of this process")
-        _add_all(git, env, refused=frozenset(cache.refused))
+        cache.left_out = _add_all(git, env, refused=frozenset(cache.refused))
     _user_paths(repo, index_file, cache)
+    _keep_user_gitlinks(repo, env, cache)
     if not prev_tree:
         return git.out("write-tree", "--missing-ok", env=env), None
     # The tree and what changed since the previous one are two questions about the same index,
@@ -391,8 +431,8 @@ def _worktree_tree(repo: Repo, prev: str | None, prev_tree: str | None, head: st
                     lambda: _diff_index(repo.bare, env, prev_tree))
 
 
-def _confirm_reads(repo: Repo, root: Path, base: str | None,
-                   entries: list[tuple[bytes, bytes, bytes]]) -> bool:
+def _confirm_reads(repo: Repo, layout: ws.Layout, base: str | None,
+                   entries: list[tuple[bytes, bytes, bytes]], cache: Cache) -> bool:
     """Make every file, link and gitlink the snapshot records as changed what the workspace
     holds at that path, read through descriptors opened without following links
     (:mod:`watcherd.dirfd`).
@@ -409,22 +449,33 @@ def _confirm_reads(repo: Repo, root: Path, base: str | None,
     file, ``commondir``, refs, ``packed-refs``): one that is not the commit
     :func:`workspace.nested_head` reads is recorded again with that commit, or dropped when
     there is none; one of a repository that cannot be read inside the workspace keeps what
-    ``base`` holds (checked when it was recorded). A race of the agent's costs it a warning,
-    not the repository's next gitlinks: it is checked again at the next snapshot.
+    ``base`` holds (checked when it was recorded) and is named in ``cache.left_out``. A race of
+    the agent's costs it a warning, not the repository's next gitlinks: it is checked again at
+    the next snapshot.
+
+    In a nested repository (``layout.boundary`` set) everything is read beneath the workspace,
+    its own directory included: one swapped for a link reads as holding nothing.
     """
+    if not entries:
+        return False
+    top = layout.top
+    prefix = os.fsencode(os.path.relpath(layout.root, top)) + b"/" if layout.boundary else b""
     fmt, wrong, lines, unsafe = repo.object_format(), [], [], {}
     gone = b"0 " + b"0" * len(entries[0][1]) + b"\t" if entries else b""  # "remove this path"
     for mode, oid, path in entries:
         if mode != b"160000":
             continue
         try:
-            head = ws.nested_head(root, os.fsdecode(path))
+            head = ws.nested_head(top, os.fsdecode(prefix + path))
         except ws.Unsafe as exc:
             unsafe[path] = str(exc)
             continue
+        if head is None and cache.user_gitlinks.get(path) == oid:
+            continue  # a submodule not checked out, as the user's index holds it
         if head != oid.decode():
             wrong.append(path)
             lines.append((b"160000 %s\t" % head.encode() if head else gone) + path + b"\0")
+    cache.left_out.update((os.fsdecode(p), why) for p, why in unsafe.items())
     if unsafe:
         # git read another repository's HEAD, or a part of this one it was not to read.
         _log.warning("snapshot.nested_refused",
@@ -434,12 +485,14 @@ def _confirm_reads(repo: Repo, root: Path, base: str | None,
                           "link or a .git leading outside it): its commit as last recorded is "
                           "kept")
     unreadable = list(unsafe)  # the last gitlink recorded stays, as git add leaves it later
-    with dirfd.opened(root) as rfd:
+    with dirfd.opened(top) as tfd, dirfd.beneath(tfd, prefix) as rfd:
         changed = []
         for mode, oid, path in entries:
             if mode in (b"000000", b"160000"):
                 continue
             try:
+                if rfd is None:
+                    raise FileNotFoundError(path)
                 found = worktree.entry_id(rfd, path, fmt)
             except OSError:
                 found = None  # unreadable now: recorded again below, or dropped
@@ -447,7 +500,7 @@ def _confirm_reads(repo: Repo, root: Path, base: str | None,
                 changed.append(path)
         wrong += changed
         for path in changed:
-            with dirfd.parent(rfd, path) as where:
+            with dirfd.parent(rfd, path) if rfd is not None else nullcontext() as where:
                 try:
                     if where is None:
                         raise FileNotFoundError(path)
@@ -487,14 +540,18 @@ def _user_paths(repo: Repo, index_file: Path | None, cache: Cache) -> frozenset[
     if cache.user_paths is not None:
         return cache.user_paths
     paths: frozenset[bytes] = frozenset()
+    cache.user_gitlinks = {}
     if index_file is not None:
-        r = repo.bare.run("ls-files", "-z", "--cached", env={"GIT_INDEX_FILE": str(index_file)},
+        r = repo.bare.run("ls-files", "-z", "--stage", env={"GIT_INDEX_FILE": str(index_file)},
                           check=False)
         if r.returncode == 0:
-            paths = frozenset(p for p in r.stdout.split(b"\0") if p)
+            entries = [rec.partition(b"\t") for rec in r.stdout.split(b"\0") if rec]
+            paths = frozenset(path for _, _, path in entries)
+            cache.user_gitlinks = {path: meta.split()[1] for meta, _, path in entries
+                                   if meta.startswith(b"160000 ")}
     env = {"GIT_INDEX_FILE": str(repo.index)}
     ours = set(repo.git.run("ls-files", "-z", "--cached", env=env).stdout.split(b"\0"))
-    missing = sorted(p for p in paths if p not in ours)
+    missing = sorted(p for p in paths if p not in ours and p not in cache.user_gitlinks)
     if missing:
         r = repo.git.run("update-index", "--add", "--remove", "-z", "--stdin", env=env,
                          input=b"".join(p + b"\0" for p in missing), check=False)
@@ -505,26 +562,54 @@ def _user_paths(repo: Repo, index_file: Path | None, cache: Cache) -> frozenset[
     return paths
 
 
+def _keep_user_gitlinks(repo: Repo, env: dict[str, str], cache: Cache) -> None:
+    """A gitlink of the user's index whose directory holds no repository (a submodule not
+    checked out, or its ``.git`` removed) hides that directory's files from git: the private
+    index (the index ``env`` names) holds the same gitlink, never those files, as
+    ``git status`` sees it (:func:`_save_nested` says they are not saved)."""
+    hidden = {p: oid for p, oid in cache.user_gitlinks.items()
+              if _holds_no_repository(repo.workspace / os.fsdecode(p))}
+    if not hidden:
+        return
+    listed = repo.git.run("ls-files", "-z", "--stage", "--", *map(os.fsdecode, hidden),
+                          env={**env, "GIT_LITERAL_PATHSPECS": "1"}).stdout
+    ours = {path: meta for meta, _, path in (r.partition(b"\t") for r in listed.split(b"\0") if r)}
+    gone = b"0 " + b"0" * len(next(iter(hidden.values()))) + b"\t"
+    lines = [gone + path + b"\0" for path in ours if path not in hidden]  # files inside one
+    lines += [b"160000 %s\t%s\0" % (oid, path) for path, oid in hidden.items()
+              if not ours.get(path, b"").startswith(b"160000 %s " % oid)]
+    if lines:
+        repo.bare.run("update-index", "-z", "--index-info", env=env, input=b"".join(lines))
+
+
+def _holds_no_repository(path: Path) -> bool:
+    """Whether ``path`` is a directory (not a link) without a ``.git``."""
+    try:
+        return stat.S_ISDIR(os.lstat(path).st_mode) and not os.path.lexists(path / ".git")
+    except OSError:
+        return False
+
+
 def _add_all(git: Git, env: dict[str, str], *, attempts: int = 3, report: bool = True,
-             refused: frozenset[str] = frozenset()) -> None:
+             refused: frozenset[str] = frozenset()) -> dict[str, str]:
     """``git add --all`` of the work tree into the index ``env`` names; ``report``: warn about
     the paths it had to leave out; ``refused``: nested repositories left out (see
-    :func:`_unreadable_repositories`)."""
+    :func:`_unreadable_repositories`). The nested repositories git could not record (no commit
+    yet), each with why."""
     specs = [".", *(f":(exclude,literal){p}" for p in sorted(refused))]
     for attempt in range(attempts):
         # --ignore-errors: an unreadable file must not stop every other edit from being saved.
         r = git.run("add", "--all", "--ignore-errors", "--", *specs, env=env, check=False)
         if r.returncode == 0:
-            return
+            return {}
         said = r.stderr.decode("utf-8", "replace").strip()
         if "unable to stat" in said and "No such file" in said and attempt < attempts - 1:
             continue  # a file vanished between git's listing and its stat (an editor's temp file)
         if r.returncode != 1:
             raise GitError(f"git add failed in {git.work_tree}: {'; '.join(_lines(r.stderr)[:3])}")
         # 1 is --ignore-errors' "these paths could not be added": the index holds all the rest.
-        if report:
-            _report_skipped(said)
-        return
+        return _report_skipped(said, report)
+    return {}
 
 
 def _unreadable_repositories(root: Path, *, budget: int = 500_000) -> dict[str, str]:
@@ -582,8 +667,9 @@ def _drop_now_ignored(git: Git, env: dict[str, str], user_paths: frozenset[bytes
     return True
 
 
-def _report_skipped(said: str) -> None:
-    """Say which paths ``git add`` left out and why, one warning per kind of reason."""
+def _report_skipped(said: str, report: bool = True) -> dict[str, str]:
+    """Say which paths ``git add`` left out and why, one warning per kind of reason (``report``
+    False: say nothing); the nested repositories among them, with why."""
     nested, refused, other = [], [], []
     for line in said.splitlines():
         if m := re.fullmatch(r"error: '(.*)/' does not have a commit checked out", line):
@@ -593,6 +679,8 @@ def _report_skipped(said: str) -> None:
         elif line.startswith(("error:", "warning:", "fatal:")) and "unable to add" not in line \
                 and "adding embedded git repository" not in line:
             other.append(line)
+    if not report:
+        return {path: _NO_COMMIT for path in nested}
     for path in nested:
         _log.warning("snapshot.nested_repository", path=path,
                      note="a nested git repository with no commit yet: git cannot record it, so "
@@ -604,6 +692,10 @@ def _report_skipped(said: str) -> None:
     if other:
         _log.warning("snapshot.unreadable_files", detail=other[:5],
                      hint="files git could not read are left out of this snapshot")
+    return {path: _NO_COMMIT for path in nested}
+
+
+_NO_COMMIT = "a repository with no commit yet: git cannot record it, so its files are not saved"
 
 
 def _diff_index(git: Git, env: dict[str, str], old_tree: str) -> list[tuple[bytes, bytes, bytes]]:
@@ -656,44 +748,175 @@ def _raw_entries(raw: bytes) -> list[tuple[bytes, bytes, bytes]]:
             for meta, path in zip(fields[0::2], fields[1::2]) if meta]
 
 
-_NESTED_NOTE = ("a nested git repository: the snapshot records only its commit; its files, "
-                "history and uncommitted changes are not saved, and edits inside it are not "
-                "watched (make it part of this repository, or save it separately)")
+def _save_nested(repo: Repo, layout: ws.Layout, tree: str, base: str | None,
+                 entries: list[tuple[bytes, bytes, bytes]], cache: Cache
+                 ) -> tuple[str | None, list[str]]:
+    """Snapshot every repository nested in ``tree`` (a gitlink: a submodule, a ``git clone``
+    inside) by the same rules, each into a history of its own sharing this one's objects
+    (:meth:`Repo.nested`); (the record naming those snapshots, :func:`state.write_nested`, or
+    None; the paths that changed in them, prefixed with the repository's path).
+
+    One that cannot be saved now (a link or ``.git`` leading outside the workspace, its
+    history unreadable, nested deeper than :data:`state.MAX_NESTED_DEPTH`) keeps the snapshot
+    it last had in this history, if any, and is warned about (``snapshot.nested_not_saved``)
+    and shown in ``status``: never silence, never a reason for the rest not to be saved."""
+    links = _gitlinks(repo, tree, base, entries, cache)
+    if not (links or cache.unsaved or cache.not_saved_before or cache.left_out or cache.refused):
+        return None, []
+    last = _nested_saved(repo, repo.snapshot_head(), cache)
+    saved: dict[str, str] = {}
+    unsaved: dict[str, str] = {}
+    changed: list[str] = []
+    for n, path in enumerate(sorted(links)):
+        why = None
+        if n >= state.MAX_NESTED:
+            why = f"more than {state.MAX_NESTED} nested repositories"
+        elif cache.depth >= state.MAX_NESTED_DEPTH:
+            why = f"nested more than {state.MAX_NESTED_DEPTH} repositories deep"
+        else:
+            try:
+                snap = _take_nested(repo, layout, path, cache)
+                if snap.snapshot_head:
+                    saved[path] = snap.snapshot_head
+                    changed += [f"{path}/{p}" for p in snap.paths]
+                    continue
+                why = "nothing in it can be recorded"
+            except _NotARepository as exc:
+                if exc.empty:
+                    continue  # a submodule not checked out: nothing of it to save
+                unsaved[path] = str(exc)  # its files are in no index: as git sees it
+                continue
+            except (ws.Unsafe, GitError, WorkspaceError, OSError) as exc:
+                why = str(exc)
+        unsaved[path] = why
+        if path in last:
+            saved[path] = last[path]  # its last saved state is not dropped
+    for path in cache.subs.keys() - links.keys():
+        # Gone, or no longer a repository (its files are the tree's now).
+        cache.subs.pop(path)[0].close()
+    _report_unsaved(unsaved, last, saved, cache)
+    return state.write_nested(repo.bare, saved), changed
 
 
-def _note_nested(bare: Git, tree: str, cache: Cache) -> None:
-    """Once per process: name every nested repository (gitlink) the tree holds already, so that
-    a start warns about each and ``status`` shows it degraded (a snapshot warns only about one
-    that appears or moves). ``tree``: one whose gitlinks were checked (:func:`_confirm_reads`)."""
-    if cache.nested_listed:
-        return
-    cache.nested_listed = True
-    out = bare.run("ls-tree", "-r", "-z", "--full-tree", tree).stdout
-    for entry in out.split(b"\0"):
-        if entry.startswith(b"160000 "):
-            meta, _, raw_path = entry.partition(b"\t")
-            _warn_nested(raw_path.decode("utf-8", "surrogateescape"), meta.split()[2].decode(),
-                         cache)
+def _take_nested(repo: Repo, layout: ws.Layout, path: str, cache: Cache) -> Snapshot:
+    """Snapshot the repository nested at ``path`` (relative to ``layout``'s root) into its own
+    history. :class:`ws.Unsafe` when it cannot be read inside the workspace."""
+    full = layout.root / path
+    if Path(os.path.realpath(full)) != full:
+        raise ws.Unsafe(f"{path} is reached through a link")
+    nested = ws.locate(full, boundary=layout.top)
+    if nested.problem:
+        raise ws.Unsafe(nested.problem)
+    if not nested.is_repository:
+        raise _NotARepository(path, full)
+    if path not in cache.subs:
+        cache.subs[path] = (repo.nested(path), Cache(depth=cache.depth + 1,
+                                                     at=f"{cache.at}{path}/"))
+    sub, sub_cache = cache.subs[path]
+    # Every line logged meanwhile names the repository.
+    with structlog.contextvars.bound_contextvars(nested_repository=ws.printable(sub_cache.at[:-1])):
+        sub.ensure(repo.object_format())  # its objects are this repository's
+        return _take(sub, nested, sub_cache)
 
 
-def _warn_nested(path: str, commit: str, cache: Cache) -> None:
-    """Warn about nested repository ``path`` at ``commit``, once per place and commit."""
-    if cache.nested_at.get(path) != commit:
-        cache.nested_at[path] = commit
-        _log.warning("snapshot.nested_repository", path=ws.printable(path), commit=commit,
-                     note=_NESTED_NOTE)
+def _drop_gone_repositories(repo: Repo, prev_tree: str, env: dict[str, str],
+                            index_file: Path | None, cache: Cache) -> None:
+    """Take out of the private index every gitlink of ``prev_tree`` whose directory holds files
+    but no ``.git`` any more (``rm -rf lib/.git``), unless the user's index has it: ``git add
+    --all`` keeps a gitlink for ever, and those files, untracked to ``git status`` now, would be
+    in no snapshot. A gitlink of the user's index stays, as git sees it (a submodule not checked
+    out: files in its directory are in no index, and :func:`_save_nested` says so); so does one
+    whose directory is empty."""
+    gone = []
+    for path in _gitlinks(repo, prev_tree, prev_tree, [], cache):
+        where = repo.workspace / path
+        try:
+            if os.path.lexists(where / ".git") or not any(os.scandir(where)):
+                continue
+        except OSError:
+            continue  # gone, a file or unreadable: git add sees to it
+        gone.append(os.fsencode(path))
+    if gone and index_file is not None:
+        tracked = repo.bare.run("ls-files", "-z", "--cached", "--", *map(os.fsdecode, gone),
+                                env={"GIT_INDEX_FILE": str(index_file),
+                                     "GIT_LITERAL_PATHSPECS": "1"}, check=False).stdout
+        gone = [p for p in gone if p not in set(tracked.split(b"\0"))]
+    if gone:
+        repo.git.run("update-index", "-z", "--force-remove", "--stdin", env=env,
+                     input=b"".join(p + b"\0" for p in gone))
 
 
-def _paths(entries: list[tuple[bytes, bytes, bytes]], cache: Cache) -> list[str]:
-    """The changed paths; warns about every nested repository (gitlink) that appeared or moved,
-    whose own files and uncommitted changes a snapshot does not hold."""
-    paths = []
-    for mode, oid, raw_path in entries:
-        path = raw_path.decode("utf-8", "surrogateescape")
-        paths.append(path)
-        if mode == b"160000":
-            _warn_nested(path, oid.decode(), cache)
-    return paths
+class _NotARepository(Exception):
+    """A gitlink whose directory holds no repository: a submodule not checked out (``empty``),
+    or one whose ``.git`` went while the user's index keeps its gitlink."""
+
+    def __init__(self, path: str, full: Path) -> None:
+        try:
+            self.empty = not any(os.scandir(full))
+        except OSError:
+            self.empty = True
+        super().__init__(f"{path} holds no .git but the index keeps it as a submodule: git sees "
+                         "its files in no index, so they are not saved (`git rm --cached "
+                         f"{path}` makes them the workspace's)")
+
+
+def _gitlinks(repo: Repo, tree: str, base: str | None,
+              entries: list[tuple[bytes, bytes, bytes]], cache: Cache) -> dict[str, str]:
+    """The gitlinks of ``tree`` (path: commit): listed once per process, then followed through
+    ``entries``, what changed since ``base``."""
+    if cache.gitlinks is None or cache.gitlinks_tree != base:
+        out = repo.bare.run("ls-tree", "-r", "-z", "--full-tree", tree).stdout
+        cache.gitlinks = {}
+        for entry in out.split(b"\0"):
+            if entry.startswith(b"160000 "):
+                meta, _, raw = entry.partition(b"\t")
+                cache.gitlinks[raw.decode("utf-8", "surrogateescape")] = meta.split()[2].decode()
+    elif tree != base:
+        for mode, oid, raw in entries:
+            path = raw.decode("utf-8", "surrogateescape")
+            if mode == b"160000":
+                cache.gitlinks[path] = oid.decode()
+            else:
+                cache.gitlinks.pop(path, None)
+    cache.gitlinks_tree = tree
+    return cache.gitlinks
+
+
+def _nested_saved(repo: Repo, snapshot: str | None, cache: Cache) -> dict[str, str]:
+    """The nested repositories' snapshots ``snapshot`` names, by path."""
+    record = _nested_of(repo, snapshot, cache)
+    if record is None:
+        return {}
+    if record not in cache.nested_records:
+        cache.nested_records = {record: state.load(repo.bare, snapshot).nested}
+    return cache.nested_records[record]
+
+
+def _report_unsaved(unsaved: dict[str, str], last: dict[str, str], saved: dict[str, str],
+                    cache: Cache) -> None:
+    """Warn about each nested repository that is not saved: when it first is not, when the
+    reason changes, and again at most every :data:`NESTED_WARN_INTERVAL` seconds while it stays
+    so (a snapshot follows every change inside it); say when one that was not (for any reason,
+    :meth:`Cache.not_saved`) is saved."""
+    now = time.monotonic()
+    for path, why in unsaved.items():
+        said = cache.unsaved_said.get(path)
+        if said is not None and said[0] == why and now - said[1] < NESTED_WARN_INTERVAL:
+            continue
+        cache.unsaved_said[path] = (why, now)
+        _log.warning("snapshot.nested_not_saved", path=ws.printable(path),
+                     reason=ws.printable(why),
+                     kept="its last saved state" if path in last else "nothing",
+                     note="a nested repository whose files, history and uncommitted changes "
+                          "this snapshot cannot save")
+    cache.unsaved = unsaved
+    now = set(cache.refused) | set(cache.left_out) | set(unsaved)
+    for path in cache.not_saved_before - now:
+        cache.unsaved_said.pop(path, None)
+        if path in saved:
+            _log.info("snapshot.nested_saved", path=ws.printable(path),
+                      note="the nested repository is saved now")
+    cache.not_saved_before = now
 
 
 def message(paths: list[str], moved_head: str | None) -> str:

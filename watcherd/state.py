@@ -11,9 +11,15 @@ state"):
   ``index`` (the index as its own tree, when it could be recorded), ``tags`` (the raw annotated tag
   objects, which a tree cannot point at) and ``objects/`` (refs that point at a tree or a blob).
 
-``S`` has a fixed author, committer and date, so the same state always gives the same commit and
-an unchanged state costs no new object. Restore reads ``S`` back with :func:`read`; everything in
-it is checked again there, because what the store returns is untrusted too.
+When the working tree holds nested repositories (a submodule, a ``git clone`` inside), a last
+parent ``N`` follows ``S``: its tree's ``nested.json`` names, for each nested repository's path, its
+own snapshot (a commit of the same shape: its working tree, its HEAD, its state commit), and its
+parents are those snapshots, so the same bundle carries them (:func:`write_nested`).
+
+``S`` and ``N`` have a fixed author, committer and date, so the same state always gives the same
+commit and an unchanged state costs no new object. Restore reads ``S`` back with :func:`read`
+(and ``N`` with :func:`load`); everything in them is checked again there, because what the store
+returns is untrusted too.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ import re
 import tempfile
 import threading
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from watcherd import log
@@ -35,6 +41,11 @@ from watcherd.workspace import GitState, Head, Ref, StashEntry, printable, valid
 _log = log.get(__name__)
 FORMAT = 1
 SUBJECT = "watcherd: state"
+NESTED_SUBJECT = "watcherd: nested repositories"
+#: Nested repositories one snapshot saves at most (each is a snapshot of its own), and how deep
+#: (repositories nested in nested ones).
+MAX_NESTED = 256
+MAX_NESTED_DEPTH = 4
 _IDENT = "watcherd <watcherd@localhost> 0 +0000"
 _OID = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")
 # The config a restore gives back (DESIGN, "Workspace state"): remotes, branch tracking, identity.
@@ -396,6 +407,23 @@ def _hash(git: Git, kind: str, data: bytes) -> str:
     return git.out("hash-object", "-t", kind, "-w", "--stdin", input=data)
 
 
+def write_nested(git: Git, saved: dict[str, str]) -> str | None:
+    """The commit ``N`` naming the snapshot of each nested repository: ``saved`` maps its path
+    ('/'-separated, relative to the working tree) to that snapshot's commit. None when empty.
+
+    Its parents are those snapshots (one bundle carries them), its tree one ``nested.json``;
+    fixed author, committer and date: the same snapshots give the same commit."""
+    if not saved:
+        return None
+    doc = {"format": FORMAT,
+           "repositories": [{"path": p, "snapshot": saved[p]} for p in sorted(saved)]}
+    blob = _hash(git, "blob", (json.dumps(doc, indent=1) + "\n").encode())
+    tree = git.out("mktree", input=f"100644 blob {blob}\tnested.json\n".encode())
+    body = f"tree {tree}\n" + "".join(f"parent {c}\n" for c in sorted(set(saved.values()))) + \
+        f"author {_IDENT}\ncommitter {_IDENT}\n\n{NESTED_SUBJECT}\n"
+    return _hash(git, "commit", body.encode())
+
+
 # -- giving back -----------------------------------------------------------------------------------
 
 
@@ -439,8 +467,9 @@ def apply_refs(git: Git, rec: Recorded) -> None:
 
 
 def state_parent(git: Git, snapshot: str) -> str | None:
-    """The state commit of snapshot ``snapshot`` (its last parent), None for a snapshot written
-    before state commits existed. :class:`GitError` when ``snapshot`` is not a commit here."""
+    """The state commit of snapshot ``snapshot`` (its last parent, or the one before its nested
+    record), None for a snapshot written before state commits existed. :class:`GitError` when
+    ``snapshot`` is not a commit here."""
     return _locate(git, snapshot)[1]
 
 
@@ -451,40 +480,90 @@ class Loaded:
     tree: str  # the work tree it recorded
     state_commit: str | None  # None: written before state commits existed
     recorded: Recorded | None  # what the state commit records (None with it)
+    nested: dict[str, str] = field(default_factory=dict)  # nested repository path: its snapshot
 
 
 def load(git: Git, snapshot: str) -> Loaded:
-    """Snapshot ``snapshot``'s tree, state commit and what that records, read by two
-    ``git cat-file --batch`` processes (a restore waits for this; a git process costs ~2.5 ms).
+    """Snapshot ``snapshot``'s tree, state commit and what that records, and the snapshots of
+    its nested repositories, read by ``git cat-file --batch`` processes (a restore waits for
+    this; a git process costs ~2.5 ms).
 
     Raises :class:`GitError` when ``snapshot`` is not a commit here, :class:`IntegrityError` when
-    its state commit does not parse as one watcherd wrote (a tampered store, a bug).
+    its state commit or nested record does not parse as one watcherd wrote (a tampered store, a
+    bug).
     """
-    tree, last, objects = _locate(git, snapshot)
-    return Loaded(tree, last, None if last is None else _parse(last, *objects))
+    tree, last, objects, nested = _locate(git, snapshot)
+    return Loaded(tree, last, None if last is None else _parse(last, *objects), nested)
 
 
-def _locate(git: Git, snapshot: str) -> tuple[str, str | None, list[_Object | None]]:
-    """(the snapshot's tree, its state commit or None, that commit's state.json, index and tags
-    objects)."""
-    [found] = git.cat_objects([f"{snapshot}^{{commit}}"])
+def nested_parent(git: Git, snapshot: str) -> str | None:
+    """The commit ``N`` of snapshot ``snapshot`` (see the module), None when it has none."""
+    parents = _commit_parts(_commit(git, snapshot))[0].get("parent", [])
+    if not parents:
+        return None
+    [found] = git.cat_objects([f"{parents[-1]}^{{commit}}"])
+    return parents[-1] if found and _commit_parts(found[2])[1] == NESTED_SUBJECT else None
+
+
+def _commit(git: Git, commit: str) -> bytes:
+    [found] = git.cat_objects([f"{commit}^{{commit}}"])
     if found is None:
-        raise GitError(f"{git.git_dir}: no commit {snapshot[:12]}")
-    headers, _ = _commit_parts(found[2])
+        raise GitError(f"{git.git_dir}: no commit {commit[:12]}")
+    return found[2]
+
+
+def _locate(git: Git, snapshot: str
+            ) -> tuple[str, str | None, list[_Object | None], dict[str, str]]:
+    """(the snapshot's tree, its state commit or None, that commit's state.json, index and tags
+    objects, its nested repositories' snapshots by path)."""
+    headers, _ = _commit_parts(_commit(git, snapshot))
     tree = headers.get("tree", [""])[0]
     if not _OID.fullmatch(tree):
         raise IntegrityError(f"snapshot {snapshot[:12]} is not a well-formed commit")
     parents = headers.get("parent", [])
+    nested: dict[str, str] = {}
+    if parents:
+        commit, doc = git.cat_objects([f"{parents[-1]}^{{commit}}", f"{parents[-1]}:nested.json"])
+        if commit is not None and _commit_parts(commit[2])[1] == NESTED_SUBJECT and doc:
+            if doc[1] != "blob":
+                raise IntegrityError(f"nested record {parents[-1][:12]} has no nested.json")
+            nested = _parse_nested(parents[-1], commit[2], doc)
+            parents = parents[:-1]
     if not parents:
-        return tree, None, []
+        return tree, None, [], nested
     last = parents[-1]
     commit, *objects = git.cat_objects([f"{last}^{{commit}}", f"{last}:state.json",
                                         f"{last}:index", f"{last}:tags"])
     # A state commit says so in its subject and holds state.json; a user's commit that happens
     # to carry the same subject (the HEAD parent of an older watcherd's snapshot) does not.
     if commit is None or _commit_parts(commit[2])[1] != SUBJECT or objects[0] is None:
-        return tree, None, []
-    return tree, last, objects
+        return tree, None, [], nested
+    return tree, last, objects, nested
+
+
+def _parse_nested(commit: str, body: bytes, doc_object: _Object) -> dict[str, str]:
+    """The nested.json of nested record ``commit`` (its body ``body``), checked: relative paths
+    of plain names (no ``.``, ``..``, ``.git``, empty or absolute), each snapshot one of the
+    commit's parents (so the bundles that carry the record carry it)."""
+    where = f"nested record {commit[:12]}"
+    parents = set(_commit_parts(body)[0].get("parent", []))
+    try:
+        doc = json.loads(doc_object[2])
+        if doc["format"] != FORMAT:
+            raise IntegrityError(f"{where}: format {doc['format']!r} is newer than this "
+                                 "watcherd understands; upgrade watcherd")
+        found: dict[str, str] = {}
+        for item in doc["repositories"][:MAX_NESTED]:
+            path, snap = item["path"], _oid(item["snapshot"])
+            parts = path.split("/") if isinstance(path, str) else [""]
+            if any(p in ("", ".", "..") or p.lower() == ".git" or "\0" in p for p in parts):
+                raise ValueError(f"bad path {printable(str(path))[:80]!r}")
+            if snap not in parents:
+                raise ValueError(f"{snap[:12]} is not one of its parents")
+            found[path] = snap
+    except (KeyError, TypeError, ValueError, AttributeError, RecursionError) as exc:
+        raise IntegrityError(f"{where}: nested.json is malformed ({exc})") from None
+    return found
 
 
 def read(git: Git, state_commit: str) -> Recorded:

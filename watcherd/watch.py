@@ -74,9 +74,6 @@ MAX_PATHS = 1000
 #: Directories watched inside one nested repository (whose own ignore rules git does not give
 #: watcherd: a `node_modules/` in it would be walked whole); past it, changes deeper are unseen.
 NESTED_MAX_WATCHES = 2000
-# A nested repository changing continuously is warned about at most this often (seconds); the
-# warning counts the changes in between.
-NESTED_WARN_INTERVAL = 10.0
 # What of a nested repository's git directory says its commit may have moved.
 _NESTED_GIT_NAMES = frozenset({"HEAD", "index", "packed-refs"})
 
@@ -205,7 +202,6 @@ class Found:
     resync: dict[str, None] = field(default_factory=dict)  # why the watches must be re-walked
     rules_changed: bool = False
     index_read: bool = False  # the user's index was looked at during this read already
-    nested: dict[str, None] = field(default_factory=dict)  # nested repositories changed inside
 
     def path(self, rel: str) -> None:
         if len(self.paths) < MAX_PATHS:
@@ -259,8 +255,6 @@ class Judge:
         self._common_dir = ""
         self._unborn_git = ""  # a .git directory git has not finished creating, when there is one
         self._nested: dict[str, int] = {}  # each nested repository's root: directories watched
-        # When each was last warned about, and the changes inside it since (not logged).
-        self._nested_said: dict[str, tuple[float, int]] = {}
 
     # -- public ----------------------------------------------------------------------------------
 
@@ -357,18 +351,6 @@ class Judge:
 
     def _finish(self, found: Found, hits: int) -> Batch:
         """After a read's events: re-walk when they asked for it, say what they meant."""
-        now = time.monotonic()
-        for root in found.nested:
-            last, unsaid = self._nested_said.get(root, (None, 0))
-            if last is not None and now - last < NESTED_WARN_INTERVAL:
-                self._nested_said[root] = (last, unsaid + 1)  # said again, counted, once due
-                continue
-            self._nested_said[root] = (now, 0)
-            log.warning("watch.nested_repository_changed", path=ws.printable(root),
-                        changes_not_logged=unsaid,
-                        note="a change inside a nested repository: only its commit is saved, "
-                             "not its files or uncommitted changes (make it part of this "
-                             "repository, or save it separately)")
         if found.rules_changed:
             self._oracle.invalidate()
         if found.resync:
@@ -473,10 +455,10 @@ class Judge:
             found.path(rel)
 
     def _on_nested_event(self, d: str, name: str, mask: int, found: Found) -> None:
-        """``name`` in ``d``, a directory of a nested repository, changed. Its files are not
-        saved (git records the repository as one gitlink): a change is said in the log
-        (``watch.nested_repository_changed``, once per read) and starts a snapshot, which
-        records the repository's commit if it moved."""
+        """``name`` in ``d``, a directory of a nested repository, changed: the snapshot this
+        starts saves the repository by its own rules (its ignore rules are its own, so the
+        change is reported as the repository, never as its paths: git's check-ignore would die
+        on them)."""
         root = self._nested_root(d)
         if root is None or not name:
             return
@@ -496,7 +478,6 @@ class Judge:
             if mask & _CAME:
                 self._walk_nested(root, start=rel)
         found.path(root)
-        found.nested[root] = None
 
     def _nested_root(self, d: str) -> str | None:
         for root in self._nested:

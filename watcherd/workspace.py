@@ -61,7 +61,8 @@ class Layout:
     (they differ in a linked worktree). Both None when the workspace is not a repository
     (``problem`` is None) or when its ``.git`` cannot be used safely (``problem`` says why).
     ``internal`` lists git directories inside the work tree under another name than ``.git``
-    (a ``gitdir:`` file pointing at ``.repo/``): a snapshot must leave them out.
+    (a ``gitdir:`` file pointing at ``.repo/``): a snapshot must leave them out. ``boundary``:
+    the workspace a nested repository is in (nothing of it is read outside that), else None.
     """
 
     root: Path
@@ -69,10 +70,16 @@ class Layout:
     common_dir: Path | None = None
     problem: str | None = None
     internal: tuple[str, ...] = ()
+    boundary: Path | None = None
 
     @property
     def is_repository(self) -> bool:
         return self.git_dir is not None
+
+    @property
+    def top(self) -> Path:
+        """The directory nothing is read outside of: the workspace."""
+        return self.boundary or self.root
 
 
 @dataclass(frozen=True)
@@ -143,13 +150,14 @@ def locate(root: Path, *, boundary: Path | None = None) -> Layout:
     if not root.is_dir():
         raise WorkspaceError(f"workspace.path {root} does not exist or is not a directory")
     top = Path(os.path.realpath(boundary)) if boundary is not None else root
+    outer = top if top != root else None
     dotgit = root / ".git"
     try:
         st = os.lstat(dotgit)
     except FileNotFoundError:
-        return Layout(root)
+        return Layout(root, boundary=outer)
     except OSError as exc:
-        return Layout(root, problem=f"{dotgit} cannot be read: {exc.strerror}")
+        return Layout(root, problem=f"{dotgit} cannot be read: {exc.strerror}", boundary=outer)
     try:
         if stat.S_ISREG(st.st_mode):
             text = read_file(top, dotgit, MAX_SMALL_FILE).decode("utf-8", "strict").strip()
@@ -170,10 +178,10 @@ def locate(root: Path, *, boundary: Path | None = None) -> Layout:
             raise Unsafe(f"{common_dir} does not look like a git directory (no objects/, no HEAD)")
     except (Unsafe, UnicodeDecodeError) as exc:
         return Layout(root, problem=str(exc) if isinstance(exc, Unsafe)
-                      else f"{dotgit} is not UTF-8 text")
+                      else f"{dotgit} is not UTF-8 text", boundary=outer)
     internal = tuple(sorted({_rel(root, d) for d in (git_dir, common_dir)
                              if _under(d, root) and d != dotgit and not _under(d, dotgit)}))
-    return Layout(root, git_dir, common_dir, None, internal)
+    return Layout(root, git_dir, common_dir, None, internal, outer)
 
 
 def inside(root: Path, path: Path) -> Path:
@@ -244,7 +252,7 @@ def read_state(layout: Layout) -> GitState:
     when HEAD itself cannot be read safely (nothing consistent could be recorded).
     """
     assert layout.git_dir is not None and layout.common_dir is not None
-    root, git_dir, common = layout.root, layout.git_dir, layout.common_dir
+    root, git_dir, common = layout.top, layout.git_dir, layout.common_dir
     warnings: list[str] = []
     config = _optional(root, common / "config", MAX_CONFIG, warnings) or b""
     fmt = _object_format(config)

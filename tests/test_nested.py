@@ -1,0 +1,367 @@
+"""Nested repositories (a submodule, a ``git clone`` or ``git init`` inside the workspace) are saved
+by the same rules as the workspace (DESIGN, "Workspace state"): their working tree, index, HEAD,
+refs, stash and allowlisted config, at the same moment, each in a snapshot of its own that the
+workspace's snapshot names; a restore gives each back as a repository of its own. One that cannot
+be saved is named in the log and in ``status``, and keeps the state it last had.
+
+Real git repositories, real saves into a local store, real restores.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+import structlog
+from structlog.testing import capture_logs
+
+from helpers import git, make_repo, state_repo
+from watcherd import snapshot, state
+from watcherd.config import Config, StoreConfig, WorkspaceConfig, parse_store_url
+from watcherd.errors import IntegrityError
+from watcherd.generations import Generations
+from watcherd.restore import restore
+from watcherd.store.local import LocalStore
+
+KEY = "acme/sandbox-9/nested"
+pytestmark = pytest.mark.timeout(120)
+
+
+def take(ws: Path, cache: snapshot.Cache | None = None) -> snapshot.Snapshot:
+    repo = state_repo(ws, KEY)
+    snapshot.prepare(repo)
+    return snapshot.take(repo, cache=cache)
+
+
+def save(ws: Path, store_dir: Path, cache: snapshot.Cache | None = None) -> snapshot.Snapshot:
+    snap = take(ws, cache)
+    assert Generations(LocalStore(store_dir), KEY).save(state_repo(ws, KEY)).status in \
+        ("saved", "unchanged")
+    return snap
+
+
+def restore_into(target: Path, store_dir: Path):
+    config = Config(workspace=WorkspaceConfig(path=target, state_dir=target.parent / "pod-2"),
+                    store=StoreConfig(url=parse_store_url(f"file://{store_dir}"), key=KEY))
+    return restore(config, Generations(LocalStore(store_dir), KEY))
+
+
+def files(root: Path) -> dict[str, tuple]:
+    """Every entry under ``root`` except any ``.git``: (kind, exec bit, bytes or link target)."""
+    found: dict[str, tuple] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        if ".git" in dirnames:
+            dirnames.remove(".git")
+        for name in dirnames + filenames:
+            full = Path(dirpath, name)
+            rel = full.relative_to(root).as_posix()
+            st = full.lstat()
+            if stat.S_ISLNK(st.st_mode):
+                found[rel] = ("link", os.readlink(full))
+            elif stat.S_ISDIR(st.st_mode):
+                if os.listdir(full):
+                    found[rel] = ("dir",)
+            elif name != ".git":
+                found[rel] = ("file", st.st_mode & 0o100, full.read_bytes())
+    return found
+
+
+def view(repo: Path) -> dict[str, str]:
+    """What a person sees of a repository's state (DESIGN's list: status, stash, remotes, the
+    branch's tracking, HEAD, refs)."""
+    return {
+        "status": git(repo, "status", "--porcelain=v2", "--branch"),
+        "stash": git(repo, "stash", "list"),
+        "remotes": git(repo, "remote", "-v"),
+        "tracking": subprocess.run(["git", "config", "branch.dev.remote"], cwd=repo,
+                                   capture_output=True, text=True).stdout,
+        "head": git(repo, "symbolic-ref", "-q", "HEAD") if subprocess.run(
+            ["git", "symbolic-ref", "-q", "HEAD"], cwd=repo).returncode == 0
+        else git(repo, "rev-parse", "HEAD"),
+        "refs": git(repo, "for-each-ref", "--format=%(refname) %(objectname)"),
+    }
+
+
+def busy_clone(path: Path) -> Path:
+    """A nested repository holding everything a person could lose: commits on a branch, a tag,
+    a stash, a remote with tracking, a staged change, an edit and an untracked file."""
+    make_repo(path, "nested\n")
+    git(path, "checkout", "-q", "-b", "dev")
+    git(path, "tag", "-a", "v1", "-m", "first")
+    (path / "readme.md").write_text("stashed\n")
+    git(path, "stash", "-q")
+    git(path, "remote", "add", "origin", "https://example.invalid/nested.git")
+    git(path, "config", "branch.dev.remote", "origin")
+    git(path, "config", "branch.dev.merge", "refs/heads/dev")
+    (path / "staged.txt").write_text("staged\n")
+    git(path, "add", "staged.txt")
+    (path / "staged.txt").write_text("staged, then edited\n")
+    (path / "readme.md").write_text("edited, not committed\n")
+    (path / "untracked.txt").write_text("untracked\n")
+    (path / "run.sh").write_text("#!/bin/sh\n")
+    (path / "run.sh").chmod(0o755)
+    os.symlink("readme.md", path / "link")
+    return path
+
+
+def test_a_nested_clone_comes_back_whole(tmp_path):
+    ws = make_repo(tmp_path / "ws")
+    nested = busy_clone(ws / "vendor" / "lib")
+    (ws / "readme.md").write_text("outer edit\n")
+    before = {"outer": view(ws), "nested": view(nested)}
+    store = tmp_path / "store"
+
+    with capture_logs() as logs:
+        snap = save(ws, store)
+
+    assert not [e for e in logs if e["log_level"] == "warning"], logs
+    repo = state_repo(ws, KEY)
+    loaded = state.load(repo.bare, snap.commit)
+    assert list(loaded.nested) == ["vendor/lib"]
+    assert "vendor/lib/readme.md" in snap.paths  # the log names what changed inside
+    target = tmp_path / "restored"
+    outcome = restore_into(target, store)
+    assert outcome.generation
+    assert files(target) == files(ws)
+    assert {"outer": view(target), "nested": view(target / "vendor" / "lib")} == before
+    assert (target / "vendor" / "lib" / ".git").is_dir()
+    assert git(target / "vendor" / "lib", "cat-file", "-t", "v1") == "tag"
+    assert subprocess.run(["git", "fsck", "--no-dangling"], cwd=target / "vendor" / "lib",
+                          capture_output=True).returncode == 0
+
+
+def test_an_uncommitted_edit_in_a_submodule_comes_back(tmp_path):
+    lib = make_repo(tmp_path / "lib", "library\n")
+    ws = make_repo(tmp_path / "ws")
+    git(ws, "-c", "protocol.file.allow=always", "submodule", "add", "-q", str(lib), "lib")
+    git(ws, "commit", "-qm", "add lib")
+    store = tmp_path / "store"
+    save(ws, store)
+    (ws / "lib" / "readme.md").write_text("edited inside the submodule\n")
+    (ws / "lib" / "new.txt").write_text("new inside the submodule\n")
+    git(ws / "lib", "add", "new.txt")
+    before = {"outer": view(ws), "nested": view(ws / "lib")}
+
+    snap = save(ws, store)
+
+    assert set(snap.paths) == {"lib/readme.md", "lib/new.txt"}
+    target = tmp_path / "restored"
+    restore_into(target, store)
+    assert (target / "lib" / "readme.md").read_text() == "edited inside the submodule\n"
+    assert files(target) == files(ws)
+    assert {"outer": view(target), "nested": view(target / "lib")} == before
+
+
+def test_a_repository_nested_in_a_nested_one_comes_back(tmp_path):
+    ws = make_repo(tmp_path / "ws")
+    outer = make_repo(ws / "a", "a\n")
+    inner = make_repo(outer / "b", "b\n")
+    (inner / "readme.md").write_text("edited two levels down\n")
+    (outer / "x.txt").write_text("untracked one level down\n")
+    store = tmp_path / "store"
+
+    save(ws, store)
+
+    target = tmp_path / "restored"
+    restore_into(target, store)
+    assert files(target) == files(ws)
+    assert view(target / "a" / "b") == view(inner)
+    assert view(target / "a") == view(outer)
+
+
+def test_an_unchanged_nested_repository_costs_no_snapshot_and_a_change_inside_is_one(tmp_path):
+    ws = make_repo(tmp_path / "ws")
+    nested = make_repo(ws / "lib")
+    cache = snapshot.Cache()
+    first = take(ws, cache)
+    assert first.commit
+    assert take(ws, cache).commit is None
+    assert take(ws, snapshot.Cache()).commit is None  # another process: the same answer
+
+    (nested / "readme.md").write_text("edited inside\n")
+    second = take(ws, cache)
+
+    assert second.commit and second.paths == ("lib/readme.md",)
+    assert take(ws, cache).commit is None
+
+
+def test_a_nested_repository_going_away_takes_its_record_with_it(tmp_path):
+    ws = make_repo(tmp_path / "ws")
+    nested = make_repo(ws / "lib")
+    cache = snapshot.Cache()
+    take(ws, cache)
+    subprocess.run(["rm", "-rf", str(nested / ".git")], check=True)  # its files are the tree's
+
+    snap = take(ws, cache)
+
+    loaded = state.load(state_repo(ws, KEY).bare, snap.commit)
+    assert loaded.nested == {}
+    assert git(ws.parent, f"--git-dir={state_repo(ws, KEY).git_dir}", "show",
+               f"{snap.commit}:lib/readme.md") == "hello"
+
+
+@pytest.mark.parametrize("how", ["directory-link", "gitdir-outside"])
+def test_a_nested_repository_leading_outside_is_not_saved_keeps_its_last_state_and_says_so(
+        tmp_path, how):
+    ws = make_repo(tmp_path / "ws")
+    nested = make_repo(ws / "lib", "saved inside\n")
+    outside = make_repo(tmp_path / "outside", "SECRET outside the workspace\n")
+    store = tmp_path / "store"
+    cache = snapshot.Cache()
+    first = save(ws, store, cache)
+    first_nested = state.load(state_repo(ws, KEY).bare, first.commit).nested["lib"]
+
+    if how == "directory-link":
+        # The agent swaps the nested repository's directory for a link to another repository.
+        os.rename(nested, ws / "lib-away")
+        os.symlink(outside, ws / "lib")
+    else:
+        subprocess.run(["rm", "-rf", str(nested / ".git")], check=True)
+        (nested / ".git").write_text(f"gitdir: {outside / '.git'}\n")
+    (ws / "readme.md").write_text("edited beside it\n")
+    with capture_logs() as logs:
+        snap = take(ws, cache)
+
+    bare = state_repo(ws, KEY).bare
+    everything = bare.run("rev-list", "--objects", snap.commit).stdout
+    for oid in (line.split()[0] for line in everything.decode().splitlines()):
+        if bare.out("cat-file", "-t", oid) == "blob":
+            assert b"SECRET" not in bare.run("cat-file", "blob", oid).stdout
+    if how == "gitdir-outside":
+        warned = [e for e in logs if e["event"] == "snapshot.nested_not_saved"]
+        assert [e["path"] for e in warned] == ["lib"]
+        assert warned[0]["kept"] == "its last saved state"
+        assert "outside" in warned[0]["reason"]
+        assert state.load(bare, snap.commit).nested == {"lib": first_nested}
+        assert cache.not_saved().keys() == {"lib"}
+    else:
+        # A link is a link to git: recorded as one; the repository moved aside is saved there.
+        assert state.load(bare, snap.commit).nested.keys() == {"lib-away"}
+        assert bare.out("ls-tree", snap.commit, "lib").startswith("120000 ")
+
+
+def test_a_change_of_the_reason_is_said_again_and_saved_again_is_said(tmp_path):
+    ws = make_repo(tmp_path / "ws")
+    nested = make_repo(ws / "lib")
+    cache = snapshot.Cache()
+    take(ws, cache)
+    elsewhere = make_repo(tmp_path / "elsewhere")
+    real_git = nested / ".git"
+    os.rename(real_git, ws / "kept-git")
+    (nested / ".git").write_text(f"gitdir: {elsewhere / '.git'}\n")
+    with capture_logs() as logs:
+        take(ws, cache)
+        take(ws, cache)  # the same reason, within the interval: said once
+    assert len([e for e in logs if e["event"] == "snapshot.nested_not_saved"]) == 1
+
+    (nested / ".git").unlink()
+    os.rename(ws / "kept-git", real_git)
+    (nested / "readme.md").write_text("saved again\n")
+    with capture_logs() as logs:
+        snap = take(ws, cache)
+    assert [e["path"] for e in logs if e["event"] == "snapshot.nested_saved"] == ["lib"]
+    assert cache.not_saved() == {}
+    assert "lib/readme.md" in snap.paths
+
+
+def test_every_line_logged_while_saving_a_nested_repository_names_it(tmp_path):
+    ws = make_repo(tmp_path / "ws")
+    nested = make_repo(ws / "lib")
+    (nested / ".git" / "refs" / "heads" / "broken").write_text("0" * 39 + "1\n")
+    with capture_logs(processors=[structlog.contextvars.merge_contextvars]) as logs:
+        take(ws)
+    said = [e for e in logs if e["event"] == "snapshot.state_not_recorded"]
+    assert said and all(e.get("nested_repository") == "lib" for e in said)
+
+
+def _tampered(tmp_path: Path, paths: list[str]) -> tuple[Path, Path]:
+    """A store whose newest generation's nested record names ``paths`` (the store is untrusted:
+    watcherd's own repository is rewritten here as an attacker with the store's keys would)."""
+    ws = make_repo(tmp_path / "ws")
+    make_repo(ws / "lib")
+    store = tmp_path / "store"
+    save(ws, store)
+    repo = state_repo(ws, KEY)
+    snap = repo.snapshot_head()
+    record = state.nested_parent(repo.bare, snap)
+    nested_snap = state.load(repo.bare, snap).nested["lib"]
+    forged = state.write_nested(repo.bare, {p: nested_snap for p in paths})
+    body = repo.bare.run("cat-file", "commit", snap).stdout.replace(record.encode(),
+                                                                    forged.encode())
+    tree_line, _, rest = body.partition(b"\n")
+    body = tree_line + f"\nparent {snap}\n".encode() + rest  # on top of what the store has
+    new = repo.bare.out("hash-object", "-t", "commit", "-w", "--stdin", input=body)
+    repo.bare.update_ref("refs/watcherd/snapshots", new, snap, "forged")
+    assert Generations(LocalStore(store), KEY).save(repo).status == "saved"
+    return ws, store
+
+
+@pytest.mark.parametrize("path", ["../escaped", "lib/../../escaped", ".git/hooks", "/abs",
+                                  "lib/.GIT", ""])
+def test_a_nested_record_naming_a_path_out_of_its_place_is_refused(tmp_path, path):
+    repo_root = tmp_path / "probe"
+    make_repo(repo_root)
+    from watcherd.git import Git
+    g = Git(repo_root / ".git", home=tmp_path)
+    snap = g.out("rev-parse", "HEAD")
+    record = state.write_nested(g, {path: snap})
+    top = g.out("commit-tree", f"{g.out('rev-parse', 'HEAD^{tree}')}", "-p", record, "-m", "x")
+    with pytest.raises(IntegrityError, match="nested.json is malformed"):
+        state.load(g, top)
+
+
+def test_a_nested_record_naming_a_path_the_tree_has_no_gitlink_for_fails_that_generation(
+        tmp_path):
+    ws, store = _tampered(tmp_path, ["readme.md"])  # a file of the tree, not a gitlink
+    target = tmp_path / "restored"
+    outcome = restore_into(target, store)
+    # The newest generation does not restore; the one before it does, and nothing was written
+    # through the forged record.
+    assert outcome.generation == 1
+    assert (target / "readme.md").read_text() == "hello\n"
+    assert not (tmp_path / "escaped").exists()
+
+
+def test_files_under_a_submodule_whose_git_went_are_named_not_saved_as_git_sees_them(tmp_path):
+    # The user's index keeps `lib` as a submodule; with its .git removed, git sees its files in
+    # no index (`git status` shows nothing of them): neither does the snapshot, and it says so.
+    ws = make_repo(tmp_path / "ws")
+    nested = make_repo(ws / "lib")
+    git(ws, "add", "lib")  # a gitlink in the user's index
+    cache = snapshot.Cache()
+    take(ws, cache)
+    subprocess.run(["rm", "-rf", str(nested / ".git")], check=True)
+    (nested / "new.txt").write_text("in no index\n")
+
+    with capture_logs() as logs:
+        snap = take(ws, cache)
+
+    bare = state_repo(ws, KEY).bare
+    head = snap.commit or snap.snapshot_head
+    assert bare.out("ls-tree", head, "lib").startswith("160000 ")
+    assert state.load(bare, head).nested == {}
+    warned = [e for e in logs if e["event"] == "snapshot.nested_not_saved"]
+    assert [e["path"] for e in warned] == ["lib"] and "git rm --cached lib" in warned[0]["reason"]
+    assert "lib" in cache.not_saved()
+
+
+def test_a_submodule_not_checked_out_is_a_gitlink_and_no_warning(tmp_path):
+    lib = make_repo(tmp_path / "lib", "library\n")
+    ws = make_repo(tmp_path / "ws")
+    git(ws, "-c", "protocol.file.allow=always", "submodule", "add", "-q", str(lib), "lib")
+    git(ws, "commit", "-qm", "add lib")
+    git(ws, "submodule", "deinit", "-q", "-f", "lib")  # its directory is empty now
+    store = tmp_path / "store"
+
+    with capture_logs() as logs:
+        cache = snapshot.Cache()
+        save(ws, store, cache)
+
+    assert not [e for e in logs if e["log_level"] == "warning"]
+    assert cache.not_saved() == {}
+    target = tmp_path / "restored"
+    restore_into(target, store)
+    assert view(target) == view(ws)
