@@ -522,18 +522,23 @@ def _locate(git: Git, snapshot: str
         raise IntegrityError(f"snapshot {snapshot[:12]} is not a well-formed commit")
     parents = headers.get("parent", [])
     nested: dict[str, str] = {}
-    if parents:
-        commit, doc = git.cat_objects([f"{parents[-1]}^{{commit}}", f"{parents[-1]}:nested.json"])
-        if commit is not None and _commit_parts(commit[2])[1] == NESTED_SUBJECT and doc:
-            if doc[1] != "blob":
-                raise IntegrityError(f"nested record {parents[-1][:12]} has no nested.json")
-            nested = _parse_nested(parents[-1], commit[2], doc)
-            parents = parents[:-1]
     if not parents:
         return tree, None, [], nested
     last = parents[-1]
-    commit, *objects = git.cat_objects([f"{last}^{{commit}}", f"{last}:state.json",
-                                        f"{last}:index", f"{last}:tags"])
+    # One batch asks for the last parent as a state commit and as a nested record at once.
+    commit, *objects, doc = git.cat_objects([f"{last}^{{commit}}", f"{last}:state.json",
+                                             f"{last}:index", f"{last}:tags",
+                                             f"{last}:nested.json"])
+    if commit is not None and doc is not None and _commit_parts(commit[2])[1] == NESTED_SUBJECT:
+        if doc[1] != "blob":
+            raise IntegrityError(f"nested record {last[:12]} has no nested.json")
+        nested = _parse_nested(last, commit[2], doc)
+        parents = parents[:-1]
+        if not parents:
+            return tree, None, [], nested
+        last = parents[-1]
+        commit, *objects = git.cat_objects([f"{last}^{{commit}}", f"{last}:state.json",
+                                            f"{last}:index", f"{last}:tags"])
     # A state commit says so in its subject and holds state.json; a user's commit that happens
     # to carry the same subject (the HEAD parent of an older watcherd's snapshot) does not.
     if commit is None or _commit_parts(commit[2])[1] != SUBJECT or objects[0] is None:
