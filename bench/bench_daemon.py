@@ -12,7 +12,11 @@ What it measures (docs/benchmarks.md, "Daemon", has the numbers and what they me
   tracked edits made during the storm were snapshotted;
 * **idle**    daemon CPU and context switches (wakeups) over 5 minutes of nothing, against a bare
   inotify process holding the pruned watches over the same window;
-* **rss**     VmRSS/VmHWM of the daemon after READY and after the storm, against the bare process.
+* **rss**     VmRSS/VmHWM of the daemon after READY and after the storm, against the bare process;
+* **nested**  edit→snapshot latency with :data:`NESTED_REPOS` repositories cloned inside the
+  workspace (each saved by the same rules at every snapshot), for an edit outside them and one
+  inside one, against raw git saving the same: ``git add -A && git commit`` in each nested
+  repository, then ``git status --porcelain && git add -A && git commit`` in the workspace.
 
 Everything happens in one temporary directory under ``--workdir`` (default ``bench/out/``, which is
 gitignored), removed at the end unless ``--keep``. Not the system temp dir by default: on the
@@ -63,7 +67,8 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 QUIET_PERIOD_S = 0.2
 # Longer than the 5 s between the storm's tracked edits, so that no upload runs between them.
 IDLE_TIMEOUT_S = 8.0
-SECTIONS = ("ready", "latency", "storm", "idle", "rss", "watchdog")
+SECTIONS = ("ready", "latency", "storm", "idle", "rss", "watchdog", "nested")
+NESTED_REPOS, NESTED_FILES = 5, 200  # the nested section: repositories, files in each
 RUN = ".venv/bin/python bench/bench_daemon.py"
 
 # The raw floor of "watch the workspace": a bare process that walks the directories git looks into
@@ -514,6 +519,8 @@ class Bench:
             self.long_run()
         if "watchdog" in self.sections:
             self.watchdog()
+        if "nested" in self.sections:
+            self.nested()
 
     # -- floors ------------------------------------------------------------------------------------
 
@@ -594,6 +601,59 @@ class Bench:
             self.activity_mark = mark
             code, stop_ms = d.stop()
             say(f"watchdog daemon stopped: exit {code} after {stop_ms:.0f} ms")
+
+    # -- nested repositories -----------------------------------------------------------------------
+
+    def nested(self) -> None:
+        """Repositories inside the workspace (``packages/nested-N``, untracked clones as an agent
+        makes them), the same ones in a copy for the floor; edits alternate between a source of
+        the workspace and a file of one nested repository. Run last: it adds to the workspace."""
+        floor = self.tmp / "nested-floor"
+        if not floor.exists():
+            floor_copy(self.ws, floor)
+        inside = []
+        for root in (self.ws, floor):
+            for i in range(NESTED_REPOS):
+                n = root / "packages" / f"nested-{i}"
+                (n / "src").mkdir(parents=True)
+                for j in range(NESTED_FILES):
+                    (n / "src" / f"f{j}.ts").write_text(f"export const f{j} = {j};\n")
+                git(n, "init", "-q")
+                git(n, "add", "-A")
+                git(n, "commit", "-q", "-m", "nested")
+                if root == self.ws:
+                    inside.append(f"packages/nested-{i}/src/f{i}.ts")
+        d = self.start()
+        try:
+            d.wait_ready()
+            time.sleep(QUIET_PERIOD_S + 1.5)  # the start-up snapshot saves them all first
+            runs: dict[str, list[float]] = {"outside": [], "inside": [], "floor": []}
+            for i in range(self.n_latency):
+                rel = self.editable[(i * 11) % len(self.editable)] if i % 2 else inside[i % 5]
+                t0 = time.perf_counter()
+                with open(floor / rel, "a") as fh:
+                    fh.write(f"// floor {i}\n")
+                for j in range(NESTED_REPOS):  # first: the workspace's commit records theirs
+                    n = floor / "packages" / f"nested-{j}"
+                    git(n, "add", "-A")
+                    git(n, "commit", "-q", "--allow-empty", "-m", f"floor {i}")
+                git(floor, "status", "--porcelain")
+                git(floor, "add", "-A")
+                git(floor, "commit", "-q", "-m", f"floor {i}")
+                runs["floor"].append((time.perf_counter() - t0) * 1000)
+                time.sleep(0.1)
+                mark = d.mark()
+                t_edit = edit(self.ws / rel, f"nested edit {i}")
+                rec = d.wait_for(committed_with(rel), mark, timeout=30)
+                runs["inside" if rel in inside else "outside"].append(
+                    (parse_ts(rec["timestamp"]) - t_edit) * 1000 - QUIET_PERIOD_S * 1000)
+                time.sleep(0.15 + 0.05 * (i % 4))
+            self.res["nested"] = runs
+            say(f"nested: edit->snapshot median outside {median(runs['outside']):.1f} ms, inside "
+                f"{median(runs['inside']):.1f} ms; raw git median {median(runs['floor']):.1f} ms")
+        finally:
+            code, _ = d.stop()
+            say(f"nested daemon stopped: exit {code}")
 
     # -- one long-running daemon for the rest ------------------------------------------------------
 
@@ -978,6 +1038,8 @@ def report(res: dict) -> str:
         w("")
     if "watchdog_ready" in res:
         _report_watchdog(res, w)
+    if "nested" in res:
+        _report_nested(res, w)
     for n in res.get("notes", []):
         w(f"Note: {n}")
     return "\n".join(out).rstrip() + "\n"
@@ -1015,6 +1077,27 @@ def _report_watchdog(res: dict, w: Callable[[str], None]) -> None:
               f"{late} ms | | |")
     w("")
     w(f"Reproduce: `{RUN} --only ready storm watchdog`.")
+    w("")
+
+
+
+def _report_nested(res: dict, w: Callable[[str], None]) -> None:
+    r = res["nested"]
+    w(f"### Edit → snapshot with {NESTED_REPOS} nested repositories ({NESTED_FILES} files "
+      "each), minus quiet_period")
+    w("")
+    w("| | watcherd, edit outside them | watcherd, edit inside one | raw floor | ratios |")
+    w("|---|---|---|---|---|")
+    for label, f in (("median", median), ("p95", p95)):
+        a, b, c = f(r["outside"]), f(r["inside"]), f(r["floor"])
+        w(f"| {label} | {ms(a)} | {ms(b)} | {ms(c)} | {ratio(a, c)} / {ratio(b, c)} |")
+    w("")
+    w("Raw floor: `git status --porcelain && git add -A && git commit` in a copy of the "
+      "workspace, after `git add -A && git commit --allow-empty` in each nested repository "
+      "(what saving them all costs raw git; watcherd snapshots each at every snapshot, "
+      "changed or not).")
+    w("")
+    w(f"Reproduce: `{RUN} --only nested`.")
     w("")
 
 
