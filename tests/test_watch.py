@@ -397,7 +397,8 @@ def test_a_change_inside_a_nested_repository_reports_the_repository(
     does not ask git for): a change inside it is reported as the repository, whose snapshot
     follows, never as its own paths (git's check-ignore would die on them), in directories made
     after the walk too. Its commit moving is seen, and once it is no repository any more its
-    files are the workspace's."""
+    files are the workspace's: every one of them reported (none ever was as the workspace's),
+    and each change after that as its own path."""
     nested = root / "vendor" / "lib"
     nested.mkdir(parents=True)
     git(nested, "init", "-q")
@@ -411,8 +412,12 @@ def test_a_change_inside_a_nested_repository_reports_the_repository(
     git(nested, "commit", "-qm", "inside")  # rewrites its index
     reported(watcher, "vendor/lib")
     shutil.rmtree(nested / ".git")
-    barrier(watcher, root)  # the removal read and judged: vendor/lib walked as the work tree's
-    write(nested / "src" / "inner.c", "saved now")
+    # Written at once: whether its event is read with the removal's, before it or after it,
+    # the file is reported as the work tree's.
+    write(nested / "src" / "deeper" / "more.c", "saved now")
+    reported(watcher, "vendor/lib/src/inner.c", "vendor/lib/src/deeper/more.c")
+    barrier(watcher, root)
+    write(nested / "src" / "inner.c", "changed since")
     reported(watcher, "vendor/lib/src/inner.c")
 
 

@@ -468,9 +468,13 @@ class Judge:
             return
         rel = child_path(d, name)
         if name == ".git":
-            if d == root and mask & _GONE:  # no longer a repository: its files are saved again
+            if d == root and mask & _GONE:
+                # No longer a repository: its files are the workspace's now, none of them ever
+                # reported as such (an event of this read in it was the repository's): walked
+                # as a directory that just appeared.
                 self._drop_nested(root)
-                found.resync["a nested repository's .git went"] = None
+                if not self._ignored(root, True, found):
+                    self._walk_work(root, found, collect=True)
             return
         if mask & ISDIR:
             if mask & _GONE:
