@@ -665,9 +665,11 @@ def test_every_generation_corrupt_with_on_missing_fail_fails_and_touches_nothing
     target.mkdir()
     (target / "work.txt").write_text("kept\n")
 
-    with pytest.raises(RestoreError, match="every stored generation is corrupt"):
+    with pytest.raises(RestoreError, match="every stored generation is corrupt") as raised:
         restore(config_for(target, store_dir, on_missing="fail"), gens_for(store_dir))
 
+    said = str(raised.value)
+    assert said.count("generation 2") == 1 and said.count("generation 1") == 1, said
     assert tree_state(target) == {"work.txt": ("file", 0, b"kept\n")}
     assert asides(target) == []
     assert store_files(store_dir) == before

@@ -244,19 +244,26 @@ def _restore_stored(config: Config, repo: Repo, generations: Generations, manife
             if gen is not candidates[0]:
                 _log.warning("restore.fell_back", key=generations.key, generation=gen.generation,
                              newest=candidates[0].generation,
-                             failures=[f"generation {n}: {e}" for n, e in failures])
+                             failures=[_failure(n, e) for n, e in failures])
                 if not request.explicit:
                     _record_bad(repo, generations, manifest, failures)
             else:
                 repo.clear_bad_generations()
             return Outcome("restored", gen.generation, aside)
-    said = "; ".join(f"generation {n}: {e}" for n, e in failures)
+    said = "; ".join(_failure(n, e) for n, e in failures)
     if request.explicit:
         raise RestoreError("the requested generation is corrupt: " + said)
     # Nothing good is left: restore.on_missing decides (fail: exit 1). The record lets the next
     # save supersede the corrupt generations instead of being refused for ever.
     _record_bad(repo, generations, manifest, failures)
     return _on_missing(config, repo, generations, "every stored generation is corrupt: " + said)
+
+
+def _failure(generation: int, error: str) -> str:
+    """``error`` as said about ``generation``, which most errors name already."""
+    prefix = f"generation {generation}"
+    return error if error.startswith(prefix + " ") or error.startswith(prefix + ":") \
+        else f"{prefix}: {error}"
 
 
 def _record_bad(repo: Repo, generations: Generations, manifest: mf.Manifest,
