@@ -365,7 +365,11 @@ def test_rollback_without_a_daemon_and_the_git_directorys_own_entries_kept(tmp_p
 
 
 @pytest.mark.parametrize("step", ["exchanged", "renamed"])
-def test_a_rollback_killed_while_swapping_is_finished_by_the_next_run(tmp_path, monkeypatch, step):
+@pytest.mark.parametrize("next_run", ["start", "snapshot", "checkpoint"])
+def test_a_rollback_killed_while_swapping_is_finished_by_the_next_run(tmp_path, monkeypatch, step,
+                                                                        next_run):
+    """Finished by whatever runs next under watcherd's lock: a daemon's start, or a standalone
+    snapshot or checkpoint, which would otherwise save the half-swapped workspace."""
     from helpers import state_repo
 
     from watcherd import dirfd, rollback, snapshot
@@ -394,7 +398,14 @@ def test_a_rollback_killed_while_swapping_is_finished_by_the_next_run(tmp_path, 
     with pytest.raises(KeyboardInterrupt), repo.lock():
         rollback.apply(repo, rollback.Target(first, None, "test"))
     monkeypatch.undo()
-    rollback.recover(repo)
+    if next_run == "start":
+        rollback.recover(repo)
+    else:
+        config = write_config(tmp_path / "w.toml", workspace=ws, store=tmp_path / "store",
+                              key="test/key", listen="", state_dir=tmp_path / "ws-state")
+        args = ["checkpoint", "after"] if next_run == "checkpoint" else ["snapshot"]
+        r = run_cli(config, *args)
+        assert r.returncode == 0, r.stderr
     assert git(ws, "log", "--format=%s") == "one"
     assert (ws / "a.txt").read_text() == "one\n"
     assert git(ws, "config", "user.note") == "the user's"  # the user's config came back

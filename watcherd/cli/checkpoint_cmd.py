@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 
 from watcherd import manifest as mf
-from watcherd import snapshot
+from watcherd import rollback, snapshot
 from watcherd.cli.common import check_workspace, command_parser, daemon_for, note, say, say_json
 from watcherd.cli.restore_cmd import generations_for
 from watcherd.cli.snapshot_cmd import DAEMON_SAVE_TIMEOUT
@@ -83,6 +83,7 @@ def _standalone(cfg: Config, name: str, text: str) -> dict:
     store = open_store(cfg.store)
     try:
         repo = open_repo(cfg)
+        rollback.recover(repo)  # a rollback killed half-way: finished, not saved half-done
         snapshot.prepare(repo)
         snapshot.take(repo, cfg.workspace.mode)
         generations = generations_for(cfg, store)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from watcherd import snapshot
+from watcherd import rollback, snapshot
 from watcherd.cli.common import check_workspace, command_parser, daemon_for, note, say
 from watcherd.cli.restore_cmd import generations_for
 from watcherd.config import Config
@@ -74,6 +74,7 @@ def _standalone(cfg: Config) -> int:
     store = open_store(cfg.store)  # first: a store that cannot be opened is a config error
     try:
         repo = open_repo(cfg)
+        rollback.recover(repo)  # a rollback killed half-way: finished, not saved half-done
         snapshot.prepare(repo)
         snap = snapshot.take(repo, ws.mode)
         result = generations_for(cfg, store).save(repo, template_url=cfg.restore.template_url)
