@@ -155,6 +155,25 @@ def test_an_uncommitted_edit_in_a_submodule_comes_back(tmp_path):
     assert {"outer": view(target), "nested": view(target / "lib")} == before
 
 
+def test_the_bound_on_nested_repositories_counts_every_level_together(tmp_path, monkeypatch):
+    """:data:`state.MAX_NESTED` bounds what one snapshot takes in the whole workspace, not in
+    each repository: a level of its own each is no way round it. The rest are named."""
+    monkeypatch.setattr(state, "MAX_NESTED", 3)
+    ws = make_repo(tmp_path / "ws")
+    for outer in ("a", "b"):
+        make_repo(ws / outer)
+        for inner in ("x", "y"):
+            make_repo(ws / outer / inner)
+    cache = snapshot.Cache()
+    with capture_logs() as logs:
+        take(ws, cache)
+        take(ws, cache)  # counted again from nothing: the same ones saved, the same named
+
+    # a, a/x and a/y are the three; b is not saved, and nothing in it is looked at.
+    assert cache.not_saved() == {"b": "more than 3 nested repositories in the workspace"}
+    assert {e["path"] for e in logs if e["event"] == "snapshot.nested_not_saved"} == {"b"}
+
+
 def test_a_repository_nested_in_a_nested_one_comes_back(tmp_path):
     ws = make_repo(tmp_path / "ws")
     outer = make_repo(ws / "a", "a\n")

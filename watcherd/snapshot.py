@@ -81,6 +81,9 @@ class Cache:
     subs: dict[str, tuple[Repo, Cache]] = field(default_factory=dict)  # nested, by path
     gitlinks: dict[str, str] | None = None  # the last tree's nested repositories: their commits
     gitlinks_tree: str | None = None
+    # Nested repositories taken so far in this snapshot, at every depth: one count, shared with
+    # every nested repository's cache (MAX_NESTED bounds the workspace, not each level).
+    nested_taken: list[int] = field(default_factory=lambda: [0])
     unsaved: dict[str, str] = field(default_factory=dict)  # nested repositories not saved: why
     unsaved_said: dict[str, tuple[str, float]] = field(default_factory=dict)
     not_saved_before: set[str] = field(default_factory=set)  # as the last snapshot found them
@@ -185,6 +188,7 @@ def take(repo: Repo, mode: str = "shadow", cache: Cache | None = None) -> Snapsh
 def take_locked(repo: Repo, mode: str = "shadow", cache: Cache | None = None) -> Snapshot:
     """:func:`take` for a caller that holds :meth:`Repo.lock` already (a rollback)."""
     cache = cache if cache is not None else Cache()
+    cache.nested_taken[0] = 0
     started = time.monotonic()
     _log.debug("snapshot.started", mode=mode)  # a trace of the save's steps, for post-mortems
     if repo.pairing() is not None and not repo.paired_with(repo.workspace):
@@ -767,13 +771,14 @@ def _save_nested(repo: Repo, layout: ws.Layout, tree: str, base: str | None,
     saved: dict[str, str] = {}
     unsaved: dict[str, str] = {}
     changed: list[str] = []
-    for n, path in enumerate(sorted(links)):
+    for path in sorted(links):
         why = None
-        if n >= state.MAX_NESTED:
-            why = f"more than {state.MAX_NESTED} nested repositories"
+        if cache.nested_taken[0] >= state.MAX_NESTED:
+            why = f"more than {state.MAX_NESTED} nested repositories in the workspace"
         elif cache.depth >= state.MAX_NESTED_DEPTH:
             why = f"nested more than {state.MAX_NESTED_DEPTH} repositories deep"
         else:
+            cache.nested_taken[0] += 1
             try:
                 snap = _take_nested(repo, layout, path, cache)
                 if snap.snapshot_head:
@@ -811,7 +816,8 @@ def _take_nested(repo: Repo, layout: ws.Layout, path: str, cache: Cache) -> Snap
         raise _NotARepository(path, full)
     if path not in cache.subs:
         cache.subs[path] = (repo.nested(path), Cache(depth=cache.depth + 1,
-                                                     at=f"{cache.at}{path}/"))
+                                                     at=f"{cache.at}{path}/",
+                                                     nested_taken=cache.nested_taken))
     sub, sub_cache = cache.subs[path]
     # Every line logged meanwhile names the repository.
     with structlog.contextvars.bound_contextvars(nested_repository=ws.printable(sub_cache.at[:-1])):
