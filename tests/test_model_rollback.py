@@ -6,7 +6,9 @@ The workspace model's rules (files, ignore rules, the user's git, restarts) driv
 workspace; ``mark`` snapshots it and records its state with plain git; ``roll_back`` returns to
 a random mark and ``undo`` to where the last rollback started. What a rollback leaves as it is,
 by design, is left out of the comparison: files the rules ignored before the rollback (no
-snapshot holds them), and the user's git config (remotes, branch tracking), which stays theirs.
+snapshot holds them), the user's git config (remotes, branch tracking), which stays theirs, and
+a nested repository, before the rollback or in its target (docs/security.md: a rollback puts
+back the workspace's own files and leaves a nested repository's as they are).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import subprocess
 import pytest
 from hypothesis import strategies as st
 from hypothesis.stateful import precondition, rule
-from test_model_workspace import BOUNDED, LONG, WorkspaceModel, recorded_state
+from test_model_workspace import BOUNDED, LONG, NESTED, WorkspaceModel, recorded_state
 
 from watcherd import rollback, snapshot
 
@@ -29,16 +31,28 @@ def ignored(path) -> set[str]:
 
 
 def comparable(state: dict, leave_out: set[str]) -> dict:
-    """``state`` without what a rollback keeps as it is."""
+    """``state`` without what a rollback keeps as it is (a directory in ``leave_out`` ends in
+    "/": everything in it)."""
     state = dict(state)
     state.pop("remotes")
     state.pop("tracking")
-    state["files"] = {k: v for k, v in state["files"].items() if k not in leave_out}
+    state.pop("nested")
+    dirs = tuple(p for p in leave_out if p.endswith("/"))
+    state["files"] = {k: v for k, v in state["files"].items()
+                      if k not in leave_out and not (k + "/").startswith(dirs)}
     state["status"] = "".join(
         line for line in state["status"].splitlines(keepends=True)
         if not line.startswith(("# branch.upstream", "# branch.ab"))
-        and not (line.startswith("? ") and line[2:].rstrip("\n") in leave_out))
+        and not (line.startswith("? ") and line[2:].rstrip("\n") in leave_out)
+        and not (line[0] in "12?" and _path(line).startswith(dirs)))
     return state
+
+
+def _path(line: str) -> str:
+    """The path a ``git status --porcelain=v2`` entry line is about."""
+    if line.startswith("? "):
+        return line[2:].rstrip("\n")
+    return line.rstrip("\n").split(" ", 8 if line[0] == "1" else 9)[-1].split("\t")[0]
 
 
 class RollbackModel(WorkspaceModel):
@@ -70,6 +84,8 @@ class RollbackModel(WorkspaceModel):
     def _roll(self, target: rollback.Target, expected: dict) -> None:
         leave_out = ignored(self.ws)
         before = recorded_state(self.ws)
+        if before["nested"] is not None or expected["nested"] is not None:
+            leave_out.add(f"{NESTED}/")
         with self.repo.lock():
             came_from = rollback.apply(self.repo, target, cache=self.cache)
         self.before_rollback = (came_from, before)
