@@ -487,25 +487,31 @@ def test_loose_objects_that_are_not_what_their_names_say_cost_the_state_director
     assert skipped and skipped[0]["count"] == 25
 
 
-def test_a_nested_repository_whose_head_is_a_fifo_costs_one_timeout_not_every_snapshot(
-        tmp_path):
-    """git opens a nested repository's HEAD to tell it is one; a FIFO there blocks it until the
-    door's timeout. That snapshot finds why, leaves the repository out (named in the log) and
-    saves the rest; the next ones do not wait again."""
+@pytest.mark.parametrize("fifo", ["HEAD", "refs/heads/main", "commondir"])
+def test_a_nested_repository_holding_a_fifo_costs_seconds_once_not_the_timeout(tmp_path, fifo):
+    """git opens a nested repository's HEAD (and its branch's ref, its commondir) to tell it is
+    one; a FIFO there blocks it for good. The snapshot finds why after a second, not after the
+    door's whole timeout (a SIGTERM's final save must not wait a minute), leaves the repository
+    out (named in the log) and saves the rest; the next ones do not wait again."""
     import time
+
+    from watcherd.git import DEFAULT_TIMEOUT
 
     ws = make_repo(tmp_path / "ws")
     nested = ws / "vendor" / "lib" / ".git"
     for d in ("objects", "refs/heads"):
         (nested / d).mkdir(parents=True)
-    os.mkfifo(nested / "HEAD")
+    if fifo != "HEAD":
+        (nested / "HEAD").write_text("ref: refs/heads/main\n")
+    os.mkfifo(nested / fifo)
     (ws / "edit.txt").write_text("one\n")
     repo = state_repo(ws, KEY)
     snapshot.prepare(repo)
-    repo.git.timeout = 3
     cache = snapshot.Cache()
+    started = time.monotonic()
     with capture_logs() as logs:
         snap = snapshot.take(repo, "shadow", cache)
+    assert time.monotonic() - started < DEFAULT_TIMEOUT / 6
     assert snap.commit and "edit.txt" in files_of(ws, snap.commit)
     refused = [e for e in logs if e["event"] == "snapshot.nested_refused"]
     assert refused and refused[0]["paths"] == ["vendor/lib"]

@@ -140,6 +140,25 @@ def test_sigterm_ends_in_time_while_a_loose_object_is_a_fifo(watcherd):
     assert d.show("src/app.py", d.manifest()["snapshot"]) == "print('still saved')"
 
 
+def test_sigterm_saves_the_last_edit_in_time_while_a_new_nested_repository_holds_a_fifo(
+        watcherd):
+    """A FIFO as a new nested repository's HEAD blocks git add for good: the final save finds
+    it after a second, leaves it out and saves the edit made just before SIGTERM, within
+    shutdown_timeout (the door's timeout is a minute)."""
+    d = watcherd(watch={"shutdown_timeout": "8s"}).start()
+    d.settle()
+    nested = d.workspace / "vendor" / "lib" / ".git"
+    for sub in ("objects", "refs/heads"):
+        (nested / sub).mkdir(parents=True)
+    os.mkfifo(nested / "HEAD")
+    (d.workspace / "src" / "app.py").write_text("print('the last edit')\n")
+    t0 = time.monotonic()
+    d.signal(signal.SIGTERM)
+    assert d.wait_exit(timeout=8 + 3) == 0
+    assert time.monotonic() - t0 < 8
+    assert d.show("src/app.py", d.manifest()["snapshot"]) == "print('the last edit')"
+
+
 @pytest.fixture
 def shared_tmp():
     """A temporary directory other uids may enter (pytest's own tmp_path is root's alone)."""

@@ -20,7 +20,7 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +29,8 @@ from watcherd.errors import GitError
 #: Seconds a git call may take unless the caller says otherwise. A wedged git (an object file that
 #: is a FIFO, a hung filesystem) ends as a GitError instead of holding the daemon for ever.
 DEFAULT_TIMEOUT = 60.0
+#: Seconds after which a git call given a ``stalled`` check (:meth:`Git.run`) is first checked.
+STALL_CHECK = 1.0
 
 # What every call runs with, whatever a repository's config says. Most of it only matters for a
 # repository watcherd did not write (a bundle's refs, branch mode's workspace), but it costs
@@ -118,6 +120,11 @@ class Identity:
 
 class GitTimeout(GitError):
     """A git call ran past its timeout and was killed."""
+
+
+class GitStalled(GitError):
+    """A git call was killed early because its caller's ``stalled`` check found why it could
+    not finish (:meth:`Git.run`)."""
 
 
 class LocalIOError(GitError):
@@ -237,17 +244,27 @@ class Git:
         check: bool = True,
         timeout: float | None = None,
         ok: Sequence[int] = (0,),
+        stalled: Callable[[], bool] | None = None,
     ) -> Result:
         """Run ``git <args>`` and return its output.
 
+        ``stalled``: asked after :data:`STALL_CHECK` seconds while git still runs, then after
+        twice as long each time; True kills git at once (a check that finds git blocked on
+        something it will never finish, rather than a timeout's whole wait).
+
         Raises :class:`GitTimeout` when it runs past ``timeout`` seconds (default: the door's),
-        :class:`GitError` when ``check`` and the exit status is not in ``ok``.
+        :class:`GitStalled` when ``stalled`` said so, :class:`GitError` when ``check`` and the
+        exit status is not in ``ok``.
         """
         limit = self.timeout if timeout is None else timeout
         cwd = self.work_tree if self.work_tree is not None and self.work_tree.is_dir() \
             else self.home
-        code, out, err = _communicate(self.argv(args), cwd, self.env(env), input, limit,
-                                      self.shared, self.workspace_objects)
+        try:
+            code, out, err = _communicate(self.argv(args), cwd, self.env(env), input, limit,
+                                          self.shared, self.workspace_objects, stalled)
+        except _Stalled:
+            raise GitStalled(f"git {_show(args)} was stopped: its caller found it blocked "
+                             f"({self.work_tree or self.git_dir})") from None
         if code is None:
             raise GitTimeout(f"git {_show(args)} timed out after {limit:g}s "
                              f"({self.work_tree or self.git_dir})")
@@ -408,20 +425,36 @@ def _start(argv: list[str], cwd: Path, env: dict[str, str], shared: Shared,
 
 
 def _communicate(argv: list[str], cwd: Path, env: dict[str, str], input: bytes | None,
-                 timeout: float, shared: Shared,
-                 workspace_objects: bool) -> tuple[int | None, bytes, bytes]:
-    """Run one git child to its end, or kill its whole process group after ``timeout``.
+                 timeout: float, shared: Shared, workspace_objects: bool,
+                 stalled: Callable[[], bool] | None = None) -> tuple[int | None, bytes, bytes]:
+    """Run one git child to its end, or kill its whole process group after ``timeout``, or
+    when ``stalled()`` says so (asked as :meth:`Git.run` says).
 
-    (None, out, err) on a timeout. git's own children (``index-pack``, a remote helper) live in
-    the same process group, so they go with it.
+    (None, out, err) on a timeout; raises :class:`_Stalled` when stopped as stalled. git's own
+    children (``index-pack``, a remote helper) live in the same process group, so they go
+    with it.
     """
     proc = _start(argv, cwd, env, shared, workspace_objects)
+    deadline = time.monotonic() + timeout
+    wait = STALL_CHECK if stalled is not None else timeout
     try:
-        out, err = proc.communicate(input, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        _kill(proc)
-        out, err = proc.communicate()
-        return None, out, err
+        while True:
+            try:
+                # Asked again after a timeout, communicate() goes on where it was: no output is
+                # lost and the input is not written twice (subprocess's documentation).
+                out, err = proc.communicate(input, timeout=max(0.0, min(
+                    wait, deadline - time.monotonic())))
+                break
+            except subprocess.TimeoutExpired:
+                if time.monotonic() >= deadline:
+                    _kill(proc)
+                    out, err = proc.communicate()
+                    return None, out, err
+                if stalled is not None and stalled():
+                    _kill(proc)
+                    proc.communicate()
+                    raise _Stalled() from None
+                wait *= 2
     except BaseException:
         _kill(proc)
         proc.wait()
@@ -430,6 +463,10 @@ def _communicate(argv: list[str], cwd: Path, env: dict[str, str], input: bytes |
         with _live_lock:
             _live.discard(proc)
     return proc.returncode, out, err
+
+
+class _Stalled(Exception):
+    """:func:`_communicate`'s "stopped: the ``stalled`` check said so"."""
 
 
 def _kill(proc: subprocess.Popen) -> None:

@@ -29,6 +29,7 @@ import re
 import stat
 import threading
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -406,11 +407,22 @@ def _worktree_tree(repo: Repo, prev: str | None, prev_tree: str | None, head: st
                             env={"GIT_INDEX_FILE": str(repo.index)}, check=False)
     if prev_tree:
         _drop_gone_repositories(repo, prev_tree, env, index_file, cache)
+    unreadable: dict[str, str] = {}
+
+    def stalled() -> bool:
+        # git add blocks for good on a FIFO posing as a nested repository's HEAD: found by a
+        # walk after a second, not after the door's whole timeout (a SIGTERM's final save
+        # must not wait for it).
+        unreadable.update((path, why) for path, why in
+                          _unreadable_repositories(repo.workspace).items()
+                          if path not in cache.refused)
+        return bool(unreadable)
+
     try:
-        cache.left_out = _add_all(git, env, refused=frozenset(cache.refused))
-    except GitError:  # a timeout too
-        unreadable = {path: why for path, why in _unreadable_repositories(repo.workspace).items()
-                      if path not in cache.refused}
+        cache.left_out = _add_all(git, env, refused=frozenset(cache.refused), stalled=stalled)
+    except GitError:  # a timeout, or stopped as stalled
+        if not unreadable:
+            stalled()
         if not unreadable:
             raise
         cache.refused |= unreadable
@@ -595,15 +607,19 @@ def _holds_no_repository(path: Path) -> bool:
 
 
 def _add_all(git: Git, env: dict[str, str], *, attempts: int = 3, report: bool = True,
-             refused: frozenset[str] = frozenset()) -> dict[str, str]:
+             refused: frozenset[str] = frozenset(),
+             stalled: Callable[[], bool] | None = None) -> dict[str, str]:
     """``git add --all`` of the work tree into the index ``env`` names; ``report``: warn about
     the paths it had to leave out; ``refused``: nested repositories left out (see
-    :func:`_unreadable_repositories`). The nested repositories git could not record (no commit
-    yet), each with why."""
+    :func:`_unreadable_repositories`); ``stalled``: asked while git runs long
+    (:meth:`Git.run`). The nested repositories git could not record (no commit yet), each with
+    why. Raises :class:`GitError` (:class:`~watcherd.git.GitStalled` when ``stalled`` stopped
+    it)."""
     specs = [".", *(f":(exclude,literal){p}" for p in sorted(refused))]
     for attempt in range(attempts):
         # --ignore-errors: an unreadable file must not stop every other edit from being saved.
-        r = git.run("add", "--all", "--ignore-errors", "--", *specs, env=env, check=False)
+        r = git.run("add", "--all", "--ignore-errors", "--", *specs, env=env, check=False,
+                    stalled=stalled)
         if r.returncode == 0:
             return {}
         said = r.stderr.decode("utf-8", "replace").strip()
