@@ -384,3 +384,174 @@ def test_a_submodule_not_checked_out_is_a_gitlink_and_no_warning(tmp_path):
     target = tmp_path / "restored"
     restore_into(target, store)
     assert view(target) == view(ws)
+
+
+def tree_entry(ws: Path, commit: str, path: str) -> str:
+    """``<mode> <type> <id>`` of ``path`` in snapshot ``commit`` ("" when it holds none)."""
+    out = git(ws.parent, f"--git-dir={state_repo(ws, KEY).git_dir}", "ls-tree", commit, "--", path)
+    return out.split("\t")[0]
+
+
+def become_a_repository(ws: Path, how: str) -> Path:
+    """Make ``ws/proj``, saved as files, a repository with a commit (``how``)."""
+    proj = ws / "proj"
+    if how == "git-init":
+        git(proj, "init", "-q")
+        git(proj, "add", "-A")
+        git(proj, "commit", "-q", "-m", "its own history now")
+    else:  # a clone of it moved into its place
+        clone = ws.parent / "clone"
+        make_repo(clone, "cloned\n")
+        (clone / "a.txt").write_text("a, cloned\n")
+        subprocess.run(["rm", "-rf", str(proj)], check=True)
+        os.rename(clone, proj)
+    return proj
+
+
+@pytest.mark.parametrize("watched", [False, True], ids=["full-look", "watcher-hint"])
+@pytest.mark.parametrize("how", ["git-init", "moved-in"])
+def test_a_directory_saved_as_files_that_becomes_a_repository_is_saved_as_one(
+        tmp_path, how, watched):
+    """git add keeps updating files its index holds: without a look, a directory saved as files
+    stayed saved as files after `git init` and a commit in it (or a clone moved into its place),
+    its history in no snapshot. With the watcher's hint (the daemon) only the directories it
+    named are looked at; without one, every directory."""
+    ws = make_repo(tmp_path / "ws")
+    (ws / "proj").mkdir()
+    (ws / "proj" / "a.txt").write_text("a\n")
+    cache = snapshot.Cache()
+    if watched:
+        cache.changed(())  # as the daemon's watcher does: after this snapshot, hints only
+    first = take(ws, cache)
+    assert tree_entry(ws, first.commit, "proj").startswith("040000 tree")
+    proj = become_a_repository(ws, how)
+    if watched:
+        cache.changed(("README-elsewhere.md",))  # a hint that does not name it: not looked at
+        unhinted = take(ws, cache).snapshot_head
+        assert tree_entry(ws, unhinted, "proj").startswith("040000 tree")
+        cache.changed(("proj",))
+    with capture_logs() as logs:
+        snap = take(ws, cache)
+
+    head = git(proj, "rev-parse", "HEAD")
+    assert tree_entry(ws, snap.commit, "proj") == f"160000 commit {head}"
+    loaded = state.load(state_repo(ws, KEY).bare, snap.commit)
+    assert list(loaded.nested) == ["proj"]
+    assert [e["paths"] for e in logs if e["event"] == "snapshot.nested_found"] == [["proj"]]
+    store = tmp_path / "store"
+    save(ws, store, cache)
+    target = tmp_path / "restored" / "ws"
+    target.parent.mkdir()
+    restore_into(target, store)
+    assert view(target / "proj") == view(proj)
+    assert files(target) == files(ws)
+
+
+@pytest.mark.parametrize("how", ["no-commit", "fifo-head", "gitdir-outside", "user-tracks-it"])
+def test_a_directory_saved_as_files_keeps_its_files_when_it_cannot_be_saved_as_a_repository(
+        tmp_path, how):
+    """Only a repository read inside the workspace, with a commit, and whose files the user's
+    index does not track, is taken up: otherwise git could not record it (or records the files)
+    and every file stays saved, with what it holds now."""
+    ws = make_repo(tmp_path / "ws")
+    proj = ws / "proj"
+    proj.mkdir()
+    (proj / "a.txt").write_text("a\n")
+    if how == "user-tracks-it":
+        git(ws, "add", "proj/a.txt")
+    cache = snapshot.Cache()
+    take(ws, cache)
+    dotgit = proj / ".git"
+    if how == "no-commit":
+        git(proj, "init", "-q")
+    elif how == "fifo-head":
+        for d in ("objects", "refs/heads"):
+            (dotgit / d).mkdir(parents=True)
+        os.mkfifo(dotgit / "HEAD")
+    elif how == "gitdir-outside":
+        outside = make_repo(tmp_path / "outside")
+        dotgit.write_text(f"gitdir: {outside / '.git'}\n")
+    else:
+        git(proj, "init", "-q")
+        git(proj, "add", "-A")
+        git(proj, "commit", "-q", "-m", "inside")
+    (proj / "a.txt").write_text("a, edited\n")
+    (proj / "b.txt").write_text("b, new\n")
+
+    with capture_logs() as logs:
+        snap = take(ws, cache)
+
+    shown = {p: git(ws.parent, f"--git-dir={state_repo(ws, KEY).git_dir}", "show",
+                    f"{snap.commit}:proj/{p}") for p in ("a.txt", "b.txt")}
+    assert shown == {"a.txt": "a, edited", "b.txt": "b, new"}
+    assert tree_entry(ws, snap.commit, "proj").startswith("040000 tree")
+    if how == "user-tracks-it":
+        # Its history cannot be saved beside the files the user's git tracks: said, and shown.
+        assert "index tracks files in it" in cache.not_saved()["proj"]
+        assert [e["path"] for e in logs if e["event"] == "snapshot.nested_not_saved"] == ["proj"]
+        git(ws, "rm", "-rqf", "--cached", "proj")
+        again = take(ws, cache)
+        assert tree_entry(ws, again.commit, "proj") == \
+            f"160000 commit {git(proj, 'rev-parse', 'HEAD')}"
+        assert cache.not_saved() == {}
+
+
+@pytest.mark.parametrize("second_look", ["unsafe", "gone"])
+def test_a_repository_taken_up_that_changes_before_it_is_confirmed_keeps_the_files_saved(
+        tmp_path, monkeypatch, second_look):
+    """The agent can swap the new repository's .git for one leading outside (or remove it)
+    between the look that took it up and the check of what git recorded: the files as last
+    saved stay, at their own paths (a tree's entry must never reach the index as one path),
+    and the next snapshot looks again."""
+    ws = make_repo(tmp_path / "ws")
+    (ws / "proj").mkdir()
+    (ws / "proj" / "a.txt").write_text("a\n")
+    (ws / "proj" / "sub").mkdir()
+    (ws / "proj" / "sub" / "b.txt").write_text("b\n")
+    cache = snapshot.Cache()
+    take(ws, cache)
+    proj = become_a_repository(ws, "git-init")
+    real = snapshot.ws.nested_head
+    looks = []
+
+    def nested_head(top, rel):
+        looks.append(rel)
+        if rel == "proj" and len(looks) > 1:
+            if second_look == "unsafe":
+                raise snapshot.ws.Unsafe("proj/.git leads outside the workspace")
+            return None
+        return real(top, rel)
+
+    monkeypatch.setattr(snapshot.ws, "nested_head", nested_head)
+    snap = take(ws, cache)
+    monkeypatch.undo()
+
+    listed = git(ws.parent, f"--git-dir={state_repo(ws, KEY).git_dir}", "ls-tree", "-r",
+                 "--name-only", snap.snapshot_head)
+    assert listed.splitlines() == ["proj/a.txt", "proj/sub/b.txt", "readme.md"]
+    again = take(ws, cache)
+    assert tree_entry(ws, again.commit, "proj") == \
+        f"160000 commit {git(proj, 'rev-parse', 'HEAD')}"
+
+
+def test_a_directory_of_a_nested_repository_that_becomes_one_is_saved_as_one_at_its_level(
+        tmp_path):
+    """The watcher reports a change inside a nested repository as the repository's path: that
+    repository's next snapshot looks at its own directories."""
+    ws = make_repo(tmp_path / "ws")
+    lib = make_repo(ws / "lib")
+    (lib / "sub").mkdir()
+    (lib / "sub" / "s.txt").write_text("s\n")
+    cache = snapshot.Cache()
+    cache.changed(())
+    take(ws, cache)
+    git(lib / "sub", "init", "-q")
+    git(lib / "sub", "add", "-A")
+    git(lib / "sub", "commit", "-qm", "sub's own")
+    cache.changed(("lib",))
+
+    snap = take(ws, cache)
+
+    lib_snapshot = state.load(state_repo(ws, KEY).bare, snap.commit).nested["lib"]
+    assert tree_entry(ws, lib_snapshot, "sub") == \
+        f"160000 commit {git(lib / 'sub', 'rev-parse', 'HEAD')}"

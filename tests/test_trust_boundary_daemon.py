@@ -309,5 +309,34 @@ def test_a_nested_repository_that_cannot_be_saved_is_named_at_start_and_shown_de
     assert d.stop() == 0
 
 
+@pytest.mark.parametrize("backend", ["inotify", "watchdog"])
+@pytest.mark.parametrize("how", ["git-init", "moved-in"])
+def test_a_directory_saved_as_files_that_becomes_a_repository_is_saved_as_one_by_the_daemon(
+        watcherd, tmp_path, backend, how):
+    """The watcher names the directory where a .git appeared (or a repository moved in): the
+    daemon's next snapshot saves it as a nested repository, its history with it."""
+    d = watcherd(watch={"backend": backend}).start()
+    proj = d.workspace / "proj"
+    proj.mkdir()
+    (proj / "a.txt").write_text("a\n")
+    wait_for(lambda: d.shown("proj/a.txt") == "a", timeout=15, message="proj saved as files")
+    if how == "git-init":
+        git(proj, "init", "-q")
+        git(proj, "add", "-A")
+        git(proj, "commit", "-qm", "its own history now")
+    else:
+        clone = make_repo(tmp_path / "clone", "cloned\n")
+        shutil.rmtree(proj)
+        os.rename(clone, proj)
+    head = git(proj, "rev-parse", "HEAD")
+    wait_for(lambda: d.git("ls-tree", "refs/watcherd/snapshots", "proj").split("\t")[0]
+             == f"160000 commit {head}", timeout=15, message="proj saved as a repository")
+    d.settle()
+    restored = tmp_path / "restored"
+    assert d.restore_into(restored).returncode == 0
+    assert git(restored / "proj", "log", "--format=%s") == git(proj, "log", "--format=%s")
+    assert d.stop() == 0
+
+
 def first_degraded(d) -> list[str]:
     return [r for r in d.status()["degraded"] if "nested repository vendor" in r]

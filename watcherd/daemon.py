@@ -47,7 +47,7 @@ from watcherd.notify import Notifier
 from watcherd.repo import Repo, open_repo
 from watcherd.store import Store, open_store
 from watcherd.timing import Action, Scheduler, Timing
-from watcherd.watch import Batch, Watcher, open_watcher
+from watcherd.watch import MAX_PATHS, Batch, Watcher, open_watcher
 
 _log = log.get(__name__)
 # While watching is degraded (watch limit, lost watches) events may be missing: snapshot this often
@@ -459,6 +459,7 @@ class Daemon:
         async with self._watch_lock:
             batch = await anyio.to_thread.run_sync(self.watcher.resync)
         self._on_batch(batch)
+        self.cache.changed(None)
         self.sched.change(time.monotonic())  # events may be missing: a full snapshot finds them
         self._kick()
 
@@ -467,6 +468,10 @@ class Daemon:
             self.counters.rescans += 1
             self.rescan_reasons = list(batch.rescan)
         if batch.relevant:
+            # Where to look for a repository that appeared in a directory saved as files: what
+            # the batch names, unless it may have missed something.
+            self.cache.changed(None if batch.rescan or len(batch.paths) >= MAX_PATHS
+                               else batch.paths)
             self.sched.change(time.monotonic())
             _log.debug("watch.change", paths=list(batch.paths[:10]), files=len(batch.paths),
                        refs=list(batch.refs), rescan=list(batch.rescan))

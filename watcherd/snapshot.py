@@ -91,17 +91,50 @@ class Cache:
     nested_of: dict[str, str | None] = field(default_factory=dict)  # snapshot: nested record
     nested_records: dict[str, dict[str, str]] = field(default_factory=dict)
     refused: dict[str, str] = field(default_factory=dict)  # left out of adds for good: why
+    # Repositories in directories whose files the user's index tracks: saved as those files,
+    # their history not (see _take_up_new_repositories): why.
+    tracked_inside: dict[str, str] = field(default_factory=dict)
     left_out: dict[str, str] = field(default_factory=dict)  # git recorded no gitlink now: why
     dropped_once: bool = False
     state_of: dict[str, str | None] = field(default_factory=dict)
     tree_of: dict[str, str] = field(default_factory=dict)
     heads: dict[str, tuple[str | None, str | None]] = field(default_factory=dict)
+    # Where a repository may have appeared in a directory saved as files since the last
+    # snapshot (paths relative to this repository's root, as the watcher reported them); None:
+    # every directory is looked at (no watcher reports to this cache, or it may have missed one).
+    appeared: set[str] | None = None
+    watched: bool = False  # a watcher reports to this cache (:meth:`changed`)
+    _appeared_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def changed(self, paths: tuple[str, ...] | None) -> None:
+        """What the watcher reported changed since the last snapshot (paths relative to the
+        workspace), or None when it may have missed changes (a rescan, a batch cut at its
+        bound): the next snapshot looks for repositories that appeared there only."""
+        with self._appeared_lock:
+            self.watched = True
+            if paths is None or self.appeared is None:
+                self.appeared = None
+            else:
+                self.appeared.update(paths)
+
+    def look_again(self, everywhere: bool) -> None:
+        """Make the next snapshot look for new repositories in every directory (``everywhere``)
+        or nowhere: for a nested repository's cache, whose changes the watcher reports as its
+        path, to the workspace's cache."""
+        with self._appeared_lock:
+            self.appeared = None if everywhere else set()
+
+    def take_appeared(self) -> set[str] | None:
+        """:attr:`appeared`, emptied for the next snapshot (None again without a watcher)."""
+        with self._appeared_lock:
+            found, self.appeared = self.appeared, set() if self.watched else None
+        return found
 
     def not_saved(self) -> dict[str, str]:
         """Every nested repository, at any depth, that the last snapshot could not save: its
         path in the workspace, and why (``status`` shows each as degraded)."""
         found = {f"{self.at}{path}": why for path, why in
-                 (self.refused | self.left_out | self.unsaved).items()}
+                 (self.tracked_inside | self.refused | self.left_out | self.unsaved).items()}
         for _, sub in self.subs.values():
             found.update(sub.not_saved())
         return found
@@ -251,8 +284,10 @@ def _take(repo: Repo, layout: ws.Layout, cache: Cache, before: str | None = None
             problems.extend(notes)
         except GitError as exc:
             problems.append(f"the git state is not recorded this time: {exc}")
-    tree, entries = _worktree_tree(repo, prev, prev_tree, found.head.oid if found else None,
-                                   index_file, cache)
+    appeared = cache.take_appeared()
+    tree, entries = _worktree_tree(repo, layout, prev, prev_tree,
+                                   found.head.oid if found else None, index_file, cache,
+                                   appeared)
     if tree == prev_tree:
         entries = []  # the git state alone may have changed: no path did
     # Entries of the private index that the rules ignore now are dropped, but only looked for
@@ -285,7 +320,7 @@ def _take(repo: Repo, layout: ws.Layout, cache: Cache, before: str | None = None
         tree = repo.git.out("write-tree", "--missing-ok",
                             env={"GIT_INDEX_FILE": str(repo.index)})
         entries = _diff(repo.bare, base, tree)
-    nested, nested_paths = _save_nested(repo, layout, tree, base, entries, cache)
+    nested, nested_paths = _save_nested(repo, layout, tree, base, entries, cache, appeared)
     if prev and tree == prev_tree and s_commit == prev_state and \
             nested == _nested_of(repo, prev, cache):
         return Snapshot(None, prev, head, head_ref, problems=tuple(problems))
@@ -383,12 +418,14 @@ def _report(problems: list[str], cache: Cache) -> None:
 # -- the working tree ------------------------------------------------------------------------------
 
 
-def _worktree_tree(repo: Repo, prev: str | None, prev_tree: str | None, head: str | None,
-                   index_file: Path | None, cache: Cache
+def _worktree_tree(repo: Repo, layout: ws.Layout, prev: str | None, prev_tree: str | None,
+                   head: str | None, index_file: Path | None, cache: Cache,
+                   appeared: set[str] | None = None
                    ) -> tuple[str, list[tuple[bytes, bytes, bytes]] | None]:
     """The tree of the working tree as git sees it, through the private index, and what
     differs in it from ``prev_tree`` (None without one). ``head``: the user's HEAD commit as
-    read from the workspace (unchecked: it may not exist)."""
+    read from the workspace (unchecked: it may not exist); ``appeared``: where a repository
+    may have appeared (:attr:`Cache.appeared`)."""
     git = repo.git
     # ``repo.git`` sees watcherd's objects alone: every blob and tree is written from the files
     # themselves, never skipped because the workspace's objects claim to hold it already (their
@@ -407,6 +444,7 @@ def _worktree_tree(repo: Repo, prev: str | None, prev_tree: str | None, head: st
                             env={"GIT_INDEX_FILE": str(repo.index)}, check=False)
     if prev_tree:
         _drop_gone_repositories(repo, prev_tree, env, index_file, cache)
+        _take_up_new_repositories(repo, layout, prev_tree, env, index_file, cache, appeared)
     unreadable: dict[str, str] = {}
 
     def stalled() -> bool:
@@ -478,6 +516,7 @@ def _confirm_reads(repo: Repo, layout: ws.Layout, base: str | None,
     prefix = os.fsencode(os.path.relpath(layout.root, top)) + b"/" if layout.boundary else b""
     fmt, wrong, lines, unsafe = repo.object_format(), [], [], {}
     gone = b"0 " + b"0" * len(entries[0][1]) + b"\t" if entries else b""  # "remove this path"
+    vanished = []  # gitlinks whose repository is gone now
     for mode, oid, path in entries:
         if mode != b"160000":
             continue
@@ -490,7 +529,10 @@ def _confirm_reads(repo: Repo, layout: ws.Layout, base: str | None,
             continue  # a submodule not checked out, as the user's index holds it
         if head != oid.decode():
             wrong.append(path)
-            lines.append((b"160000 %s\t" % head.encode() if head else gone) + path + b"\0")
+            if head:
+                lines.append(b"160000 %s\t" % head.encode() + path + b"\0")
+            else:
+                vanished.append(path)
     cache.left_out.update((os.fsdecode(p), why) for p, why in unsafe.items())
     if unsafe:
         # git read another repository's HEAD, or a part of this one it was not to read.
@@ -526,17 +568,7 @@ def _confirm_reads(repo: Repo, layout: ws.Layout, base: str | None,
                     unreadable.append(path)
                 except OSError:
                     lines.append(gone + path + b"\0")
-    if unreadable:  # as git add --ignore-errors leaves them: the last recorded content stays
-        known = {}
-        if base:
-            out = repo.bare.run("ls-tree", "-z", base, "--", *map(os.fsdecode, unreadable),
-                                env={"GIT_LITERAL_PATHSPECS": "1"}).stdout
-            known = {path: meta for meta, _, path in
-                     (rec.partition(b"\t") for rec in out.split(b"\0") if rec)}
-        for path in unreadable:
-            meta = known.get(path)
-            lines.append((b"%s %s\t" % (meta.split()[0], meta.split()[2]) if meta else gone)
-                         + path + b"\0")
+    lines += _as_base_holds(repo, base, unreadable, vanished, gone)
     if not lines:
         return False
     repo.bare.run("update-index", "-z", "--index-info", input=b"".join(lines),
@@ -548,6 +580,39 @@ def _confirm_reads(repo: Repo, layout: ws.Layout, base: str | None,
                        "it read them, or a directory swapped for a link): recorded from the "
                        "files themselves")
     return True
+
+
+def _as_base_holds(repo: Repo, base: str | None, unreadable: list[bytes],
+                   vanished: list[bytes], gone: bytes) -> list[bytes]:
+    """``update-index --index-info`` lines (``gone``: the start of "remove this path") that
+    give each of ``unreadable`` what ``base`` holds there, as ``git add --ignore-errors`` leaves
+    an unreadable file: the last recorded content stays; and each of ``vanished`` (a gitlink
+    whose repository went meanwhile) the files ``base`` holds under it, if it held it as a
+    directory, else nothing. A directory of ``base`` comes back as its files: an index holds no
+    trees."""
+    asked = set(unreadable) | set(vanished)
+    if not asked:
+        return []
+    held: dict[bytes, list[bytes]] = {path: [] for path in asked}
+    if base:
+        out = repo.bare.run("ls-tree", "-r", "-z", base, "--", *map(os.fsdecode, asked),
+                            env={"GIT_LITERAL_PATHSPECS": "1"}).stdout
+        for meta, _, path in (rec.partition(b"\t") for rec in out.split(b"\0") if rec):
+            at = path
+            while at not in asked and b"/" in at:
+                at = at.rpartition(b"/")[0]
+            if at in held:
+                mode, _, oid = meta.split()
+                held[at].append(b"%s %s\t%s\0" % (mode, oid, path))
+    lines = []
+    for path in sorted(asked):
+        kept = held[path]
+        if path in vanished and kept and kept[0].endswith(b"\t%s\0" % path):
+            kept = []  # a repository then too: gone with it
+        if not (len(kept) == 1 and kept[0].endswith(b"\t%s\0" % path)):
+            lines.append(gone + path + b"\0")  # a directory's files replace what is there
+        lines += kept
+    return lines
 
 
 def _user_paths(repo: Repo, index_file: Path | None, cache: Cache) -> frozenset[bytes]:
@@ -769,8 +834,8 @@ def _raw_entries(raw: bytes) -> list[tuple[bytes, bytes, bytes]]:
 
 
 def _save_nested(repo: Repo, layout: ws.Layout, tree: str, base: str | None,
-                 entries: list[tuple[bytes, bytes, bytes]], cache: Cache
-                 ) -> tuple[str | None, list[str]]:
+                 entries: list[tuple[bytes, bytes, bytes]], cache: Cache,
+                 appeared: set[str] | None = None) -> tuple[str | None, list[str]]:
     """Snapshot every repository nested in ``tree`` (a gitlink: a submodule, a ``git clone``
     inside) by the same rules, each into a history of its own sharing this one's objects
     (:meth:`Repo.nested`); (the record naming those snapshots, :func:`state.write_nested`, or
@@ -781,7 +846,8 @@ def _save_nested(repo: Repo, layout: ws.Layout, tree: str, base: str | None,
     it last had in this history, if any, and is warned about (``snapshot.nested_not_saved``)
     and shown in ``status``: never silence, never a reason for the rest not to be saved."""
     links = _gitlinks(repo, tree, base, entries, cache)
-    if not (links or cache.unsaved or cache.not_saved_before or cache.left_out or cache.refused):
+    if not (links or cache.unsaved or cache.not_saved_before or cache.left_out or cache.refused
+            or cache.tracked_inside):
         return None, []
     last = _nested_saved(repo, repo.snapshot_head(), cache)
     saved: dict[str, str] = {}
@@ -796,7 +862,7 @@ def _save_nested(repo: Repo, layout: ws.Layout, tree: str, base: str | None,
         else:
             cache.nested_taken[0] += 1
             try:
-                snap = _take_nested(repo, layout, path, cache)
+                snap = _take_nested(repo, layout, path, cache, appeared)
                 if snap.snapshot_head:
                     saved[path] = snap.snapshot_head
                     changed += [f"{path}/{p}" for p in snap.paths]
@@ -815,13 +881,16 @@ def _save_nested(repo: Repo, layout: ws.Layout, tree: str, base: str | None,
     for path in cache.subs.keys() - links.keys():
         # Gone, or no longer a repository (its files are the tree's now).
         cache.subs.pop(path)[0].close()
-    _report_unsaved(unsaved, last, saved, cache)
+    _report_unsaved(unsaved | cache.tracked_inside, last, saved, cache)
     return state.write_nested(repo.bare, saved), changed
 
 
-def _take_nested(repo: Repo, layout: ws.Layout, path: str, cache: Cache) -> Snapshot:
+def _take_nested(repo: Repo, layout: ws.Layout, path: str, cache: Cache,
+                 appeared: set[str] | None = None) -> Snapshot:
     """Snapshot the repository nested at ``path`` (relative to ``layout``'s root) into its own
-    history. :class:`ws.Unsafe` when it cannot be read inside the workspace."""
+    history; ``appeared``: as :attr:`Cache.appeared` for ``layout``'s repository (the watcher
+    reports a change inside a nested repository as its path). :class:`ws.Unsafe` when it cannot
+    be read inside the workspace."""
     full = layout.root / path
     if Path(os.path.realpath(full)) != full:
         raise ws.Unsafe(f"{path} is reached through a link")
@@ -835,6 +904,8 @@ def _take_nested(repo: Repo, layout: ws.Layout, path: str, cache: Cache) -> Snap
                                                      at=f"{cache.at}{path}/",
                                                      nested_taken=cache.nested_taken))
     sub, sub_cache = cache.subs[path]
+    sub_cache.look_again(appeared is None or any(a == path or a.startswith(f"{path}/")
+                                                 for a in appeared))
     # Every line logged meanwhile names the repository.
     with structlog.contextvars.bound_contextvars(nested_repository=ws.printable(sub_cache.at[:-1])):
         sub.ensure(repo.object_format())  # its objects are this repository's
@@ -866,6 +937,74 @@ def _drop_gone_repositories(repo: Repo, prev_tree: str, env: dict[str, str],
     if gone:
         repo.git.run("update-index", "-z", "--force-remove", "--stdin", env=env,
                      input=b"".join(p + b"\0" for p in gone))
+
+
+def _take_up_new_repositories(repo: Repo, layout: ws.Layout, prev_tree: str,
+                              env: dict[str, str], index_file: Path | None, cache: Cache,
+                              appeared: set[str] | None) -> None:
+    """Take out of the private index (``env``) the files of every directory ``prev_tree``
+    holds as files that is a repository with a commit now (``git init`` and a commit in it, a
+    clone moved into its place): ``git add --all`` keeps updating files the index holds, so
+    without this the repository would stay saved as files for ever, its history, branches and
+    stash in no snapshot. The ``git add`` that follows records it as git sees it, a gitlink,
+    and :func:`_save_nested` saves it.
+
+    Only a repository :func:`workspace.nested_head` reads inside the workspace, with a commit,
+    is taken up: one with no commit yet, unreadable, or leading outside keeps its files saved
+    (git could not record it). One in a directory whose files the user's index tracks stays
+    saved as those files, as the user's ``git status`` shows them; its history cannot be, and
+    it goes to ``cache.tracked_inside`` (warned about, shown in ``status``, looked at again at
+    every snapshot). ``appeared``: the only directories looked at besides those (None: all of
+    ``prev_tree``'s; a full look costs a ``git ls-tree`` and an ``lstat`` per directory).
+    """
+    root = repo.workspace
+    if appeared is None:
+        listed = repo.bare.run("ls-tree", "-r", "-d", "-z", prev_tree).stdout
+        dirs = [path for meta, _, path in (r.partition(b"\t") for r in listed.split(b"\0") if r)
+                if meta.startswith(b"040000 ")]
+    else:
+        dirs = sorted({os.fsencode(p) for p in appeared | cache.tracked_inside.keys()})
+    seen = [d for d in dirs if os.path.lexists(root / os.fsdecode(d) / ".git")]
+    literal = {"GIT_LITERAL_PATHSPECS": "1"}
+    if seen and appeared is not None:  # a watcher's hint: only what prev_tree holds as a directory
+        listed = repo.bare.run("ls-tree", "-d", "-z", prev_tree, "--",
+                               *map(os.fsdecode, seen), env=literal).stdout
+        as_dirs = {path for meta, _, path in (r.partition(b"\t") for r in listed.split(b"\0")
+                                              if r) if meta.startswith(b"040000 ")}
+        seen = [d for d in seen if d in as_dirs]
+    top = layout.top
+    prefix = os.path.relpath(layout.root, top) + "/" if layout.boundary else ""
+    found: list[bytes] = []
+    for d in seen:
+        if any(d.startswith(f + b"/") for f in found) or os.fsdecode(d) in cache.refused:
+            continue
+        try:
+            head = ws.nested_head(top, prefix + os.fsdecode(d))
+        except ws.Unsafe:
+            continue  # git could not record it safely: its files stay saved
+        if head is not None:
+            found.append(d)
+    tracked: set[bytes] = set()
+    if found and index_file is not None:
+        listed = repo.bare.run("ls-files", "-z", "--cached", "--", *map(os.fsdecode, found),
+                               env={"GIT_INDEX_FILE": str(index_file), **literal},
+                               check=False).stdout.split(b"\0")
+        tracked = {d for d in found if any(p.startswith(d + b"/") for p in listed)}
+    cache.tracked_inside = {
+        os.fsdecode(d): "the workspace's index tracks files in it: they are saved as the "
+                        "workspace's files, its history, branches and stash are not (`git rm -r "
+                        f"--cached {ws.printable(os.fsdecode(d))}` makes it a nested repository)"
+        for d in sorted(tracked)}
+    found = [d for d in found if d not in tracked]
+    if not found:
+        return
+    files = repo.git.run("ls-files", "-z", "--cached", "--", *map(os.fsdecode, found),
+                         env={**env, **literal}).stdout
+    repo.git.run("update-index", "-z", "--force-remove", "--stdin", env=env, input=files)
+    _log.info("snapshot.nested_found", paths=[ws.printable(os.fsdecode(d)) for d in found[:10]],
+              count=len(found),
+              note="a directory saved as files is a git repository now: saved as a nested "
+                   "repository, with its history, from this snapshot on")
 
 
 class _NotARepository(Exception):
