@@ -555,3 +555,32 @@ def test_a_directory_of_a_nested_repository_that_becomes_one_is_saved_as_one_at_
     lib_snapshot = state.load(state_repo(ws, KEY).bare, snap.commit).nested["lib"]
     assert tree_entry(ws, lib_snapshot, "sub") == \
         f"160000 commit {git(lib / 'sub', 'rev-parse', 'HEAD')}"
+
+
+@pytest.mark.parametrize("user_tracks", [True, False])
+def test_the_first_snapshot_sees_a_repository_in_a_directory_the_users_head_holds_as_files(
+        tmp_path, user_tracks):
+    """The first snapshot's index starts from the user's HEAD: a directory it holds as files
+    that is a repository now is looked at then too, so a repository the user's index tracks as
+    files is named at once, and one it no longer tracks is saved as a repository."""
+    ws = make_repo(tmp_path / "ws")
+    (ws / "proj").mkdir()
+    (ws / "proj" / "a.txt").write_text("a\n")
+    git(ws, "add", "proj")
+    git(ws, "commit", "-qm", "proj as files")
+    git(ws / "proj", "init", "-q")
+    git(ws / "proj", "add", "-A")
+    git(ws / "proj", "commit", "-qm", "its own")
+    if not user_tracks:
+        git(ws, "rm", "-rq", "--cached", "proj")
+    cache = snapshot.Cache()
+
+    snap = take(ws, cache)
+
+    entry = tree_entry(ws, snap.commit, "proj")
+    if user_tracks:
+        assert entry.startswith("040000 tree")
+        assert list(cache.not_saved()) == ["proj"]
+    else:
+        assert entry == f"160000 commit {git(ws / 'proj', 'rev-parse', 'HEAD')}"
+        assert cache.not_saved() == {}

@@ -444,7 +444,11 @@ def _worktree_tree(repo: Repo, layout: ws.Layout, prev: str | None, prev_tree: s
                             env={"GIT_INDEX_FILE": str(repo.index)}, check=False)
     if prev_tree:
         _drop_gone_repositories(repo, prev_tree, env, index_file, cache)
-        _take_up_new_repositories(repo, layout, prev_tree, env, index_file, cache, appeared)
+        _take_up_new_repositories(repo, layout, repo.bare, prev_tree, env, index_file, cache,
+                                  appeared)
+    elif head and repo.index.exists():  # the index started from the user's HEAD, just above
+        _take_up_new_repositories(repo, layout, repo.reader, f"{head}^{{tree}}", env, index_file,
+                                  cache, None)
     unreadable: dict[str, str] = {}
 
     def stalled() -> bool:
@@ -939,10 +943,11 @@ def _drop_gone_repositories(repo: Repo, prev_tree: str, env: dict[str, str],
                      input=b"".join(p + b"\0" for p in gone))
 
 
-def _take_up_new_repositories(repo: Repo, layout: ws.Layout, prev_tree: str,
+def _take_up_new_repositories(repo: Repo, layout: ws.Layout, lister: Git, saved: str,
                               env: dict[str, str], index_file: Path | None, cache: Cache,
                               appeared: set[str] | None) -> None:
-    """Take out of the private index (``env``) the files of every directory ``prev_tree``
+    """Take out of the private index (``env``) the files of every directory ``saved`` (a tree
+    ``lister`` reads: the last snapshot's, or the user's HEAD's the first index started from)
     holds as files that is a repository with a commit now (``git init`` and a commit in it, a
     clone moved into its place): ``git add --all`` keeps updating files the index holds, so
     without this the repository would stay saved as files for ever, its history, branches and
@@ -955,20 +960,21 @@ def _take_up_new_repositories(repo: Repo, layout: ws.Layout, prev_tree: str,
     saved as those files, as the user's ``git status`` shows them; its history cannot be, and
     it goes to ``cache.tracked_inside`` (warned about, shown in ``status``, looked at again at
     every snapshot). ``appeared``: the only directories looked at besides those (None: all of
-    ``prev_tree``'s; a full look costs a ``git ls-tree`` and an ``lstat`` per directory).
+    ``saved``'s; a full look costs a ``git ls-tree`` and an ``lstat`` per directory).
     """
     root = repo.workspace
+    check = lister is repo.bare  # the user's HEAD may name objects the workspace lacks
     if appeared is None:
-        listed = repo.bare.run("ls-tree", "-r", "-d", "-z", prev_tree).stdout
+        listed = lister.run("ls-tree", "-r", "-d", "-z", saved, check=check).stdout
         dirs = [path for meta, _, path in (r.partition(b"\t") for r in listed.split(b"\0") if r)
                 if meta.startswith(b"040000 ")]
     else:
         dirs = sorted({os.fsencode(p) for p in appeared | cache.tracked_inside.keys()})
     seen = [d for d in dirs if os.path.lexists(root / os.fsdecode(d) / ".git")]
     literal = {"GIT_LITERAL_PATHSPECS": "1"}
-    if seen and appeared is not None:  # a watcher's hint: only what prev_tree holds as a directory
-        listed = repo.bare.run("ls-tree", "-d", "-z", prev_tree, "--",
-                               *map(os.fsdecode, seen), env=literal).stdout
+    if seen and appeared is not None:  # a watcher's hint: only what was saved as a directory
+        listed = lister.run("ls-tree", "-d", "-z", saved, "--", *map(os.fsdecode, seen),
+                            env=literal, check=check).stdout
         as_dirs = {path for meta, _, path in (r.partition(b"\t") for r in listed.split(b"\0")
                                               if r) if meta.startswith(b"040000 ")}
         seen = [d for d in seen if d in as_dirs]
