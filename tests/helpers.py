@@ -35,6 +35,23 @@ def make_repo(path: Path, text: str = "hello\n") -> Path:
     return path
 
 
+def punch_hole(path: Path, size: int) -> Path:
+    """Extend file ``path`` to ``size`` bytes with a hole after what it holds, as a planted
+    ``truncate`` does (it costs the agent no disk). Skips the test where the filesystem cannot
+    tell holes (lseek's ``SEEK_HOLE``)."""
+    import pytest
+
+    os.truncate(path, size)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        holes = os.lseek(fd, 0, os.SEEK_HOLE) < size
+    finally:
+        os.close(fd)
+    if not holes:
+        pytest.skip("this filesystem does not report holes")
+    return path
+
+
 def state_repo(ws: Path, key: str = "test/key"):
     """watcherd's own state for workspace ``ws`` (a state directory beside it), as the library
     tests use it: one per workspace, the same one each time it is asked for."""

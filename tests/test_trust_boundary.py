@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from helpers import git, make_repo, sgit, state_repo, tree_state
+from helpers import git, make_repo, punch_hole, sgit, state_repo, tree_state
 from watcherd import snapshot, state
 from watcherd import workspace as ws_reader
 from watcherd.errors import GitError
@@ -901,6 +901,44 @@ def test_read_file_refuses_links_fifos_devices_and_oversized_files(tmp_path):
             ws_reader.read_file(root, root / name, limit)
     with pytest.raises(ws_reader.Unsafe):
         ws_reader.read_file(root, Path("/dev/zero"), 10)
+
+
+def test_read_file_refuses_a_file_with_holes_and_reads_empty_small_and_whole_ones(tmp_path):
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "index").write_bytes(b"DIRC\0\0\0\x02\0\0\0\0")
+    punch_hole(root / "index", 64 << 20)
+    with open(root / "packed-refs", "wb") as f:  # a hole in the middle
+        f.write(b"# pack-refs with: peeled\n")
+        f.seek(1 << 20)
+        f.write(b"0" * 40 + b" refs/heads/main\n")
+    whole = os.urandom(3 << 20) + b"tail"  # many blocks, the last one partly filled
+    (root / "whole").write_bytes(whole)
+    (root / "HEAD").write_bytes(b"ref: refs/heads/main\n")
+    (root / "empty").write_bytes(b"")
+
+    for name in ("index", "packed-refs"):
+        with pytest.raises(ws_reader.Unsafe, match="has holes"):
+            ws_reader.read_file(root, root / name, 1 << 30)
+    assert ws_reader.read_file(root, root / "whole", 4 << 20) == whole
+    assert ws_reader.read_file(root, root / "HEAD", 4096) == b"ref: refs/heads/main\n"
+    assert ws_reader.read_file(root, root / "empty", 4096) == b""
+
+
+def test_read_file_holds_a_big_file_in_memory_once(tmp_path):
+    import tracemalloc
+
+    size = 32 << 20
+    content = os.urandom(size)
+    (tmp_path / "index").write_bytes(content)
+    tracemalloc.start()
+    try:
+        data = ws_reader.read_file(tmp_path, tmp_path / "index", 1 << 30)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert data == content
+    assert peak < size + (4 << 20)  # not the chunks read and their join: twice the size
 
 
 @pytest.mark.parametrize("name,ok", [

@@ -10,7 +10,8 @@ snapshot needs — HEAD, loose refs, ``packed-refs``, the stash's reflog, the in
   a linked worktree's ``commondir``, a symlinked ``.git``), and then opened one component at a
   time with ``O_NOFOLLOW``, so a link swapped in after the check is refused, never followed;
 * only regular files are read (a FIFO would block, a device would never end), each up to a size
-  bound;
+  bound, and none with a hole (git writes none: a sparse file costs the agent no disk and
+  watcherd its size in memory);
 * ref names follow git's ``check-ref-format`` rules, object ids are hex of the repository's
   format; anything else is skipped with a warning, never a reason to fail the whole snapshot.
 
@@ -300,12 +301,17 @@ def read_state(layout: Layout) -> GitState:
 
 
 def read_file(root: Path, path: Path, limit: int) -> bytes:
-    """The bytes of regular file ``path`` (inside ``root``), up to ``limit`` bytes.
+    """The bytes of regular file ``path`` (inside ``root``): as many as ``fstat`` says it holds,
+    at most ``limit``.
 
     The path is resolved first and must stay inside ``root``; then each component is opened with
     ``O_NOFOLLOW`` (a link swapped in meanwhile is refused), the file with ``O_NONBLOCK`` (a FIFO
-    must not block) and ``fstat`` must say it is a regular file. Raises :class:`FileNotFoundError`
-    when it does not exist, :class:`Unsafe` for everything else.
+    must not block) and ``fstat`` must say it is a regular file. A file with a hole (sparse) is
+    refused before anything is read: git writes every file of ``.git`` whole, so a hole was
+    planted, to make watcherd read (and, for the index, write back) gigabytes of zeros that cost
+    the agent no disk. The bytes go into one buffer of the file's size, never chunks and then
+    their join: a big file is in memory once. Bytes appended meanwhile are the next read's.
+    Raises :class:`FileNotFoundError` when it does not exist, :class:`Unsafe` for everything else.
     """
     resolved = inside(root, path)
     with _open_nofollow(root, resolved) as fd:
@@ -314,13 +320,24 @@ def read_file(root: Path, path: Path, limit: int) -> bytes:
             raise Unsafe(f"{path} is not a regular file")
         if st.st_size > limit:
             raise Unsafe(f"{path} is {st.st_size} bytes, above the {limit} bytes watcherd reads")
-        chunks, total = [], 0
-        while chunk := os.read(fd, min(1 << 20, limit + 1 - total)):
-            chunks.append(chunk)
-            total += len(chunk)
-            if total > limit:
-                raise Unsafe(f"{path} grew above the {limit} bytes watcherd reads")
-        return b"".join(chunks)
+        if _has_hole(fd, st.st_size, path):
+            raise Unsafe(f"{path} has holes (a sparse file): git never writes one")
+        data = os.pread(fd, st.st_size, 0)
+        while len(data) < st.st_size and (more := os.pread(fd, st.st_size - len(data), len(data))):
+            data += more  # a short read (rare); a file cut meanwhile ends at its new end
+        return data
+
+
+def _has_hole(fd: int, size: int, path: Path) -> bool:
+    """Whether open file ``fd`` of ``size`` bytes has a hole before its end (lseek(2)
+    ``SEEK_HOLE``; a file smaller than a block has none). False where the filesystem or kernel
+    cannot tell; :class:`Unsafe` when lseek fails otherwise."""
+    try:
+        return os.lseek(fd, 0, os.SEEK_HOLE) < size
+    except OSError as exc:
+        if exc.errno in (errno.EINVAL, errno.ENXIO, errno.EOPNOTSUPP):
+            return False  # no hole information (ENXIO: an empty file, offset 0 is its end)
+        raise Unsafe(f"{path} cannot be read: {exc.strerror}") from None
 
 
 def is_plain_dir(root: Path, path: Path) -> bool:
