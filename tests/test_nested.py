@@ -18,7 +18,7 @@ import pytest
 import structlog
 from structlog.testing import capture_logs
 
-from helpers import git, make_repo, state_repo
+from helpers import git, make_repo, punch_hole, state_repo
 from watcherd import snapshot, state
 from watcherd.config import Config, StoreConfig, WorkspaceConfig, parse_store_url
 from watcherd.errors import IntegrityError
@@ -172,6 +172,35 @@ def test_the_bound_on_nested_repositories_counts_every_level_together(tmp_path, 
     # a, a/x and a/y are the three; b is not saved, and nothing in it is looked at.
     assert cache.not_saved() == {"b": "more than 3 nested repositories in the workspace"}
     assert {e["path"] for e in logs if e["event"] == "snapshot.nested_not_saved"} == {"b"}
+
+
+def test_nested_repositories_with_a_sparse_index_are_saved_without_it_at_no_cost(tmp_path):
+    """The attack: nested repositories whose ``.git/index`` is a real index with a 64 MiB hole
+    after it (no disk for the agent). Each index is refused unread, the warning names it; all
+    the rest of them is saved, their state records no index (a restore gives them HEAD's, not
+    an empty one), and the state directory does not grow by the holes."""
+    ws = make_repo(tmp_path / "ws")
+    names = ("a", "b", "c")
+    for name in names:
+        lib = make_repo(ws / "vendor" / name, f"{name}\n")
+        (lib / "readme.md").write_text(f"{name}, edited\n")
+        punch_hole(lib / ".git" / "index", 64 << 20)
+    store = tmp_path / "store"
+
+    with capture_logs(processors=[structlog.contextvars.merge_contextvars]) as logs:
+        snap = save(ws, store)
+
+    said = [e for e in logs if e["event"] == "snapshot.state_not_recorded"]
+    assert {e.get("nested_repository") for e in said} == {f"vendor/{n}" for n in names}
+    assert all(".git/index has holes" in e["reason"] for e in said), said
+    assert {f"vendor/{n}/readme.md" for n in names} <= set(snap.paths)
+    state_dir = state_repo(ws, KEY).dir
+    assert sum(p.lstat().st_blocks * 512 for p in state_dir.rglob("*")) < 16 << 20
+    target = tmp_path / "restored"
+    restore_into(target, store)
+    for name in names:
+        assert (target / "vendor" / name / "readme.md").read_text() == f"{name}, edited\n"
+        assert git(target / "vendor" / name, "status", "--porcelain") == "M readme.md"
 
 
 def test_a_repository_nested_in_a_nested_one_comes_back(tmp_path):

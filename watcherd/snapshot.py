@@ -377,11 +377,12 @@ def _record_state(repo: Repo, found: ws.GitState, index_file: Path | None,
     """The state commit for ``found`` (the previous one when nothing in the state changed), and
     what it had to leave out."""
     key = hashlib.sha256(repr((found.head, found.refs, found.stash, found.config,
-                               cache.index_digest, found.shallow)).encode()).digest()
+                               cache.index_digest, found.index_problem,
+                               found.shallow)).encode()).digest()
     if cache.state_key == key and cache.state_commit and prev_state == cache.state_commit:
         return cache.state_commit, cache.state_notes
     config = state.parse_config(repo.bare, found.config, repo.dir)
-    given = state.Input(config, index_file)
+    given = state.Input(config, index_file, found.index_problem)
     commit, rec = state.record(repo.bare, found, given, previous=prev_state, reader=repo.reader)
     cache.state_key, cache.state_commit, cache.state_notes = key, commit, rec.notes
     cache.heads[commit] = (rec.head.oid, rec.head.ref)

@@ -120,6 +120,7 @@ class GitState:
     stash: tuple[StashEntry, ...] = ()
     config: bytes = b""
     index: bytes | None = None
+    index_problem: str | None = None  # why the index was not read (None: read, or there is none)
     exclude: bytes = b""
     shallow: tuple[str, ...] = ()
     legacy_snapshot: str | None = None
@@ -249,8 +250,9 @@ def read_state(layout: Layout) -> GitState:
     """Read the git state of a repository workspace as data; see the module's rules.
 
     Never raises for what the workspace holds: unreadable parts become warnings and are left out
-    (a ref that does not parse is skipped, a missing index is None). Raises :class:`Unsafe` only
-    when HEAD itself cannot be read safely (nothing consistent could be recorded).
+    (a ref that does not parse is skipped, a missing index is None, one that cannot be read is
+    None with ``index_problem`` saying why). Raises :class:`Unsafe` only when HEAD itself cannot
+    be read safely (nothing consistent could be recorded).
     """
     assert layout.git_dir is not None and layout.common_dir is not None
     root, git_dir, common = layout.top, layout.git_dir, layout.common_dir
@@ -281,7 +283,13 @@ def read_state(layout: Layout) -> GitState:
         log = _optional(root, common / "logs" / "refs" / "stash", MAX_STASH_LOG, warnings)
         stash = _parse_stash_log(log or b"", oid, warnings)
 
-    index = _optional(root, git_dir / "index", MAX_INDEX, warnings)
+    index, index_problem = None, None
+    try:
+        index = read_file(root, git_dir / "index", MAX_INDEX)
+    except FileNotFoundError:
+        pass
+    except Unsafe as exc:
+        index_problem = str(exc)
     exclude = _optional(root, common / "info" / "exclude", MAX_EXCLUDE, warnings) or b""
     shallow_raw = _optional(root, common / "shallow", MAX_SHALLOW, warnings) or b""
     shallow = tuple(sorted({line for line in shallow_raw.decode("ascii", "replace").split()
@@ -293,6 +301,7 @@ def read_state(layout: Layout) -> GitState:
         stash=stash,
         config=config,
         index=index,
+        index_problem=index_problem,
         exclude=exclude,
         shallow=shallow,
         legacy_snapshot=legacy.oid if legacy else None,
