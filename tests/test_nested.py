@@ -203,6 +203,41 @@ def test_nested_repositories_with_a_sparse_index_are_saved_without_it_at_no_cost
         assert git(target / "vendor" / name, "status", "--porcelain") == "M readme.md"
 
 
+def test_a_snapshot_holds_one_index_in_memory_however_deep_repositories_nest(tmp_path):
+    """Three repositories nested in each other, each index 8 MiB: a snapshot keeps none of
+    them in memory while it reads the next one (about one index at a time, not their sum),
+    and records all three."""
+    import hashlib
+    import tracemalloc
+
+    ws = make_repo(tmp_path / "ws")
+    where, size = ws, 8 << 20
+    for name in ("a", "b", "c"):
+        where = make_repo(where / name, f"{name}\n")
+        # As a big repository's index is big: an optional extension git skips (its name starts
+        # with a capital letter), the checksum made again.
+        index = where / ".git" / "index"
+        body = index.read_bytes()[:-20] + b"ZZZZ" + size.to_bytes(4, "big") + os.urandom(size)
+        index.write_bytes(body + hashlib.sha1(body).digest())
+    repo = state_repo(ws, KEY)
+    snapshot.prepare(repo)
+
+    tracemalloc.start()
+    try:
+        snap = snapshot.take(repo)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+    commit, recorded = snap.commit, []
+    for name in ("a", "b", "c"):
+        commit = state.load(repo.bare, commit).nested[name]
+        rec = state.read(repo.bare, state.state_parent(repo.bare, commit))
+        recorded.append(rec.index_tree is not None)
+    assert recorded == [True, True, True]
+    assert peak < size * 3 // 2  # one index and change; their sum is three
+
+
 def test_a_repository_nested_in_a_nested_one_comes_back(tmp_path):
     ws = make_repo(tmp_path / "ws")
     outer = make_repo(ws / "a", "a\n")

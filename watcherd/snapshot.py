@@ -31,7 +31,7 @@ import threading
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import structlog
@@ -270,6 +270,10 @@ def _take(repo: Repo, layout: ws.Layout, cache: Cache, before: str | None = None
         found = None
     rules_changed = ignore.write_rules(repo, found.exclude if found else b"", layout.internal)
     index_file = _sync_user_index(repo, found, cache)
+    if found is not None:
+        # git reads the copy from here on: the bytes are not held while nested repositories
+        # read their indexes (memory peaks at one index, not their sum).
+        found = replace(found, index=None)
     index_changed = cache.user_paths is None
 
     prev = repo.snapshot_head()

@@ -209,7 +209,7 @@ def _may_refuse(index_file: Path) -> bool:
         raw = Path(index_file).read_bytes()
     except OSError:
         return True
-    return raw[4:8] == b"\x00\x00\x00\x04" or _SUSPECT_PATH.search(raw[12:]) is not None
+    return raw[4:8] == b"\x00\x00\x00\x04" or _SUSPECT_PATH.search(raw, 12) is not None
 
 
 def _refused_paths(git: Git, tree: str) -> str | None:
