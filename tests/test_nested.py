@@ -20,6 +20,7 @@ from structlog.testing import capture_logs
 
 from helpers import git, make_repo, punch_hole, state_repo
 from watcherd import snapshot, state
+from watcherd import workspace as ws_reader
 from watcherd.config import Config, StoreConfig, WorkspaceConfig, parse_store_url
 from watcherd.errors import IntegrityError
 from watcherd.generations import Generations
@@ -201,6 +202,43 @@ def test_nested_repositories_with_a_sparse_index_are_saved_without_it_at_no_cost
     for name in names:
         assert (target / "vendor" / name / "readme.md").read_text() == f"{name}, edited\n"
         assert git(target / "vendor" / name, "status", "--porcelain") == "M readme.md"
+
+
+def test_indexes_past_what_one_snapshot_reads_in_all_are_left_out_and_counted_anew_each_time(
+        tmp_path, monkeypatch):
+    """:data:`workspace.MAX_INDEX` bounds the indexes one snapshot reads in the whole workspace,
+    not each one: the nested repositories past it have their index left out (named; all the
+    rest of them saved, the snapshot taken), and the next snapshot counts from nothing."""
+    ws = make_repo(tmp_path / "ws")
+    for name in ("a", "b", "c"):
+        make_repo(ws / name, f"{name}\n")
+        (ws / name / "readme.md").write_text(f"{name}, edited\n")
+    room = sum((ws / p / ".git" / "index").stat().st_size for p in (".", "a"))
+    monkeypatch.setattr(ws_reader, "MAX_INDEX", room)  # the workspace's index and a's
+    bare = state_repo(ws, KEY).bare
+
+    def with_index(commit: str) -> set[str]:
+        """The repositories whose index the snapshot ``commit`` records ("" the workspace)."""
+        snapshots = {"": commit, **state.load(bare, commit).nested}
+        return {path for path, snap in snapshots.items()
+                if state.read(bare, state.state_parent(bare, snap)).index_tree is not None}
+
+    cache = snapshot.Cache()
+    with capture_logs(processors=[structlog.contextvars.merge_contextvars]) as logs:
+        first = take(ws, cache)
+
+    assert with_index(first.commit) == {"", "a"}
+    said = [e for e in logs if e["event"] == "snapshot.state_not_recorded"]
+    assert {e["nested_repository"] for e in said} == {"b", "c"}
+    assert all(f"left of the {room} bytes of indexes one snapshot reads" in e["reason"]
+               for e in said), said
+    assert {f"{n}/readme.md" for n in ("a", "b", "c")} <= set(first.paths)
+    assert bare.out("show", f"{state.load(bare, first.commit).nested['b']}:readme.md") == \
+        "b, edited"
+    (ws / "c" / "readme.md").write_text("c, edited again\n")
+    second = take(ws, cache)
+    assert second.paths == ("c/readme.md",)
+    assert with_index(second.commit) == {"", "a"}
 
 
 def test_a_snapshot_holds_one_index_in_memory_however_deep_repositories_nest(tmp_path):

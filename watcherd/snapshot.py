@@ -85,6 +85,9 @@ class Cache:
     # Nested repositories taken so far in this snapshot, at every depth: one count, shared with
     # every nested repository's cache (MAX_NESTED bounds the workspace, not each level).
     nested_taken: list[int] = field(default_factory=lambda: [0])
+    # Bytes of indexes read so far in this snapshot, the workspace's and every nested one's: one
+    # count, shared the same way (ws.MAX_INDEX bounds them all together).
+    index_read: list[int] = field(default_factory=lambda: [0])
     unsaved: dict[str, str] = field(default_factory=dict)  # nested repositories not saved: why
     unsaved_said: dict[str, tuple[str, float]] = field(default_factory=dict)
     not_saved_before: set[str] = field(default_factory=set)  # as the last snapshot found them
@@ -223,6 +226,7 @@ def take_locked(repo: Repo, mode: str = "shadow", cache: Cache | None = None) ->
     """:func:`take` for a caller that holds :meth:`Repo.lock` already (a rollback)."""
     cache = cache if cache is not None else Cache()
     cache.nested_taken[0] = 0
+    cache.index_read[0] = 0
     started = time.monotonic()
     _log.debug("snapshot.started", mode=mode)  # a trace of the save's steps, for post-mortems
     if repo.pairing() is not None and not repo.paired_with(repo.workspace):
@@ -256,7 +260,8 @@ def _take(repo: Repo, layout: ws.Layout, cache: Cache, before: str | None = None
     found: ws.GitState | None = None
     if layout.is_repository:
         try:
-            found = ws.read_state(layout)
+            found = ws.read_state(layout, index_read=cache.index_read[0])
+            cache.index_read[0] += len(found.index or b"")
         except ws.Unsafe as exc:
             problems.append(f"the git state is not readable: {exc}")
     repo.ensure(found.object_format if found else "sha1")
@@ -911,7 +916,8 @@ def _take_nested(repo: Repo, layout: ws.Layout, path: str, cache: Cache,
     if path not in cache.subs:
         cache.subs[path] = (repo.nested(path), Cache(depth=cache.depth + 1,
                                                      at=f"{cache.at}{path}/",
-                                                     nested_taken=cache.nested_taken))
+                                                     nested_taken=cache.nested_taken,
+                                                     index_read=cache.index_read))
     sub, sub_cache = cache.subs[path]
     sub_cache.look_again(appeared is None or any(a == path or a.startswith(f"{path}/")
                                                  for a in appeared))

@@ -41,7 +41,7 @@ MAX_CONFIG = 1 * 2**20
 MAX_EXCLUDE = 1 * 2**20
 MAX_SHALLOW = 16 * 2**20
 MAX_STASH_LOG = 4 * 2**20
-MAX_INDEX = 1 * 2**30
+MAX_INDEX = 1 * 2**30  # in all: one snapshot reads the nested repositories' indexes within it
 _REF_DEPTH = 32
 
 _OID = {"sha1": re.compile(r"[0-9a-f]{40}"), "sha256": re.compile(r"[0-9a-f]{64}")}
@@ -246,8 +246,12 @@ def nested_head(root: Path, rel: str) -> str | None:
 # -- reading ---------------------------------------------------------------------------------------
 
 
-def read_state(layout: Layout) -> GitState:
+def read_state(layout: Layout, *, index_read: int = 0) -> GitState:
     """Read the git state of a repository workspace as data; see the module's rules.
+
+    ``index_read``: bytes of other repositories' indexes the same snapshot read already (the
+    workspace's, nested ones'); this index is read only within what they left of
+    :data:`MAX_INDEX`, else left out like one that cannot be read.
 
     Never raises for what the workspace holds: unreadable parts become warnings and are left out
     (a ref that does not parse is skipped, a missing index is None, one that cannot be read is
@@ -284,8 +288,11 @@ def read_state(layout: Layout) -> GitState:
         stash = _parse_stash_log(log or b"", oid, warnings)
 
     index, index_problem = None, None
+    # Said without the bytes left: the note stays the same while this index does.
+    bound = (f"what is left of the {MAX_INDEX} bytes of indexes one snapshot reads (nested "
+             "repositories' included)") if index_read else None
     try:
-        index = read_file(root, git_dir / "index", MAX_INDEX)
+        index = read_file(root, git_dir / "index", MAX_INDEX - index_read, bound=bound)
     except FileNotFoundError:
         pass
     except Unsafe as exc:
@@ -309,9 +316,9 @@ def read_state(layout: Layout) -> GitState:
     )
 
 
-def read_file(root: Path, path: Path, limit: int) -> bytes:
+def read_file(root: Path, path: Path, limit: int, *, bound: str | None = None) -> bytes:
     """The bytes of regular file ``path`` (inside ``root``): as many as ``fstat`` says it holds,
-    at most ``limit``.
+    at most ``limit`` (``bound``: what that limit is, in the message; default: its bytes).
 
     The path is resolved first and must stay inside ``root``; then each component is opened with
     ``O_NOFOLLOW`` (a link swapped in meanwhile is refused), the file with ``O_NONBLOCK`` (a FIFO
@@ -328,7 +335,8 @@ def read_file(root: Path, path: Path, limit: int) -> bytes:
         if not stat.S_ISREG(st.st_mode):
             raise Unsafe(f"{path} is not a regular file")
         if st.st_size > limit:
-            raise Unsafe(f"{path} is {st.st_size} bytes, above the {limit} bytes watcherd reads")
+            raise Unsafe(f"{path} is {st.st_size} bytes, above "
+                         f"{bound or f'the {limit} bytes watcherd reads'}")
         if _has_hole(fd, st.st_size, path):
             raise Unsafe(f"{path} has holes (a sparse file): git never writes one")
         data = os.pread(fd, st.st_size, 0)
