@@ -20,7 +20,7 @@ from watcherd import snapshot
 from watcherd.config import Config, RestoreConfig, StoreConfig, WorkspaceConfig, parse_store_url
 from watcherd.errors import RestoreError
 from watcherd.generations import Generations
-from watcherd.repo import MAX_PACKS
+from watcherd.repo import AUTO_PACK_LIMIT
 from watcherd.restore import restore
 from watcherd.store.local import LocalStore
 
@@ -312,9 +312,30 @@ def test_the_pack_count_of_watchers_repository_stays_bounded(tmp_path):
         save(ws, store)
         repo.maintain()
     packs = list((repo.git_dir / "objects" / "pack").glob("*.pack"))
-    assert 1 <= len(packs) <= MAX_PACKS + 1
+    assert 1 <= len(packs) <= AUTO_PACK_LIMIT + 1
     target = tmp_path / "restored"
     assert restore(config_for(target, store), gens(store)).generation == 20
+
+
+def test_maintain_repacks_watchers_repository_above_the_auto_pack_limit(tmp_path):
+    ws = make_repo(tmp_path / "ws")
+    repo = state_repo(ws, KEY)
+    repo.ensure()
+    pack_dir = repo.git_dir / "objects" / "pack"
+
+    def add_pack(n: int) -> None:
+        blob = git(ws, f"--git-dir={repo.git_dir}", "hash-object", "-w", "--stdin",
+                   input=f"object {n}\n".encode())
+        git(ws, f"--git-dir={repo.git_dir}", "pack-objects", "-q", str(pack_dir / "pack"),
+            input=f"{blob}\n".encode())
+
+    for n in range(AUTO_PACK_LIMIT):
+        add_pack(n)
+    repo.maintain()
+    assert len(list(pack_dir.glob("pack-*.pack"))) == AUTO_PACK_LIMIT  # at the limit: left be
+    add_pack(AUTO_PACK_LIMIT)
+    repo.maintain()
+    assert len(list(pack_dir.glob("pack-*.pack"))) < AUTO_PACK_LIMIT
 
 
 # -- stored strings are printed safely ------------------------------------------------------------------

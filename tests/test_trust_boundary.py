@@ -615,7 +615,7 @@ def test_an_index_holding_a_path_git_refuses_never_makes_a_generation_unrestorab
 
 def test_a_thousand_empty_pack_files_and_many_packs_hold_few_descriptors(tmp_path):
     """Lone ``.pack`` files are not opened (git cannot use a pack without its index), and of
-    real-looking pairs watcherd holds at most MAX_PACKS: the process's descriptors stay far
+    real-looking pairs watcherd holds at most MAX_HELD_PACKS: the process's descriptors stay far
     below a default limit of 1,024, and the snapshot is taken."""
     from watcherd import repo as repo_module
 
@@ -631,7 +631,7 @@ def test_a_thousand_empty_pack_files_and_many_packs_hold_few_descriptors(tmp_pat
     snap = take(ws)
     assert snap.commit
     held = len(os.listdir("/proc/self/fd")) - before
-    assert held <= 3 * repo_module.MAX_PACKS
+    assert held <= 3 * repo_module.MAX_HELD_PACKS
 
 
 def test_a_nested_git_file_naming_a_repository_outside_records_nothing_of_it(tmp_path):

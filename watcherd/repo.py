@@ -66,8 +66,9 @@ from watcherd.workspace import Layout, is_plain_dir
 _log = log.get(__name__)
 
 SNAPSHOT_REF = "refs/watcherd/snapshots"
-#: Above this many packs in watcherd's repository, a geometric repack merges the small ones.
-MAX_PACKS = 8
+#: Above this many packs in watcherd's repository, :meth:`Repo.maintain` merges the small ones (a
+#: geometric repack), as ``gc.autoPackLimit`` has ``git gc --auto`` do.
+AUTO_PACK_LIMIT = 8
 # Files above 1 MiB are streamed by `git add` straight into a pack (bulk checkin) and never
 # delta-compressed: without it each big blob is written loose, then inflated, delta-searched and
 # deflated again by the repack before a bundle (100 MB of new files: the repack alone took 6.7 s
@@ -87,7 +88,7 @@ _INFLATE_BUDGET = 1 << 30
 # Where a git child finds the descriptors it was given as files of their own (Linux's procfs: each
 # open is a new open file of the same inode; BSD's /dev/fd would share one file offset).
 _FD_DIR = "/proc/self/fd"
-MAX_PACKS = 128  # the workspace's packs held open at most (3 descriptors each: .idx, .pack, .rev)
+MAX_HELD_PACKS = 128  # the workspace's packs held open at most (.idx, .pack, .rev: 3 fds each)
 _LOOSE = re.compile(r"[0-9a-f]{38}|[0-9a-f]{62}")  # a loose object's name in its fan-out dir
 # Files of ours in the state directory are shared with `watcherd restore`, which may run as
 # another uid of the same group (the app's): group-writable, not world-readable.
@@ -419,12 +420,12 @@ class Repo:
                 # not opened. Its reverse index, if any, comes with it.
                 packs = sorted(n[:-4] for n in names if n.startswith("pack-") and
                                n.endswith(".idx") and f"{n[:-4]}.pack" in names)
-                if len(packs) > MAX_PACKS:
-                    _log.warning("state.packs_skipped", count=len(packs) - MAX_PACKS,
+                if len(packs) > MAX_HELD_PACKS:
+                    _log.warning("state.packs_skipped", count=len(packs) - MAX_HELD_PACKS,
                                  note="the workspace has more packs than watcherd holds open; "
                                       "objects only in the others count as missing (a `git "
                                       "gc` in the workspace merges them)")
-                listing = [f"{p}{suffix}" for p in packs[:MAX_PACKS]
+                listing = [f"{p}{suffix}" for p in packs[:MAX_HELD_PACKS]
                            for suffix in (".idx", ".pack", ".rev") if f"{p}{suffix}" in names]
                 for name in listing:
                     if name in self._packs:
@@ -579,7 +580,7 @@ class Repo:
         ``--geometric``) merges only the small ones, so its cost follows what is new. Never with
         ``-l``: that would drop the copies of the workspace's objects this history needs."""
         packs = list((self.git_dir / "objects" / "pack").glob("pack-*.pack"))
-        if len(packs) <= MAX_PACKS:
+        if len(packs) <= AUTO_PACK_LIMIT:
             return
         r = self.bare.run("repack", "-d", "-q", "--geometric=2", check=False, timeout=1800)
         if r.returncode != 0:
