@@ -417,9 +417,10 @@ class Repo:
                 pfd = found[0]
                 names = set(os.listdir(pfd))
                 # A pack git can use has its index: a lone .pack (or a thousand empty ones) is
-                # not opened. Its reverse index, if any, comes with it.
+                # not opened, nor is a pack of no object. Its reverse index, if any, comes with it.
                 packs = sorted(n[:-4] for n in names if n.startswith("pack-") and
-                               n.endswith(".idx") and f"{n[:-4]}.pack" in names)
+                               n.endswith(".idx") and f"{n[:-4]}.pack" in names and
+                               _holds_objects(pfd, n[:-4], self.object_format()))
                 if len(packs) > MAX_HELD_PACKS:
                     _log.warning("state.packs_skipped", count=len(packs) - MAX_HELD_PACKS,
                                  note="the workspace has more packs than watcherd holds open; "
@@ -952,6 +953,21 @@ def _object_named(fd: int, oid: str, fmt: str, budget: list[int]) -> bool | None
     if inflater.unused_data or os.read(fd, 1):
         return False  # bytes after the stream: git refuses such an object
     return expected is not None and seen == expected and digest.hexdigest() == oid
+
+
+def _holds_objects(pfd: int, pack: str, fmt: str) -> bool:
+    """Whether pack ``pack`` (its name without a suffix) in directory ``pfd`` may hold an object,
+    by the sizes of its ``.pack`` and ``.idx`` (``lstat``: a link is refused when opened). A pack
+    of none is its 12-byte header and its hash (gitformat-pack(5)), its index a header, the
+    256-entry fan-out table and two hashes (version 1 has no header): an agent's thousand empty
+    packs are not worth a descriptor each. False when either file is gone."""
+    hash_size = 32 if fmt == "sha256" else 20
+    try:
+        pack_size = os.stat(f"{pack}.pack", dir_fd=pfd, follow_symlinks=False).st_size
+        idx_size = os.stat(f"{pack}.idx", dir_fd=pfd, follow_symlinks=False).st_size
+    except OSError:
+        return False
+    return pack_size > 12 + hash_size and idx_size > 8 + 256 * 4 + 2 * hash_size
 
 
 def _alive(pid: int) -> bool:
