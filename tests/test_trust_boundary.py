@@ -9,9 +9,13 @@ secret in its environment are in ``test_trust_boundary_daemon.py``.
 
 from __future__ import annotations
 
+import gc
+import json
 import os
+import resource
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -76,7 +80,7 @@ def plant_empty_packs(pack_dir: Path, count: int) -> None:
     for suffix in (".pack", ".idx"):
         made = pack_dir / f"pack-{name}{suffix}"
         for i in range(count):
-            shutil.copyfile(made, pack_dir / f"pack-{i + 1:040x}{suffix}")
+            shutil.copyfile(made, pack_dir / f"pack-{'e' * 30}{i:010x}{suffix}")
         made.unlink()
 
 
@@ -643,6 +647,111 @@ def test_a_thousand_lone_or_empty_pack_files_hold_no_descriptor(tmp_path):
     snapshot.prepare(repo)
     assert snapshot.take(repo).commit
     assert held_pack_files(ws) == []
+
+
+def packed_repo(path: Path, copies: int = 0, empty: int = 0) -> Path:
+    """A repository whose history is in one pack (``git gc``), that pack copied ``copies``
+    times more under other names, ``empty`` packs of no object beside them, and an edit."""
+    make_repo(path, f"{path.name}\n")
+    git(path, "gc", "-q")
+    pack_dir = path / ".git" / "objects" / "pack"
+    for made in list(pack_dir.glob("pack-*")):
+        for i in range(copies):
+            shutil.copyfile(made, made.with_name(f"pack-{'c' * 30}{i:010x}{made.suffix}"))
+    plant_empty_packs(pack_dir, empty)
+    (path / "edit.txt").write_text(f"{path.name}, not committed\n")
+    return path
+
+
+# A snapshot in a process of its own, under a limit of open files: the descriptors it ends up
+# holding (its Repos are alive: the cache keeps them) go to the file named last.
+_SNAPSHOT_UNDER_A_LIMIT = """
+import json, os, sys
+from watcherd import log, repo, snapshot
+log.configure("info", "json", sys.stderr)
+state_dir, key, workspace, out = sys.argv[1:]
+r = repo.Repo(state_dir, key, workspace)
+snapshot.prepare(r)
+cache = snapshot.Cache()
+snap = snapshot.take(r, cache=cache)
+fds = [os.readlink(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")
+       if os.path.exists(f"/proc/self/fd/{fd}")]
+with open(out, "w") as f:
+    json.dump({"commit": snap.commit, "fds": fds}, f)
+"""
+
+
+def test_many_nested_repositories_full_of_packs_share_one_bound_and_every_file_is_saved(
+        tmp_path):
+    """20 nested repositories, each with 40 packs of no object and 4 of its history: under a
+    limit of 256 open files, watcherd holds a quarter of it at most for pack files, the rest
+    are left out with a warning, and every file of the workspace and of each nested repository
+    is in the snapshot (their histories as far as their packs held are read)."""
+    ws = make_repo(tmp_path / "ws")
+    (ws / "edit.txt").write_text("the workspace's edit\n")
+    nested = [packed_repo(ws / "vendor" / f"lib{i:02d}", copies=3, empty=40) for i in range(20)]
+    out = tmp_path / "held.json"
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
+
+    run = subprocess.run([sys.executable, "-c", _SNAPSHOT_UNDER_A_LIMIT,
+                          str(tmp_path / "ws-state"), KEY, str(ws), str(out)],
+                         capture_output=True, text=True, preexec_fn=limit, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(out.read_text())
+    held = [p for p in result["fds"] if p.startswith(f"{os.path.realpath(ws)}/") and
+            "/objects/pack/" in p]
+    assert held and len(held) <= 256 // 4
+    assert "state.packs_skipped" in run.stderr
+    assert files_of(ws, result["commit"]) >= {"readme.md", "edit.txt", *(
+        f"vendor/{lib.name}" for lib in nested)}
+    saved = state.load(state_repo(ws, KEY).bare, result["commit"]).nested
+    assert sorted(saved) == [f"vendor/{lib.name}" for lib in nested]
+    for lib in nested:
+        assert files_of(ws, saved[f"vendor/{lib.name}"]) == {"readme.md", "edit.txt"}
+
+
+def test_a_nested_repository_gone_gives_its_pack_descriptors_to_the_others(tmp_path,
+                                                                            monkeypatch):
+    """Under a bound that fits one nested repository's packs, the first holds them and the
+    second's history is not read; once the first is removed, its descriptors are closed and
+    counted back, and the next snapshot reads the second's history through them."""
+    from watcherd import repo as repo_module
+
+    ws = make_repo(tmp_path / "ws")
+    first = packed_repo(ws / "vendor" / "a")
+    second = packed_repo(ws / "vendor" / "b")
+    per_repo = len(list((first / ".git" / "objects" / "pack").iterdir()))
+    gc.collect()  # a Repo an earlier test dropped gives its descriptors back now, not meanwhile
+    budget = repo_module.PACK_BUDGET
+    before = budget.held
+    monkeypatch.setattr(repo_module, "PACK_MAX_FDS", before + per_repo)
+    repo = state_repo(ws, KEY)
+    snapshot.prepare(repo)
+    cache = snapshot.Cache()
+
+    def second_recorded(snap: snapshot.Snapshot) -> bool:
+        nested = state.load(repo.bare, snap.commit).nested["vendor/b"]
+        s_commit = state.state_parent(repo.bare, nested)
+        return s_commit is not None and \
+            state.read(repo.bare, s_commit).head.oid == git(second, "rev-parse", "HEAD")
+
+    with capture_logs() as logs:
+        snap = snapshot.take(repo, cache=cache)
+    assert len(held_pack_files(first)) == per_repo and held_pack_files(second) == []
+    assert budget.held == before + per_repo
+    assert [e["count"] for e in logs if e["event"] == "state.packs_skipped"] == [1]
+    assert not second_recorded(snap)
+
+    shutil.rmtree(first)
+    snap = snapshot.take(repo, cache=cache)
+    assert held_pack_files(first) == []
+    assert len(held_pack_files(second)) == per_repo
+    assert budget.held == before + per_repo
+    assert second_recorded(snap)
+    assert files_of(ws, state.load(repo.bare, snap.commit).nested["vendor/b"]) == \
+        {"readme.md", "edit.txt"}
 
 
 def test_a_nested_git_file_naming_a_repository_outside_records_nothing_of_it(tmp_path):

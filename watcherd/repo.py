@@ -44,13 +44,15 @@ import hashlib
 import json
 import os
 import re
+import resource
 import secrets
 import shutil
 import stat
 import threading
 import time
+import weakref
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,7 +90,11 @@ _INFLATE_BUDGET = 1 << 30
 # Where a git child finds the descriptors it was given as files of their own (Linux's procfs: each
 # open is a new open file of the same inode; BSD's /dev/fd would share one file offset).
 _FD_DIR = "/proc/self/fd"
-MAX_HELD_PACKS = 128  # the workspace's packs held open at most (.idx, .pack, .rev: 3 fds each)
+#: Descriptors of the workspace's pack files (``.idx``, ``.pack``, ``.rev``: 2 or 3 a pack) the
+#: whole process holds open at most, for its repository and every nested one together (git's own
+#: reader bounds its ``pack_max_fds`` the same way); never more than a quarter of the soft limit
+#: of open files (:meth:`PackBudget.limit`).
+PACK_MAX_FDS = 384
 _LOOSE = re.compile(r"[0-9a-f]{38}|[0-9a-f]{62}")  # a loose object's name in its fan-out dir
 # Files of ours in the state directory are shared with `watcherd restore`, which may run as
 # another uid of the same group (the app's): group-writable, not world-readable.
@@ -104,6 +110,40 @@ _OWN_CONFIG = """[core]
 [pack]
 \twriteReverseIndex = true
 """
+
+
+class PackBudget:
+    """The descriptors of the workspace's pack files held open in this process, counted against
+    one bound for every :class:`Repo`: each repository nested in the workspace has a Repo of its
+    own, and hundreds of them holding their packs would take every descriptor the process has
+    (then nothing at all could be saved)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.held = 0
+
+    def limit(self) -> int:
+        """:data:`PACK_MAX_FDS`, or a quarter of the soft ``RLIMIT_NOFILE`` when that is less."""
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        return PACK_MAX_FDS if soft == resource.RLIM_INFINITY else min(PACK_MAX_FDS, soft // 4)
+
+    def claim(self, count: int) -> bool:
+        """Count ``count`` more descriptors as held, if the bound leaves room for them all;
+        whether it did."""
+        with self._lock:
+            if self.held + count > self.limit():
+                return False
+            self.held += count
+            return True
+
+    def release(self, count: int) -> None:
+        """Count ``count`` descriptors claimed before as closed."""
+        with self._lock:
+            self.held -= count
+
+
+#: The one budget of every Repo of this process.
+PACK_BUDGET = PackBudget()
 
 
 @dataclass(frozen=True)
@@ -143,6 +183,12 @@ class Repo:
         self._ident: str | None = None
         self._packs: dict[str, int] = {}  # the workspace's pack files held open, by name
         self._retired: list[int] = []  # descriptors of packs gone, closed once no git child runs
+        self._held: set[int] = set()  # both, claimed from PACK_BUDGET
+        # Packs of the workspace PACK_BUDGET left out at the last attach (looked at again at the
+        # next one; what was recorded without them is recorded again once they are held).
+        self.packs_skipped = 0
+        # A Repo dropped without close() (a Cache thrown away) gives its descriptors back.
+        weakref.finalize(self, _forget_packs, self._held, self.git.shared)
         self._packs_token: str | None = None
         self._attached = False  # the workspace's objects are named to this Repo's git children
         self._refused_loose: set[tuple] = set()  # loose objects found not to be what they say
@@ -383,7 +429,7 @@ class Repo:
         for name in _LINKED:
             st = present.get(name)
             key = (st.st_ino, st.st_mtime_ns, st.st_mode) if st else None
-            if linked.get(name, "unset") == key:
+            if linked.get(name, "unset") == key and not (name == "pack" and self.packs_skipped):
                 continue
             dest = link / name
             if name == "pack":
@@ -406,8 +452,14 @@ class Repo:
         repository's packs swapped in is never followed). That directory reaches the children
         of :attr:`reader` in ``GIT_ALTERNATE_OBJECT_DIRECTORIES``, not in an alternates file:
         another process's children hold other descriptors. A pack gone from the workspace is
-        let go once no such child runs (one may still be reading it)."""
+        let go once no such child runs (one may still be reading it).
+
+        Every descriptor is claimed from :data:`PACK_BUDGET`, shared with every other Repo of
+        the process: the workspace's own repository attaches first in each snapshot, nested
+        ones after it. Packs the budget has no room for are left out (``state.packs_skipped``,
+        said again only when their number changes) and looked at again at the next attach."""
         found_names: dict[str, int] = {}
+        skipped = 0
         if not os.path.isdir(_FD_DIR):
             self._link_packs_by_path(root / os.fsdecode(rel))  # macOS: see docs/security.md
             self._show_packs({})
@@ -421,29 +473,52 @@ class Repo:
                 packs = sorted(n[:-4] for n in names if n.startswith("pack-") and
                                n.endswith(".idx") and f"{n[:-4]}.pack" in names and
                                _holds_objects(pfd, n[:-4], self.object_format()))
-                if len(packs) > MAX_HELD_PACKS:
-                    _log.warning("state.packs_skipped", count=len(packs) - MAX_HELD_PACKS,
-                                 note="the workspace has more packs than watcherd holds open; "
-                                      "objects only in the others count as missing (a `git "
-                                      "gc` in the workspace merges them)")
-                listing = [f"{p}{suffix}" for p in packs[:MAX_HELD_PACKS]
-                           for suffix in (".idx", ".pack", ".rev") if f"{p}{suffix}" in names]
-                for name in listing:
-                    if name in self._packs:
-                        found_names[name] = self._packs[name]
-                        continue
-                    try:
-                        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK |
-                                     os.O_CLOEXEC, dir_fd=pfd)
-                    except OSError as exc:
-                        if exc.errno == errno.EMFILE:
-                            break  # out of descriptors: what is held is shown, no more
-                        continue  # a link (ELOOP), unreadable, or gone
-                    if stat.S_ISREG(os.fstat(fd).st_mode):
-                        found_names[name] = fd
+                held: dict[str, dict[str, int]] = {}
+                for name, fd in self._packs.items():
+                    held.setdefault(name.rsplit(".", 1)[0], {})[name] = fd
+                if held.keys() - set(packs):
+                    # The packs the workspace dropped go first: what is new may need their share.
+                    self._show_packs({name: fd for pack in packs
+                                      for name, fd in held.get(pack, {}).items()})
+                for pack in packs:
+                    opened = held.get(pack) or self._open_pack(
+                        pfd, [f"{pack}{suffix}" for suffix in (".idx", ".pack", ".rev")
+                              if f"{pack}{suffix}" in names])
+                    if opened is None:
+                        skipped += 1
                     else:
-                        os.close(fd)
+                        found_names.update(opened)
+        if skipped and skipped != self.packs_skipped:
+            _log.warning("state.packs_skipped", count=skipped, limit=PACK_BUDGET.limit(),
+                         note="watcherd holds this many descriptors of pack files open in all, "
+                              "for the workspace's repository first, then each nested one: "
+                              "objects only in the packs left out count as missing (a `git gc` "
+                              "in the repository merges them)")
+        self.packs_skipped = skipped
         self._show_packs(found_names)
+
+    def _open_pack(self, pfd: int, files: list[str]) -> dict[str, int] | None:
+        """One pack's ``files`` in directory ``pfd`` (its ``.idx`` and ``.pack``, then its
+        ``.rev`` if any), by name, opened without following links, regular files only, each
+        descriptor claimed from :data:`PACK_BUDGET`. {} when one of them cannot be opened (a
+        link, unreadable, gone: none is held); None when the budget or the process's
+        descriptors run out."""
+        if not PACK_BUDGET.claim(len(files)):
+            return None
+        opened: dict[str, int] = {}
+        try:
+            for name in files:
+                opened[name] = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK |
+                                       os.O_CLOEXEC, dir_fd=pfd)
+                if not stat.S_ISREG(os.fstat(opened[name]).st_mode):
+                    raise OSError(errno.EINVAL, "not a regular file")
+        except OSError as exc:
+            for fd in opened.values():
+                os.close(fd)
+            PACK_BUDGET.release(len(files))
+            return None if exc.errno in (errno.EMFILE, errno.ENFILE) else {}
+        self._held.update(opened.values())
+        return opened
 
     def _link_packs_by_path(self, src: Path) -> None:
         """Where no ``/proc/self/fd`` is: link the pack files by path, after checking them."""
@@ -480,8 +555,7 @@ class Repo:
                 tuple(sorted(found_names.values())))
             self._retired += retired
             if self._retired and not shared.readers_running():
-                for fd in self._retired:
-                    os.close(fd)
+                _let_go(self._held, self._retired)
                 self._retired = []
 
     def _packs_dir(self) -> Path:
@@ -953,6 +1027,24 @@ def _object_named(fd: int, oid: str, fmt: str, budget: list[int]) -> bool | None
     if inflater.unused_data or os.read(fd, 1):
         return False  # bytes after the stream: git refuses such an object
     return expected is not None and seen == expected and digest.hexdigest() == oid
+
+
+def _let_go(held: set[int], fds: Iterable[int]) -> None:
+    """Close pack descriptors ``fds`` of a Repo's ``held``, taken out of it and given back to
+    :data:`PACK_BUDGET`."""
+    fds = list(fds)
+    for fd in fds:
+        os.close(fd)
+        held.discard(fd)
+    PACK_BUDGET.release(len(fds))
+
+
+def _forget_packs(held: set[int], shared: Shared) -> None:
+    """Let go of every pack descriptor of a Repo nobody uses any more: ``held``, no longer
+    given to a git child of ``shared``."""
+    with shared.lock:
+        shared.current = Inherited()
+    _let_go(held, held)
 
 
 def _holds_objects(pfd: int, pack: str, fmt: str) -> bool:

@@ -387,7 +387,7 @@ def _record_state(repo: Repo, found: ws.GitState, index_file: Path | None,
     what it had to leave out."""
     key = hashlib.sha256(repr((found.head, found.refs, found.stash, found.config,
                                cache.index_digest, found.index_problem,
-                               found.shallow)).encode()).digest()
+                               found.shallow, repo.packs_skipped)).encode()).digest()
     if cache.state_key == key and cache.state_commit and prev_state == cache.state_commit:
         return cache.state_commit, cache.state_notes
     config = state.parse_config(repo.bare, found.config, repo.dir)
@@ -860,6 +860,10 @@ def _save_nested(repo: Repo, layout: ws.Layout, tree: str, base: str | None,
     it last had in this history, if any, and is warned about (``snapshot.nested_not_saved``)
     and shown in ``status``: never silence, never a reason for the rest not to be saved."""
     links = _gitlinks(repo, tree, base, entries, cache)
+    for path in cache.subs.keys() - links.keys():
+        # Gone, or no longer a repository (its files are the tree's now): first, so that the
+        # pack descriptors it held (Repo.attach) are there for the others.
+        cache.subs.pop(path)[0].close()
     if not (links or cache.unsaved or cache.not_saved_before or cache.left_out or cache.refused
             or cache.tracked_inside):
         return None, []
@@ -892,9 +896,6 @@ def _save_nested(repo: Repo, layout: ws.Layout, tree: str, base: str | None,
         unsaved[path] = why
         if path in last:
             saved[path] = last[path]  # its last saved state is not dropped
-    for path in cache.subs.keys() - links.keys():
-        # Gone, or no longer a repository (its files are the tree's now).
-        cache.subs.pop(path)[0].close()
     _report_unsaved(unsaved | cache.tracked_inside, last, saved, cache)
     return state.write_nested(repo.bare, saved), changed
 
