@@ -754,6 +754,38 @@ def test_a_nested_repository_gone_gives_its_pack_descriptors_to_the_others(tmp_p
         {"readme.md", "edit.txt"}
 
 
+# Every descriptor the process may have taken, then watcherd's state directory created.
+_CREATE_OUT_OF_DESCRIPTORS = """
+import os, resource, sys
+from watcherd.errors import WorkspaceError
+from watcherd.repo import Repo
+resource.setrlimit(resource.RLIMIT_NOFILE, (64, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+held = []
+try:
+    while True:
+        held.append(os.open(os.devnull, os.O_RDONLY))
+except OSError:
+    pass
+try:
+    Repo(sys.argv[1], "key", sys.argv[2]).ensure()
+except WorkspaceError as exc:
+    print(exc)
+"""
+
+
+def test_out_of_descriptors_is_said_as_such_not_blamed_on_the_state_directory(tmp_path):
+    """The process has no descriptor left when it creates its repository (git cannot start):
+    the error says so, not that the state directory, writable all along, is at fault."""
+    ws = make_repo(tmp_path / "ws")
+    state_dir = tmp_path / "state"
+    run = subprocess.run([sys.executable, "-c", _CREATE_OUT_OF_DESCRIPTORS, str(state_dir),
+                          str(ws)], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.startswith("out of file descriptors while creating ")
+    assert "may open 64 files" in run.stdout and "workspace.state_dir" not in run.stdout
+    assert os.access(state_dir, os.W_OK)  # it was writable all along
+
+
 def test_a_nested_git_file_naming_a_repository_outside_records_nothing_of_it(tmp_path):
     """``sub/.git`` is a ``gitdir:`` file naming another sandbox's repository: git reads that
     repository's HEAD to record ``sub`` as a gitlink. The snapshot drops that gitlink (named in

@@ -200,14 +200,13 @@ class Repo:
 
     def ensure_dirs(self) -> None:
         """Create the state directory of this key. Raises :class:`WorkspaceError` when it cannot
-        be written (a person must give watcherd a writable ``workspace.state_dir``)."""
+        be written (a person must give watcherd a writable ``workspace.state_dir``), or when the
+        process is out of file descriptors (said as such)."""
         try:
             for d in (self.dir, self.home, self.spool):
                 _mkdir(d)
         except OSError as exc:
-            raise WorkspaceError(f"workspace.state_dir: cannot create {self.dir} "
-                                 f"({exc.strerror}); watcherd keeps its own repository there, "
-                                 "give it a writable directory") from None
+            raise _cannot_create(self.dir, exc) from None
 
     def exists(self) -> bool:
         """Whether the repository has been created (:meth:`ensure`)."""
@@ -251,9 +250,7 @@ class Repo:
                 # `watcherd snapshot`) created it first: use theirs.
                 shutil.rmtree(tmp, ignore_errors=True)
         except OSError as exc:
-            raise WorkspaceError(f"workspace.state_dir: cannot create {self.dir} "
-                                 f"({exc.strerror}); watcherd keeps its own repository there, "
-                                 "give it a writable directory") from None
+            raise _cannot_create(self.dir, exc) from None
 
     def close(self) -> None:
         """Let go of the workspace's pack files held open (once no git child reads them): this
@@ -363,6 +360,8 @@ class Repo:
         try:
             fd = os.open(self.dir / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, _FILE_MODE)
         except OSError as exc:
+            if exc.errno in (errno.EMFILE, errno.ENFILE):
+                raise _out_of_descriptors(exc, f"opening {self.dir / 'lock'}") from None
             # A read-only or full disk: one line that says so (the daemon retries later).
             raise WorkspaceError(f"workspace.state_dir: cannot write watcherd's lock "
                                  f"{self.dir / 'lock'}: {exc.strerror}; nothing can be "
@@ -1027,6 +1026,24 @@ def _object_named(fd: int, oid: str, fmt: str, budget: list[int]) -> bool | None
     if inflater.unused_data or os.read(fd, 1):
         return False  # bytes after the stream: git refuses such an object
     return expected is not None and seen == expected and digest.hexdigest() == oid
+
+
+def _cannot_create(path: Path, exc: OSError) -> WorkspaceError:
+    """Why state directory ``path`` could not be created: the directory, unless ``exc`` says the
+    process is out of file descriptors."""
+    if exc.errno in (errno.EMFILE, errno.ENFILE):
+        return _out_of_descriptors(exc, f"creating {path}")
+    return WorkspaceError(f"workspace.state_dir: cannot create {path} ({exc.strerror}); "
+                          "watcherd keeps its own repository there, give it a writable directory")
+
+
+def _out_of_descriptors(exc: OSError, doing: str) -> WorkspaceError:
+    """The error of ``doing`` (what failed, "creating /x") on EMFILE or ENFILE: the process (or
+    the whole system) has no file descriptor left, whatever the state directory is."""
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return WorkspaceError(f"out of file descriptors while {doing} ({exc.strerror}; this process "
+                          f"may open {soft} files): the state directory is not at fault; raise "
+                          "watcherd's limit of open files (LimitNOFILE= in systemd, ulimit -n)")
 
 
 def _let_go(held: set[int], fds: Iterable[int]) -> None:
