@@ -686,3 +686,66 @@ def test_the_first_snapshot_sees_a_repository_in_a_directory_the_users_head_hold
     else:
         assert entry == f"160000 commit {git(ws / 'proj', 'rev-parse', 'HEAD')}"
         assert cache.not_saved() == {}
+
+
+@pytest.mark.parametrize("bound", ["depth", "count"])
+def test_a_directory_that_becomes_a_repository_past_the_bounds_keeps_its_files(
+        tmp_path, monkeypatch, bound):
+    """A repository the nested snapshots could not save (nested deeper than
+    MAX_NESTED_DEPTH, or past MAX_NESTED in the workspace) is not taken up: its files stay
+    saved, with what they hold now, rather than a gitlink with nothing behind it."""
+    ws = make_repo(tmp_path / "ws")
+    at = ws
+    if bound == "depth":
+        for i in range(1, state.MAX_NESTED_DEPTH + 1):
+            at = make_repo(at / f"lib{i}", f"level {i}\n")
+    else:
+        monkeypatch.setattr(state, "MAX_NESTED", 3)
+        for i in range(3):
+            make_repo(ws / f"repo{i}", f"r{i}\n")
+    proj = at / "zz-proj"
+    proj.mkdir()
+    (proj / "a.txt").write_text("saved as a file\n")
+    store = tmp_path / "store"
+    cache = snapshot.Cache()
+    save(ws, store, cache)
+    git(proj, "init", "-q")
+    git(proj, "add", "-A")
+    git(proj, "commit", "-qm", "its own history")
+    (proj / "a.txt").write_text("edited after git init\n")
+
+    save(ws, store, cache)
+
+    target = tmp_path / "restored" / "ws"
+    target.parent.mkdir()
+    restore_into(target, store)
+    assert (target / proj.relative_to(ws) / "a.txt").read_text() == "edited after git init\n"
+
+
+def test_a_repository_that_loses_its_commit_after_it_is_taken_up_keeps_the_files_saved(
+        tmp_path, monkeypatch):
+    """HEAD becomes unborn between the look that took the directory up and git's add: git
+    records neither a gitlink nor the files; the files as last saved are put back, and stay."""
+    ws = make_repo(tmp_path / "ws")
+    proj = ws / "proj"
+    proj.mkdir()
+    (proj / "a.txt").write_text("a\n")
+    cache = snapshot.Cache()
+    take(ws, cache)
+    become_a_repository(ws, "git-init")
+    real = snapshot._take_up_new_repositories
+
+    def then_unborn(*args, **kwargs):
+        taken = real(*args, **kwargs)
+        (proj / ".git" / "HEAD").write_text("ref: refs/heads/unborn\n")
+        return taken
+
+    monkeypatch.setattr(snapshot, "_take_up_new_repositories", then_unborn)
+    first = take(ws, cache)
+    monkeypatch.undo()
+    again = take(ws, cache)
+
+    for snap in (first, again):
+        shown = git(ws.parent, f"--git-dir={state_repo(ws, KEY).git_dir}", "show",
+                    f"{snap.snapshot_head}:proj/a.txt")
+        assert shown == "a"

@@ -82,6 +82,7 @@ class Cache:
     subs: dict[str, tuple[Repo, Cache]] = field(default_factory=dict)  # nested, by path
     gitlinks: dict[str, str] | None = None  # the last tree's nested repositories: their commits
     gitlinks_tree: str | None = None
+    index_tree: str | None = None  # the tree the private index held when the last snapshot ended
     # Nested repositories taken so far in this snapshot, at every depth: one count, shared with
     # every nested repository's cache (MAX_NESTED bounds the workspace, not each level).
     nested_taken: list[int] = field(default_factory=lambda: [0])
@@ -305,7 +306,8 @@ def _take(repo: Repo, layout: ws.Layout, cache: Cache, before: str | None = None
     if rules_changed or index_changed or not cache.dropped_once or \
             any(path.endswith(b".gitignore") for _, _, path in entries or ()):
         cache.dropped_once = True
-        if _drop_now_ignored(repo.git, {"GIT_INDEX_FILE": str(repo.index)}, cache.user_paths):
+        if _drop_now_ignored(repo.git, {"GIT_INDEX_FILE": str(repo.index)}, cache.user_paths,
+                             cache.refused, _StallCheck(repo.workspace, cache.refused)):
             tree = repo.git.out("write-tree", "--missing-ok",
                                 env={"GIT_INDEX_FILE": str(repo.index)})
             entries = [] if tree == prev_tree else \
@@ -314,6 +316,7 @@ def _take(repo: Repo, layout: ws.Layout, cache: Cache, before: str | None = None
     _report(problems, cache)
     head, head_ref = _head_of(repo, s_commit, cache)
 
+    cache.index_tree = tree  # what the private index holds (changed below: written again)
     if not prev and s_commit is None and tree == _empty_tree(repo.bare):
         return Snapshot(None, None, None, head_ref, problems=tuple(problems))
     base = prev_tree
@@ -328,6 +331,7 @@ def _take(repo: Repo, layout: ws.Layout, cache: Cache, before: str | None = None
     if _confirm_reads(repo, layout, base, entries, cache):
         tree = repo.git.out("write-tree", "--missing-ok",
                             env={"GIT_INDEX_FILE": str(repo.index)})
+        cache.index_tree = tree
         entries = _diff(repo.bare, base, tree)
     nested, nested_paths = _save_nested(repo, layout, tree, base, entries, cache, appeared)
     if prev and tree == prev_tree and s_commit == prev_state and \
@@ -452,41 +456,42 @@ def _worktree_tree(repo: Repo, layout: ws.Layout, prev: str | None, prev_tree: s
             # workspace's: read through the alternates.
             repo.reader.run("read-tree", f"{head}^{{tree}}",
                             env={"GIT_INDEX_FILE": str(repo.index)}, check=False)
+    taken_up: list[bytes] = []
+    saved, lister = (prev_tree, repo.bare) if prev_tree else \
+        (f"{head}^{{tree}}", repo.reader) if head and repo.index.exists() else (None, None)
     if prev_tree:
         _drop_gone_repositories(repo, prev_tree, env, index_file, cache)
-        _take_up_new_repositories(repo, layout, repo.bare, prev_tree, env, index_file, cache,
-                                  appeared)
-    elif head and repo.index.exists():  # the index started from the user's HEAD, just above
-        _take_up_new_repositories(repo, layout, repo.reader, f"{head}^{{tree}}", env, index_file,
-                                  cache, None)
-    unreadable: dict[str, str] = {}
-
-    def stalled() -> bool:
-        # git add blocks for good on a FIFO posing as a nested repository's HEAD: found by a
-        # walk after a second, not after the door's whole timeout (a SIGTERM's final save
-        # must not wait for it).
-        unreadable.update((path, why) for path, why in
-                          _unreadable_repositories(repo.workspace).items()
-                          if path not in cache.refused)
-        return bool(unreadable)
-
-    try:
-        cache.left_out = _add_all(git, env, refused=frozenset(cache.refused), stalled=stalled)
-    except GitError:  # a timeout, or stopped as stalled
-        if not unreadable:
-            stalled()
-        if not unreadable:
-            raise
+    if saved and lister:  # the last snapshot's tree, or the user's HEAD's the index started from
+        taken_up = _take_up_new_repositories(repo, layout, lister, saved, env, index_file, cache,
+                                             appeared if prev_tree else None)
+    lifted = _lift_gitlinks(repo, env, prev_tree, cache)
+    if cache.refused:
+        cache.refused = _still_refused(repo.workspace, cache.refused)
+    stalled = _StallCheck(repo.workspace, cache.refused)
+    for attempt in range(_ADD_ROUNDS):
+        unreadable = stalled.found
+        unreadable.clear()
+        try:
+            cache.left_out = _add_all(git, env, refused=frozenset(cache.refused),
+                                      stalled=stalled)
+            break
+        except GitError:  # a timeout, a failure, or stopped as stalled
+            if not unreadable:  # failed: whatever git may have failed on
+                unreadable.update((path, why) for path, why in
+                                  _unreadable_repositories(repo.workspace)[0].items()
+                                  if path not in cache.refused)
+            if not unreadable or attempt == _ADD_ROUNDS - 1:
+                raise
         cache.refused |= unreadable
         # The failed git's lock on watcherd's private index (nothing else writes it: the
         # caller holds watcherd's lock).
         Path(f"{repo.index}.lock").unlink(missing_ok=True)
         _log.warning("snapshot.nested_refused", paths=sorted(map(ws.printable, unreadable))[:10],
                      reason=ws.printable(next(iter(unreadable.values()))),
-                     note="git failed or blocked on a nested repository that cannot be read "
-                          "inside the workspace (a FIFO, a link or a .git leading outside it); "
-                          "it is left out of every snapshot of this process")
-        cache.left_out = _add_all(git, env, refused=frozenset(cache.refused))
+                     note="git failed or blocked on these nested repositories, which cannot "
+                          "be read inside the workspace (a FIFO, a link or a .git leading "
+                          "outside it): left out of the snapshots until that is no longer so")
+    _put_back(repo, env, lifted, taken_up, saved, lister)
     _user_paths(repo, index_file, cache)
     _keep_user_gitlinks(repo, env, cache)
     if not prev_tree:
@@ -497,6 +502,91 @@ def _worktree_tree(repo: Repo, layout: ws.Layout, prev: str | None, prev_tree: s
     # cache-tree to the index, renamed into place whole: the reader sees the same entries.)
     return _at_once(lambda: git.out("write-tree", "--missing-ok", env=env),
                     lambda: _diff_index(repo.bare, env, prev_tree))
+
+
+def _lift_gitlinks(repo: Repo, env: dict[str, str], prev_tree: str | None,
+                   cache: Cache) -> dict[bytes, bytes]:
+    """Take every gitlink out of the private index (``env``) for the ``git add`` that follows;
+    the gitlinks taken, path: commit (:func:`_put_back` gives back those git does not record
+    again).
+
+    For a gitlink it holds, ``git add`` asks the nested repository whether it is modified by
+    running ``git status`` inside it (git's ``is_submodule_modified``), and that git reads the
+    nested repository's own config and ``.gitattributes``: a clean filter or any other program
+    the agent names there would run as watcherd, a FIFO as its index would block it, a missing
+    object would fail every add. An untracked nested repository is only read as files (its
+    ``HEAD``, by path: :func:`_confirm_reads` checks what git read). The gitlinks are those of
+    the last snapshot's tree when the index is known to hold it (:attr:`Cache.index_tree`),
+    else listed from the index."""
+    if prev_tree and cache.index_tree == prev_tree and cache.gitlinks_tree == prev_tree and \
+            cache.gitlinks is not None:
+        links = {os.fsencode(p): oid.encode() for p, oid in cache.gitlinks.items()}
+    else:
+        out = repo.git.run("ls-files", "-z", "--stage", env=env).stdout
+        links = {path: meta.split()[1] for meta, _, path in
+                 (r.partition(b"\t") for r in out.split(b"\0") if r)
+                 if meta.startswith(b"160000 ")}
+    cache.index_tree = None  # until this snapshot's tree is written from it
+    if links:
+        repo.git.run("update-index", "-z", "--force-remove", "--stdin", env=env,
+                     input=b"".join(p + b"\0" for p in links))
+    return links
+
+
+def _put_back(repo: Repo, env: dict[str, str], lifted: dict[bytes, bytes],
+              taken_up: list[bytes], saved: str | None, lister: Git | None) -> None:
+    """After ``git add``: give each gitlink :func:`_lift_gitlinks` took its commit back where
+    git did not record a gitlink again but the directory still holds a ``.git`` (a repository
+    with no commit now, unreadable to git, left out), dropping whatever git recorded inside it
+    instead, as git itself keeps a gitlink it cannot update; and each directory
+    :func:`_take_up_new_repositories` took up that git recorded nothing at (it changed
+    meanwhile) the files ``saved`` (the tree ``lister`` reads) holds there: what was last saved
+    stays. A path gone, or no longer a directory, is left as git recorded it."""
+    asked = list(lifted) + [d for d in taken_up if d not in lifted]
+    if not asked:
+        return
+    literal = {"GIT_LITERAL_PATHSPECS": "1"}
+    listed = repo.git.run("ls-files", "-z", "--stage", "--", *map(os.fsdecode, asked),
+                          env={**env, **literal}).stdout
+    present = [(meta, path) for meta, _, path in (r.partition(b"\t") for r in listed.split(b"\0")
+                                                    if r)]
+    linked = {path for meta, path in present if meta.startswith(b"160000 ")}
+    inside: dict[bytes, list[bytes]] = {}
+    for _, path in present:
+        at = path.rpartition(b"/")[0]
+        while at and at not in lifted and at not in taken_up:
+            at = at.rpartition(b"/")[0]
+        if at and path != at:
+            inside.setdefault(at, []).append(path)
+    gone = b"0 " + b"0" * len(next(iter(lifted.values()), b"0" * 40)) + b"\t"
+    lines, files = [], []
+    for path in asked:
+        if path in linked or not _is_plain_dir(repo.workspace, path):
+            continue
+        if path in lifted:
+            if path in inside and not os.path.lexists(repo.workspace / os.fsdecode(path) / ".git"):
+                continue  # no repository any more: its files are the tree's now
+            lines += [gone + p + b"\0" for p in inside.get(path, [])]
+            lines.append(b"160000 %s\t%s\0" % (lifted[path], path))
+        elif path not in inside:
+            files.append(path)
+    if files and saved and lister:
+        out = lister.run("ls-tree", "-r", "-z", saved, "--", *map(os.fsdecode, files),
+                         env=literal, check=False).stdout
+        for meta, _, path in (r.partition(b"\t") for r in out.split(b"\0") if r):
+            mode, _, oid = meta.split()
+            lines.append(b"%s %s\t%s\0" % (mode, oid, path))
+    if lines:
+        repo.bare.run("update-index", "-z", "--index-info", env=env, input=b"".join(lines))
+
+
+def _is_plain_dir(root: Path, rel: bytes) -> bool:
+    """Whether ``rel`` under ``root`` is a directory reached without a link."""
+    try:
+        with dirfd.opened(root) as rfd, dirfd.parent(rfd, rel) as where:
+            return where is not None and dirfd.is_dir(*where)
+    except OSError:
+        return False
 
 
 def _confirm_reads(repo: Repo, layout: ws.Layout, base: str | None,
@@ -711,13 +801,18 @@ def _add_all(git: Git, env: dict[str, str], *, attempts: int = 3, report: bool =
     return {}
 
 
-def _unreadable_repositories(root: Path, *, budget: int = 500_000) -> dict[str, str]:
-    """Nested repositories of the work tree under ``root`` (walked through descriptors, no link
-    followed, at most ``budget`` entries) that :func:`workspace.nested_head` cannot read inside
-    the workspace, each with why; ``git add``, reading them by path, blocks on them (a FIFO for
-    ``HEAD``: git opens it to tell a repository), fails on them (a ``HEAD`` linked outside is no
-    repository to git) or reads another repository through them."""
+def _unreadable_repositories(root: Path, *, blocking: bool = False,
+                             budget: int = 500_000) -> tuple[dict[str, str], list[str]]:
+    """What ``git add``, reading the work tree under ``root`` by path, blocks on, fails on or
+    reads another repository through (walked through descriptors, no link followed, at most
+    ``budget`` entries, :data:`_WALK_DEPTH` deep): (nested repositories
+    :func:`workspace.nested_head` cannot read inside the workspace, each with why: a FIFO as
+    its ``HEAD``, ``commondir``, branch or config, which git opens to tell a repository, or a
+    ``HEAD`` linked outside, no repository to git; the ``.gitignore`` files that are FIFOs,
+    which git opens without ``O_NONBLOCK``). ``blocking``: only the repositories git blocks on
+    (a FIFO, a socket, a device), not those it reads another way than watcherd."""
     found: dict[str, str] = {}
+    fifos: list[str] = []
     left = [budget]
 
     def walk(fd: int, at: str, depth: int) -> None:
@@ -726,11 +821,20 @@ def _unreadable_repositories(root: Path, *, budget: int = 500_000) -> dict[str, 
         if at and ".git" in names:
             try:
                 ws.nested_head(root, at.rstrip("/"))
-            except ws.Unsafe as exc:
+            except ws.NotRegular as exc:
                 found[at.rstrip("/")] = str(exc)
+            except ws.Unsafe as exc:
+                if not blocking:
+                    found[at.rstrip("/")] = str(exc)
             return  # git does not look further into a repository
+        if ".gitignore" in names:
+            try:
+                if stat.S_ISFIFO(os.stat(".gitignore", dir_fd=fd, follow_symlinks=False).st_mode):
+                    fifos.append(f"{at}.gitignore")
+            except OSError:
+                pass
         for name in names:
-            if left[0] < 0 or depth > 64:
+            if left[0] < 0 or depth > _WALK_DEPTH:
                 return
             if name != ".git" and dirfd.is_dir(fd, name):
                 try:
@@ -742,10 +846,76 @@ def _unreadable_repositories(root: Path, *, budget: int = 500_000) -> dict[str, 
     root = Path(os.path.realpath(root))
     with dirfd.opened(root) as rfd:
         walk(rfd, "", 0)
-    return found
+    return found, fifos
 
 
-def _drop_now_ignored(git: Git, env: dict[str, str], user_paths: frozenset[bytes]) -> bool:
+def _release(root: Path, fifos: list[str], *, for_s: float = 0.5) -> None:
+    """Let a git blocked opening one of ``fifos`` (FIFOs of the work tree under ``root``, by
+    relative path) go on: each is opened for writing and closed at once, so git's open returns
+    and it reads an empty file. Tried again for ``for_s`` seconds: git meets them one after
+    another. Never followed through a link; nothing is written."""
+    deadline = time.monotonic() + for_s
+    with dirfd.opened(root) as rfd:
+        while time.monotonic() < deadline:
+            for rel in fifos:
+                with dirfd.parent(rfd, os.fsencode(rel)) as where:
+                    if where is None:
+                        continue
+                    try:
+                        fd = os.open(where[1], os.O_WRONLY | os.O_NONBLOCK | os.O_NOFOLLOW |
+                                     os.O_CLOEXEC, dir_fd=where[0])
+                    except OSError:
+                        continue  # ENXIO: nobody reads it now; gone, a link, read-only
+                    os.close(fd)
+            time.sleep(0.01)
+
+
+_WALK_DEPTH = 256  # directories deep that _unreadable_repositories looks (git has no bound)
+_ADD_ROUNDS = 4  # git adds tried in one snapshot, each after leaving out what blocked the last
+
+
+class _StallCheck:
+    """The ``stalled`` check of the gits of one snapshot that walk the work tree
+    (:meth:`Git.run`): after a second, a walk (:func:`_unreadable_repositories`) for what git
+    blocks on for good. A nested repository it cannot read (a FIFO as its ``HEAD``) goes to
+    :attr:`found` and stops git (the caller leaves it out and tries again); a FIFO as a
+    ``.gitignore`` (which git reads even for files it is told to leave out) is let go
+    (:func:`_release`): git reads it as empty. Either way seconds, once, not the door's whole
+    timeout (a SIGTERM's final save must not wait for it)."""
+
+    def __init__(self, root: Path, refused: dict[str, str]) -> None:
+        self.root = root
+        self.refused = refused
+        self.found: dict[str, str] = {}
+
+    def __call__(self) -> bool:
+        repositories, fifos = _unreadable_repositories(self.root, blocking=True)
+        self.found.update((path, why) for path, why in repositories.items()
+                          if path not in self.refused)
+        if self.found:
+            return True
+        if fifos:
+            _release(self.root, fifos)
+        return False
+
+
+def _still_refused(root: Path, refused: dict[str, str]) -> dict[str, str]:
+    """The entries of ``refused`` (nested repositories left out of ``git add``, each with why)
+    that :func:`workspace.nested_head` still cannot read: one fixed since (or gone) is saved
+    again from this snapshot on."""
+    kept = {}
+    for path, why in refused.items():
+        if os.path.lexists(root / path / ".git"):
+            try:
+                ws.nested_head(root, path)
+            except ws.Unsafe:
+                kept[path] = why
+    return kept
+
+
+def _drop_now_ignored(git: Git, env: dict[str, str], user_paths: frozenset[bytes],
+                      refused: dict[str, str] | None = None,
+                      stalled: Callable[[], bool] | None = None) -> bool:
     """Take out of the private index what is ignored now and not in the user's index.
 
     ``git add --all`` never drops an entry because a .gitignore matches it now (a tracked file is
@@ -753,8 +923,12 @@ def _drop_now_ignored(git: Git, env: dict[str, str], user_paths: frozenset[bytes
     ``node_modules/`` or ``.env`` snapshotted before its .gitignore line would stay in every
     snapshot for ever, and ignoring a file too large to upload would not make the next bundle
     smaller. A path the user tracks stays (``git add -f``), as in their own ``git status``.
+    ``refused``: nested repositories left out; ``stalled``: as :meth:`Git.run` takes it (a
+    FIFO as a ``.gitignore``: :class:`_StallCheck`).
     """
-    listed = git.run("ls-files", "-z", "--cached", "--ignored", "--exclude-standard", env=env).stdout
+    specs = [".", *(f":(exclude,literal){p}" for p in sorted(refused or ()))]
+    listed = git.run("ls-files", "-z", "--cached", "--ignored", "--exclude-standard", "--",
+                     *specs, env=env, stalled=stalled).stdout
     gone = [p for p in listed.split(b"\0") if p and p not in user_paths]
     if not gone:
         return False
@@ -957,7 +1131,7 @@ def _drop_gone_repositories(repo: Repo, prev_tree: str, env: dict[str, str],
 
 def _take_up_new_repositories(repo: Repo, layout: ws.Layout, lister: Git, saved: str,
                               env: dict[str, str], index_file: Path | None, cache: Cache,
-                              appeared: set[str] | None) -> None:
+                              appeared: set[str] | None) -> list[bytes]:
     """Take out of the private index (``env``) the files of every directory ``saved`` (a tree
     ``lister`` reads: the last snapshot's, or the user's HEAD's the first index started from)
     holds as files that is a repository with a commit now (``git init`` and a commit in it, a
@@ -972,8 +1146,13 @@ def _take_up_new_repositories(repo: Repo, layout: ws.Layout, lister: Git, saved:
     saved as those files, as the user's ``git status`` shows them; its history cannot be, and
     it goes to ``cache.tracked_inside`` (warned about, shown in ``status``, looked at again at
     every snapshot). ``appeared``: the only directories looked at besides those (None: all of
-    ``saved``'s; a full look costs a ``git ls-tree`` and an ``lstat`` per directory).
+    ``saved``'s; a full look costs a ``git ls-tree`` and an ``lstat`` per directory). Never more
+    than :func:`_save_nested` can save (:data:`state.MAX_NESTED`, ``MAX_NESTED_DEPTH``): what it
+    would refuse keeps its files. The directories taken up.
     """
+    if cache.depth >= state.MAX_NESTED_DEPTH:  # its gitlinks would not be saved
+        cache.tracked_inside = {}
+        return []
     root = repo.workspace
     check = lister is repo.bare  # the user's HEAD may name objects the workspace lacks
     if appeared is None:
@@ -983,6 +1162,9 @@ def _take_up_new_repositories(repo: Repo, layout: ws.Layout, lister: Git, saved:
     else:
         dirs = sorted({os.fsencode(p) for p in appeared | cache.tracked_inside.keys()})
     seen = [d for d in dirs if os.path.lexists(root / os.fsdecode(d) / ".git")]
+    # What _save_nested can still save in this snapshot: those of this level already gitlinks,
+    # and those nested levels took, come first.
+    room = state.MAX_NESTED - cache.nested_taken[0] - len(cache.gitlinks or {})
     literal = {"GIT_LITERAL_PATHSPECS": "1"}
     if seen and appeared is not None:  # a watcher's hint: only what was saved as a directory
         listed = lister.run("ls-tree", "-d", "-z", saved, "--", *map(os.fsdecode, seen),
@@ -1013,9 +1195,9 @@ def _take_up_new_repositories(repo: Repo, layout: ws.Layout, lister: Git, saved:
                         "workspace's files, its history, branches and stash are not (`git rm -r "
                         f"--cached {ws.printable(os.fsdecode(d))}` makes it a nested repository)"
         for d in sorted(tracked)}
-    found = [d for d in found if d not in tracked]
+    found = [d for d in found if d not in tracked][:max(0, room)]
     if not found:
-        return
+        return []
     files = repo.git.run("ls-files", "-z", "--cached", "--", *map(os.fsdecode, found),
                          env={**env, **literal}).stdout
     repo.git.run("update-index", "-z", "--force-remove", "--stdin", env=env, input=files)
@@ -1023,6 +1205,7 @@ def _take_up_new_repositories(repo: Repo, layout: ws.Layout, lister: Git, saved:
               count=len(found),
               note="a directory saved as files is a git repository now: saved as a nested "
                    "repository, with its history, from this snapshot on")
+    return found
 
 
 class _NotARepository(Exception):

@@ -54,6 +54,11 @@ class Unsafe(Exception):
     too large. The message names it."""
 
 
+class NotRegular(Unsafe):
+    """An :class:`Unsafe` file that is no regular file (a FIFO, a socket, a device): git, which
+    opens it by path without ``O_NONBLOCK``, blocks on it."""
+
+
 @dataclass(frozen=True)
 class Layout:
     """Where a workspace's git directory is, resolved and checked.
@@ -64,6 +69,7 @@ class Layout:
     ``internal`` lists git directories inside the work tree under another name than ``.git``
     (a ``gitdir:`` file pointing at ``.repo/``): a snapshot must leave them out. ``boundary``:
     the workspace a nested repository is in (nothing of it is read outside that), else None.
+    ``blocks``: the problem is a file git would block on (:class:`NotRegular`).
     """
 
     root: Path
@@ -72,6 +78,7 @@ class Layout:
     problem: str | None = None
     internal: tuple[str, ...] = ()
     boundary: Path | None = None
+    blocks: bool = False
 
     @property
     def is_repository(self) -> bool:
@@ -180,7 +187,8 @@ def locate(root: Path, *, boundary: Path | None = None) -> Layout:
             raise Unsafe(f"{common_dir} does not look like a git directory (no objects/, no HEAD)")
     except (Unsafe, UnicodeDecodeError) as exc:
         return Layout(root, problem=str(exc) if isinstance(exc, Unsafe)
-                      else f"{dotgit} is not UTF-8 text", boundary=outer)
+                      else f"{dotgit} is not UTF-8 text", boundary=outer,
+                      blocks=isinstance(exc, NotRegular))
     internal = tuple(sorted({_rel(root, d) for d in (git_dir, common_dir)
                              if _under(d, root) and d != dotgit and not _under(d, dotgit)}))
     return Layout(root, git_dir, common_dir, None, internal, outer)
@@ -201,9 +209,9 @@ def nested_head(root: Path, rel: str) -> str | None:
     ``HEAD``, the branch's loose ref or ``packed-refs``, never followed out of ``root``.
 
     None when ``rel`` holds no repository now (no ``.git``, no ``HEAD``), or its branch is
-    unborn or missing. Raises
-    :class:`Unsafe` when a part cannot be read safely (reached through a link, outside ``root``,
-    not a regular file, too large, not a ref).
+    unborn or missing. Raises :class:`NotRegular` when a part git reads (its config too) is no
+    regular file, :class:`Unsafe` when a part cannot be read safely otherwise (reached through a
+    link, outside ``root``, too large, not a ref).
     """
     path = root / rel
     if Path(os.path.realpath(path)) != path:
@@ -213,10 +221,15 @@ def nested_head(root: Path, rel: str) -> str | None:
     except WorkspaceError:
         return None  # gone meanwhile
     if layout.problem:
-        raise Unsafe(layout.problem)
+        raise (NotRegular if layout.blocks else Unsafe)(layout.problem)
     if layout.git_dir is None or layout.common_dir is None:
         return None
-    config = _optional(root, layout.common_dir / "config", MAX_CONFIG, []) or b""
+    try:
+        config = read_file(root, layout.common_dir / "config", MAX_CONFIG)
+    except NotRegular:
+        raise  # git reads it too, and blocks on it
+    except (FileNotFoundError, Unsafe):
+        config = b""
     oid = _OID[_object_format(config)]
     head_text = _small(root, layout.git_dir / "HEAD", required=False)
     if head_text is None:
@@ -333,7 +346,7 @@ def read_file(root: Path, path: Path, limit: int, *, bound: str | None = None) -
     with _open_nofollow(root, resolved) as fd:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
-            raise Unsafe(f"{path} is not a regular file")
+            raise NotRegular(f"{path} is not a regular file")
         if st.st_size > limit:
             raise Unsafe(f"{path} is {st.st_size} bytes, above "
                          f"{bound or f'the {limit} bytes watcherd reads'}")
