@@ -159,6 +159,22 @@ def test_sigterm_saves_the_last_edit_in_time_while_a_new_nested_repository_holds
     assert d.show("src/app.py", d.manifest()["snapshot"]) == "print('the last edit')"
 
 
+def test_sigterm_saves_the_last_edit_in_time_while_a_gitignore_is_a_fifo(watcherd):
+    """A FIFO as a .gitignore blocks git add, git ls-files and the watcher's git check-ignore
+    for good: the final save lets git's open go on, and the daemon exits within
+    shutdown_timeout with the edit made just before SIGTERM saved."""
+    d = watcherd(watch={"shutdown_timeout": "5s"}).start()
+    d.settle()
+    (d.workspace / "sub").mkdir()
+    os.mkfifo(d.workspace / "sub" / ".gitignore")
+    (d.workspace / "last.txt").write_text("the last edit\n")
+    t0 = time.monotonic()
+    d.signal(signal.SIGTERM)
+    assert d.wait_exit(timeout=5 + 3) == 0
+    assert time.monotonic() - t0 < 5 + 2
+    assert d.show("last.txt", d.manifest()["snapshot"]) == "the last edit"
+
+
 @pytest.fixture
 def shared_tmp():
     """A temporary directory other uids may enter (pytest's own tmp_path is root's alone)."""

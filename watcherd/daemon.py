@@ -433,7 +433,10 @@ class Daemon:
             await anyio.wait_readable(watcher.fileno())
             async with self._watch_lock:
                 try:
-                    batch = await anyio.to_thread.run_sync(watcher.read)
+                    # Abandoned, not awaited, when the daemon ends: a read can wait on git's
+                    # check-ignore (10 s per question where the agent made a .gitignore a FIFO),
+                    # and the exit shutdown_timeout promised must not.
+                    batch = await anyio.to_thread.run_sync(watcher.read, abandon_on_cancel=True)
                 except (OSError, WorkspaceError):
                     self._check_workspace()  # a vanished workspace explains it in one line
                     raise
