@@ -279,7 +279,9 @@ def compile_bytecode() -> None:
     """Compile watcherd's modules as installing it does (pip compiles every module at install
     time; an image built from the Containerfile holds the bytecode), so that READY measures a
     deployed start. An editable install run under ``PYTHONDONTWRITEBYTECODE=1`` would compile
-    all of watcherd at every start: about 100 ms more on this machine."""
+    all of watcherd at every start: about 100 ms more on this machine (`python -c 'import
+    watcherd.cli, watcherd.daemon'`, median of 9, interleaved: 290 ms without watcherd's
+    bytecode, 190 ms with it; 2026-12-02)."""
     subprocess.run([PY, "-m", "compileall", "-q", str(REPO / "watcherd")], check=True)
 
 
