@@ -84,7 +84,11 @@ class RollbackModel(WorkspaceModel):
     def _roll(self, target: rollback.Target, expected: dict) -> None:
         leave_out = ignored(self.ws)
         before = recorded_state(self.ws)
-        if before["nested"] is not None or expected["nested"] is not None:
+        # A repository nested in the workspace, or a submodule the index keeps without its
+        # .git (a gitlink hiding the directory's files), is left as it is by a rollback.
+        gitlink = any(line.startswith("160000 ") and line.endswith(f"\t{NESTED}")
+                      for line in before["index"].splitlines())
+        if before["nested"] is not None or expected["nested"] is not None or gitlink:
             leave_out.add(f"{NESTED}/")
         with self.repo.lock():
             came_from = rollback.apply(self.repo, target, cache=self.cache)
