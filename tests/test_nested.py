@@ -749,3 +749,82 @@ def test_a_repository_that_loses_its_commit_after_it_is_taken_up_keeps_the_files
         shown = git(ws.parent, f"--git-dir={state_repo(ws, KEY).git_dir}", "show",
                     f"{snap.snapshot_head}:proj/a.txt")
         assert shown == "a"
+
+
+def test_a_directory_holding_a_saved_nested_repository_taken_up_keeps_everything(tmp_path):
+    """d/ is saved as files and holds a saved nested repository d/e; git init and a commit in d
+    make d a repository holding e: d is saved as one, and e's gitlink is not given back inside
+    it (e is d's own nested repository now): nothing of either is lost."""
+    ws = make_repo(tmp_path / "ws")
+    d = ws / "d"
+    d.mkdir()
+    (d / "a.txt").write_text("d's own\n")
+    make_repo(d / "e", "e's file\n")
+    store = tmp_path / "store"
+    cache = snapshot.Cache()
+    save(ws, store, cache)
+    git(d, "init", "-q")
+    git(d, "add", "-A")
+    git(d, "commit", "-qm", "d has a history now")
+    (ws / "later.txt").write_text("later\n")
+
+    snap = save(ws, store, cache)
+
+    assert tree_entry(ws, snap.snapshot_head, "d") == f"160000 commit {git(d, 'rev-parse', 'HEAD')}"
+    target = tmp_path / "restored" / "ws"
+    target.parent.mkdir()
+    restore_into(target, store)
+    assert (target / "d" / "a.txt").read_text() == "d's own\n"
+    assert (target / "d" / "e" / "readme.md").read_text() == "e's file\n"
+    assert (target / "later.txt").exists()
+
+
+def test_gitlinks_survive_a_snapshot_whose_add_failed(tmp_path, monkeypatch):
+    """The gitlinks are out of the private index while git adds: when the add fails, they are
+    given back all the same, so a nested repository git cannot record at the next snapshot
+    (on an unborn branch) keeps its last gitlink, and is saved."""
+    ws = make_repo(tmp_path / "ws")
+    nested = make_repo(ws / "proj")
+    cache = snapshot.Cache()
+    first = take(ws, cache)
+
+    def failing(*args, **kwargs):
+        raise snapshot.GitError("git add failed (a full disk)")
+
+    monkeypatch.setattr(snapshot, "_add_all", failing)
+    with pytest.raises(snapshot.GitError):
+        take(ws, cache)
+    monkeypatch.undo()
+    git(nested, "checkout", "-q", "--orphan", "unborn")
+    (ws / "later.txt").write_text("later\n")
+
+    snap = take(ws, cache)
+
+    assert tree_entry(ws, snap.commit, "proj") == tree_entry(ws, first.commit, "proj")
+    assert "proj" in state.load(state_repo(ws, KEY).bare, snap.commit).nested
+
+
+@pytest.mark.parametrize("dead", ["dangling-gitfile", "empty-dir", "junk-file"])
+def test_a_nested_repository_whose_git_is_no_repository_any_more_is_saved_as_files(
+        tmp_path, dead):
+    """Its .git stays but is no repository to git (a submodule's gitfile whose directory went,
+    an emptied .git, a junk file): git sees its files as the workspace's, and so do the
+    snapshots: later edits in it are saved."""
+    ws = make_repo(tmp_path / "ws")
+    nested = make_repo(ws / "proj")
+    cache = snapshot.Cache()
+    take(ws, cache)
+    subprocess.run(["rm", "-rf", str(nested / ".git")], check=True)
+    if dead == "dangling-gitfile":
+        (nested / ".git").write_text("gitdir: ../.git/modules/gone\n")
+    elif dead == "empty-dir":
+        (nested / ".git").mkdir()
+    else:
+        (nested / ".git").write_text("not a repository\n")
+    (nested / "readme.md").write_text("edited later\n")
+
+    snap = take(ws, cache)
+
+    shown = git(ws.parent, f"--git-dir={state_repo(ws, KEY).git_dir}", "show",
+                f"{snap.commit}:proj/readme.md")
+    assert shown == "edited later"

@@ -836,7 +836,8 @@ def test_a_link_inside_a_nested_git_directory_never_puts_anothers_commit_in_a_sn
     ``packed-refs``, ``commondir`` or HEAD lead to another sandbox's repository: git, reading
     the HEAD by path to record the gitlink, would record that repository's commit. The gitlink
     is checked against the HEAD read through descriptors inside the workspace: refused (named
-    in the log), the other commit's id in no snapshot, the rest saved."""
+    in the log), the other commit's id in no snapshot, the rest saved. (A HEAD linked to
+    another HEAD file is no repository to git at all: its files are saved as files.)"""
     other = make_repo(tmp_path / "other", "another sandbox\n")
     theirs = git(other, "rev-parse", "HEAD")
     ws = make_repo(tmp_path / "ws")
@@ -852,13 +853,13 @@ def test_a_link_inside_a_nested_git_directory_never_puts_anothers_commit_in_a_sn
     assert "edit.txt" in files_of(ws, snap.commit)
     listing = sgit(ws, "ls-tree", "-r", snap.commit, key=KEY)
     assert theirs not in listing
-    assert f"160000 commit {mine}\tvendor" in listing  # the last checked commit stays
-    # Named: refused where git read the other HEAD; where git saw no repository at all, its
-    # snapshot says its git state cannot be read.
-    named = [e for e in logs if e["event"] in ("snapshot.nested_refused",
-                                               "snapshot.state_not_recorded")]
-    assert named and ("vendor" in named[0].get("paths", []) or
-                      "vendor/.git" in named[0].get("reason", ""))
+    if part == "HEAD":
+        # A HEAD linked elsewhere makes it no repository to git: its files, as git sees them.
+        assert "vendor/readme.md" in listing
+    else:
+        assert f"160000 commit {mine}\tvendor" in listing  # the last checked commit stays
+        refused = [e for e in logs if e["event"] == "snapshot.nested_refused"]
+        assert refused and refused[0]["paths"] == ["vendor"]
     assert not [e for e in logs if theirs in str(e)]
 
 
@@ -1387,11 +1388,13 @@ def test_a_broken_nested_repository_never_stops_or_slows_the_rest(tmp_path, dama
 
 
 @pytest.mark.parametrize("tracked", [True, False])
-def test_a_fifo_gitignore_costs_a_second_and_reads_as_empty(tmp_path, tracked):
-    """git opens every .gitignore it meets without O_NONBLOCK, even in a directory it is told
-    to leave out whose files its index holds: a FIFO there would block the add until its
-    timeout. watcherd lets git's open go on (it reads an empty file) within seconds, and
-    everything is saved, the directory's files too."""
+@pytest.mark.parametrize("name", [".gitignore", ".gitattributes", "fake-git"])
+def test_a_fifo_git_reads_costs_a_second_and_reads_as_empty(tmp_path, tracked, name):
+    """git opens every .gitignore and .gitattributes it meets without O_NONBLOCK, even in a
+    directory it is told to leave out whose files its index holds: a FIFO there would block the
+    add until its timeout. watcherd lets git's open go on (it reads an empty file) within
+    seconds, and everything is saved, the directory's files too; also below a .git that is no
+    repository (git walks on past it, and so does watcherd's look)."""
     import time
 
     ws = make_repo(tmp_path / "ws")
@@ -1402,9 +1405,12 @@ def test_a_fifo_gitignore_costs_a_second_and_reads_as_empty(tmp_path, tracked):
     cache = snapshot.Cache()
     if tracked:
         snapshot.take(repo, "shadow", cache)
-    os.mkfifo(ws / "sub" / ".gitignore")
+    fifo = ".gitignore" if name == "fake-git" else name
+    if name == "fake-git":
+        (ws / "sub" / ".git").mkdir()  # an empty .git: no repository to git
+    os.mkfifo(ws / "sub" / fifo)
     (ws / "sub" / "deeper").mkdir()
-    os.mkfifo(ws / "sub" / "deeper" / ".gitignore")  # met one after the other
+    os.mkfifo(ws / "sub" / "deeper" / fifo)  # met one after the other
     (ws / "sub" / "kept.txt").write_text("two\n")
     (ws / "edit.txt").write_text("saved\n")
     started = time.monotonic()
@@ -1441,3 +1447,41 @@ def test_a_slow_add_never_leaves_out_what_does_not_block_it(tmp_path, monkeypatc
 
     assert cache.refused == {}
     assert sgit(ws, "show", f"{snap.commit}:src/app.py", key=KEY) == "two"
+
+
+def test_a_fifo_gitmodules_beside_a_nested_repository_costs_a_second(tmp_path):
+    """git reads the top .gitmodules when it meets a nested repository it cannot read as one
+    (an unknown extension): a FIFO there is let go like a .gitignore."""
+    import time
+
+    ws = make_repo(tmp_path / "ws")
+    nested = make_repo(ws / "lib")
+    git(nested, "config", "core.repositoryformatversion", "1")
+    git(nested, "config", "extensions.unknownToGit", "true")
+    os.mkfifo(ws / ".gitmodules")
+    (ws / "edit.txt").write_text("saved\n")
+    started = time.monotonic()
+
+    snap = take(ws)
+
+    assert time.monotonic() - started < 10
+    assert "edit.txt" in files_of(ws, snap.commit)
+
+
+def test_a_broken_gitmodules_beside_a_repository_git_cannot_open_never_fails_the_saves(tmp_path):
+    """git falls back to the workspace's .gitmodules for a nested repository it cannot open (a
+    format or extension it does not know), and dies on a .gitmodules it cannot parse: that
+    repository is left out (named), and every save goes on."""
+    ws = make_repo(tmp_path / "ws")
+    nested = make_repo(ws / "proj")
+    git(nested, "config", "core.repositoryformatversion", "1")
+    git(nested, "config", "extensions.agentWasHere", "true")
+    (ws / ".gitmodules").write_text("[[[\n")
+    repo = state_repo(ws, KEY)
+    snapshot.prepare(repo)
+    cache = snapshot.Cache()
+    for n in range(3):
+        (ws / "edit.txt").write_text(f"edit {n}\n")
+        snap = snapshot.take(repo, "shadow", cache)
+        assert sgit(ws, "show", f"{snap.commit}:edit.txt", key=KEY) == f"edit {n}"
+    assert "git cannot open a repository of extension agentwashere" in cache.not_saved()["proj"]

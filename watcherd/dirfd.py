@@ -14,7 +14,8 @@ import errno
 import os
 import shutil
 import stat
-from collections.abc import Iterator
+import time
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -288,3 +289,29 @@ def beneath(root_fd: int, rel: bytes) -> Iterator[int | None]:
     missing, a link or not a directory."""
     with parent(root_fd, rel + b"-") as found:
         yield None if found is None else found[0]
+
+
+def release_fifos(root: Path, fifos: Iterable[str], *, for_s: float = 0.5) -> None:
+    """Let a reader blocked opening one of ``fifos`` (FIFOs under ``root``, by relative path: a
+    git opening a ``.gitignore`` the agent made a FIFO) go on: each is opened for writing and
+    closed at once, so the reader's open returns and it reads an empty file. Tried again for
+    ``for_s`` seconds: a reader meets them one after another. Every directory on the way is
+    opened without following links; nothing is ever written, and one that cannot be opened for
+    writing (nobody reads it now, gone, a link, read-only, not ours) is passed over."""
+    fifos = list(fifos)
+    deadline = time.monotonic() + for_s
+    with opened(root) as rfd:
+        while True:
+            for rel in fifos:
+                with parent(rfd, os.fsencode(rel)) as where:
+                    if where is None:
+                        continue
+                    try:
+                        fd = os.open(where[1], os.O_WRONLY | os.O_NONBLOCK | os.O_NOFOLLOW |
+                                     os.O_CLOEXEC, dir_fd=where[0])
+                    except OSError:
+                        continue  # ENXIO: nobody reads it now
+                    os.close(fd)
+            if time.monotonic() >= deadline:
+                return
+            time.sleep(0.01)

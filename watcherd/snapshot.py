@@ -30,7 +30,7 @@ import stat
 import threading
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import nullcontext, suppress
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -86,6 +86,9 @@ class Cache:
     # Nested repositories taken so far in this snapshot, at every depth: one count, shared with
     # every nested repository's cache (MAX_NESTED bounds the workspace, not each level).
     nested_taken: list[int] = field(default_factory=lambda: [0])
+    # Nested repositories the last snapshot found in the whole workspace (gitlinks at every
+    # level), counted when a snapshot starts: shared the same way.
+    nested_known: list[int] = field(default_factory=lambda: [0])
     # Bytes of indexes read so far in this snapshot, the workspace's and every nested one's: one
     # count, shared the same way (ws.MAX_INDEX bounds them all together).
     index_read: list[int] = field(default_factory=lambda: [0])
@@ -133,6 +136,10 @@ class Cache:
         with self._appeared_lock:
             found, self.appeared = self.appeared, set() if self.watched else None
         return found
+
+    def gitlink_count(self) -> int:
+        """The gitlinks of this repository's last tree and of every nested one's, in all."""
+        return len(self.gitlinks or {}) + sum(sub.gitlink_count() for _, sub in self.subs.values())
 
     def not_saved(self) -> dict[str, str]:
         """Every nested repository, at any depth, that the last snapshot could not save: its
@@ -227,6 +234,7 @@ def take_locked(repo: Repo, mode: str = "shadow", cache: Cache | None = None) ->
     """:func:`take` for a caller that holds :meth:`Repo.lock` already (a rollback)."""
     cache = cache if cache is not None else Cache()
     cache.nested_taken[0] = 0
+    cache.nested_known[0] = cache.gitlink_count()
     cache.index_read[0] = 0
     started = time.monotonic()
     _log.debug("snapshot.started", mode=mode)  # a trace of the save's steps, for post-mortems
@@ -467,6 +475,34 @@ def _worktree_tree(repo: Repo, layout: ws.Layout, prev: str | None, prev_tree: s
     lifted = _lift_gitlinks(repo, env, prev_tree, cache)
     if cache.refused:
         cache.refused = _still_refused(repo.workspace, cache.refused)
+    try:
+        _add_rounds(repo, env, cache)
+    except BaseException:
+        # What git did not record is given back all the same: the next snapshot lists the
+        # gitlinks from this index. A killed git's lock on it goes first (nothing else writes
+        # it: the caller holds watcherd's lock).
+        Path(f"{repo.index}.lock").unlink(missing_ok=True)
+        with suppress(GitError, OSError):
+            _put_back(repo, env, lifted, taken_up, saved, lister)
+        raise
+    _put_back(repo, env, lifted, taken_up, saved, lister)
+    _user_paths(repo, index_file, cache)
+    _keep_user_gitlinks(repo, env, cache)
+    if not prev_tree:
+        return git.out("write-tree", "--missing-ok", env=env), None
+    # The tree and what changed since the previous one are two questions about the same index,
+    # asked at once: starting a git is most of what each costs on a small change, and with two
+    # of them running the second one's start overlaps the first's. (write-tree only adds the
+    # cache-tree to the index, renamed into place whole: the reader sees the same entries.)
+    return _at_once(lambda: git.out("write-tree", "--missing-ok", env=env),
+                    lambda: _diff_index(repo.bare, env, prev_tree))
+
+
+def _add_rounds(repo: Repo, env: dict[str, str], cache: Cache) -> None:
+    """``git add --all`` into the private index (``env``), again without what blocked or failed
+    it (left out in ``cache.refused``, said once), at most :data:`_ADD_ROUNDS` times. Raises
+    :class:`GitError` when the last round fails too, or when nothing explains a failure."""
+    git = repo.git
     stalled = _StallCheck(repo.workspace, cache.refused)
     for attempt in range(_ADD_ROUNDS):
         unreadable = stalled.found
@@ -491,17 +527,6 @@ def _worktree_tree(repo: Repo, layout: ws.Layout, prev: str | None, prev_tree: s
                      note="git failed or blocked on these nested repositories, which cannot "
                           "be read inside the workspace (a FIFO, a link or a .git leading "
                           "outside it): left out of the snapshots until that is no longer so")
-    _put_back(repo, env, lifted, taken_up, saved, lister)
-    _user_paths(repo, index_file, cache)
-    _keep_user_gitlinks(repo, env, cache)
-    if not prev_tree:
-        return git.out("write-tree", "--missing-ok", env=env), None
-    # The tree and what changed since the previous one are two questions about the same index,
-    # asked at once: starting a git is most of what each costs on a small change, and with two
-    # of them running the second one's start overlaps the first's. (write-tree only adds the
-    # cache-tree to the index, renamed into place whole: the reader sees the same entries.)
-    return _at_once(lambda: git.out("write-tree", "--missing-ok", env=env),
-                    lambda: _diff_index(repo.bare, env, prev_tree))
 
 
 def _lift_gitlinks(repo: Repo, env: dict[str, str], prev_tree: str | None,
@@ -535,40 +560,36 @@ def _lift_gitlinks(repo: Repo, env: dict[str, str], prev_tree: str | None,
 
 def _put_back(repo: Repo, env: dict[str, str], lifted: dict[bytes, bytes],
               taken_up: list[bytes], saved: str | None, lister: Git | None) -> None:
-    """After ``git add``: give each gitlink :func:`_lift_gitlinks` took its commit back where
-    git did not record a gitlink again but the directory still holds a ``.git`` (a repository
-    with no commit now, unreadable to git, left out), dropping whatever git recorded inside it
-    instead, as git itself keeps a gitlink it cannot update; and each directory
-    :func:`_take_up_new_repositories` took up that git recorded nothing at (it changed
-    meanwhile) the files ``saved`` (the tree ``lister`` reads) holds there: what was last saved
-    stays. A path gone, or no longer a directory, is left as git recorded it."""
+    """After ``git add``: give each gitlink :func:`_lift_gitlinks` took its commit back where git
+    recorded nothing at or under its directory, still a directory (a repository with no commit
+    now, left out, unreadable to git, empty), as git itself keeps a gitlink it cannot update;
+    and each directory :func:`_take_up_new_repositories` took up that git recorded nothing at
+    (it changed meanwhile) the files ``saved`` (the tree ``lister`` reads) holds there: what was
+    last saved stays. What git recorded stays as it is: files where git saw no repository any
+    more (its ``.git`` gone or no repository), a gitlink where it saw one, nothing at a path
+    gone or no longer a directory, and nothing of a repository inside one git now records as a
+    gitlink (a directory taken up)."""
     asked = list(lifted) + [d for d in taken_up if d not in lifted]
     if not asked:
         return
     literal = {"GIT_LITERAL_PATHSPECS": "1"}
-    listed = repo.git.run("ls-files", "-z", "--stage", "--", *map(os.fsdecode, asked),
+    listed = repo.git.run("ls-files", "-z", "--cached", "--", *map(os.fsdecode, asked),
                           env={**env, **literal}).stdout
-    present = [(meta, path) for meta, _, path in (r.partition(b"\t") for r in listed.split(b"\0")
-                                                    if r)]
-    linked = {path for meta, path in present if meta.startswith(b"160000 ")}
-    inside: dict[bytes, list[bytes]] = {}
-    for _, path in present:
-        at = path.rpartition(b"/")[0]
-        while at and at not in lifted and at not in taken_up:
-            at = at.rpartition(b"/")[0]
-        if at and path != at:
-            inside.setdefault(at, []).append(path)
-    gone = b"0 " + b"0" * len(next(iter(lifted.values()), b"0" * 40)) + b"\t"
+    held = set()
+    for path in listed.split(b"\0"):
+        while path:
+            held.add(path)
+            path = path.rpartition(b"/")[0]
+    recorded = set(asked) & held
     lines, files = [], []
     for path in asked:
-        if path in linked or not _is_plain_dir(repo.workspace, path):
+        if path in recorded or not _is_plain_dir(repo.workspace, path):
             continue
+        if any(path.startswith(d + b"/") for d in recorded):
+            continue  # inside a repository git records now: that repository's own
         if path in lifted:
-            if path in inside and not os.path.lexists(repo.workspace / os.fsdecode(path) / ".git"):
-                continue  # no repository any more: its files are the tree's now
-            lines += [gone + p + b"\0" for p in inside.get(path, [])]
             lines.append(b"160000 %s\t%s\0" % (lifted[path], path))
-        elif path not in inside:
+        else:
             files.append(path)
     if files and saved and lister:
         out = lister.run("ls-tree", "-r", "-z", saved, "--", *map(os.fsdecode, files),
@@ -808,8 +829,9 @@ def _unreadable_repositories(root: Path, *, blocking: bool = False,
     ``budget`` entries, :data:`_WALK_DEPTH` deep): (nested repositories
     :func:`workspace.nested_head` cannot read inside the workspace, each with why: a FIFO as
     its ``HEAD``, ``commondir``, branch or config, which git opens to tell a repository, or a
-    ``HEAD`` linked outside, no repository to git; the ``.gitignore`` files that are FIFOs,
-    which git opens without ``O_NONBLOCK``). ``blocking``: only the repositories git blocks on
+    ``HEAD`` linked outside, no repository to git; the files of :data:`_READ_BY_GIT` that are
+    FIFOs, which git opens without ``O_NONBLOCK``). A ``.git`` that is no repository to
+    watcherd is walked past, as git walks past one that is none to it. ``blocking``: only the repositories git blocks on
     (a FIFO, a socket, a device), not those it reads another way than watcherd."""
     found: dict[str, str] = {}
     fifos: list[str] = []
@@ -821,18 +843,21 @@ def _unreadable_repositories(root: Path, *, blocking: bool = False,
         if at and ".git" in names:
             try:
                 ws.nested_head(root, at.rstrip("/"))
+                return  # git does not look further into a repository
             except ws.NotRegular as exc:
                 found[at.rstrip("/")] = str(exc)
+                return
             except ws.Unsafe as exc:
                 if not blocking:
                     found[at.rstrip("/")] = str(exc)
-            return  # git does not look further into a repository
-        if ".gitignore" in names:
-            try:
-                if stat.S_ISFIFO(os.stat(".gitignore", dir_fd=fd, follow_symlinks=False).st_mode):
-                    fifos.append(f"{at}.gitignore")
-            except OSError:
-                pass
+                # Maybe no repository to git either (an empty .git, a junk file): it walks on.
+        for name in _READ_BY_GIT:
+            if name in names:
+                try:
+                    if stat.S_ISFIFO(os.stat(name, dir_fd=fd, follow_symlinks=False).st_mode):
+                        fifos.append(f"{at}{name}")
+                except OSError:
+                    pass
         for name in names:
             if left[0] < 0 or depth > _WALK_DEPTH:
                 return
@@ -849,28 +874,10 @@ def _unreadable_repositories(root: Path, *, blocking: bool = False,
     return found, fifos
 
 
-def _release(root: Path, fifos: list[str], *, for_s: float = 0.5) -> None:
-    """Let a git blocked opening one of ``fifos`` (FIFOs of the work tree under ``root``, by
-    relative path) go on: each is opened for writing and closed at once, so git's open returns
-    and it reads an empty file. Tried again for ``for_s`` seconds: git meets them one after
-    another. Never followed through a link; nothing is written."""
-    deadline = time.monotonic() + for_s
-    with dirfd.opened(root) as rfd:
-        while time.monotonic() < deadline:
-            for rel in fifos:
-                with dirfd.parent(rfd, os.fsencode(rel)) as where:
-                    if where is None:
-                        continue
-                    try:
-                        fd = os.open(where[1], os.O_WRONLY | os.O_NONBLOCK | os.O_NOFOLLOW |
-                                     os.O_CLOEXEC, dir_fd=where[0])
-                    except OSError:
-                        continue  # ENXIO: nobody reads it now; gone, a link, read-only
-                    os.close(fd)
-            time.sleep(0.01)
-
-
 _WALK_DEPTH = 256  # directories deep that _unreadable_repositories looks (git has no bound)
+# Files of the work tree git opens by path, without O_NONBLOCK, while it adds: a FIFO there
+# blocks it (.gitmodules: at the top, read when it meets a nested repository).
+_READ_BY_GIT = (".gitignore", ".gitattributes", ".gitmodules")
 _ADD_ROUNDS = 4  # git adds tried in one snapshot, each after leaving out what blocked the last
 
 
@@ -879,8 +886,9 @@ class _StallCheck:
     (:meth:`Git.run`): after a second, a walk (:func:`_unreadable_repositories`) for what git
     blocks on for good. A nested repository it cannot read (a FIFO as its ``HEAD``) goes to
     :attr:`found` and stops git (the caller leaves it out and tries again); a FIFO as a
-    ``.gitignore`` (which git reads even for files it is told to leave out) is let go
-    (:func:`_release`): git reads it as empty. Either way seconds, once, not the door's whole
+    ``.gitignore``, ``.gitattributes`` or ``.gitmodules`` (which git reads even for files it is
+    told to leave out) is let go
+    (:func:`dirfd.release_fifos`): git reads it as empty. Either way seconds, once, not the door's whole
     timeout (a SIGTERM's final save must not wait for it)."""
 
     def __init__(self, root: Path, refused: dict[str, str]) -> None:
@@ -895,7 +903,7 @@ class _StallCheck:
         if self.found:
             return True
         if fifos:
-            _release(self.root, fifos)
+            dirfd.release_fifos(self.root, fifos)
         return False
 
 
@@ -1092,6 +1100,7 @@ def _take_nested(repo: Repo, layout: ws.Layout, path: str, cache: Cache,
         cache.subs[path] = (repo.nested(path), Cache(depth=cache.depth + 1,
                                                      at=f"{cache.at}{path}/",
                                                      nested_taken=cache.nested_taken,
+                                                     nested_known=cache.nested_known,
                                                      index_read=cache.index_read))
     sub, sub_cache = cache.subs[path]
     sub_cache.look_again(appeared is None or any(a == path or a.startswith(f"{path}/")
@@ -1162,9 +1171,9 @@ def _take_up_new_repositories(repo: Repo, layout: ws.Layout, lister: Git, saved:
     else:
         dirs = sorted({os.fsencode(p) for p in appeared | cache.tracked_inside.keys()})
     seen = [d for d in dirs if os.path.lexists(root / os.fsdecode(d) / ".git")]
-    # What _save_nested can still save in this snapshot: those of this level already gitlinks,
-    # and those nested levels took, come first.
-    room = state.MAX_NESTED - cache.nested_taken[0] - len(cache.gitlinks or {})
+    # What _save_nested can still save in this snapshot: the nested repositories the last one
+    # found in the whole workspace come first.
+    room = state.MAX_NESTED - cache.nested_known[0]
     literal = {"GIT_LITERAL_PATHSPECS": "1"}
     if seen and appeared is not None:  # a watcher's hint: only what was saved as a directory
         listed = lister.run("ls-tree", "-d", "-z", saved, "--", *map(os.fsdecode, seen),

@@ -211,7 +211,7 @@ def nested_head(root: Path, rel: str) -> str | None:
     None when ``rel`` holds no repository now (no ``.git``, no ``HEAD``), or its branch is
     unborn or missing. Raises :class:`NotRegular` when a part git reads (its config too) is no
     regular file, :class:`Unsafe` when a part cannot be read safely otherwise (reached through a
-    link, outside ``root``, too large, not a ref).
+    link, outside ``root``, too large, not a ref) or git cannot open it (an unknown format).
     """
     path = root / rel
     if Path(os.path.realpath(path)) != path:
@@ -230,6 +230,10 @@ def nested_head(root: Path, rel: str) -> str | None:
         raise  # git reads it too, and blocks on it
     except (FileNotFoundError, Unsafe):
         config = b""
+    if unknown := _unknown_format(config):
+        # git cannot open it (and then reads the workspace's .gitmodules instead, a failure of
+        # its own there failing the whole add): no repository watcherd records.
+        raise Unsafe(f"{rel}: git cannot open a repository of {unknown}")
     oid = _OID[_object_format(config)]
     head_text = _small(root, layout.git_dir / "HEAD", required=False)
     if head_text is None:
@@ -442,6 +446,35 @@ def _object_format(config: bytes) -> str:
         elif in_extensions and line.replace(" ", "") == "objectformat=sha256":
             return "sha256"
     return "sha1"
+
+
+# The repository extensions git 2.39 reads (Documentation/technical/repository-version.txt;
+# "noop" ones are for tests). A repository of format 1 naming another, or of a later format, is
+# one git refuses to open.
+_KNOWN_EXTENSIONS = frozenset({"noop", "noop-v1", "preciousobjects", "partialclone",
+                               "worktreeconfig", "objectformat"})
+
+
+def _unknown_format(config: bytes) -> str | None:
+    """What in ``config`` (raw bytes) makes git refuse the repository, read as
+    :func:`_object_format` reads it: a ``core.repositoryformatversion`` above 1, or an
+    ``extensions.*`` git does not know in a format-1 repository. None when git opens it."""
+    text = config.decode("utf-8", "replace").lower()
+    section, version, extensions = "", 0, []
+    for line in text.splitlines():
+        line = line.split("#", 1)[0].split(";", 1)[0].strip()
+        if line.startswith("["):
+            section = line.strip("[] ")
+            continue
+        key, _, value = line.replace(" ", "").partition("=")
+        if section == "core" and key == "repositoryformatversion":
+            version = int(value) if value.isdigit() else 99
+        elif section == "extensions" and key:
+            extensions.append(key)
+    if version > 1:
+        return f"repository format {version}"
+    unknown = [e for e in extensions if e not in _KNOWN_EXTENSIONS]
+    return f"extension {unknown[0]}" if version == 1 and unknown else None
 
 
 def _parse_head(text: str, oid: re.Pattern[str]) -> Head:
