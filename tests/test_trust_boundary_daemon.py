@@ -175,6 +175,24 @@ def test_sigterm_saves_the_last_edit_in_time_while_a_gitignore_is_a_fifo(watcher
     assert d.show("last.txt", d.manifest()["snapshot"]) == "the last edit"
 
 
+def test_a_fifo_gitignore_holds_no_change_back_from_the_watcher(watcherd):
+    """The watcher's git check-ignore opens the .gitignore of every directory on the way to a
+    path it is asked about: a FIFO there held it 10 s per path, and no change anywhere was
+    reported meanwhile. It is let go within seconds (and opening it is no change of the
+    rules): an edit elsewhere is saved and uploaded promptly."""
+    d = watcherd().start()
+    d.settle()
+    (d.workspace / "sub").mkdir()
+    os.mkfifo(d.workspace / "sub" / ".gitignore")
+    for i in range(8):
+        (d.workspace / "sub" / f"f{i}.txt").write_text(f"{i}\n")
+    (d.workspace / "important.txt").write_text("the user's edit\n")
+    wait_for(lambda: (m := d.manifest()) and d.shown("important.txt", m["snapshot"]),
+             timeout=12, message="the edit uploaded")
+    assert len(d.log.events("watch.rescan")) < 5
+    assert d.stop() == 0
+
+
 @pytest.fixture
 def shared_tmp():
     """A temporary directory other uids may enter (pytest's own tmp_path is root's alone)."""

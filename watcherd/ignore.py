@@ -30,12 +30,14 @@ from __future__ import annotations
 import os
 import select
 import subprocess
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
 import structlog
 
+from watcherd import dirfd
 from watcherd import workspace as ws
 from watcherd.errors import GitError
 from watcherd.git import Git
@@ -48,6 +50,7 @@ log = structlog.get_logger(__name__)
 _CACHE_LIMIT = 65_536
 # git answers in microseconds; this only guards against a wedged child.
 _ANSWER_TIMEOUT_S = 10.0
+_RELEASE_AFTER_S = 1.0  # no answer this long: a FIFO as a .gitignore may hold git (_release)
 # A process that dies this many times in a row without answering anything is not going to get better
 # by restarting it again (repository gone, git broken): say so instead of forking in a loop.
 _MAX_CONSECUTIVE_DEATHS = 3
@@ -225,11 +228,16 @@ class IgnoreOracle:
         poller.register(in_fd, select.POLLOUT)
         poller.register(out_fd, select.POLLIN)
         poller.register(err_fd, select.POLLIN)
+        progress = time.monotonic()
         while len(answers) < len(paths):
-            ready = poller.poll(_ANSWER_TIMEOUT_S * 1000)
+            ready = poller.poll(_RELEASE_AFTER_S * 1000)
             if not ready:
-                proc.kill()
-                raise _Died(answers, f"no answer within {_ANSWER_TIMEOUT_S:g}s")
+                if time.monotonic() - progress >= _ANSWER_TIMEOUT_S:
+                    proc.kill()
+                    raise _Died(answers, f"no answer within {_ANSWER_TIMEOUT_S:g}s")
+                self._release(paths[len(answers)])
+                continue
+            progress = time.monotonic()
             for fd, ev in ready:
                 if fd == in_fd:
                     if ev & (select.POLLERR | select.POLLHUP):
@@ -257,6 +265,21 @@ class IgnoreOracle:
                     self._buf += data
                     self._parse(paths, answers)
         return answers
+
+    def _release(self, path: bytes) -> None:
+        """git has not answered for a while: it may be blocked opening a ``.gitignore`` on the
+        way to ``path`` (a wire path) that the agent made a FIFO; let it read that as empty
+        (:func:`dirfd.release_fifos`)."""
+        root = self._git.work_tree
+        if root is None:
+            return
+        parts = path.rstrip(b"/").split(b"/")  # a directory's own too: git may look in it
+        ignores = [os.fsdecode(b"/".join(parts[:i] + [b".gitignore"]))
+                   for i in range(len(parts) + 1)]
+        try:
+            dirfd.release_fifos(root, ignores, for_s=0.1)
+        except OSError:
+            pass  # the workspace gone: git's own answer, or none, says the rest
 
     def _parse(self, paths: list[bytes], answers: list[bool]) -> None:
         while len(answers) < len(paths):

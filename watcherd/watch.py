@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 import sys
 import threading
 import time
@@ -439,6 +440,10 @@ class Judge:
                 found.path(d)
             return
         if name == ".gitignore":
+            if _is_fifo(self.root / rel):
+                # No rules to git once let go (dirfd.release_fifos), and opened for that: an
+                # event of watcherd's own, never a change of the rules.
+                return
             found.rules_changed = True
             found.resync["ignore rules changed"] = None
         if is_dir:
@@ -967,6 +972,13 @@ def inotify_limit_advice(max_watches: int | None) -> str:
     limit = max_watches if max_watches is not None else _kernel_watch_limit()
     return (f"raise fs.inotify.max_user_watches (now {limit}), e.g. "
             f"sysctl -w fs.inotify.max_user_watches={_suggest(limit)}")
+
+
+def _is_fifo(path: Path) -> bool:
+    try:
+        return stat.S_ISFIFO(os.lstat(path).st_mode)
+    except OSError:
+        return False
 
 
 def child_path(parent: str, name: str) -> str:
