@@ -440,9 +440,9 @@ class Judge:
                 found.path(d)
             return
         if name == ".gitignore":
-            if _is_fifo(self.root / rel):
-                # No rules to git once let go (dirfd.release_fifos), and opened for that: an
-                # event of watcherd's own, never a change of the rules.
+            if not mask & (_CAME | _GONE) and _is_fifo(self.root / rel):
+                # A FIFO written to: watcherd letting a git go (dirfd.release_fifos), which reads
+                # it as empty; no change of the rules (its coming or going is one).
                 return
             found.rules_changed = True
             found.resync["ignore rules changed"] = None
