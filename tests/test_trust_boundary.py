@@ -1485,3 +1485,43 @@ def test_a_broken_gitmodules_beside_a_repository_git_cannot_open_never_fails_the
         snap = snapshot.take(repo, "shadow", cache)
         assert sgit(ws, "show", f"{snap.commit}:edit.txt", key=KEY) == f"edit {n}"
     assert "git cannot open a repository of extension agentwashere" in cache.not_saved()["proj"]
+
+
+def test_a_fifo_gitignore_watcherd_may_not_let_go_leaves_its_directory_out_as_last_saved(
+        tmp_path, monkeypatch):
+    """In the shipped deployments watcherd reads the app's files through a group: a FIFO the
+    app's uid made (mode 0644) cannot be opened for writing to let git go. Its directory is
+    left out, its files as last saved (out of git's index too, or git would read the FIFO
+    anyway), the rest saved within seconds; once the FIFO is gone, saved again."""
+    import time
+
+    from watcherd import dirfd
+
+    monkeypatch.setattr(dirfd, "release_fifos", lambda root, fifos, **kw: sorted(fifos))
+    ws = make_repo(tmp_path / "ws")
+    (ws / "sub").mkdir()
+    (ws / "sub" / "kept.txt").write_text("one\n")
+    repo = state_repo(ws, KEY)
+    snapshot.prepare(repo)
+    cache = snapshot.Cache()
+    snapshot.take(repo, "shadow", cache)
+    os.mkfifo(ws / "sub" / ".gitignore")
+    (ws / "sub" / "kept.txt").write_text("two\n")
+    (ws / "edit.txt").write_text("saved\n")
+    started = time.monotonic()
+
+    snap = snapshot.take(repo, "shadow", cache)
+
+    assert time.monotonic() - started < 15
+    assert "edit.txt" in files_of(ws, snap.commit)
+    assert sgit(ws, "show", f"{snap.commit}:sub/kept.txt", key=KEY) == "one"
+    assert list(cache.refused) == ["sub"]
+    (ws / "edit.txt").write_text("saved again\n")
+    started = time.monotonic()
+    snap = snapshot.take(repo, "shadow", cache)  # still a FIFO: no wait again
+    assert time.monotonic() - started < 5
+    assert sgit(ws, "show", f"{snap.commit}:edit.txt", key=KEY) == "saved again"
+    (ws / "sub" / ".gitignore").unlink()
+    snap = snapshot.take(repo, "shadow", cache)
+    assert sgit(ws, "show", f"{snap.commit}:sub/kept.txt", key=KEY) == "two"
+    assert cache.refused == {}

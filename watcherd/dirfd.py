@@ -291,14 +291,16 @@ def beneath(root_fd: int, rel: bytes) -> Iterator[int | None]:
         yield None if found is None else found[0]
 
 
-def release_fifos(root: Path, fifos: Iterable[str], *, for_s: float = 0.5) -> None:
+def release_fifos(root: Path, fifos: Iterable[str], *, for_s: float = 0.5) -> list[str]:
     """Let a reader blocked opening one of ``fifos`` (FIFOs under ``root``, by relative path: a
     git opening a ``.gitignore`` the agent made a FIFO) go on: each is opened for writing and
     closed at once, so the reader's open returns and it reads an empty file. Tried again for
     ``for_s`` seconds: a reader meets them one after another. Every directory on the way is
-    opened without following links; nothing is ever written, and one that cannot be opened for
-    writing (nobody reads it now, gone, a link, read-only, not ours) is passed over."""
+    opened without following links; nothing is ever written. Those that may not be opened for
+    writing (``EACCES``, ``EPERM``, ``EROFS``: another uid's, a read-only mount), which a reader
+    stays blocked on; one nobody reads now (``ENXIO``), gone or a link is passed over."""
     fifos = list(fifos)
+    denied: set[str] = set()
     deadline = time.monotonic() + for_s
     with opened(root) as rfd:
         while True:
@@ -309,9 +311,11 @@ def release_fifos(root: Path, fifos: Iterable[str], *, for_s: float = 0.5) -> No
                     try:
                         fd = os.open(where[1], os.O_WRONLY | os.O_NONBLOCK | os.O_NOFOLLOW |
                                      os.O_CLOEXEC, dir_fd=where[0])
-                    except OSError:
+                    except OSError as exc:
+                        if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+                            denied.add(rel)
                         continue  # ENXIO: nobody reads it now
                     os.close(fd)
             if time.monotonic() >= deadline:
-                return
+                return sorted(denied)
             time.sleep(0.01)

@@ -39,7 +39,7 @@ import structlog
 from watcherd import dirfd, ignore, log, state, worktree
 from watcherd import workspace as ws
 from watcherd.errors import ConfigError, GitError, WorkspaceError
-from watcherd.git import Git, for_workspace, retrying
+from watcherd.git import Git, GitStalled, for_workspace, retrying
 from watcherd.repo import SNAPSHOT_REF, Repo, write_private
 
 MESSAGE_PATHS = 50
@@ -507,6 +507,7 @@ def _add_rounds(repo: Repo, env: dict[str, str], cache: Cache) -> None:
     for attempt in range(_ADD_ROUNDS):
         unreadable = stalled.found
         unreadable.clear()
+        held = _hold_out(repo, env, cache.refused)
         try:
             cache.left_out = _add_all(git, env, refused=frozenset(cache.refused),
                                       stalled=stalled)
@@ -518,15 +519,20 @@ def _add_rounds(repo: Repo, env: dict[str, str], cache: Cache) -> None:
                                   if path not in cache.refused)
             if not unreadable or attempt == _ADD_ROUNDS - 1:
                 raise
+        finally:
+            # The failed git's lock on watcherd's private index (nothing else writes it: the
+            # caller holds watcherd's lock), then what was held out, back as it was.
+            Path(f"{repo.index}.lock").unlink(missing_ok=True)
+            if held:
+                repo.bare.run("update-index", "-z", "--index-info", env=env, input=held)
         cache.refused |= unreadable
-        # The failed git's lock on watcherd's private index (nothing else writes it: the
-        # caller holds watcherd's lock).
-        Path(f"{repo.index}.lock").unlink(missing_ok=True)
         _log.warning("snapshot.nested_refused", paths=sorted(map(ws.printable, unreadable))[:10],
                      reason=ws.printable(next(iter(unreadable.values()))),
-                     note="git failed or blocked on these nested repositories, which cannot "
-                          "be read inside the workspace (a FIFO, a link or a .git leading "
-                          "outside it): left out of the snapshots until that is no longer so")
+                     note="git failed or blocked on these directories (a nested repository "
+                          "that cannot be read inside the workspace: a FIFO, a link or a .git "
+                          "leading outside it; a FIFO .gitignore watcherd may not let go): left "
+                          "out of the snapshots, their files as last saved, until that is no "
+                          "longer so")
 
 
 def _lift_gitlinks(repo: Repo, env: dict[str, str], prev_tree: str | None,
@@ -885,11 +891,13 @@ class _StallCheck:
     """The ``stalled`` check of the gits of one snapshot that walk the work tree
     (:meth:`Git.run`): after a second, a walk (:func:`_unreadable_repositories`) for what git
     blocks on for good. A nested repository it cannot read (a FIFO as its ``HEAD``) goes to
-    :attr:`found` and stops git (the caller leaves it out and tries again); a FIFO as a
+    :attr:`found` and stops git (the caller leaves it out and tries again). A FIFO as a
     ``.gitignore``, ``.gitattributes`` or ``.gitmodules`` (which git reads even for files it is
-    told to leave out) is let go
-    (:func:`dirfd.release_fifos`): git reads it as empty. Either way seconds, once, not the door's whole
-    timeout (a SIGTERM's final save must not wait for it)."""
+    told to leave out) is let go (:func:`dirfd.release_fifos`): git reads it as empty; one
+    watcherd may not open for writing (the app's, read-only to watcherd's uid) puts its
+    directory in :attr:`found` instead, left out with the files it holds as last saved
+    (:func:`_hold_out`). Either way seconds, once, not the door's whole timeout (a SIGTERM's
+    final save must not wait for it)."""
 
     def __init__(self, root: Path, refused: dict[str, str]) -> None:
         self.root = root
@@ -900,25 +908,57 @@ class _StallCheck:
         repositories, fifos = _unreadable_repositories(self.root, blocking=True)
         self.found.update((path, why) for path, why in repositories.items()
                           if path not in self.refused)
-        if self.found:
-            return True
-        if fifos:
-            dirfd.release_fifos(self.root, fifos)
-        return False
+        if not self.found and fifos:
+            for rel in dirfd.release_fifos(self.root, fifos):
+                where = rel.rpartition("/")[0]
+                if where and where not in self.refused:
+                    self.found[where] = (f"{rel} is a FIFO watcherd may not open to let git "
+                                         "read it: git blocks reading it")
+        return bool(self.found)
 
 
 def _still_refused(root: Path, refused: dict[str, str]) -> dict[str, str]:
-    """The entries of ``refused`` (nested repositories left out of ``git add``, each with why)
-    that :func:`workspace.nested_head` still cannot read: one fixed since (or gone) is saved
-    again from this snapshot on."""
+    """The entries of ``refused`` (directories left out of ``git add``, each with why) that
+    still hold what had them left out: a nested repository :func:`workspace.nested_head`
+    cannot read, a FIFO git would read. One fixed since (or gone) is saved again from this
+    snapshot on."""
     kept = {}
     for path, why in refused.items():
-        if os.path.lexists(root / path / ".git"):
+        where = root / path
+        if any(_is_fifo(where / name) for name in _READ_BY_GIT):
+            kept[path] = why
+        elif os.path.lexists(where / ".git"):
             try:
                 ws.nested_head(root, path)
             except ws.Unsafe:
                 kept[path] = why
     return kept
+
+
+def _is_fifo(path: Path) -> bool:
+    try:
+        return stat.S_ISFIFO(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
+def _hold_out(repo: Repo, env: dict[str, str], refused: dict[str, str]) -> bytes:
+    """Take the entries under each directory of ``refused`` out of the private index
+    (``env``) for a ``git add``: git reads the ``.gitignore`` of a directory whose files its
+    index holds even when told to leave the directory out. The ``update-index --index-info``
+    input that gives them back as they were (what was last saved stays)."""
+    if not refused:
+        return b""
+    listed = repo.git.run("ls-files", "-z", "--stage", "--", *sorted(refused),
+                          env={**env, "GIT_LITERAL_PATHSPECS": "1"}).stdout
+    entries = [(meta, path) for meta, _, path in (r.partition(b"\t") for r in listed.split(b"\0")
+                                                    if r) if not meta.startswith(b"160000 ")]
+    if not entries:
+        return b""
+    repo.git.run("update-index", "-z", "--force-remove", "--stdin", env=env,
+                 input=b"".join(path + b"\0" for _, path in entries))
+    return b"".join(b"%s %s\t%s\0" % (meta.split()[0], meta.split()[1], path)
+                    for meta, path in entries)
 
 
 def _drop_now_ignored(git: Git, env: dict[str, str], user_paths: frozenset[bytes],
@@ -935,8 +975,11 @@ def _drop_now_ignored(git: Git, env: dict[str, str], user_paths: frozenset[bytes
     FIFO as a ``.gitignore``: :class:`_StallCheck`).
     """
     specs = [".", *(f":(exclude,literal){p}" for p in sorted(refused or ()))]
-    listed = git.run("ls-files", "-z", "--cached", "--ignored", "--exclude-standard", "--",
-                     *specs, env=env, stalled=stalled).stdout
+    try:
+        listed = git.run("ls-files", "-z", "--cached", "--ignored", "--exclude-standard", "--",
+                         *specs, env=env, stalled=stalled).stdout
+    except GitStalled:
+        return False  # a FIFO that cannot be let go: looked for again at the next snapshot
     gone = [p for p in listed.split(b"\0") if p and p not in user_paths]
     if not gone:
         return False
