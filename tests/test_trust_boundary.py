@@ -1525,3 +1525,72 @@ def test_a_fifo_gitignore_watcherd_may_not_let_go_leaves_its_directory_out_as_la
     snap = snapshot.take(repo, "shadow", cache)
     assert sgit(ws, "show", f"{snap.commit}:sub/kept.txt", key=KEY) == "two"
     assert cache.refused == {}
+
+
+@pytest.mark.parametrize("config, refused", [
+    (b"[core]\n\trepositoryformatversion = 0\n", False),
+    (b'[core]\n\trepositoryformatversion = "0"\n', False),
+    (b"[core]\n\trepositoryformatversion = 1 # one\n[extensions]\n\tobjectFormat = sha1\n", False),
+    (b"[core]\n\trepositoryformatversion = 1\n[extensions]\n\tworktreeConfig = true\n", False),
+    (b"[core]\n\trepositoryformatversion = 0\n[extensions]\n\tpreciousObjects = true\n", False),
+    (b'[alias]\n\tx = !sh -c \\\n  "echo continued"\n', False),
+    (b'[core "x"]\n\trepositoryformatversion = 5\n', False),
+    (b"[core] repositoryformatversion = 2\n", True),
+    (b"[core]\n\trepositoryformatversion\t= 1\n[extensions]\n\tagent = x\n", True),
+    (b"[core]\n\trepositoryformatversion = 1\n[extensions] agent = x\n", True),
+    (b"[core]\n\trepositoryformatversion = 0\n[extensions]\n\tobjectformat = sha1\n", True),
+    (b"[core]\n\trepositoryformatversion = 0\n[extensions]\n\tnoop-v1 = x\n", True),
+    (b"[core]\n\tbare = maybe\n", True),
+    (b"[core]\n\tbare = false\n[[[\n", True),
+])
+def test_a_nested_repository_git_cannot_open_is_told_as_git_tells_it(tmp_path, config, refused):
+    """workspace.nested_head refuses a nested repository exactly when git would not open it
+    (git-config(1)'s syntax, git 2.39's repository formats): one git opens is never refused,
+    one it cannot open never left for git to fail the whole add on."""
+    ws = make_repo(tmp_path / "ws")
+    nested = make_repo(ws / "proj")
+    (nested / ".git" / "config").write_bytes(config)
+    agrees = subprocess.run(["git", "rev-parse", "HEAD"], cwd=nested, capture_output=True)
+    assert (agrees.returncode != 0) == refused  # what git itself says
+    if refused:
+        with pytest.raises(ws_reader.Unsafe):
+            ws_reader.nested_head(ws, "proj")
+    else:
+        assert ws_reader.nested_head(ws, "proj") == git(nested, "rev-parse", "HEAD")
+
+
+@pytest.mark.parametrize("damage", ["unparsable", "bad-boolean"])
+def test_a_nested_config_git_cannot_parse_never_fails_the_saves(tmp_path, damage):
+    """git add opens a nested repository and dies on a config it cannot parse: that
+    repository is left out (named), and every save goes on."""
+    ws = make_repo(tmp_path / "ws")
+    nested = make_repo(ws / "proj")
+    with open(nested / ".git" / "config", "a") as config:
+        config.write("[[[\n" if damage == "unparsable" else "[core]\n\tbare = maybe\n")
+    repo = state_repo(ws, KEY)
+    snapshot.prepare(repo)
+    cache = snapshot.Cache()
+    for n in range(3):
+        (ws / "edit.txt").write_text(f"edit {n}\n")
+        snap = snapshot.take(repo, "shadow", cache)
+        assert sgit(ws, "show", f"{snap.commit}:edit.txt", key=KEY) == f"edit {n}"
+    assert "proj" in cache.not_saved()
+
+
+def test_thousands_of_fifo_gitignores_cost_seconds_not_the_timeout(tmp_path):
+    """Only the FIFO git is blocked on at that moment can be let go: past a few, their
+    directories are left out at once instead of one per pass."""
+    import time
+
+    ws = make_repo(tmp_path / "ws")
+    for i in range(200):
+        (ws / f"d{i:03d}").mkdir()
+        (ws / f"d{i:03d}" / "f.txt").write_text(f"{i}\n")
+        os.mkfifo(ws / f"d{i:03d}" / ".gitignore")
+    (ws / "edit.txt").write_text("saved\n")
+    started = time.monotonic()
+
+    snap = take(ws)
+
+    assert time.monotonic() - started < 15
+    assert "edit.txt" in files_of(ws, snap.commit)

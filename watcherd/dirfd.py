@@ -305,6 +305,8 @@ def release_fifos(root: Path, fifos: Iterable[str], *, for_s: float = 0.5) -> li
     with opened(root) as rfd:
         while True:
             for rel in fifos:
+                if time.monotonic() >= deadline:
+                    break
                 with parent(rfd, os.fsencode(rel)) as where:
                     if where is None:
                         continue

@@ -39,7 +39,7 @@ import structlog
 from watcherd import dirfd, ignore, log, state, worktree
 from watcherd import workspace as ws
 from watcherd.errors import ConfigError, GitError, WorkspaceError
-from watcherd.git import Git, GitStalled, for_workspace, retrying
+from watcherd.git import Git, GitStalled, GitTimeout, LocalIOError, for_workspace, retrying
 from watcherd.repo import SNAPSHOT_REF, Repo, write_private
 
 MESSAGE_PATHS = 50
@@ -512,10 +512,18 @@ def _add_rounds(repo: Repo, env: dict[str, str], cache: Cache) -> None:
             cache.left_out = _add_all(git, env, refused=frozenset(cache.refused),
                                       stalled=stalled)
             break
-        except GitError:  # a timeout, a failure, or stopped as stalled
+        except GitError as exc:  # a timeout, a failure, or stopped as stalled
             if not unreadable:  # failed: whatever git may have failed on
                 unreadable.update((path, why) for path, why in
                                   _unreadable_repositories(repo.workspace)[0].items()
+                                  if path not in cache.refused)
+            if not unreadable and not isinstance(exc, (GitTimeout, LocalIOError)):
+                # Nothing explains it: git fails opening a nested repository in a way watcherd
+                # does not know (a config value it cannot parse names no file). The rest of the
+                # workspace is saved without them rather than not at all.
+                unreadable.update((path, f"git add failed while it was in: {exc}")
+                                  for path in _unreadable_repositories(
+                                      repo.workspace, every=True)[0]
                                   if path not in cache.refused)
             if not unreadable or attempt == _ADD_ROUNDS - 1:
                 raise
@@ -828,7 +836,7 @@ def _add_all(git: Git, env: dict[str, str], *, attempts: int = 3, report: bool =
     return {}
 
 
-def _unreadable_repositories(root: Path, *, blocking: bool = False,
+def _unreadable_repositories(root: Path, *, blocking: bool = False, every: bool = False,
                              budget: int = 500_000) -> tuple[dict[str, str], list[str]]:
     """What ``git add``, reading the work tree under ``root`` by path, blocks on, fails on or
     reads another repository through (walked through descriptors, no link followed, at most
@@ -837,8 +845,9 @@ def _unreadable_repositories(root: Path, *, blocking: bool = False,
     its ``HEAD``, ``commondir``, branch or config, which git opens to tell a repository, or a
     ``HEAD`` linked outside, no repository to git; the files of :data:`_READ_BY_GIT` that are
     FIFOs, which git opens without ``O_NONBLOCK``). A ``.git`` that is no repository to
-    watcherd is walked past, as git walks past one that is none to it. ``blocking``: only the repositories git blocks on
-    (a FIFO, a socket, a device), not those it reads another way than watcherd."""
+    watcherd is walked past, as git walks past one that is none to it. ``blocking``: only the
+    repositories git blocks on (a FIFO, a socket, a device), not those it reads another way
+    than watcherd; ``every``: every nested repository, readable or not (why: "")."""
     found: dict[str, str] = {}
     fifos: list[str] = []
     left = [budget]
@@ -849,6 +858,8 @@ def _unreadable_repositories(root: Path, *, blocking: bool = False,
         if at and ".git" in names:
             try:
                 ws.nested_head(root, at.rstrip("/"))
+                if every:
+                    found[at.rstrip("/")] = ""
                 return  # git does not look further into a repository
             except ws.NotRegular as exc:
                 found[at.rstrip("/")] = str(exc)
@@ -884,6 +895,7 @@ _WALK_DEPTH = 256  # directories deep that _unreadable_repositories looks (git h
 # Files of the work tree git opens by path, without O_NONBLOCK, while it adds: a FIFO there
 # blocks it (.gitmodules: at the top, read when it meets a nested repository).
 _READ_BY_GIT = (".gitignore", ".gitattributes", ".gitmodules")
+_MAX_LET_GO = 32  # FIFOs of _READ_BY_GIT a stall check lets go; past that, their directories out
 _ADD_ROUNDS = 4  # git adds tried in one snapshot, each after leaving out what blocked the last
 
 
@@ -909,11 +921,18 @@ class _StallCheck:
         self.found.update((path, why) for path, why in repositories.items()
                           if path not in self.refused)
         if not self.found and fifos:
-            for rel in dirfd.release_fifos(self.root, fifos):
+            # Let go one after another, a few; more than that costs seconds a pass (each is
+            # opened from the root, and only the one git is blocked on lets it go on): their
+            # directories are left out instead (the top's cannot be).
+            top = [f for f in fifos if "/" not in f]
+            many = len(fifos) > _MAX_LET_GO
+            denied = dirfd.release_fifos(self.root, top if many else fifos)
+            why = (f"one of {len(fifos)} FIFOs git blocks reading, too many to let go" if many
+                   else "a FIFO watcherd may not open to let git read it: git blocks reading it")
+            for rel in denied + ([f for f in fifos if "/" in f] if many else []):
                 where = rel.rpartition("/")[0]
                 if where and where not in self.refused:
-                    self.found[where] = (f"{rel} is a FIFO watcherd may not open to let git "
-                                         "read it: git blocks reading it")
+                    self.found[where] = f"{rel} is {why}"
         return bool(self.found)
 
 

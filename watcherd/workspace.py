@@ -449,32 +449,69 @@ def _object_format(config: bytes) -> str:
 
 
 # The repository extensions git 2.39 reads (Documentation/technical/repository-version.txt;
-# "noop" ones are for tests). A repository of format 1 naming another, or of a later format, is
-# one git refuses to open.
-_KNOWN_EXTENSIONS = frozenset({"noop", "noop-v1", "preciousobjects", "partialclone",
-                               "worktreeconfig", "objectformat"})
+# setup.c, handle_extension_v0 and handle_extension): those allowed in a format-0 repository,
+# and those only a format-1 one may name (git refuses a format-0 repository naming one).
+_EXTENSIONS_V0 = frozenset({"noop", "preciousobjects", "partialclone", "worktreeconfig"})
+_EXTENSIONS_V1 = frozenset({"noop-v1", "objectformat"})
+_SECTION = re.compile(r'\s*\[\s*([A-Za-z0-9.-]+)\s*("(?:[^"\\]|\\.)*")?\s*\](.*)')
+_VARIABLE = re.compile(r"\s*([A-Za-z][A-Za-z0-9-]*)\s*(?:=(.*))?")
+_BOOLEAN = re.compile(r"true|false|yes|no|on|off|-?[0-9]+[kmg]?|")  # git_parse_maybe_bool
 
 
 def _unknown_format(config: bytes) -> str | None:
-    """What in ``config`` (raw bytes) makes git refuse the repository, read as
-    :func:`_object_format` reads it: a ``core.repositoryformatversion`` above 1, or an
-    ``extensions.*`` git does not know in a format-1 repository. None when git opens it."""
-    text = config.decode("utf-8", "replace").lower()
-    section, version, extensions = "", 0, []
-    for line in text.splitlines():
-        line = line.split("#", 1)[0].split(";", 1)[0].strip()
-        if line.startswith("["):
-            section = line.strip("[] ")
+    """What in ``config`` (raw bytes of a repository's config) makes git refuse to open the
+    repository: a line it cannot parse, a ``core.bare`` that is no boolean, a
+    ``core.repositoryformatversion`` above 1 or not a number, an
+    ``extensions.*`` git does not know in a format-1 repository, or one only format 1 may name
+    in a format-0 one (git-config(1)'s syntax: a variable may follow its section header on the
+    same line, blanks around ``=``, a value in quotes, a comment after it). None when git
+    opens it."""
+    section, version, extensions, continued = "", "0", [], False
+    for number, line in enumerate(config.decode("utf-8", "replace").splitlines(), 1):
+        if continued:  # the rest of a value continued with a backslash
+            continued = line.rstrip().endswith("\\")
             continue
-        key, _, value = line.replace(" ", "").partition("=")
+        if m := _SECTION.match(line):
+            section = m[1].lower() if m[2] is None else ""  # a subsection is none of these
+            line = m[3]
+        stripped = line.strip()
+        if not stripped or stripped.startswith(("#", ";")):
+            continue
+        if (m := _VARIABLE.fullmatch(stripped)) is None:
+            return f"a config git cannot parse (line {number})"
+        continued = stripped.endswith("\\")
+        key = m[1].lower()
+        value = _config_value(m[2]) if m[2] is not None else "true"
         if section == "core" and key == "repositoryformatversion":
-            version = int(value) if value.isdigit() else 99
-        elif section == "extensions" and key:
+            version = value
+        elif section == "core" and key == "bare" and not _BOOLEAN.fullmatch(value.lower()):
+            return f"core.bare {value[:20]!r}, no boolean"  # git dies parsing it
+        elif section == "extensions":
             extensions.append(key)
-    if version > 1:
-        return f"repository format {version}"
-    unknown = [e for e in extensions if e not in _KNOWN_EXTENSIONS]
-    return f"extension {unknown[0]}" if version == 1 and unknown else None
+    if version not in ("0", "1"):
+        return f"repository format {version[:20]!r}"
+    known = _EXTENSIONS_V0 | _EXTENSIONS_V1 if version == "1" else _EXTENSIONS_V0
+    if version == "0":
+        strict = [e for e in extensions if e in _EXTENSIONS_V1]
+        if strict:
+            return f"format 0 naming extension {strict[0]}"
+        return None  # git ignores the other extensions of a format-0 repository
+    unknown = [e for e in extensions if e not in known]
+    return f"extension {unknown[0]}" if unknown else None
+
+
+def _config_value(text: str) -> str:
+    """A config value as git reads it, enough to compare a number: quotes taken away, a comment
+    after it (``#``, ``;`` outside quotes) and the blanks around it dropped."""
+    out, quoted = [], False
+    for ch in text.strip():
+        if ch == '"':
+            quoted = not quoted
+        elif ch in "#;" and not quoted:
+            break
+        else:
+            out.append(ch)
+    return "".join(out).strip()
 
 
 def _parse_head(text: str, oid: re.Pattern[str]) -> Head:
