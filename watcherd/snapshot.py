@@ -597,7 +597,8 @@ def _put_back(repo: Repo, env: dict[str, str], lifted: dict[bytes, bytes],
     recorded = set(asked) & held
     lines, files = [], []
     for path in asked:
-        if path in recorded or not _is_plain_dir(repo.workspace, path):
+        if path in recorded or not ws.is_plain_dir(repo.workspace,
+                                                   repo.workspace / os.fsdecode(path)):
             continue
         if any(path.startswith(d + b"/") for d in recorded):
             continue  # inside a repository git records now: that repository's own
@@ -613,15 +614,6 @@ def _put_back(repo: Repo, env: dict[str, str], lifted: dict[bytes, bytes],
             lines.append(b"%s %s\t%s\0" % (mode, oid, path))
     if lines:
         repo.bare.run("update-index", "-z", "--index-info", env=env, input=b"".join(lines))
-
-
-def _is_plain_dir(root: Path, rel: bytes) -> bool:
-    """Whether ``rel`` under ``root`` is a directory reached without a link."""
-    try:
-        with dirfd.opened(root) as rfd, dirfd.parent(rfd, rel) as where:
-            return where is not None and dirfd.is_dir(*where)
-    except OSError:
-        return False
 
 
 def _confirm_reads(repo: Repo, layout: ws.Layout, base: str | None,
@@ -944,7 +936,7 @@ def _still_refused(root: Path, refused: dict[str, str]) -> dict[str, str]:
     kept = {}
     for path, why in refused.items():
         where = root / path
-        if any(_is_fifo(where / name) for name in _READ_BY_GIT):
+        if any(ws.is_fifo(where / name) for name in _READ_BY_GIT):
             kept[path] = why
         elif os.path.lexists(where / ".git"):
             try:
@@ -952,13 +944,6 @@ def _still_refused(root: Path, refused: dict[str, str]) -> dict[str, str]:
             except ws.Unsafe:
                 kept[path] = why
     return kept
-
-
-def _is_fifo(path: Path) -> bool:
-    try:
-        return stat.S_ISFIFO(os.lstat(path).st_mode)
-    except OSError:
-        return False
 
 
 def _hold_out(repo: Repo, env: dict[str, str], refused: dict[str, str]) -> bytes:

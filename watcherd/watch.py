@@ -50,7 +50,6 @@ from __future__ import annotations
 
 import errno
 import os
-import stat
 import sys
 import threading
 import time
@@ -440,7 +439,7 @@ class Judge:
                 found.path(d)
             return
         if name == ".gitignore":
-            if not mask & (_CAME | _GONE) and _is_fifo(self.root / rel):
+            if not mask & (_CAME | _GONE) and ws.is_fifo(self.root / rel):
                 # A FIFO written to: watcherd letting a git go (dirfd.release_fifos), which reads
                 # it as empty; no change of the rules (its coming or going is one).
                 return
@@ -972,13 +971,6 @@ def inotify_limit_advice(max_watches: int | None) -> str:
     limit = max_watches if max_watches is not None else _kernel_watch_limit()
     return (f"raise fs.inotify.max_user_watches (now {limit}), e.g. "
             f"sysctl -w fs.inotify.max_user_watches={_suggest(limit)}")
-
-
-def _is_fifo(path: Path) -> bool:
-    try:
-        return stat.S_ISFIFO(os.lstat(path).st_mode)
-    except OSError:
-        return False
 
 
 def child_path(parent: str, name: str) -> str:

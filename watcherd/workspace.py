@@ -374,6 +374,14 @@ def _has_hole(fd: int, size: int, path: Path) -> bool:
         raise Unsafe(f"{path} cannot be read: {exc.strerror}") from None
 
 
+def is_fifo(path: Path) -> bool:
+    """Whether ``path`` itself (not what a link there names) is a FIFO; False when it is gone."""
+    try:
+        return stat.S_ISFIFO(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
 def is_plain_dir(root: Path, path: Path) -> bool:
     """Whether ``path`` is a directory reached without any symbolic link, inside ``root``."""
     try:
