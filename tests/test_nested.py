@@ -45,6 +45,7 @@ def save(ws: Path, store_dir: Path, cache: snapshot.Cache | None = None) -> snap
 
 
 def restore_into(target: Path, store_dir: Path):
+    target.parent.mkdir(parents=True, exist_ok=True)
     config = Config(workspace=WorkspaceConfig(path=target, state_dir=target.parent / "pod-2"),
                     store=StoreConfig(url=parse_store_url(f"file://{store_dir}"), key=KEY))
     return restore(config, Generations(LocalStore(store_dir), KEY))
@@ -494,13 +495,18 @@ def tree_entry(ws: Path, commit: str, path: str) -> str:
     return out.split("\t")[0]
 
 
+def commit_all_in(path: Path, message: str) -> None:
+    """``git init``, then everything in ``path`` committed: a directory made a repository."""
+    git(path, "init", "-q")
+    git(path, "add", "-A")
+    git(path, "commit", "-qm", message)
+
+
 def become_a_repository(ws: Path, how: str) -> Path:
     """Make ``ws/proj``, saved as files, a repository with a commit (``how``)."""
     proj = ws / "proj"
     if how == "git-init":
-        git(proj, "init", "-q")
-        git(proj, "add", "-A")
-        git(proj, "commit", "-q", "-m", "its own history now")
+        commit_all_in(proj, "its own history now")
     else:  # a clone of it moved into its place
         clone = ws.parent / "clone"
         make_repo(clone, "cloned\n")
@@ -543,7 +549,6 @@ def test_a_directory_saved_as_files_that_becomes_a_repository_is_saved_as_one(
     store = tmp_path / "store"
     save(ws, store, cache)
     target = tmp_path / "restored" / "ws"
-    target.parent.mkdir()
     restore_into(target, store)
     assert view(target / "proj") == view(proj)
     assert files(target) == files(ws)
@@ -574,9 +579,7 @@ def test_a_directory_saved_as_files_keeps_its_files_when_it_cannot_be_saved_as_a
         outside = make_repo(tmp_path / "outside")
         dotgit.write_text(f"gitdir: {outside / '.git'}\n")
     else:
-        git(proj, "init", "-q")
-        git(proj, "add", "-A")
-        git(proj, "commit", "-q", "-m", "inside")
+        commit_all_in(proj, "inside")
     (proj / "a.txt").write_text("a, edited\n")
     (proj / "b.txt").write_text("b, new\n")
 
@@ -647,9 +650,7 @@ def test_a_directory_of_a_nested_repository_that_becomes_one_is_saved_as_one_at_
     cache = snapshot.Cache()
     cache.changed(())
     take(ws, cache)
-    git(lib / "sub", "init", "-q")
-    git(lib / "sub", "add", "-A")
-    git(lib / "sub", "commit", "-qm", "sub's own")
+    commit_all_in(lib / "sub", "sub's own")
     cache.changed(("lib",))
 
     snap = take(ws, cache)
@@ -670,9 +671,7 @@ def test_the_first_snapshot_sees_a_repository_in_a_directory_the_users_head_hold
     (ws / "proj" / "a.txt").write_text("a\n")
     git(ws, "add", "proj")
     git(ws, "commit", "-qm", "proj as files")
-    git(ws / "proj", "init", "-q")
-    git(ws / "proj", "add", "-A")
-    git(ws / "proj", "commit", "-qm", "its own")
+    commit_all_in(ws / "proj", "its own")
     if not user_tracks:
         git(ws, "rm", "-rq", "--cached", "proj")
     cache = snapshot.Cache()
@@ -709,15 +708,12 @@ def test_a_directory_that_becomes_a_repository_past_the_bounds_keeps_its_files(
     store = tmp_path / "store"
     cache = snapshot.Cache()
     save(ws, store, cache)
-    git(proj, "init", "-q")
-    git(proj, "add", "-A")
-    git(proj, "commit", "-qm", "its own history")
+    commit_all_in(proj, "its own history")
     (proj / "a.txt").write_text("edited after git init\n")
 
     save(ws, store, cache)
 
     target = tmp_path / "restored" / "ws"
-    target.parent.mkdir()
     restore_into(target, store)
     assert (target / proj.relative_to(ws) / "a.txt").read_text() == "edited after git init\n"
 
@@ -763,16 +759,13 @@ def test_a_directory_holding_a_saved_nested_repository_taken_up_keeps_everything
     store = tmp_path / "store"
     cache = snapshot.Cache()
     save(ws, store, cache)
-    git(d, "init", "-q")
-    git(d, "add", "-A")
-    git(d, "commit", "-qm", "d has a history now")
+    commit_all_in(d, "d has a history now")
     (ws / "later.txt").write_text("later\n")
 
     snap = save(ws, store, cache)
 
     assert tree_entry(ws, snap.snapshot_head, "d") == f"160000 commit {git(d, 'rev-parse', 'HEAD')}"
     target = tmp_path / "restored" / "ws"
-    target.parent.mkdir()
     restore_into(target, store)
     assert (target / "d" / "a.txt").read_text() == "d's own\n"
     assert (target / "d" / "e" / "readme.md").read_text() == "e's file\n"

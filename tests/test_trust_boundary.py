@@ -33,10 +33,10 @@ from watcherd.store.local import LocalStore
 KEY = "acme/sandbox-9/main"
 
 
-def take(ws: Path, mode: str = "shadow") -> snapshot.Snapshot:
+def take(ws: Path, mode: str = "shadow", cache: snapshot.Cache | None = None) -> snapshot.Snapshot:
     repo = state_repo(ws, KEY)
     snapshot.prepare(repo)
-    return snapshot.take(repo, mode)
+    return snapshot.take(repo, mode, cache)
 
 
 def save(ws: Path, store_dir: Path):
@@ -533,19 +533,17 @@ def test_a_nested_repository_holding_a_fifo_costs_seconds_once_not_the_timeout(t
         (nested / "HEAD").write_text("ref: refs/heads/main\n")
     os.mkfifo(nested / fifo)
     (ws / "edit.txt").write_text("one\n")
-    repo = state_repo(ws, KEY)
-    snapshot.prepare(repo)
     cache = snapshot.Cache()
     started = time.monotonic()
     with capture_logs() as logs:
-        snap = snapshot.take(repo, "shadow", cache)
+        snap = take(ws, cache=cache)
     assert time.monotonic() - started < DEFAULT_TIMEOUT / 6
     assert snap.commit and "edit.txt" in files_of(ws, snap.commit)
     refused = [e for e in logs if e["event"] == "snapshot.nested_refused"]
     assert refused and refused[0]["paths"] == ["vendor/lib"]
     (ws / "edit.txt").write_text("two\n")
     started = time.monotonic()
-    snap = snapshot.take(repo, "shadow", cache)
+    snap = take(ws, cache=cache)
     assert time.monotonic() - started < 3
     assert sgit(ws, "show", f"{snap.commit}:edit.txt", key=KEY) == "two"
 
@@ -1345,8 +1343,9 @@ def test_a_program_a_nested_repositorys_config_names_never_runs(tmp_path, progra
         git(proj, "config", "filter.planted.clean", str(script))
     else:
         git(proj, "config", "core.fsmonitor", str(script))
-    time.sleep(1.1)  # a same-size edit in a later second: git status must read the file
-    (proj / "readme.md").write_text("NESTED\n")
+    (proj / "readme.md").write_text("NESTED\n")  # the same size: git status must read it
+    later = time.time() + 5  # and a later mtime than its index records, with no wait
+    os.utime(proj / "readme.md", (later, later))
     (ws / "edit.txt").write_text("saved\n")
 
     snap = snapshot.take(repo, "shadow", cache)
@@ -1366,10 +1365,8 @@ def test_a_broken_nested_repository_never_stops_or_slows_the_rest(tmp_path, dama
 
     ws = make_repo(tmp_path / "ws")
     proj = make_repo(ws / "proj", "nested\n")
-    repo = state_repo(ws, KEY)
-    snapshot.prepare(repo)
     cache = snapshot.Cache()
-    snapshot.take(repo, "shadow", cache)
+    take(ws, cache=cache)
     dot = proj / ".git"
     if damage == "missing-object":
         shutil.rmtree(dot / "objects")
@@ -1381,7 +1378,7 @@ def test_a_broken_nested_repository_never_stops_or_slows_the_rest(tmp_path, dama
     (ws / "later.txt").write_text("an edit outside proj\n")
     started = time.monotonic()
 
-    snap = snapshot.take(repo, "shadow", cache)
+    snap = take(ws, cache=cache)
 
     assert time.monotonic() - started < 10
     assert "later.txt" in files_of(ws, snap.commit)
@@ -1400,11 +1397,9 @@ def test_a_fifo_git_reads_costs_a_second_and_reads_as_empty(tmp_path, tracked, n
     ws = make_repo(tmp_path / "ws")
     (ws / "sub").mkdir()
     (ws / "sub" / "kept.txt").write_text("one\n")
-    repo = state_repo(ws, KEY)
-    snapshot.prepare(repo)
     cache = snapshot.Cache()
     if tracked:
-        snapshot.take(repo, "shadow", cache)
+        take(ws, cache=cache)
     fifo = ".gitignore" if name == "fake-git" else name
     if name == "fake-git":
         (ws / "sub" / ".git").mkdir()  # an empty .git: no repository to git
@@ -1415,7 +1410,7 @@ def test_a_fifo_git_reads_costs_a_second_and_reads_as_empty(tmp_path, tracked, n
     (ws / "edit.txt").write_text("saved\n")
     started = time.monotonic()
 
-    snap = snapshot.take(repo, "shadow", cache)
+    snap = take(ws, cache=cache)
 
     assert time.monotonic() - started < 10
     assert "edit.txt" in files_of(ws, snap.commit)
@@ -1437,13 +1432,11 @@ def test_a_slow_add_never_leaves_out_what_does_not_block_it(tmp_path, monkeypatc
     copying = ws / "copying"
     (copying / ".git" / "objects").mkdir(parents=True)
     (copying / ".git" / "HEAD").write_text("")  # a cp -r caught halfway
-    repo = state_repo(ws, KEY)
-    snapshot.prepare(repo)
     cache = snapshot.Cache()
-    snapshot.take(repo, "shadow", cache)
+    take(ws, cache=cache)
     (ws / "src" / "app.py").write_text("two\n")
 
-    snap = snapshot.take(repo, "shadow", cache)
+    snap = take(ws, cache=cache)
 
     assert cache.refused == {}
     assert sgit(ws, "show", f"{snap.commit}:src/app.py", key=KEY) == "two"
@@ -1477,12 +1470,10 @@ def test_a_broken_gitmodules_beside_a_repository_git_cannot_open_never_fails_the
     git(nested, "config", "core.repositoryformatversion", "1")
     git(nested, "config", "extensions.agentWasHere", "true")
     (ws / ".gitmodules").write_text("[[[\n")
-    repo = state_repo(ws, KEY)
-    snapshot.prepare(repo)
     cache = snapshot.Cache()
     for n in range(3):
         (ws / "edit.txt").write_text(f"edit {n}\n")
-        snap = snapshot.take(repo, "shadow", cache)
+        snap = take(ws, cache=cache)
         assert sgit(ws, "show", f"{snap.commit}:edit.txt", key=KEY) == f"edit {n}"
     assert "git cannot open a repository of extension agentwashere" in cache.not_saved()["proj"]
 
@@ -1501,16 +1492,14 @@ def test_a_fifo_gitignore_watcherd_may_not_let_go_leaves_its_directory_out_as_la
     ws = make_repo(tmp_path / "ws")
     (ws / "sub").mkdir()
     (ws / "sub" / "kept.txt").write_text("one\n")
-    repo = state_repo(ws, KEY)
-    snapshot.prepare(repo)
     cache = snapshot.Cache()
-    snapshot.take(repo, "shadow", cache)
+    take(ws, cache=cache)
     os.mkfifo(ws / "sub" / ".gitignore")
     (ws / "sub" / "kept.txt").write_text("two\n")
     (ws / "edit.txt").write_text("saved\n")
     started = time.monotonic()
 
-    snap = snapshot.take(repo, "shadow", cache)
+    snap = take(ws, cache=cache)
 
     assert time.monotonic() - started < 15
     assert "edit.txt" in files_of(ws, snap.commit)
@@ -1518,11 +1507,11 @@ def test_a_fifo_gitignore_watcherd_may_not_let_go_leaves_its_directory_out_as_la
     assert list(cache.refused) == ["sub"]
     (ws / "edit.txt").write_text("saved again\n")
     started = time.monotonic()
-    snap = snapshot.take(repo, "shadow", cache)  # still a FIFO: no wait again
+    snap = take(ws, cache=cache)  # still a FIFO: no wait again
     assert time.monotonic() - started < 5
     assert sgit(ws, "show", f"{snap.commit}:edit.txt", key=KEY) == "saved again"
     (ws / "sub" / ".gitignore").unlink()
-    snap = snapshot.take(repo, "shadow", cache)
+    snap = take(ws, cache=cache)
     assert sgit(ws, "show", f"{snap.commit}:sub/kept.txt", key=KEY) == "two"
     assert cache.refused == {}
 
@@ -1567,12 +1556,10 @@ def test_a_nested_config_git_cannot_parse_never_fails_the_saves(tmp_path, damage
     nested = make_repo(ws / "proj")
     with open(nested / ".git" / "config", "a") as config:
         config.write("[[[\n" if damage == "unparsable" else "[core]\n\tbare = maybe\n")
-    repo = state_repo(ws, KEY)
-    snapshot.prepare(repo)
     cache = snapshot.Cache()
     for n in range(3):
         (ws / "edit.txt").write_text(f"edit {n}\n")
-        snap = snapshot.take(repo, "shadow", cache)
+        snap = take(ws, cache=cache)
         assert sgit(ws, "show", f"{snap.commit}:edit.txt", key=KEY) == f"edit {n}"
     assert "proj" in cache.not_saved()
 
