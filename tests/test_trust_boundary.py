@@ -1524,6 +1524,7 @@ def test_a_fifo_gitignore_watcherd_may_not_let_go_leaves_its_directory_out_as_la
     (b"[core]\n\trepositoryformatversion = 0\n[extensions]\n\tpreciousObjects = true\n", False),
     (b'[alias]\n\tx = !sh -c \\\n  "echo continued"\n', False),
     (b'[core "x"]\n\trepositoryformatversion = 5\n', False),
+    (b"\xef\xbb\xbf[core]\n\trepositoryformatversion = 0\n", False),
     (b"[core] repositoryformatversion = 2\n", True),
     (b"[core]\n\trepositoryformatversion\t= 1\n[extensions]\n\tagent = x\n", True),
     (b"[core]\n\trepositoryformatversion = 1\n[extensions] agent = x\n", True),

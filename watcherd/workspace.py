@@ -475,7 +475,8 @@ def _unknown_format(config: bytes) -> str | None:
     same line, blanks around ``=``, a value in quotes, a comment after it). None when git
     opens it."""
     section, version, extensions, continued = "", "0", [], False
-    for number, line in enumerate(config.decode("utf-8", "replace").splitlines(), 1):
+    text = config.decode("utf-8", "replace").removeprefix("\ufeff")  # git skips a BOM
+    for number, line in enumerate(text.splitlines(), 1):
         if continued:  # the rest of a value continued with a backslash
             continued = line.rstrip().endswith("\\")
             continue
