@@ -1582,3 +1582,32 @@ def test_thousands_of_fifo_gitignores_cost_seconds_not_the_timeout(tmp_path):
 
     assert time.monotonic() - started < 15
     assert "edit.txt" in files_of(ws, snap.commit)
+
+
+def test_a_sparse_file_of_a_terabyte_is_left_out_not_every_save(tmp_path):
+    """`truncate -s 1T` costs the agent no disk and git add hours of reading zeros, at every
+    snapshot (each ending in the door's timeout): the file is left out within seconds, named,
+    the rest saved, and it is looked at again at each snapshot."""
+    import time
+
+    ws = make_repo(tmp_path / "ws")
+    (ws / "big.bin").write_bytes(b"")
+    os.truncate(ws / "big.bin", 1 << 40)
+    if os.stat(ws / "big.bin").st_blocks:
+        pytest.skip("this filesystem allocates what truncate grows")
+    (ws / "edit.txt").write_text("saved\n")
+    cache = snapshot.Cache()
+    started = time.monotonic()
+    with capture_logs() as logs:
+        snap = take(ws, cache=cache)
+    assert time.monotonic() - started < 15
+    assert "edit.txt" in files_of(ws, snap.commit) and "big.bin" not in files_of(ws, snap.commit)
+    assert [e["paths"] for e in logs if e["event"] == "snapshot.nested_refused"] == [["big.bin"]]
+    (ws / "edit.txt").write_text("saved again\n")
+    started = time.monotonic()
+    snap = take(ws, cache=cache)
+    assert time.monotonic() - started < 5
+    assert sgit(ws, "show", f"{snap.commit}:edit.txt", key=KEY) == "saved again"
+    (ws / "big.bin").unlink()
+    take(ws, cache=cache)
+    assert cache.refused == {}

@@ -536,11 +536,11 @@ def _add_rounds(repo: Repo, env: dict[str, str], cache: Cache) -> None:
         cache.refused |= unreadable
         _log.warning("snapshot.nested_refused", paths=sorted(map(ws.printable, unreadable))[:10],
                      reason=ws.printable(next(iter(unreadable.values()))),
-                     note="git failed or blocked on these directories (a nested repository "
-                          "that cannot be read inside the workspace: a FIFO, a link or a .git "
-                          "leading outside it; a FIFO .gitignore watcherd may not let go): left "
-                          "out of the snapshots, their files as last saved, until that is no "
-                          "longer so")
+                     note="git failed or blocked on these paths (a nested repository that "
+                          "cannot be read inside the workspace: a FIFO, a link or a .git "
+                          "leading outside it; a FIFO .gitignore watcherd may not let go; a "
+                          "file nearly all holes): left out of the snapshots, as last saved, "
+                          "until that is no longer so")
 
 
 def _lift_gitlinks(repo: Repo, env: dict[str, str], prev_tree: str | None,
@@ -837,9 +837,11 @@ def _unreadable_repositories(root: Path, *, blocking: bool = False, every: bool 
     its ``HEAD``, ``commondir``, branch or config, which git opens to tell a repository, or a
     ``HEAD`` linked outside, no repository to git; the files of :data:`_READ_BY_GIT` that are
     FIFOs, which git opens without ``O_NONBLOCK``). A ``.git`` that is no repository to
-    watcherd is walked past, as git walks past one that is none to it. ``blocking``: only the
-    repositories git blocks on (a FIFO, a socket, a device), not those it reads another way
-    than watcherd; ``every``: every nested repository, readable or not (why: "")."""
+    watcherd is walked past, as git walks past one that is none to it. A file nearly all holes
+    (:func:`_mostly_holes`), which git would take minutes over, is among the first, with why.
+    ``blocking``: only the repositories git blocks on (a FIFO, a socket, a device), not those
+    it reads another way than watcherd; ``every``: every nested repository, readable or not
+    (why: "")."""
     found: dict[str, str] = {}
     fifos: list[str] = []
     left = [budget]
@@ -870,12 +872,22 @@ def _unreadable_repositories(root: Path, *, blocking: bool = False, every: bool 
         for name in names:
             if left[0] < 0 or depth > _WALK_DEPTH:
                 return
-            if name != ".git" and dirfd.is_dir(fd, name):
+            if name == ".git":
+                continue
+            try:
+                st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+            except OSError:
+                continue
+            if stat.S_ISDIR(st.st_mode):
                 try:
                     with dirfd.opened_at(fd, name) as sub:
                         walk(sub, f"{at}{name}/", depth + 1)
                 except OSError:
                     continue
+            elif _mostly_holes(st):
+                found[f"{at}{name}"] = (f"{at}{name} is a sparse file of {st.st_size} bytes, "
+                                        "nearly all holes: git would read (and a restore "
+                                        "write) every byte")
 
     root = Path(os.path.realpath(root))
     with dirfd.opened(root) as rfd:
@@ -884,6 +896,15 @@ def _unreadable_repositories(root: Path, *, blocking: bool = False, every: bool 
 
 
 _WALK_DEPTH = 256  # directories deep that _unreadable_repositories looks (git has no bound)
+_SPARSE_FILE = 1 << 30  # a file this large that is nearly all holes is left out (_mostly_holes)
+
+
+def _mostly_holes(st: os.stat_result) -> bool:
+    """Whether ``st`` is a regular file above :data:`_SPARSE_FILE` bytes of which not an eighth
+    is on disk: ``truncate -s 1T`` costs the agent nothing and git add minutes of reading zeros
+    (at every snapshot, each ending in the door's timeout)."""
+    return stat.S_ISREG(st.st_mode) and st.st_size > _SPARSE_FILE and \
+        st.st_blocks * 512 < st.st_size // 8
 # Files of the work tree git opens by path, without O_NONBLOCK, while it adds: a FIFO there
 # blocks it (.gitmodules: at the top, read when it meets a nested repository).
 _READ_BY_GIT = (".gitignore", ".gitattributes", ".gitmodules")
@@ -929,13 +950,19 @@ class _StallCheck:
 
 
 def _still_refused(root: Path, refused: dict[str, str]) -> dict[str, str]:
-    """The entries of ``refused`` (directories left out of ``git add``, each with why) that
-    still hold what had them left out: a nested repository :func:`workspace.nested_head`
-    cannot read, a FIFO git would read. One fixed since (or gone) is saved again from this
-    snapshot on."""
+    """The entries of ``refused`` (paths left out of ``git add``, each with why) that still
+    hold what had them left out: a nested repository :func:`workspace.nested_head` cannot read,
+    a FIFO git would read, a file nearly all holes. One fixed since (or gone) is saved again
+    from this snapshot on."""
     kept = {}
     for path, why in refused.items():
         where = root / path
+        try:
+            if _mostly_holes(os.lstat(where)):
+                kept[path] = why
+                continue
+        except OSError:
+            continue  # gone
         if any(ws.is_fifo(where / name) for name in _READ_BY_GIT):
             kept[path] = why
         elif os.path.lexists(where / ".git"):
