@@ -515,16 +515,23 @@ def test_loose_objects_that_are_not_what_their_names_say_cost_the_state_director
     assert skipped and skipped[0]["count"] == 25
 
 
+@pytest.mark.parametrize("look", ["kernel", "walk"])
 @pytest.mark.parametrize("fifo", ["HEAD", "refs/heads/main", "commondir"])
-def test_a_nested_repository_holding_a_fifo_costs_seconds_once_not_the_timeout(tmp_path, fifo):
+def test_a_nested_repository_holding_a_fifo_costs_seconds_once_not_the_timeout(
+        tmp_path, monkeypatch, fifo, look):
     """git opens a nested repository's HEAD (and its branch's ref, its commondir) to tell it is
     one; a FIFO there blocks it for good. The snapshot finds why after a second, not after the
     door's whole timeout (a SIGTERM's final save must not wait a minute), leaves the repository
-    out (named in the log) and saves the rest; the next ones do not wait again."""
+    out (named in the log) and saves the rest; the next ones do not wait again. Found by the
+    kernel naming what git is blocked on, or where it cannot tell (another architecture, ptrace
+    refused) by a walk of the work tree."""
     import time
 
+    from watcherd import procfs
     from watcherd.git import DEFAULT_TIMEOUT
 
+    if look == "walk":
+        monkeypatch.setattr(procfs, "blocked_on", lambda pid: None)
     ws = make_repo(tmp_path / "ws")
     nested = ws / "vendor" / "lib" / ".git"
     for d in ("objects", "refs/heads"):
@@ -546,6 +553,43 @@ def test_a_nested_repository_holding_a_fifo_costs_seconds_once_not_the_timeout(t
     snap = take(ws, cache=cache)
     assert time.monotonic() - started < 3
     assert sgit(ws, "show", f"{snap.commit}:edit.txt", key=KEY) == "two"
+
+
+@pytest.mark.parametrize("past", ["depth", "entries"])
+def test_a_fifo_repository_past_the_walks_bounds_costs_seconds_not_the_timeout(
+        tmp_path, monkeypatch, past):
+    """The walk that looks for what blocks git stops somewhere (256 directories deep, 500,000
+    entries); git does not. The kernel names the file git is blocked opening wherever it is:
+    a nested repository with a FIFO HEAD 300 directories deep, or behind more entries than the
+    walk lists, is left out within seconds, named, and the rest saved."""
+    import time
+
+    from watcherd.git import DEFAULT_TIMEOUT
+
+    ws = make_repo(tmp_path / "ws")
+    if past == "depth":
+        where = "/".join(["d"] * 300) + "/lib"
+    else:
+        monkeypatch.setattr(snapshot, "_WALK_BUDGET", 50)
+        for i in range(100):
+            (ws / "big").mkdir(exist_ok=True)
+            (ws / "big" / f"f{i}.txt").write_text(f"{i}\n")
+        where = "big/lib"
+    nested = ws / where / ".git"
+    for d in ("objects", "refs/heads"):
+        (nested / d).mkdir(parents=True)
+    os.mkfifo(nested / "HEAD")
+    assert where not in snapshot._unreadable_repositories(ws, blocking=True)[0]
+    (ws / "edit.txt").write_text("saved\n")
+    cache = snapshot.Cache()
+    started = time.monotonic()
+
+    snap = take(ws, cache=cache)
+
+    assert time.monotonic() - started < DEFAULT_TIMEOUT / 6
+    assert "edit.txt" in files_of(ws, snap.commit)
+    assert list(cache.refused) == [where]
+    assert "HEAD is no regular file" in cache.refused[where]
 
 
 def test_pack_files_the_workspace_drops_are_let_go(tmp_path):

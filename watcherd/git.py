@@ -244,13 +244,14 @@ class Git:
         check: bool = True,
         timeout: float | None = None,
         ok: Sequence[int] = (0,),
-        stalled: Callable[[], bool] | None = None,
+        stalled: Callable[[int], bool] | None = None,
     ) -> Result:
         """Run ``git <args>`` and return its output.
 
-        ``stalled``: asked after :data:`STALL_CHECK` seconds while git still runs, then after
-        twice as long each time; True kills git at once (a check that finds git blocked on
-        something it will never finish, rather than a timeout's whole wait).
+        ``stalled``: asked, with git's process id, after :data:`STALL_CHECK` seconds while git
+        still runs, then after twice as long each time; True kills git at once (a check that
+        finds git blocked on something it will never finish, rather than a timeout's whole
+        wait).
 
         Raises :class:`GitTimeout` when it runs past ``timeout`` seconds (default: the door's),
         :class:`GitStalled` when ``stalled`` said so, :class:`GitError` when ``check`` and the
@@ -426,9 +427,9 @@ def _start(argv: list[str], cwd: Path, env: dict[str, str], shared: Shared,
 
 def _communicate(argv: list[str], cwd: Path, env: dict[str, str], input: bytes | None,
                  timeout: float, shared: Shared, workspace_objects: bool,
-                 stalled: Callable[[], bool] | None = None) -> tuple[int | None, bytes, bytes]:
+                 stalled: Callable[[int], bool] | None = None) -> tuple[int | None, bytes, bytes]:
     """Run one git child to its end, or kill its whole process group after ``timeout``, or
-    when ``stalled()`` says so (asked as :meth:`Git.run` says).
+    when ``stalled(pid)`` says so (asked as :meth:`Git.run` says).
 
     (None, out, err) on a timeout; raises :class:`_Stalled` when stopped as stalled. git's own
     children (``index-pack``, a remote helper) live in the same process group, so they go
@@ -450,7 +451,7 @@ def _communicate(argv: list[str], cwd: Path, env: dict[str, str], input: bytes |
                     _kill(proc)
                     out, err = proc.communicate()
                     return None, out, err
-                if stalled is not None and stalled():
+                if stalled is not None and stalled(proc.pid):
                     _kill(proc)
                     proc.communicate()
                     raise _Stalled() from None

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import structlog
 
-from watcherd import dirfd, ignore, log, state, worktree
+from watcherd import dirfd, ignore, log, procfs, state, worktree
 from watcherd import workspace as ws
 from watcherd.errors import ConfigError, GitError, WorkspaceError
 from watcherd.git import Git, GitStalled, GitTimeout, LocalIOError, for_workspace, retrying
@@ -804,7 +804,7 @@ def _holds_no_repository(path: Path) -> bool:
 
 def _add_all(git: Git, env: dict[str, str], *, attempts: int = 3, report: bool = True,
              refused: frozenset[str] = frozenset(),
-             stalled: Callable[[], bool] | None = None) -> dict[str, str]:
+             stalled: Callable[[int], bool] | None = None) -> dict[str, str]:
     """``git add --all`` of the work tree into the index ``env`` names; ``report``: warn about
     the paths it had to leave out; ``refused``: nested repositories left out (see
     :func:`_unreadable_repositories`); ``stalled``: asked while git runs long
@@ -828,11 +828,11 @@ def _add_all(git: Git, env: dict[str, str], *, attempts: int = 3, report: bool =
     return {}
 
 
-def _unreadable_repositories(root: Path, *, blocking: bool = False, every: bool = False,
-                             budget: int = 500_000) -> tuple[dict[str, str], list[str]]:
+def _unreadable_repositories(root: Path, *, blocking: bool = False,
+                             every: bool = False) -> tuple[dict[str, str], list[str]]:
     """What ``git add``, reading the work tree under ``root`` by path, blocks on, fails on or
     reads another repository through (walked through descriptors, no link followed, at most
-    ``budget`` entries, :data:`_WALK_DEPTH` deep): (nested repositories
+    :data:`_WALK_BUDGET` entries, :data:`_WALK_DEPTH` deep): (nested repositories
     :func:`workspace.nested_head` cannot read inside the workspace, each with why: a FIFO as
     its ``HEAD``, ``commondir``, branch or config, which git opens to tell a repository, or a
     ``HEAD`` linked outside, no repository to git; the files of :data:`_READ_BY_GIT` that are
@@ -844,7 +844,7 @@ def _unreadable_repositories(root: Path, *, blocking: bool = False, every: bool 
     (why: "")."""
     found: dict[str, str] = {}
     fifos: list[str] = []
-    left = [budget]
+    left = [_WALK_BUDGET]
 
     def walk(fd: int, at: str, depth: int) -> None:
         names = os.listdir(fd)
@@ -885,9 +885,7 @@ def _unreadable_repositories(root: Path, *, blocking: bool = False, every: bool 
                 except OSError:
                     continue
             elif _mostly_holes(st):
-                found[f"{at}{name}"] = (f"{at}{name} is a sparse file of {st.st_size} bytes, "
-                                        "nearly all holes: git would read (and a restore "
-                                        "write) every byte")
+                found[f"{at}{name}"] = _sparse(f"{at}{name}", st)
 
     root = Path(os.path.realpath(root))
     with dirfd.opened(root) as rfd:
@@ -895,8 +893,16 @@ def _unreadable_repositories(root: Path, *, blocking: bool = False, every: bool 
     return found, fifos
 
 
-_WALK_DEPTH = 256  # directories deep that _unreadable_repositories looks (git has no bound)
+# How far _unreadable_repositories looks (git has no bound): past it, only what the kernel
+# names (procfs) is found.
+_WALK_DEPTH = 256  # directories deep
+_WALK_BUDGET = 500_000  # entries listed, ignored ones too
 _SPARSE_FILE = 1 << 30  # a file this large that is nearly all holes is left out (_mostly_holes)
+
+
+def _sparse(rel: str, st: os.stat_result) -> str:
+    return (f"{rel} is a sparse file of {st.st_size} bytes, nearly all holes: git would read "
+            "(and a restore write) every byte")
 
 
 def _mostly_holes(st: os.stat_result) -> bool:
@@ -908,29 +914,44 @@ def _mostly_holes(st: os.stat_result) -> bool:
 # Files of the work tree git opens by path, without O_NONBLOCK, while it adds: a FIFO there
 # blocks it (.gitmodules: at the top, read when it meets a nested repository).
 _READ_BY_GIT = (".gitignore", ".gitattributes", ".gitmodules")
+_READABLE = frozenset({stat.S_IFREG, stat.S_IFDIR, stat.S_IFLNK})  # what git opens and finishes
 _MAX_LET_GO = 32  # FIFOs of _READ_BY_GIT a stall check lets go; past that, their directories out
 _ADD_ROUNDS = 4  # git adds tried in one snapshot, each after leaving out what blocked the last
 
 
 class _StallCheck:
     """The ``stalled`` check of the gits of one snapshot that walk the work tree
-    (:meth:`Git.run`): after a second, a walk (:func:`_unreadable_repositories`) for what git
-    blocks on for good. A nested repository it cannot read (a FIFO as its ``HEAD``) goes to
-    :attr:`found` and stops git (the caller leaves it out and tries again). A FIFO as a
-    ``.gitignore``, ``.gitattributes`` or ``.gitmodules`` (which git reads even for files it is
-    told to leave out) is let go (:func:`dirfd.release_fifos`): git reads it as empty; one
-    watcherd may not open for writing (the app's, read-only to watcherd's uid) puts its
-    directory in :attr:`found` instead, left out with the files it holds as last saved
+    (:meth:`Git.run`): after a second, what git is blocked on for good. The kernel names the
+    file git is in ``open`` or ``read`` of (:func:`procfs.blocked_on`, any depth); where it
+    cannot tell, and to find others like it in one pass, a walk looks
+    (:func:`_unreadable_repositories`). A nested repository it cannot read (a FIFO as its
+    ``HEAD``) goes to :attr:`found` and stops git (the caller leaves it out and tries again). A
+    FIFO as a ``.gitignore``, ``.gitattributes`` or ``.gitmodules`` (which git reads even for
+    files it is told to leave out) is let go (:func:`dirfd.release_fifos`): git reads it as
+    empty; one watcherd may not open for writing (the app's, read-only to watcherd's uid) puts
+    its directory in :attr:`found` instead, left out with the files it holds as last saved
     (:func:`_hold_out`). Either way seconds, once, not the door's whole timeout (a SIGTERM's
-    final save must not wait for it)."""
+    final save must not wait for it). A git the kernel finds blocked on nothing of the work
+    tree is only slow: the check costs no walk then."""
 
     def __init__(self, root: Path, refused: dict[str, str]) -> None:
         self.root = root
         self.refused = refused
         self.found: dict[str, str] = {}
 
-    def __call__(self) -> bool:
-        repositories, fifos = _unreadable_repositories(self.root, blocking=True)
+    def __call__(self, pid: int) -> bool:
+        seen = procfs.blocked_on(pid)
+        if seen is None:
+            repositories, fifos = _unreadable_repositories(self.root, blocking=True)
+        else:
+            repositories, fifos = _blocking(self.root, seen)
+            if not repositories and not fifos:
+                return False
+            # One planted is often many: the walk finds the others within its bounds at once,
+            # where the kernel names one per git started.
+            more, more_fifos = _unreadable_repositories(self.root, blocking=True)
+            repositories = {**more, **repositories}
+            fifos = list(dict.fromkeys(fifos + more_fifos))
         self.found.update((path, why) for path, why in repositories.items()
                           if path not in self.refused)
         if not self.found and fifos:
@@ -949,20 +970,55 @@ class _StallCheck:
         return bool(self.found)
 
 
+def _blocking(root: Path, paths: list[str]) -> tuple[dict[str, str], list[str]]:
+    """Of ``paths`` (absolute, as :func:`procfs.blocked_on` names what git is in ``open`` or
+    ``read`` of, or holds), those in the work tree ``root`` that block git for good, as
+    :func:`_unreadable_repositories` (``blocking``) answers: (nested repositories, or files, to
+    leave out, each with why; FIFOs of :data:`_READ_BY_GIT` to let go). What git reads and
+    finishes with (a regular file, a directory) is none of them, unless it is nearly all
+    holes."""
+    top = os.path.realpath(root)
+    found: dict[str, str] = {}
+    fifos: list[str] = []
+    for path in paths:
+        rel = os.path.relpath(os.path.normpath(path), top)
+        parts = rel.split("/")
+        if rel == "." or parts[0] in ("..", ".git"):
+            continue  # outside the work tree, or the workspace's own .git (git never reads it)
+        try:
+            st = os.lstat(os.path.join(top, rel))
+        except OSError:
+            continue  # gone
+        plain = stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)
+        if ".git" in parts:
+            if not plain:  # to tell it is a repository, git opens its .git, HEAD, ref, config
+                repository = "/".join(parts[:parts.index(".git")])
+                found[repository] = f"{rel} is no regular file: git blocks opening it"
+        elif parts[-1] in _READ_BY_GIT and stat.S_ISFIFO(st.st_mode):
+            fifos.append(rel)
+        elif _mostly_holes(st):
+            found[rel] = _sparse(rel, st)
+        elif not plain:
+            found[rel] = f"{rel} is no regular file: git blocks opening it"
+    return found, fifos
+
+
 def _still_refused(root: Path, refused: dict[str, str]) -> dict[str, str]:
     """The entries of ``refused`` (paths left out of ``git add``, each with why) that still
     hold what had them left out: a nested repository :func:`workspace.nested_head` cannot read,
-    a FIFO git would read, a file nearly all holes. One fixed since (or gone) is saved again
+    a FIFO git would read, a file nearly all holes, a FIFO or device git blocked on. One fixed
+    since (or gone) is saved again
     from this snapshot on."""
     kept = {}
     for path, why in refused.items():
         where = root / path
         try:
-            if _mostly_holes(os.lstat(where)):
-                kept[path] = why
-                continue
+            st = os.lstat(where)
         except OSError:
             continue  # gone
+        if _mostly_holes(st) or stat.S_IFMT(st.st_mode) not in _READABLE:
+            kept[path] = why
+            continue
         if any(ws.is_fifo(where / name) for name in _READ_BY_GIT):
             kept[path] = why
         elif os.path.lexists(where / ".git"):
@@ -994,7 +1050,7 @@ def _hold_out(repo: Repo, env: dict[str, str], refused: dict[str, str]) -> bytes
 
 def _drop_now_ignored(git: Git, env: dict[str, str], user_paths: frozenset[bytes],
                       refused: dict[str, str] | None = None,
-                      stalled: Callable[[], bool] | None = None) -> bool:
+                      stalled: Callable[[int], bool] | None = None) -> bool:
     """Take out of the private index what is ignored now and not in the user's index.
 
     ``git add --all`` never drops an entry because a .gitignore matches it now (a tracked file is

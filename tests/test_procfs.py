@@ -1,0 +1,105 @@
+"""``procfs.blocked_on``: the kernel names the file a child process is blocked opening or
+reading, whatever the way it was named (a path relative to its working directory, to a
+directory descriptor, a descriptor already open), in any of its threads or descendants."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from watcherd import procfs
+
+pytestmark = pytest.mark.skipif(
+    sys.platform != "linux" or platform.machine() not in procfs._OPEN_PATH,
+    reason="the kernel's system call table is known here for Linux on x86_64 and aarch64")
+
+
+def child(code: str, cwd: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", code], cwd=cwd, stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True)
+
+
+def end(proc: subprocess.Popen) -> None:
+    os.killpg(proc.pid, 9)  # its children too
+    proc.wait()
+
+
+def named(pid: int, path: Path, deadline: float = 10.0) -> list[str]:
+    """blocked_on(pid) once it names ``path`` (the child needs a moment to get there)."""
+    end = time.monotonic() + deadline
+    while time.monotonic() < end:
+        seen = procfs.blocked_on(pid)
+        assert seen is not None
+        if str(path) in seen:
+            return seen
+        time.sleep(0.01)
+    raise AssertionError(f"{path} never named: {procfs.blocked_on(pid)}")
+
+
+@pytest.fixture
+def fifo(tmp_path):
+    (tmp_path / "d").mkdir()
+    os.mkfifo(tmp_path / "d" / "fifo")
+    return tmp_path / "d" / "fifo"
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("how", [
+    "open('d/fifo')",  # relative to the working directory (AT_FDCWD)
+    "os.open('fifo', os.O_RDONLY, dir_fd=os.open('d', os.O_RDONLY))",  # relative to a descriptor
+    "threading.Thread(target=open, args=('d/fifo',)).start()",  # in another thread
+    "subprocess.run([sys.executable, '-c', \"open('d/fifo')\"])",  # in a child of its own
+])
+def test_an_open_blocked_on_a_fifo_names_the_fifo_first(tmp_path, fifo, how):
+    proc = child(f"import os, subprocess, sys, threading; {how}", tmp_path)
+    try:
+        seen = named(proc.pid, fifo)
+        assert seen[0] == str(fifo)
+    finally:
+        end(proc)
+
+
+@pytest.mark.timeout(30)
+def test_a_read_blocked_on_a_fifo_names_it_through_its_descriptor(tmp_path, fifo):
+    writer = os.open(fifo, os.O_RDWR)  # a writer that never writes: the child's open returns
+    try:
+        proc = child("f = open('d/fifo', 'rb'); f.read()", tmp_path)
+        try:
+            assert named(proc.pid, fifo)[0] == str(fifo)
+        finally:
+            end(proc)
+    finally:
+        os.close(writer)
+
+
+@pytest.mark.timeout(30)
+def test_a_read_of_a_pipe_names_no_file(tmp_path):
+    proc = child("import sys; print('ready', flush=True); sys.stdin.read()", tmp_path)
+    try:
+        assert proc.stdout.readline() == b"ready\n"
+        deadline = time.monotonic() + 10
+        while (Path(f"/proc/{proc.pid}/syscall").read_text().split() or ["running"])[0] \
+                in ("running", "-1"):
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert procfs.blocked_on(proc.pid) == []
+    finally:
+        end(proc)
+
+
+def test_an_architecture_whose_system_calls_are_not_known_cannot_tell(monkeypatch):
+    monkeypatch.setattr(platform, "machine", lambda: "s390x")
+    assert procfs.blocked_on(os.getpid()) is None
+
+
+def test_a_process_that_has_ended_names_nothing():
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    assert procfs.blocked_on(proc.pid) is None
