@@ -413,6 +413,32 @@ def test_a_nested_repository_without_commits_is_reported_and_does_not_stop_snaps
     assert "no commit" in reported[0]["note"]
 
 
+def test_a_sha256_repository_in_a_sha1_workspace_is_reported_as_such_and_the_rest_saved(tmp_path):
+    """git reads the HEAD of a sha256 repository nested in a sha1 one as no commit, and no sha1
+    tree can name one of its commits: its files are in no snapshot. The log and ``status`` say
+    why (not "no commit yet", which would send the user committing in it for nothing), at every
+    snapshot, and the rest is saved."""
+    ws = make_repo(tmp_path / "ws")
+    nested = ws / "lib"
+    nested.mkdir()
+    git(nested, "init", "-q", "--object-format=sha256")
+    (nested / "lib.py").write_text("print('sha256')\n")
+    git(nested, "add", "-A")
+    git(nested, "commit", "-q", "-m", "nested")
+    cache = snapshot.Cache()
+    for n in range(2):
+        (ws / "readme.md").write_text(f"edit {n}\n")
+        with capture_logs() as logs:
+            snap = take(ws, cache=cache)
+        assert in_state(ws, "show", f"{snap.commit}:readme.md") == f"edit {n}"
+        reported = events(logs, "snapshot.nested_repository")
+        assert [e["path"] for e in reported] == ["lib"]
+        assert reported[0]["reason"] == ("a sha256 repository in a sha1 workspace: git cannot "
+                                         "record it, so its files are not saved")
+        assert "no commit" not in reported[0]["note"]
+    assert cache.not_saved() == {"lib": reported[0]["reason"]}
+
+
 @linux_only
 def test_the_daemon_saves_a_nested_repository_reports_one_without_commits_and_keeps_saving(
         watcherd, tmp_path):

@@ -510,7 +510,7 @@ def _add_rounds(repo: Repo, env: dict[str, str], cache: Cache) -> None:
         held = _hold_out(repo, env, cache.refused)
         try:
             cache.left_out = _add_all(git, env, refused=frozenset(cache.refused),
-                                      stalled=stalled)
+                                      stalled=stalled, why=lambda p: _cannot_record(repo, p))
             break
         except GitError as exc:  # a timeout, a failure, or stopped as stalled
             if not unreadable:  # failed: whatever git may have failed on
@@ -804,12 +804,13 @@ def _holds_no_repository(path: Path) -> bool:
 
 def _add_all(git: Git, env: dict[str, str], *, attempts: int = 3, report: bool = True,
              refused: frozenset[str] = frozenset(),
-             stalled: Callable[[int], bool] | None = None) -> dict[str, str]:
+             stalled: Callable[[int], bool] | None = None,
+             why: Callable[[str], str] = lambda path: _NO_COMMIT) -> dict[str, str]:
     """``git add --all`` of the work tree into the index ``env`` names; ``report``: warn about
     the paths it had to leave out; ``refused``: nested repositories left out (see
     :func:`_unreadable_repositories`); ``stalled``: asked while git runs long
     (:meth:`Git.run`). The nested repositories git could not record (no commit yet), each with
-    why. Raises :class:`GitError` (:class:`~watcherd.git.GitStalled` when ``stalled`` stopped
+    why (``why``, asked for each: :func:`_report_skipped`). Raises :class:`GitError` (:class:`~watcherd.git.GitStalled` when ``stalled`` stopped
     it)."""
     specs = [".", *(f":(exclude,literal){p}" for p in sorted(refused))]
     for attempt in range(attempts):
@@ -824,7 +825,7 @@ def _add_all(git: Git, env: dict[str, str], *, attempts: int = 3, report: bool =
         if r.returncode != 1:
             raise GitError(f"git add failed in {git.work_tree}: {'; '.join(_lines(r.stderr)[:3])}")
         # 1 is --ignore-errors' "these paths could not be added": the index holds all the rest.
-        return _report_skipped(said, report)
+        return _report_skipped(said, report, why)
     return {}
 
 
@@ -1078,24 +1079,29 @@ def _drop_now_ignored(git: Git, env: dict[str, str], user_paths: frozenset[bytes
     return True
 
 
-def _report_skipped(said: str, report: bool = True) -> dict[str, str]:
+def _report_skipped(said: str, report: bool = True,
+                    why: Callable[[str], str] = lambda path: _NO_COMMIT) -> dict[str, str]:
     """Say which paths ``git add`` left out and why, one warning per kind of reason (``report``
-    False: say nothing); the nested repositories among them, with why."""
-    nested, refused, other = [], [], []
+    False: say nothing); the nested repositories among them, each with why (``why``: asked for
+    each, git says only "does not have a commit checked out")."""
+    nested, refused, other = {}, [], []
     for line in said.splitlines():
         if m := re.fullmatch(r"error: '(.*)/' does not have a commit checked out", line):
-            nested.append(m[1])
+            nested[m[1]] = why(m[1])
         elif m := re.fullmatch(r"error: invalid path '(.*)'", line):
             refused.append(m[1])
         elif line.startswith(("error:", "warning:", "fatal:")) and "unable to add" not in line \
                 and "adding embedded git repository" not in line:
             other.append(line)
     if not report:
-        return {path: _NO_COMMIT for path in nested}
-    for path in nested:
-        _log.warning("snapshot.nested_repository", path=path,
+        return nested
+    for path, reason in nested.items():
+        _log.warning("snapshot.nested_repository", path=path, reason=reason,
                      note="a nested git repository with no commit yet: git cannot record it, so "
-                          "its files are not in the snapshot (commit in it, or remove its .git)")
+                          "its files are not in the snapshot (commit in it, or remove its .git)"
+                     if reason == _NO_COMMIT else
+                     "a nested git repository git cannot record: its files are not in the "
+                     "snapshot (remove its .git to have them saved as files)")
     if refused:
         _log.warning("snapshot.paths_refused", paths=refused[:50], count=len(refused),
                      hint="git refuses these names (they would be .git on other systems, or a "
@@ -1103,7 +1109,19 @@ def _report_skipped(said: str, report: bool = True) -> dict[str, str]:
     if other:
         _log.warning("snapshot.unreadable_files", detail=other[:5],
                      hint="files git could not read are left out of this snapshot")
-    return {path: _NO_COMMIT for path in nested}
+    return nested
+
+
+def _cannot_record(repo: Repo, path: str) -> str:
+    """Why git recorded no gitlink for the nested repository at ``path`` (it says "does not have
+    a commit checked out" either way): no commit yet, or objects named by another hash than the
+    workspace's (git reads a sha256 ``HEAD`` in a sha1 workspace as no commit, and a tree of
+    one format cannot name a commit of the other)."""
+    fmt = ws.nested_object_format(repo.workspace, path)
+    if fmt is not None and fmt != repo.object_format():
+        return (f"a {fmt} repository in a {repo.object_format()} workspace: git cannot record "
+                "it, so its files are not saved")
+    return _NO_COMMIT
 
 
 _NO_COMMIT = "a repository with no commit yet: git cannot record it, so its files are not saved"

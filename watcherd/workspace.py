@@ -260,6 +260,18 @@ def nested_head(root: Path, rel: str) -> str | None:
     raise Unsafe(f"{rel}: more than {_REF_DEPTH} symbolic refs in a row")
 
 
+def nested_object_format(root: Path, rel: str) -> str | None:
+    """The object format (``sha1``, ``sha256``) the nested repository at ``rel`` declares in its
+    config, read as :func:`nested_head` reads it; None when none can be read safely."""
+    try:
+        layout = locate(root / rel, boundary=root)
+        if layout.problem or layout.common_dir is None:
+            return None
+        return _object_format(read_file(root, layout.common_dir / "config", MAX_CONFIG))
+    except (WorkspaceError, Unsafe, OSError):
+        return None
+
+
 # -- reading ---------------------------------------------------------------------------------------
 
 
