@@ -592,6 +592,45 @@ def test_a_fifo_repository_past_the_walks_bounds_costs_seconds_not_the_timeout(
     assert "HEAD is no regular file" in cache.refused[where]
 
 
+def test_fifo_repositories_made_faster_than_git_gets_past_them_still_save_every_edit(tmp_path):
+    """An agent that makes a nested repository with a FIFO HEAD every few milliseconds has git
+    blocked on a new one at every round, however many were left out before it. After its rounds
+    the snapshot saves what the index already holds (``git add --update`` walks no directory,
+    so it opens no new repository): every edit of a file already saved is saved, at each
+    snapshot, and new files wait (said)."""
+    import threading
+    import time
+
+    ws = make_repo(tmp_path / "ws")
+    (ws / "edit.txt").write_text("first\n")
+    cache = snapshot.Cache()
+    take(ws, cache=cache)
+    stop = threading.Event()
+
+    def agent() -> None:
+        for i in range(100_000):
+            if stop.is_set():
+                return
+            nested = ws / f"r{i}" / ".git"
+            (nested / "objects").mkdir(parents=True)
+            os.mkfifo(nested / "HEAD")
+            time.sleep(0.002)
+
+    making = threading.Thread(target=agent, daemon=True)
+    making.start()
+    try:
+        while not (ws / "r20").exists():  # the agent is under way
+            time.sleep(0.01)
+        for n in range(2):
+            (ws / "edit.txt").write_text(f"edit {n}\n")
+            take(ws, cache=cache)
+            head = state_repo(ws, KEY).snapshot_head()
+            assert sgit(ws, "show", f"{head}:edit.txt", key=KEY) == f"edit {n}"
+    finally:
+        stop.set()
+        making.join()
+
+
 def test_pack_files_the_workspace_drops_are_let_go(tmp_path):
     """watcherd holds the workspace's pack files open for its git children; a user's repack
     replaces them again and again: the ones gone are closed (no descriptor of a deleted pack

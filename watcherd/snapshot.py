@@ -29,7 +29,7 @@ import re
 import stat
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from contextlib import nullcontext, suppress
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -500,32 +500,43 @@ def _worktree_tree(repo: Repo, layout: ws.Layout, prev: str | None, prev_tree: s
 
 def _add_rounds(repo: Repo, env: dict[str, str], cache: Cache) -> None:
     """``git add --all`` into the private index (``env``), again without what blocked or failed
-    it (left out in ``cache.refused``, said once), at most :data:`_ADD_ROUNDS` times. Raises
-    :class:`GitError` when the last round fails too, or when nothing explains a failure."""
+    it (left out in ``cache.refused``, said once), at most :data:`_ADD_ROUNDS` times; when
+    each of them met something new to leave out (the agent making FIFO repositories faster
+    than git gets past them), a last ``git add --update``: the files already saved are, the new
+    ones wait for the next snapshot (said). Raises :class:`GitError` when that fails too, or
+    when nothing explains a failure."""
     git = repo.git
     stalled = _StallCheck(repo.workspace, cache.refused)
-    for attempt in range(_ADD_ROUNDS):
+    for attempt in range(_ADD_ROUNDS + 1):
+        update = attempt == _ADD_ROUNDS  # no walk of the work tree: only the index's paths
         unreadable = stalled.found
         unreadable.clear()
         held = _hold_out(repo, env, cache.refused)
         try:
-            cache.left_out = _add_all(git, env, refused=frozenset(cache.refused),
-                                      stalled=stalled, why=lambda p: _cannot_record(repo, p))
+            left_out = _add_all(git, env, refused=frozenset(cache.refused), stalled=stalled,
+                                why=lambda p: _cannot_record(repo, p), update=update)
+            if update:
+                _log.warning("snapshot.new_files_deferred", rounds=_ADD_ROUNDS,
+                             note="git add met something new to leave out at every round (a "
+                                  "FIFO repository made as fast as git got past the last "
+                                  "one): this snapshot saves the changes to the files already "
+                                  "saved; new files wait for the next one")
+            else:
+                cache.left_out = left_out
             break
         except GitError as exc:  # a timeout, a failure, or stopped as stalled
-            if not unreadable:  # failed: whatever git may have failed on
-                unreadable.update((path, why) for path, why in
-                                  _unreadable_repositories(repo.workspace)[0].items()
-                                  if path not in cache.refused)
-            if not unreadable and not isinstance(exc, (GitTimeout, LocalIOError)):
+            if not unreadable and not update:  # failed: whatever git may have failed on
+                unreadable.update(_unreadable_repositories(repo.workspace,
+                                                           skip=cache.refused)[0])
+            if not unreadable and not update and \
+                    not isinstance(exc, (GitTimeout, LocalIOError)):
                 # Nothing explains it: git fails opening a nested repository in a way watcherd
                 # does not know (a config value it cannot parse names no file). The rest of the
                 # workspace is saved without them rather than not at all.
                 unreadable.update((path, f"git add failed while it was in: {exc}")
                                   for path in _unreadable_repositories(
-                                      repo.workspace, every=True)[0]
-                                  if path not in cache.refused)
-            if not unreadable or attempt == _ADD_ROUNDS - 1:
+                                      repo.workspace, every=True, skip=cache.refused)[0])
+            if not unreadable or update:
                 raise
         finally:
             # The failed git's lock on watcherd's private index (nothing else writes it: the
@@ -805,18 +816,20 @@ def _holds_no_repository(path: Path) -> bool:
 def _add_all(git: Git, env: dict[str, str], *, attempts: int = 3, report: bool = True,
              refused: frozenset[str] = frozenset(),
              stalled: Callable[[int], bool] | None = None,
-             why: Callable[[str], str] = lambda path: _NO_COMMIT) -> dict[str, str]:
+             why: Callable[[str], str] = lambda path: _NO_COMMIT,
+             update: bool = False) -> dict[str, str]:
     """``git add --all`` of the work tree into the index ``env`` names; ``report``: warn about
     the paths it had to leave out; ``refused``: nested repositories left out (see
     :func:`_unreadable_repositories`); ``stalled``: asked while git runs long
     (:meth:`Git.run`). The nested repositories git could not record (no commit yet), each with
-    why (``why``, asked for each: :func:`_report_skipped`). Raises :class:`GitError` (:class:`~watcherd.git.GitStalled` when ``stalled`` stopped
-    it)."""
+    why (``why``, asked for each: :func:`_report_skipped`). ``update``: ``git add --update``,
+    only the paths the index holds (no walk of the work tree, no new file). Raises
+    :class:`GitError` (:class:`~watcherd.git.GitStalled` when ``stalled`` stopped it)."""
     specs = [".", *(f":(exclude,literal){p}" for p in sorted(refused))]
     for attempt in range(attempts):
         # --ignore-errors: an unreadable file must not stop every other edit from being saved.
-        r = git.run("add", "--all", "--ignore-errors", "--", *specs, env=env, check=False,
-                    stalled=stalled)
+        r = git.run("add", "--update" if update else "--all", "--ignore-errors", "--", *specs,
+                    env=env, check=False, stalled=stalled)
         if r.returncode == 0:
             return {}
         said = r.stderr.decode("utf-8", "replace").strip()
@@ -829,8 +842,8 @@ def _add_all(git: Git, env: dict[str, str], *, attempts: int = 3, report: bool =
     return {}
 
 
-def _unreadable_repositories(root: Path, *, blocking: bool = False,
-                             every: bool = False) -> tuple[dict[str, str], list[str]]:
+def _unreadable_repositories(root: Path, *, blocking: bool = False, every: bool = False,
+                             skip: Collection[str] = ()) -> tuple[dict[str, str], list[str]]:
     """What ``git add``, reading the work tree under ``root`` by path, blocks on, fails on or
     reads another repository through (walked through descriptors, no link followed, at most
     :data:`_WALK_BUDGET` entries, :data:`_WALK_DEPTH` deep): (nested repositories
@@ -842,7 +855,7 @@ def _unreadable_repositories(root: Path, *, blocking: bool = False,
     (:func:`_mostly_holes`), which git would take minutes over, is among the first, with why.
     ``blocking``: only the repositories git blocks on (a FIFO, a socket, a device), not those
     it reads another way than watcherd; ``every``: every nested repository, readable or not
-    (why: "")."""
+    (why: ""); ``skip``: paths already left out of git's add, not looked into."""
     found: dict[str, str] = {}
     fifos: list[str] = []
     left = [_WALK_BUDGET]
@@ -873,7 +886,7 @@ def _unreadable_repositories(root: Path, *, blocking: bool = False,
         for name in names:
             if left[0] < 0 or depth > _WALK_DEPTH:
                 return
-            if name == ".git":
+            if name == ".git" or f"{at}{name}" in skip:
                 continue
             try:
                 st = os.stat(name, dir_fd=fd, follow_symlinks=False)
@@ -943,14 +956,16 @@ class _StallCheck:
     def __call__(self, pid: int) -> bool:
         seen = procfs.blocked_on(pid)
         if seen is None:
-            repositories, fifos = _unreadable_repositories(self.root, blocking=True)
+            repositories, fifos = _unreadable_repositories(self.root, blocking=True,
+                                                           skip=self.refused)
         else:
             repositories, fifos = _blocking(self.root, seen)
             if not repositories and not fifos:
                 return False
             # One planted is often many: the walk finds the others within its bounds at once,
             # where the kernel names one per git started.
-            more, more_fifos = _unreadable_repositories(self.root, blocking=True)
+            more, more_fifos = _unreadable_repositories(self.root, blocking=True,
+                                                        skip=self.refused)
             repositories = {**more, **repositories}
             fifos = list(dict.fromkeys(fifos + more_fifos))
         self.found.update((path, why) for path, why in repositories.items()
