@@ -937,7 +937,7 @@ class _StallCheck:
     """The ``stalled`` check of the gits of one snapshot that walk the work tree
     (:meth:`Git.run`): after a second, what git is blocked on for good. The kernel names the
     file git is in ``open`` or ``read`` of (:func:`procfs.blocked_on`, any depth); where it
-    cannot tell, and to find others like it in one pass, a walk looks
+    cannot tell, and from the second one on to find the others in one pass, a walk looks
     (:func:`_unreadable_repositories`). A nested repository it cannot read (a FIFO as its
     ``HEAD``) goes to :attr:`found` and stops git (the caller leaves it out and tries again). A
     FIFO as a ``.gitignore``, ``.gitattributes`` or ``.gitmodules`` (which git reads even for
@@ -952,6 +952,7 @@ class _StallCheck:
         self.root = root
         self.refused = refused
         self.found: dict[str, str] = {}
+        self.blocked = 0  # times the kernel named something git blocks on
 
     def __call__(self, pid: int) -> bool:
         seen = procfs.blocked_on(pid)
@@ -962,12 +963,15 @@ class _StallCheck:
             repositories, fifos = _blocking(self.root, seen)
             if not repositories and not fifos:
                 return False
-            # One planted is often many: the walk finds the others within its bounds at once,
-            # where the kernel names one per git started.
-            more, more_fifos = _unreadable_repositories(self.root, blocking=True,
-                                                        skip=self.refused)
-            repositories = {**more, **repositories}
-            fifos = list(dict.fromkeys(fifos + more_fifos))
+            if self.blocked:
+                # A second one in this snapshot: there may be many, and the kernel names one
+                # per check. The walk finds the others within its bounds at once (it costs as
+                # much as git's own walk: not for the first, which is often the only one).
+                more, more_fifos = _unreadable_repositories(self.root, blocking=True,
+                                                            skip=self.refused)
+                repositories = {**more, **repositories}
+                fifos = list(dict.fromkeys(fifos + more_fifos))
+            self.blocked += 1
         self.found.update((path, why) for path, why in repositories.items()
                           if path not in self.refused)
         if not self.found and fifos:
