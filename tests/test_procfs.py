@@ -103,3 +103,20 @@ def test_a_process_that_has_ended_names_nothing():
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
     proc.wait()
     assert procfs.blocked_on(proc.pid) is None
+
+
+@pytest.mark.timeout(30)
+def test_memory_it_may_not_read_cannot_tell_rather_than_names_nothing(tmp_path, fifo, monkeypatch):
+    """Yama or another uid can refuse the memory read after the system call was read: the
+    answer is None (the caller walks the work tree instead), never "blocked on nothing"."""
+    proc = child("open('d/fifo')", tmp_path)
+    try:
+        named(proc.pid, fifo)
+
+        def refused(task: str, address: int) -> bytes:
+            raise PermissionError(13, "Permission denied", f"{task}/mem")
+
+        monkeypatch.setattr(procfs, "_string_at", refused)
+        assert procfs.blocked_on(proc.pid) is None
+    finally:
+        end(proc)

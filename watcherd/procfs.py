@@ -61,13 +61,13 @@ def blocked_on(pid: int) -> list[str] | None:
             task = f"/proc/{proc}/task/{tid}"
             try:
                 call = _syscall(task)
+                path = _path_of(task, call, opens, reads) if call is not None else None
             except PermissionError:
-                return None
+                return None  # ptrace access refused: the caller must look another way
             except OSError:
                 continue
-            if call is not None:
-                if path := _path_of(task, call, opens, reads):
-                    found.append(path)
+            if path:
+                found.append(path)
             try:
                 with open(f"{task}/children", encoding="ascii") as f:
                     pids.extend(int(child) for child in f.read().split())
@@ -103,8 +103,10 @@ def _path_of(task: str, call: tuple[int, ...], opens: dict[int, tuple[int | None
         dir_fd = _AT_FDCWD if at is None else _signed(args[at])
         base = os.readlink(f"{task}/cwd" if dir_fd == _AT_FDCWD else f"{task}/fd/{dir_fd}")
         return os.path.join(base, path) if base.startswith("/") else None
+    except PermissionError:
+        raise
     except (OSError, ValueError, IndexError):
-        return None
+        return None  # the task moved on (a descriptor closed, its memory unmapped)
 
 
 def _signed(word: int) -> int:
