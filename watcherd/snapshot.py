@@ -1027,8 +1027,7 @@ def _still_refused(root: Path, refused: dict[str, str]) -> dict[str, str]:
     """The entries of ``refused`` (paths left out of ``git add``, each with why) that still
     hold what had them left out: a nested repository :func:`workspace.nested_head` cannot read,
     a FIFO git would read, a file nearly all holes, a FIFO or device git blocked on. One fixed
-    since (or gone) is saved again
-    from this snapshot on."""
+    since (or gone) is saved again from this snapshot on."""
     kept = {}
     for path, why in refused.items():
         where = root / path
