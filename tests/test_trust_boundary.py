@@ -555,13 +555,14 @@ def test_a_nested_repository_holding_a_fifo_costs_seconds_once_not_the_timeout(
     assert sgit(ws, "show", f"{snap.commit}:edit.txt", key=KEY) == "two"
 
 
-@pytest.mark.parametrize("past", ["depth", "entries"])
+@pytest.mark.parametrize("past", ["depth", "entries", "time"])
 def test_a_fifo_repository_past_the_walks_bounds_costs_seconds_not_the_timeout(
         tmp_path, monkeypatch, past):
     """The walk that looks for what blocks git stops somewhere (256 directories deep, 500,000
-    entries); git does not. The kernel names the file git is blocked opening wherever it is:
-    a nested repository with a FIFO HEAD 300 directories deep, or behind more entries than the
-    walk lists, is left out within seconds, named, and the rest saved."""
+    entries, 5 seconds); git does not. The kernel names the file git is blocked opening
+    wherever it is: a nested repository with a FIFO HEAD 300 directories deep, or behind more
+    entries than the walk lists or than it has time for, is left out within seconds, named,
+    and the rest saved."""
     import time
 
     from watcherd.git import DEFAULT_TIMEOUT
@@ -569,17 +570,21 @@ def test_a_fifo_repository_past_the_walks_bounds_costs_seconds_not_the_timeout(
     ws = make_repo(tmp_path / "ws")
     if past == "depth":
         where = "/".join(["d"] * 300) + "/lib"
-    else:
+    elif past == "entries":
         monkeypatch.setattr(snapshot, "_WALK_BUDGET", 50)
         for i in range(100):
             (ws / "big").mkdir(exist_ok=True)
             (ws / "big" / f"f{i}.txt").write_text(f"{i}\n")
         where = "big/lib"
+    else:
+        monkeypatch.setattr(snapshot, "_WALK_FOR", 0.0)
+        where = "lib"
     nested = ws / where / ".git"
     for d in ("objects", "refs/heads"):
         (nested / d).mkdir(parents=True)
     os.mkfifo(nested / "HEAD")
-    assert where not in snapshot._unreadable_repositories(ws, blocking=True)[0]
+    assert where not in snapshot._unreadable_repositories(ws, blocking=True,
+                                                          for_s=snapshot._WALK_FOR)[0]
     (ws / "edit.txt").write_text("saved\n")
     cache = snapshot.Cache()
     started = time.monotonic()

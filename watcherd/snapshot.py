@@ -843,7 +843,8 @@ def _add_all(git: Git, env: dict[str, str], *, attempts: int = 3, report: bool =
 
 
 def _unreadable_repositories(root: Path, *, blocking: bool = False, every: bool = False,
-                             skip: Collection[str] = ()) -> tuple[dict[str, str], list[str]]:
+                             skip: Collection[str] = (), for_s: float | None = None
+                             ) -> tuple[dict[str, str], list[str]]:
     """What ``git add``, reading the work tree under ``root`` by path, blocks on, fails on or
     reads another repository through (walked through descriptors, no link followed, at most
     :data:`_WALK_BUDGET` entries, :data:`_WALK_DEPTH` deep): (nested repositories
@@ -855,12 +856,17 @@ def _unreadable_repositories(root: Path, *, blocking: bool = False, every: bool 
     (:func:`_mostly_holes`), which git would take minutes over, is among the first, with why.
     ``blocking``: only the repositories git blocks on (a FIFO, a socket, a device), not those
     it reads another way than watcherd; ``every``: every nested repository, readable or not
-    (why: ""); ``skip``: paths already left out of git's add, not looked into."""
+    (why: ""); ``skip``: paths already left out of git's add, not looked into; ``for_s``:
+    seconds after which it stops looking (what it found so far)."""
     found: dict[str, str] = {}
     fifos: list[str] = []
     left = [_WALK_BUDGET]
+    deadline = None if for_s is None else time.monotonic() + for_s
 
     def walk(fd: int, at: str, depth: int) -> None:
+        if deadline is not None and time.monotonic() > deadline:
+            left[0] = -1
+            return
         names = os.listdir(fd)
         left[0] -= len(names)
         if at and ".git" in names:
@@ -911,6 +917,7 @@ def _unreadable_repositories(root: Path, *, blocking: bool = False, every: bool 
 # names (procfs) is found.
 _WALK_DEPTH = 256  # directories deep
 _WALK_BUDGET = 500_000  # entries listed, ignored ones too
+_WALK_FOR = 5.0  # seconds, while git waits (50,000 nested repositories take 20)
 _SPARSE_FILE = 1 << 30  # a file this large that is nearly all holes is left out (_mostly_holes)
 
 
@@ -958,7 +965,7 @@ class _StallCheck:
         seen = procfs.blocked_on(pid)
         if seen is None:
             repositories, fifos = _unreadable_repositories(self.root, blocking=True,
-                                                           skip=self.refused)
+                                                           skip=self.refused, for_s=_WALK_FOR)
         else:
             repositories, fifos = _blocking(self.root, seen)
             if not repositories and not fifos:
@@ -968,7 +975,8 @@ class _StallCheck:
                 # per check. The walk finds the others within its bounds at once (it costs as
                 # much as git's own walk: not for the first, which is often the only one).
                 more, more_fifos = _unreadable_repositories(self.root, blocking=True,
-                                                            skip=self.refused)
+                                                            skip=self.refused,
+                                                            for_s=_WALK_FOR)
                 repositories = {**more, **repositories}
                 fifos = list(dict.fromkeys(fifos + more_fifos))
             self.blocked += 1
