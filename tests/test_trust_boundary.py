@@ -1506,6 +1506,23 @@ def test_a_fifo_git_reads_costs_a_second_and_reads_as_empty(tmp_path, tracked, n
     assert cache.refused == {}
 
 
+def test_letting_a_fifo_go_never_opens_a_regular_file_for_writing(tmp_path):
+    """git's reader is let go by opening the FIFO it waits on for writing; the same name may be
+    a regular .gitignore by then (or on the way to the path the watcher asked about): opening
+    that for writing would be a change to the watcher (a rescan), so it is not opened at all."""
+    from inotify_simple import INotify, flags
+
+    from watcherd import dirfd
+
+    (tmp_path / ".gitignore").write_text("*.log\n")
+    inotify = INotify()
+    inotify.add_watch(tmp_path, flags.CLOSE_WRITE)
+
+    assert dirfd.release_fifos(tmp_path, [".gitignore"], for_s=0.05) == []
+    assert inotify.read(timeout=0) == []
+    inotify.close()
+
+
 def test_a_slow_add_never_leaves_out_what_does_not_block_it(tmp_path, monkeypatch):
     """The stall check runs whenever git add takes long, a big workspace's too: only what git
     blocks on (a FIFO) is left out; a directory whose .git merely leads outside, or a

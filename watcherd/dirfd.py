@@ -298,7 +298,8 @@ def release_fifos(root: Path, fifos: Iterable[str], *, for_s: float = 0.5) -> li
     ``for_s`` seconds: a reader meets them one after another. Every directory on the way is
     opened without following links; nothing is ever written. Those that may not be opened for
     writing (``EACCES``, ``EPERM``, ``EROFS``: another uid's, a read-only mount), which a reader
-    stays blocked on; one nobody reads now (``ENXIO``), gone or a link is passed over."""
+    stays blocked on; one nobody reads now (``ENXIO``), gone, a link or no FIFO (a regular
+    file is never opened for writing: a watcher would take it for an edit) is passed over."""
     fifos = list(fifos)
     denied: set[str] = set()
     deadline = time.monotonic() + for_s
@@ -311,6 +312,9 @@ def release_fifos(root: Path, fifos: Iterable[str], *, for_s: float = 0.5) -> li
                     if where is None:
                         continue
                     try:
+                        if not stat.S_ISFIFO(os.stat(where[1], dir_fd=where[0],
+                                                     follow_symlinks=False).st_mode):
+                            continue  # a file opened for writing is a change to a watcher
                         fd = os.open(where[1], os.O_WRONLY | os.O_NONBLOCK | os.O_NOFOLLOW |
                                      os.O_CLOEXEC, dir_fd=where[0])
                     except OSError as exc:
