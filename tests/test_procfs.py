@@ -31,13 +31,13 @@ def end(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
-def named(pid: int, path: Path, deadline: float = 10.0) -> list[str]:
+def named(pid: int, path: Path | str, deadline: float = 10.0) -> list[procfs.Seen]:
     """blocked_on(pid) once it names ``path`` (the child needs a moment to get there)."""
     end = time.monotonic() + deadline
     while time.monotonic() < end:
         seen = procfs.blocked_on(pid)
         assert seen is not None
-        if str(path) in seen:
+        if str(path) in [s.path for s in seen]:
             return seen
         time.sleep(0.01)
     raise AssertionError(f"{path} never named: {procfs.blocked_on(pid)}")
@@ -61,7 +61,7 @@ def test_an_open_blocked_on_a_fifo_names_the_fifo_first(tmp_path, fifo, how):
     proc = child(f"import os, subprocess, sys, threading; {how}", tmp_path)
     try:
         seen = named(proc.pid, fifo)
-        assert seen[0] == str(fifo)
+        assert seen[0] == (str(fifo), None)  # not open yet: no status of its own
     finally:
         end(proc)
 
@@ -72,7 +72,8 @@ def test_a_read_blocked_on_a_fifo_names_it_through_its_descriptor(tmp_path, fifo
     try:
         proc = child("f = open('d/fifo', 'rb'); f.read()", tmp_path)
         try:
-            assert named(proc.pid, fifo)[0] == str(fifo)
+            seen = named(proc.pid, fifo)[0]
+            assert seen.path == str(fifo) and seen.stat.st_ino == os.stat(fifo).st_ino
         finally:
             end(proc)
     finally:
@@ -89,7 +90,7 @@ def test_a_read_of_a_pipe_names_no_file(tmp_path):
                 in ("running", "-1"):
             assert time.monotonic() < deadline
             time.sleep(0.01)
-        assert procfs.blocked_on(proc.pid) == []
+        assert procfs.blocked_on(proc.pid) == []  # nothing with a path
     finally:
         end(proc)
 
@@ -118,5 +119,34 @@ def test_memory_it_may_not_read_cannot_tell_rather_than_names_nothing(tmp_path, 
 
         monkeypatch.setattr(procfs, "_string_at", refused)
         assert procfs.blocked_on(proc.pid) is None
+    finally:
+        end(proc)
+
+
+@pytest.mark.timeout(30)
+def test_an_open_through_proc_self_names_the_tasks_own_file_not_the_callers(tmp_path, fifo):
+    """A ``gitdir:`` may name ``/proc/self/cwd/...``: git's own working directory, which from
+    watcherd's side of /proc is watcherd's. The path is made the task's own."""
+    proc = child("open('/proc/self/cwd/d/fifo')", tmp_path)
+    try:
+        seen = named(proc.pid, f"/proc/{proc.pid}/cwd/d/fifo")
+        assert os.path.samefile(seen[0].path, fifo)
+    finally:
+        end(proc)
+
+
+@pytest.mark.timeout(30)
+def test_a_file_unlinked_while_held_keeps_its_own_status(tmp_path):
+    """The kernel names a held file unlinked since as "<path> (deleted)": its status is the
+    open file's, not whatever the name now holds."""
+    (tmp_path / "big.bin").write_bytes(b"x" * 4096)
+    proc = child("f = open('big.bin', 'rb'); print('open', flush=True); input()", tmp_path)
+    try:
+        assert proc.stdout.readline() == b"open\n"
+        inode = os.stat(tmp_path / "big.bin").st_ino
+        os.unlink(tmp_path / "big.bin")
+        seen = named(proc.pid, f"{tmp_path / 'big.bin'} (deleted)")
+        held = [s for s in seen if s.path.endswith(" (deleted)")]
+        assert held[0].stat.st_ino == inode and held[0].stat.st_size == 4096
     finally:
         end(proc)

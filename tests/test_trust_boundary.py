@@ -1689,6 +1689,127 @@ def test_thousands_of_fifo_gitignores_cost_seconds_not_the_timeout(tmp_path):
     assert "edit.txt" in files_of(ws, snap.commit)
 
 
+@pytest.mark.parametrize("files,size", [(6, 1 << 30), (40, 64 << 20)])
+def test_many_sparse_files_each_below_a_bound_are_weighed_together(tmp_path, files, size):
+    """A bound per file is beaten by more files: six of exactly 1 GiB, or forty of 64 MiB,
+    cost the agent no disk and git minutes of zeros. What git would read of files nearly all
+    holes is weighed together: past 1 GiB they are all left out within seconds, named, and the
+    edit beside them is saved."""
+    import time
+
+    from watcherd.git import DEFAULT_TIMEOUT
+
+    ws = make_repo(tmp_path / "ws")
+    for i in range(files):
+        (ws / f"zero{i}.bin").write_bytes(b"")
+        os.truncate(ws / f"zero{i}.bin", size)
+    if os.stat(ws / "zero0.bin").st_blocks:
+        pytest.skip("this filesystem allocates what truncate grows")
+    (ws / "edit.txt").write_text("saved\n")
+    cache = snapshot.Cache()
+    started = time.monotonic()
+
+    snap = take(ws, cache=cache)
+
+    assert time.monotonic() - started < DEFAULT_TIMEOUT / 4
+    assert files_of(ws, snap.commit) == {"readme.md", "edit.txt"}
+    assert sorted(cache.refused) == sorted(f"zero{i}.bin" for i in range(files))
+
+
+def test_a_sparse_file_unlinked_as_git_opens_it_is_let_go_at_once(tmp_path):
+    """The agent unlinks a terabyte of holes the moment git opens it: git goes on reading the
+    open file, which no path shows any more (the kernel names it "... (deleted)"). It is
+    stopped within seconds, and the rest is saved."""
+    import threading
+    import time
+
+    from inotify_simple import INotify, flags
+
+    from watcherd.git import DEFAULT_TIMEOUT
+
+    ws = make_repo(tmp_path / "ws")
+    big = ws / "big.bin"
+    big.write_bytes(b"")
+    os.truncate(big, 1 << 40)
+    if os.stat(big).st_blocks:
+        pytest.skip("this filesystem allocates what truncate grows")
+    (ws / "edit.txt").write_text("saved\n")
+    inotify = INotify()
+    inotify.add_watch(big, flags.OPEN)
+
+    def agent() -> None:
+        if inotify.read(timeout=30_000):
+            big.unlink()
+
+    unlinking = threading.Thread(target=agent, daemon=True)
+    unlinking.start()
+    started = time.monotonic()
+    try:
+        snap = take(ws)
+    finally:
+        unlinking.join()
+        inotify.close()
+
+    assert time.monotonic() - started < DEFAULT_TIMEOUT / 4
+    assert files_of(ws, snap.commit) == {"readme.md", "edit.txt"}
+
+
+@pytest.mark.parametrize("gitdir", ["/proc/self/cwd/.git/planted", "../.git/planted"])
+def test_a_nested_gitdir_into_the_workspaces_own_git_holding_a_fifo_costs_seconds(
+        tmp_path, gitdir):
+    """A nested ``.git`` file may send git into the workspace's own ``.git`` (which git's walk
+    never enters), directly or through ``/proc/self`` (git's own working directory: the
+    workspace). git blocks on a FIFO HEAD there that no path of the work tree shows: the
+    repository that led it there is left out within seconds, and the rest saved."""
+    import time
+
+    from watcherd.git import DEFAULT_TIMEOUT
+
+    ws = make_repo(tmp_path / "ws")
+    planted = ws / ".git" / "planted"
+    for d in ("objects", "refs"):
+        (planted / d).mkdir(parents=True)
+    os.mkfifo(planted / "HEAD")
+    (ws / "p1").mkdir()
+    (ws / "p1" / ".git").write_text(f"gitdir: {gitdir}\n")
+    (ws / "p1" / "f.txt").write_text("inside\n")
+    (ws / "edit.txt").write_text("saved\n")
+    cache = snapshot.Cache()
+    started = time.monotonic()
+
+    snap = take(ws, cache=cache)
+
+    assert time.monotonic() - started < DEFAULT_TIMEOUT / 6
+    assert "edit.txt" in files_of(ws, snap.commit)
+    assert list(cache.refused) == ["p1"]
+
+
+def test_rounds_that_run_past_their_time_end_in_one_that_saves_every_saved_files_edit(
+        tmp_path, monkeypatch):
+    """In a tree git takes seconds to walk, four rounds each blocked by a new FIFO repository
+    would run past a SIGTERM's final save: once the rounds have taken their time, the last is
+    ``git add --update``, which opens no directory. The edit of a file already saved is saved,
+    the new file waits for the next snapshot, and the log says so."""
+    monkeypatch.setattr(snapshot, "_ROUNDS_FOR", 0.0)
+    ws = make_repo(tmp_path / "ws")
+    cache = snapshot.Cache()
+    take(ws, cache=cache)
+    nested = ws / "lib" / ".git"
+    (nested / "objects").mkdir(parents=True)
+    os.mkfifo(nested / "HEAD")
+    (ws / "readme.md").write_text("edited\n")
+    (ws / "new.txt").write_text("new\n")
+
+    with capture_logs() as logs:
+        take(ws, cache=cache)
+
+    head = state_repo(ws, KEY).snapshot_head()
+    assert sgit(ws, "show", f"{head}:readme.md", key=KEY) == "edited"
+    assert files_of(ws, head) == {"readme.md"}
+    deferred = [e for e in logs if e["event"] == "snapshot.new_files_deferred"]
+    assert len(deferred) == 1 and deferred[0]["rounds"] == 1
+
+
 def test_a_sparse_file_of_a_terabyte_is_left_out_not_every_save(tmp_path):
     """`truncate -s 1T` costs the agent no disk and git add hours of reading zeros, at every
     snapshot (each ending in the door's timeout): the file is left out within seconds, named,

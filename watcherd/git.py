@@ -248,10 +248,9 @@ class Git:
     ) -> Result:
         """Run ``git <args>`` and return its output.
 
-        ``stalled``: asked, with git's process id, after :data:`STALL_CHECK` seconds while git
-        still runs, then after twice as long each time; True kills git at once (a check that
-        finds git blocked on something it will never finish, rather than a timeout's whole
-        wait).
+        ``stalled``: asked, with git's process id, every :data:`STALL_CHECK` seconds while git
+        still runs; True kills git at once (a check that finds git blocked on something it will
+        never finish, rather than a timeout's whole wait; it paces its own costly looks).
 
         Raises :class:`GitTimeout` when it runs past ``timeout`` seconds (default: the door's),
         :class:`GitStalled` when ``stalled`` said so, :class:`GitError` when ``check`` and the
@@ -455,7 +454,6 @@ def _communicate(argv: list[str], cwd: Path, env: dict[str, str], input: bytes |
                     _kill(proc)
                     proc.communicate()
                     raise _Stalled() from None
-                wait *= 2
     except BaseException:
         _kill(proc)
         proc.wait()

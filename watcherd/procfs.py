@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import platform
+from typing import NamedTuple
 
 # System call numbers (the kernel's unistd tables): the ones that block on a FIFO, with the
 # position of the path argument (open, openat, openat2) or the descriptor (the reads).
@@ -34,12 +35,21 @@ _PATH_MAX = 4096  # linux/limits.h
 _MAX_TASKS = 256  # tasks (threads and descendants) looked at: git add runs a few
 
 
-def blocked_on(pid: int) -> list[str] | None:
-    """The absolute paths process ``pid`` and its descendants are in a blocking ``open`` or
-    ``read`` of right now, then every other path they hold open (a file read for minutes shows
-    as held between two reads), each once, in that order. Paths are as the kernel names them
-    (a descriptor's link; an ``open``'s path joined to the task's working directory or to its
-    directory descriptor), not resolved further.
+class Seen(NamedTuple):
+    """A file a process is blocked on or holds: its ``path`` as the kernel names it, and for
+    one it holds open, ``stat``: the open file's own status (also after it was unlinked or
+    renamed, when the path says `` (deleted)`` or another name)."""
+
+    path: str
+    stat: os.stat_result | None
+
+
+def blocked_on(pid: int) -> list[Seen] | None:
+    """The files process ``pid`` and its descendants are in a blocking ``open`` or ``read`` of
+    right now, then every other file they hold open (a file read for minutes shows as held
+    between two reads), each path once, in that order. An ``open``'s path is joined to the
+    task's working directory or to its directory descriptor, and a ``/proc/self`` or
+    ``/proc/thread-self`` in it is made the task's own; paths are not resolved further.
 
     None when ``/proc`` cannot tell: not Linux, an architecture whose system call numbers are
     not known here, or ptrace access refused (Yama, another uid). A task that ends meanwhile is
@@ -47,8 +57,8 @@ def blocked_on(pid: int) -> list[str] | None:
     opens, reads = _OPEN_PATH.get(platform.machine()), _READ_FD.get(platform.machine())
     if opens is None or reads is None or not os.path.isdir(f"/proc/{pid}/task"):
         return None
-    found: list[str] = []
-    held: list[str] = []
+    found: list[Seen] = []
+    held: list[Seen] = []
     pids, seen = [pid], 0
     while pids and seen < _MAX_TASKS:
         proc = pids.pop()
@@ -61,20 +71,26 @@ def blocked_on(pid: int) -> list[str] | None:
             task = f"/proc/{proc}/task/{tid}"
             try:
                 call = _syscall(task)
-                path = _path_of(task, call, opens, reads) if call is not None else None
+                blocked = _blocked_in(proc, tid, call, opens, reads) if call is not None else None
             except PermissionError:
                 return None  # ptrace access refused: the caller must look another way
             except OSError:
                 continue
-            if path:
-                found.append(path)
+            if blocked:
+                found.append(blocked)
             try:
                 with open(f"{task}/children", encoding="ascii") as f:
                     pids.extend(int(child) for child in f.read().split())
             except OSError:
                 pass  # no CONFIG_PROC_CHILDREN, or ended
-        held.extend(_held(proc))
-    return list(dict.fromkeys(found + held))
+        try:
+            held.extend(_held(proc))
+        except PermissionError:
+            return None
+    first: dict[str, Seen] = {}
+    for each in found + held:
+        first.setdefault(each.path, each)
+    return list(first.values())
 
 
 def _syscall(task: str) -> tuple[int, ...] | None:
@@ -87,26 +103,41 @@ def _syscall(task: str) -> tuple[int, ...] | None:
     return tuple(int(w, 0) for w in words[:7])
 
 
-def _path_of(task: str, call: tuple[int, ...], opens: dict[int, tuple[int | None, int]],
-             reads: frozenset[int]) -> str | None:
+def _blocked_in(pid: int, tid: str, call: tuple[int, ...],
+                opens: dict[int, tuple[int | None, int]], reads: frozenset[int]) -> Seen | None:
     number, args = call[0], call[1:]
+    task = f"/proc/{pid}/task/{tid}"
     try:
         if number in reads:
-            link = os.readlink(f"{task}/fd/{args[0]}")
-            return link if link.startswith("/") else None  # a pipe, a socket: no path
+            return _open_file(pid, args[0])
         if number not in opens:
             return None
         at, where = opens[number]
         path = os.fsdecode(_string_at(task, args[where]))
+        for own, mine in ((f"/proc/thread-self/", f"{task}/"), ("/proc/self/", f"/proc/{pid}/")):
+            if path.startswith(own):  # the task's, not watcherd's (a gitdir: may name it)
+                path = mine + path[len(own):]
         if not path or path.startswith("/"):
-            return path or None
+            return Seen(path, None) if path else None
         dir_fd = _AT_FDCWD if at is None else _signed(args[at])
         base = os.readlink(f"{task}/cwd" if dir_fd == _AT_FDCWD else f"{task}/fd/{dir_fd}")
-        return os.path.join(base, path) if base.startswith("/") else None
+        return Seen(os.path.join(base, path), None) if base.startswith("/") else None
     except PermissionError:
         raise
     except (OSError, ValueError, IndexError):
         return None  # the task moved on (a descriptor closed, its memory unmapped)
+
+
+def _open_file(pid: int, fd: int | str) -> Seen | None:
+    """The file descriptor ``fd`` of ``pid`` is open on: None for a pipe or a socket."""
+    link = os.readlink(f"/proc/{pid}/fd/{fd}")
+    if not link.startswith("/"):
+        return None
+    try:
+        st = os.stat(f"/proc/{pid}/fd/{fd}")  # the open file itself, wherever its name went
+    except FileNotFoundError:
+        st = None  # closed meanwhile
+    return Seen(link, st)
 
 
 def _signed(word: int) -> int:
@@ -134,8 +165,8 @@ def _string_at(task: str, address: int) -> bytes:
         os.close(fd)
 
 
-def _held(pid: int) -> list[str]:
-    """The paths of the files ``pid`` holds open (its descriptors' links that are paths)."""
+def _held(pid: int) -> list[Seen]:
+    """The files ``pid`` holds open (its descriptors that are files)."""
     try:
         fds = os.listdir(f"/proc/{pid}/fd")
     except OSError:
@@ -143,9 +174,10 @@ def _held(pid: int) -> list[str]:
     held = []
     for fd in fds:
         try:
-            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+            if seen := _open_file(pid, fd):
+                held.append(seen)
+        except PermissionError:
+            raise
         except OSError:
             continue
-        if link.startswith("/"):
-            held.append(link)
     return held

@@ -500,15 +500,19 @@ def _worktree_tree(repo: Repo, layout: ws.Layout, prev: str | None, prev_tree: s
 
 def _add_rounds(repo: Repo, env: dict[str, str], cache: Cache) -> None:
     """``git add --all`` into the private index (``env``), again without what blocked or failed
-    it (left out in ``cache.refused``, said once), at most :data:`_ADD_ROUNDS` times; when
-    each of them met something new to leave out (the agent making FIFO repositories faster
-    than git gets past them), a last ``git add --update``: the files already saved are, the new
-    ones wait for the next snapshot (said). Raises :class:`GitError` when that fails too, or
+    it (left out in ``cache.refused``, said once), at most :data:`_ADD_ROUNDS` times and for
+    :data:`_ROUNDS_FOR` seconds; when each of them met something new to leave out (the agent
+    making FIFO repositories faster than git gets past them, in a tree git takes seconds to
+    walk), a last ``git add --update``: the files already saved are, the new ones wait for the
+    next snapshot (said). Raises :class:`GitError` when that fails too, or
     when nothing explains a failure."""
     git = repo.git
     stalled = _StallCheck(repo.workspace, cache.refused)
+    started = time.monotonic()
     for attempt in range(_ADD_ROUNDS + 1):
-        update = attempt == _ADD_ROUNDS  # no walk of the work tree: only the index's paths
+        # The last round walks no directory, only the index's paths.
+        update = attempt == _ADD_ROUNDS or \
+            (attempt > 0 and time.monotonic() - started > _ROUNDS_FOR)
         unreadable = stalled.found
         unreadable.clear()
         held = _hold_out(repo, env, cache.refused)
@@ -516,7 +520,7 @@ def _add_rounds(repo: Repo, env: dict[str, str], cache: Cache) -> None:
             left_out = _add_all(git, env, refused=frozenset(cache.refused), stalled=stalled,
                                 why=lambda p: _cannot_record(repo, p), update=update)
             if update:
-                _log.warning("snapshot.new_files_deferred", rounds=_ADD_ROUNDS,
+                _log.warning("snapshot.new_files_deferred", rounds=attempt,
                              note="git add met something new to leave out at every round (a "
                                   "FIFO repository made as fast as git got past the last "
                                   "one): this snapshot saves the changes to the files already "
@@ -852,14 +856,16 @@ def _unreadable_repositories(root: Path, *, blocking: bool = False, every: bool 
     its ``HEAD``, ``commondir``, branch or config, which git opens to tell a repository, or a
     ``HEAD`` linked outside, no repository to git; the files of :data:`_READ_BY_GIT` that are
     FIFOs, which git opens without ``O_NONBLOCK``). A ``.git`` that is no repository to
-    watcherd is walked past, as git walks past one that is none to it. A file nearly all holes
-    (:func:`_mostly_holes`), which git would take minutes over, is among the first, with why.
+    watcherd is walked past, as git walks past one that is none to it. Files nearly all holes
+    (:func:`_mostly_holes`), when together they would have git read more than
+    :data:`_SPARSE_BUDGET` bytes (minutes of zeros), are among the first, each with why.
     ``blocking``: only the repositories git blocks on (a FIFO, a socket, a device), not those
     it reads another way than watcherd; ``every``: every nested repository, readable or not
     (why: ""); ``skip``: paths already left out of git's add, not looked into; ``for_s``:
     seconds after which it stops looking (what it found so far)."""
     found: dict[str, str] = {}
     fifos: list[str] = []
+    holey: dict[str, os.stat_result] = {}
     left = [_WALK_BUDGET]
     deadline = None if for_s is None else time.monotonic() + for_s
 
@@ -905,11 +911,13 @@ def _unreadable_repositories(root: Path, *, blocking: bool = False, every: bool 
                 except OSError:
                     continue
             elif _mostly_holes(st):
-                found[f"{at}{name}"] = _sparse(f"{at}{name}", st)
+                holey[f"{at}{name}"] = st
 
     root = Path(os.path.realpath(root))
     with dirfd.opened(root) as rfd:
         walk(rfd, "", 0)
+    if sum(st.st_size for st in holey.values()) > _SPARSE_BUDGET:
+        found.update((rel, _sparse(rel, st)) for rel, st in holey.items())
     return found, fifos
 
 
@@ -918,19 +926,23 @@ def _unreadable_repositories(root: Path, *, blocking: bool = False, every: bool 
 _WALK_DEPTH = 256  # directories deep
 _WALK_BUDGET = 500_000  # entries listed, ignored ones too
 _WALK_FOR = 5.0  # seconds, while git waits (50,000 nested repositories take 20)
-_SPARSE_FILE = 1 << 30  # a file this large that is nearly all holes is left out (_mostly_holes)
+_HOLEY = 1 << 20  # bytes above which a file nearly all holes counts (_mostly_holes)
+# Bytes of such files git may read in one add (about 15 s of zeros on a small machine): past
+# it, all of them are left out. A count or a size per file alone is beaten by more files.
+_SPARSE_BUDGET = 1 << 30
 
 
 def _sparse(rel: str, st: os.stat_result) -> str:
-    return (f"{rel} is a sparse file of {st.st_size} bytes, nearly all holes: git would read "
-            "(and a restore write) every byte")
+    return (f"{rel} is a sparse file of {st.st_size} bytes, nearly all holes, one of more than "
+            f"{_SPARSE_BUDGET >> 30} GiB of them: git would read (and a restore write) every "
+            "byte")
 
 
 def _mostly_holes(st: os.stat_result) -> bool:
-    """Whether ``st`` is a regular file above :data:`_SPARSE_FILE` bytes of which not an eighth
-    is on disk: ``truncate -s 1T`` costs the agent nothing and git add minutes of reading zeros
+    """Whether ``st`` is a regular file above :data:`_HOLEY` bytes of which not an eighth is
+    on disk: ``truncate -s 1T`` costs the agent nothing and git add minutes of reading zeros
     (at every snapshot, each ending in the door's timeout)."""
-    return stat.S_ISREG(st.st_mode) and st.st_size > _SPARSE_FILE and \
+    return stat.S_ISREG(st.st_mode) and st.st_size > _HOLEY and \
         st.st_blocks * 512 < st.st_size // 8
 # Files of the work tree git opens by path, without O_NONBLOCK, while it adds: a FIFO there
 # blocks it (.gitmodules: at the top, read when it meets a nested repository).
@@ -938,14 +950,19 @@ _READ_BY_GIT = (".gitignore", ".gitattributes", ".gitmodules")
 _READABLE = frozenset({stat.S_IFREG, stat.S_IFDIR, stat.S_IFLNK})  # what git opens and finishes
 _MAX_LET_GO = 32  # FIFOs of _READ_BY_GIT a stall check lets go; past that, their directories out
 _ADD_ROUNDS = 4  # git adds tried in one snapshot, each after leaving out what blocked the last
+# Seconds of them after which the next is the last (a SIGTERM's final save has 20 by default).
+_ROUNDS_FOR = 8.0
 
 
 class _StallCheck:
     """The ``stalled`` check of the gits of one snapshot that walk the work tree
-    (:meth:`Git.run`): after a second, what git is blocked on for good. The kernel names the
+    (:meth:`Git.run`): every second, what git is blocked on for good. The kernel names the
     file git is in ``open`` or ``read`` of (:func:`procfs.blocked_on`, any depth); where it
-    cannot tell, and from the second one on to find the others in one pass, a walk looks
-    (:func:`_unreadable_repositories`). A nested repository it cannot read (a FIFO as its
+    cannot tell, from the second one on to find the others in one pass, where git holds a file
+    nearly all holes (to weigh them all), and where git is blocked on what it reached through
+    a nested ``.git`` another way than by a path of the work tree, a walk looks
+    (:func:`_unreadable_repositories`, at most :data:`_WALK_FOR` seconds; one that found
+    nothing waits twice as long before the next). A nested repository it cannot read (a FIFO as its
     ``HEAD``) goes to :attr:`found` and stops git (the caller leaves it out and tries again). A
     FIFO as a ``.gitignore``, ``.gitattributes`` or ``.gitmodules`` (which git reads even for
     files it is told to leave out) is let go (:func:`dirfd.release_fifos`): git reads it as
@@ -960,26 +977,45 @@ class _StallCheck:
         self.refused = refused
         self.found: dict[str, str] = {}
         self.blocked = 0  # times the kernel named something git blocks on
+        self.walk_due = 0.0  # when a walk may run again (monotonic)
+        self.walk_every = _WALK_FOR  # seconds between walks that found nothing
+
+    def _walk(self, *, blocking: bool) -> tuple[dict[str, str], list[str]]:
+        """:func:`_unreadable_repositories`, bounded in time; one that finds nothing puts the
+        next off twice as long as the last (git is asked about every second)."""
+        found, fifos = _unreadable_repositories(self.root, blocking=blocking,
+                                                skip=self.refused, for_s=_WALK_FOR)
+        if not found and not fifos:
+            self.walk_due = time.monotonic() + self.walk_every
+            self.walk_every *= 2
+        return found, fifos
 
     def __call__(self, pid: int) -> bool:
         seen = procfs.blocked_on(pid)
         if seen is None:
-            repositories, fifos = _unreadable_repositories(self.root, blocking=True,
-                                                           skip=self.refused, for_s=_WALK_FOR)
-        else:
-            repositories, fifos = _blocking(self.root, seen)
-            if not repositories and not fifos:
+            if time.monotonic() < self.walk_due:
                 return False
-            if self.blocked:
-                # A second one in this snapshot: there may be many, and the kernel names one
-                # per check. The walk finds the others within its bounds at once (it costs as
-                # much as git's own walk: not for the first, which is often the only one).
-                more, more_fifos = _unreadable_repositories(self.root, blocking=True,
-                                                            skip=self.refused,
-                                                            for_s=_WALK_FOR)
-                repositories = {**more, **repositories}
-                fifos = list(dict.fromkeys(fifos + more_fifos))
-            self.blocked += 1
+            repositories, fifos = self._walk(blocking=True)
+        else:
+            repositories, fifos, elsewhere, holey = _blocking(self.root, seen)
+            if elsewhere and time.monotonic() >= self.walk_due:
+                # git is blocked on what it reached through a nested repository's .git in a
+                # way no path of the work tree shows: the repositories watcherd cannot read
+                # inside the workspace are the ones it may have followed.
+                repositories = {**self._walk(blocking=False)[0], **repositories}
+            elif repositories or fifos:
+                if self.blocked:
+                    # A second one in this snapshot: there may be many, and the kernel names
+                    # one per check. The walk finds the others within its bounds at once (it
+                    # costs as much as git's own walk: not for the first, often the only one).
+                    more, more_fifos = self._walk(blocking=True)
+                    repositories = {**more, **repositories}
+                    fifos = list(dict.fromkeys(fifos + more_fifos))
+                self.blocked += 1
+            elif holey and time.monotonic() >= self.walk_due:
+                repositories = self._walk(blocking=True)[0]  # weighs every sparse file
+            else:
+                return False
         self.found.update((path, why) for path, why in repositories.items()
                           if path not in self.refused)
         if not self.found and fifos:
@@ -998,37 +1034,54 @@ class _StallCheck:
         return bool(self.found)
 
 
-def _blocking(root: Path, paths: list[str]) -> tuple[dict[str, str], list[str]]:
-    """Of ``paths`` (absolute, as :func:`procfs.blocked_on` names what git is in ``open`` or
-    ``read`` of, or holds), those in the work tree ``root`` that block git for good, as
+def _blocking(root: Path, seen: list[procfs.Seen]
+              ) -> tuple[dict[str, str], list[str], bool, bool]:
+    """Of ``seen`` (what :func:`procfs.blocked_on` names git in ``open`` or ``read`` of, or
+    holding), what in the work tree ``root`` blocks git for good, as
     :func:`_unreadable_repositories` (``blocking``) answers: (nested repositories, or files, to
-    leave out, each with why; FIFOs of :data:`_READ_BY_GIT` to let go). What git reads and
-    finishes with (a regular file, a directory) is none of them, unless it is nearly all
-    holes."""
+    leave out, each with why; FIFOs of :data:`_READ_BY_GIT` to let go; whether git is blocked
+    opening what is no regular file reached another way than the work tree's paths, a
+    ``gitdir:`` into the workspace's ``.git`` or through ``/proc``; whether git holds a file
+    nearly all holes, which only a walk can weigh against :data:`_SPARSE_BUDGET`). A file git
+    holds that is no longer where it was read (unlinked, renamed) and is nearly all holes is
+    left out at once: it is gone from the work tree, and git would read all of it."""
     top = os.path.realpath(root)
     found: dict[str, str] = {}
     fifos: list[str] = []
-    for path in paths:
-        rel = os.path.relpath(os.path.normpath(path), top)
+    elsewhere = holey = False
+    for path, held in seen:
+        name = path.removesuffix(" (deleted)") if held is not None else path
+        rel = os.path.relpath(os.path.normpath(name), top)
         parts = rel.split("/")
-        if rel == "." or parts[0] in ("..", ".git"):
-            continue  # outside the work tree, or the workspace's own .git (git never reads it)
+        outside = rel == "." or parts[0] in ("..", ".git")  # the workspace's own .git too
         try:
-            st = os.lstat(os.path.join(top, rel))
+            st = held or os.stat(path, follow_symlinks=False)
         except OSError:
             continue  # gone
         plain = stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)
-        if ".git" in parts:
+        if held is not None:
+            if not outside and _mostly_holes(st):
+                try:
+                    now = os.lstat(name)
+                    moved = (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino)
+                except OSError:
+                    moved = True
+                if moved:
+                    found[rel] = _sparse(rel, st)
+                holey = True
+            if plain:
+                continue  # read to its end (a FIFO read blocks: looked at below)
+        if outside:
+            elsewhere |= not plain
+        elif ".git" in parts:
             if not plain:  # to tell it is a repository, git opens its .git, HEAD, ref, config
                 repository = "/".join(parts[:parts.index(".git")])
                 found[repository] = f"{rel} is no regular file: git blocks opening it"
         elif parts[-1] in _READ_BY_GIT and stat.S_ISFIFO(st.st_mode):
             fifos.append(rel)
-        elif _mostly_holes(st):
-            found[rel] = _sparse(rel, st)
         elif not plain:
             found[rel] = f"{rel} is no regular file: git blocks opening it"
-    return found, fifos
+    return found, fifos, elsewhere, holey
 
 
 def _still_refused(root: Path, refused: dict[str, str]) -> dict[str, str]:
