@@ -1756,7 +1756,7 @@ def test_a_sparse_file_unlinked_as_git_opens_it_is_let_go_at_once(tmp_path):
 
 @pytest.mark.parametrize("gitdir", ["/proc/self/cwd/.git/planted", "../.git/planted"])
 def test_a_nested_gitdir_into_the_workspaces_own_git_holding_a_fifo_costs_seconds(
-        tmp_path, gitdir):
+        tmp_path, monkeypatch, gitdir):
     """A nested ``.git`` file may send git into the workspace's own ``.git`` (which git's walk
     never enters), directly or through ``/proc/self`` (git's own working directory: the
     workspace). git blocks on a FIFO HEAD there that no path of the work tree shows: the
@@ -1765,6 +1765,8 @@ def test_a_nested_gitdir_into_the_workspaces_own_git_holding_a_fifo_costs_second
 
     from watcherd.git import DEFAULT_TIMEOUT
 
+    (tmp_path / "watcherd-cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "watcherd-cwd")
     ws = make_repo(tmp_path / "ws")
     planted = ws / ".git" / "planted"
     for d in ("objects", "refs"):
@@ -1782,6 +1784,7 @@ def test_a_nested_gitdir_into_the_workspaces_own_git_holding_a_fifo_costs_second
     assert time.monotonic() - started < DEFAULT_TIMEOUT / 6
     assert "edit.txt" in files_of(ws, snap.commit)
     assert list(cache.refused) == ["p1"]
+    assert "watcherd-cwd" not in cache.refused["p1"]  # /proc/self is git's, not watcherd's
 
 
 def test_rounds_that_run_past_their_time_end_in_one_that_saves_every_saved_files_edit(

@@ -654,8 +654,14 @@ def printable(text: str) -> str:
 
 
 def _relative_to(base: Path, text: str) -> Path:
+    """The path a ``gitdir:`` or ``commondir`` ``text`` names from ``base``; :class:`Unsafe`
+    when it leads into ``/proc``, which each process sees as its own (``/proc/self/cwd`` is
+    git's working directory to git, watcherd's to watcherd)."""
     p = Path(text)
-    return p if p.is_absolute() else base / p
+    full = p if p.is_absolute() else base / p
+    if Path(os.path.normpath(full)).parts[1:2] == ("proc",):
+        raise Unsafe(f"{text[:200]!r} leads into /proc: not followed")
+    return full
 
 
 def _under(path: Path, top: Path) -> bool:
