@@ -1559,7 +1559,9 @@ def _commit_on_branch(repo: Repo, layout: ws.Layout) -> str | None:
                   note="the user's git is in the middle of an operation: this snapshot is kept "
                        f"on {SNAPSHOT_REF} only, the branch and the index are left alone")
         return None
-    if _git_running_in(layout.git_dir):
+    if _git_running_in(layout.git_dir) and not _ends_within(layout.git_dir, _USER_GIT_ENDS):
+        # Nothing retries a deferred branch commit until the next change: a git that is
+        # ending (the commit whose own writes woke this snapshot) is given a moment first.
         _log.debug("snapshot.branch_deferred", operation="a git command of the user is running")
         return None
     lock = layout.git_dir / "index.lock"
@@ -1611,6 +1613,21 @@ def remove_stale_lock(lock: Path, *, max_age: float = STALE_LOCK_AGE) -> bool:
     _log.warning("snapshot.stale_lock_removed", lock=str(lock), age_s=round(age),
                  reason="no process holds it open and no git runs in the repository")
     return True
+
+
+_USER_GIT_ENDS = 1.0  # seconds a snapshot waits for a user's git that is running to end
+
+
+def _ends_within(git_dir: Path, seconds: float) -> bool:
+    """Whether every git of the user's in ``git_dir`` (:func:`_git_running_in`) has ended
+    within ``seconds``: the one whose writes (a commit's ref, its index) woke this snapshot is
+    usually exiting."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+        if not _git_running_in(git_dir):
+            return True
+    return False
 
 
 def _git_running_in(git_dir: Path) -> bool:
