@@ -1787,6 +1787,28 @@ def test_a_nested_gitdir_into_the_workspaces_own_git_holding_a_fifo_costs_second
     assert "watcherd-cwd" not in cache.refused["p1"]  # /proc/self is git's, not watcherd's
 
 
+def test_a_refused_repository_whose_parent_becomes_a_link_never_fails_the_saves(tmp_path):
+    """A repository left out (a FIFO HEAD) stays named in git's excludes; the agent then moves
+    its parent away and links it back (``mv d e; ln -s e d``). git dies on an exclude "beyond a
+    symbolic link", and a check that followed the link kept it there: every save failed. A
+    path reached through a link now is no longer left out (git walks no link), and every edit
+    is saved."""
+    ws = make_repo(tmp_path / "ws")
+    nested = ws / "d" / "p1" / ".git"
+    (nested / "objects").mkdir(parents=True)
+    os.mkfifo(nested / "HEAD")
+    cache = snapshot.Cache()
+    take(ws, cache=cache)
+    assert list(cache.refused) == ["d/p1"]
+    (ws / "d").rename(ws / "e")
+    (ws / "d").symlink_to("e")
+    for n in range(2):
+        (ws / "readme.md").write_text(f"edit {n}\n")
+        snap = take(ws, cache=cache)
+        assert sgit(ws, "show", f"{snap.commit}:readme.md", key=KEY) == f"edit {n}"
+    assert "d" in files_of(ws, snap.commit)  # the link, as git records it
+
+
 def test_rounds_that_run_past_their_time_end_in_one_that_saves_every_saved_files_edit(
         tmp_path, monkeypatch):
     """In a tree git takes seconds to walk, four rounds each blocked by a new FIFO repository

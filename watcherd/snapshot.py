@@ -829,7 +829,11 @@ def _add_all(git: Git, env: dict[str, str], *, attempts: int = 3, report: bool =
     why (``why``, asked for each: :func:`_report_skipped`). ``update``: ``git add --update``,
     only the paths the index holds (no walk of the work tree, no new file). Raises
     :class:`GitError` (:class:`~watcherd.git.GitStalled` when ``stalled`` stopped it)."""
-    specs = [".", *(f":(exclude,literal){p}" for p in sorted(refused))]
+    # A path reached through a link now is none git walks to (and git dies on an exclude
+    # "beyond a symbolic link"): left out of the excludes.
+    top = Path(os.path.realpath(git.work_tree)) if git.work_tree is not None else None
+    specs = [".", *(f":(exclude,literal){p}" for p in sorted(refused)
+                    if top is None or _linkless(top, p))]
     for attempt in range(attempts):
         # --ignore-errors: an unreadable file must not stop every other edit from being saved.
         r = git.run("add", "--update" if update else "--all", "--ignore-errors", "--", *specs,
@@ -1090,8 +1094,11 @@ def _still_refused(root: Path, refused: dict[str, str]) -> dict[str, str]:
     a FIFO git would read, a file nearly all holes, a FIFO or device git blocked on. One fixed
     since (or gone) is saved again from this snapshot on."""
     kept = {}
+    top = Path(os.path.realpath(root))
     for path, why in refused.items():
-        where = root / path
+        where = top / path
+        if not _linkless(top, path):
+            continue  # git walks no link: there is nothing it can block on there now
         try:
             st = os.lstat(where)
         except OSError:
@@ -1107,6 +1114,11 @@ def _still_refused(root: Path, refused: dict[str, str]) -> dict[str, str]:
             except ws.Unsafe:
                 kept[path] = why
     return kept
+
+
+def _linkless(top: Path, rel: str) -> bool:
+    """Whether ``rel`` under ``top`` (resolved) is reached through no link, itself included."""
+    return os.path.realpath(top / rel) == str(top / rel)
 
 
 def _hold_out(repo: Repo, env: dict[str, str], refused: dict[str, str]) -> bytes:
