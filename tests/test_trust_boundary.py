@@ -1809,6 +1809,48 @@ def test_a_refused_repository_whose_parent_becomes_a_link_never_fails_the_saves(
     assert "d" in files_of(ws, snap.commit)  # the link, as git records it
 
 
+@pytest.mark.parametrize("why", ["hurried", "timeout"])
+def test_a_git_add_nothing_explains_gives_way_to_what_the_watcher_saw_change(
+        tmp_path, monkeypatch, why):
+    """Whatever holds git add up where no look of watcherd's finds it (past the walk's bounds,
+    a file git reads that no path shows), the edit the watcher reported is saved: once git add
+    has timed out, or at once when the daemon's final save is out of time (SIGTERM sets
+    ``hurry_by``), watcherd reads the reported paths itself, through descriptors, into the
+    index that holds the last snapshot. Nothing else of the snapshot changes."""
+    import time
+
+    from watcherd import procfs
+
+    monkeypatch.setattr(snapshot, "_WALK_DEPTH", 2)  # a blocker the walk cannot reach...
+    monkeypatch.setattr(procfs, "blocked_on", lambda pid: None)  # ...nor the kernel name
+    ws = make_repo(tmp_path / "ws")
+    (ws / "gone.txt").write_text("to be deleted\n")
+    cache = snapshot.Cache()
+    cache.changed(())  # a watcher reports to this cache
+    take(ws, cache=cache)
+    nested = ws / "a" / "b" / "c" / "d" / "lib" / ".git"
+    (nested / "objects").mkdir(parents=True)
+    os.mkfifo(nested / "HEAD")
+    (ws / "readme.md").write_text("edited\n")
+    (ws / "gone.txt").unlink()
+    cache.changed(("readme.md", "gone.txt"))
+    repo = state_repo(ws, KEY)
+    if why == "hurried":
+        cache.hurry_by = time.monotonic()
+    else:
+        repo.git.timeout = 3.0
+    started = time.monotonic()
+
+    with capture_logs() as logs:
+        snapshot.take(repo, "shadow", cache)
+
+    assert time.monotonic() - started < 20
+    head = state_repo(ws, KEY).snapshot_head()
+    assert sgit(ws, "show", f"{head}:readme.md", key=KEY) == "edited"
+    assert files_of(ws, head) == {"readme.md"}
+    assert [e["files"] for e in logs if e["event"] == "snapshot.reported_only"] == [2]
+
+
 def test_rounds_that_run_past_their_time_end_in_one_that_saves_every_saved_files_edit(
         tmp_path, monkeypatch):
     """In a tree git takes seconds to walk, four rounds each blocked by a new FIFO repository

@@ -112,6 +112,10 @@ class Cache:
     appeared: set[str] | None = None
     watched: bool = False  # a watcher reports to this cache (:meth:`changed`)
     _appeared_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _taken: set[str] | None = None  # what the snapshot under way took (:meth:`give_back`)
+    # When (monotonic) a git add still running is stopped for the last resort
+    # (:func:`_save_reported`): set by the daemon on SIGTERM, whose final save must end in time.
+    hurry_by: float | None = None
 
     def changed(self, paths: tuple[str, ...] | None) -> None:
         """What the watcher reported changed since the last snapshot (paths relative to the
@@ -135,7 +139,18 @@ class Cache:
         """:attr:`appeared`, emptied for the next snapshot (None again without a watcher)."""
         with self._appeared_lock:
             found, self.appeared = self.appeared, set() if self.watched else None
+            self._taken = found
         return found
+
+    def give_back(self) -> None:
+        """Put back what :meth:`take_appeared` took, for a snapshot that failed: the next one
+        is to look there too (and :func:`_save_reported` to find every change reported since
+        the last snapshot that succeeded)."""
+        with self._appeared_lock:
+            if self._taken is None:
+                self.appeared = None
+            elif self.appeared is not None:
+                self.appeared |= self._taken
 
     def gitlink_count(self) -> int:
         """The gitlinks of this repository's last tree and of every nested one's, in all."""
@@ -246,7 +261,11 @@ def take_locked(repo: Repo, mode: str = "shadow", cache: Cache | None = None) ->
     before = None
     if mode == "branch" and layout.is_repository:
         before = _commit_on_branch(repo, layout)
-    snap = _take(repo, layout, cache, before)
+    try:
+        snap = _take(repo, layout, cache, before)
+    except BaseException:
+        cache.give_back()
+        raise
     if snap.commit:
         _log.info("snapshot.committed", commit=snap.commit, files=snap.files, mode=mode,
                   head=snap.head, paths=list(snap.paths[:10]),
@@ -476,7 +495,9 @@ def _worktree_tree(repo: Repo, layout: ws.Layout, prev: str | None, prev_tree: s
     if cache.refused:
         cache.refused = _still_refused(repo.workspace, cache.refused)
     try:
-        _add_rounds(repo, env, cache)
+        # The last resort saves what the watcher saw change into an index that holds the last
+        # snapshot: never into a first one (the rest would read as deleted).
+        _add_rounds(repo, env, cache, appeared if prev_tree else None)
     except BaseException:
         # What git did not record is given back all the same: the next snapshot lists the
         # gitlinks from this index. A killed git's lock on it goes first (nothing else writes
@@ -498,16 +519,19 @@ def _worktree_tree(repo: Repo, layout: ws.Layout, prev: str | None, prev_tree: s
                     lambda: _diff_index(repo.bare, env, prev_tree))
 
 
-def _add_rounds(repo: Repo, env: dict[str, str], cache: Cache) -> None:
+def _add_rounds(repo: Repo, env: dict[str, str], cache: Cache,
+                reported: set[str] | None = None) -> None:
     """``git add --all`` into the private index (``env``), again without what blocked or failed
     it (left out in ``cache.refused``, said once), at most :data:`_ADD_ROUNDS` times and for
     :data:`_ROUNDS_FOR` seconds; when each of them met something new to leave out (the agent
     making FIFO repositories faster than git gets past them, in a tree git takes seconds to
     walk), a last ``git add --update``: the files already saved are, the new ones wait for the
-    next snapshot (said). Raises :class:`GitError` when that fails too, or
-    when nothing explains a failure."""
+    next snapshot (said). When that fails too, or a git add times out or runs past
+    :attr:`Cache.hurry_by` with nothing found to leave out, the last resort: the paths the
+    watcher ``reported`` changed, read by watcherd itself (:func:`_save_reported`, said).
+    Raises :class:`GitError` when there is no such report either."""
     git = repo.git
-    stalled = _StallCheck(repo.workspace, cache.refused)
+    stalled = _StallCheck(repo.workspace, cache.refused, lambda: cache.hurry_by)
     started = time.monotonic()
     for attempt in range(_ADD_ROUNDS + 1):
         # The last round walks no directory, only the index's paths.
@@ -529,6 +553,20 @@ def _add_rounds(repo: Repo, env: dict[str, str], cache: Cache) -> None:
                 cache.left_out = left_out
             break
         except GitError as exc:  # a timeout, a failure, or stopped as stalled
+            if stalled.out_of_time or (not unreadable and isinstance(exc, GitTimeout)) or \
+                    (update and not isinstance(exc, LocalIOError)):
+                # Blocked or slow on what watcherd cannot find, or out of time: git walks no
+                # more; what the watcher saw change is saved by watcherd itself.
+                Path(f"{repo.index}.lock").unlink(missing_ok=True)  # the killed git's
+                if not _save_reported(repo, env, reported, cache.refused):
+                    raise
+                _log.warning("snapshot.reported_only", files=len(reported or ()),
+                             reason=ws.printable(str(exc)),
+                             note="git add could not finish (blocked or slow on what the agent "
+                                  "planted, or out of time for a final save): this snapshot "
+                                  "holds what the watcher saw change, read by watcherd itself; "
+                                  "the next one tries git add again")
+                return
             if not unreadable and not update:  # failed: whatever git may have failed on
                 unreadable.update(_unreadable_repositories(repo.workspace,
                                                            skip=cache.refused)[0])
@@ -556,6 +594,55 @@ def _add_rounds(repo: Repo, env: dict[str, str], cache: Cache) -> None:
                           "leading outside it; a FIFO .gitignore watcherd may not let go; a "
                           "file nearly all holes): left out of the snapshots, as last saved, "
                           "until that is no longer so")
+
+
+def _save_reported(repo: Repo, env: dict[str, str], reported: set[str] | None,
+                   refused: dict[str, str]) -> bool:
+    """The last resort when no ``git add`` of this snapshot can finish: each path the watcher
+    reported changed since the last snapshot (``reported``; at most :data:`_REPORTED_MAX`,
+    :data:`_REPORTED_BYTES` read in all) recorded into the private index ``env``, which holds
+    the last snapshot, by watcherd itself: read through descriptors (no link followed, nothing
+    but a file or a link opened, no file nearly all holes, nothing in a ``.git`` or under a
+    path of ``refused``), a path gone taken out. git walks nothing, so nothing planted
+    elsewhere holds it up. False (nothing done) without a complete report (no watcher, a
+    rescan), or with more paths than that."""
+    if reported is None or len(reported) > _REPORTED_MAX:
+        return False
+    top = Path(os.path.realpath(repo.workspace))
+    gone = b"0 " + b"0" * (64 if repo.object_format() == "sha256" else 40) + b"\t"
+    lines, left = [], _REPORTED_BYTES
+    with dirfd.opened(top) as rfd:
+        for rel in sorted(reported):
+            if not rel or ".git" in rel.split("/") or \
+                    any(rel == r or rel.startswith(f"{r}/") for r in refused):
+                continue
+            path = os.fsencode(rel)
+            with dirfd.parent(rfd, path) as where:
+                if where is None:
+                    continue  # a directory on the way gone, or a link: git records that
+                try:
+                    st = os.stat(where[1], dir_fd=where[0], follow_symlinks=False)
+                except FileNotFoundError:
+                    lines.append(gone + path + b"\0")
+                    continue
+                except OSError:
+                    continue
+                if stat.S_IFMT(st.st_mode) not in (stat.S_IFREG, stat.S_IFLNK) or \
+                        _mostly_holes(st) or st.st_size > left:
+                    continue
+                left -= st.st_size
+                try:
+                    mode, oid = worktree.store_entry(repo.bare, repo.spool, *where)
+                except OSError:
+                    continue  # unreadable, or changed meanwhile: as last saved
+                lines.append(f"{mode} {oid}\t".encode() + path + b"\0")
+    if lines:
+        repo.bare.run("update-index", "-z", "--index-info", env=env, input=b"".join(lines))
+    return True
+
+
+_REPORTED_MAX = 1_000  # paths :func:`_save_reported` records, at most
+_REPORTED_BYTES = 256 << 20  # bytes it reads, at most
 
 
 def _lift_gitlinks(repo: Repo, env: dict[str, str], prev_tree: str | None,
@@ -976,9 +1063,12 @@ class _StallCheck:
     final save must not wait for it). A git the kernel finds blocked on nothing of the work
     tree is only slow: the check costs no walk then."""
 
-    def __init__(self, root: Path, refused: dict[str, str]) -> None:
+    def __init__(self, root: Path, refused: dict[str, str],
+                 hurry: Callable[[], float | None] = lambda: None) -> None:
         self.root = root
         self.refused = refused
+        self.hurry = hurry  # when (monotonic) git is stopped whatever it does
+        self.out_of_time = False
         self.found: dict[str, str] = {}
         self.blocked = 0  # times the kernel named something git blocks on
         self.walk_due = 0.0  # when a walk may run again (monotonic)
@@ -995,6 +1085,9 @@ class _StallCheck:
         return found, fifos
 
     def __call__(self, pid: int) -> bool:
+        if (by := self.hurry()) is not None and time.monotonic() >= by:
+            self.out_of_time = True
+            return True
         seen = procfs.blocked_on(pid)
         if seen is None:
             if time.monotonic() < self.walk_due:
