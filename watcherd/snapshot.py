@@ -527,9 +527,10 @@ def _add_rounds(repo: Repo, env: dict[str, str], cache: Cache,
     making FIFO repositories faster than git gets past them, in a tree git takes seconds to
     walk), a last ``git add --update``: the files already saved are, the new ones wait for the
     next snapshot (said). When that fails too, or a git add times out or runs past
-    :attr:`Cache.hurry_by` with nothing found to leave out, the last resort: the paths the
-    watcher ``reported`` changed, read by watcherd itself (:func:`_save_reported`, said).
-    Raises :class:`GitError` when there is no such report either."""
+    :attr:`Cache.hurry_by` with nothing found to leave out, the last resort: the saved files
+    whose status changed and the new paths the watcher ``reported``, read by watcherd itself
+    (:func:`_save_reported`, said). Raises :class:`GitError` when that cannot be done either
+    (no snapshot yet)."""
     git = repo.git
     stalled = _StallCheck(repo.workspace, cache.refused, lambda: cache.hurry_by)
     started = time.monotonic()
@@ -558,14 +559,15 @@ def _add_rounds(repo: Repo, env: dict[str, str], cache: Cache,
                 # Blocked or slow on what watcherd cannot find, or out of time: git walks no
                 # more; what the watcher saw change is saved by watcherd itself.
                 Path(f"{repo.index}.lock").unlink(missing_ok=True)  # the killed git's
-                if not _save_reported(repo, env, reported, cache.refused):
+                if (recorded := _save_reported(repo, env, reported, cache.refused)) is None:
                     raise
-                _log.warning("snapshot.reported_only", files=len(reported or ()),
+                _log.warning("snapshot.reported_only", files=recorded,
                              reason=ws.printable(str(exc)),
                              note="git add could not finish (blocked or slow on what the agent "
                                   "planted, or out of time for a final save): this snapshot "
-                                  "holds what the watcher saw change, read by watcherd itself; "
-                                  "the next one tries git add again")
+                                  "holds the saved files whose status changed and the new "
+                                  "ones the watcher saw, read by watcherd itself; the next one "
+                                  "tries git add again")
                 return
             if not unreadable and not update:  # failed: whatever git may have failed on
                 unreadable.update(_unreadable_repositories(repo.workspace,
@@ -597,51 +599,74 @@ def _add_rounds(repo: Repo, env: dict[str, str], cache: Cache,
 
 
 def _save_reported(repo: Repo, env: dict[str, str], reported: set[str] | None,
-                   refused: dict[str, str]) -> bool:
-    """The last resort when no ``git add`` of this snapshot can finish: each path the watcher
-    reported changed since the last snapshot (``reported``; at most :data:`_REPORTED_MAX`,
-    :data:`_REPORTED_BYTES` read in all) recorded into the private index ``env``, which holds
-    the last snapshot, by watcherd itself: read through descriptors (no link followed, nothing
-    but a file or a link opened, no file nearly all holes, nothing in a ``.git`` or under a
-    path of ``refused``), a path gone taken out. git walks nothing, so nothing planted
-    elsewhere holds it up. False (nothing done) without a complete report (no watcher, a
-    rescan), or with more paths than that."""
-    if reported is None or len(reported) > _REPORTED_MAX:
-        return False
+                   refused: dict[str, str]) -> int | None:
+    """The last resort when no ``git add`` of this snapshot can finish, done by watcherd itself
+    into the private index ``env`` (which holds the last snapshot): every file and link it holds
+    whose status (size, mtime, inode) changed is read again, one gone (or no longer a file: a
+    FIFO, a directory) taken out; then each new path the watcher ``reported`` (at most
+    :data:`_REPORTED_MAX`). Read through descriptors (no link followed, nothing but a file or
+    a link opened, no file nearly all holes, nothing in a ``.git`` or under a path of
+    ``refused``), at most :data:`_REPORTED_BYTES` in all: git walks nothing and resolves no
+    repository, so nothing planted holds it up. The paths recorded or taken out; None (nothing
+    done) when the index holds no snapshot yet (the rest would read as deleted)."""
+    listed = repo.bare.run("ls-files", "-z", "--stage", "--debug", env=env).stdout
+    held = {m[2]: m for m in _DEBUG_ENTRY.finditer(listed)}
+    if not held and reported is None:
+        return None
     top = Path(os.path.realpath(repo.workspace))
     gone = b"0 " + b"0" * (64 if repo.object_format() == "sha256" else 40) + b"\t"
-    lines, left = [], _REPORTED_BYTES
-    with dirfd.opened(top) as rfd:
-        for rel in sorted(reported):
-            if not rel or ".git" in rel.split("/") or \
-                    any(rel == r or rel.startswith(f"{r}/") for r in refused):
-                continue
-            path = os.fsencode(rel)
-            with dirfd.parent(rfd, path) as where:
-                if where is None:
-                    continue  # a directory on the way gone, or a link: git records that
-                try:
-                    st = os.stat(where[1], dir_fd=where[0], follow_symlinks=False)
-                except FileNotFoundError:
+    fresh = sorted(p for p in (os.fsencode(r) for r in reported or ()) if p and p not in held)
+    lines, left = [], [_REPORTED_BYTES]
+
+    def look(rfd: int, path: bytes, was: re.Match | None) -> None:
+        rel = os.fsdecode(path)
+        if b".git" in path.split(b"/") or \
+                any(rel == r or rel.startswith(f"{r}/") for r in refused):
+            return
+        with dirfd.parent(rfd, path) as where:
+            if where is None:
+                return  # a directory on the way gone, or a link: the next git add sees to it
+            try:
+                st = os.stat(where[1], dir_fd=where[0], follow_symlinks=False)
+            except FileNotFoundError:
+                if was is not None:
                     lines.append(gone + path + b"\0")
-                    continue
-                except OSError:
-                    continue
-                if stat.S_IFMT(st.st_mode) not in (stat.S_IFREG, stat.S_IFLNK) or \
-                        _mostly_holes(st) or st.st_size > left:
-                    continue
-                left -= st.st_size
-                try:
-                    mode, oid = worktree.store_entry(repo.bare, repo.spool, *where)
-                except OSError:
-                    continue  # unreadable, or changed meanwhile: as last saved
-                lines.append(f"{mode} {oid}\t".encode() + path + b"\0")
+                return
+            if stat.S_IFMT(st.st_mode) not in (stat.S_IFREG, stat.S_IFLNK):
+                if was is not None:
+                    lines.append(gone + path + b"\0")
+                return
+            if was is not None and (st.st_mtime_ns // 10**9 & _U32, st.st_mtime_ns % 10**9,
+                                    st.st_size & _U32, st.st_ino & _U32) == \
+                    (int(was[3]), int(was[4]), int(was[6]), int(was[5])):
+                return  # as git last read it (the index keeps 32 bits of each)
+            if _mostly_holes(st) or st.st_size > left[0]:
+                return
+            left[0] -= st.st_size
+            try:
+                mode, oid = worktree.store_entry(repo.bare, repo.spool, *where)
+            except OSError:
+                return  # unreadable, or changed meanwhile: as last saved
+            lines.append(f"{mode} {oid}\t".encode() + path + b"\0")
+
+    with dirfd.opened(top) as rfd:
+        for path, was in held.items():
+            if was[1] != b"160000":
+                look(rfd, path, was)
+        for path in fresh[:_REPORTED_MAX]:
+            look(rfd, path, None)
     if lines:
         repo.bare.run("update-index", "-z", "--index-info", env=env, input=b"".join(lines))
-    return True
+    return len(lines)
 
 
-_REPORTED_MAX = 1_000  # paths :func:`_save_reported` records, at most
+# One entry of ``git ls-files -z --stage --debug``: mode, id, stage, path, then the status git
+# recorded (git's ls-files.c, print_debug): mtime seconds and nanoseconds, inode, size.
+_DEBUG_ENTRY = re.compile(
+    rb"([0-7]{6}) [0-9a-f]+ \d\t([^\0]*)\0  ctime: \d+:\d+\n  mtime: (\d+):(\d+)\n"
+    rb"  dev: \d+\tino: (\d+)\n  uid: \d+\tgid: \d+\n  size: (\d+)\tflags: [0-9a-f]+\n")
+_U32 = 0xFFFF_FFFF
+_REPORTED_MAX = 1_000  # new paths :func:`_save_reported` records, at most
 _REPORTED_BYTES = 256 << 20  # bytes it reads, at most
 
 
