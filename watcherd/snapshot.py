@@ -557,7 +557,8 @@ def _add_rounds(repo: Repo, env: dict[str, str], cache: Cache,
             if stalled.out_of_time or (not unreadable and isinstance(exc, GitTimeout)) or \
                     (update and not isinstance(exc, LocalIOError)):
                 # Blocked or slow on what watcherd cannot find, or out of time: git walks no
-                # more; what the watcher saw change is saved by watcherd itself.
+                # more; the saved files that changed, and the new ones the watcher saw, are
+                # read by watcherd itself.
                 Path(f"{repo.index}.lock").unlink(missing_ok=True)  # the killed git's
                 if (recorded := _save_reported(repo, env, reported, cache.refused)) is None:
                     raise
