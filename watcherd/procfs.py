@@ -114,7 +114,7 @@ def _blocked_in(pid: int, tid: str, call: tuple[int, ...],
             return None
         at, where = opens[number]
         path = os.fsdecode(_string_at(task, args[where]))
-        for own, mine in ((f"/proc/thread-self/", f"{task}/"), ("/proc/self/", f"/proc/{pid}/")):
+        for own, mine in (("/proc/thread-self/", f"{task}/"), ("/proc/self/", f"/proc/{pid}/")):
             if path.startswith(own):  # the task's, not watcherd's (a gitdir: may name it)
                 path = mine + path[len(own):]
         if not path or path.startswith("/"):
