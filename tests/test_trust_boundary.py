@@ -1836,7 +1836,7 @@ def test_a_git_add_nothing_explains_gives_way_to_what_the_watcher_saw_change(
     cache.changed(("readme.md", "gone.txt"))
     repo = state_repo(ws, KEY)
     if why == "hurried":
-        cache.hurry_by = time.monotonic()
+        cache.hurry_by[0] = time.monotonic()
     else:
         repo.git.timeout = 3.0
     started = time.monotonic()

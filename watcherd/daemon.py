@@ -495,7 +495,7 @@ class Daemon:
             # A git add still running by half of it gives way to the last resort (what the
             # watcher saw change, read by watcherd: snapshot._save_reported); the upload needs
             # the rest.
-            self.cache.hurry_by = time.monotonic() + timeout / 2
+            self.cache.hurry_by[0] = time.monotonic() + timeout / 2
             self._watch_scope.cancel()  # the final snapshot sees everything up to now
             self.sched.shutdown(time.monotonic())
             self._kick()

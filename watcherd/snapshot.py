@@ -115,7 +115,8 @@ class Cache:
     _taken: set[str] | None = None  # what the snapshot under way took (:meth:`give_back`)
     # When (monotonic) a git add still running is stopped for the last resort
     # (:func:`_save_reported`): set by the daemon on SIGTERM, whose final save must end in time.
-    hurry_by: float | None = None
+    # One for the whole workspace, nested repositories' caches included: [the time or None].
+    hurry_by: list[float | None] = field(default_factory=lambda: [None])
 
     def changed(self, paths: tuple[str, ...] | None) -> None:
         """What the watcher reported changed since the last snapshot (paths relative to the
@@ -532,7 +533,7 @@ def _add_rounds(repo: Repo, env: dict[str, str], cache: Cache,
     (:func:`_save_reported`, said). Raises :class:`GitError` when that cannot be done either
     (no snapshot yet)."""
     git = repo.git
-    stalled = _StallCheck(repo.workspace, cache.refused, lambda: cache.hurry_by)
+    stalled = _StallCheck(repo.workspace, cache.refused, lambda: cache.hurry_by[0])
     started = time.monotonic()
     for attempt in range(_ADD_ROUNDS + 1):
         # The last round walks no directory, only the index's paths.
@@ -1459,6 +1460,7 @@ def _take_nested(repo: Repo, layout: ws.Layout, path: str, cache: Cache,
                                                      at=f"{cache.at}{path}/",
                                                      nested_taken=cache.nested_taken,
                                                      nested_known=cache.nested_known,
+                                                     hurry_by=cache.hurry_by,
                                                      index_read=cache.index_read))
     sub, sub_cache = cache.subs[path]
     sub_cache.look_again(appeared is None or any(a == path or a.startswith(f"{path}/")
