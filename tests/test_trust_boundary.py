@@ -1854,22 +1854,26 @@ def test_a_git_add_nothing_explains_gives_way_to_what_the_watcher_saw_change(
 def test_the_last_resort_reads_again_only_the_files_whose_status_changed(tmp_path, monkeypatch):
     """The last resort compares each saved file's status with the one git recorded in the
     index (size, mtime, inode) and reads again only those that differ: its cost follows the
-    change, not the workspace."""
+    change, not the workspace. Nothing under a path left out is read."""
     from watcherd import worktree
 
     ws = make_repo(tmp_path / "ws")
     for i in range(50):
         (ws / f"f{i}.txt").write_text(f"{i}\n")
+    (ws / "left" / "out").mkdir(parents=True)
+    (ws / "left" / "out" / "x.txt").write_text("saved\n")
     cache = snapshot.Cache()
     take(ws, cache=cache)
     (ws / "f7.txt").write_text("edited, longer\n")
+    (ws / "left" / "out" / "x.txt").write_text("edited where it is left out\n")
     read = []
     store = worktree.store_entry
     monkeypatch.setattr(worktree, "store_entry",
                         lambda *a: read.append(a[-1]) or store(*a))
     repo = state_repo(ws, KEY)
 
-    assert snapshot._save_reported(repo, {"GIT_INDEX_FILE": str(repo.index)}, set(), {}) == 1
+    assert snapshot._save_reported(repo, {"GIT_INDEX_FILE": str(repo.index)}, set(),
+                                   {"left/out": "a FIFO HEAD"}) == 1
 
     assert [os.fsdecode(name) for name in read] == ["f7.txt"]
 

@@ -621,9 +621,9 @@ def _save_reported(repo: Repo, env: dict[str, str], reported: set[str] | None,
     lines, left = [], [_REPORTED_BYTES]
 
     def look(rfd: int, path: bytes, was: re.Match | None) -> None:
-        rel = os.fsdecode(path)
-        if b".git" in path.split(b"/") or \
-                any(rel == r or rel.startswith(f"{r}/") for r in refused):
+        parts = os.fsdecode(path).split("/")
+        if ".git" in parts or any("/".join(parts[:i]) in refused
+                                  for i in range(1, len(parts) + 1)):
             return
         with dirfd.parent(rfd, path) as where:
             if where is None:
