@@ -53,6 +53,19 @@ def files_of(ws: Path, commit: str) -> set[str]:
     return set(sgit(ws, "ls-tree", "-r", "--name-only", commit, key=KEY).splitlines())
 
 
+def edit_and_take_within(ws: Path, cache: snapshot.Cache, seconds: float) -> snapshot.Snapshot:
+    """Edit ``edit.txt``, take a snapshot and assert it took less than ``seconds`` and holds the
+    edit: what an agent's trap must not stop."""
+    import time
+
+    (ws / "edit.txt").write_text("saved\n")
+    started = time.monotonic()
+    snap = take(ws, cache=cache)
+    assert time.monotonic() - started < seconds
+    assert "edit.txt" in files_of(ws, snap.commit)
+    return snap
+
+
 def recorded(ws: Path, commit: str) -> state.Recorded:
     bare = state_repo(ws, KEY).bare
     s_commit = state.state_parent(bare, commit)
@@ -563,8 +576,6 @@ def test_a_fifo_repository_past_the_walks_bounds_costs_seconds_not_the_timeout(
     wherever it is: a nested repository with a FIFO HEAD 300 directories deep, or behind more
     entries than the walk lists or than it has time for, is left out within seconds, named,
     and the rest saved."""
-    import time
-
     from watcherd.git import DEFAULT_TIMEOUT
 
     ws = make_repo(tmp_path / "ws")
@@ -585,14 +596,10 @@ def test_a_fifo_repository_past_the_walks_bounds_costs_seconds_not_the_timeout(
     os.mkfifo(nested / "HEAD")
     assert where not in snapshot._unreadable_repositories(ws, blocking=True,
                                                           for_s=snapshot._WALK_FOR)[0]
-    (ws / "edit.txt").write_text("saved\n")
     cache = snapshot.Cache()
-    started = time.monotonic()
 
-    snap = take(ws, cache=cache)
+    edit_and_take_within(ws, cache, DEFAULT_TIMEOUT / 6)
 
-    assert time.monotonic() - started < DEFAULT_TIMEOUT / 6
-    assert "edit.txt" in files_of(ws, snap.commit)
     assert list(cache.refused) == [where]
     assert "HEAD is no regular file" in cache.refused[where]
 
@@ -1761,8 +1768,6 @@ def test_a_nested_gitdir_into_the_workspaces_own_git_holding_a_fifo_costs_second
     never enters), directly or through ``/proc/self`` (git's own working directory: the
     workspace). git blocks on a FIFO HEAD there that no path of the work tree shows: the
     repository that led it there is left out within seconds, and the rest saved."""
-    import time
-
     from watcherd.git import DEFAULT_TIMEOUT
 
     (tmp_path / "watcherd-cwd").mkdir()
@@ -1775,14 +1780,10 @@ def test_a_nested_gitdir_into_the_workspaces_own_git_holding_a_fifo_costs_second
     (ws / "p1").mkdir()
     (ws / "p1" / ".git").write_text(f"gitdir: {gitdir}\n")
     (ws / "p1" / "f.txt").write_text("inside\n")
-    (ws / "edit.txt").write_text("saved\n")
     cache = snapshot.Cache()
-    started = time.monotonic()
 
-    snap = take(ws, cache=cache)
+    edit_and_take_within(ws, cache, DEFAULT_TIMEOUT / 6)
 
-    assert time.monotonic() - started < DEFAULT_TIMEOUT / 6
-    assert "edit.txt" in files_of(ws, snap.commit)
     assert list(cache.refused) == ["p1"]
     assert "watcherd-cwd" not in cache.refused["p1"]  # /proc/self is git's, not watcherd's
 
@@ -1848,7 +1849,7 @@ def test_a_git_add_nothing_explains_gives_way_to_what_the_watcher_saw_change(
     head = state_repo(ws, KEY).snapshot_head()
     assert sgit(ws, "show", f"{head}:readme.md", key=KEY) == "edited"
     assert files_of(ws, head) == {"readme.md"}
-    assert [e["files"] for e in logs if e["event"] == "snapshot.reported_only"] == [2]
+    assert [e["files"] for e in logs if e["event"] == "snapshot.git_add_bypassed"] == [2]
 
 
 def test_the_last_resort_reads_again_only_the_files_whose_status_changed(tmp_path, monkeypatch):
@@ -1872,7 +1873,7 @@ def test_the_last_resort_reads_again_only_the_files_whose_status_changed(tmp_pat
                         lambda *a: read.append(a[-1]) or store(*a))
     repo = state_repo(ws, KEY)
 
-    assert snapshot._save_reported(repo, {"GIT_INDEX_FILE": str(repo.index)}, set(),
+    assert snapshot._save_changed(repo, {"GIT_INDEX_FILE": str(repo.index)}, set(),
                                    {"left/out": "a FIFO HEAD"}) == 1
 
     assert [os.fsdecode(name) for name in read] == ["f7.txt"]

@@ -492,9 +492,9 @@ class Daemon:
             self.notifier.stopping("final save")
             self.notifier.extend_timeout(timeout + 5)
             self._shutdown_deadline = time.monotonic() + timeout
-            # A git add still running by half of it gives way to the last resort (what the
-            # watcher saw change, read by watcherd: snapshot._save_reported); the upload needs
-            # the rest.
+            # A git add still running by half of it gives way to the last resort (the saved
+            # files that changed, read by watcherd itself: snapshot._save_changed); the upload
+            # needs the rest.
             self.cache.hurry_by[0] = time.monotonic() + timeout / 2
             self._watch_scope.cancel()  # the final snapshot sees everything up to now
             self.sched.shutdown(time.monotonic())

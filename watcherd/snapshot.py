@@ -114,7 +114,7 @@ class Cache:
     _appeared_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _taken: set[str] | None = None  # what the snapshot under way took (:meth:`give_back`)
     # When (monotonic) a git add still running is stopped for the last resort
-    # (:func:`_save_reported`): set by the daemon on SIGTERM, whose final save must end in time.
+    # (:func:`_save_changed`): set by the daemon on SIGTERM, whose final save must end in time.
     # One for the whole workspace, nested repositories' caches included: [the time or None].
     hurry_by: list[float | None] = field(default_factory=lambda: [None])
 
@@ -145,7 +145,7 @@ class Cache:
 
     def give_back(self) -> None:
         """Put back what :meth:`take_appeared` took, for a snapshot that failed: the next one
-        is to look there too (and :func:`_save_reported` to find every change reported since
+        is to look there too (and :func:`_save_changed` to find every change reported since
         the last snapshot that succeeded)."""
         with self._appeared_lock:
             if self._taken is None:
@@ -530,7 +530,7 @@ def _add_rounds(repo: Repo, env: dict[str, str], cache: Cache,
     next snapshot (said). When that fails too, or a git add times out or runs past
     :attr:`Cache.hurry_by` with nothing found to leave out, the last resort: the saved files
     whose status changed and the new paths the watcher ``reported``, read by watcherd itself
-    (:func:`_save_reported`, said). Raises :class:`GitError` when that cannot be done either
+    (:func:`_save_changed`, said). Raises :class:`GitError` when that cannot be done either
     (no snapshot yet)."""
     git = repo.git
     stalled = _StallCheck(repo.workspace, cache.refused, lambda: cache.hurry_by[0])
@@ -561,9 +561,9 @@ def _add_rounds(repo: Repo, env: dict[str, str], cache: Cache,
                 # more; the saved files that changed, and the new ones the watcher saw, are
                 # read by watcherd itself.
                 Path(f"{repo.index}.lock").unlink(missing_ok=True)  # the killed git's
-                if (recorded := _save_reported(repo, env, reported, cache.refused)) is None:
+                if (recorded := _save_changed(repo, env, reported, cache.refused)) is None:
                     raise
-                _log.warning("snapshot.reported_only", files=recorded,
+                _log.warning("snapshot.git_add_bypassed", files=recorded,
                              reason=ws.printable(str(exc)),
                              note="git add could not finish (blocked or slow on what the agent "
                                   "planted, or out of time for a final save): this snapshot "
@@ -600,7 +600,7 @@ def _add_rounds(repo: Repo, env: dict[str, str], cache: Cache,
                           "until that is no longer so")
 
 
-def _save_reported(repo: Repo, env: dict[str, str], reported: set[str] | None,
+def _save_changed(repo: Repo, env: dict[str, str], reported: set[str] | None,
                    refused: dict[str, str]) -> int | None:
     """The last resort when no ``git add`` of this snapshot can finish, done by watcherd itself
     into the private index ``env`` (which holds the last snapshot): every file and link it holds
@@ -608,7 +608,7 @@ def _save_reported(repo: Repo, env: dict[str, str], reported: set[str] | None,
     FIFO, a directory) taken out; then each new path the watcher ``reported`` (at most
     :data:`_REPORTED_MAX`). Read through descriptors (no link followed, nothing but a file or
     a link opened, no file nearly all holes, nothing in a ``.git`` or under a path of
-    ``refused``), at most :data:`_REPORTED_BYTES` in all: git walks nothing and resolves no
+    ``refused``), at most :data:`_CHANGED_BYTES` in all: git walks nothing and resolves no
     repository, so nothing planted holds it up. The paths recorded or taken out; None (nothing
     done) when the index holds no snapshot yet (the rest would read as deleted)."""
     listed = repo.bare.run("ls-files", "-z", "--stage", "--debug", env=env).stdout
@@ -618,7 +618,7 @@ def _save_reported(repo: Repo, env: dict[str, str], reported: set[str] | None,
     top = Path(os.path.realpath(repo.workspace))
     gone = b"0 " + b"0" * (64 if repo.object_format() == "sha256" else 40) + b"\t"
     fresh = sorted(p for p in (os.fsencode(r) for r in reported or ()) if p and p not in held)
-    lines, left = [], [_REPORTED_BYTES]
+    lines, left = [], [_CHANGED_BYTES]
 
     def look(rfd: int, path: bytes, was: re.Match | None) -> None:
         parts = os.fsdecode(path).split("/")
@@ -668,8 +668,8 @@ _DEBUG_ENTRY = re.compile(
     rb"([0-7]{6}) [0-9a-f]+ \d\t([^\0]*)\0  ctime: \d+:\d+\n  mtime: (\d+):(\d+)\n"
     rb"  dev: \d+\tino: (\d+)\n  uid: \d+\tgid: \d+\n  size: (\d+)\tflags: [0-9a-f]+\n")
 _U32 = 0xFFFF_FFFF
-_REPORTED_MAX = 1_000  # new paths :func:`_save_reported` records, at most
-_REPORTED_BYTES = 256 << 20  # bytes it reads, at most
+_REPORTED_MAX = 1_000  # new paths :func:`_save_changed` records, at most
+_CHANGED_BYTES = 256 << 20  # bytes it reads, at most
 
 
 def _lift_gitlinks(repo: Repo, env: dict[str, str], prev_tree: str | None,
