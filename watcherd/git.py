@@ -29,7 +29,7 @@ from watcherd.errors import GitError
 #: Seconds a git call may take unless the caller says otherwise. A wedged git (an object file that
 #: is a FIFO, a hung filesystem) ends as a GitError instead of holding the daemon for ever.
 DEFAULT_TIMEOUT = 60.0
-#: Seconds after which a git call given a ``stalled`` check (:meth:`Git.run`) is first checked.
+#: Seconds between the checks of a git call given a ``stalled`` check (:meth:`Git.run`).
 STALL_CHECK = 1.0
 
 # What every call runs with, whatever a repository's config says. Most of it only matters for a
