@@ -1870,13 +1870,59 @@ def test_the_last_resort_reads_again_only_the_files_whose_status_changed(tmp_pat
     read = []
     store = worktree.store_entry
     monkeypatch.setattr(worktree, "store_entry",
-                        lambda *a: read.append(a[-1]) or store(*a))
+                        lambda *a, **kw: read.append(a[-1]) or store(*a, **kw))
     repo = state_repo(ws, KEY)
 
     assert snapshot._save_changed(repo, {"GIT_INDEX_FILE": str(repo.index)}, set(),
                                    {"left/out": "a FIFO HEAD"}) == 1
 
     assert [os.fsdecode(name) for name in read] == ["f7.txt"]
+
+
+def test_the_last_resort_sees_what_git_sees_change_and_what_the_watcher_reported(tmp_path):
+    """Status as git compares it: a same-size edit with its mtime put back (``cp -p``,
+    ``touch -r``) still changes the ctime, and so does ``chmod +x``; a path the watcher
+    reported is read again whatever its status says."""
+    ws = make_repo(tmp_path / "ws")
+    for name in ("kept.py", "run.sh", "told.txt"):
+        (ws / name).write_text("aaaa\n")
+    take(ws)
+    before = os.stat(ws / "kept.py")
+    (ws / "kept.py").write_text("bbbb\n")
+    os.utime(ws / "kept.py", ns=(before.st_atime_ns, before.st_mtime_ns))
+    os.chmod(ws / "run.sh", 0o755)
+    repo = state_repo(ws, KEY)
+    env = {"GIT_INDEX_FILE": str(repo.index)}
+
+    assert snapshot._save_changed(repo, env, {"told.txt"}, {}) == 3
+
+    staged = repo.bare.out("ls-files", "-s", "kept.py", "run.sh", env=env).splitlines()
+    assert staged[1].startswith("100755 ")
+    assert repo.bare.out("cat-file", "-p", staged[0].split()[1]) == "bbbb"
+
+
+def test_the_last_resort_reads_a_bounded_number_of_files_and_judges_each_as_opened(
+        tmp_path, monkeypatch):
+    """Touching thousands of saved files must not hold a final save: the last resort reads at
+    most a bounded number (the rest wait as last saved). A file is judged as opened, not as
+    looked at before: one grown into terabytes of holes in between is not read."""
+    from watcherd import dirfd, worktree
+
+    monkeypatch.setattr(snapshot, "_CHANGED_MAX", 10)
+    ws = make_repo(tmp_path / "ws")
+    for i in range(40):
+        (ws / f"f{i}.txt").write_text("")
+    take(ws)
+    for i in range(40):
+        (ws / f"f{i}.txt").write_text(f"{i}\n")
+    repo = state_repo(ws, KEY)
+    assert snapshot._save_changed(repo, {"GIT_INDEX_FILE": str(repo.index)}, set(), {}) == 10
+
+    (ws / "big.bin").write_bytes(b"")
+    os.truncate(ws / "big.bin", 1 << 40)
+    with dirfd.opened(ws) as rfd, pytest.raises(OSError):
+        worktree.store_entry(repo.bare, repo.spool, rfd, "big.bin",
+                             accept=lambda st: not snapshot._mostly_holes(st))
 
 
 def test_rounds_that_run_past_their_time_end_in_one_that_saves_every_saved_files_edit(

@@ -601,26 +601,36 @@ def _add_rounds(repo: Repo, env: dict[str, str], cache: Cache,
 
 
 def _save_changed(repo: Repo, env: dict[str, str], reported: set[str] | None,
-                   refused: dict[str, str]) -> int | None:
+                  refused: dict[str, str]) -> int | None:
     """The last resort when no ``git add`` of this snapshot can finish, done by watcherd itself
-    into the private index ``env`` (which holds the last snapshot): every file and link it holds
-    whose status (size, mtime, inode) changed is read again, one gone (or no longer a file: a
-    FIFO, a directory) taken out; then each new path the watcher ``reported`` (at most
-    :data:`_REPORTED_MAX`). Read through descriptors (no link followed, nothing but a file or
-    a link opened, no file nearly all holes, nothing in a ``.git`` or under a path of
-    ``refused``), at most :data:`_CHANGED_BYTES` in all: git walks nothing and resolves no
-    repository, so nothing planted holds it up. The paths recorded or taken out; None (nothing
-    done) when the index holds no snapshot yet (the rest would read as deleted)."""
+    into the private index ``env`` (which holds the last snapshot): each file and link it holds
+    that the watcher ``reported``, then each other one whose status (ctime, mtime, size, inode,
+    as git compares them) changed, is read again, one gone (or no longer a file: a FIFO, a
+    directory) taken out; then each new path the watcher reported. At most
+    :data:`_CHANGED_MAX` files read, for :data:`_CHANGED_FOR` seconds and
+    :data:`_CHANGED_BYTES` in all; read through descriptors (no link followed, nothing but a
+    file or a link opened, no file nearly all holes as opened, nothing in a ``.git`` or under a
+    path of ``refused``): git walks nothing and resolves no repository, so nothing planted
+    holds it up. The paths recorded or taken out; None (nothing done) when the index holds no
+    snapshot yet (the rest would read as deleted)."""
     listed = repo.bare.run("ls-files", "-z", "--stage", "--debug", env=env).stdout
-    held = {m[2]: m for m in _DEBUG_ENTRY.finditer(listed)}
+    held = {m[2]: m for m in _DEBUG_ENTRY.finditer(listed) if m[1] != b"160000"}
     if not held and reported is None:
         return None
     top = Path(os.path.realpath(repo.workspace))
     gone = b"0 " + b"0" * (64 if repo.object_format() == "sha256" else 40) + b"\t"
-    fresh = sorted(p for p in (os.fsencode(r) for r in reported or ()) if p and p not in held)
-    lines, left = [], [_CHANGED_BYTES]
+    told = sorted(p for p in (os.fsencode(r) for r in reported or ()) if p)
+    reported_set = set(told)
+    lines, left, reads = [], [_CHANGED_BYTES], [_CHANGED_MAX]
+    deadline = time.monotonic() + _CHANGED_FOR
 
-    def look(rfd: int, path: bytes, was: re.Match | None) -> None:
+    def accept(st: os.stat_result) -> bool:  # the file as opened
+        if _mostly_holes(st) or st.st_size > left[0]:
+            return False
+        left[0] -= st.st_size
+        return True
+
+    def look(rfd: int, path: bytes, was: re.Match | None, told: bool) -> None:
         parts = os.fsdecode(path).split("/")
         if ".git" in parts or any("/".join(parts[:i]) in refused
                                   for i in range(1, len(parts) + 1)):
@@ -638,38 +648,49 @@ def _save_changed(repo: Repo, env: dict[str, str], reported: set[str] | None,
                 if was is not None:
                     lines.append(gone + path + b"\0")
                 return
-            if was is not None and (st.st_mtime_ns // 10**9 & _U32, st.st_mtime_ns % 10**9,
-                                    st.st_size & _U32, st.st_ino & _U32) == \
-                    (int(was[3]), int(was[4]), int(was[6]), int(was[5])):
-                return  # as git last read it (the index keeps 32 bits of each)
-            if _mostly_holes(st) or st.st_size > left[0]:
-                return
-            left[0] -= st.st_size
+            if was is not None and not told and _as_recorded(st, was):
+                return  # as git last read it
+            if reads[0] <= 0 or time.monotonic() > deadline:
+                return  # as last saved: the next git add reads it
+            reads[0] -= 1
             try:
-                mode, oid = worktree.store_entry(repo.bare, repo.spool, *where)
+                mode, oid = worktree.store_entry(repo.bare, repo.spool, *where, accept=accept)
             except OSError:
-                return  # unreadable, or changed meanwhile: as last saved
+                return  # unreadable, refused as opened, or changed meanwhile: as last saved
             lines.append(f"{mode} {oid}\t".encode() + path + b"\0")
 
     with dirfd.opened(top) as rfd:
+        for path in told:
+            if path in held:
+                look(rfd, path, held[path], True)
         for path, was in held.items():
-            if was[1] != b"160000":
-                look(rfd, path, was)
-        for path in fresh[:_REPORTED_MAX]:
-            look(rfd, path, None)
+            if path not in reported_set:
+                look(rfd, path, was, False)
+        for path in told:
+            if path not in held:
+                look(rfd, path, None, True)
     if lines:
         repo.bare.run("update-index", "-z", "--index-info", env=env, input=b"".join(lines))
     return len(lines)
 
 
+def _as_recorded(st: os.stat_result, was: re.Match) -> bool:
+    """Whether ``st`` is the status git recorded in the index entry ``was`` (:data:`_DEBUG_ENTRY`:
+    ctime, mtime, size, inode; the index keeps 32 bits of each)."""
+    return (st.st_ctime_ns // 10**9 & _U32, st.st_ctime_ns % 10**9,
+            st.st_mtime_ns // 10**9 & _U32, st.st_mtime_ns % 10**9,
+            st.st_ino & _U32, st.st_size & _U32) == tuple(int(g) for g in was.groups()[2:])
+
+
 # One entry of ``git ls-files -z --stage --debug``: mode, id, stage, path, then the status git
-# recorded (git's ls-files.c, print_debug): mtime seconds and nanoseconds, inode, size.
+# recorded (git's ls-files.c, print_debug): ctime and mtime (seconds, nanoseconds), inode, size.
 _DEBUG_ENTRY = re.compile(
-    rb"([0-7]{6}) [0-9a-f]+ \d\t([^\0]*)\0  ctime: \d+:\d+\n  mtime: (\d+):(\d+)\n"
+    rb"([0-7]{6}) [0-9a-f]+ \d\t([^\0]*)\0  ctime: (\d+):(\d+)\n  mtime: (\d+):(\d+)\n"
     rb"  dev: \d+\tino: (\d+)\n  uid: \d+\tgid: \d+\n  size: (\d+)\tflags: [0-9a-f]+\n")
-_U32 = 0xFFFF_FFFF
-_REPORTED_MAX = 1_000  # new paths :func:`_save_changed` records, at most
+_CHANGED_MAX = 1_000  # files :func:`_save_changed` reads, at most
+_CHANGED_FOR = 5.0  # seconds it reads for, at most (a final save has half its time left)
 _CHANGED_BYTES = 256 << 20  # bytes it reads, at most
+_U32 = 0xFFFF_FFFF
 
 
 def _lift_gitlinks(repo: Repo, env: dict[str, str], prev_tree: str | None,

@@ -129,11 +129,14 @@ def entry_id(dir_fd: int, path: bytes, object_format: str) -> tuple[str, str | N
             return None
 
 
-def store_entry(git: Git, spool: Path, dir_fd: int, name: str | bytes) -> tuple[str, str]:
+def store_entry(git: Git, spool: Path, dir_fd: int, name: str | bytes, *,
+                accept: Callable[[os.stat_result], bool] | None = None) -> tuple[str, str]:
     """(git mode, blob id) of file or link ``name`` of ``dir_fd``, written into ``git``'s
     repository itself (never skipped for the workspace's objects claiming it): read through a
     descriptor (never by path, no link followed), streamed through a file of ``spool``
-    (watcherd's; never whole in memory). Raises :class:`OSError` when it is
+    (watcherd's; never whole in memory), as large as it was when opened; ``accept``: asked
+    with the opened file's status (not a path's: it may be swapped or grown meanwhile). Raises
+    :class:`OSError` when ``accept`` refuses it, or when it is
     missing, unreadable, or neither a file nor a link."""
     st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
     if stat.S_ISLNK(st.st_mode):
@@ -146,17 +149,21 @@ def store_entry(git: Git, spool: Path, dir_fd: int, name: str | bytes) -> tuple[
     copy = spool / f"entry-{os.getpid()}-{threading.get_ident()}"
     try:
         with os.fdopen(fd, "rb") as f_in, open(copy, "wb") as f_out:
-            _copy_data(f_in.fileno(), f_out.fileno())
+            opened = os.fstat(f_in.fileno())
+            if accept is not None and not accept(opened):
+                raise OSError(errno.EFBIG, "refused as opened", os.fsdecode(name))
+            _copy_data(f_in.fileno(), f_out.fileno(), opened.st_size)
         return mode, git.out("hash-object", "-w", "--no-filters", "--", str(copy))
     finally:
         copy.unlink(missing_ok=True)
 
 
-def _copy_data(src: int, dst: int) -> None:
+def _copy_data(src: int, dst: int, size: int | None = None) -> None:
     """Copy file ``src`` into the empty file ``dst``, holes kept as holes (lseek(2),
     ``SEEK_DATA``/``SEEK_HOLE``): a sparse file of terabytes the agent made costs watcherd's disk
-    what it holds, not its size. Where the filesystem cannot tell, every byte is copied."""
-    size = os.fstat(src).st_size
+    what it holds, not its size. Where the filesystem cannot tell, every byte is copied.
+    ``size``: bytes copied at most (the file as it was when checked; it may grow meanwhile)."""
+    size = os.fstat(src).st_size if size is None else size
     pos = 0
     while pos < size:
         try:
@@ -168,6 +175,9 @@ def _copy_data(src: int, dst: int) -> None:
             if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
                 raise
             start, end = pos, size
+        if start >= size:
+            break
+        end = min(end, size)
         while start < end:
             chunk = os.pread(src, min(_CHUNK, end - start), start)
             if not chunk:
@@ -175,7 +185,7 @@ def _copy_data(src: int, dst: int) -> None:
             os.pwrite(dst, chunk, start)
             start += len(chunk)
         pos = end
-    os.ftruncate(dst, max(size, os.fstat(dst).st_size))
+    os.ftruncate(dst, size)
 
 
 def _file_id(dir_fd: int, name: bytes | str, object_format: str) -> str | None:
