@@ -1901,6 +1901,27 @@ def test_the_last_resort_sees_what_git_sees_change_and_what_the_watcher_reported
     assert repo.bare.out("cat-file", "-p", staged[0].split()[1]) == "bbbb"
 
 
+def test_the_last_resort_records_no_new_file_of_a_nested_repository(tmp_path):
+    """git add stops at a directory holding a ``.git`` (it records the repository as one, or
+    not at all); the last resort does too, at any depth, even for paths the watcher reported
+    inside it (reported before the watcher knew it for a repository). A new file beside it is
+    recorded."""
+    ws = make_repo(tmp_path / "ws")
+    take(ws)
+    for where in ("sub", "deep/er/sub"):
+        make_repo(ws / where)
+        (ws / where / "inner" / "x.txt").parent.mkdir()
+        (ws / where / "inner" / "x.txt").write_text("the nested repository's\n")
+    (ws / "deep" / "er" / "beside.txt").write_text("the workspace's\n")
+    repo = state_repo(ws, KEY)
+    env = {"GIT_INDEX_FILE": str(repo.index)}
+    told = {"sub/readme.md", "sub/inner/x.txt", "deep/er/sub/inner/x.txt", "deep/er/beside.txt"}
+
+    assert snapshot._save_changed(repo, env, told, {}) == 1
+
+    assert repo.bare.out("ls-files", env=env).splitlines() == ["deep/er/beside.txt", "readme.md"]
+
+
 def test_the_last_resort_reads_a_bounded_number_of_files_and_judges_each_as_opened(
         tmp_path, monkeypatch):
     """Touching thousands of saved files must not hold a final save: the last resort reads at

@@ -609,8 +609,8 @@ def _save_changed(repo: Repo, env: dict[str, str], reported: set[str] | None,
     directory) taken out; then each new path the watcher reported. At most
     :data:`_CHANGED_MAX` files read, for :data:`_CHANGED_FOR` seconds and
     :data:`_CHANGED_BYTES` in all; read through descriptors (no link followed, nothing but a
-    file or a link opened, no file nearly all holes as opened, nothing in a ``.git`` or under a
-    path of ``refused``): git walks nothing and resolves no repository, so nothing planted
+    file or a link opened, no file nearly all holes as opened, nothing in a ``.git``, under a
+    path of ``refused`` or new in a nested repository): git walks nothing and resolves no repository, so nothing planted
     holds it up. The paths recorded or taken out; None (nothing done) when the index holds no
     snapshot yet (the rest would read as deleted)."""
     listed = repo.bare.run("ls-files", "-z", "--stage", "--debug", env=env).stdout
@@ -635,6 +635,8 @@ def _save_changed(repo: Repo, env: dict[str, str], reported: set[str] | None,
         if ".git" in parts or any("/".join(parts[:i]) in refused
                                   for i in range(1, len(parts) + 1)):
             return
+        if was is None and _in_nested_repository(rfd, path):
+            return  # a nested repository's own: git add records it as one, or not at all
         with dirfd.parent(rfd, path) as where:
             if where is None:
                 return  # a directory on the way gone, or a link: the next git add sees to it
@@ -672,6 +674,26 @@ def _save_changed(repo: Repo, env: dict[str, str], reported: set[str] | None,
     if lines:
         repo.bare.run("update-index", "-z", "--index-info", env=env, input=b"".join(lines))
     return len(lines)
+
+
+def _in_nested_repository(rfd: int, path: bytes) -> bool:
+    """Whether a leading directory of ``path`` (relative to the workspace, ``rfd``) holds a
+    ``.git``: a nested repository, whose files git add never records as the workspace's (it
+    stops there). Each directory opened without following links; False where one is missing,
+    a link or not a directory (nothing is read there)."""
+    fd = os.dup(rfd)
+    try:
+        for part in path.split(b"/")[:-1]:
+            nfd = os.open(part, dirfd.DIR_FLAGS, dir_fd=fd)
+            os.close(fd)
+            fd = nfd
+            if dirfd.exists(fd, b".git"):
+                return True
+        return False
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
 
 
 def _as_recorded(st: os.stat_result, was: re.Match) -> bool:
