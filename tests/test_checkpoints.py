@@ -751,6 +751,33 @@ def test_a_rollback_never_overwrites_files_the_rules_ignore(tmp_path):
     assert git(ws, "log", "-1", "--format=%s") == "ignore them"
 
 
+def test_a_rollback_writes_into_an_ignored_directory_that_holds_no_file(tmp_path):
+    """An ignored directory left empty (its files deleted, at any depth) keeps nothing no
+    snapshot holds: a rollback whose target has files there is not refused. One file in it
+    still refuses it."""
+    from watcherd import rollback, snapshot
+
+    ws, repo, _ = library_workspace(tmp_path)
+    (ws / "build" / "gen").mkdir(parents=True)
+    os.symlink("a.txt", ws / "build" / "e.js")
+    (ws / "build" / "gen" / "f.js").write_text("generated\n")
+    target = snapshot.take(repo).snapshot_head
+    (ws / "build" / "e.js").unlink()
+    (ws / "build" / "gen" / "f.js").unlink()
+    (ws / ".gitignore").write_text("build/\n")
+    snapshot.take(repo)
+    (ws / "build" / "gen" / "kept.log").write_text("no snapshot holds this\n")
+    with pytest.raises(rollback.RollbackRefused, match=r"ignored.*\(build\)"):
+        roll(repo, target)
+    (ws / "build" / "gen" / "kept.log").unlink()
+
+    roll(repo, target)
+
+    assert os.readlink(ws / "build" / "e.js") == "a.txt"
+    assert (ws / "build" / "gen" / "f.js").read_text() == "generated\n"
+    assert not (ws / ".gitignore").exists()
+
+
 def test_a_rollback_keeps_the_users_reflogs_and_every_object_their_git_holds(tmp_path):
     ws, repo, first = library_workspace(tmp_path)
     (ws / "a.txt").write_text("two\n")

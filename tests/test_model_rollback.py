@@ -44,7 +44,9 @@ def comparable(state: dict, leave_out: set[str]) -> dict:
         line for line in state["status"].splitlines(keepends=True)
         if not line.startswith(("# branch.upstream", "# branch.ab"))
         and not (line.startswith("? ") and line[2:].rstrip("\n") in leave_out)
-        and not (line[0] in "12?" and _path(line).startswith(dirs)))
+        # a left-out directory's own line too: a gitlink's submodule state (a new commit in
+        # the nested repository) is that repository's, left as it is
+        and not (line[0] in "12?" and (_path(line) + "/").startswith(dirs)))
     return state
 
 

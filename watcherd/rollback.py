@@ -379,12 +379,13 @@ def _refuse_ignored_in_the_way(git: Git, env: dict[str, str],
     """git overwrites ignored files in a checkout's way (they count as expendable); for the
     user they are not: a ``.env``, a database under an ignored ``data/``. No snapshot holds
     them, so a rollback that would write over one, or put a file where an ignored directory is,
-    is refused and names them."""
+    is refused and names them. An ignored directory that holds no file (at any depth) keeps
+    nothing: the rollback writes into it."""
     added = {c.path for c in changes if c.added}
     if not added:
         return
     listed = git.run("ls-files", "-z", "--others", "--ignored", "--exclude-standard",
-                     "--directory", env=env).stdout
+                     "--directory", "--no-empty-directory", env=env).stdout
     hits = []
     for entry in filter(None, listed.split(b"\0")):
         entry = entry.rstrip(b"/")
