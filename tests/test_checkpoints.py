@@ -778,6 +778,41 @@ def test_a_rollback_writes_into_an_ignored_directory_that_holds_no_file(tmp_path
     assert not (ws / ".gitignore").exists()
 
 
+def test_a_rollback_writes_over_ignored_entries_already_as_the_target_has_them(tmp_path):
+    """Files saved while untracked, then ignored (``build/`` added to .gitignore) and left as
+    they were: a rollback to that snapshot loses nothing by writing them again, and is not
+    refused. One ignored file there that the target does not hold, or holds otherwise, still
+    refuses it."""
+    from watcherd import rollback, snapshot
+
+    ws, repo, _ = library_workspace(tmp_path)
+    (ws / "build" / "gen").mkdir(parents=True)
+    os.symlink("a.txt", ws / "build" / "e.js")
+    (ws / "build" / "gen" / "f.js").write_text("generated\n")
+    (ws / "out.map").write_text("a map\n")
+    target = snapshot.take(repo).snapshot_head
+    (ws / ".gitignore").write_text("build/\nout.map\n")
+    snapshot.take(repo)
+    for extra, text in (("build/gen/kept.log", "no snapshot holds this\n"),
+                        ("build/gen/f.js", "rebuilt since\n"), ("out.map", "another map\n")):
+        before = (ws / extra).read_text() if (ws / extra).exists() else None
+        (ws / extra).write_text(text)
+        with pytest.raises(rollback.RollbackRefused, match=r"ignored.*\((build|out\.map)\)"):
+            roll(repo, target)
+        if before is None:
+            (ws / extra).unlink()
+        else:
+            (ws / extra).write_text(before)
+
+    roll(repo, target)
+
+    assert os.readlink(ws / "build" / "e.js") == "a.txt"
+    assert (ws / "build" / "gen" / "f.js").read_text() == "generated\n"
+    assert (ws / "out.map").read_text() == "a map\n"
+    assert not (ws / ".gitignore").exists()
+    assert not [p for p in os.listdir(ws) if p.startswith(".watcherd-")]
+
+
 def test_a_rollback_keeps_the_users_reflogs_and_every_object_their_git_holds(tmp_path):
     ws, repo, first = library_workspace(tmp_path)
     (ws / "a.txt").write_text("two\n")

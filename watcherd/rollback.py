@@ -348,9 +348,9 @@ def _update_files(repo: Repo, target: Target, layout: ws.Layout, mode: str,
             if git.out("write-tree", env=env) != git.out("rev-parse", f"{undo}^{{tree}}"):
                 git.run("read-tree", f"{undo}^{{tree}}", env=env)
             changes = worktree.diff(git, f"{undo}^{{tree}}", f"{target.snapshot}^{{tree}}")
-            _refuse_ignored_in_the_way(git, env, changes)
             _refuse_missing_blobs(repo, target, changes)
             with dirfd.opened(layout.root) as rfd:
+                _refuse_ignored_in_the_way(git, env, rfd, changes, repo.object_format())
                 try:
                     edited = worktree.first_edited(rfd, changes, repo.object_format())
                 except PermissionError as exc:
@@ -374,14 +374,15 @@ def _update_files(repo: Repo, target: Target, layout: ws.Layout, mode: str,
     raise AssertionError("unreachable: the last attempt changes the files")
 
 
-def _refuse_ignored_in_the_way(git: Git, env: dict[str, str],
-                               changes: list[worktree.Change]) -> None:
+def _refuse_ignored_in_the_way(git: Git, env: dict[str, str], rfd: int,
+                               changes: list[worktree.Change], object_format: str) -> None:
     """git overwrites ignored files in a checkout's way (they count as expendable); for the
     user they are not: a ``.env``, a database under an ignored ``data/``. No snapshot holds
     them, so a rollback that would write over one, or put a file where an ignored directory is,
-    is refused and names them. An ignored directory that holds no file (at any depth) keeps
-    nothing: the rollback writes into it."""
-    added = {c.path for c in changes if c.added}
+    is refused and names them. An ignored directory that holds no file (at any depth), or
+    ignored entries already as the target has them, keep nothing the rollback would lose: it
+    writes there. ``rfd``: the workspace root."""
+    added = {c.path: (c.new_mode, c.new_oid) for c in changes if c.added}
     if not added:
         return
     listed = git.run("ls-files", "-z", "--others", "--ignored", "--exclude-standard",
@@ -391,8 +392,9 @@ def _refuse_ignored_in_the_way(git: Git, env: dict[str, str],
         entry = entry.rstrip(b"/")
         parts = entry.split(b"/")
         # the ignored entry is an added path, lies under one, or holds one
-        if any(b"/".join(parts[:i]) in added for i in range(1, len(parts) + 1)) or \
-                any(p.startswith(entry + b"/") for p in added):
+        if (any(b"/".join(parts[:i]) in added for i in range(1, len(parts) + 1)) or
+                any(p.startswith(entry + b"/") for p in added)) and \
+                not worktree.holds_only(rfd, entry, added, object_format):
             hits.append(ws.printable(os.fsdecode(entry)))
     if hits:
         more = f" and {len(hits) - 5} more" if len(hits) > 5 else ""

@@ -80,14 +80,16 @@ def diff(git: Git, old: str, new: str) -> list[Change]:
 
 def first_edited(root_fd: int, changes: list[Change], object_format: str) -> bytes | None:
     """The first path of ``changes`` whose entry in the work tree is not what the old tree
-    holds (content, mode, kind; for an added path: anything there, or a file or link where one
-    of its directories goes), or None. Reads through descriptors, hashing as git does
+    holds (content, mode, kind; for an added path: anything there but what the change writes,
+    or a file or link where one of its directories goes), or None. Reads through descriptors, hashing as git does
     (git-hash-object(1)). Raises :class:`PermissionError` naming a file watcherd cannot read."""
     removed = {c.path for c in changes if not c.added}
     for change in changes:
         if change.added:
-            if not _way_clear(root_fd, change.path, removed):
-                return change.path
+            if not _way_clear(root_fd, change.path, removed) and \
+                    entry_id(root_fd, change.path, object_format) != (change.new_mode,
+                                                                      change.new_oid):
+                return change.path  # what is there is not what the change writes: an edit
             continue
         try:
             found = entry_id(root_fd, change.path, object_format)
@@ -100,6 +102,39 @@ def first_edited(root_fd: int, changes: list[Change], object_format: str) -> byt
         elif found != (change.old_mode, change.old_oid):
             return change.path
     return None
+
+
+def holds_only(root_fd: int, path: bytes, writes: dict[bytes, tuple[str, str]],
+               object_format: str, *, limit: int = 1_000) -> bool:
+    """Whether the work-tree entry ``path`` (a file, a link, or a directory at any depth) holds
+    nothing but entries that ``writes`` (path: git mode and blob id) writes, each already what
+    it writes there: writing them over loses nothing. Directories are opened without following
+    links; False past ``limit`` entries beyond those of ``writes``, or where an entry cannot be
+    read."""
+    budget = [len(writes) + limit]
+    try:
+        found = entry_id(root_fd, path, object_format)
+        if found is None or found[0] != GITLINK:  # not a directory
+            return found is not None and writes.get(path) == found
+        pending = [path]
+        while pending:
+            at = pending.pop()
+            with dirfd.beneath(root_fd, at + b"/") as fd:
+                if fd is None:
+                    return False
+                for name in os.listdir(fd):
+                    budget[0] -= 1
+                    sub = at + b"/" + os.fsencode(name)
+                    if budget[0] < 0:
+                        return False
+                    if dirfd.is_dir(fd, name):
+                        pending.append(sub)
+                    elif writes.get(sub) is None or \
+                            entry_id(root_fd, sub, object_format) != writes[sub]:
+                        return False
+        return True
+    except OSError:
+        return False
 
 
 def entry_id(dir_fd: int, path: bytes, object_format: str) -> tuple[str, str | None] | None:
