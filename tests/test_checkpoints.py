@@ -751,38 +751,11 @@ def test_a_rollback_never_overwrites_files_the_rules_ignore(tmp_path):
     assert git(ws, "log", "-1", "--format=%s") == "ignore them"
 
 
-def test_a_rollback_writes_into_an_ignored_directory_that_holds_no_file(tmp_path):
-    """An ignored directory left empty (its files deleted, at any depth) keeps nothing no
-    snapshot holds: a rollback whose target has files there is not refused. One file in it
-    still refuses it."""
-    from watcherd import rollback, snapshot
-
-    ws, repo, _ = library_workspace(tmp_path)
-    (ws / "build" / "gen").mkdir(parents=True)
-    os.symlink("a.txt", ws / "build" / "e.js")
-    (ws / "build" / "gen" / "f.js").write_text("generated\n")
-    target = snapshot.take(repo).snapshot_head
-    (ws / "build" / "e.js").unlink()
-    (ws / "build" / "gen" / "f.js").unlink()
-    (ws / ".gitignore").write_text("build/\n")
-    snapshot.take(repo)
-    (ws / "build" / "gen" / "kept.log").write_text("no snapshot holds this\n")
-    with pytest.raises(rollback.RollbackRefused, match=r"ignored.*\(build\)"):
-        roll(repo, target)
-    (ws / "build" / "gen" / "kept.log").unlink()
-
-    roll(repo, target)
-
-    assert os.readlink(ws / "build" / "e.js") == "a.txt"
-    assert (ws / "build" / "gen" / "f.js").read_text() == "generated\n"
-    assert not (ws / ".gitignore").exists()
-
-
-def test_a_rollback_writes_over_ignored_entries_already_as_the_target_has_them(tmp_path):
-    """Files saved while untracked, then ignored (``build/`` added to .gitignore) and left as
-    they were: a rollback to that snapshot loses nothing by writing them again, and is not
-    refused. One ignored file there that the target does not hold, or holds otherwise, still
-    refuses it."""
+def test_a_rollback_writes_into_ignored_directories_and_never_over_what_they_hold(tmp_path):
+    """Files saved while untracked, then ignored (``build/`` added to .gitignore): a rollback
+    to that snapshot writes them back into the ignored directory and leaves its other files as
+    they are. A path holding what the target does not (a file rebuilt since) refuses it; an
+    entry already as the target has it, or an ignored directory emptied, is no obstacle."""
     from watcherd import rollback, snapshot
 
     ws, repo, _ = library_workspace(tmp_path)
@@ -792,23 +765,26 @@ def test_a_rollback_writes_over_ignored_entries_already_as_the_target_has_them(t
     (ws / "out.map").write_text("a map\n")
     target = snapshot.take(repo).snapshot_head
     (ws / ".gitignore").write_text("build/\nout.map\n")
+    (ws / "build" / "gen" / "f.js").unlink()  # build/gen/ is left empty
+    (ws / "build" / "kept.log").write_text("no snapshot holds this\n")
     snapshot.take(repo)
-    for extra, text in (("build/gen/kept.log", "no snapshot holds this\n"),
-                        ("build/gen/f.js", "rebuilt since\n"), ("out.map", "another map\n")):
-        before = (ws / extra).read_text() if (ws / extra).exists() else None
-        (ws / extra).write_text(text)
+    for path, text in (("build/gen/f.js", "rebuilt since\n"), ("out.map", "another map\n")):
+        before = (ws / path).read_text() if (ws / path).exists() else None
+        (ws / path).write_text(text)
         with pytest.raises(rollback.RollbackRefused, match=r"ignored.*\((build|out\.map)\)"):
             roll(repo, target)
+        assert (ws / path).read_text() == text
         if before is None:
-            (ws / extra).unlink()
+            (ws / path).unlink()
         else:
-            (ws / extra).write_text(before)
+            (ws / path).write_text(before)
 
     roll(repo, target)
 
     assert os.readlink(ws / "build" / "e.js") == "a.txt"
     assert (ws / "build" / "gen" / "f.js").read_text() == "generated\n"
     assert (ws / "out.map").read_text() == "a map\n"
+    assert (ws / "build" / "kept.log").read_text() == "no snapshot holds this\n"
     assert not (ws / ".gitignore").exists()
     assert not [p for p in os.listdir(ws) if p.startswith(".watcherd-")]
 

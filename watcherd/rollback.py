@@ -378,23 +378,25 @@ def _refuse_ignored_in_the_way(git: Git, env: dict[str, str], rfd: int,
                                changes: list[worktree.Change], object_format: str) -> None:
     """git overwrites ignored files in a checkout's way (they count as expendable); for the
     user they are not: a ``.env``, a database under an ignored ``data/``. No snapshot holds
-    them, so a rollback that would write over one, or put a file where an ignored directory is,
-    is refused and names them. An ignored directory that holds no file (at any depth), or
-    ignored entries already as the target has them, keep nothing the rollback would lose: it
-    writes there. ``rfd``: the workspace root."""
-    added = {c.path: (c.new_mode, c.new_oid) for c in changes if c.added}
+    them, so a rollback that would write over one, or put a file where an ignored directory
+    holding files is, is refused and names them. Writing into an ignored directory is not:
+    its other entries stay, and an entry already as the target has it (saved while untracked,
+    ignored since, left as it was) loses nothing. ``rfd``: the workspace root."""
+    added = {c.path: c for c in changes if c.added}
     if not added:
         return
+    removed = {c.path for c in changes if not c.added}
     listed = git.run("ls-files", "-z", "--others", "--ignored", "--exclude-standard",
                      "--directory", "--no-empty-directory", env=env).stdout
     hits = []
     for entry in filter(None, listed.split(b"\0")):
         entry = entry.rstrip(b"/")
         parts = entry.split(b"/")
-        # the ignored entry is an added path, lies under one, or holds one
-        if (any(b"/".join(parts[:i]) in added for i in range(1, len(parts) + 1)) or
-                any(p.startswith(entry + b"/") for p in added)) and \
-                not worktree.holds_only(rfd, entry, added, object_format):
+        # the ignored entry lies under an added path (a file where its directory is), or is
+        # one or holds one that cannot be written without replacing it
+        if any(b"/".join(parts[:i]) in added for i in range(1, len(parts))) or any(
+                not worktree.free_for(rfd, c, removed, object_format)
+                for p, c in added.items() if p == entry or p.startswith(entry + b"/")):
             hits.append(ws.printable(os.fsdecode(entry)))
     if hits:
         more = f" and {len(hits) - 5} more" if len(hits) > 5 else ""

@@ -86,10 +86,8 @@ def first_edited(root_fd: int, changes: list[Change], object_format: str) -> byt
     removed = {c.path for c in changes if not c.added}
     for change in changes:
         if change.added:
-            if not _way_clear(root_fd, change.path, removed) and \
-                    entry_id(root_fd, change.path, object_format) != (change.new_mode,
-                                                                      change.new_oid):
-                return change.path  # what is there is not what the change writes: an edit
+            if not free_for(root_fd, change, removed, object_format):
+                return change.path
             continue
         try:
             found = entry_id(root_fd, change.path, object_format)
@@ -104,43 +102,18 @@ def first_edited(root_fd: int, changes: list[Change], object_format: str) -> byt
     return None
 
 
-def holds_only(root_fd: int, path: bytes, writes: dict[bytes, tuple[str, str]],
-               object_format: str, *, limit: int = 1_000) -> bool:
-    """Whether the work-tree entry ``path`` (a file, a link, or a directory at any depth) holds
-    nothing but entries that ``writes`` (path: git mode and blob id) writes, each already what
-    it writes there: writing them over loses nothing. Directories are opened without following
-    links; False past ``limit`` entries beyond those of ``writes``, or where an entry cannot be
-    read."""
-    budget = [len(writes) + limit]
-    try:
-        found = entry_id(root_fd, path, object_format)
-        if found is None or found[0] != GITLINK:  # not a directory
-            return found is not None and writes.get(path) == found
-        pending = [path]
-        while pending:
-            at = pending.pop()
-            with dirfd.beneath(root_fd, at + b"/") as fd:
-                if fd is None:
-                    return False
-                for name in os.listdir(fd):
-                    budget[0] -= 1
-                    sub = at + b"/" + os.fsencode(name)
-                    if budget[0] < 0:
-                        return False
-                    if dirfd.is_dir(fd, name):
-                        pending.append(sub)
-                    elif writes.get(sub) is None or \
-                            entry_id(root_fd, sub, object_format) != writes[sub]:
-                        return False
-        return True
-    except OSError:
-        return False
+def free_for(root_fd: int, change: Change, removed: set[bytes], object_format: str) -> bool:
+    """Whether added ``change`` writes its path without replacing anything but itself: nothing
+    is there (each leading directory a directory, absent, or in ``removed``, the paths the
+    change removes), or what is there is already what it writes (mode and blob id)."""
+    return _way_clear(root_fd, change.path, removed) or \
+        entry_id(root_fd, change.path, object_format) == (change.new_mode, change.new_oid)
 
 
 def entry_id(dir_fd: int, path: bytes, object_format: str) -> tuple[str, str | None] | None:
     """(git mode, object id) of work-tree entry ``path`` under ``dir_fd`` as git would record
     it: a file's blob, a link's target's blob; a directory is a gitlink with no id, and a file
-    that changed size while read has no id either. None when nothing (or something else: a
+    or link that changed while read (its size, its kind, or gone) has no id either. None when nothing (or something else: a
     fifo, a socket) is there."""
     with dirfd.parent(dir_fd, path) as found:
         if found is None:
@@ -153,15 +126,28 @@ def entry_id(dir_fd: int, path: bytes, object_format: str) -> tuple[str, str | N
         if stat.S_ISDIR(st.st_mode):
             return GITLINK, None
         if stat.S_ISLNK(st.st_mode):
-            target = os.fsencode(os.readlink(leaf, dir_fd=fd))
+            try:
+                target = os.fsencode(os.readlink(leaf, dir_fd=fd))
+            except OSError as exc:
+                if exc.errno not in _CHANGED_KIND:
+                    raise
+                return LINK, None  # no longer a link
             return LINK, object_id(object_format, "blob", target)
         if not stat.S_ISREG(st.st_mode):
             return None
         mode = EXECUTABLE if st.st_mode & 0o100 else "100644"
         try:
             return mode, _file_id(fd, leaf, object_format)
-        except FileNotFoundError:
-            return None
+        except OSError as exc:
+            if exc.errno not in _CHANGED_KIND:
+                raise
+            return mode, None  # no longer a file
+
+
+# What reading an entry meets when it is replaced between its stat and its read (by another
+# kind, or by nothing): a link (ELOOP, O_NOFOLLOW), a directory (EISDIR), a file (EINVAL,
+# readlink), nothing (ENOENT).
+_CHANGED_KIND = (errno.ELOOP, errno.EISDIR, errno.EINVAL, errno.ENOENT)
 
 
 def store_entry(git: Git, spool: Path, dir_fd: int, name: str | bytes, *,
