@@ -87,10 +87,13 @@ class RollbackModel(WorkspaceModel):
         leave_out = ignored(self.ws)
         before = recorded_state(self.ws)
         # A repository nested in the workspace, or a submodule the index keeps without its
-        # .git (a gitlink hiding the directory's files), is left as it is by a rollback.
+        # .git (a gitlink hiding the directory's files), is left as it is by a rollback; so is
+        # the .git of one in a directory whose files the workspace's index tracks (those files
+        # are the workspace's, its .git is not).
         gitlink = any(line.startswith("160000 ") and line.endswith(f"\t{NESTED}")
                       for line in before["index"].splitlines())
-        if before["nested"] is not None or expected["nested"] is not None or gitlink:
+        if before["nested"] is not None or expected["nested"] is not None or gitlink or \
+                os.path.lexists(self.ws / NESTED / ".git"):
             leave_out.add(f"{NESTED}/")
         with self.repo.lock():
             came_from = rollback.apply(self.repo, target, cache=self.cache)
