@@ -8,7 +8,8 @@ a random mark and ``undo`` to where the last rollback started. What a rollback l
 by design, is left out of the comparison: files the rules ignored before the rollback (no
 snapshot holds them), the user's git config (remotes, branch tracking), which stays theirs, and
 a nested repository, before the rollback or in its target (docs/security.md: a rollback puts
-back the workspace's own files and leaves a nested repository's as they are).
+back the workspace's own files and leaves a nested repository's as they are). A rollback whose
+target would replace an ignored file is refused and changes nothing.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ import subprocess
 import pytest
 from hypothesis import strategies as st
 from hypothesis.stateful import precondition, rule
-from test_model_workspace import BOUNDED, LONG, NESTED, WorkspaceModel, recorded_state
+from test_model_workspace import (BOUNDED, LONG, NESTED, WorkspaceModel, all_files,
+                                  recorded_state)
 
 from watcherd import rollback, snapshot
 
@@ -86,6 +88,12 @@ class RollbackModel(WorkspaceModel):
     def _roll(self, target: rollback.Target, expected: dict) -> None:
         leave_out = ignored(self.ws)
         before = recorded_state(self.ws)
+        # An ignored file the target's files would replace (one at a path the target holds
+        # otherwise, under a path it holds as a file, or where it needs a directory): no
+        # snapshot keeps it, so the rollback is refused and changes nothing.
+        now, wanted = all_files(self.ws), expected["files"]
+        in_the_way = [p for p in leave_out if (p in wanted and now.get(p) != wanted[p]) or any(
+            p.startswith(f"{f}/") or f.startswith(f"{p}/") for f in wanted)]
         # A repository nested in the workspace, or a submodule the index keeps without its
         # .git (a gitlink hiding the directory's files), is left as it is by a rollback; so is
         # the .git of one in a directory whose files the workspace's index tracks (those files
@@ -96,6 +104,11 @@ class RollbackModel(WorkspaceModel):
                 os.path.lexists(self.ws / NESTED / ".git"):
             leave_out.add(f"{NESTED}/")
         with self.repo.lock():
+            if in_the_way:
+                with pytest.raises(rollback.RollbackRefused, match="ignored"):
+                    rollback.apply(self.repo, target, cache=self.cache)
+                assert recorded_state(self.ws) == before and all_files(self.ws) == now
+                return
             came_from = rollback.apply(self.repo, target, cache=self.cache)
         self.before_rollback = (came_from, before)
         assert comparable(recorded_state(self.ws), leave_out) == comparable(expected, leave_out)
