@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 from daemon_fixture import Daemon, run_cli, watcherd, write_config  # noqa: F401 (fixture)
-from helpers import git, store_files, tree_state, wait_for
+from helpers import git, punch_hole, store_files, tree_state, wait_for
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="inotify is Linux-only")
 
@@ -787,6 +787,33 @@ def test_a_rollback_writes_into_ignored_directories_and_never_over_what_they_hol
     assert (ws / "build" / "kept.log").read_text() == "no snapshot holds this\n"
     assert not (ws / ".gitignore").exists()
     assert not [p for p in os.listdir(ws) if p.startswith(".watcherd-")]
+
+
+def test_a_sparse_file_of_terabytes_where_a_rollback_writes_refuses_it_unread(tmp_path):
+    """A file nearly all holes (``truncate -s 1T``) at a path the rollback changes, or at one
+    it adds under an ignored directory, would hold the rollback (and the snapshots waiting on
+    its lock) for as long as reading its zeros takes: it is refused at once, by its status,
+    and the file stays."""
+    import time
+
+    from watcherd import rollback, snapshot
+
+    ws, repo, first = library_workspace(tmp_path)
+    (ws / "build").mkdir()
+    (ws / "build" / "out.bin").write_text("built\n")
+    target = snapshot.take(repo).snapshot_head
+    (ws / ".gitignore").write_text("build/\n")
+    (ws / "a.txt").write_text("two\n")
+    snapshot.take(repo)
+    for path, to in (("a.txt", first), ("build/out.bin", target)):
+        (ws / path).write_bytes(b"")
+        punch_hole(ws / path, 1 << 40)
+        started = time.monotonic()
+        with pytest.raises(rollback.RollbackRefused, match="nearly all holes"):
+            roll(repo, to)
+        assert time.monotonic() - started < 30
+        assert os.stat(ws / path).st_size == 1 << 40
+        (ws / path).unlink()
 
 
 def test_a_rollback_keeps_the_users_reflogs_and_every_object_their_git_holds(tmp_path):

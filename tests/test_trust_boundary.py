@@ -1943,7 +1943,7 @@ def test_the_last_resort_reads_a_bounded_number_of_files_and_judges_each_as_open
     os.truncate(ws / "big.bin", 1 << 40)
     with dirfd.opened(ws) as rfd, pytest.raises(OSError):
         worktree.store_entry(repo.bare, repo.spool, rfd, "big.bin",
-                             accept=lambda st: not snapshot._mostly_holes(st))
+                             accept=lambda st: not snapshot.mostly_holes(st))
 
 
 def test_rounds_that_run_past_their_time_end_in_one_that_saves_every_saved_files_edit(

@@ -26,6 +26,7 @@ middle of a rebase or merge: the user's git and a rollback must not both write t
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -350,14 +351,23 @@ def _update_files(repo: Repo, target: Target, layout: ws.Layout, mode: str,
             changes = worktree.diff(git, f"{undo}^{{tree}}", f"{target.snapshot}^{{tree}}")
             _refuse_missing_blobs(repo, target, changes)
             with dirfd.opened(layout.root) as rfd:
-                _refuse_ignored_in_the_way(git, env, rfd, changes, repo.object_format())
                 try:
-                    edited = worktree.first_edited(rfd, changes, repo.object_format())
+                    _refuse_ignored_in_the_way(git, env, rfd, changes, repo.object_format())
+                    edited = worktree.first_edited(rfd, changes, repo.object_format(),
+                                                   refuse=snapshot.mostly_holes)
                 except PermissionError as exc:
                     raise RollbackRefused(
                         f"{ws.printable(str(exc.filename or ''))}: watcherd cannot read it, so "
                         "cannot tell whether it changed since the snapshot (nor keep what was "
                         "written to it); make it readable, and retry") from None
+                except OSError as exc:
+                    if exc.errno != errno.EFBIG:
+                        raise
+                    raise RollbackRefused(
+                        f"{ws.printable(str(exc.filename or ''))}: a file nearly all holes (a "
+                        "sparse file no snapshot keeps) where the rollback writes; watcherd "
+                        "does not read it, so cannot keep it: move it away, then roll back "
+                        "again") from None
             forced = attempt == attempts - 1
             if edited is not None and not forced:
                 _log.info("rollback.retried", attempt=attempt + 1,
@@ -395,7 +405,8 @@ def _refuse_ignored_in_the_way(git: Git, env: dict[str, str], rfd: int,
         # the ignored entry lies under an added path (a file where its directory is), or is
         # one or holds one that cannot be written without replacing it
         if any(b"/".join(parts[:i]) in added for i in range(1, len(parts))) or any(
-                not worktree.free_for(rfd, c, removed, object_format)
+                not worktree.free_for(rfd, c, removed, object_format,
+                                      refuse=snapshot.mostly_holes)
                 for p, c in added.items() if p == entry or p.startswith(entry + b"/")):
             hits.append(ws.printable(os.fsdecode(entry)))
     if hits:

@@ -625,7 +625,7 @@ def _save_changed(repo: Repo, env: dict[str, str], reported: set[str] | None,
     deadline = time.monotonic() + _CHANGED_FOR
 
     def accept(st: os.stat_result) -> bool:  # the file as opened
-        if _mostly_holes(st) or st.st_size > left[0]:
+        if mostly_holes(st) or st.st_size > left[0]:
             return False
         left[0] -= st.st_size
         return True
@@ -1018,7 +1018,7 @@ def _unreadable_repositories(root: Path, *, blocking: bool = False, every: bool 
     ``HEAD`` linked outside, no repository to git; the files of :data:`_READ_BY_GIT` that are
     FIFOs, which git opens without ``O_NONBLOCK``). A ``.git`` that is no repository to
     watcherd is walked past, as git walks past one that is none to it. Files nearly all holes
-    (:func:`_mostly_holes`), when together they would have git read more than
+    (:func:`mostly_holes`), when together they would have git read more than
     :data:`_SPARSE_BUDGET` bytes (minutes of zeros), are among the first, each with why.
     ``blocking``: only the repositories git blocks on (a FIFO, a socket, a device), not those
     it reads another way than watcherd; ``every``: every nested repository, readable or not
@@ -1071,7 +1071,7 @@ def _unreadable_repositories(root: Path, *, blocking: bool = False, every: bool 
                         walk(sub, f"{at}{name}/", depth + 1)
                 except OSError:
                     continue
-            elif _mostly_holes(st):
+            elif mostly_holes(st):
                 holey[f"{at}{name}"] = st
 
     root = Path(os.path.realpath(root))
@@ -1087,7 +1087,7 @@ def _unreadable_repositories(root: Path, *, blocking: bool = False, every: bool 
 _WALK_DEPTH = 256  # directories deep
 _WALK_BUDGET = 500_000  # entries listed, ignored ones too
 _WALK_FOR = 5.0  # seconds, while git waits (50,000 nested repositories take 20)
-_HOLEY = 1 << 20  # bytes above which a file nearly all holes counts (_mostly_holes)
+_HOLEY = 1 << 20  # bytes above which a file nearly all holes counts (mostly_holes)
 # Bytes of such files git may read in one add (about 15 s of zeros on a small machine): past
 # it, all of them are left out. A count or a size per file alone is beaten by more files.
 _SPARSE_BUDGET = 1 << 30
@@ -1099,7 +1099,7 @@ def _sparse(rel: str, st: os.stat_result) -> str:
             "byte")
 
 
-def _mostly_holes(st: os.stat_result) -> bool:
+def mostly_holes(st: os.stat_result) -> bool:
     """Whether ``st`` is a regular file above :data:`_HOLEY` bytes of which not an eighth is
     on disk: ``truncate -s 1T`` costs the agent nothing and git add minutes of reading zeros
     (at every snapshot, each ending in the door's timeout)."""
@@ -1227,7 +1227,7 @@ def _blocking(root: Path, seen: list[procfs.Seen]
             continue  # gone
         plain = stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)
         if held is not None:
-            if not outside and _mostly_holes(st):
+            if not outside and mostly_holes(st):
                 try:
                     now = os.lstat(name)
                     moved = (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino)
@@ -1266,7 +1266,7 @@ def _still_refused(root: Path, refused: dict[str, str]) -> dict[str, str]:
             st = os.lstat(where)
         except OSError:
             continue  # gone
-        if _mostly_holes(st) or stat.S_IFMT(st.st_mode) not in _READABLE:
+        if mostly_holes(st) or stat.S_IFMT(st.st_mode) not in _READABLE:
             kept[path] = why
             continue
         if any(ws.is_fifo(where / name) for name in _READ_BY_GIT):

@@ -78,19 +78,21 @@ def diff(git: Git, old: str, new: str) -> list[Change]:
     return out
 
 
-def first_edited(root_fd: int, changes: list[Change], object_format: str) -> bytes | None:
+def first_edited(root_fd: int, changes: list[Change], object_format: str, *,
+                 refuse: Callable[[os.stat_result], bool] | None = None) -> bytes | None:
     """The first path of ``changes`` whose entry in the work tree is not what the old tree
     holds (content, mode, kind; for an added path: anything there but what the change writes,
     or a file or link where one of its directories goes), or None. Reads through descriptors, hashing as git does
-    (git-hash-object(1)). Raises :class:`PermissionError` naming a file watcherd cannot read."""
+    (git-hash-object(1)). Raises :class:`PermissionError` naming a file watcherd cannot read,
+    and :class:`OSError` ``EFBIG`` naming one ``refuse`` says not to read (as looked at)."""
     removed = {c.path for c in changes if not c.added}
     for change in changes:
         if change.added:
-            if not free_for(root_fd, change, removed, object_format):
+            if not free_for(root_fd, change, removed, object_format, refuse=refuse):
                 return change.path
             continue
         try:
-            found = entry_id(root_fd, change.path, object_format)
+            found = entry_id(root_fd, change.path, object_format, refuse=refuse)
         except PermissionError:
             raise PermissionError(errno.EACCES, "cannot be read",
                                   os.fsdecode(change.path)) from None
@@ -102,19 +104,26 @@ def first_edited(root_fd: int, changes: list[Change], object_format: str) -> byt
     return None
 
 
-def free_for(root_fd: int, change: Change, removed: set[bytes], object_format: str) -> bool:
+def free_for(root_fd: int, change: Change, removed: set[bytes], object_format: str, *,
+             refuse: Callable[[os.stat_result], bool] | None = None) -> bool:
     """Whether added ``change`` writes its path without replacing anything but itself: nothing
     is there (each leading directory a directory, absent, or in ``removed``, the paths the
-    change removes), or what is there is already what it writes (mode and blob id)."""
+    change removes), or what is there is already what it writes (mode and blob id). ``refuse``:
+    as for :func:`entry_id`."""
     return _way_clear(root_fd, change.path, removed) or \
-        entry_id(root_fd, change.path, object_format) == (change.new_mode, change.new_oid)
+        entry_id(root_fd, change.path, object_format, refuse=refuse) == (change.new_mode,
+                                                                          change.new_oid)
 
 
-def entry_id(dir_fd: int, path: bytes, object_format: str) -> tuple[str, str | None] | None:
+def entry_id(dir_fd: int, path: bytes, object_format: str, *,
+             refuse: Callable[[os.stat_result], bool] | None = None
+             ) -> tuple[str, str | None] | None:
     """(git mode, object id) of work-tree entry ``path`` under ``dir_fd`` as git would record
     it: a file's blob, a link's target's blob; a directory is a gitlink with no id, and a file
-    or link that changed while read (its size, its kind, or gone) has no id either. None when nothing (or something else: a
-    fifo, a socket) is there."""
+    or link that changed while read (its size, its kind, or gone) has no id either. None when
+    nothing (or something else: a fifo, a socket) is there. Raises :class:`OSError` ``EFBIG``,
+    nothing read, for a file whose ``lstat`` ``refuse`` is true of (a sparse file of
+    terabytes: minutes of reading zeros)."""
     with dirfd.parent(dir_fd, path) as found:
         if found is None:
             return None
@@ -135,6 +144,8 @@ def entry_id(dir_fd: int, path: bytes, object_format: str) -> tuple[str, str | N
             return LINK, object_id(object_format, "blob", target)
         if not stat.S_ISREG(st.st_mode):
             return None
+        if refuse is not None and refuse(st):
+            raise OSError(errno.EFBIG, "refused as looked at", os.fsdecode(path))
         mode = EXECUTABLE if st.st_mode & 0o100 else "100644"
         try:
             return mode, _file_id(fd, leaf, object_format)
