@@ -816,6 +816,100 @@ def test_a_sparse_file_of_terabytes_where_a_rollback_writes_refuses_it_unread(tm
         (ws / path).unlink()
 
 
+def test_a_sparse_file_planted_once_the_checks_are_done_is_left_unread_and_kept(
+        tmp_path, monkeypatch):
+    """The agent sees the rescue directory appear and makes a file the rollback replaces a
+    terabyte of holes: what the rollback put aside is judged as looked at and as opened, that
+    file is neither read nor kept in a snapshot, and it is left (said) in the rescue directory,
+    never removed with it."""
+    import time
+
+    from structlog.testing import capture_logs
+
+    from watcherd import rollback, snapshot, worktree
+
+    ws, repo, first = library_workspace(tmp_path)
+    (ws / "a.txt").write_text("two\n")
+    snapshot.take(repo)
+    apply = worktree.Checkout.apply
+
+    def planted(self, changes):
+        os.truncate(ws / "a.txt", 1 << 40)
+        return apply(self, changes)
+
+    monkeypatch.setattr(worktree.Checkout, "apply", planted)
+    started = time.monotonic()
+    with capture_logs() as logs:
+        roll(repo, first)
+
+    assert time.monotonic() - started < 30
+    assert (ws / "a.txt").read_text() == "one\n"
+    left = [e for e in logs if e["event"] == "rollback.rescue_left"]
+    assert len(left) == 1 and left[0]["unread"] == 1
+    rescue = ws / left[0]["path"]
+    assert [os.stat(p).st_size for p in rescue.iterdir()] == [1 << 40]
+
+
+def test_a_rollback_leaves_an_ignored_file_already_as_the_target_has_it_untouched(tmp_path):
+    """A ``.env`` saved while untracked, then ignored and made private: the rollback neither
+    refuses nor replaces it. Its permissions, its hard links and a reader holding it open keep
+    the same file."""
+    from watcherd import snapshot
+
+    ws, repo, _ = library_workspace(tmp_path)
+    (ws / ".env").write_text("SECRET=hunter2\n")
+    target = snapshot.take(repo).snapshot_head
+    (ws / ".gitignore").write_text(".env\nkeep/\n")
+    os.chmod(ws / ".env", 0o600)
+    (ws / "keep").mkdir()
+    os.link(ws / ".env", ws / "keep" / "env")
+    snapshot.take(repo)
+    before = os.stat(ws / ".env")
+    fd = os.open(ws / ".env", os.O_WRONLY | os.O_APPEND)
+    try:
+        roll(repo, target)
+        os.write(fd, b"WRITTEN=after\n")
+    finally:
+        os.close(fd)
+
+    after = os.stat(ws / ".env")
+    assert (after.st_ino, after.st_mode, after.st_nlink) == \
+        (before.st_ino, before.st_mode, before.st_nlink)
+    assert (ws / ".env").read_text() == "SECRET=hunter2\nWRITTEN=after\n"
+    assert not (ws / ".gitignore").exists()
+
+
+def test_a_rollback_leaves_the_files_of_a_nested_repository_as_they_are(tmp_path):
+    """``sub/`` saved as files, then made a repository whose .gitignore ignores ``.env``,
+    which holds a secret: a rollback to when ``sub/`` was files writes nothing in it (its
+    ignored files are out of the workspace's sight, its files are its own), keeps the secret
+    in no snapshot, and the snapshot it returns to keeps ``sub`` as a repository."""
+    from watcherd import snapshot
+
+    ws, repo, _ = library_workspace(tmp_path)
+    (ws / "sub").mkdir()
+    (ws / "sub" / ".env").write_text("TEMPLATE=1\n")
+    (ws / "sub" / "r.txt").write_text("r\n")
+    target = snapshot.take(repo).snapshot_head
+    git(ws / "sub", "init", "--quiet")
+    (ws / "sub" / ".gitignore").write_text(".env\n")
+    git(ws / "sub", "add", ".gitignore", "r.txt")
+    git(ws / "sub", "commit", "--quiet", "-m", "sub")
+    (ws / "sub" / ".env").write_text("SECRET=hunter2\n")
+    (ws / "sub" / "r.txt").write_text("edited in sub\n")
+    snapshot.take(repo)
+
+    undo = roll(repo, target)
+
+    assert (ws / "sub" / ".env").read_text() == "SECRET=hunter2\n"
+    assert (ws / "sub" / "r.txt").read_text() == "edited in sub\n"
+    assert (ws / "sub" / ".git").is_dir()
+    listed = repo.bare.out("ls-tree", "-r", undo)
+    assert "160000 commit" in listed and "sub/" not in listed
+    secret = git(tmp_path, "hash-object", "--stdin", input=b"SECRET=hunter2\n")
+    assert secret not in repo.bare.out("rev-list", "--objects", "--all")
+
+
 def test_a_rollback_keeps_the_users_reflogs_and_every_object_their_git_holds(tmp_path):
     ws, repo, first = library_workspace(tmp_path)
     (ws / "a.txt").write_text("two\n")

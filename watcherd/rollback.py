@@ -349,12 +349,18 @@ def _update_files(repo: Repo, target: Target, layout: ws.Layout, mode: str,
             if git.out("write-tree", env=env) != git.out("rev-parse", f"{undo}^{{tree}}"):
                 git.run("read-tree", f"{undo}^{{tree}}", env=env)
             changes = worktree.diff(git, f"{undo}^{{tree}}", f"{target.snapshot}^{{tree}}")
-            _refuse_missing_blobs(repo, target, changes)
             with dirfd.opened(layout.root) as rfd:
+                # A nested repository's files are its own, left as they are (its ignored ones
+                # are out of the workspace's ls-files' sight too): never written or removed.
+                changes = [c for c in changes
+                           if not worktree.in_nested_repository(rfd, c.path)]
+                _refuse_missing_blobs(repo, target, changes)
+                refuse = snapshot.sparse_bound()
                 try:
-                    _refuse_ignored_in_the_way(git, env, rfd, changes, repo.object_format())
+                    _refuse_ignored_in_the_way(git, env, rfd, changes, repo.object_format(),
+                                               refuse)
                     edited = worktree.first_edited(rfd, changes, repo.object_format(),
-                                                   refuse=snapshot.mostly_holes)
+                                                   refuse=refuse)
                 except PermissionError as exc:
                     raise RollbackRefused(
                         f"{ws.printable(str(exc.filename or ''))}: watcherd cannot read it, so "
@@ -385,13 +391,15 @@ def _update_files(repo: Repo, target: Target, layout: ws.Layout, mode: str,
 
 
 def _refuse_ignored_in_the_way(git: Git, env: dict[str, str], rfd: int,
-                               changes: list[worktree.Change], object_format: str) -> None:
+                               changes: list[worktree.Change], object_format: str,
+                               refuse: Callable[[os.stat_result], bool]) -> None:
     """git overwrites ignored files in a checkout's way (they count as expendable); for the
     user they are not: a ``.env``, a database under an ignored ``data/``. No snapshot holds
     them, so a rollback that would write over one, or put a file where an ignored directory
     holding files is, is refused and names them. Writing into an ignored directory is not:
     its other entries stay, and an entry already as the target has it (saved while untracked,
-    ignored since, left as it was) loses nothing. ``rfd``: the workspace root."""
+    ignored since, left as it was) loses nothing. ``rfd``: the workspace root; ``refuse``:
+    the files not read to tell (:func:`watcherd.snapshot.sparse_bound`)."""
     added = {c.path: c for c in changes if c.added}
     if not added:
         return
@@ -405,8 +413,7 @@ def _refuse_ignored_in_the_way(git: Git, env: dict[str, str], rfd: int,
         # the ignored entry lies under an added path (a file where its directory is), or is
         # one or holds one that cannot be written without replacing it
         if any(b"/".join(parts[:i]) in added for i in range(1, len(parts))) or any(
-                not worktree.free_for(rfd, c, removed, object_format,
-                                      refuse=snapshot.mostly_holes)
+                not worktree.free_for(rfd, c, removed, object_format, refuse=refuse)
                 for p, c in added.items() if p == entry or p.startswith(entry + b"/")):
             hits.append(ws.printable(os.fsdecode(entry)))
     if hits:
@@ -462,14 +469,16 @@ def _change_files(repo: Repo, undo: str, target: Target, root: Path,
                     repo.write_journal(JOURNAL, journal)
 
                 try:
-                    with worktree.Checkout(repo.bare, rfd, kfd, rescue, beside) as checkout:
+                    with worktree.Checkout(repo.bare, rfd, kfd, rescue, beside,
+                                           object_format=repo.object_format(),
+                                           refuse=snapshot.sparse_bound()) as checkout:
                         checkout.apply(changes)
                 except worktree.Blocked as exc:
                     raise RollbackRefused(
                         f"{ws.printable(os.fsdecode(exc.path))}: {exc}; the files changed so far "
                         "are the target's (`watcherd rollback --undo` returns), move it and "
                         "roll back again") from None
-                kept = _kept_edits(repo, rfd, kfd, journal)
+                kept, unread = _kept_edits(repo, rfd, kfd, journal)
                 # Kept before anything put aside is removed: a removal that fails (the agent
                 # keeps filling the directory) must not take an edit with it.
                 head = _keep_edits(repo, undo, kept) if kept else undo
@@ -480,7 +489,10 @@ def _change_files(repo: Repo, undo: str, target: Target, root: Path,
         rescued = journal.pop("rescued")
         repo.write_journal(JOURNAL, journal)
         try:
-            _discard_rescue(rfd, {**journal, "rescued": rescued})
+            if unread:
+                _left_unread(rescue, unread)
+            else:
+                _discard_rescue(rfd, {**journal, "rescued": rescued})
         except OSError as exc:
             _log.warning("rollback.rescue_left", path=rescue, error=str(exc),
                          note="what the rollback put aside could not all be removed; every "
@@ -489,12 +501,21 @@ def _change_files(repo: Repo, undo: str, target: Target, root: Path,
     return head
 
 
-def _kept_edits(repo: Repo, rfd: int, kfd: int, journal: dict) -> list[tuple[str, str, bytes]]:
+def _kept_edits(repo: Repo, rfd: int, kfd: int, journal: dict
+                ) -> tuple[list[tuple[str, str, bytes]], list[tuple[str, str]]]:
     """(mode, blob, path) of each entry a change put aside that is neither what ``undo`` held
     there nor what the target writes (an edit made in between), written into watcherd's
-    repository."""
-    kept = []
+    repository; and (path, name put aside as) of each one nearly all holes past the bound
+    (:func:`watcherd.snapshot.sparse_bound`, judged as looked at and as opened), neither read
+    nor kept: a sparse file of terabytes planted once the checks are done would hold the
+    rollback for as long as reading its zeros takes."""
+    kept, unread = [], []
     fmt = repo.object_format()
+    refuse = snapshot.sparse_bound()
+
+    def accept(st: os.stat_result) -> bool:
+        return not refuse(st)
+
     for entry in journal["rescued"]:
         name, path, old_mode, old_oid = entry[:4]
         new = tuple(entry[4:6]) if len(entry) >= 6 else None
@@ -502,16 +523,33 @@ def _kept_edits(repo: Repo, rfd: int, kfd: int, journal: dict) -> list[tuple[str
             if found is None:
                 continue
             d, n = found
-            seen = worktree.entry_id(d, os.fsencode(n), fmt)
-            if seen is None or seen[0] == worktree.GITLINK or seen in ((old_mode, old_oid), new):
-                continue
             try:
-                mode, oid = worktree.store_entry(repo.bare, repo.spool, d, n)
+                seen = worktree.entry_id(d, os.fsencode(n), fmt, refuse=refuse)
+                if seen is None or seen[0] == worktree.GITLINK or \
+                        seen in ((old_mode, old_oid), new):
+                    continue
+                mode, oid = worktree.store_entry(repo.bare, repo.spool, d, n, accept=accept)
             except FileNotFoundError:
+                continue
+            except OSError as exc:
+                if exc.errno != errno.EFBIG:
+                    raise
+                unread.append((path, n))
                 continue
         if (mode, oid) != (old_mode, old_oid):
             kept.append((mode, oid, os.fsencode(path)))
-    return kept
+    return kept, unread
+
+
+def _left_unread(rescue: str, unread: list[tuple[str, str]]) -> None:
+    """Say where the files :func:`_kept_edits` did not read were left (the rescue directory,
+    kept rather than removed with them)."""
+    _log.warning("rollback.rescue_left", path=rescue, unread=len(unread),
+                 files=[f"{ws.printable(p)} (as {ws.printable(n)})" for p, n in unread[:10]],
+                 note="files nearly all holes (sparse) that the rollback replaced or removed "
+                      "are neither read nor kept in a snapshot: they are left, with what else "
+                      "it put aside, in this directory of the workspace; move them back or "
+                      "delete them")
 
 
 def _discard_rescue(rfd: int, journal: dict) -> None:
@@ -611,15 +649,18 @@ def _recover(repo: Repo, journal: dict) -> None:
 def _salvage(repo: Repo, rfd: int, journal: dict) -> None:
     """Keep, as one more snapshot, what the entries a change had put aside hold that neither
     the snapshot before it nor the target did (the journal's ``rescued`` list), then remove
-    them."""
+    them (all left, and said, when one was not read: :func:`_kept_edits`)."""
     rescued = journal.get("rescued")
     if isinstance(rescued, list) and dirfd.is_dir(rfd, journal["rescue"]):
         try:
             with dirfd.opened_at(rfd, journal["rescue"]) as kfd:
-                kept = _kept_edits(repo, rfd, kfd, journal)
+                kept, unread = _kept_edits(repo, rfd, kfd, journal)
             head = repo.snapshot_head()
             if kept and head:
                 _keep_edits(repo, head, kept)
+            if unread:
+                _left_unread(journal["rescue"], unread)
+                return
         except (ValueError, TypeError, IndexError) as exc:  # a journal watcherd did not write
             _log.warning("rollback.rescue_unreadable", error=str(exc))
     try:

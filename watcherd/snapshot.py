@@ -635,7 +635,7 @@ def _save_changed(repo: Repo, env: dict[str, str], reported: set[str] | None,
         if ".git" in parts or any("/".join(parts[:i]) in refused
                                   for i in range(1, len(parts) + 1)):
             return
-        if was is None and _in_nested_repository(rfd, path):
+        if was is None and worktree.in_nested_repository(rfd, path):
             return  # a nested repository's own: git add records it as one, or not at all
         with dirfd.parent(rfd, path) as where:
             if where is None:
@@ -674,26 +674,6 @@ def _save_changed(repo: Repo, env: dict[str, str], reported: set[str] | None,
     if lines:
         repo.bare.run("update-index", "-z", "--index-info", env=env, input=b"".join(lines))
     return len(lines)
-
-
-def _in_nested_repository(rfd: int, path: bytes) -> bool:
-    """Whether a leading directory of ``path`` (relative to the workspace, ``rfd``) holds a
-    ``.git``: a nested repository, whose files git add never records as the workspace's (it
-    stops there). Each directory opened without following links; False where one is missing,
-    a link or not a directory (nothing is read there)."""
-    fd = os.dup(rfd)
-    try:
-        for part in path.split(b"/")[:-1]:
-            nfd = os.open(part, dirfd.DIR_FLAGS, dir_fd=fd)
-            os.close(fd)
-            fd = nfd
-            if dirfd.exists(fd, b".git"):
-                return True
-        return False
-    except OSError:
-        return False
-    finally:
-        os.close(fd)
 
 
 def _as_recorded(st: os.stat_result, was: re.Match) -> bool:
@@ -1105,6 +1085,25 @@ def mostly_holes(st: os.stat_result) -> bool:
     (at every snapshot, each ending in the door's timeout)."""
     return stat.S_ISREG(st.st_mode) and st.st_size > _HOLEY and \
         st.st_blocks * 512 < st.st_size // 8
+
+
+def sparse_bound() -> Callable[[os.stat_result], bool]:
+    """A judge of the files one task reads, as looked at or as opened: true (refuse it) of a
+    file :func:`mostly_holes` once those let through would pass :data:`_SPARSE_BUDGET` bytes in
+    all (the bound the snapshots keep): a few sparse files are read, a terabyte of zeros not."""
+    left = [_SPARSE_BUDGET]
+
+    def refuse(st: os.stat_result) -> bool:
+        if not mostly_holes(st):
+            return False
+        if st.st_size > left[0]:
+            return True
+        left[0] -= st.st_size
+        return False
+
+    return refuse
+
+
 # Files of the work tree git opens by path, without O_NONBLOCK, while it adds: a FIFO there
 # blocks it (.gitmodules: at the top, read when it meets a nested repository).
 _READ_BY_GIT = (".gitignore", ".gitattributes", ".gitmodules")

@@ -104,6 +104,26 @@ def first_edited(root_fd: int, changes: list[Change], object_format: str, *,
     return None
 
 
+def in_nested_repository(root_fd: int, path: bytes) -> bool:
+    """Whether a leading directory of ``path`` (relative to the work tree's root, ``root_fd``)
+    holds a ``.git``: a nested repository, whose files git add never records as the work tree's
+    (it stops there), nor a rollback writes. Each directory opened without following links;
+    False where one is missing, a link or not a directory (nothing is read there)."""
+    fd = os.dup(root_fd)
+    try:
+        for part in path.split(b"/")[:-1]:
+            nfd = os.open(part, dirfd.DIR_FLAGS, dir_fd=fd)
+            os.close(fd)
+            fd = nfd
+            if dirfd.exists(fd, b".git"):
+                return True
+        return False
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
 def free_for(root_fd: int, change: Change, removed: set[bytes], object_format: str, *,
              refuse: Callable[[os.stat_result], bool] | None = None) -> bool:
     """Whether added ``change`` writes its path without replacing anything but itself: nothing
@@ -286,14 +306,18 @@ def aside(root_fd: int, rescue_fd: int, rescue: str, n: int, path: bytes
 
 class Checkout:
     """Apply a list of :class:`Change` to the work tree under ``root_fd``; the blobs come from
-    ``git``'s repository through one ``git cat-file --batch``. Use as a context manager.
+    ``git``'s repository through one ``git cat-file --batch``. Use as a context manager. An
+    added path already holding what it writes (:func:`entry_id` in ``object_format``, files
+    ``refuse`` is true of not read) is left as it is.
     ``on_beside`` is called once, before the first entry is put aside beside its path (a
     directory on another filesystem than the root): the caller's journal must say so."""
 
     def __init__(self, git: Git, root_fd: int, rescue_fd: int, rescue: str,
-                 on_beside: Callable[[], None]) -> None:
+                 on_beside: Callable[[], None], *, object_format: str = "sha1",
+                 refuse: Callable[[os.stat_result], bool] | None = None) -> None:
         self._git, self._root, self._rescue_fd, self._rescue = git, root_fd, rescue_fd, rescue
         self._on_beside, self._beside = on_beside, False
+        self._format, self._refuse = object_format, refuse
         self._cat = None
         self._buf = bytearray()
 
@@ -372,6 +396,15 @@ class Checkout:
         return f"{self._rescue}.{n}{suffix}"
 
     def _write(self, n: int, change: Change) -> None:
+        if change.added and change.new_mode != GITLINK:
+            try:
+                if entry_id(self._root, change.path, self._format, refuse=self._refuse) == \
+                        (change.new_mode, change.new_oid):
+                    # Already what it writes (an ignored file left as it was saved): its
+                    # permissions, links and open readers stay as they are.
+                    return
+            except OSError:
+                pass  # written, what is there put aside, as for any other entry
         *dirs, leaf = change.path.split(b"/")
         fd = self._directory(dirs, change.path)
         try:
