@@ -611,8 +611,8 @@ def _save_changed(repo: Repo, env: dict[str, str], reported: set[str] | None,
     :data:`_CHANGED_BYTES` in all; read through descriptors (no link followed, nothing but a
     file or a link opened, no file nearly all holes as opened, nothing in a ``.git``, under a
     path of ``refused`` or new in a nested repository): git walks nothing and resolves no
-    repository, so nothing planted holds it up. The paths recorded or taken out; None (nothing done) when the index holds no
-    snapshot yet (the rest would read as deleted)."""
+    repository, so nothing planted holds it up. The paths recorded or taken out; None (nothing
+    done) when the index holds no snapshot yet (the rest would read as deleted)."""
     listed = repo.bare.run("ls-files", "-z", "--stage", "--debug", env=env).stdout
     held = {m[2]: m for m in _DEBUG_ENTRY.finditer(listed) if m[1] != b"160000"}
     if not held and reported is None:

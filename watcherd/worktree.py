@@ -82,9 +82,10 @@ def first_edited(root_fd: int, changes: list[Change], object_format: str, *,
                  refuse: Callable[[os.stat_result], bool] | None = None) -> bytes | None:
     """The first path of ``changes`` whose entry in the work tree is not what the old tree
     holds (content, mode, kind; for an added path: anything there but what the change writes,
-    or a file or link where one of its directories goes), or None. Reads through descriptors, hashing as git does
-    (git-hash-object(1)). Raises :class:`PermissionError` naming a file watcherd cannot read,
-    and :class:`OSError` ``EFBIG`` naming one ``refuse`` says not to read (as looked at)."""
+    or a file or link where one of its directories goes), or None. Reads through descriptors,
+    hashing as git does (git-hash-object(1)). Raises :class:`PermissionError` naming a file
+    watcherd cannot read, and :class:`OSError` ``EFBIG`` naming one ``refuse`` says not to read
+    (as looked at)."""
     removed = {c.path for c in changes if not c.added}
     for change in changes:
         if change.added:
