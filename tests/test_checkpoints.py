@@ -826,7 +826,7 @@ def test_a_sparse_file_planted_once_the_checks_are_done_is_left_unread_and_kept(
 
     from structlog.testing import capture_logs
 
-    from watcherd import rollback, snapshot, worktree
+    from watcherd import snapshot, worktree
 
     ws, repo, first = library_workspace(tmp_path)
     (ws / "a.txt").write_text("two\n")
