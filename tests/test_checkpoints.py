@@ -910,6 +910,36 @@ def test_a_rollback_leaves_the_files_of_a_nested_repository_as_they_are(tmp_path
     assert secret not in repo.bare.out("rev-list", "--objects", "--all")
 
 
+@pytest.mark.parametrize("planted", ["an empty .git directory", "a .git file", "a .git link"])
+def test_a_planted_git_name_never_keeps_a_rollback_from_the_workspaces_own_files(tmp_path,
+                                                                               planted):
+    """A nested repository is what the snapshot recorded as one, not any ``.git`` name: the
+    agent plants one (no repository to git, which saves the directory's files as the
+    workspace's) in a directory whose file it made a backdoor, and the rollback still puts
+    the file back."""
+    from watcherd import snapshot
+
+    ws, repo, _ = library_workspace(tmp_path)
+    (ws / "src").mkdir()
+    (ws / "src" / "a.py").write_text("clean\n")
+    clean = snapshot.take(repo).snapshot_head
+    (ws / "src" / "a.py").write_text("EVIL backdoor\n")
+    (ws / "src" / "b.py").write_text("more of it\n")
+    snapshot.take(repo)
+    dotgit = ws / "src" / ".git"
+    if planted == "an empty .git directory":
+        dotgit.mkdir()
+    elif planted == "a .git file":
+        dotgit.write_text("")
+    else:
+        os.symlink(tmp_path, dotgit)
+
+    roll(repo, clean)
+
+    assert (ws / "src" / "a.py").read_text() == "clean\n"
+    assert not (ws / "src" / "b.py").exists()
+
+
 def test_a_rollback_keeps_the_users_reflogs_and_every_object_their_git_holds(tmp_path):
     ws, repo, first = library_workspace(tmp_path)
     (ws / "a.txt").write_text("two\n")

@@ -349,12 +349,9 @@ def _update_files(repo: Repo, target: Target, layout: ws.Layout, mode: str,
             if git.out("write-tree", env=env) != git.out("rev-parse", f"{undo}^{{tree}}"):
                 git.run("read-tree", f"{undo}^{{tree}}", env=env)
             changes = worktree.diff(git, f"{undo}^{{tree}}", f"{target.snapshot}^{{tree}}")
+            changes = _outside_nested(changes, cache)
+            _refuse_missing_blobs(repo, target, changes)
             with dirfd.opened(layout.root) as rfd:
-                # A nested repository's files are its own, left as they are (its ignored ones
-                # are out of the workspace's ls-files' sight too): never written or removed.
-                changes = [c for c in changes
-                           if not worktree.in_nested_repository(rfd, c.path)]
-                _refuse_missing_blobs(repo, target, changes)
                 refuse = snapshot.sparse_bound()
                 try:
                     _refuse_ignored_in_the_way(git, env, rfd, changes, repo.object_format(),
@@ -388,6 +385,22 @@ def _update_files(repo: Repo, target: Target, layout: ws.Layout, mode: str,
     finally:
         tmp.unlink(missing_ok=True)
     raise AssertionError("unreachable: the last attempt changes the files")
+
+
+def _outside_nested(changes: list[worktree.Change], cache: snapshot.Cache
+                    ) -> list[worktree.Change]:
+    """``changes`` without those inside a nested repository the snapshot just taken recorded
+    (a gitlink it replaces) or could not save (``cache``): its files are its own, left as they
+    are, and its ignored ones are out of the workspace's ``ls-files``' sight. Judged by what the
+    snapshot found, not by a ``.git`` name the agent can plant at any time: a directory it saved
+    as the workspace's files is rolled back as such."""
+    nested = {c.path for c in changes if c.old_mode == worktree.GITLINK} | \
+        {os.fsencode(p) for p in (*cache.unsaved, *cache.left_out)}
+    if not nested:
+        return changes
+    return [c for c in changes if not any(
+        b"/".join(parts[:i]) in nested
+        for parts in (c.path.split(b"/"),) for i in range(1, len(parts)))]
 
 
 def _refuse_ignored_in_the_way(git: Git, env: dict[str, str], rfd: int,

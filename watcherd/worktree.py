@@ -107,9 +107,10 @@ def first_edited(root_fd: int, changes: list[Change], object_format: str, *,
 
 def in_nested_repository(root_fd: int, path: bytes) -> bool:
     """Whether a leading directory of ``path`` (relative to the work tree's root, ``root_fd``)
-    holds a ``.git``: a nested repository, whose files git add never records as the work tree's
-    (it stops there), nor a rollback writes. Each directory opened without following links;
-    False where one is missing, a link or not a directory (nothing is read there)."""
+    holds a ``.git``: maybe a nested repository, whose files git add never records as the work
+    tree's (it stops at a valid one). Any ``.git`` counts, a planted one too: for a caller that
+    errs on leaving a path to git. Each directory opened without following links; False where
+    one is missing, a link or not a directory (nothing is read there)."""
     fd = os.dup(root_fd)
     try:
         for part in path.split(b"/")[:-1]:
