@@ -850,6 +850,39 @@ def test_a_sparse_file_planted_once_the_checks_are_done_is_left_unread_and_kept(
     assert [os.stat(p).st_size for p in rescue.iterdir()] == [1 << 40]
 
 
+def test_an_edit_put_aside_that_cannot_be_read_is_left_and_named_not_lost(tmp_path, monkeypatch):
+    """An edit made during the rollback that watcherd then cannot read (``chmod 000`` by
+    another uid; the suite runs as root, so the refusal is injected) fails neither the rollback
+    nor its recovery: it is left in the rescue directory and named, never removed with it."""
+    from structlog.testing import capture_logs
+
+    from watcherd import snapshot, worktree
+
+    ws, repo, first = library_workspace(tmp_path)
+    (ws / "a.txt").write_text("two\n")
+    snapshot.take(repo)
+    apply, store = worktree.Checkout.apply, worktree.store_entry
+
+    def edited(self, changes):
+        (ws / "a.txt").write_text("an edit made meanwhile\n")
+        return apply(self, changes)
+
+    def unreadable(git, spool, dir_fd, name, **kw):
+        raise PermissionError(13, "Permission denied", name)
+
+    monkeypatch.setattr(worktree.Checkout, "apply", edited)
+    monkeypatch.setattr(worktree, "store_entry", unreadable)
+    with capture_logs() as logs:
+        roll(repo, first, attempts=1)
+
+    monkeypatch.undo()
+    assert (ws / "a.txt").read_text() == "one\n"
+    left = [e for e in logs if e["event"] == "rollback.rescue_left"]
+    assert len(left) == 1 and left[0]["unread"] == 1
+    kept = [p.read_text() for p in (ws / left[0]["path"]).iterdir()]
+    assert kept == ["an edit made meanwhile\n"]
+
+
 def test_a_rollback_leaves_an_ignored_file_already_as_the_target_has_it_untouched(tmp_path):
     """A ``.env`` saved while untracked, then ignored and made private: the rollback neither
     refuses nor replaces it. Its permissions, its hard links and a reader holding it open keep

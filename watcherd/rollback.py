@@ -518,10 +518,10 @@ def _kept_edits(repo: Repo, rfd: int, kfd: int, journal: dict
                 ) -> tuple[list[tuple[str, str, bytes]], list[tuple[str, str]]]:
     """(mode, blob, path) of each entry a change put aside that is neither what ``undo`` held
     there nor what the target writes (an edit made in between), written into watcherd's
-    repository; and (path, name put aside as) of each one nearly all holes past the bound
-    (:func:`watcherd.snapshot.sparse_bound`, judged as looked at and as opened), neither read
-    nor kept: a sparse file of terabytes planted once the checks are done would hold the
-    rollback for as long as reading its zeros takes."""
+    repository; and (path, name put aside as) of each one not read, so not kept: nearly all
+    holes past the bound (:func:`watcherd.snapshot.sparse_bound`, judged as looked at and as
+    opened: a sparse file of terabytes planted once the checks are done would hold the rollback
+    for as long as reading its zeros takes), or unreadable to watcherd."""
     kept, unread = [], []
     fmt = repo.object_format()
     refuse = snapshot.sparse_bound()
@@ -544,9 +544,7 @@ def _kept_edits(repo: Repo, rfd: int, kfd: int, journal: dict
                 mode, oid = worktree.store_entry(repo.bare, repo.spool, d, n, accept=accept)
             except FileNotFoundError:
                 continue
-            except OSError as exc:
-                if exc.errno != errno.EFBIG:
-                    raise
+            except OSError:  # past the bound, or made unreadable meanwhile (chmod 000)
                 unread.append((path, n))
                 continue
         if (mode, oid) != (old_mode, old_oid):
@@ -559,10 +557,10 @@ def _left_unread(rescue: str, unread: list[tuple[str, str]]) -> None:
     kept rather than removed with them)."""
     _log.warning("rollback.rescue_left", path=rescue, unread=len(unread),
                  files=[f"{ws.printable(p)} (as {ws.printable(n)})" for p, n in unread[:10]],
-                 note="files nearly all holes (sparse) that the rollback replaced or removed "
-                      "are neither read nor kept in a snapshot: they are left, with what else "
-                      "it put aside, in this directory of the workspace; move them back or "
-                      "delete them")
+                 note="files that the rollback replaced or removed and could not read (nearly "
+                      "all holes, or unreadable to watcherd) are not kept in a snapshot: they "
+                      "are left, with what else it put aside, in this directory of the "
+                      "workspace; move them back or delete them")
 
 
 def _discard_rescue(rfd: int, journal: dict) -> None:
