@@ -861,7 +861,7 @@ def test_an_edit_put_aside_that_cannot_be_read_is_left_and_named_not_lost(tmp_pa
     ws, repo, first = library_workspace(tmp_path)
     (ws / "a.txt").write_text("two\n")
     snapshot.take(repo)
-    apply, store = worktree.Checkout.apply, worktree.store_entry
+    apply = worktree.Checkout.apply
 
     def edited(self, changes):
         (ws / "a.txt").write_text("an edit made meanwhile\n")
