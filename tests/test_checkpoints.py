@@ -812,6 +812,28 @@ def test_a_sparse_file_of_terabytes_where_a_rollback_writes_refuses_it_unread(tm
         (ws / path).unlink()
 
 
+def test_a_sparse_file_the_rollback_keeps_never_holds_its_index_refresh(tmp_path, monkeypatch):
+    """helper-40: a tracked file the rollback does not change, made a terabyte of holes, is
+    hashed whole by the new index's refresh (its stat data, a saving of the user's time only):
+    the refresh gives up within its bound, and the rollback finishes whole."""
+    from watcherd import rollback, snapshot
+
+    monkeypatch.setattr(rollback, "_REFRESH_FOR", 2.0)
+    ws, repo, first = library_workspace(tmp_path)
+    (ws / "b.txt").write_text("two\n")
+    snapshot.take(repo)
+    os.truncate(ws / "a.txt", 1 << 40)
+    punch_hole(ws / "a.txt", 1 << 40)
+    snapshot.take(repo)
+
+    roll(repo, first)
+
+    assert not (ws / "b.txt").exists()
+    assert os.stat(ws / "a.txt").st_size == 1 << 40
+    assert not (ws / ".git" / "index.lock").exists()
+    assert git(ws, "log", "-1", "--format=%s") == "one"
+
+
 def test_a_sparse_file_planted_once_the_checks_are_done_is_left_unread_and_kept(
         tmp_path, monkeypatch):
     """The agent sees the rescue directory appear and makes a file the rollback replaces a

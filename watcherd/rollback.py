@@ -46,7 +46,7 @@ from watcherd import manifest as mf
 from watcherd import workspace as ws
 from watcherd.errors import IntegrityError, UsageError, WatcherdError
 from watcherd.generations import Generations
-from watcherd.git import Git
+from watcherd.git import Git, GitTimeout
 from watcherd.repo import SNAPSHOT_REF, Repo, write_private
 
 _log = log.get(__name__)
@@ -233,9 +233,15 @@ def apply(repo: Repo, target: Target, *, mode: str = "shadow",
         undo, seen = _update_files(repo, target, layout, mode, cache, attempts, journal)
         if s_commit is not None:
             # The new index's stat data, from the files as they are now: no rehash by the
-            # user's next git command.
-            repo.git.run("update-index", "--refresh", "-q",
-                         env={"GIT_INDEX_FILE": str(staging / "index")}, ok=(0, 1))
+            # user's next git command. Only a saving of the user's time: git hashes each file
+            # whole, and what the agent made costly to read (terabytes of holes, many hard
+            # links) must not hold the rollback half done.
+            index = {"GIT_INDEX_FILE": str(staging / "index")}
+            try:
+                repo.git.run("update-index", "--refresh", "-q", env=index, ok=(0, 1),
+                             timeout=_REFRESH_FOR)
+            except GitTimeout:
+                (staging / "index.lock").unlink(missing_ok=True)  # the killed git's
             with dirfd.opened(layout.root) as rfd:
                 dirfd.place(staging, rfd, journal["staging"])
                 journal["new"] = dirfd.identity(rfd, journal["staging"])
@@ -385,6 +391,9 @@ def _update_files(repo: Repo, target: Target, layout: ws.Layout, mode: str,
     finally:
         tmp.unlink(missing_ok=True)
     raise AssertionError("unreachable: the last attempt changes the files")
+
+
+_REFRESH_FOR = 10.0  # seconds the new index's stat data may take; past them, left unrefreshed
 
 
 def _outside_nested(changes: list[worktree.Change], cache: snapshot.Cache
