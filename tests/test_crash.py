@@ -713,6 +713,7 @@ def check_nothing_left_behind(ws: Path, store: Path, state_dir: Path, tally: Tal
     left = [p.relative_to(store).as_posix() for p in store.rglob(".tmp-*")]
     left += [p.relative_to(state_dir).as_posix() for p in (state_dir / KEY / "spool").glob("*")
              if not p.name.startswith(".")]
+    left += [p.relative_to(state_dir).as_posix() for p in (state_dir / KEY).rglob("scratch/*")]
     if left:
         tally.problem("leak", f"killed saves left files that nothing removes: {left}")
     locks = lock_files(state_dir, ws / ".git")

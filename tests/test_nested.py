@@ -294,6 +294,41 @@ def test_a_repository_nested_in_a_nested_one_comes_back(tmp_path):
     assert view(target / "a") == view(outer)
 
 
+def test_what_a_killed_process_left_in_the_state_of_every_level_is_removed_by_the_next_snapshot(
+        tmp_path):
+    # kill -9 between git's creating a lock or a scratch file and its removal: nothing of it may
+    # block or be left behind, in this key's state or in a nested repository's, at any depth.
+    ws = make_repo(tmp_path / "ws")
+    outer = make_repo(ws / "a", "a\n")
+    inner = make_repo(outer / "b", "b\n")
+    take(ws)
+    repo = state_repo(ws, KEY)
+    levels = [repo, repo.nested("a"), repo.nested("a").nested("b")]
+    left = []
+    for level in levels:
+        assert level.git_dir.is_dir()
+        left += [level.dir / "index.lock", level.git_dir / "refs" / "watcherd" / "snapshots.lock",
+                 level.git_dir / "packed-refs.lock", level.git_dir / "shallow.lock",
+                 level.scratch / "rollback-index-1-2.lock",
+                 level.scratch / "index-check-x1y2" / "index.lock",
+                 level.scratch / "copy-x1y2" / "pack-tmp.pack"]
+    for path in left:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("")
+    (inner / "readme.md").write_text("edited after the crash\n")
+
+    with capture_logs() as logs:
+        take(ws)
+
+    assert [p for p in left if os.path.lexists(p)] == []
+    assert sorted(e["lock"] for e in logs if e["event"] == "state.stale_lock_removed") == \
+        sorted({str(p if p.parent.parent.name != "scratch" else p.parent) for p in left})
+    sub = levels[2]
+    assert b"edited after the crash" in subprocess.run(
+        ["git", f"--git-dir={sub.git_dir}", "show", "refs/watcherd/snapshots:readme.md"],
+        capture_output=True, check=True).stdout
+
+
 def test_an_unchanged_nested_repository_costs_no_snapshot_and_a_change_inside_is_one(tmp_path):
     ws = make_repo(tmp_path / "ws")
     nested = make_repo(ws / "lib")

@@ -170,6 +170,7 @@ class Repo:
         self.git_dir = self.dir / "repo.git"
         self.index = self.dir / "index"
         self.spool = self.dir / "spool"
+        self.scratch = self.dir / "scratch"  # scratch indexes and packs; each lock() empties it
         self.home = self.dir / "home"
         self.objects_link = self.dir / "workspace-objects"
         self.identity = identity or Identity()
@@ -203,10 +204,15 @@ class Repo:
         be written (a person must give watcherd a writable ``workspace.state_dir``), or when the
         process is out of file descriptors (said as such)."""
         try:
-            for d in (self.dir, self.home, self.spool):
+            for d in (self.dir, self.home, self.spool, self.scratch):
                 _mkdir(d)
         except OSError as exc:
             raise _cannot_create(self.dir, exc) from None
+
+    def scratch_file(self, name: str) -> Path:
+        """A path in :attr:`scratch` for ``name`` (a scratch index), this thread's own; use it
+        under :meth:`lock` only (the next lock removes what a killed process left there)."""
+        return self.scratch / f"{name}-{os.getpid()}-{threading.get_ident()}"
 
     def exists(self) -> bool:
         """Whether the repository has been created (:meth:`ensure`)."""
@@ -353,7 +359,8 @@ class Repo:
     def lock(self) -> Iterator[None]:
         """Serialise watcherd processes on this key (the daemon and a standalone snapshot).
 
-        Under the lock any git lock file in watcherd's repository is stale by definition: only a
+        Under the lock any git lock file in watcherd's repositories (this key's and its nested
+        repositories'), and anything in their :attr:`scratch`, is stale by definition: only a
         watcherd process that was killed can have left it, so it is removed.
         """
         self.ensure_dirs()
@@ -369,12 +376,10 @@ class Repo:
         try:
             _share(fd)
             fcntl.flock(fd, fcntl.LOCK_EX)
-            for stale in (self.dir / "index.lock", self.git_dir / f"{SNAPSHOT_REF}.lock",
-                          self.git_dir / "shallow.lock", self.git_dir / "packed-refs.lock"):
-                if stale.exists():
-                    stale.unlink(missing_ok=True)
-                    _log.warning("state.stale_lock_removed", lock=str(stale),
-                                 reason="left by a watcherd process that did not finish")
+            for stale in _left_by_the_killed(self.dir):
+                _remove(stale)
+                _log.warning("state.stale_lock_removed", lock=str(stale),
+                             reason="left by a watcherd process that did not finish")
             yield
         finally:
             os.close(fd)
@@ -1097,6 +1102,30 @@ def _mkdir(path: Path) -> None:
             raise
         return
     path.chmod(_DIR_MODE)
+
+
+def _left_by_the_killed(top: Path) -> list[Path]:
+    """What a killed watcherd process can leave in the state of the Repo at ``top`` and of its
+    nested repositories (``nested/<id>/``, at any depth): git's lock files on the private index
+    and on the refs git writes there, and every scratch file."""
+    found = []
+    git_dir = top / "repo.git"
+    for lock in (top / "index.lock", git_dir / f"{SNAPSHOT_REF}.lock", git_dir / "shallow.lock",
+                 git_dir / "packed-refs.lock"):
+        if os.path.lexists(lock):
+            found.append(lock)
+    found += _entries(top / "scratch")
+    for nested in _entries(top / "nested"):
+        if nested.is_dir() and not nested.is_symlink():
+            found += _left_by_the_killed(nested)
+    return sorted(found)
+
+
+def _entries(directory: Path) -> list[Path]:
+    try:
+        return list(directory.iterdir())
+    except (FileNotFoundError, NotADirectoryError):
+        return []
 
 
 def _remove(path: Path) -> None:

@@ -448,7 +448,7 @@ def _lay_out_nested(source: Git, root: Path, nested: dict[str, str], gen: mf.Gen
         # objects: not the snapshot history, which is watcherd's.
         roots = {found.tree: "tree"} | ({found.state_commit: "commit"}
                                          if found.state_commit else {})
-        if state.copy_objects(source, git, roots, None):
+        if state.copy_objects(source, git, roots, None, git.git_dir):
             raise IntegrityError(f"{where}: the bundles do not hold its objects whole")
         (git.git_dir / "info").mkdir(exist_ok=True)
         attributes = git.git_dir / "info" / "attributes"

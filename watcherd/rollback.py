@@ -342,7 +342,7 @@ def _update_files(repo: Repo, target: Target, layout: ws.Layout, mode: str,
     again. The last attempt, for a workspace written faster than a snapshot takes, changes the
     files all the same; either way what a change replaces is kept (:func:`_change_files`).
     """
-    tmp = repo.dir / f"rollback-index-{os.getpid()}"
+    tmp = repo.scratch_file("rollback-index")
     env = {"GIT_INDEX_FILE": str(tmp)}
     git = repo.git  # watcherd's repository, the workspace as its work tree: raw bytes
     try:
@@ -583,7 +583,7 @@ def _discard_rescue(rfd: int, journal: dict) -> None:
 def _keep_edits(repo: Repo, base: str, kept: list[tuple[str, str, bytes]]) -> str:
     """One more snapshot: ``base``'s tree with the ``kept`` (mode, blob, path) entries, the same
     git state; the snapshot history moves to it."""
-    index = {"GIT_INDEX_FILE": str(repo.dir / f"rollback-rescue-index-{os.getpid()}")}
+    index = {"GIT_INDEX_FILE": str(repo.scratch_file("rollback-rescue-index"))}
     try:
         repo.bare.run("read-tree", f"{base}^{{tree}}", env=index)
         repo.bare.run("update-index", "-z", "--index-info", env=index, input=b"".join(

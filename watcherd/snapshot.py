@@ -226,7 +226,7 @@ def _adopt_legacy(repo: Repo) -> None:
     legacy = found.legacy_snapshot
     if legacy is None or repo.attach(layout, found.shallow) is not None:
         return
-    broken = state.copy_objects(repo.reader, repo.bare, {legacy: "commit"}, None)
+    broken = state.copy_objects(repo.reader, repo.bare, {legacy: "commit"}, None, repo.scratch)
     if broken or not repo.bare.has_commit(legacy):
         _log.warning("state.legacy_unreadable", snapshot=legacy,
                      reason="the workspace's old snapshot history is incomplete; starting anew")
@@ -424,7 +424,8 @@ def _record_state(repo: Repo, found: ws.GitState, index_file: Path | None,
         return cache.state_commit, cache.state_notes
     config = state.parse_config(repo.bare, found.config, repo.dir)
     given = state.Input(config, index_file, found.index_problem)
-    commit, rec = state.record(repo.bare, found, given, previous=prev_state, reader=repo.reader)
+    commit, rec = state.record(repo.bare, found, given, previous=prev_state,
+                               scratch=repo.scratch, reader=repo.reader)
     cache.state_key, cache.state_commit, cache.state_notes = key, commit, rec.notes
     cache.heads[commit] = (rec.head.oid, rec.head.ref)
     return commit, rec.notes

@@ -28,7 +28,6 @@ import json
 import os
 import re
 import tempfile
-import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -102,10 +101,11 @@ def parse_config(git: Git, raw: bytes, scratch: Path) -> tuple[tuple[str, str], 
     return tuple(entries[:MAX_CONFIG_ENTRIES])
 
 
-def record(git: Git, state: GitState, given: Input, *, previous: str | None,
+def record(git: Git, state: GitState, given: Input, *, previous: str | None, scratch: Path,
            reader: Git | None = None) -> tuple[str, Recorded]:
     """Write the state commit for ``state`` into ``git``'s repository; (its id, what it holds).
-    ``reader``: the same repository reading the workspace's objects too (default ``git``).
+    ``reader``: the same repository reading the workspace's objects too (default ``git``);
+    ``scratch``: a directory for scratch files on the repository's filesystem (:attr:`Repo.scratch`).
 
     Every object the record needs is copied into the repository's own packs first (``previous``,
     the last state commit, bounds the copy to what is new). A ref whose object is missing, or
@@ -140,9 +140,9 @@ def record(git: Git, state: GitState, given: Input, *, previous: str | None,
     if head.ref is None and head.oid and not usable(head.oid, "HEAD"):
         head = Head(None, None)
 
-    index_tree, index_problem = _index_tree(git, given)
+    index_tree, index_problem = _index_tree(git, given, scratch)
     roots = _roots(refs, stash, head, types, peeled, tags, index_tree)
-    broken = copy_objects(reader, git, roots, previous)
+    broken = copy_objects(reader, git, roots, previous, scratch)
     if broken:
         for oid in broken:
             notes.append(f"the history of {oid} is incomplete (objects are missing); "
@@ -155,7 +155,7 @@ def record(git: Git, state: GitState, given: Input, *, previous: str | None,
         if index_tree in broken:
             index_tree, index_problem = None, "the index names objects that do not exist"
         roots = _roots(refs, stash, head, types, peeled, tags, index_tree)
-        if copy_objects(reader, git, roots, previous):
+        if copy_objects(reader, git, roots, previous, scratch):
             raise GitError("copying the workspace's objects failed twice; retrying later")
     if index_problem:
         notes.append(f"index not recorded: {index_problem}")
@@ -169,7 +169,7 @@ def record(git: Git, state: GitState, given: Input, *, previous: str | None,
     return _write(git, rec, types, peeled), rec
 
 
-def _index_tree(git: Git, given: Input) -> tuple[str | None, str | None]:
+def _index_tree(git: Git, given: Input, scratch: Path) -> tuple[str | None, str | None]:
     """The index as a tree (its staged content), or None and why it is not recorded."""
     if given.index_file is None:
         if given.index_problem:
@@ -180,7 +180,8 @@ def _index_tree(git: Git, given: Input) -> tuple[str | None, str | None]:
     r = git.run("write-tree", "--missing-ok", env={"GIT_INDEX_FILE": str(given.index_file)},
                 check=False)
     if r.returncode == 0 and r.text:
-        refused = _refused_paths(git, r.text) if _may_refuse(given.index_file) else None
+        refused = _refused_paths(git, r.text, scratch) if _may_refuse(given.index_file) \
+            else None
         if refused:
             # A restore reads this tree into the new index, and git refuses it there: the index
             # is recorded empty instead, so that every generation still restores.
@@ -212,16 +213,12 @@ def _may_refuse(index_file: Path) -> bool:
     return raw[4:8] == b"\x00\x00\x00\x04" or _SUSPECT_PATH.search(raw, 12) is not None
 
 
-def _refused_paths(git: Git, tree: str) -> str | None:
+def _refused_paths(git: Git, tree: str, scratch: Path) -> str | None:
     """git's reason to refuse reading ``tree`` into an index (a path such as ``.git/hooks/x``,
-    which an index written by the agent may hold), or None: ``read-tree`` into a scratch index,
-    the very check a restore's ``read-tree`` makes (git's ``verify_path``)."""
-    scratch = git.git_dir / f"index-check-{os.getpid()}-{threading.get_ident()}"
-    try:
-        r = git.run("read-tree", tree, env={"GIT_INDEX_FILE": str(scratch)}, check=False)
-    finally:
-        scratch.unlink(missing_ok=True)
-        Path(f"{scratch}.lock").unlink(missing_ok=True)
+    which an index written by the agent may hold), or None: ``read-tree`` into an index in
+    ``scratch``, the very check a restore's ``read-tree`` makes (git's ``verify_path``)."""
+    with tempfile.TemporaryDirectory(prefix="index-check-", dir=scratch) as tmp:
+        r = git.run("read-tree", tree, env={"GIT_INDEX_FILE": f"{tmp}/index"}, check=False)
     if r.returncode == 0:
         return None
     said = r.stderr.decode("utf-8", "replace").strip().splitlines()
@@ -286,10 +283,12 @@ def _roots(refs, stash, head: Head, types, peeled, tags, index_tree) -> dict[str
     return roots
 
 
-def copy_objects(reader: Git, git: Git, roots: dict[str, str], previous: str | None) -> set[str]:
+def copy_objects(reader: Git, git: Git, roots: dict[str, str], previous: str | None,
+                 scratch: Path) -> set[str]:
     """Copy every object reachable from ``roots`` and not from ``previous`` into a pack of
     ``git``'s repository's own, read through ``reader`` (the same repository, reading the
-    workspace's objects too). The roots whose history is incomplete, empty when the copy
+    workspace's objects too); the pack is written in ``scratch`` first (a directory on the same
+    filesystem as ``git``'s objects). The roots whose history is incomplete, empty when the copy
     succeeded.
 
     The workspace's objects are read by name and their bytes are the agent's: an object whose
@@ -301,11 +300,11 @@ def copy_objects(reader: Git, git: Git, roots: dict[str, str], previous: str | N
         return set()
     stop = [f"^{previous}"] if previous else []
     lines = "".join(f"{o}\n" for o in sorted(roots)) + "".join(f"{s}\n" for s in stop)
-    r = _pack_into(reader, git, lines)
+    r = _pack_into(reader, git, lines, scratch)
     if r.returncode != 0 and len(roots) > 1:
         # One root's history cannot be read (missing, corrupt): copy the others one by one.
         for oid in sorted(roots):
-            _pack_into(reader, git, f"{oid}\n" + "".join(f"{s}\n" for s in stop))
+            _pack_into(reader, git, f"{oid}\n" + "".join(f"{s}\n" for s in stop), scratch)
     # Checked on watcherd's objects alone: missing in the workspace, unreadable there, or not
     # what their names say (the copy indexed them under other ids), a root is incomplete.
     out = git.run("rev-list", "--objects", "--quiet", "--stdin", input=lines.encode(),
@@ -323,10 +322,10 @@ def copy_objects(reader: Git, git: Git, roots: dict[str, str], previous: str | N
     return broken
 
 
-def _pack_into(reader: Git, git: Git, revs: str):
-    """``pack-objects --revs`` of ``revs`` through ``reader``, the pack taken into ``git``'s
-    repository (:func:`_take_pack`); git's result."""
-    with tempfile.TemporaryDirectory(prefix="tmp-copy-", dir=git.git_dir) as tmp:
+def _pack_into(reader: Git, git: Git, revs: str, scratch: Path):
+    """``pack-objects --revs`` of ``revs`` through ``reader``, written in ``scratch``, the pack
+    taken into ``git``'s repository (:func:`_take_pack`); git's result."""
+    with tempfile.TemporaryDirectory(prefix="copy-", dir=scratch) as tmp:
         r = reader.run("pack-objects", "--revs", "--quiet", "--delta-base-offset",
                        f"{tmp}/pack", input=revs.encode(), check=False)
         if r.returncode == 0 and r.text:
