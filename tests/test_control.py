@@ -34,9 +34,10 @@ def test_status_and_metrics_report_unsaved_changes_then_the_saved_generation(wat
     d.settle()
     mark = d.log.mark()
     (d.workspace / "src" / "app.py").write_text("print('unsaved')\n")
-    s = wait_for(lambda: (s := d.status())["state"] in ("changing", "dirty") and s,
-                 message="the edit to show in /status")
-    assert s["dirty_since"] and s["oldest_unsaved_change_age_ms"] >= 0 and not s["idle"]
+    # "changing" comes first while the watcher has the event unread; then the change is dated.
+    s = wait_for(lambda: (s := d.status())["state"] in ("changing", "dirty") and s["dirty_since"]
+                 and s, message="the edit to show in /status")
+    assert s["oldest_unsaved_change_age_ms"] >= 0 and not s["idle"]
     assert d.metrics()["watcherd_idle"] == 0
 
     saved = d.log.wait("generation.saved", after=mark, timeout=10)
@@ -55,6 +56,33 @@ def test_status_and_metrics_report_unsaved_changes_then_the_saved_generation(wat
     assert metrics["watcherd_watches"] == d.watches() == s["watches"]
     assert metrics["watcherd_idle"] == 1 and metrics["watcherd_unsaved_change_age_seconds"] == 0
     assert abs(metrics["watcherd_last_upload_timestamp_seconds"] - time.time()) < 30
+
+
+def test_status_is_never_clean_between_a_write_and_its_upload(watcherd) -> None:
+    # "clean" and "idle" are what a preStop hook or a script waits for before it lets the pod
+    # go: asked any time after a write returned, neither may be said before that write is in
+    # the store. The watcher's read is held here (a FIFO .gitignore stalls git check-ignore for
+    # seconds), the window in which the events were queued but not yet acted on.
+    d = watcherd().start()
+    d.settle()
+    (d.workspace / "sub").mkdir()
+    os.mkfifo(d.workspace / "sub" / ".gitignore")
+    (d.workspace / "sub" / "held.txt").write_text("classified slowly\n")
+    (d.workspace / "important.txt").write_text("the user's edit\n")
+    samples = []
+
+    def uploaded() -> bool:
+        # The manifest read after the status: a status given after the upload finds it there.
+        state = d.status()["state"]
+        m = d.manifest()
+        samples.append((state, bool(m and d.shown("important.txt", m["snapshot"]))))
+        return samples[-1][1]
+
+    wait_for(uploaded, timeout=20, interval=0.02, message="the edit uploaded")
+    assert len(samples) > 5
+    assert [state for state, stored in samples if state in ("clean", "idle") and not stored] == []
+    assert d.settle()["state"] == "idle"
+    assert d.stop() == 0
 
 
 def test_status_command_prints_the_daemon_state_then_exits_1_when_none_answers(watcherd) -> None:

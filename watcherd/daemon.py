@@ -103,6 +103,7 @@ class Daemon:
         self._local_head: str | None = None  # the newest snapshot, as the last one reported it
         self._final_failure: str | None = None  # why the final save cannot succeed, if so
         self._rolling_back = False
+        self._reading = False  # the watch loop has events in hand it has not acted on yet
 
     # -- life ------------------------------------------------------------------------------------
 
@@ -431,17 +432,32 @@ class Daemon:
     async def _watch(self, watcher: Watcher) -> None:
         while True:
             await anyio.wait_readable(watcher.fileno())
-            async with self._watch_lock:
-                try:
-                    # Abandoned, not awaited, when the daemon ends: a read can wait on git's
-                    # check-ignore (10 s per question where the agent made a .gitignore a FIFO),
-                    # and the exit shutdown_timeout promised must not.
-                    batch = await anyio.to_thread.run_sync(watcher.read, abandon_on_cancel=True)
-                except (OSError, WorkspaceError):
-                    self._check_workspace()  # a vanished workspace explains it in one line
-                    raise
-            self._on_batch(batch)
+            self._reading = True
+            try:
+                async with self._watch_lock:
+                    try:
+                        # Abandoned, not awaited, when the daemon ends: a read can wait on git's
+                        # check-ignore (10 s per question where the agent made a .gitignore a
+                        # FIFO), and the exit shutdown_timeout promised must not.
+                        batch = await anyio.to_thread.run_sync(watcher.read,
+                                                               abandon_on_cancel=True)
+                    except (OSError, WorkspaceError):
+                        self._check_workspace()  # a vanished workspace explains it in one line
+                        raise
+                self._on_batch(batch)
+            finally:
+                self._reading = False
             self._check_workspace()
+
+    def _events_unread(self) -> bool:
+        """Whether the watcher holds events the scheduler has not seen yet: queued (the kernel
+        queues an inotify event before the write that caused it returns) or being read."""
+        if self._reading:
+            return True
+        try:
+            return bool(self.watcher and select.select([self.watcher.fileno()], [], [], 0)[0])
+        except (OSError, ValueError):  # closed: nothing more will be read
+            return False
 
     def _check_workspace(self) -> None:
         """End the daemon when the workspace directory is gone.
@@ -635,6 +651,11 @@ class Daemon:
     def status(self) -> dict[str, Any]:
         now_m, now_w = time.monotonic(), time.time()
         s = self.sched.status(now_m)
+        state, idle = str(s.state), s.idle
+        if state in ("idle", "clean") and self._events_unread():
+            # Unread events may be an edit: "clean" and "idle" must mean that what was written
+            # before the question is in the store (a preStop hook waits for them).
+            state, idle = "changing", False
 
         def wall(t: float | None) -> str | None:
             return None if t is None else _iso(now_w - (now_m - t))
@@ -645,8 +666,8 @@ class Daemon:
         last_up_unix = _unix(self.last_upload["at"]) if self.last_upload else None
         last_snap_unix = _unix(self.last_snapshot["at"]) if self.last_snapshot else None
         return {
-            "state": "stopping" if s.shutting_down else str(s.state),
-            "idle": s.idle,
+            "state": "stopping" if s.shutting_down else state,
+            "idle": idle,
             "idle_ms": age_ms(s.last_activity_at),
             "last_activity_at": wall(s.last_activity_at),
             "dirty_since": wall(s.dirty_since),
