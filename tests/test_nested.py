@@ -304,6 +304,10 @@ def test_what_a_killed_process_left_in_the_state_of_every_level_is_removed_by_th
     take(ws)
     repo = state_repo(ws, KEY)
     levels = [repo, repo.nested("a"), repo.nested("a").nested("b")]
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    dead_pid = gone.pid
+    alive = [level.dir / f".fork.json.{os.getpid()}.140.tmp" for level in levels]
     left = []
     for level in levels:
         assert level.git_dir.is_dir()
@@ -311,8 +315,9 @@ def test_what_a_killed_process_left_in_the_state_of_every_level_is_removed_by_th
                  level.git_dir / "packed-refs.lock", level.git_dir / "shallow.lock",
                  level.scratch / "rollback-index-1-2.lock",
                  level.scratch / "index-check-x1y2" / "index.lock",
-                 level.scratch / "copy-x1y2" / "pack-tmp.pack"]
-    for path in left:
+                 level.scratch / "copy-x1y2" / "pack-tmp.pack", level.scratch / "config-x1y2",
+                 level.dir / f".stored.json.{dead_pid}.140.tmp"]
+    for path in left + alive:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("")
     (inner / "readme.md").write_text("edited after the crash\n")
@@ -321,6 +326,7 @@ def test_what_a_killed_process_left_in_the_state_of_every_level_is_removed_by_th
         take(ws)
 
     assert [p for p in left if os.path.lexists(p)] == []
+    assert all(p.exists() for p in alive)  # a live process's file being written is its own
     assert sorted(e["lock"] for e in logs if e["event"] == "state.stale_lock_removed") == \
         sorted({str(p if p.parent.parent.name != "scratch" else p.parent) for p in left})
     sub = levels[2]

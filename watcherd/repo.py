@@ -1107,7 +1107,8 @@ def _mkdir(path: Path) -> None:
 def _left_by_the_killed(top: Path) -> list[Path]:
     """What a killed watcherd process can leave in the state of the Repo at ``top`` and of its
     nested repositories (``nested/<id>/``, at any depth): git's lock files on the private index
-    and on the refs git writes there, and every scratch file."""
+    and on the refs git writes there, every scratch file, and the half-written state files of
+    processes gone."""
     found = []
     git_dir = top / "repo.git"
     for lock in (top / "index.lock", git_dir / f"{SNAPSHOT_REF}.lock", git_dir / "shallow.lock",
@@ -1115,6 +1116,10 @@ def _left_by_the_killed(top: Path) -> list[Path]:
         if os.path.lexists(lock):
             found.append(lock)
     found += _entries(top / "scratch")
+    for tmp in top.glob(".*.tmp"):  # _write_atomic's, outside the lock too: a dead pid's only
+        pid = tmp.name.rsplit(".", 3)[-3]
+        if pid.isdigit() and not _alive(int(pid)):
+            found.append(tmp)
     for nested in _entries(top / "nested"):
         if nested.is_dir() and not nested.is_symlink():
             found += _left_by_the_killed(nested)

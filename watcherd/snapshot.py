@@ -422,7 +422,7 @@ def _record_state(repo: Repo, found: ws.GitState, index_file: Path | None,
                                found.shallow, repo.packs_skipped)).encode()).digest()
     if cache.state_key == key and cache.state_commit and prev_state == cache.state_commit:
         return cache.state_commit, cache.state_notes
-    config = state.parse_config(repo.bare, found.config, repo.dir)
+    config = state.parse_config(repo.bare, found.config, repo.scratch)
     given = state.Input(config, index_file, found.index_problem)
     commit, rec = state.record(repo.bare, found, given, previous=prev_state,
                                scratch=repo.scratch, reader=repo.reader)
