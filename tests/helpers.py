@@ -131,7 +131,14 @@ def tree_state(root: Path) -> dict[str, tuple]:
 
 def watcherd_for_any_uid() -> list[str] | None:
     """The start of a command line that runs watcherd under any uid, or None when this machine
-    has none (a test that needs one then skips, saying why).
+    has none (a test that needs one then skips, saying why)."""
+    return python_for_any_uid("sys.argv[0] = 'watcherd'; from watcherd.cli import main; "
+                              "raise SystemExit(main())")
+
+
+def python_for_any_uid(code: str) -> list[str] | None:
+    """A command line that runs the Python statements ``code`` under any uid, watcherd and its
+    packages importable (``sys`` imported), or None when this machine has no such interpreter.
 
     A virtualenv's interpreter often lives under a home directory other users cannot enter
     (pyenv in /root); any interpreter of the same Python version that every user may execute
@@ -148,9 +155,7 @@ def watcherd_for_any_uid() -> list[str] | None:
             probe = subprocess.run([exe, "-c", "import sys; print(sys.version_info[:2])"],
                                    capture_output=True, text=True)
             if probe.stdout.strip() == str(tuple(sys.version_info[:2])):
-                boot = (f"import sys; sys.path[:0] = {paths!r}; sys.argv[0] = 'watcherd'; "
-                        "from watcherd.cli import main; raise SystemExit(main())")
-                return [exe, "-c", boot]
+                return [exe, "-c", f"import sys; sys.path[:0] = {paths!r}\n{code}"]
     return None
 
 

@@ -30,7 +30,7 @@ from typing import Any
 
 import pytest
 from daemon_fixture import Daemon, make_workspace, write_config
-from helpers import wait_for, watcherd_for_any_uid
+from helpers import python_for_any_uid, wait_for, watcherd_for_any_uid
 from s3server import MotoS3, aws_env
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"),
@@ -317,3 +317,38 @@ def test_a_restore_as_the_apps_uid_then_the_daemon_as_its_own_continue_one_histo
     after = listing(ws2)
     assert after.pop("src/app.py")[:3] == before["src/app.py"][:3]
     assert after == {k: v for k, v in before.items() if k != "src/app.py"}
+
+
+def test_what_a_killed_process_of_another_uid_left_never_stops_the_next_lock(base, runnable):
+    # The app's `watcherd restore` or `watcherd snapshot` and the daemon share the state
+    # directory as two uids of one group. Whatever one of them leaves when it is killed (a pack
+    # copy in scratch/), the other's next lock removes; what it cannot remove (a directory closed
+    # to it) it names and goes on: the lock is never refused for it.
+    ws = app_workspace(base / "app")
+    state = state_dir(base / "state")
+    opening = (f"import os\nfrom pathlib import Path\nfrom watcherd import state\n"
+               f"from watcherd.repo import Repo\nrepo = Repo(Path({str(state)!r}), {KEY!r}, "
+               f"Path({str(ws)!r}))\n")
+    killed = python_for_any_uid(
+        opening + "repo.ensure()\n"
+        "with repo.lock():\n"
+        "    (repo.scratch / 'closed').mkdir(mode=0o700)\n"
+        "    (repo.scratch / 'closed' / 'index').write_text('')\n"
+        "    held = state._scratch_dir(repo.scratch, 'copy-')\n"
+        "    copy = held.__enter__()\n"
+        "    (copy / 'pack-1.pack').write_text('half a pack')\n"
+        "    os._exit(0)  # as kill -9 would: nothing cleaned up\n")
+    r = subprocess.run(killed, capture_output=True, text=True, timeout=60, cwd=base, **AS_APP)
+    assert r.returncode == 0, r.stderr
+    left = sorted(p.name for p in (state / KEY / "scratch").iterdir())
+    assert left[0] == "closed" and left[1].startswith("copy-") and len(left) == 2
+
+    next_lock = python_for_any_uid(opening + "with repo.lock():\n    print('locked')\n")
+    r = subprocess.run(next_lock, capture_output=True, text=True, timeout=60, cwd=base,
+                       **AS_WATCHERD)
+    assert r.returncode == 0 and "locked" in r.stdout, r.stderr
+    assert sorted(p.name for p in (state / KEY / "scratch").iterdir()) == ["closed"]
+    said = r.stdout + r.stderr
+    assert "state.stale_lock_removed" in said and "state.stale_file_kept" in said
+    assert f"{state / KEY / 'scratch' / 'closed'}" in said
+

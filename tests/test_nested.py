@@ -316,7 +316,13 @@ def test_what_a_killed_process_left_in_the_state_of_every_level_is_removed_by_th
                  level.scratch / "rollback-index-1-2.lock",
                  level.scratch / "index-check-x1y2" / "index.lock",
                  level.scratch / "copy-x1y2" / "pack-tmp.pack", level.scratch / "config-x1y2",
-                 level.dir / f".stored.json.{dead_pid}.140.tmp"]
+                 level.dir / f".stored.json.{dead_pid}.140.tmp",
+                 level.git_dir / f".shallow.{dead_pid}.140.tmp",
+                 level.git_dir / "info" / f".exclude.{dead_pid}.140.tmp",
+                 # where a watcherd before scratch/ kept them
+                 level.dir / "rollback-index-77", level.dir / "config-a1b2",
+                 level.git_dir / "index-check-77-140.lock",
+                 level.git_dir / "tmp-copy-a1b2" / "pack-tmp.pack"]
     for path in left + alive:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("")
@@ -328,7 +334,8 @@ def test_what_a_killed_process_left_in_the_state_of_every_level_is_removed_by_th
     assert [p for p in left if os.path.lexists(p)] == []
     assert all(p.exists() for p in alive)  # a live process's file being written is its own
     assert sorted(e["lock"] for e in logs if e["event"] == "state.stale_lock_removed") == \
-        sorted({str(p if p.parent.parent.name != "scratch" else p.parent) for p in left})
+        sorted({str(p.parent if p.parent.name.endswith("-x1y2") or p.parent.name.endswith("-a1b2")
+                    else p) for p in left})
     sub = levels[2]
     assert b"edited after the crash" in subprocess.run(
         ["git", f"--git-dir={sub.git_dir}", "show", "refs/watcherd/snapshots:readme.md"],

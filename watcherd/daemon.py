@@ -454,10 +454,14 @@ class Daemon:
         queues an inotify event before the write that caused it returns) or being read."""
         if self._reading:
             return True
+        if self.watcher is None:
+            return False
+        poller = select.poll()  # not select(): it cannot take a descriptor past 1023
         try:
-            return bool(self.watcher and select.select([self.watcher.fileno()], [], [], 0)[0])
+            poller.register(self.watcher.fileno(), select.POLLIN)
         except (OSError, ValueError):  # closed: nothing more will be read
             return False
+        return any(mask & select.POLLIN for _, mask in poller.poll(0))
 
     def _check_workspace(self) -> None:
         """End the daemon when the workspace directory is gone.
@@ -652,10 +656,11 @@ class Daemon:
         now_m, now_w = time.monotonic(), time.time()
         s = self.sched.status(now_m)
         state, idle = str(s.state), s.idle
-        if state in ("idle", "clean") and self._events_unread():
+        if self._events_unread():
             # Unread events may be an edit: "clean" and "idle" must mean that what was written
-            # before the question is in the store (a preStop hook waits for them).
-            state, idle = "changing", False
+            # before the question was seen, and is in the store (a preStop hook waits for them).
+            idle = False
+            state = "changing" if state in ("idle", "clean") else state
 
         def wall(t: float | None) -> str | None:
             return None if t is None else _iso(now_w - (now_m - t))

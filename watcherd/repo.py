@@ -377,7 +377,13 @@ class Repo:
             _share(fd)
             fcntl.flock(fd, fcntl.LOCK_EX)
             for stale in _left_by_the_killed(self.dir):
-                _remove(stale)
+                try:
+                    _remove(stale)
+                except OSError as exc:  # never a reason to stop saving: its name is its own
+                    _log.warning("state.stale_file_kept", path=str(stale), error=exc.strerror,
+                                 reason="left by a watcherd process that did not finish, and "
+                                 "this one cannot remove it")
+                    continue
                 _log.warning("state.stale_lock_removed", lock=str(stale),
                              reason="left by a watcherd process that did not finish")
             yield
@@ -1116,8 +1122,12 @@ def _left_by_the_killed(top: Path) -> list[Path]:
         if os.path.lexists(lock):
             found.append(lock)
     found += _entries(top / "scratch")
-    for tmp in top.glob(".*.tmp"):  # _write_atomic's, outside the lock too: a dead pid's only
-        pid = tmp.name.rsplit(".", 3)[-3]
+    # Where a watcherd before scratch/ kept its scratch files (left by a kill before an upgrade).
+    for older in ("rollback-index-*", "rollback-rescue-index-*", "config-*",
+                  "repo.git/index-check-*", "repo.git/tmp-copy-*"):
+        found += top.glob(older)
+    for tmp in [*top.glob(".*.tmp"), *git_dir.glob(".*.tmp"), *git_dir.glob("info/.*.tmp")]:
+        pid = tmp.name.rsplit(".", 3)[-3]  # _write_atomic's, outside the lock too: a dead pid's
         if pid.isdigit() and not _alive(int(pid)):
             found.append(tmp)
     for nested in _entries(top / "nested"):

@@ -28,7 +28,8 @@ import json
 import os
 import re
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -217,7 +218,7 @@ def _refused_paths(git: Git, tree: str, scratch: Path) -> str | None:
     """git's reason to refuse reading ``tree`` into an index (a path such as ``.git/hooks/x``,
     which an index written by the agent may hold), or None: ``read-tree`` into an index in
     ``scratch``, the very check a restore's ``read-tree`` makes (git's ``verify_path``)."""
-    with tempfile.TemporaryDirectory(prefix="index-check-", dir=scratch) as tmp:
+    with _scratch_dir(scratch, "index-check-") as tmp:
         r = git.run("read-tree", tree, env={"GIT_INDEX_FILE": f"{tmp}/index"}, check=False)
     if r.returncode == 0:
         return None
@@ -325,12 +326,22 @@ def copy_objects(reader: Git, git: Git, roots: dict[str, str], previous: str | N
 def _pack_into(reader: Git, git: Git, revs: str, scratch: Path):
     """``pack-objects --revs`` of ``revs`` through ``reader``, written in ``scratch``, the pack
     taken into ``git``'s repository (:func:`_take_pack`); git's result."""
-    with tempfile.TemporaryDirectory(prefix="copy-", dir=scratch) as tmp:
+    with _scratch_dir(scratch, "copy-") as tmp:
         r = reader.run("pack-objects", "--revs", "--quiet", "--delta-base-offset",
                        f"{tmp}/pack", input=revs.encode(), check=False)
         if r.returncode == 0 and r.text:
             _take_pack(git, Path(tmp), r.text)
     return r
+
+
+@contextmanager
+def _scratch_dir(scratch: Path, prefix: str) -> Iterator[Path]:
+    """A new directory in ``scratch``, removed after use. Group-shared as the state directory is
+    (``mkdtemp`` makes it 0700): the lock that sweeps what a killed process left may be taken by
+    another uid of the group (the daemon's, the app's ``watcherd restore``)."""
+    with tempfile.TemporaryDirectory(prefix=prefix, dir=scratch) as tmp:
+        os.chmod(tmp, 0o2770)
+        yield Path(tmp)
 
 
 def _take_pack(git: Git, tmp: Path, name: str) -> None:
