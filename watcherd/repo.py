@@ -361,7 +361,9 @@ class Repo:
 
         Under the lock any git lock file in watcherd's repositories (this key's and its nested
         repositories'), and anything in their :attr:`scratch`, is stale by definition: only a
-        watcherd process that was killed can have left it, so it is removed.
+        watcherd process that was killed can have left it, so it is removed (with the
+        half-written state files of processes gone, :func:`_left_by_the_killed`). What cannot be
+        removed (another uid's, closed to this one) is said once and left: it blocks nothing.
         """
         self.ensure_dirs()
         try:
@@ -380,9 +382,11 @@ class Repo:
                 try:
                     _remove(stale)
                 except OSError as exc:  # never a reason to stop saving: its name is its own
-                    _log.warning("state.stale_file_kept", path=str(stale), error=exc.strerror,
-                                 reason="left by a watcherd process that did not finish, and "
-                                 "this one cannot remove it")
+                    if str(stale) not in _KEPT:
+                        _KEPT.add(str(stale))
+                        _log.warning("state.stale_file_kept", path=str(stale),
+                                     error=exc.strerror, reason="left by a watcherd process "
+                                     "that did not finish, and this one cannot remove it")
                     continue
                 _log.warning("state.stale_lock_removed", lock=str(stale),
                              reason="left by a watcherd process that did not finish")
@@ -1108,6 +1112,9 @@ def _mkdir(path: Path) -> None:
             raise
         return
     path.chmod(_DIR_MODE)
+
+
+_KEPT: set[str] = set()  # leftovers this process could not remove, said once each
 
 
 def _left_by_the_killed(top: Path) -> list[Path]:

@@ -106,7 +106,8 @@ def record(git: Git, state: GitState, given: Input, *, previous: str | None, scr
            reader: Git | None = None) -> tuple[str, Recorded]:
     """Write the state commit for ``state`` into ``git``'s repository; (its id, what it holds).
     ``reader``: the same repository reading the workspace's objects too (default ``git``);
-    ``scratch``: a directory for scratch files on the repository's filesystem (:attr:`Repo.scratch`).
+    ``scratch``: a directory for scratch files, on the repository's filesystem
+    (:attr:`Repo.scratch`).
 
     Every object the record needs is copied into the repository's own packs first (``previous``,
     the last state commit, bounds the copy to what is new). A ref whose object is missing, or
