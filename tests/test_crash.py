@@ -277,6 +277,25 @@ def _stopped(pid: int) -> bool:
     return True
 
 
+def _threads(pids: list[int]) -> dict[str, str]:
+    """Each thread's state and kernel wait channel, for a message (``pid/tid`` -> ``D fsync``)."""
+    found = {}
+    for pid in pids:
+        try:
+            tids = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue  # gone
+        for tid in tids:
+            try:
+                raw = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
+                wchan = Path(f"/proc/{pid}/task/{tid}/wchan").read_text()
+                comm = Path(f"/proc/{pid}/task/{tid}/comm").read_text().strip()
+            except OSError:
+                continue
+            found[f"{pid}/{tid} {comm}"] = f"{raw[raw.rindex(')') + 2]} {wchan}"
+    return found
+
+
 def kill_tree(pid: int) -> None:
     """SIGKILL ``pid`` and every process it started, as a container runtime (or systemd's
     cgroup) ends every process of a container at once.
@@ -294,8 +313,12 @@ def kill_tree(pid: int) -> None:
             except ProcessLookupError:
                 pass
         seen += new
-        wait_for(lambda: all(_stopped(p) for p in new), timeout=10, interval=0.001,
-                 message=f"processes {new} to stop")
+        try:
+            # A thread in uninterruptible sleep (an fsync on a busy disk) stops when it returns.
+            wait_for(lambda: all(_stopped(p) for p in new), timeout=60, interval=0.001,
+                     message=f"processes {new} to stop")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}: {_threads(new)}") from None
         new = [c for p in seen for c in _children(p) if c not in seen]
     for p in seen:
         try:
