@@ -407,9 +407,7 @@ def _outside_nested(changes: list[worktree.Change], cache: snapshot.Cache
         {os.fsencode(p) for p in (*cache.unsaved, *cache.left_out)}
     if not nested:
         return changes
-    return [c for c in changes if not any(
-        b"/".join(parts[:i]) in nested
-        for parts in (c.path.split(b"/"),) for i in range(1, len(parts)))]
+    return [c for c in changes if nested.isdisjoint(worktree.leading(c.path))]
 
 
 def _refuse_ignored_in_the_way(git: Git, env: dict[str, str], rfd: int,
@@ -431,10 +429,9 @@ def _refuse_ignored_in_the_way(git: Git, env: dict[str, str], rfd: int,
     hits = []
     for entry in filter(None, listed.split(b"\0")):
         entry = entry.rstrip(b"/")
-        parts = entry.split(b"/")
         # the ignored entry lies under an added path (a file where its directory is), or is
         # one or holds one that cannot be written without replacing it
-        if any(b"/".join(parts[:i]) in added for i in range(1, len(parts))) or any(
+        if not added.keys().isdisjoint(worktree.leading(entry)) or any(
                 not worktree.free_for(rfd, c, removed, object_format, refuse=refuse)
                 for p, c in added.items() if p == entry or p.startswith(entry + b"/")):
             hits.append(ws.printable(os.fsdecode(entry)))

@@ -1091,7 +1091,9 @@ def mostly_holes(st: os.stat_result) -> bool:
 def sparse_bound() -> Callable[[os.stat_result], bool]:
     """A judge of the files one task reads, as looked at or as opened: true (refuse it) of a
     file :func:`mostly_holes` once those let through would pass :data:`_SPARSE_BUDGET` bytes in
-    all (the bound the snapshots keep): a few sparse files are read, a terabyte of zeros not."""
+    all (the bound the snapshots keep): a few sparse files are read, a terabyte of zeros not.
+    Each judgement is charged, the same file's too: each is one more read of it (looked at,
+    then opened; a hard link of it), and the bound is on the time spent reading."""
     left = [_SPARSE_BUDGET]
 
     def refuse(st: os.stat_result) -> bool:

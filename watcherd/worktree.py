@@ -343,13 +343,13 @@ class Checkout:
         does not need, then every write in path order; change ``i``'s old entry is left
         :func:`aside` as ``i``. Raises :class:`Blocked` (what was done stays done, and aside)
         or :class:`OSError`."""
-        needed = {p for c in changes if not c.removed for p in _leading(c.path)}
+        needed = {p for c in changes if not c.removed for p in leading(c.path)}
         emptied: set[bytes] = set()
         order = sorted(range(len(changes)), key=lambda i: -changes[i].path.count(b"/"))
         for i in order:
             if changes[i].removed:
                 self._remove(i, changes[i])
-                emptied.update(_leading(changes[i].path))
+                emptied.update(leading(changes[i].path))
         for d in sorted(emptied - needed, key=lambda p: -p.count(b"/")):
             with dirfd.parent(self._root, d) as found:
                 if found is not None:
@@ -589,6 +589,8 @@ def _unlink(dir_fd: int, name: str, path: bytes) -> None:
             from None
 
 
-def _leading(path: bytes) -> list[bytes]:
+def leading(path: bytes) -> list[bytes]:
+    """The leading directories of ``path`` ('/'-separated), outermost first: ``a/b/c`` gives
+    ``a``, ``a/b``."""
     parts = path.split(b"/")
     return [b"/".join(parts[:i]) for i in range(1, len(parts))]
