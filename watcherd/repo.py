@@ -1122,25 +1122,33 @@ def _left_by_the_killed(top: Path) -> list[Path]:
     nested repositories (``nested/<id>/``, at any depth): git's lock files on the private index
     and on the refs git writes there, every scratch file, and the half-written state files of
     processes gone."""
-    found = []
     git_dir = top / "repo.git"
-    for lock in (top / "index.lock", git_dir / f"{SNAPSHOT_REF}.lock", git_dir / "shallow.lock",
-                 git_dir / "packed-refs.lock"):
-        if os.path.lexists(lock):
-            found.append(lock)
+    ref_lock = git_dir / f"{SNAPSHOT_REF}.lock"
+    found = [ref_lock] if os.path.lexists(ref_lock) else []
     found += _entries(top / "scratch")
-    # Where a watcherd before scratch/ kept its scratch files (left by a kill before an upgrade).
-    for older in ("rollback-index-*", "rollback-rescue-index-*", "config-*",
-                  "repo.git/index-check-*", "repo.git/tmp-copy-*"):
-        found += top.glob(older)
-    for tmp in [*top.glob(".*.tmp"), *git_dir.glob(".*.tmp"), *git_dir.glob("info/.*.tmp")]:
-        pid = tmp.name.rsplit(".", 3)[-3]  # _write_atomic's, outside the lock too: a dead pid's
-        if pid.isdigit() and not _alive(int(pid)):
-            found.append(tmp)
+    for where in (top, git_dir, git_dir / "info"):  # each listed once: this runs at each snapshot
+        found += [p for p in _entries(where) if p.name in _STALE_LOCKS or
+                  p.name.startswith(_OLDER_SCRATCH) or _dead_tmp(p.name)]
     for nested in _entries(top / "nested"):
         if nested.is_dir() and not nested.is_symlink():
             found += _left_by_the_killed(nested)
     return sorted(found)
+
+
+_STALE_LOCKS = ("index.lock", "shallow.lock", "packed-refs.lock")
+# Where a watcherd before scratch/ kept its scratch files (left by a kill before an upgrade):
+# rollback-index-<pid>, rollback-rescue-index-<pid> and config-* in the key's directory,
+# index-check-<pid>-<tid> and tmp-copy-* in repo.git.
+_OLDER_SCRATCH = ("rollback-index-", "rollback-rescue-index-", "config-", "index-check-",
+                  "tmp-copy-")
+
+
+def _dead_tmp(name: str) -> bool:
+    """Whether ``name`` is a file :func:`_write_atomic` was writing (``.NAME.PID.TID.tmp``) for
+    a process gone: it writes outside the lock too, so a live one's is its own."""
+    parts = name.rsplit(".", 3)
+    return name.startswith(".") and name.endswith(".tmp") and len(parts) == 4 and \
+        parts[1].isdigit() and not _alive(int(parts[1]))
 
 
 def _entries(directory: Path) -> list[Path]:
