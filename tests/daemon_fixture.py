@@ -259,8 +259,10 @@ class Daemon:
             self.log.join()
 
     def settle(self, timeout: float = 15.0) -> dict[str, Any]:
-        """Wait until everything is in the store and the daemon is idle; its status."""
-        return wait_for(lambda: (s := self.status())["state"] == "idle" and s,
+        """Wait until every write made before the call was judged, everything is in the store
+        and the daemon is idle; its status."""
+        return wait_for(lambda: (s := self.status())["state"] == "idle" and
+                        not s["events_unread"] and s,
                         timeout=timeout, message="the daemon to be idle with everything saved")
 
     # -- the control endpoint --------------------------------------------------------------------

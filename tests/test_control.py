@@ -34,10 +34,9 @@ def test_status_and_metrics_report_unsaved_changes_then_the_saved_generation(wat
     d.settle()
     mark = d.log.mark()
     (d.workspace / "src" / "app.py").write_text("print('unsaved')\n")
-    # "changing" comes first while the watcher has the event unread; then the change is dated.
-    s = wait_for(lambda: (s := d.status())["state"] in ("changing", "dirty") and s["dirty_since"]
-                 and s, message="the edit to show in /status")
-    assert s["oldest_unsaved_change_age_ms"] >= 0 and not s["idle"]
+    s = wait_for(lambda: (s := d.status())["state"] in ("changing", "dirty") and s,
+                 message="the edit to show in /status")
+    assert s["dirty_since"] and s["oldest_unsaved_change_age_ms"] >= 0 and not s["idle"]
     assert d.metrics()["watcherd_idle"] == 0
 
     saved = d.log.wait("generation.saved", after=mark, timeout=10)
@@ -58,11 +57,12 @@ def test_status_and_metrics_report_unsaved_changes_then_the_saved_generation(wat
     assert abs(metrics["watcherd_last_upload_timestamp_seconds"] - time.time()) < 30
 
 
-def test_status_is_never_clean_between_a_write_and_its_upload(watcherd) -> None:
-    # "clean" and "idle" are what a preStop hook or a script waits for before it lets the pod
-    # go: asked any time after a write returned, neither may be said before that write is in
-    # the store. The watcher's read is held here (a FIFO .gitignore stalls git check-ignore for
-    # seconds), the window in which the events were queued but not yet acted on.
+def test_status_is_never_idle_with_nothing_unread_between_a_write_and_its_upload(
+        watcherd) -> None:
+    # What a caller that must know a write was saved waits for (the suite's settle() does):
+    # "idle" with no event unread. Asked any time after a write returned, it is never said before
+    # that write is in the store. The watcher's read is held here (a FIFO .gitignore stalls git
+    # check-ignore for seconds): the window in which the events were queued but not acted on.
     d = watcherd().start()
     d.settle()
     (d.workspace / "sub").mkdir()
@@ -73,15 +73,43 @@ def test_status_is_never_clean_between_a_write_and_its_upload(watcherd) -> None:
 
     def uploaded() -> bool:
         # The manifest read after the status: a status given after the upload finds it there.
-        state = d.status()["state"]
+        s = d.status()
         m = d.manifest()
-        samples.append((state, bool(m and d.shown("important.txt", m["snapshot"]))))
-        return samples[-1][1]
+        samples.append((s["state"], s["events_unread"],
+                        bool(m and d.shown("important.txt", m["snapshot"]))))
+        return samples[-1][2]
 
     wait_for(uploaded, timeout=20, interval=0.02, message="the edit uploaded")
     assert len(samples) > 5
-    assert [state for state, stored in samples if state in ("clean", "idle") and not stored] == []
+    assert any(unread for _, unread, _ in samples)
+    assert [s for s in samples if s[0] == "idle" and not s[1] and not s[2]] == []
     assert d.settle()["state"] == "idle"
+    assert d.stop() == 0
+
+
+def test_writes_to_an_ignored_file_are_no_activity_to_the_status(watcherd) -> None:
+    # A dev server logging into an ignored file: its writes never turn the state or idle, which
+    # a platform reads to recycle idle pods; only events_unread tells they are being judged.
+    d = watcherd().start()
+    before = d.settle()
+    stop = threading.Event()
+
+    def log() -> None:
+        with open(d.workspace / "dev-server.log", "a") as f:
+            while not stop.is_set():
+                f.write("GET / 200\n")
+                f.flush()
+                time.sleep(0.005)
+
+    writer = threading.Thread(target=log)
+    writer.start()
+    try:
+        holds_for(lambda: (s := d.status())["state"] == "idle" and s["idle"]
+                  and s["last_activity_at"] == before["last_activity_at"], 2.0,
+                  "writes to an ignored log turned the status", interval=0.01)
+    finally:
+        stop.set()
+        writer.join()
     assert d.stop() == 0
 
 

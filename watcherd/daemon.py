@@ -450,8 +450,9 @@ class Daemon:
             self._check_workspace()
 
     def _events_unread(self) -> bool:
-        """Whether the watcher holds events the scheduler has not seen yet: queued (the kernel
-        queues an inotify event before the write that caused it returns) or being read."""
+        """Whether the watcher holds events the scheduler has not acted on yet: queued (the
+        kernel queues an inotify event before the write that caused it returns) or being read.
+        False means every write made before the question has been judged."""
         if self._reading:
             return True
         if self.watcher is None:
@@ -655,12 +656,6 @@ class Daemon:
     def status(self) -> dict[str, Any]:
         now_m, now_w = time.monotonic(), time.time()
         s = self.sched.status(now_m)
-        state, idle = str(s.state), s.idle
-        if self._events_unread():
-            # Unread events may be an edit: "clean" and "idle" must mean that what was written
-            # before the question was seen, and is in the store (a preStop hook waits for them).
-            idle = False
-            state = "changing" if state in ("idle", "clean") else state
 
         def wall(t: float | None) -> str | None:
             return None if t is None else _iso(now_w - (now_m - t))
@@ -671,8 +666,11 @@ class Daemon:
         last_up_unix = _unix(self.last_upload["at"]) if self.last_upload else None
         last_snap_unix = _unix(self.last_snapshot["at"]) if self.last_snapshot else None
         return {
-            "state": "stopping" if s.shutting_down else state,
-            "idle": idle,
+            "state": "stopping" if s.shutting_down else str(s.state),
+            "idle": s.idle,
+            # Not in state nor idle: most events are writes the rules ignore (a dev server's
+            # log), which are no activity; a caller that must know a write was judged asks this.
+            "events_unread": self._events_unread(),
             "idle_ms": age_ms(s.last_activity_at),
             "last_activity_at": wall(s.last_activity_at),
             "dirty_since": wall(s.dirty_since),
